@@ -1,0 +1,395 @@
+//! The message envelope shared by every Surety crate.
+
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::codec::{CONTENT_TYPE_JSON, DecodeError, JsonCodec, PayloadCodec};
+use crate::headers::{Headers, keys};
+
+/// The CloudEvents spec version the envelope follows.
+pub const SPEC_VERSION: &str = "1.0";
+
+/// A payload type with a stable name and schema version.
+///
+/// Implementing it lets [`Envelope::message`] fill in `type`, schema version,
+/// content type and payload in one call.
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// use surety_core::{Envelope, Message};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct OrderPlaced { order_id: String, total_cents: u64 }
+///
+/// impl Message for OrderPlaced {
+///     const TYPE: &'static str = "com.example.order.placed";
+///     const SCHEMA_VERSION: u32 = 2;
+/// }
+///
+/// let env = Envelope::message("/orders", &OrderPlaced { order_id: "o-1".into(), total_cents: 4200 })
+///     .unwrap()
+///     .partition_key("o-1")
+///     .build();
+/// assert_eq!(env.event_type, "com.example.order.placed");
+/// assert_eq!(env.schema_version, 2);
+/// let back: OrderPlaced = env.decode().unwrap();
+/// assert_eq!(back.total_cents, 4200);
+/// ```
+pub trait Message: Serialize + DeserializeOwned {
+    /// The CloudEvents `type`, e.g. `com.example.order.placed`.
+    const TYPE: &'static str;
+    /// The payload schema version; bump it when the shape changes.
+    const SCHEMA_VERSION: u32 = 1;
+}
+
+/// One message: CloudEvents 1.0 attributes, Surety's extensions, headers and
+/// an opaque payload.
+///
+/// `source` + `id` identify a message for deduplication. Build one with
+/// [`Envelope::builder`] or [`Envelope::message`].
+///
+/// Fields are public for reading and editing; the struct is
+/// `#[non_exhaustive]` so new attributes can be added without breaking users.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Envelope {
+    /// CloudEvents `id`. Unique within `source`; a UUIDv7 by default.
+    pub id: String,
+    /// CloudEvents `source`: who produced the message, a URI reference such
+    /// as `/orders` or `urn:example:order-service`.
+    pub source: String,
+    /// CloudEvents `type`.
+    pub event_type: String,
+    /// CloudEvents `time`: when the message was produced.
+    pub time: DateTime<Utc>,
+    /// CloudEvents `datacontenttype`: media type of the payload.
+    pub content_type: String,
+    /// Version of the payload schema (extension `schemaversion`).
+    pub schema_version: u32,
+    /// CloudEvents `subject`: what the message is about.
+    pub subject: Option<String>,
+    /// Ordering key (extension `partitionkey`): messages with the same key
+    /// are delivered in publish order.
+    pub partition_key: Option<String>,
+    /// Conversation id shared by every message of one business flow.
+    pub correlation_id: Option<String>,
+    /// Id of the message that caused this one.
+    pub causation_id: Option<String>,
+    /// Everything else: trace context, retry bookkeeping, user headers.
+    pub headers: Headers,
+    /// The payload, opaque to the transport.
+    pub payload: Bytes,
+}
+
+impl Envelope {
+    /// A builder for a message of `event_type` from `source`.
+    pub fn builder(source: impl Into<String>, event_type: impl Into<String>) -> EnvelopeBuilder {
+        EnvelopeBuilder {
+            env: Envelope {
+                id: new_id(),
+                source: source.into(),
+                event_type: event_type.into(),
+                time: Utc::now(),
+                content_type: CONTENT_TYPE_JSON.to_owned(),
+                schema_version: 1,
+                subject: None,
+                partition_key: None,
+                correlation_id: None,
+                causation_id: None,
+                headers: Headers::new(),
+                payload: Bytes::new(),
+            },
+        }
+    }
+
+    /// A builder with `type`, schema version and a JSON payload taken from a
+    /// [`Message`].
+    pub fn message<M: Message>(
+        source: impl Into<String>,
+        message: &M,
+    ) -> Result<EnvelopeBuilder, serde_json::Error> {
+        let payload = JsonCodec.encode(message)?;
+        Ok(Self::builder(source, M::TYPE)
+            .schema_version(M::SCHEMA_VERSION)
+            .content_type(JsonCodec.content_type())
+            .payload(payload))
+    }
+
+    /// Decodes the payload as JSON.
+    ///
+    /// A failure is a [`DecodeError`], which classifies as
+    /// [poison](crate::ErrorClass::Poison).
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
+        self.decode_with(&JsonCodec)
+    }
+
+    /// Decodes the payload with `codec`, checking the content type first.
+    pub fn decode_with<T: DeserializeOwned, C: PayloadCodec>(
+        &self,
+        codec: &C,
+    ) -> Result<T, DecodeError> {
+        if !codec.accepts(&self.content_type) {
+            return Err(DecodeError::ContentType {
+                found: self.content_type.clone(),
+                expected: codec.content_type().to_owned(),
+            });
+        }
+        codec.decode(&self.payload)
+    }
+
+    /// A builder for a message caused by `self`: it inherits the correlation
+    /// id (or uses `self.id` when `self` has none) and takes `self.id` as its
+    /// causation id. Trace context is not copied: the publishing span injects
+    /// its own.
+    pub fn caused_by(&self, source: impl Into<String>, event_type: impl Into<String>) -> EnvelopeBuilder {
+        Self::builder(source, event_type).caused_by(self)
+    }
+
+    /// The deduplication key: `source` and `id` joined by a space (a space
+    /// cannot occur in a URI reference, so the join is unambiguous).
+    pub fn dedup_key(&self) -> String {
+        format!("{} {}", self.source, self.id)
+    }
+
+    /// Maps the envelope onto broker headers and a payload (CloudEvents binary
+    /// mode): the attributes go into the `ce_*` headers of
+    /// [`keys::ce`] next to the user headers.
+    pub fn to_binary(&self) -> (Headers, Bytes) {
+        let mut headers = self.headers.clone();
+        headers.insert(keys::ce::SPECVERSION, SPEC_VERSION);
+        headers.insert(keys::ce::ID, self.id.clone());
+        headers.insert(keys::ce::SOURCE, self.source.clone());
+        headers.insert(keys::ce::TYPE, self.event_type.clone());
+        headers.insert(
+            keys::ce::TIME,
+            self.time.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+        );
+        headers.insert(keys::ce::CONTENT_TYPE, self.content_type.clone());
+        headers.set_parsed(keys::ce::SCHEMA_VERSION, self.schema_version);
+        for (key, value) in [
+            (keys::ce::SUBJECT, &self.subject),
+            (keys::ce::PARTITION_KEY, &self.partition_key),
+            (keys::ce::CORRELATION_ID, &self.correlation_id),
+            (keys::ce::CAUSATION_ID, &self.causation_id),
+        ] {
+            if let Some(value) = value {
+                headers.insert(key, value.clone());
+            }
+        }
+        (headers, self.payload.clone())
+    }
+
+    /// Rebuilds an envelope from broker headers and a payload written by
+    /// [`to_binary`](Self::to_binary).
+    ///
+    /// Missing or malformed required attributes (`ce_id`, `ce_source`,
+    /// `ce_type`) are a [`DecodeError`]: such a message is poison. Missing
+    /// optional attributes take their defaults (time: now, content type:
+    /// JSON, schema version: 1).
+    pub fn from_binary(mut headers: Headers, payload: Bytes) -> Result<Self, DecodeError> {
+        let mut required = |key: &'static str| {
+            headers
+                .remove(key)
+                .filter(|v| !v.is_empty())
+                .ok_or(DecodeError::MissingAttribute(key))
+        };
+        let id = required(keys::ce::ID)?;
+        let source = required(keys::ce::SOURCE)?;
+        let event_type = required(keys::ce::TYPE)?;
+        let time = match headers.remove(keys::ce::TIME) {
+            None => Utc::now(),
+            Some(t) => DateTime::parse_from_rfc3339(&t)
+                .map_err(|_| DecodeError::InvalidAttribute {
+                    key: keys::ce::TIME,
+                    value: t.clone(),
+                })?
+                .with_timezone(&Utc),
+        };
+        let schema_version = match headers.remove(keys::ce::SCHEMA_VERSION) {
+            None => 1,
+            Some(v) => v.parse().map_err(|_| DecodeError::InvalidAttribute {
+                key: keys::ce::SCHEMA_VERSION,
+                value: v.clone(),
+            })?,
+        };
+        headers.remove(keys::ce::SPECVERSION);
+        Ok(Envelope {
+            id,
+            source,
+            event_type,
+            time,
+            content_type: headers
+                .remove(keys::ce::CONTENT_TYPE)
+                .unwrap_or_else(|| CONTENT_TYPE_JSON.to_owned()),
+            schema_version,
+            subject: headers.remove(keys::ce::SUBJECT),
+            partition_key: headers.remove(keys::ce::PARTITION_KEY),
+            correlation_id: headers.remove(keys::ce::CORRELATION_ID),
+            causation_id: headers.remove(keys::ce::CAUSATION_ID),
+            headers,
+            payload,
+        })
+    }
+}
+
+/// A new message id: a UUIDv7, so ids sort by creation time.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Builds an [`Envelope`]. Created by [`Envelope::builder`].
+#[derive(Debug, Clone)]
+#[must_use = "call .build() to get the envelope"]
+pub struct EnvelopeBuilder {
+    env: Envelope,
+}
+
+impl EnvelopeBuilder {
+    /// Sets the id (default: a new UUIDv7). Use a stable id derived from the
+    /// business operation when a retry of the producer must produce the same
+    /// message.
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.env.id = id.into();
+        self
+    }
+
+    /// Sets the production time (default: now).
+    pub fn time(mut self, time: DateTime<Utc>) -> Self {
+        self.env.time = time;
+        self
+    }
+
+    /// Sets the payload content type (default: `application/json`).
+    pub fn content_type(mut self, content_type: impl Into<String>) -> Self {
+        self.env.content_type = content_type.into();
+        self
+    }
+
+    /// Sets the schema version (default: 1).
+    pub fn schema_version(mut self, version: u32) -> Self {
+        self.env.schema_version = version;
+        self
+    }
+
+    /// Sets the subject.
+    pub fn subject(mut self, subject: impl Into<String>) -> Self {
+        self.env.subject = Some(subject.into());
+        self
+    }
+
+    /// Sets the ordering key.
+    pub fn partition_key(mut self, key: impl Into<String>) -> Self {
+        self.env.partition_key = Some(key.into());
+        self
+    }
+
+    /// Sets the correlation id.
+    pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.env.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Sets the causation id.
+    pub fn causation_id(mut self, id: impl Into<String>) -> Self {
+        self.env.causation_id = Some(id.into());
+        self
+    }
+
+    /// Marks the message as caused by `cause`: copies its correlation id
+    /// (or takes its id when it has none) and sets the causation id to its id.
+    pub fn caused_by(mut self, cause: &Envelope) -> Self {
+        self.env.correlation_id = Some(
+            cause
+                .correlation_id
+                .clone()
+                .unwrap_or_else(|| cause.id.clone()),
+        );
+        self.env.causation_id = Some(cause.id.clone());
+        self
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.headers.insert(key, value);
+        self
+    }
+
+    /// Replaces all headers.
+    pub fn headers(mut self, headers: Headers) -> Self {
+        self.env.headers = headers;
+        self
+    }
+
+    /// Sets the raw payload.
+    pub fn payload(mut self, payload: impl Into<Bytes>) -> Self {
+        self.env.payload = payload.into();
+        self
+    }
+
+    /// Sets a JSON payload and the JSON content type.
+    pub fn json<T: Serialize + ?Sized>(self, value: &T) -> Result<Self, serde_json::Error> {
+        let payload = JsonCodec.encode(value)?;
+        Ok(self.content_type(CONTENT_TYPE_JSON).payload(payload))
+    }
+
+    /// The envelope.
+    pub fn build(self) -> Envelope {
+        self.env
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caused_by_starts_or_continues_a_conversation() {
+        let first = Envelope::builder("/orders", "order.placed").build();
+        let second = first.caused_by("/payments", "payment.requested").build();
+        assert_eq!(second.correlation_id.as_deref(), Some(first.id.as_str()));
+        assert_eq!(second.causation_id.as_deref(), Some(first.id.as_str()));
+
+        let third = second.caused_by("/payments", "payment.captured").build();
+        assert_eq!(third.correlation_id.as_deref(), Some(first.id.as_str()));
+        assert_eq!(third.causation_id.as_deref(), Some(second.id.as_str()));
+    }
+
+    #[test]
+    fn binary_mode_round_trips() {
+        let env = Envelope::builder("/orders", "order.placed")
+            .subject("o-1")
+            .partition_key("o-1")
+            .correlation_id("c-1")
+            .header("x-tenant", "acme")
+            .payload(&b"\x00\xffbinary"[..])
+            .content_type("application/octet-stream")
+            .build();
+        let (headers, payload) = env.to_binary();
+        assert_eq!(headers.get(keys::ce::ID), Some(env.id.as_str()));
+        assert_eq!(Envelope::from_binary(headers, payload).unwrap(), env);
+    }
+
+    #[test]
+    fn binary_mode_without_id_is_poison() {
+        let env = Envelope::builder("/orders", "order.placed").build();
+        let (mut headers, payload) = env.to_binary();
+        headers.remove(keys::ce::ID);
+        let err = Envelope::from_binary(headers, payload).unwrap_err();
+        assert!(matches!(err, DecodeError::MissingAttribute(k) if k == keys::ce::ID));
+        assert_eq!(
+            crate::Classify::class(&err),
+            crate::ErrorClass::Poison
+        );
+    }
+
+    #[test]
+    fn decode_checks_content_type() {
+        let env = Envelope::builder("/x", "t")
+            .content_type("application/avro")
+            .payload("{}")
+            .build();
+        let err = env.decode::<serde_json::Value>().unwrap_err();
+        assert!(matches!(err, DecodeError::ContentType { .. }), "{err}");
+    }
+}
