@@ -1,0 +1,1 @@
+//! Test support for Surety: transport conformance suite and fault injection.
