@@ -98,7 +98,8 @@ impl PayloadCodec for JsonCodec {
 
     fn accepts(&self, content_type: &str) -> bool {
         let media = media_type(content_type).to_ascii_lowercase();
-        media == CONTENT_TYPE_JSON || (media.starts_with("application/") && media.ends_with("+json"))
+        media == CONTENT_TYPE_JSON
+            || (media.starts_with("application/") && media.ends_with("+json"))
     }
 
     fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Result<Bytes, serde_json::Error> {
@@ -201,7 +202,9 @@ impl Envelope {
     /// The envelope as structured JSON bytes.
     pub fn to_json(&self) -> Bytes {
         // Serializing plain strings, integers and a string map cannot fail.
-        serde_json::to_vec(self).map(Bytes::from).unwrap_or_default()
+        serde_json::to_vec(self)
+            .map(Bytes::from)
+            .unwrap_or_default()
     }
 
     /// Parses structured JSON bytes. Any malformed input is a [`DecodeError`].

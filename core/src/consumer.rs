@@ -97,10 +97,7 @@ impl Outcome {
 /// Implemented for every matching `tower::Service`; write one with
 /// [`handler_fn`] or [`typed`].
 pub trait Handler:
-    Service<Incoming, Response = Outcome, Error = HandlerError, Future: Send>
-    + Clone
-    + Send
-    + 'static
+    Service<Incoming, Response = Outcome, Error = HandlerError, Future: Send> + Clone + Send + 'static
 {
 }
 
@@ -443,7 +440,10 @@ impl<S: Handler> Worker<S> {
                 }
             }
         };
-        if tokio::time::timeout(self.shutdown_grace, drain).await.is_err() {
+        if tokio::time::timeout(self.shutdown_grace, drain)
+            .await
+            .is_err()
+        {
             report.abandoned = tasks.len() as u64;
             tracing::warn!(
                 abandoned = tasks.len(),
@@ -486,7 +486,13 @@ async fn process<S: Handler>(
         Ok(_) => "ok",
         Err(err) => err.class().as_str(),
     };
-    metrics.handler_finished(info.system, &info.topic, &info.group, label, started.elapsed());
+    metrics.handler_finished(
+        info.system,
+        &info.topic,
+        &info.group,
+        label,
+        started.elapsed(),
+    );
 
     let (settled, outcome) = match result {
         Ok(_) => (Settled::Acked, settle.ack().await),

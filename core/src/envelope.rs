@@ -142,7 +142,11 @@ impl Envelope {
     /// id (or uses `self.id` when `self` has none) and takes `self.id` as its
     /// causation id. Trace context is not copied: the publishing span injects
     /// its own.
-    pub fn caused_by(&self, source: impl Into<String>, event_type: impl Into<String>) -> EnvelopeBuilder {
+    pub fn caused_by(
+        &self,
+        source: impl Into<String>,
+        event_type: impl Into<String>,
+    ) -> EnvelopeBuilder {
         Self::builder(source, event_type).caused_by(self)
     }
 
@@ -377,10 +381,7 @@ mod tests {
         headers.remove(keys::ce::ID);
         let err = Envelope::from_binary(headers, payload).unwrap_err();
         assert!(matches!(err, DecodeError::MissingAttribute(k) if k == keys::ce::ID));
-        assert_eq!(
-            crate::Classify::class(&err),
-            crate::ErrorClass::Poison
-        );
+        assert_eq!(crate::Classify::class(&err), crate::ErrorClass::Poison);
     }
 
     #[test]

@@ -510,7 +510,11 @@ mod tests {
     #[test]
     fn io_errors_split_by_kind() {
         use std::io::{Error, ErrorKind};
-        assert!(Error::from(ErrorKind::ConnectionReset).class().is_retryable());
+        assert!(
+            Error::from(ErrorKind::ConnectionReset)
+                .class()
+                .is_retryable()
+        );
         assert!(Error::from(ErrorKind::TimedOut).class().is_retryable());
         assert_eq!(
             Error::from(ErrorKind::InvalidInput).class(),
@@ -525,8 +529,8 @@ mod tests {
     #[test]
     fn chain_message_includes_sources_and_is_bounded() {
         let inner = std::io::Error::other("disk full");
-        let outer = TransportError::new(TransportErrorKind::Connection, "write failed")
-            .with_source(inner);
+        let outer =
+            TransportError::new(TransportErrorKind::Connection, "write failed").with_source(inner);
         let err = HandlerError::new(outer);
         assert_eq!(err.class(), ErrorClass::TRANSIENT);
         assert_eq!(

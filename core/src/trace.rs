@@ -60,8 +60,7 @@ pub fn extract(headers: &Headers) -> Context {
 
 /// Whether `headers` carry a valid remote span context.
 pub fn has_remote_parent(headers: &Headers) -> bool {
-    headers.contains(keys::TRACEPARENT)
-        && extract(headers).span().span_context().is_valid()
+    headers.contains(keys::TRACEPARENT) && extract(headers).span().span_context().is_valid()
 }
 
 /// A producer span for publishing `envelope` to `topic`, following the

@@ -21,7 +21,14 @@ fn non_empty() -> impl Strategy<Value = String> {
 
 fn envelope() -> impl Strategy<Value = Envelope> {
     (
-        (non_empty(), non_empty(), non_empty(), time(), ".{0,30}", any::<u32>()),
+        (
+            non_empty(),
+            non_empty(),
+            non_empty(),
+            time(),
+            ".{0,30}",
+            any::<u32>(),
+        ),
         (
             option::of(".*"),
             option::of(".*"),
@@ -34,7 +41,12 @@ fn envelope() -> impl Strategy<Value = Envelope> {
         proptest::collection::vec(any::<u8>(), 0..512),
     )
         .prop_map(
-            |((id, source, ty, time, content_type, version), (subject, key, corr, cause), headers, payload)| {
+            |(
+                (id, source, ty, time, content_type, version),
+                (subject, key, corr, cause),
+                headers,
+                payload,
+            )| {
                 let mut env = Envelope::builder(source, ty)
                     .id(id)
                     .time(time)
@@ -117,7 +129,9 @@ fn truncated_and_mangled_json_envelopes_are_poison() {
         .expect("json is utf-8")
         .replace("data_base64\":\"", "data_base64\":\"!!");
     assert_eq!(
-        Envelope::from_json(mangled.as_bytes()).expect_err("bad base64").class(),
+        Envelope::from_json(mangled.as_bytes())
+            .expect_err("bad base64")
+            .class(),
         ErrorClass::Poison
     );
 }

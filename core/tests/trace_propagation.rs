@@ -82,10 +82,16 @@ async fn handler_span_is_a_child_of_the_publish_span() {
 
     // One trace from the application span to the handler's own work.
     assert_eq!(send.parent_span_id, checkout.span_context.span_id());
-    assert_eq!(process.span_context.trace_id(), send.span_context.trace_id());
+    assert_eq!(
+        process.span_context.trace_id(),
+        send.span_context.trace_id()
+    );
     assert_eq!(process.parent_span_id, send.span_context.span_id());
     assert_eq!(charge.parent_span_id, process.span_context.span_id());
-    assert_eq!(charge.span_context.trace_id(), checkout.span_context.trace_id());
+    assert_eq!(
+        charge.span_context.trace_id(),
+        checkout.span_context.trace_id()
+    );
 }
 
 #[tokio::test]
@@ -125,5 +131,8 @@ async fn without_a_traceparent_the_handler_starts_a_new_trace() {
     provider.force_flush().unwrap();
     let spans = exporter.get_finished_spans().unwrap();
     let process = span(&spans, "process orders");
-    assert_eq!(process.parent_span_id, opentelemetry::trace::SpanId::INVALID);
+    assert_eq!(
+        process.parent_span_id,
+        opentelemetry::trace::SpanId::INVALID
+    );
 }

@@ -1,0 +1,222 @@
+//! The worker settles each delivery exactly once from its handler's result.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use surety_core::consumer::{Incoming, Worker, WorkerReport, handler_fn, typed};
+use surety_core::memory::MemoryTransport;
+use surety_core::{Envelope, HandlerError, Message, Permanent, Publisher, Subscriber, Transient};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Order {
+    id: String,
+}
+
+impl Message for Order {
+    const TYPE: &'static str = "order.placed";
+}
+
+fn order(id: &str) -> Envelope {
+    Envelope::message("/shop", &Order { id: id.into() })
+        .unwrap()
+        .partition_key(id)
+        .build()
+}
+
+/// Runs `worker` until `topic`/`group` is empty, then shuts it down.
+async fn run_until_drained<S: surety_core::consumer::Handler>(
+    transport: &MemoryTransport,
+    worker: Worker<S>,
+    topic: &str,
+    group: &str,
+) -> WorkerReport {
+    let deliveries = transport.subscribe(topic, group).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(worker.run(deliveries, async {
+        stopped.await.ok();
+    }));
+    tokio::time::timeout(DEADLINE, async {
+        while transport.depth(topic, group) > 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .expect("queue drained before the deadline");
+    stop.send(()).unwrap();
+    running.await.unwrap()
+}
+
+#[tokio::test]
+async fn transient_failures_are_requeued_then_handled() {
+    let transport = MemoryTransport::new();
+    transport.publish("orders", order("o-1")).await.unwrap();
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let seen = attempts.clone();
+    let handler = typed(move |o: Order, msg: Incoming| {
+        let seen = seen.clone();
+        async move {
+            seen.lock().unwrap().push((o.id, msg.attempt));
+            if msg.attempt < 3 {
+                return Err(Transient::new("busy"));
+            }
+            Ok(())
+        }
+    });
+    let report = run_until_drained(&transport, Worker::new(handler), "orders", "g").await;
+    assert_eq!(report.requeued, 2);
+    assert_eq!(report.acked, 1);
+    assert_eq!(
+        *attempts.lock().unwrap(),
+        [("o-1".into(), 1), ("o-1".into(), 2), ("o-1".into(), 3)]
+    );
+}
+
+#[tokio::test]
+async fn transient_failures_stop_at_max_deliveries() {
+    let transport = MemoryTransport::new();
+    transport.publish("orders", order("o-1")).await.unwrap();
+    let calls = Arc::new(Mutex::new(0));
+    let counter = calls.clone();
+    let handler = handler_fn(move |_msg: Incoming| {
+        let counter = counter.clone();
+        async move {
+            *counter.lock().unwrap() += 1;
+            Err::<(), _>(Transient::new("always down"))
+        }
+    });
+    let report = run_until_drained(
+        &transport,
+        Worker::new(handler).max_deliveries(3),
+        "orders",
+        "g",
+    )
+    .await;
+    assert_eq!(*calls.lock().unwrap(), 3);
+    assert_eq!((report.requeued, report.rejected), (2, 1));
+    assert_eq!(transport.rejected("orders", "g").len(), 1);
+}
+
+#[tokio::test]
+async fn permanent_failures_are_rejected_without_retry() {
+    let transport = MemoryTransport::new();
+    transport.publish("orders", order("o-1")).await.unwrap();
+    let handler = typed(|_o: Order, _msg: Incoming| async { Err(Permanent::new("bad sku")) });
+    let report = run_until_drained(&transport, Worker::new(handler), "orders", "g").await;
+    assert_eq!((report.acked, report.requeued, report.rejected), (0, 0, 1));
+}
+
+#[tokio::test]
+async fn poison_is_rejected_before_the_handler_runs() {
+    let transport = MemoryTransport::new();
+    let poison = Envelope::builder("/shop", "order.placed")
+        .payload("{not json")
+        .build();
+    transport.publish("orders", poison.clone()).await.unwrap();
+    let ran = Arc::new(Mutex::new(false));
+    let flag = ran.clone();
+    let handler = typed(move |_o: Order, _msg: Incoming| {
+        let flag = flag.clone();
+        async move {
+            *flag.lock().unwrap() = true;
+            Ok::<_, std::convert::Infallible>(())
+        }
+    });
+    let report = run_until_drained(&transport, Worker::new(handler), "orders", "g").await;
+    assert!(!*ran.lock().unwrap(), "handler must not see poison");
+    assert_eq!(report.rejected, 1);
+    assert_eq!(transport.rejected("orders", "g"), [poison]);
+}
+
+#[tokio::test]
+async fn concurrent_workers_keep_per_key_order() {
+    let transport = MemoryTransport::new();
+    for n in 0..40 {
+        let key = format!("k{}", n % 4);
+        let env = Envelope::builder("/shop", "step")
+            .partition_key(key)
+            .payload(n.to_string())
+            .build();
+        transport.publish("steps", env).await.unwrap();
+    }
+    let seen: Arc<Mutex<HashMap<String, Vec<u32>>>> = Arc::default();
+    let log = seen.clone();
+    let handler = handler_fn(move |msg: Incoming| {
+        let log = log.clone();
+        async move {
+            // Yield so that concurrent handlers interleave.
+            tokio::task::yield_now().await;
+            let n: u32 = std::str::from_utf8(&msg.envelope.payload)
+                .map_err(HandlerError::poison)?
+                .parse()
+                .map_err(HandlerError::poison)?;
+            let key = msg.envelope.partition_key.clone().unwrap_or_default();
+            log.lock().unwrap().entry(key).or_default().push(n);
+            Ok::<_, HandlerError>(())
+        }
+    });
+    let report = run_until_drained(
+        &transport,
+        Worker::new(handler).concurrency(8),
+        "steps",
+        "g",
+    )
+    .await;
+    assert_eq!(report.acked, 40);
+    for (key, ns) in seen.lock().unwrap().iter() {
+        let mut sorted = ns.clone();
+        sorted.sort_unstable();
+        assert_eq!(ns, &sorted, "key {key} out of order");
+        assert_eq!(ns.len(), 10);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_abandons_slow_handlers_after_the_grace_period_and_they_are_redelivered() {
+    let transport = MemoryTransport::new();
+    transport.publish("orders", order("o-1")).await.unwrap();
+    let (started_tx, mut started) = tokio::sync::mpsc::channel(1);
+    let handler = handler_fn(move |_msg: Incoming| {
+        let started_tx = started_tx.clone();
+        async move {
+            started_tx.send(()).await.ok();
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok::<_, std::convert::Infallible>(())
+        }
+    });
+    let deliveries = transport.subscribe("orders", "g").await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = Worker::new(handler).shutdown_grace(Duration::from_secs(5));
+    let running = tokio::spawn(worker.run(deliveries, async {
+        stopped.await.ok();
+    }));
+    started.recv().await.unwrap();
+    stop.send(()).unwrap();
+    let report = running.await.unwrap();
+    assert_eq!((report.acked, report.abandoned), (0, 1));
+
+    // The abandoned message is still there, delivered again to the next consumer.
+    assert_eq!(transport.depth("orders", "g"), 1);
+    let handler = handler_fn(|_msg: Incoming| async { Ok::<_, std::convert::Infallible>(()) });
+    let report = run_until_drained(&transport, Worker::new(handler), "orders", "g").await;
+    assert_eq!(report.acked, 1);
+}
+
+#[test]
+fn public_types_are_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Envelope>();
+    check::<surety_core::Headers>();
+    check::<surety_core::Delivery>();
+    check::<surety_core::TransportError>();
+    check::<HandlerError>();
+    check::<MemoryTransport>();
+    check::<surety_core::metrics::Metrics>();
+    check::<Incoming>();
+    fn check_send<T: Send>() {}
+    check_send::<surety_core::Confirmation>();
+    check_send::<surety_core::DeliveryStream>();
+}
