@@ -87,8 +87,8 @@ pub use error::{
 };
 pub use headers::Headers;
 pub use port::{
-    Close, Confirmation, Delivery, DeliveryInfo, DeliveryStream, Publisher, Receipt, Settle,
-    Subscriber, attempt_of, settle_failed,
+    BoxPublisher, BoxSubscriber, Close, Confirmation, Delivery, DeliveryInfo, DeliveryStream,
+    Publisher, Receipt, Settle, Subscriber, attempt_of, settle_failed,
 };
 pub use publish::Instrumented;
 

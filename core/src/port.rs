@@ -317,3 +317,153 @@ pub fn settle_failed(what: &str) -> TransportError {
         format!("{what}: the delivery can no longer be settled and will be redelivered"),
     )
 }
+
+impl<P: Publisher + ?Sized> Publisher for std::sync::Arc<P> {
+    fn send(
+        &self,
+        topic: &str,
+        envelope: Envelope,
+    ) -> impl Future<Output = Result<Confirmation>> + Send {
+        (**self).send(topic, envelope)
+    }
+}
+
+impl<S: Subscriber + ?Sized> Subscriber for std::sync::Arc<S> {
+    fn subscribe(
+        &self,
+        topic: &str,
+        group: &str,
+    ) -> impl Future<Output = Result<DeliveryStream>> + Send {
+        (**self).subscribe(topic, group)
+    }
+}
+
+impl<C: Close + ?Sized> Close for std::sync::Arc<C> {
+    fn close(&self) -> impl Future<Output = Result<()>> + Send {
+        (**self).close()
+    }
+}
+
+/// The object-safe form of [`Publisher`] + [`Close`], behind [`BoxPublisher`].
+trait ErasedPublisher: Send + Sync {
+    fn send_boxed<'a>(
+        &'a self,
+        topic: &'a str,
+        envelope: Envelope,
+    ) -> BoxFuture<'a, Result<Confirmation>>;
+    fn close_boxed(&self) -> BoxFuture<'_, Result<()>>;
+}
+
+impl<P: Publisher + Close> ErasedPublisher for P {
+    fn send_boxed<'a>(
+        &'a self,
+        topic: &'a str,
+        envelope: Envelope,
+    ) -> BoxFuture<'a, Result<Confirmation>> {
+        Box::pin(self.send(topic, envelope))
+    }
+
+    fn close_boxed(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.close())
+    }
+}
+
+/// A type-erased, cheaply cloned publisher, for choosing a transport at run
+/// time (in-memory by default, a broker when configured).
+///
+/// ```
+/// use surety_core::{BoxPublisher, Envelope, Publisher, memory::MemoryTransport};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> surety_core::Result<()> {
+/// let publisher = BoxPublisher::new(MemoryTransport::new());
+/// publisher.publish("orders", Envelope::builder("/shop", "order.placed").build()).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct BoxPublisher {
+    inner: std::sync::Arc<dyn ErasedPublisher>,
+}
+
+impl BoxPublisher {
+    /// Erases the type of `publisher`.
+    pub fn new(publisher: impl Publisher + Close + 'static) -> Self {
+        Self {
+            inner: std::sync::Arc::new(publisher),
+        }
+    }
+}
+
+impl fmt::Debug for BoxPublisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BoxPublisher").finish_non_exhaustive()
+    }
+}
+
+impl Publisher for BoxPublisher {
+    async fn send(&self, topic: &str, envelope: Envelope) -> Result<Confirmation> {
+        self.inner.send_boxed(topic, envelope).await
+    }
+}
+
+impl Close for BoxPublisher {
+    fn close(&self) -> impl Future<Output = Result<()>> + Send {
+        self.inner.close_boxed()
+    }
+}
+
+/// The object-safe form of [`Subscriber`] + [`Close`], behind [`BoxSubscriber`].
+trait ErasedSubscriber: Send + Sync {
+    fn subscribe_boxed<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<DeliveryStream>>;
+    fn close_boxed(&self) -> BoxFuture<'_, Result<()>>;
+}
+
+impl<S: Subscriber + Close> ErasedSubscriber for S {
+    fn subscribe_boxed<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<DeliveryStream>> {
+        Box::pin(self.subscribe(topic, group))
+    }
+
+    fn close_boxed(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.close())
+    }
+}
+
+/// A type-erased, cheaply cloned subscriber; see [`BoxPublisher`].
+#[derive(Clone)]
+pub struct BoxSubscriber {
+    inner: std::sync::Arc<dyn ErasedSubscriber>,
+}
+
+impl BoxSubscriber {
+    /// Erases the type of `subscriber`.
+    pub fn new(subscriber: impl Subscriber + Close + 'static) -> Self {
+        Self {
+            inner: std::sync::Arc::new(subscriber),
+        }
+    }
+}
+
+impl fmt::Debug for BoxSubscriber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BoxSubscriber").finish_non_exhaustive()
+    }
+}
+
+impl Subscriber for BoxSubscriber {
+    async fn subscribe(&self, topic: &str, group: &str) -> Result<DeliveryStream> {
+        self.inner.subscribe_boxed(topic, group).await
+    }
+}
+
+impl Close for BoxSubscriber {
+    fn close(&self) -> impl Future<Output = Result<()>> + Send {
+        self.inner.close_boxed()
+    }
+}
