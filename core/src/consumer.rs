@@ -15,6 +15,7 @@
 //! | `Ok(_)` | ack |
 //! | transient error | nack with requeue (after the error's `retry_after`, if any), until the broker's delivery count reaches [`Worker::max_deliveries`], then reject |
 //! | permanent or poison error | reject |
+//! | panic in the handler | reject (classified permanent, with the panic message) |
 //!
 //! The worker's own retry is deliberately simple: `surety-dlq` adds backoff
 //! with jitter, delayed redelivery through the broker and dead-letter
@@ -25,11 +26,12 @@ use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
 use serde::de::DeserializeOwned;
 use tokio::task::JoinSet;
 use tower::{Service, ServiceExt};
@@ -469,7 +471,10 @@ async fn process<S: Handler>(
     let attempt = incoming.attempt;
     let started = Instant::now();
     let result = async {
-        let result = service.oneshot(incoming).await;
+        let result = AssertUnwindSafe(service.oneshot(incoming))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| Err(HandlerError::permanent(panic_message(&*panic))));
         if let Err(err) = &result {
             tracing::warn!(
                 error_class = err.class().as_str(),
@@ -515,6 +520,16 @@ async fn process<S: Handler>(
     };
     metrics.consumed(info.system, &info.topic, &info.group, settled.as_str());
     settled
+}
+
+/// The message of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let detail = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("non-string panic payload");
+    format!("handler panicked: {detail}")
 }
 
 /// A service that handles nothing; useful in tests and as a layer base.

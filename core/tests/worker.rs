@@ -110,6 +110,20 @@ async fn permanent_failures_are_rejected_without_retry() {
 }
 
 #[tokio::test]
+async fn a_panicking_handler_is_rejected_not_redelivered_forever() {
+    let transport = MemoryTransport::new();
+    transport.publish("orders", order("o-1")).await.unwrap();
+    let handler = handler_fn(|_msg: Incoming| async {
+        if true {
+            panic!("index out of range");
+        }
+        Ok::<_, std::convert::Infallible>(())
+    });
+    let report = run_until_drained(&transport, Worker::new(handler), "orders", "g").await;
+    assert_eq!((report.acked, report.rejected), (0, 1));
+}
+
+#[tokio::test]
 async fn poison_is_rejected_before_the_handler_runs() {
     let transport = MemoryTransport::new();
     let poison = Envelope::builder("/shop", "order.placed")
