@@ -33,6 +33,10 @@ pub enum DecodeError {
         /// What the codec reads.
         expected: String,
     },
+    /// The transport could not read the message's envelope (see
+    /// [`Envelope::undecodable`]).
+    #[error("the message's envelope could not be read: {0}")]
+    Envelope(String),
     /// A required envelope attribute is missing.
     #[error("envelope attribute `{0}` is missing")]
     MissingAttribute(&'static str),

@@ -7,6 +7,9 @@ use serde::{Serialize, de::DeserializeOwned};
 use crate::codec::{CONTENT_TYPE_JSON, DecodeError, JsonCodec, PayloadCodec};
 use crate::headers::{Headers, keys};
 
+/// The event type of an envelope made by [`Envelope::undecodable`].
+pub const UNDECODABLE_TYPE: &str = "surety.undecodable";
+
 /// The CloudEvents spec version the envelope follows.
 pub const SPEC_VERSION: &str = "1.0";
 
@@ -129,6 +132,9 @@ impl Envelope {
         &self,
         codec: &C,
     ) -> Result<T, DecodeError> {
+        if let Some(error) = self.decode_error() {
+            return Err(DecodeError::Envelope(error.to_owned()));
+        }
         if !codec.accepts(&self.content_type) {
             return Err(DecodeError::ContentType {
                 found: self.content_type.clone(),
@@ -182,6 +188,48 @@ impl Envelope {
             }
         }
         (headers, self.payload.clone())
+    }
+
+    /// An envelope for a broker message whose attributes could not be read
+    /// (a foreign producer, corrupted headers), so that it can still flow
+    /// through the pipeline and be dead-lettered as poison with its raw
+    /// headers and payload intact.
+    ///
+    /// `id` should be stable across redeliveries (for example
+    /// `topic/partition/offset`, or the broker's message id); `source` names
+    /// where it was read (for example `kafka://orders`). The event type is
+    /// [`UNDECODABLE_TYPE`] and [`keys::DECODE_ERROR`] holds `error`.
+    ///
+    /// ```
+    /// use surety_core::{Envelope, Headers};
+    /// use surety_core::headers::keys;
+    ///
+    /// let err = Envelope::from_binary(Headers::new(), "raw".into()).unwrap_err();
+    /// let env = Envelope::undecodable("kafka://orders", "orders/0/42", Headers::new(), "raw".into(), &err);
+    /// assert!(env.decode_error().unwrap().contains(keys::ce::ID));
+    /// assert!(env.decode::<serde_json::Value>().is_err());
+    /// ```
+    pub fn undecodable(
+        source: impl Into<String>,
+        id: impl Into<String>,
+        headers: Headers,
+        payload: Bytes,
+        error: &dyn std::fmt::Display,
+    ) -> Self {
+        let mut env = Self::builder(source, UNDECODABLE_TYPE)
+            .id(id)
+            .content_type("application/octet-stream")
+            .headers(headers)
+            .payload(payload)
+            .build();
+        env.headers.insert(keys::DECODE_ERROR, error.to_string());
+        env
+    }
+
+    /// Why the transport could not read this message's envelope, if it could
+    /// not (see [`undecodable`](Self::undecodable)).
+    pub fn decode_error(&self) -> Option<&str> {
+        self.headers.get(keys::DECODE_ERROR)
     }
 
     /// Rebuilds an envelope from broker headers and a payload written by

@@ -28,6 +28,11 @@ pub mod keys {
     pub const ERROR_CLASS: &str = "surety-error-class";
     /// Message of the last handler failure (truncated to a bounded length).
     pub const ERROR_MESSAGE: &str = "surety-error-message";
+    /// Set by a transport on a message whose envelope could not be read from
+    /// the broker's headers (see [`Envelope::undecodable`](crate::Envelope::undecodable)):
+    /// why it failed. Such a message is poison; [`typed`](crate::consumer::typed)
+    /// handlers never run for it.
+    pub const DECODE_ERROR: &str = "surety-decode-error";
 
     /// CloudEvents binary-mode attribute headers. Broker adapters carry the
     /// envelope's attributes in these headers when the broker has no native

@@ -146,6 +146,33 @@ async fn poison_is_rejected_before_the_handler_runs() {
 }
 
 #[tokio::test]
+async fn a_message_the_transport_could_not_read_is_poison() {
+    let transport = MemoryTransport::new();
+    // What an adapter hands over for a record without envelope headers, even
+    // when its payload happens to be a valid order.
+    let raw = Envelope::undecodable(
+        "kafka://orders",
+        "orders/0/7",
+        surety_core::Headers::new(),
+        r#"{"id":"o-9"}"#.into(),
+        &"envelope attribute `ce_id` is missing",
+    );
+    transport.publish("orders", raw).await.unwrap();
+    let ran = Arc::new(Mutex::new(false));
+    let flag = ran.clone();
+    let handler = typed(move |_o: Order, _msg: Incoming| {
+        let flag = flag.clone();
+        async move {
+            *flag.lock().unwrap() = true;
+            Ok::<_, std::convert::Infallible>(())
+        }
+    });
+    let report = run_until_drained(&transport, Worker::new(handler), "orders", "g").await;
+    assert!(!*ran.lock().unwrap());
+    assert_eq!(report.rejected, 1);
+}
+
+#[tokio::test]
 async fn concurrent_workers_keep_per_key_order() {
     let transport = MemoryTransport::new();
     for n in 0..40 {
