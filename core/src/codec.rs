@@ -22,9 +22,10 @@ pub const CONTENT_TYPE_JSON: &str = "application/json";
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DecodeError {
-    /// The payload is not valid for the target type.
+    /// The payload is not valid for the target type. The JSON error is part
+    /// of the message (not a `source`), so it is reported once.
     #[error("payload does not decode: {0}")]
-    Json(#[from] serde_json::Error),
+    Json(serde_json::Error),
     /// The payload's content type is not one this codec reads.
     #[error("content type {found:?} cannot be decoded by a codec for {expected:?}")]
     ContentType {
@@ -48,6 +49,12 @@ pub enum DecodeError {
         /// The value found.
         value: String,
     },
+}
+
+impl From<serde_json::Error> for DecodeError {
+    fn from(err: serde_json::Error) -> Self {
+        Self::Json(err)
+    }
 }
 
 impl Classify for DecodeError {
@@ -228,6 +235,13 @@ mod tests {
         assert!(JsonCodec.accepts("application/cloudevents+json"));
         assert!(!JsonCodec.accepts("text/plain"));
         assert!(!JsonCodec.accepts(""));
+    }
+
+    #[test]
+    fn decode_errors_are_reported_once_in_a_chain() {
+        let err = JsonCodec.decode::<u32>(b"\"three\"").unwrap_err();
+        let chain = crate::HandlerError::new(err).chain_message(1024);
+        assert_eq!(chain.matches("expected u32").count(), 1, "{chain}");
     }
 
     #[test]

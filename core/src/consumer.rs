@@ -270,6 +270,19 @@ pub struct WorkerReport {
 }
 
 impl WorkerReport {
+    fn finished(&mut self, done: Result<Settled, tokio::task::JoinError>) {
+        match done {
+            Ok(settled) => self.add(settled),
+            // Handler panics are caught inside the task; this is a panic in
+            // settling itself. The delivery was dropped unsettled, so the
+            // broker delivers it again.
+            Err(err) => {
+                tracing::error!(error = %err, "delivery task failed; the message will be redelivered");
+                self.settle_failures += 1;
+            }
+        }
+    }
+
     fn add(&mut self, settled: Settled) {
         match settled {
             Settled::Acked => self.acked += 1,
@@ -411,11 +424,7 @@ impl<S: Handler> Worker<S> {
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                    if let Ok(settled) = done {
-                        report.add(settled);
-                    }
-                }
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => report.finished(done),
                 next = deliveries.next(), if has_room => match next {
                     None => break,
                     Some(Ok(delivery)) => {
@@ -437,9 +446,7 @@ impl<S: Handler> Worker<S> {
         drop(deliveries);
         let drain = async {
             while let Some(done) = tasks.join_next().await {
-                if let Ok(settled) = done {
-                    report.add(settled);
-                }
+                report.finished(done);
             }
         };
         if tokio::time::timeout(self.shutdown_grace, drain)
