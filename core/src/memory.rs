@@ -310,6 +310,10 @@ impl Subscriber for MemoryTransport {
 impl MemoryTransport {
     /// Waits for the next deliverable message; `None` once closed.
     async fn next_delivery(&self, topic: &str, group: &str) -> Option<Delivery> {
+        // A consumer that keeps dropping deliveries gets them back at once;
+        // spending tokio's cooperative budget keeps such a loop from starving
+        // timers and other tasks.
+        tokio::task::consume_budget().await;
         loop {
             let notified = self.inner.changed.notified();
             {
