@@ -419,6 +419,7 @@ impl<S: Handler> Worker<S> {
         let mut report = WorkerReport::default();
         let mut tasks: JoinSet<Settled> = JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut error_backoff = new_error_backoff();
         loop {
             let has_room = tasks.len() < self.concurrency;
             tokio::select! {
@@ -438,10 +439,20 @@ impl<S: Handler> Worker<S> {
                     }
                     Some(Err(err)) if err.kind() == TransportErrorKind::Closed => break,
                     Some(Err(err)) => {
-                        tracing::warn!(error = %err, "subscription error");
+                        // Back off so a subscription that keeps failing does
+                        // not spin; the shutdown signal still wins.
+                        let delay = error_backoff.next().unwrap_or(MAX_ERROR_BACKOFF);
+                        tracing::warn!(error = %err, retry_in = ?delay, "subscription error");
+                        tokio::select! {
+                            biased;
+                            () = &mut shutdown => break,
+                            () = tokio::time::sleep(delay) => {}
+                        }
+                        continue;
                     }
                 },
             }
+            error_backoff = new_error_backoff();
         }
         drop(deliveries);
         let drain = async {
@@ -463,6 +474,20 @@ impl<S: Handler> Worker<S> {
         }
         report
     }
+}
+
+/// The longest pause after consecutive subscription errors.
+const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Delays after consecutive subscription errors: 50 ms doubling to 5 s, with jitter.
+fn new_error_backoff() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder as _;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(MAX_ERROR_BACKOFF)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 async fn process<S: Handler>(

@@ -303,6 +303,7 @@ impl Subscriber for MemoryTransport {
                 Some((Ok(delivery), ()))
             }
         })
+        .fuse()
         .boxed())
     }
 }

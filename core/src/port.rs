@@ -191,7 +191,10 @@ pub trait Subscriber: Send + Sync {
 /// the methods on [`Delivery`].
 ///
 /// A settler that is dropped without being called must leave the message to
-/// be redelivered (as if nacked with requeue).
+/// be redelivered (as if nacked with requeue). When is up to the broker: the
+/// in-memory transport redelivers at once; a broker may wait until the
+/// channel or consumer closes (declared as `redelivers_dropped` in the
+/// testkit conformance suite's capabilities).
 #[async_trait::async_trait]
 pub trait Settle: Send + Sync + fmt::Debug {
     /// The message was handled: remove it.
@@ -242,7 +245,8 @@ impl DeliveryInfo {
 /// [`ack`](Self::ack), [`nack`](Self::nack) or [`reject`](Self::reject).
 ///
 /// Dropping a delivery without settling it returns it to the broker for
-/// redelivery.
+/// redelivery (at once on the in-memory transport; on some brokers only when
+/// the channel or consumer closes).
 #[derive(Debug)]
 pub struct Delivery {
     envelope: Envelope,
@@ -309,8 +313,8 @@ pub fn attempt_of(envelope: &Envelope, info: &DeliveryInfo) -> u32 {
         .max(1)
 }
 
-/// Boxes an error from a settle operation that failed because the
-/// delivery's channel or subscription is gone.
+/// The error for a settle operation that failed because the delivery's
+/// channel or subscription is gone.
 pub fn settle_failed(what: &str) -> TransportError {
     TransportError::new(
         crate::TransportErrorKind::Ack,

@@ -261,3 +261,33 @@ fn public_types_are_send_and_sync() {
     check_send::<surety_core::Confirmation>();
     check_send::<surety_core::DeliveryStream>();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_subscription_is_backed_off_not_spun() {
+    use futures::StreamExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use surety_core::{TransportError, TransportErrorKind};
+
+    let polls = Arc::new(AtomicUsize::new(0));
+    let counter = polls.clone();
+    // Errors for ever; ends after 1000 items so a regression fails instead of hanging.
+    let errors = futures::stream::repeat_with(move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Err(TransportError::new(
+            TransportErrorKind::Connection,
+            "broker gone",
+        ))
+    })
+    .take(1000)
+    .boxed();
+    let handler = handler_fn(|_msg: Incoming| async { Ok::<_, std::convert::Infallible>(()) });
+    let report = Worker::new(handler)
+        .run(errors, tokio::time::sleep(Duration::from_secs(1)))
+        .await;
+    assert_eq!(report, WorkerReport::default());
+    let polls = polls.load(Ordering::SeqCst);
+    assert!(
+        (2..=10).contains(&polls),
+        "{polls} subscription errors in one second"
+    );
+}

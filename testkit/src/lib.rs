@@ -1,1 +1,55 @@
-//! Test support for Surety: transport conformance suite and fault injection.
+//! Test support for Surety: a transport conformance suite, a fault-injecting
+//! transport wrapper, and the addresses of the services integration tests
+//! run against.
+//!
+//! # Overview
+//!
+//! - [`conformance`] is one suite every transport runs — the in-memory
+//!   transport, the RabbitMQ and Kafka adapters, yours — with the
+//!   [capabilities](conformance::Capabilities) it declares:
+//!   [`transport_conformance`](conformance::transport_conformance) checks
+//!   that envelopes and payloads survive the trip, that ack, nack and reject
+//!   do what the ports promise, per-key ordering, fan-out and competing
+//!   consumers, and close. Checks use fresh topic and group names, so they
+//!   run against long-lived brokers.
+//! - [`fault`] wraps any transport in a
+//!   [`FaultyTransport`](fault::FaultyTransport) that drops, duplicates,
+//!   reorders and delays messages and fails publishes and acks, seeded and
+//!   reproducible, so that handlers, workers and pattern crates can be
+//!   tested against the unhappy path without a broker.
+//! - [`services`] finds RabbitMQ, Kafka and PostgreSQL for integration
+//!   tests and checks that they answer.
+//!
+//! ```
+//! use std::time::Duration;
+//! use futures::StreamExt;
+//! use surety_core::{Envelope, Publisher, Subscriber, memory::MemoryTransport};
+//! use surety_testkit::conformance::{transport_conformance, Capabilities};
+//! use surety_testkit::fault::{FaultPlan, FaultyTransport};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> surety_core::Result<()> {
+//! // The in-memory transport conforms, with every capability.
+//! let caps = Capabilities::all().quiet_period(Duration::from_millis(20));
+//! transport_conformance(|| async { MemoryTransport::new() }, caps).await.assert_ok();
+//!
+//! // A consumer that crashes before handling: the first delivery of each
+//! // message is dropped, and the transport delivers it again.
+//! let plan = FaultPlan::new(1).drop(1.0).max_forced_redeliveries(1);
+//! let transport = FaultyTransport::new(MemoryTransport::new(), plan);
+//! let mut deliveries = transport.subscribe("orders", "billing").await?;
+//! transport.publish("orders", Envelope::builder("/orders", "order.placed").build()).await?;
+//! let delivery = deliveries.next().await.expect("redelivered")?;
+//! assert_eq!(delivery.info().delivery_count, Some(2));
+//! delivery.ack().await?;
+//! assert_eq!(transport.stats().dropped, 1);
+//! # Ok(()) }
+//! ```
+//!
+//! # Feature flags
+//!
+//! surety-testkit has no optional features.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod conformance;
+pub mod fault;
+pub mod services;

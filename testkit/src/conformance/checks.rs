@@ -1,0 +1,905 @@
+//! The individual conformance checks and their helpers.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, SubsecRound, TimeDelta, Utc};
+use futures::StreamExt;
+use surety_core::{
+    Close, Delivery, DeliveryStream, Envelope, Publisher, Receipt, Subscriber, TransportErrorKind,
+};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::{Capabilities, CheckFailure, CheckResult};
+
+/// The `source` of every message the suite publishes.
+const SOURCE: &str = "/surety-testkit/conformance";
+/// The header carrying a message's sequence number within its key.
+const SEQ_HEADER: &str = "x-surety-testkit-seq";
+
+/// Bounds on a loop of receives: one deadline for all, and a count.
+struct Batch {
+    deadline: Instant,
+    limit: Duration,
+    max: usize,
+    received: usize,
+}
+
+/// What one check needs: its name for failures, the transport and the limits.
+struct Ctx<'a, T> {
+    check: &'static str,
+    transport: &'a T,
+    caps: &'a Capabilities,
+}
+
+enum Settlement {
+    Ack,
+    NackRequeue,
+    Reject,
+}
+
+impl fmt::Display for Settlement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Ack => "ack",
+            Self::NackRequeue => "nack(requeue = true)",
+            Self::Reject => "reject",
+        })
+    }
+}
+
+impl<'a, T> Ctx<'a, T> {
+    fn new(check: &'static str, transport: &'a T, caps: &'a Capabilities) -> Self {
+        Self {
+            check,
+            transport,
+            caps,
+        }
+    }
+
+    fn fail(&self, expected: impl fmt::Display, seen: impl fmt::Display) -> CheckFailure {
+        CheckFailure::new(self.check, expected, seen)
+    }
+
+    /// A fresh name: only lowercase letters, digits, dashes and dots, so it
+    /// is a valid Kafka topic, AMQP queue and routing key.
+    fn name(&self, role: &str) -> String {
+        format!(
+            "surety-testkit.{}.{role}.{}",
+            self.check.replace('_', "-"),
+            Uuid::now_v7()
+        )
+    }
+
+    fn topic(&self) -> String {
+        self.name("topic")
+    }
+
+    fn group(&self, role: &str) -> String {
+        self.name(role)
+    }
+
+    /// Runs `op` within the receive timeout.
+    async fn within<R>(
+        &self,
+        what: impl fmt::Display,
+        op: impl Future<Output = surety_core::Result<R>>,
+    ) -> Result<R, CheckFailure> {
+        let limit = self.caps.receive_timeout;
+        match tokio::time::timeout(limit, op).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => Err(self.fail(
+                format!("{what} to succeed"),
+                format!("an error of kind {}: {err}", err.kind()),
+            )),
+            Err(_) => Err(self.fail(format!("{what} to finish within {limit:?}"), "no answer")),
+        }
+    }
+
+    async fn settle(&self, delivery: Delivery, how: Settlement) -> CheckResult {
+        let what = format!("{how} of message {}", delivery.envelope().id);
+        self.within(what, async move {
+            match how {
+                Settlement::Ack => delivery.ack().await,
+                Settlement::NackRequeue => delivery.nack(true).await,
+                Settlement::Reject => delivery.reject().await,
+            }
+        })
+        .await
+    }
+
+    /// Waits for the next delivery.
+    async fn receive(
+        &self,
+        stream: &mut DeliveryStream,
+        what: impl fmt::Display,
+    ) -> Result<Delivery, CheckFailure> {
+        let limit = self.caps.receive_timeout;
+        self.receive_by(stream, Instant::now() + limit, limit, what)
+            .await
+    }
+
+    /// Waits for the next delivery until `deadline`, which is `limit` after
+    /// the start of what is being waited for.
+    async fn receive_by(
+        &self,
+        stream: &mut DeliveryStream,
+        deadline: Instant,
+        limit: Duration,
+        what: impl fmt::Display,
+    ) -> Result<Delivery, CheckFailure> {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(Ok(delivery))) => Ok(delivery),
+            Ok(Some(Err(err))) => Err(self.fail(
+                format!("{what} within {limit:?}"),
+                format!("a subscription error of kind {}: {err}", err.kind()),
+            )),
+            Ok(None) => Err(self.fail(format!("{what} within {limit:?}"), "the subscription end")),
+            Err(_) => Err(self.fail(format!("{what} within {limit:?}"), "no delivery")),
+        }
+    }
+
+    /// Waits for many deliveries: all of them within one receive timeout,
+    /// and at most `max` of them, so that a transport redelivering the same
+    /// message again and again fails instead of spinning forever.
+    fn batch(&self, max: usize) -> Batch {
+        Batch {
+            deadline: Instant::now() + self.caps.receive_timeout,
+            limit: self.caps.receive_timeout,
+            max,
+            received: 0,
+        }
+    }
+
+    async fn receive_in(
+        &self,
+        batch: &mut Batch,
+        stream: &mut DeliveryStream,
+        what: impl fmt::Display,
+    ) -> Result<Delivery, CheckFailure> {
+        if batch.received >= batch.max {
+            return Err(self.fail(
+                format!("{what} in at most {} deliveries", batch.max),
+                format!(
+                    "{} deliveries, so messages keep being delivered again",
+                    batch.received
+                ),
+            ));
+        }
+        let delivery = self
+            .receive_by(stream, batch.deadline, batch.limit, what)
+            .await?;
+        batch.received += 1;
+        Ok(delivery)
+    }
+
+    /// Watches `stream` for the quiet period: nothing may arrive.
+    async fn quiet(&self, stream: &mut DeliveryStream, after: impl fmt::Display) -> CheckResult {
+        let period = self.caps.quiet_period;
+        let expected = format!("no delivery within {period:?} after {after}");
+        match tokio::time::timeout(period, stream.next()).await {
+            Err(_) => Ok(()),
+            Ok(Some(Ok(delivery))) => Err(self.fail(expected, describe(&delivery))),
+            Ok(Some(Err(err))) => Err(self.fail(
+                expected,
+                format!("a subscription error of kind {}: {err}", err.kind()),
+            )),
+            Ok(None) => Err(self.fail(expected, "the subscription end (it was not closed)")),
+        }
+    }
+}
+
+impl<T: Publisher + Subscriber> Ctx<'_, T> {
+    async fn subscribe(&self, topic: &str, group: &str) -> Result<DeliveryStream, CheckFailure> {
+        self.within(
+            format!("subscribing to topic {topic} as group {group}"),
+            self.transport.subscribe(topic, group),
+        )
+        .await
+    }
+
+    async fn publish(&self, topic: &str, envelope: Envelope) -> Result<Receipt, CheckFailure> {
+        self.within(
+            format!("publishing message {} to topic {topic}", envelope.id),
+            self.transport.publish(topic, envelope),
+        )
+        .await
+    }
+
+    /// Publishes small message number `n` and returns its id.
+    async fn publish_one(&self, topic: &str, n: usize) -> Result<String, CheckFailure> {
+        let env = Envelope::builder(SOURCE, "surety.testkit.message")
+            .header(SEQ_HEADER, n.to_string())
+            .payload(format!("{{\"n\":{n}}}"))
+            .build();
+        let id = env.id.clone();
+        self.publish(topic, env).await?;
+        Ok(id)
+    }
+
+    /// Publishes `count` small messages and returns their ids.
+    async fn publish_many(
+        &self,
+        topic: &str,
+        count: usize,
+    ) -> Result<HashSet<String>, CheckFailure> {
+        let mut ids = HashSet::with_capacity(count);
+        for n in 0..count {
+            ids.insert(self.publish_one(topic, n).await?);
+        }
+        Ok(ids)
+    }
+}
+
+/// A one-line description of a delivery for failure messages.
+fn describe(delivery: &Delivery) -> String {
+    let info = delivery.info();
+    format!(
+        "message {} delivered (redelivered: {}, delivery count: {:?})",
+        delivery.envelope().id,
+        info.redelivered,
+        info.delivery_count
+    )
+}
+
+fn rfc3339(time: &DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::Nanos, true)
+}
+
+/// Every difference between what was sent and what arrived: attributes
+/// (time truncated to microseconds), sent headers (the transport may add
+/// its own) and the payload.
+fn envelope_diffs(sent: &Envelope, got: &Envelope) -> Vec<String> {
+    let mut diffs = Vec::new();
+    let mut compare = |name: &str, sent: &dyn fmt::Debug, got: &dyn fmt::Debug, equal: bool| {
+        if !equal {
+            diffs.push(format!("{name}: sent {sent:?}, received {got:?}"));
+        }
+    };
+    compare("id", &sent.id, &got.id, sent.id == got.id);
+    compare(
+        "source",
+        &sent.source,
+        &got.source,
+        sent.source == got.source,
+    );
+    compare(
+        "type",
+        &sent.event_type,
+        &got.event_type,
+        sent.event_type == got.event_type,
+    );
+    compare(
+        "time (to the microsecond)",
+        &rfc3339(&sent.time),
+        &rfc3339(&got.time),
+        sent.time.trunc_subsecs(6) == got.time.trunc_subsecs(6),
+    );
+    compare(
+        "content type",
+        &sent.content_type,
+        &got.content_type,
+        sent.content_type == got.content_type,
+    );
+    compare(
+        "schema version",
+        &sent.schema_version,
+        &got.schema_version,
+        sent.schema_version == got.schema_version,
+    );
+    compare(
+        "subject",
+        &sent.subject,
+        &got.subject,
+        sent.subject == got.subject,
+    );
+    compare(
+        "partition key",
+        &sent.partition_key,
+        &got.partition_key,
+        sent.partition_key == got.partition_key,
+    );
+    compare(
+        "correlation id",
+        &sent.correlation_id,
+        &got.correlation_id,
+        sent.correlation_id == got.correlation_id,
+    );
+    compare(
+        "causation id",
+        &sent.causation_id,
+        &got.causation_id,
+        sent.causation_id == got.causation_id,
+    );
+    for (key, value) in sent.headers.iter() {
+        let received = got.headers.get(key);
+        compare(
+            &format!("header {key:?}"),
+            &Some(value),
+            &received,
+            received == Some(value),
+        );
+    }
+    if sent.payload != got.payload {
+        let first = sent
+            .payload
+            .iter()
+            .zip(got.payload.iter())
+            .position(|(a, b)| a != b)
+            .unwrap_or_else(|| sent.payload.len().min(got.payload.len()));
+        let byte = |p: &[u8]| {
+            p.get(first)
+                .map_or("end".to_owned(), |b| format!("0x{b:02x}"))
+        };
+        diffs.push(format!(
+            "payload: sent {} bytes, received {} bytes, first difference at byte {first} (sent {}, received {})",
+            sent.payload.len(),
+            got.payload.len(),
+            byte(&sent.payload),
+            byte(&got.payload)
+        ));
+    }
+    diffs
+}
+
+/// Publishes `sent`, receives it and compares everything.
+async fn round_trip<T: Publisher + Subscriber>(cx: &Ctx<'_, T>, sent: Envelope) -> CheckResult {
+    let topic = cx.topic();
+    let mut stream = cx.subscribe(&topic, &cx.group("group")).await?;
+    cx.publish(&topic, sent.clone()).await?;
+    let got = cx
+        .receive(&mut stream, format!("message {} to be delivered", sent.id))
+        .await?;
+    let diffs = envelope_diffs(&sent, got.envelope());
+    cx.settle(got, Settlement::Ack).await?;
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(cx.fail(
+            "the delivered envelope to equal the published one",
+            diffs.join("; "),
+        ))
+    }
+}
+
+/// Publish one message with every envelope attribute set and receive it:
+/// id, source, type, time (compared to the microsecond; the published time
+/// has nanoseconds, which a broker may drop), content type, schema version,
+/// subject, partition key, correlation id and causation id arrive unchanged.
+pub async fn attributes_round_trip<T>(transport: &T, caps: &Capabilities) -> CheckResult
+where
+    T: Publisher + Subscriber,
+{
+    let cx = Ctx::new("attributes_round_trip", transport, caps);
+    let unique = Uuid::now_v7();
+    let time = Utc::now().trunc_subsecs(6) + TimeDelta::nanoseconds(789);
+    let sent = Envelope::builder(SOURCE, "surety.testkit.attributes")
+        .id(format!("attributes-{unique}"))
+        .time(time)
+        .content_type("application/vnd.surety-testkit+json")
+        .schema_version(7)
+        .subject(format!("subject-{unique}"))
+        .partition_key(format!("key-{unique}"))
+        .correlation_id(format!("correlation-{unique}"))
+        .causation_id(format!("causation-{unique}"))
+        .payload(r#"{"check":"attributes_round_trip"}"#)
+        .build();
+    round_trip(&cx, sent).await
+}
+
+/// Headers (including an empty value and non-ASCII text) and a binary
+/// payload holding every byte value `0..=255` arrive unchanged. The
+/// transport may add headers of its own.
+pub async fn headers_and_binary_payload<T>(transport: &T, caps: &Capabilities) -> CheckResult
+where
+    T: Publisher + Subscriber,
+{
+    let cx = Ctx::new("headers_and_binary_payload", transport, caps);
+    let payload: Vec<u8> = (0..=255u8).collect();
+    let sent = Envelope::builder(SOURCE, "surety.testkit.binary")
+        .content_type("application/octet-stream")
+        .header("x-surety-testkit-tenant", "acme")
+        .header("x-surety-testkit-text", "grüße, 東京 ✓")
+        .header("x-surety-testkit-spaces", " padded value ")
+        .header("x-surety-testkit-empty", "")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .payload(payload)
+        .build();
+    round_trip(&cx, sent).await
+}
+
+/// An acknowledged message is not delivered again, not even after the
+/// consumer left the group and joined again (watched for
+/// [`quiet_period`](Capabilities::quiet_period)).
+pub async fn ack_removes_message<T>(transport: &T, caps: &Capabilities) -> CheckResult
+where
+    T: Publisher + Subscriber,
+{
+    let cx = Ctx::new("ack_removes_message", transport, caps);
+    let (topic, group) = (cx.topic(), cx.group("group"));
+    let mut stream = cx.subscribe(&topic, &group).await?;
+    let id = cx.publish_one(&topic, 0).await?;
+    let delivery = cx
+        .receive(&mut stream, format!("message {id} to be delivered"))
+        .await?;
+    cx.settle(delivery, Settlement::Ack).await?;
+    settled_for_good(
+        &cx,
+        stream,
+        &topic,
+        &group,
+        format!("message {id} was acknowledged"),
+    )
+    .await
+}
+
+/// After a final settlement: leaves the group and joins it again, then
+/// watches the new member for the quiet period. A settlement the broker
+/// never applied shows up at the latest when the member holding the message
+/// leaves, since its unsettled deliveries go back to the group.
+async fn settled_for_good<T: Publisher + Subscriber>(
+    cx: &Ctx<'_, T>,
+    stream: DeliveryStream,
+    topic: &str,
+    group: &str,
+    after: String,
+) -> CheckResult {
+    drop(stream);
+    let mut rejoined = cx.subscribe(topic, group).await?;
+    cx.quiet(
+        &mut rejoined,
+        format!("{after} and the group was left and joined again"),
+    )
+    .await
+}
+
+/// A message nacked with `requeue = true` is delivered again; with
+/// [`redelivered_flag`](Capabilities::redelivered_flag) the redelivery is
+/// marked redelivered, with [`delivery_count`](Capabilities::delivery_count)
+/// the counts are 1 and then 2.
+pub async fn nack_requeue_redelivers<T>(transport: &T, caps: &Capabilities) -> CheckResult
+where
+    T: Publisher + Subscriber,
+{
+    let cx = Ctx::new("nack_requeue_redelivers", transport, caps);
+    let topic = cx.topic();
+    let mut stream = cx.subscribe(&topic, &cx.group("group")).await?;
+    let id = cx.publish_one(&topic, 0).await?;
+    let first = cx
+        .receive(&mut stream, format!("message {id} to be delivered"))
+        .await?;
+    check_first_delivery(&cx, &first)?;
+    cx.settle(first, Settlement::NackRequeue).await?;
+    let again = cx
+        .receive(
+            &mut stream,
+            format!("message {id} to be delivered again after nack(requeue = true)"),
+        )
+        .await?;
+    let result = check_redelivery(&cx, &again, &id);
+    cx.settle(again, Settlement::Ack).await?;
+    result
+}
+
+/// A rejected message is not delivered again, not even after the consumer
+/// left the group and joined again (watched for
+/// [`quiet_period`](Capabilities::quiet_period)).
+pub async fn reject_does_not_redeliver<T>(transport: &T, caps: &Capabilities) -> CheckResult
+where
+    T: Publisher + Subscriber,
+{
+    let cx = Ctx::new("reject_does_not_redeliver", transport, caps);
+    let (topic, group) = (cx.topic(), cx.group("group"));
+    let mut stream = cx.subscribe(&topic, &group).await?;
+    let id = cx.publish_one(&topic, 0).await?;
+    let delivery = cx
+        .receive(&mut stream, format!("message {id} to be delivered"))
+        .await?;
+    cx.settle(delivery, Settlement::Reject).await?;
+    settled_for_good(
+        &cx,
+        stream,
+        &topic,
+        &group,
+        format!("message {id} was rejected"),
+    )
+    .await
+}
+
+/// A delivery dropped without being settled, while the subscription stays
+/// open, is delivered again (marked as a redelivery as the capabilities say).
+pub async fn dropped_delivery_redelivered<T>(transport: &T, caps: &Capabilities) -> CheckResult
+where
+    T: Publisher + Subscriber,
+{
+    let cx = Ctx::new("dropped_delivery_redelivered", transport, caps);
+    let topic = cx.topic();
+    let mut stream = cx.subscribe(&topic, &cx.group("group")).await?;
+    let id = cx.publish_one(&topic, 0).await?;
+    let first = cx
+        .receive(&mut stream, format!("message {id} to be delivered"))
+        .await?;
+    check_first_delivery(&cx, &first)?;
+    drop(first);
+    let again = cx
+        .receive(
+            &mut stream,
+            format!("message {id} to be delivered again after its delivery was dropped unsettled"),
+        )
+        .await?;
+    let result = check_redelivery(&cx, &again, &id);
+    cx.settle(again, Settlement::Ack).await?;
+    result
+}
+
+fn check_first_delivery<T>(cx: &Ctx<'_, T>, first: &Delivery) -> CheckResult {
+    let info = first.info();
+    if cx.caps.redelivered_flag && info.redelivered {
+        return Err(cx.fail(
+            "a first delivery not to be marked redelivered",
+            describe(first),
+        ));
+    }
+    if cx.caps.delivery_count && info.delivery_count != Some(1) {
+        return Err(cx.fail(
+            "delivery count Some(1) on a first delivery",
+            describe(first),
+        ));
+    }
+    Ok(())
+}
+
+fn check_redelivery<T>(cx: &Ctx<'_, T>, again: &Delivery, id: &str) -> CheckResult {
+    let info = again.info();
+    if again.envelope().id != id {
+        return Err(cx.fail(format!("message {id} again"), describe(again)));
+    }
+    if cx.caps.redelivered_flag && !info.redelivered {
+        return Err(cx.fail("the redelivery to be marked redelivered", describe(again)));
+    }
+    if cx.caps.delivery_count && info.delivery_count != Some(2) {
+        return Err(cx.fail("delivery count Some(2) on the redelivery", describe(again)));
+    }
+    Ok(())
+}
+
+/// 50 messages over 5 partition keys, sent as one window of
+/// [`send`](Publisher::send)s and then confirmed, arrive with each key's
+/// messages in publish order, each exactly once.
+pub async fn per_key_order<T>(transport: &T, caps: &Capabilities) -> CheckResult
+where
+    T: Publisher + Subscriber,
+{
+    const KEYS: usize = 5;
+    const PER_KEY: usize = 10;
+    let cx = Ctx::new("per_key_order", transport, caps);
+    let topic = cx.topic();
+    let mut stream = cx.subscribe(&topic, &cx.group("group")).await?;
+    let mut confirmations = Vec::with_capacity(KEYS * PER_KEY);
+    for n in 0..KEYS * PER_KEY {
+        let (key, seq) = (format!("key-{}", n % KEYS), n / KEYS);
+        let env = Envelope::builder(SOURCE, "surety.testkit.ordered")
+            .partition_key(key)
+            .header(SEQ_HEADER, seq.to_string())
+            .build();
+        let what = format!("sending message {} to topic {topic}", env.id);
+        confirmations.push(cx.within(what, cx.transport.send(&topic, env)).await?);
+    }
+    for (n, confirmation) in confirmations.into_iter().enumerate() {
+        cx.within(format!("the confirmation of send #{n}"), confirmation)
+            .await?;
+    }
+    let mut by_key: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let mut batch = cx.batch(KEYS * PER_KEY);
+    for received in 0..KEYS * PER_KEY {
+        let delivery = cx
+            .receive_in(
+                &mut batch,
+                &mut stream,
+                format!("{} messages (received {received})", KEYS * PER_KEY),
+            )
+            .await?;
+        let env = delivery.envelope();
+        let seq = env.headers.get(SEQ_HEADER).and_then(|s| s.parse().ok());
+        let (Some(key), Some(seq)) = (env.partition_key.clone(), seq) else {
+            return Err(cx.fail(
+                format!("a partition key and a {SEQ_HEADER} header on every message"),
+                format!(
+                    "message {} with partition key {:?} and {SEQ_HEADER} {:?}",
+                    env.id,
+                    env.partition_key,
+                    env.headers.get(SEQ_HEADER)
+                ),
+            ));
+        };
+        by_key.entry(key).or_default().push(seq);
+        cx.settle(delivery, Settlement::Ack).await?;
+    }
+    let expected: Vec<usize> = (0..PER_KEY).collect();
+    let wrong: Vec<String> = by_key
+        .iter()
+        .filter(|(_, seqs)| **seqs != expected)
+        .map(|(key, seqs)| format!("{key}: {seqs:?}"))
+        .collect();
+    if wrong.is_empty() && by_key.len() == KEYS {
+        Ok(())
+    } else {
+        Err(cx.fail(
+            format!("each of {KEYS} keys to arrive as the sequence {expected:?}"),
+            if wrong.is_empty() {
+                format!("only the keys {:?}", by_key.keys().collect::<Vec<_>>())
+            } else {
+                wrong.join("; ")
+            },
+        ))
+    }
+}
+
+/// Receives from `stream` until every id in `expected` arrived, acking each
+/// delivery; returns every id received, duplicates included.
+async fn collect<T>(
+    cx: &Ctx<'_, T>,
+    stream: &mut DeliveryStream,
+    expected: &HashSet<String>,
+    what: &str,
+) -> Result<Vec<String>, CheckFailure> {
+    let mut received = Vec::new();
+    let mut missing = expected.clone();
+    let mut batch = cx.batch(expected.len() * 3);
+    while !missing.is_empty() {
+        let delivery = cx
+            .receive_in(
+                &mut batch,
+                stream,
+                format!(
+                    "{what}: {} more of {} messages ({} received so far)",
+                    missing.len(),
+                    expected.len(),
+                    received.len()
+                ),
+            )
+            .await?;
+        let id = delivery.envelope().id.clone();
+        missing.remove(&id);
+        received.push(id);
+        cx.settle(delivery, Settlement::Ack).await?;
+    }
+    Ok(received)
+}
+
+/// Ids that occur more than once, and ids that were not expected.
+fn surplus(received: &[String], expected: &HashSet<String>) -> Vec<String> {
+    let mut seen = HashSet::new();
+    received
+        .iter()
+        .filter(|id| !seen.insert(id.as_str()) || !expected.contains(*id))
+        .cloned()
+        .collect()
+}
+
+/// Two groups on one topic each receive every message, once.
+pub async fn fan_out_to_groups<T>(transport: &T, caps: &Capabilities) -> CheckResult
+where
+    T: Publisher + Subscriber,
+{
+    const COUNT: usize = 10;
+    let cx = Ctx::new("fan_out_to_groups", transport, caps);
+    let topic = cx.topic();
+    let mut first = cx.subscribe(&topic, &cx.group("first")).await?;
+    let mut second = cx.subscribe(&topic, &cx.group("second")).await?;
+    let expected = cx.publish_many(&topic, COUNT).await?;
+    for (name, stream) in [("first group", &mut first), ("second group", &mut second)] {
+        let received = collect(&cx, stream, &expected, name).await?;
+        let extra = surplus(&received, &expected);
+        if !extra.is_empty() {
+            return Err(cx.fail(
+                format!("the {name} to receive each of {COUNT} messages once"),
+                format!("these extra deliveries: {extra:?}"),
+            ));
+        }
+    }
+    let mut both = futures::stream::select(first, second).boxed();
+    cx.quiet(
+        &mut both,
+        "both groups received and acknowledged every message",
+    )
+    .await
+}
+
+/// Two subscriptions in one group compete: each message goes to one of
+/// them, so the two sets of messages are disjoint and together hold every
+/// message. (Both need not get some: a broker may give all to one.)
+pub async fn competing_consumers<T>(transport: &T, caps: &Capabilities) -> CheckResult
+where
+    T: Publisher + Subscriber,
+{
+    const COUNT: usize = 20;
+    let cx = Ctx::new("competing_consumers", transport, caps);
+    let topic = cx.topic();
+    let group = cx.group("group");
+    let first = cx.subscribe(&topic, &group).await?;
+    let second = cx.subscribe(&topic, &group).await?;
+    let expected = cx.publish_many(&topic, COUNT).await?;
+
+    // Tag each delivery with the member that got it.
+    let tagged = |stream: DeliveryStream, member: &'static str| {
+        stream.map(move |item| {
+            item.map(|delivery| {
+                let (mut env, info, settle) = delivery.into_parts();
+                env.headers.insert("x-surety-testkit-member", member);
+                Delivery::new(env, info, settle)
+            })
+        })
+    };
+    let mut both =
+        futures::stream::select(tagged(first, "first"), tagged(second, "second")).boxed();
+    let mut members: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut missing = expected.clone();
+    let mut received = Vec::new();
+    let mut batch = cx.batch(COUNT * 3);
+    while !missing.is_empty() {
+        let delivery = cx
+            .receive_in(
+                &mut batch,
+                &mut both,
+                format!(
+                    "{} more of {COUNT} messages from the two members ({} received so far)",
+                    missing.len(),
+                    received.len()
+                ),
+            )
+            .await?;
+        let env = delivery.envelope();
+        let member = env.headers.get("x-surety-testkit-member").unwrap_or("?");
+        members
+            .entry(member.to_owned())
+            .or_default()
+            .push(env.id.clone());
+        missing.remove(&env.id);
+        received.push(env.id.clone());
+        cx.settle(delivery, Settlement::Ack).await?;
+    }
+    let extra = surplus(&received, &expected);
+    if !extra.is_empty() {
+        let split: Vec<String> = members
+            .iter()
+            .map(|(member, ids)| format!("{member} member got {}", ids.len()))
+            .collect();
+        return Err(cx.fail(
+            format!("each of {COUNT} messages to go to exactly one member of the group"),
+            format!(
+                "these delivered more than once: {extra:?} ({})",
+                split.join(", ")
+            ),
+        ));
+    }
+    cx.quiet(
+        &mut both,
+        "every message was received by one member and acknowledged",
+    )
+    .await
+}
+
+/// Closing twice succeeds both times.
+pub async fn close_is_idempotent<T>(transport: &T, caps: &Capabilities) -> CheckResult
+where
+    T: Close,
+{
+    let cx = Ctx::new("close_is_idempotent", transport, caps);
+    cx.within("the first close", transport.close()).await?;
+    cx.within("a second close", transport.close()).await
+}
+
+/// Publishing after close fails with
+/// [`TransportErrorKind::Closed`].
+pub async fn publish_after_close_fails<T>(transport: &T, caps: &Capabilities) -> CheckResult
+where
+    T: Publisher + Close,
+{
+    let cx = Ctx::new("publish_after_close_fails", transport, caps);
+    let topic = cx.topic();
+    cx.within("close", transport.close()).await?;
+    let env = Envelope::builder(SOURCE, "surety.testkit.closed").build();
+    let limit = caps.receive_timeout;
+    let expected = format!(
+        "publish after close to fail with kind {}",
+        TransportErrorKind::Closed
+    );
+    match tokio::time::timeout(limit, transport.publish(&topic, env)).await {
+        Ok(Err(err)) if err.kind() == TransportErrorKind::Closed => Ok(()),
+        Ok(Err(err)) => Err(cx.fail(expected, format!("an error of kind {}: {err}", err.kind()))),
+        Ok(Ok(receipt)) => Err(cx.fail(expected, format!("a confirmed publish: {receipt:?}"))),
+        Err(_) => Err(cx.fail(expected, format!("no answer within {limit:?}"))),
+    }
+}
+
+/// A subscription ends (or yields a
+/// [`Closed`](TransportErrorKind::Closed) error) when its transport is closed.
+pub async fn close_ends_subscriptions<T>(transport: &T, caps: &Capabilities) -> CheckResult
+where
+    T: Subscriber + Close,
+{
+    let cx = Ctx::new("close_ends_subscriptions", transport, caps);
+    let (topic, group) = (cx.topic(), cx.group("group"));
+    let mut stream = cx
+        .within(
+            format!("subscribing to topic {topic} as group {group}"),
+            transport.subscribe(&topic, &group),
+        )
+        .await?;
+    cx.within("close", transport.close()).await?;
+    let limit = caps.receive_timeout;
+    let expected = format!("the subscription to end within {limit:?} after close");
+    match tokio::time::timeout(limit, stream.next()).await {
+        Ok(None) => Ok(()),
+        Ok(Some(Err(err))) if err.kind() == TransportErrorKind::Closed => Ok(()),
+        Ok(Some(Err(err))) => {
+            Err(cx.fail(expected, format!("an error of kind {}: {err}", err.kind())))
+        }
+        Ok(Some(Ok(delivery))) => Err(cx.fail(expected, describe(&delivery))),
+        Err(_) => Err(cx.fail(expected, "the subscription still open")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_use_only_safe_characters() {
+        let caps = Capabilities::default();
+        let cx = Ctx::new("attributes_round_trip", &(), &caps);
+        let name = cx.topic();
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.'),
+            "{name}"
+        );
+        assert_ne!(name, cx.topic(), "names are unique");
+    }
+
+    #[test]
+    fn diffs_name_the_field_and_both_values() {
+        let sent = Envelope::builder("/a", "t")
+            .subject("s")
+            .header("h", "v")
+            .payload(vec![1u8, 2, 3])
+            .build();
+        let mut got = sent.clone();
+        got.subject = None;
+        got.headers = Default::default();
+        got.payload = vec![1u8, 9].into();
+        got.time = sent.time.trunc_subsecs(6) + TimeDelta::nanoseconds(999);
+        let diffs = envelope_diffs(&sent, &got);
+        assert_eq!(diffs.len(), 3, "{diffs:?}");
+        assert_eq!(diffs[0], r#"subject: sent Some("s"), received None"#);
+        assert_eq!(diffs[1], r#"header "h": sent Some("v"), received None"#);
+        assert_eq!(
+            diffs[2],
+            "payload: sent 3 bytes, received 2 bytes, first difference at byte 1 (sent 0x02, received 0x09)"
+        );
+    }
+
+    #[test]
+    fn time_is_compared_to_the_microsecond() {
+        let sent = Envelope::builder("/a", "t").build();
+        let mut got = sent.clone();
+        got.time = sent.time.trunc_subsecs(6) + TimeDelta::microseconds(1);
+        let diffs = envelope_diffs(&sent, &got);
+        assert_eq!(diffs.len(), 1, "{diffs:?}");
+        assert!(diffs[0].starts_with("time"), "{diffs:?}");
+    }
+
+    #[test]
+    fn surplus_finds_duplicates_and_strangers() {
+        let expected: HashSet<String> = ["a", "b"].map(String::from).into();
+        let received = ["a", "b", "a", "c"].map(String::from);
+        assert_eq!(surplus(&received, &expected), ["a", "c"]);
+    }
+}
