@@ -9,6 +9,22 @@ use surety_core::metrics::Metrics;
 use surety_core::{Envelope, Instrumented, Publisher, Subscriber};
 use tracing_subscriber::layer::SubscriberExt;
 
+/// Routes this thread's `tracing` spans to OpenTelemetry, exported in memory.
+fn capture_spans() -> (
+    InMemorySpanExporter,
+    SdkTracerProvider,
+    tracing::subscriber::DefaultGuard,
+) {
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("surety-test")));
+    let guard = tracing::subscriber::set_default(subscriber);
+    (exporter, provider, guard)
+}
+
 fn span<'a>(spans: &'a [SpanData], name: &str) -> &'a SpanData {
     spans
         .iter()
@@ -22,13 +38,7 @@ fn names(spans: &[SpanData]) -> Vec<String> {
 
 #[tokio::test]
 async fn handler_span_is_a_child_of_the_publish_span() {
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("surety-test")));
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (exporter, provider, _guard) = capture_spans();
 
     let transport = MemoryTransport::new();
     let deliveries = transport.subscribe("orders", "billing").await.unwrap();
@@ -96,13 +106,7 @@ async fn handler_span_is_a_child_of_the_publish_span() {
 
 #[tokio::test]
 async fn without_a_traceparent_the_handler_starts_a_new_trace() {
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("surety-test")));
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (exporter, provider, _guard) = capture_spans();
 
     let transport = MemoryTransport::new();
     let deliveries = transport.subscribe("orders", "billing").await.unwrap();
