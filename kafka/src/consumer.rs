@@ -1,0 +1,512 @@
+//! One subscription: a `StreamConsumer` polled by a task, a bounded buffer
+//! to the [`DeliveryStream`], and the settlers that record outcomes.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
+use rdkafka::topic_partition_list::Offset;
+use surety_core::{
+    Delivery, DeliveryInfo, DeliveryStream, Envelope, Headers, Result, Settle, TransportError,
+    TransportErrorKind, settle_failed,
+};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::SYSTEM;
+use crate::context::{ConsumerCtx, Shared};
+use crate::error::transport_error;
+use crate::tracker::{Action, Registered, Token};
+
+/// The consumer type of a subscription.
+pub(crate) type KafkaConsumer = StreamConsumer<ConsumerCtx>;
+
+enum Item {
+    Delivery(Box<Pending>),
+    Error(TransportError),
+}
+
+/// A delivery on its way to the application.
+struct Pending {
+    envelope: Envelope,
+    info: DeliveryInfo,
+    settle: KafkaSettle,
+}
+
+/// Runs a subscription's poll loop until the transport closes it or its
+/// stream is dropped (and in-flight deliveries are settled or the drain
+/// timeout passes), then commits and closes the consumer.
+pub(crate) struct Poller {
+    pub(crate) consumer: KafkaConsumer,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) drain_timeout: Duration,
+}
+
+enum Event {
+    Shutdown,
+    Wake,
+    DrainTimeout,
+    StreamGone,
+    Sent,
+    Nothing,
+}
+
+impl Poller {
+    /// Starts polling; returns the stream of deliveries and the task.
+    pub(crate) fn spawn(self, buffer: usize) -> (DeliveryStream, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(buffer.max(1));
+        let stream = Deliveries {
+            rx,
+            shared: self.shared.clone(),
+        };
+        let task = tokio::spawn(self.run(tx));
+        (stream.boxed(), task)
+    }
+
+    async fn run(self, tx: mpsc::Sender<Item>) {
+        let Self {
+            consumer,
+            shared,
+            cancel,
+            drain_timeout,
+        } = self;
+        let mut overflow: VecDeque<Item> = VecDeque::new();
+        let mut paused = false;
+        let mut draining: Option<Instant> = None;
+        loop {
+            if draining.is_none() {
+                // Hand over what waited for room; resume once all went.
+                while let Some(item) = overflow.pop_front() {
+                    match tx.try_send(item) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(item)) => {
+                            overflow.push_front(item);
+                            break;
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => break,
+                    }
+                }
+                if overflow.is_empty() && paused {
+                    set_paused(&consumer, false);
+                    paused = false;
+                }
+                if tx.is_closed() {
+                    tracing::debug!(topic = %shared.topic, group = %shared.group, "stream dropped; draining");
+                    draining = Some(Instant::now() + drain_timeout);
+                    overflow.clear();
+                    set_paused(&consumer, true);
+                    paused = true;
+                }
+            }
+            if draining.is_some() && shared.tracker().in_flight() == 0 {
+                break;
+            }
+            let has_overflow = !overflow.is_empty();
+            let deadline = draining.unwrap_or_else(Instant::now);
+            let event = tokio::select! {
+                biased;
+                () = cancel.cancelled() => Event::Shutdown,
+                () = shared.wake.notified() => Event::Wake,
+                () = tokio::time::sleep_until(deadline), if draining.is_some() => Event::DrainTimeout,
+                () = tx.closed(), if draining.is_none() => Event::StreamGone,
+                permit = tx.reserve(), if has_overflow && draining.is_none() => match (permit, overflow.pop_front()) {
+                    (Ok(permit), Some(item)) => {
+                        permit.send(item);
+                        Event::Sent
+                    }
+                    _ => Event::Nothing,
+                },
+                message = consumer.recv() => {
+                    match message {
+                        Ok(message) if draining.is_none() => {
+                            if let Some(item) = accept(&shared, &message) {
+                                if overflow.is_empty() {
+                                    match tx.try_send(item) {
+                                        Ok(()) => {}
+                                        Err(mpsc::error::TrySendError::Full(item)) => {
+                                            overflow.push_back(item);
+                                        }
+                                        Err(mpsc::error::TrySendError::Closed(_)) => {}
+                                    }
+                                } else {
+                                    overflow.push_back(item);
+                                }
+                                if !overflow.is_empty() && !paused {
+                                    // The application is behind: stop fetching,
+                                    // keep polling to stay in the group.
+                                    set_paused(&consumer, true);
+                                    paused = true;
+                                    shared.metrics.pause(&shared.topic, &shared.group);
+                                } else if !overflow.is_empty() {
+                                    // A partition assigned since the pause.
+                                    set_paused(&consumer, true);
+                                }
+                            }
+                            Event::Nothing
+                        }
+                        // Draining: not registered, not stored; the next
+                        // owner of the partition fetches it again.
+                        Ok(_) => Event::Nothing,
+                        Err(err) => {
+                            let fatal = matches!(err, KafkaError::MessageConsumptionFatal(_));
+                            tracing::warn!(topic = %shared.topic, group = %shared.group, error = %err, "consuming failed");
+                            let err = transport_error(
+                                format!("consuming topic {} as group {}", shared.topic, shared.group),
+                                err,
+                            );
+                            // librdkafka recovers from transient errors by
+                            // itself (they are only logged); the application
+                            // hears of the ones it must act on.
+                            let forward = fatal || err.kind() == TransportErrorKind::Config;
+                            if forward && draining.is_none() && tx.try_send(Item::Error(err)).is_err() {
+                                tracing::debug!("subscription buffer full; error not forwarded");
+                            }
+                            if fatal {
+                                Event::Shutdown
+                            } else {
+                                Event::Nothing
+                            }
+                        }
+                    }
+                }
+            };
+            match event {
+                Event::Shutdown => break,
+                Event::Wake => {
+                    let actions = shared.tracker().take_actions();
+                    apply(&consumer, &shared, &actions);
+                }
+                Event::DrainTimeout => {
+                    tracing::warn!(
+                        topic = %shared.topic,
+                        group = %shared.group,
+                        in_flight = shared.tracker().in_flight(),
+                        "drain timeout: closing with deliveries unsettled; they will be redelivered"
+                    );
+                    break;
+                }
+                Event::StreamGone | Event::Sent | Event::Nothing => {}
+            }
+        }
+        // Final: no more settlements, store what they allowed, commit, leave.
+        let stores = shared.tracker().close();
+        apply(&consumer, &shared, &stores);
+        drop(overflow);
+        drop(tx);
+        let assigned = shared.tracker().assigned();
+        for partition in assigned {
+            shared
+                .metrics
+                .forget_partition(&shared.topic, &shared.group, partition);
+        }
+        let (topic, group) = (shared.topic.clone(), shared.group.clone());
+        let closing = tokio::task::spawn_blocking(move || {
+            match consumer.commit_consumer_state(CommitMode::Sync) {
+                Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+                Err(err) => {
+                    tracing::warn!(%topic, %group, error = %err, "final offset commit failed")
+                }
+            }
+            // Dropping closes the consumer: it leaves the group after
+            // librdkafka's own commit of the revoked partitions.
+            drop(consumer);
+        });
+        if let Err(err) = closing.await {
+            tracing::warn!(error = %err, "closing the Kafka consumer failed");
+        }
+        tracing::debug!(topic = %shared.topic, group = %shared.group, "subscription closed");
+    }
+}
+
+fn set_paused(consumer: &KafkaConsumer, pause: bool) {
+    let assignment = match consumer.assignment() {
+        Ok(assignment) if assignment.count() > 0 => assignment,
+        Ok(_) => return,
+        Err(err) => {
+            tracing::warn!(error = %err, "reading the assignment failed");
+            return;
+        }
+    };
+    let result = if pause {
+        consumer.pause(&assignment)
+    } else {
+        consumer.resume(&assignment)
+    };
+    if let Err(err) = result {
+        tracing::warn!(error = %err, pause, "pausing or resuming partitions failed");
+    }
+}
+
+/// Applies stores and seeks asked for by the tracker.
+fn apply(consumer: &KafkaConsumer, shared: &Shared, actions: &[Action]) {
+    if actions.is_empty() {
+        return;
+    }
+    let stores = shared.stores(actions);
+    if stores.count() > 0
+        && let Err(err) = consumer.store_offsets(&stores)
+    {
+        // Only fails for partitions no longer assigned; their next owner
+        // starts from the last commit, which is never past an unsettled one.
+        tracing::debug!(error = %err, "storing offsets failed");
+    }
+    for action in actions {
+        if let Action::Seek { partition, offset } = *action {
+            tracing::debug!(topic = %shared.topic, partition, offset, "seeking back to redeliver");
+            // Asynchronous: the version barrier is set before `seek`
+            // returns, so nothing fetched before it is returned after it.
+            if let Err(err) = consumer.seek(
+                &shared.topic,
+                partition,
+                Offset::Offset(offset),
+                Duration::ZERO,
+            ) {
+                tracing::warn!(error = %err, partition, offset, "seek failed; retried when the fetcher skips the message");
+            }
+        }
+    }
+}
+
+/// Registers a fetched message and builds its delivery, unless it is not
+/// to be delivered (already handled, or still being handled).
+fn accept(shared: &Arc<Shared>, message: &BorrowedMessage<'_>) -> Option<Item> {
+    let (partition, offset) = (message.partition(), message.offset());
+    let registered = shared.tracker().register(partition, offset);
+    let Registered::Deliver {
+        token,
+        redelivered,
+        delivery_count,
+    } = registered
+    else {
+        return None;
+    };
+    let envelope = to_envelope(&shared.topic, message);
+    let mut info = DeliveryInfo::new(SYSTEM, shared.topic.clone(), shared.group.clone());
+    info.partition = Some(partition);
+    info.offset = Some(offset);
+    info.redelivered = redelivered;
+    info.delivery_count = delivery_count;
+    Some(Item::Delivery(Box::new(Pending {
+        envelope,
+        info,
+        settle: KafkaSettle {
+            shared: shared.clone(),
+            token,
+            settled: false,
+        },
+    })))
+}
+
+/// Reads a record as an envelope; a record that is not one becomes an
+/// [undecodable](Envelope::undecodable) envelope, which the pipeline treats
+/// as poison.
+pub(crate) fn to_envelope(topic: &str, message: &BorrowedMessage<'_>) -> Envelope {
+    let (headers, header_error) = read_headers(message);
+    let payload = Bytes::copy_from_slice(message.payload().unwrap_or_default());
+    let undecodable = |headers, error: &dyn fmt::Display| {
+        Envelope::undecodable(
+            format!("kafka://{topic}"),
+            format!("{topic}/{}/{}", message.partition(), message.offset()),
+            headers,
+            payload.clone(),
+            error,
+        )
+    };
+    if let Some(error) = header_error {
+        return undecodable(headers, &error);
+    }
+    match Envelope::from_binary(headers.clone(), payload.clone()) {
+        Ok(envelope) => envelope,
+        Err(err) => undecodable(headers, &err),
+    }
+}
+
+/// The record's headers as strings, and why they are not an envelope's
+/// headers if they are not (a value or a key that is not UTF-8).
+fn read_headers(message: &BorrowedMessage<'_>) -> (Headers, Option<String>) {
+    let mut headers = Headers::new();
+    let Some(raw) = message.headers() else {
+        return (headers, None);
+    };
+    let mut error = None;
+    for index in 0..raw.count() {
+        // rdkafka panics on a header key that is not UTF-8; that is outside
+        // data and must not take the consumer down.
+        let header = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            raw.try_get(index)
+                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+        }));
+        match header {
+            Ok(Some((key, value))) => {
+                let value = value.unwrap_or_default();
+                let value = match String::from_utf8(value) {
+                    Ok(value) => value,
+                    Err(err) => {
+                        error.get_or_insert_with(|| format!("header {key:?} is not UTF-8"));
+                        String::from_utf8_lossy(err.as_bytes()).into_owned()
+                    }
+                };
+                headers.insert(key, value);
+            }
+            Ok(None) => {}
+            Err(_) => {
+                error.get_or_insert_with(|| format!("header #{index} has a key that is not UTF-8"));
+            }
+        }
+    }
+    (headers, error)
+}
+
+/// Settles one delivery by recording its outcome in the tracker; the poll
+/// loop turns outcomes into stored offsets and seeks.
+pub(crate) struct KafkaSettle {
+    shared: Arc<Shared>,
+    token: Token,
+    settled: bool,
+}
+
+impl fmt::Debug for KafkaSettle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaSettle")
+            .field("topic", &self.shared.topic)
+            .field("group", &self.shared.group)
+            .field("partition", &self.token.partition)
+            .field("offset", &self.token.offset)
+            .finish()
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Outcome {
+    Acked,
+    Rejected,
+    Nacked,
+}
+
+impl KafkaSettle {
+    fn is_live(&self) -> bool {
+        self.shared.tracker().is_live(&self.token)
+    }
+
+    fn record(&mut self, outcome: Outcome) -> Result<()> {
+        self.settled = true;
+        let result = {
+            let mut tracker = self.shared.tracker();
+            match outcome {
+                Outcome::Acked | Outcome::Rejected => tracker.finish(&self.token),
+                Outcome::Nacked => tracker.redeliver(&self.token),
+            }
+        };
+        let (topic, group) = (&self.shared.topic, &self.shared.group);
+        match result {
+            Ok(wake) => {
+                if wake {
+                    self.shared.wake.notify_one();
+                }
+                let name = match outcome {
+                    Outcome::Acked => "acked",
+                    Outcome::Rejected => "rejected",
+                    Outcome::Nacked => "nacked",
+                };
+                self.shared.metrics.settled(topic, group, name);
+                Ok(())
+            }
+            Err(refused) => {
+                self.shared.metrics.settled(topic, group, "refused");
+                Err(settle_failed(&format!(
+                    "{} (topic {topic}, partition {}, offset {})",
+                    refused.as_str(),
+                    self.token.partition,
+                    self.token.offset
+                )))
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Settle for KafkaSettle {
+    async fn ack(mut self: Box<Self>) -> Result<()> {
+        self.record(Outcome::Acked)
+    }
+
+    async fn nack(mut self: Box<Self>, requeue: bool) -> Result<()> {
+        self.record(if requeue {
+            Outcome::Nacked
+        } else {
+            Outcome::Rejected
+        })
+    }
+
+    async fn reject(mut self: Box<Self>) -> Result<()> {
+        self.record(Outcome::Rejected)
+    }
+}
+
+impl Drop for KafkaSettle {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        // Dropped unsettled: deliver again. Refused means the delivery is
+        // no longer this consumer's (revoked, closed): nothing to do, its
+        // offset was never stored past.
+        let redeliver = self.shared.tracker().redeliver(&self.token);
+        if let Ok(wake) = redeliver {
+            if wake {
+                self.shared.wake.notify_one();
+            }
+            self.shared
+                .metrics
+                .settled(&self.shared.topic, &self.shared.group, "dropped");
+        }
+    }
+}
+
+/// The stream handed to the application. Deliveries that stopped being
+/// current while buffered (their partition was revoked) are left out.
+struct Deliveries {
+    rx: mpsc::Receiver<Item>,
+    shared: Arc<Shared>,
+}
+
+impl Stream for Deliveries {
+    type Item = Result<Delivery>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if self.shared.tracker().is_closed() {
+                return Poll::Ready(None);
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(Some(Item::Error(err))) => return Poll::Ready(Some(Err(err))),
+                Poll::Ready(Some(Item::Delivery(pending))) => {
+                    if !pending.settle.is_live() {
+                        continue;
+                    }
+                    let shared = &self.shared;
+                    shared.metrics.received(&shared.topic, &shared.group);
+                    let Pending {
+                        envelope,
+                        info,
+                        settle,
+                    } = *pending;
+                    return Poll::Ready(Some(Ok(Delivery::new(envelope, info, Box::new(settle)))));
+                }
+            }
+        }
+    }
+}

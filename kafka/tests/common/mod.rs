@@ -1,0 +1,63 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use surety_kafka::KafkaConfig;
+use surety_testkit::services;
+
+/// The broker address, or `None` (the test is skipped) when
+/// `SURETY_KAFKA_BROKERS` is unset and services are not required.
+pub fn brokers() -> Option<String> {
+    services::require(services::kafka_brokers())
+}
+
+/// A configuration for tests: topics are created (tansu does not create
+/// them), statistics and commits are frequent, group membership reacts fast.
+pub fn config(brokers: &str) -> KafkaConfig {
+    KafkaConfig::new(brokers)
+        .client_id("surety-kafka-tests")
+        .create_missing_topics(1)
+        .replication_factor(1)
+        .statistics_interval(Some(Duration::from_millis(200)))
+        .consumer_property("auto.commit.interval.ms", "200")
+        .consumer_property("heartbeat.interval.ms", "500")
+        .consumer_property("session.timeout.ms", "6000")
+}
+
+/// A unique name for a topic or group.
+pub fn unique(prefix: &str) -> String {
+    format!("surety-kafka-test.{prefix}.{}", uuid::Uuid::now_v7())
+}
+
+/// Waits until `check` returns `Some`, polling every 50 ms, or panics after
+/// `limit` with `what`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Installs a `tracing` subscriber printing to the test's output (once).
+pub fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("SURETY_TEST_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}

@@ -1,0 +1,275 @@
+//! Consumer behaviour against the real broker: poison records, nack,
+//! backpressure and graceful shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use surety_core::consumer::{Incoming, Worker, handler_fn, typed};
+use surety_core::envelope::UNDECODABLE_TYPE;
+use surety_core::{Close, Delivery, DeliveryStream, Envelope, Publisher, Subscriber};
+use surety_kafka::rdkafka::ClientConfig;
+use surety_kafka::rdkafka::message::{Header, OwnedHeaders};
+use surety_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
+use surety_kafka::{KafkaMetrics, KafkaTransport};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+async fn next(stream: &mut DeliveryStream) -> Delivery {
+    tokio::time::timeout(LIMIT, stream.next())
+        .await
+        .expect("a delivery in time")
+        .expect("the stream is open")
+        .expect("a delivery, not an error")
+}
+
+async fn quiet(stream: &mut DeliveryStream, period: Duration) {
+    if let Ok(item) = tokio::time::timeout(period, stream.next()).await {
+        let seen = item.map(|d| d.map(|d| (d.envelope().id.clone(), d.info().offset)));
+        panic!("expected nothing, got {seen:?}");
+    }
+}
+
+async fn publish_n(
+    kafka: &KafkaTransport,
+    topic: &str,
+    n: usize,
+    key: Option<&str>,
+) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let mut builder = Envelope::builder("/test", "test.message").payload(i.to_string());
+        if let Some(key) = key {
+            builder = builder.partition_key(key);
+        }
+        let env = builder.build();
+        ids.push(env.id.clone());
+        kafka.publish(topic, env).await.expect("published");
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_records_are_delivered_as_poison_never_dropped() {
+    common::init_tracing();
+    let Some(brokers) = common::brokers() else {
+        return;
+    };
+    let kafka = KafkaTransport::connect(common::config(&brokers))
+        .await
+        .expect("connect");
+    let topic = common::unique("foreign");
+    let group = common::unique("group");
+    let deliveries = kafka.subscribe(&topic, &group).await.expect("subscribe");
+
+    // A producer that knows nothing of envelopes.
+    let raw: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .expect("raw producer");
+    let plain = FutureRecord::<(), _>::to(&topic).payload("not an envelope");
+    raw.send(plain, LIMIT).await.expect("plain record");
+    let binary = [0xffu8, 0xfe];
+    let bad_header =
+        FutureRecord::<(), _>::to(&topic)
+            .payload("x")
+            .headers(OwnedHeaders::new().insert(Header {
+                key: "ce_id",
+                value: Some(&binary[..]),
+            }));
+    raw.send(bad_header, LIMIT)
+        .await
+        .expect("record with binary header");
+
+    // A typed handler never sees them; the worker rejects them as poison.
+    let (seen_tx, mut seen) = tokio::sync::mpsc::channel(4);
+    let tap = deliveries.inspect(move |d| {
+        if let Ok(d) = d {
+            seen_tx
+                .try_send((d.envelope().clone(), d.info().clone()))
+                .ok();
+        }
+    });
+    let handler = typed(|_: serde_json::Value, _: Incoming| async move {
+        panic!("the handler must not run for poison");
+        #[allow(unreachable_code)]
+        Ok::<_, std::convert::Infallible>(())
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(Worker::new(handler).run(tap.boxed(), async {
+        stopped.await.ok();
+    }));
+    let mut envelopes = Vec::new();
+    for _ in 0..2 {
+        envelopes.push(
+            tokio::time::timeout(LIMIT, seen.recv())
+                .await
+                .expect("delivered in time")
+                .expect("tap open"),
+        );
+    }
+    let (first, info) = &envelopes[0];
+    assert_eq!(first.event_type, UNDECODABLE_TYPE);
+    assert_eq!(
+        first.id,
+        format!("{topic}/0/{}", info.offset.expect("offset"))
+    );
+    assert_eq!(first.source, format!("kafka://{topic}"));
+    assert_eq!(first.payload, "not an envelope");
+    assert!(
+        first
+            .decode_error()
+            .expect("decode error")
+            .contains("ce_id")
+    );
+    let (second, _) = &envelopes[1];
+    assert_eq!(second.event_type, UNDECODABLE_TYPE);
+    assert!(
+        second
+            .decode_error()
+            .expect("decode error")
+            .contains("UTF-8"),
+        "{:?}",
+        second.decode_error()
+    );
+    assert_eq!(second.payload, "x");
+
+    // Both were handed to the worker (the tap runs inside the stream the
+    // worker polls); a graceful stop settles them.
+    stop.send(()).ok();
+    let report = worker.await.expect("worker");
+    assert_eq!(report.rejected, 2, "{report:?}");
+    assert_eq!(report.acked, 0, "{report:?}");
+
+    // Rejected is final: the group does not see them again.
+    let mut rejoined = kafka.subscribe(&topic, &group).await.expect("rejoin");
+    quiet(&mut rejoined, Duration::from_secs(1)).await;
+    kafka.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nack_redelivers_the_nacked_message_only() {
+    common::init_tracing();
+    let Some(brokers) = common::brokers() else {
+        return;
+    };
+    let kafka = KafkaTransport::connect(common::config(&brokers))
+        .await
+        .expect("connect");
+    let topic = common::unique("nack");
+    let group = common::unique("group");
+    let mut stream = kafka.subscribe(&topic, &group).await.expect("subscribe");
+    let ids = publish_n(&kafka, &topic, 3, None).await;
+
+    let first = next(&mut stream).await;
+    let second = next(&mut stream).await;
+    let third = next(&mut stream).await;
+    assert_eq!(first.envelope().id, ids[0]);
+    assert!(!first.info().redelivered);
+    assert_eq!(first.info().delivery_count, None);
+    third.ack().await.expect("ack out of order");
+    first.nack(true).await.expect("nack");
+
+    let again = next(&mut stream).await;
+    assert_eq!(again.envelope().id, ids[0]);
+    assert_eq!(again.info().offset, Some(0));
+    assert!(again.info().redelivered);
+    assert_eq!(again.info().delivery_count, Some(2));
+    assert_eq!(again.attempt(), 2);
+    // The second message is still being handled, the third is done: neither
+    // comes again.
+    quiet(&mut stream, Duration::from_secs(1)).await;
+    again.ack().await.expect("ack");
+    second.ack().await.expect("ack");
+
+    // Everything was settled for good: a new member of the group gets nothing.
+    drop(stream);
+    let mut rejoined = kafka.subscribe(&topic, &group).await.expect("rejoin");
+    quiet(&mut rejoined, Duration::from_secs(1)).await;
+    kafka.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_pauses_and_loses_nothing() {
+    common::init_tracing();
+    let Some(brokers) = common::brokers() else {
+        return;
+    };
+    let metrics = KafkaMetrics::default();
+    let kafka = KafkaTransport::connect(
+        common::config(&brokers)
+            .consumer_buffer(2)
+            .metrics(metrics.clone()),
+    )
+    .await
+    .expect("connect");
+    let topic = common::unique("slow");
+    let group = common::unique("group");
+    let ids = publish_n(&kafka, &topic, 60, Some("one-key")).await;
+    let mut stream = kafka.subscribe(&topic, &group).await.expect("subscribe");
+
+    // The consumer fetches far more than two messages at a time: it pauses.
+    common::eventually(LIMIT, "the consumer to pause", || async {
+        (metrics.consumer_pauses(&topic, &group) > 0).then_some(())
+    })
+    .await;
+    let mut received = Vec::new();
+    while received.len() < ids.len() {
+        let delivery = next(&mut stream).await;
+        received.push(delivery.envelope().id.clone());
+        delivery.ack().await.expect("ack");
+    }
+    assert_eq!(received, ids, "every message once, in order");
+    quiet(&mut stream, Duration::from_millis(500)).await;
+    kafka.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_worker_shutdown_settles_in_flight_deliveries() {
+    common::init_tracing();
+    let Some(brokers) = common::brokers() else {
+        return;
+    };
+    let kafka = KafkaTransport::connect(common::config(&brokers))
+        .await
+        .expect("connect");
+    let topic = common::unique("drain");
+    let group = common::unique("group");
+    let deliveries = kafka.subscribe(&topic, &group).await.expect("subscribe");
+
+    let (started_tx, mut started) = tokio::sync::mpsc::channel(1);
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let gate = release.clone();
+    let handler = handler_fn(move |_msg: Incoming| {
+        let (started_tx, gate) = (started_tx.clone(), gate.clone());
+        async move {
+            started_tx.send(()).await.ok();
+            gate.notified().await;
+            Ok::<_, std::convert::Infallible>(())
+        }
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(
+        Worker::new(handler)
+            .shutdown_grace(LIMIT)
+            .run(deliveries, async {
+                stopped.await.ok();
+            }),
+    );
+    publish_n(&kafka, &topic, 1, None).await;
+    tokio::time::timeout(LIMIT, started.recv())
+        .await
+        .expect("handler started");
+    // Shut down while the handler runs: the worker drops the stream, the
+    // subscription waits for the delivery to be settled before leaving.
+    stop.send(()).ok();
+    release.notify_one();
+    let report = worker.await.expect("worker");
+    assert_eq!(report.acked, 1, "{report:?}");
+    assert_eq!(report.settle_failures, 0, "{report:?}");
+
+    let mut rejoined = kafka.subscribe(&topic, &group).await.expect("rejoin");
+    quiet(&mut rejoined, Duration::from_secs(1)).await;
+    kafka.close().await.expect("close");
+}
