@@ -1,0 +1,524 @@
+//! The publisher: confirm mode, mandatory publishes, a window of confirms in
+//! flight and the reconciliation of returned messages.
+//!
+//! # Why a confirm driver
+//!
+//! lapin hands a returned (unroutable) message to whichever confirm the
+//! broker's next `basic.ack` resolves. When the broker acknowledges several
+//! publishes with one `multiple` ack, that may be another publish of the
+//! batch than the one that came back. So every publish of a channel is
+//! handed to one driver task which, when confirms resolve, collects the
+//! whole batch, reads the identity (routing key and `ce_id`) of every
+//! returned message in it, and only then decides which publishes were
+//! unroutable. It waits for the batch to be complete by taking lapin's
+//! acknowledgement lock (through `wait_for_confirms`, polled once), which
+//! lapin holds while it resolves an ack frame.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::ShortString;
+use lapin::{Channel, PublisherConfirm};
+use surety_core::{
+    Confirmation, Envelope, Publisher, Receipt, Result, TransportError, TransportErrorKind,
+};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::codec;
+use crate::error::from_lapin;
+use crate::metrics::{PublishOutcome, RabbitMetrics};
+use crate::transport::{RabbitTransport, WaitError, wait_for_recovery};
+
+/// Bound on the rounds a driver spends completing one batch.
+const MAX_BATCH_ROUNDS: usize = 64;
+
+type Identity = (String, String);
+
+/// What the driver needs to finish one publish.
+struct Pending {
+    topic: String,
+    identity: Identity,
+    reply: oneshot::Sender<Result<Receipt>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+struct Registration {
+    pending: Pending,
+    confirm: PublisherConfirm,
+}
+
+/// The publisher channel and its confirm driver.
+pub(crate) struct PublisherState {
+    channel: Channel,
+    /// The generation of the connection the channel belongs to.
+    generation: u64,
+    driver: mpsc::UnboundedSender<Registration>,
+    /// Dropped with the state: tells the driver to fail what is still in
+    /// flight (the connection was replaced, its confirms will never come).
+    _abandon: oneshot::Sender<()>,
+    metrics: RabbitMetrics,
+}
+
+impl fmt::Debug for PublisherState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PublisherState")
+            .field("channel", &self.channel.id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PublisherState {
+    pub(crate) fn new(channel: Channel, generation: u64, metrics: RabbitMetrics) -> Self {
+        let (driver, rx) = mpsc::unbounded_channel();
+        let (abandon, abandoned) = oneshot::channel();
+        tokio::spawn(drive(channel.clone(), rx, abandoned, metrics.clone()));
+        Self {
+            channel,
+            generation,
+            driver,
+            _abandon: abandon,
+            metrics,
+        }
+    }
+
+    /// Whether the channel is usable now or will be after a recovery.
+    fn alive(&self) -> bool {
+        let status = self.channel.status();
+        status.connected() || status.reconnecting() || status.initializing()
+    }
+}
+
+fn pending_error(kind: TransportErrorKind, message: impl Into<String>) -> TransportError {
+    TransportError::new(kind, message)
+}
+
+impl RabbitTransport {
+    /// Replaces a channel that was closed for good (the broker closed it,
+    /// or recovery gave up on it) while the connection lives.
+    async fn reopen_publisher(
+        &self,
+        state: &mut PublisherState,
+        connection: &lapin::Connection,
+        generation: u64,
+    ) -> Result<()> {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|err| from_lapin("reopening the publisher channel", err))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|err| from_lapin("enabling publisher confirms", err))?;
+        *state = PublisherState::new(channel, generation, state.metrics.clone());
+        Ok(())
+    }
+
+    fn failed(&self, topic: &str, err: TransportError) -> TransportError {
+        self.inner
+            .config
+            .metrics
+            .published(topic, PublishOutcome::Failed);
+        err
+    }
+}
+
+impl Publisher for RabbitTransport {
+    /// Publishes `envelope` with routing key `topic` on the exchange
+    /// (mandatory, persistent) once it is handed to the connection, and
+    /// returns its pending confirm.
+    ///
+    /// While the connection is being recovered (or the broker blocks
+    /// publishing) `send` waits, up to [`RabbitConfig::outage_wait`](crate::RabbitConfig::outage_wait),
+    /// then fails with `Connection` (or `Timeout` if the message was queued
+    /// but not yet written: it may still go out). The confirmation resolves
+    /// with the receipt on a broker ack, `Unroutable` when no queue is bound
+    /// for the topic, `Nacked` on a negative confirm, `Timeout` after
+    /// [`RabbitConfig::confirm_timeout`](crate::RabbitConfig::confirm_timeout),
+    /// and `Connection` when the connection was lost first. It never
+    /// resolves `Ok` for a message the broker did not confirm.
+    async fn send(&self, topic: &str, envelope: Envelope) -> Result<Confirmation> {
+        self.ensure_open()?;
+        if topic.is_empty() {
+            return Err(pending_error(
+                TransportErrorKind::Config,
+                "topic name must not be empty",
+            ));
+        }
+        let routing_key = ShortString::try_new(topic).map_err(|_| {
+            pending_error(
+                TransportErrorKind::Config,
+                "topic name is longer than the 255 bytes of an AMQP routing key",
+            )
+        })?;
+        let (properties, payload) = codec::encode(&envelope)?;
+        let identity = (topic.to_owned(), envelope.id.clone());
+        let config = &self.inner.config;
+        let deadline = Instant::now() + config.outage_wait;
+
+        let Ok(mut state) = tokio::time::timeout_at(deadline, self.inner.publisher.lock()).await
+        else {
+            return Err(self.failed(
+                topic,
+                pending_error(
+                    TransportErrorKind::Connection,
+                    format!(
+                        "earlier publishes waited {:?} for the connection",
+                        config.outage_wait
+                    ),
+                ),
+            ));
+        };
+        let mut generations = self.inner.generation.subscribe();
+        let mut reopened = false;
+        let mut permit: Option<OwnedSemaphorePermit> = None;
+        loop {
+            self.ensure_open()?;
+            let (connection, generation) = self.current();
+            if state.generation != generation || !state.alive() {
+                let status = connection.status();
+                if status.connected() {
+                    if reopened {
+                        return Err(self.failed(
+                            topic,
+                            pending_error(
+                                TransportErrorKind::Connection,
+                                "the broker closed the publisher channel again",
+                            ),
+                        ));
+                    }
+                    if let Err(err) = self
+                        .reopen_publisher(&mut state, &connection, generation)
+                        .await
+                    {
+                        return Err(self.failed(topic, err));
+                    }
+                    reopened = true;
+                } else {
+                    // Recovering (by lapin, or by the supervisor replacing
+                    // the connection): wait for either.
+                    let waited = tokio::time::timeout_at(deadline, async {
+                        while !connection.status().connected() {
+                            tokio::select! {
+                                () = tokio::time::sleep(crate::transport::RECOVERY_POLL) => {}
+                                _ = generations.wait_for(|g| *g != generation) => break,
+                            }
+                        }
+                    })
+                    .await;
+                    if waited.is_err() {
+                        return Err(self.failed(topic, outage(config.outage_wait)));
+                    }
+                    continue;
+                }
+            }
+            if permit.is_none() {
+                // Room in the window. Taken under the lock (so that sends keep
+                // their order) and after the state is fresh: a replaced
+                // connection's confirms free their room only when the
+                // publisher moves to the new one.
+                let mine = state.generation;
+                let acquire = self.inner.window.clone().acquire_owned();
+                tokio::select! {
+                    acquired = tokio::time::timeout_at(deadline, acquire) => match acquired {
+                        Ok(Ok(acquired)) => permit = Some(acquired),
+                        Ok(Err(_)) => {
+                            return Err(TransportError::closed("the RabbitMQ transport is closed"));
+                        }
+                        Err(_) => {
+                            return Err(self.failed(
+                                topic,
+                                pending_error(
+                                    TransportErrorKind::Timeout,
+                                    format!(
+                                        "{} publishes stayed unconfirmed for {:?}",
+                                        config.max_in_flight, config.outage_wait
+                                    ),
+                                ),
+                            ));
+                        }
+                    },
+                    _ = generations.wait_for(|g| *g != mine) => continue,
+                }
+            }
+            let publish = state.channel.basic_publish(
+                self.inner.exchange.clone(),
+                routing_key.clone(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &payload,
+                properties.clone(),
+            );
+            let mine = state.generation;
+            let written = tokio::select! {
+                written = tokio::time::timeout_at(deadline, publish) => written,
+                // The connection was replaced while this publish waited on
+                // the old one (whose IO had stalled): publish it again on the
+                // new one. At worst the broker gets it twice.
+                _ = generations.wait_for(|g| *g != mine) => continue,
+            };
+            let err = match written {
+                Ok(Ok(confirm)) => {
+                    let Some(permit) = permit.take() else {
+                        return Err(pending_error(
+                            TransportErrorKind::Other,
+                            "published without room in the window",
+                        ));
+                    };
+                    let (reply, replied) = oneshot::channel();
+                    let registration = Registration {
+                        pending: Pending {
+                            topic: topic.to_owned(),
+                            identity,
+                            reply,
+                            _permit: permit,
+                        },
+                        confirm,
+                    };
+                    if state.driver.send(registration).is_err() {
+                        return Err(self.failed(
+                            topic,
+                            pending_error(
+                                TransportErrorKind::Connection,
+                                "the publisher's confirm driver stopped",
+                            ),
+                        ));
+                    }
+                    config.metrics.in_flight_add(1);
+                    drop(state);
+                    return Ok(self.confirmation(topic, replied));
+                }
+                Ok(Err(err)) => err,
+                Err(_) => {
+                    return Err(self.failed(
+                        topic,
+                        pending_error(
+                            TransportErrorKind::Timeout,
+                            format!(
+                                "the message was not written within {:?} (connection blocked or \
+                                 recovering); it may still be published",
+                                config.outage_wait
+                            ),
+                        ),
+                    ));
+                }
+            };
+            self.ensure_open()?;
+            let channel = state.channel.clone();
+            let waited =
+                wait_for_recovery(&connection, &channel, err, Some(deadline), &mut generations)
+                    .await;
+            match waited {
+                // Recovered or replaced: the next round publishes again.
+                Ok(()) => continue,
+                Err(WaitError::TimedOut) => {
+                    return Err(self.failed(topic, outage(config.outage_wait)));
+                }
+                Err(WaitError::Gone(err)) => {
+                    if reopened {
+                        return Err(self.failed(topic, from_lapin("publishing", err)));
+                    }
+                    // The channel is gone: the next round reopens it, or
+                    // waits for the connection.
+                    continue;
+                }
+            }
+        }
+    }
+}
+
+fn outage(wait: std::time::Duration) -> TransportError {
+    TransportError::new(
+        TransportErrorKind::Connection,
+        format!("the RabbitMQ connection did not come back within {wait:?}"),
+    )
+}
+
+impl RabbitTransport {
+    fn confirmation(
+        &self,
+        topic: &str,
+        replied: oneshot::Receiver<Result<Receipt>>,
+    ) -> Confirmation {
+        let metrics = self.inner.config.metrics.clone();
+        let timeout = self.inner.config.confirm_timeout;
+        let topic = topic.to_owned();
+        Confirmation::new(async move {
+            match tokio::time::timeout(timeout, replied).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => {
+                    metrics.published(&topic, PublishOutcome::Failed);
+                    Err(pending_error(
+                        TransportErrorKind::Connection,
+                        "the publisher stopped before the broker confirmed",
+                    ))
+                }
+                Err(_) => {
+                    metrics.published(&topic, PublishOutcome::TimedOut);
+                    Err(pending_error(
+                        TransportErrorKind::Timeout,
+                        format!(
+                            "no publisher confirm within {timeout:?}; the message may or may not \
+                             have been stored"
+                        ),
+                    ))
+                }
+            }
+        })
+    }
+}
+
+type Resolved = (Pending, lapin::Result<lapin::Confirmation>);
+
+/// Resolves the publishes of one channel in batches; see the module docs.
+/// When `abandoned` fires (the publisher moved to a new connection), fails
+/// what is still in flight and stops.
+async fn drive(
+    channel: Channel,
+    mut registrations: mpsc::UnboundedReceiver<Registration>,
+    mut abandoned: oneshot::Receiver<()>,
+    metrics: RabbitMetrics,
+) {
+    let mut in_flight: FuturesUnordered<BoxFuture<'static, (u64, Confirmed)>> =
+        FuturesUnordered::new();
+    let mut waiting: HashMap<u64, Pending> = HashMap::new();
+    let mut next_key = 0u64;
+    let mut returned: HashMap<Identity, usize> = HashMap::new();
+    let mut open = true;
+    while open || !in_flight.is_empty() {
+        tokio::select! {
+            _ = &mut abandoned, if !waiting.is_empty() || open => {
+                // Drain what arrived, then fail everything still waiting.
+                while let Ok(Registration { pending, .. }) = registrations.try_recv() {
+                    waiting.insert(u64::MAX - waiting.len() as u64, pending);
+                }
+                for (_, pending) in waiting.drain() {
+                    metrics.in_flight_add(-1);
+                    if !pending.reply.is_closed() {
+                        metrics.published(&pending.topic, PublishOutcome::Failed);
+                    }
+                    let _ = pending.reply.send(Err(pending_error(
+                        TransportErrorKind::Connection,
+                        "the connection was lost before the broker confirmed",
+                    )));
+                }
+                return;
+            }
+            registration = registrations.recv(), if open => match registration {
+                Some(Registration { pending, confirm }) => {
+                    let key = next_key;
+                    next_key += 1;
+                    waiting.insert(key, pending);
+                    in_flight.push(Box::pin(async move { (key, confirm.await) }));
+                }
+                None => open = false,
+            },
+            Some(first) = in_flight.next(), if !in_flight.is_empty() => {
+                let mut batch = vec![first];
+                for _ in 0..MAX_BATCH_ROUNDS {
+                    // Wait for lapin to finish the ack frame it is resolving.
+                    let _ = channel.wait_for_confirms().now_or_never();
+                    let before = batch.len();
+                    while let Some(Some(done)) = in_flight.next().now_or_never() {
+                        batch.push(done);
+                    }
+                    if batch.len() == before {
+                        break;
+                    }
+                }
+                let batch = batch
+                    .into_iter()
+                    .filter_map(|(key, result)| Some((waiting.remove(&key)?, result)))
+                    .collect();
+                finish_batch(batch, &mut returned, &metrics);
+                if in_flight.is_empty() {
+                    // Nothing left that a stray return could belong to.
+                    returned.clear();
+                }
+            }
+        }
+    }
+}
+
+type Confirmed = lapin::Result<lapin::Confirmation>;
+
+fn finish_batch(
+    batch: Vec<Resolved>,
+    returned: &mut HashMap<Identity, usize>,
+    metrics: &RabbitMetrics,
+) {
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for (pending, result) in batch {
+        let outcome = match result {
+            Ok(confirmation) => {
+                let acked = confirmation.is_ack();
+                let nacked = confirmation.is_nack();
+                if let Some(message) = confirmation.take_message() {
+                    let identity = codec::identity_of(
+                        message.delivery.routing_key.as_str(),
+                        &message.delivery.properties,
+                    );
+                    *returned.entry(identity).or_default() += 1;
+                }
+                if acked {
+                    Ok(())
+                } else if nacked {
+                    Err(pending_error(
+                        TransportErrorKind::Nacked,
+                        "the broker refused the message (negative publisher confirm)",
+                    ))
+                } else {
+                    Err(pending_error(
+                        TransportErrorKind::Other,
+                        "the broker did not confirm: confirms are not enabled on the channel",
+                    ))
+                }
+            }
+            Err(err) => Err(from_lapin(
+                "the connection was lost before the broker confirmed",
+                err,
+            )),
+        };
+        outcomes.push((pending, outcome));
+    }
+    for (pending, outcome) in outcomes {
+        metrics.in_flight_add(-1);
+        let result = outcome.and_then(|()| match returned.get_mut(&pending.identity) {
+            Some(count) if *count > 0 => {
+                *count -= 1;
+                if *count == 0 {
+                    returned.remove(&pending.identity);
+                }
+                Err(pending_error(
+                    TransportErrorKind::Unroutable,
+                    format!(
+                        "no queue is bound for topic {:?}: the broker returned the message",
+                        pending.topic
+                    ),
+                ))
+            }
+            _ => Ok(Receipt::new(pending.topic.clone())),
+        });
+        let label = match &result {
+            Ok(_) => PublishOutcome::Confirmed,
+            Err(err) => match err.kind() {
+                TransportErrorKind::Unroutable => PublishOutcome::Returned,
+                TransportErrorKind::Nacked => PublishOutcome::Nacked,
+                _ => PublishOutcome::Failed,
+            },
+        };
+        // Counted only when someone still waits: a confirmation that timed
+        // out was counted as such. Counted before the reply, so that the
+        // count is there when the publisher wakes up.
+        if !pending.reply.is_closed() {
+            metrics.published(&pending.topic, label);
+        }
+        let _ = pending.reply.send(result);
+    }
+}
