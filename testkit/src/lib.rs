@@ -47,9 +47,11 @@
 //!
 //! # Feature flags
 //!
-//! surety-testkit has no optional features.
+//! - `dlq`: the `dlq_store` module, the shared test suite for `surety-dlq` stores.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod conformance;
+#[cfg(feature = "dlq")]
+pub mod dlq_store;
 pub mod fault;
 pub mod services;

@@ -1,0 +1,605 @@
+//! The admin HTTP API: JSON endpoints to inspect, replay and discard dead
+//! letters, as an axum [`Router`] you mount where you like (feature
+//! `admin`).
+//!
+//! | method and path | what | auth |
+//! |---|---|---|
+//! | `GET /messages` | list, filtered and paged: `system`, `topic`, `group`, `class`, `fingerprint`, `handler`, `status` (comma-separated), `from`, `to` (RFC 3339, on the last failure), `q` (text), `limit` (1–500, default 50), `cursor` | read |
+//! | `GET /messages/{id}` | one dead letter | read |
+//! | `GET /stats` | depth by source and class, age of the oldest | read |
+//! | `GET /audit` | the audit log, newest first (`limit`, `cursor`) | read |
+//! | `POST /messages/{id}/replay` | replay one, optionally edited: `{"reason", "dry_run", "payload_base64" \| "payload_json", "content_type", "set_headers", "remove_headers"}` | write |
+//! | `POST /messages/{id}/discard` | discard one: `{"reason", "dry_run"}` | write |
+//! | `POST /replay` | replay `{"ids": [...]}` or `{"filter": {...}}`, with `reason`, `dry_run` | write |
+//! | `POST /discard` | discard `{"ids": [...]}` or `{"filter": {...}}`, with `reason` (required), `dry_run` | write |
+//!
+//! Write endpoints need `Authorization: Bearer <token>` with a token given
+//! to [`AdminApi::token`]; the token's actor name goes into the audit
+//! trail. Without a valid token they answer 401, before looking at the body.
+//! Read endpoints are open unless [`AdminApi::protect_reads`] is set: dead
+//! letters contain payloads, so mount the router behind your own
+//! authentication or protect reads.
+//!
+//! Invalid input answers 400 (415 for a body that is not JSON) with
+//! `{"error": "..."}` saying what is wrong; an unknown id 404; a store
+//! failure 503.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use surety_core::memory::MemoryTransport;
+//! use surety_dlq::admin::AdminApi;
+//! use surety_dlq::store::MemoryStore;
+//! use surety_dlq::Replayer;
+//!
+//! let store = Arc::new(MemoryStore::new());
+//! let replayer = Replayer::new(store, MemoryTransport::new()).rate_limit(50);
+//! let api = AdminApi::new(replayer).token("alice", "s3cret-token");
+//! let app: axum::Router = axum::Router::new().nest("/admin/dlq", api.router());
+//! # let _ = app;
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::letter::{DeadLetter, Status};
+use crate::replay::{
+    ActionReport, DiscardRequest, Edit, ReplayError, ReplayRequest, Replayer, Selection,
+};
+use crate::store::{Depth, DlqStore, Filter, PageRequest, StoreError};
+
+/// Default page size of listings.
+pub const DEFAULT_LIMIT: u32 = 50;
+/// Largest page size of listings.
+pub const MAX_LIMIT: u32 = 500;
+/// Longest accepted id, filter value or search text.
+pub const MAX_VALUE_LEN: usize = 200;
+/// Error classes accepted in filters.
+pub const CLASSES: [&str; 4] = ["transient", "permanent", "poison", "unknown"];
+
+/// The admin API's configuration; [`router`](Self::router) turns it into
+/// an axum [`Router`].
+#[derive(Clone)]
+pub struct AdminApi {
+    replayer: Replayer,
+    tokens: Vec<(String, String)>,
+    protect_reads: bool,
+}
+
+impl fmt::Debug for AdminApi {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminApi")
+            .field("replayer", &self.replayer)
+            .field("tokens", &self.tokens.len())
+            .field("protect_reads", &self.protect_reads)
+            .finish()
+    }
+}
+
+impl AdminApi {
+    /// An API over `replayer` (and its store), with no tokens yet: every
+    /// write answers 401 until one is added.
+    pub fn new(replayer: Replayer) -> Self {
+        Self {
+            replayer,
+            tokens: Vec::new(),
+            protect_reads: false,
+        }
+    }
+
+    /// Accepts `token` as a bearer token for `actor` (the name the audit
+    /// trail records). Empty tokens are ignored.
+    pub fn token(mut self, actor: impl Into<String>, token: impl Into<String>) -> Self {
+        let token = token.into();
+        if !token.is_empty() {
+            self.tokens.push((actor.into(), token));
+        }
+        self
+    }
+
+    /// Requires a token for read endpoints too.
+    pub fn protect_reads(mut self, protect: bool) -> Self {
+        self.protect_reads = protect;
+        self
+    }
+
+    /// The router, with paths relative to where you nest it.
+    pub fn router(self) -> Router {
+        let protect_reads = self.protect_reads;
+        let state = Arc::new(self);
+        let auth = middleware::from_fn_with_state(state.clone(), require_token);
+        let mut reads = Router::new()
+            .route("/messages", get(list))
+            .route("/messages/{id}", get(get_one))
+            .route("/stats", get(stats))
+            .route("/audit", get(audit));
+        if protect_reads {
+            reads = reads.route_layer(auth.clone());
+        }
+        let writes = Router::new()
+            .route("/messages/{id}/replay", post(replay_one))
+            .route("/messages/{id}/discard", post(discard_one))
+            .route("/replay", post(replay_many))
+            .route("/discard", post(discard_many))
+            .route_layer(auth);
+        reads.merge(writes).with_state(state)
+    }
+
+    fn actor_for(&self, token: &str) -> Option<String> {
+        // Compare against every token, in constant time per token.
+        let mut found = None;
+        for (actor, expected) in &self.tokens {
+            if constant_time_eq(expected.as_bytes(), token.as_bytes()) && found.is_none() {
+                found = Some(actor.clone());
+            }
+        }
+        found
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+type Api = Arc<AdminApi>;
+
+/// The authenticated caller.
+#[derive(Debug, Clone)]
+struct Actor(String);
+
+/// An error answer: a status and `{"error": "..."}`.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status,
+            Json(ErrorBody {
+                error: &self.message,
+            }),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::InvalidCursor(c) => Self::bad_request(format!("invalid cursor {c:?}")),
+            other => {
+                tracing::error!(error = %other, "DLQ admin API: store failed");
+                Self {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    message: format!("the DLQ store failed: {other}"),
+                }
+            }
+        }
+    }
+}
+
+impl From<ReplayError> for ApiError {
+    fn from(err: ReplayError) -> Self {
+        match err {
+            ReplayError::Invalid(reason) => Self::bad_request(reason),
+            ReplayError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let status = if rejection.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        Self {
+            status,
+            message: rejection.body_text(),
+        }
+    }
+}
+
+async fn require_token(State(api): State<Api>, mut request: Request, next: Next) -> Response {
+    let token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match token.and_then(|t| api.actor_for(t)) {
+        Some(actor) => {
+            request.extensions_mut().insert(Actor(actor));
+            next.run(request).await
+        }
+        None => ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: "a valid bearer token is required".into(),
+        }
+        .into_response(),
+    }
+}
+
+type Params = Result<Query<Vec<(String, String)>>, QueryRejection>;
+
+/// Query parameters, each at most once, only from `allowed`.
+fn params(query: Params, allowed: &[&str]) -> Result<BTreeMap<String, String>, ApiError> {
+    let Query(pairs) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let mut out = BTreeMap::new();
+    for (key, value) in pairs {
+        if !allowed.contains(&key.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter {key:?}; expected one of {}",
+                allowed.join(", ")
+            )));
+        }
+        if out.insert(key.clone(), value).is_some() {
+            return Err(ApiError::bad_request(format!(
+                "query parameter {key:?} is given twice"
+            )));
+        }
+    }
+    Ok(out)
+}
+
+const FILTER_PARAMS: [&str; 12] = [
+    "system",
+    "topic",
+    "group",
+    "class",
+    "fingerprint",
+    "handler",
+    "status",
+    "from",
+    "to",
+    "q",
+    "limit",
+    "cursor",
+];
+
+fn filter_from_params(p: &BTreeMap<String, String>) -> Result<Filter, ApiError> {
+    let text = |key: &str| p.get(key).cloned();
+    let mut filter = Filter::new();
+    filter.system = text("system");
+    filter.topic = text("topic");
+    filter.group = text("group");
+    filter.class = text("class");
+    filter.fingerprint = text("fingerprint");
+    filter.handler = text("handler");
+    filter.text = text("q");
+    if let Some(status) = p.get("status") {
+        filter.status = status
+            .split(',')
+            .map(|s| {
+                Status::from_name(s.trim()).ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "unknown status {s:?}; expected dead, replayed, parked, discarded or resolved"
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+    }
+    let time = |key: &str| -> Result<Option<DateTime<Utc>>, ApiError> {
+        p.get(key)
+            .map(|v| {
+                DateTime::parse_from_rfc3339(v)
+                    .map(|t| t.with_timezone(&Utc))
+                    .map_err(|e| {
+                        ApiError::bad_request(format!(
+                            "`{key}` is not an RFC 3339 time ({v:?}): {e}"
+                        ))
+                    })
+            })
+            .transpose()
+    };
+    filter.from = time("from")?;
+    filter.to = time("to")?;
+    validate_filter(&filter)?;
+    Ok(filter)
+}
+
+/// Checks a filter's values (also for filters in JSON bodies).
+fn validate_filter(filter: &Filter) -> Result<(), ApiError> {
+    let values = [
+        ("system", &filter.system),
+        ("topic", &filter.topic),
+        ("group", &filter.group),
+        ("class", &filter.class),
+        ("fingerprint", &filter.fingerprint),
+        ("handler", &filter.handler),
+        ("q", &filter.text),
+    ];
+    for (name, value) in values {
+        if let Some(v) = value {
+            if v.trim().is_empty() {
+                return Err(ApiError::bad_request(format!("`{name}` must not be empty")));
+            }
+            if v.len() > MAX_VALUE_LEN {
+                return Err(ApiError::bad_request(format!(
+                    "`{name}` is longer than {MAX_VALUE_LEN} bytes"
+                )));
+            }
+        }
+    }
+    if let Some(class) = &filter.class
+        && !CLASSES.contains(&class.as_str())
+    {
+        return Err(ApiError::bad_request(format!(
+            "unknown class {class:?}; expected one of {}",
+            CLASSES.join(", ")
+        )));
+    }
+    if let (Some(from), Some(to)) = (filter.from, filter.to)
+        && from >= to
+    {
+        return Err(ApiError::bad_request("`from` must be before `to`"));
+    }
+    Ok(())
+}
+
+fn page_from_params(p: &BTreeMap<String, String>) -> Result<PageRequest, ApiError> {
+    let limit = match p.get("limit") {
+        None => DEFAULT_LIMIT,
+        Some(v) => v
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=MAX_LIMIT).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "`limit` must be a number from 1 to {MAX_LIMIT}, not {v:?}"
+                ))
+            })?,
+    };
+    let mut page = PageRequest::first(limit);
+    if let Some(cursor) = p.get("cursor") {
+        if cursor.is_empty() || cursor.len() > MAX_VALUE_LEN {
+            return Err(ApiError::bad_request(format!("invalid cursor {cursor:?}")));
+        }
+        page.cursor = Some(cursor.clone());
+    }
+    Ok(page)
+}
+
+fn validate_id(id: &str) -> Result<(), ApiError> {
+    if id.is_empty() || id.len() > MAX_VALUE_LEN {
+        return Err(ApiError::bad_request(format!("invalid id {id:?}")));
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct ListBody {
+    items: Vec<DeadLetter>,
+    next_cursor: Option<String>,
+    total: u64,
+}
+
+async fn list(State(api): State<Api>, query: Params) -> Result<Json<ListBody>, ApiError> {
+    let p = params(query, &FILTER_PARAMS)?;
+    let filter = filter_from_params(&p)?;
+    let page = page_from_params(&p)?;
+    let store = api.replayer.store();
+    let result = store.list(&filter, &page).await?;
+    let total = store.count(&filter).await?;
+    Ok(Json(ListBody {
+        items: result.items,
+        next_cursor: result.next,
+        total,
+    }))
+}
+
+async fn get_one(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> Result<Json<DeadLetter>, ApiError> {
+    validate_id(&id)?;
+    match api.replayer.store().get(&id).await? {
+        Some(letter) => Ok(Json(letter)),
+        None => Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("no dead letter {id:?}"),
+        }),
+    }
+}
+
+#[derive(Serialize)]
+struct StatsBody {
+    depth: Vec<Depth>,
+    waiting: u64,
+    oldest_age_seconds: Option<f64>,
+}
+
+async fn stats(State(api): State<Api>, query: Params) -> Result<Json<StatsBody>, ApiError> {
+    params(query, &[])?;
+    let depth = api.replayer.store().depth().await?;
+    let now = Utc::now();
+    let oldest = depth.iter().map(|d| d.oldest).min();
+    Ok(Json(StatsBody {
+        waiting: depth.iter().map(|d| d.count).sum(),
+        oldest_age_seconds: oldest.map(|o| (now - o).to_std().unwrap_or_default().as_secs_f64()),
+        depth,
+    }))
+}
+
+#[derive(Serialize)]
+struct AuditBody {
+    items: Vec<crate::store::AuditEntry>,
+    next_cursor: Option<String>,
+}
+
+async fn audit(State(api): State<Api>, query: Params) -> Result<Json<AuditBody>, ApiError> {
+    let p = params(query, &["limit", "cursor"])?;
+    let page = page_from_params(&p)?;
+    let result = api.replayer.store().audit_log(&page).await?;
+    Ok(Json(AuditBody {
+        items: result.items,
+        next_cursor: result.next,
+    }))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct ReplayOneBody {
+    reason: Option<String>,
+    dry_run: bool,
+    payload_base64: Option<String>,
+    payload_json: Option<serde_json::Value>,
+    content_type: Option<String>,
+    set_headers: BTreeMap<String, String>,
+    remove_headers: Vec<String>,
+}
+
+fn actor_of(actor: Option<Extension<Actor>>) -> String {
+    actor.map(|Extension(Actor(a))| a).unwrap_or_default()
+}
+
+async fn replay_one(
+    State(api): State<Api>,
+    actor: Option<Extension<Actor>>,
+    Path(id): Path<String>,
+    body: Result<Json<ReplayOneBody>, JsonRejection>,
+) -> Result<Json<ActionReport>, ApiError> {
+    validate_id(&id)?;
+    let Json(body) = body?;
+    let mut edit = Edit::new();
+    match (body.payload_base64, body.payload_json) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "give `payload_base64` or `payload_json`, not both",
+            ));
+        }
+        (Some(b64), None) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.as_bytes())
+                .map_err(|e| {
+                    ApiError::bad_request(format!("`payload_base64` is not base64: {e}"))
+                })?;
+            edit = edit.payload(bytes);
+        }
+        (None, Some(json)) => {
+            let bytes = serde_json::to_vec(&json)
+                .map_err(|e| ApiError::bad_request(format!("`payload_json`: {e}")))?;
+            edit = edit.payload(bytes).content_type("application/json");
+        }
+        (None, None) => {}
+    }
+    if let Some(ct) = body.content_type {
+        edit = edit.content_type(ct);
+    }
+    edit.set_headers = body.set_headers;
+    edit.remove_headers = body.remove_headers;
+    let mut request = ReplayRequest::ids(actor_of(actor), [id]).dry_run(body.dry_run);
+    request.reason = body.reason;
+    request.edit = Some(edit);
+    Ok(Json(api.replayer.replay(request).await?))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct DiscardOneBody {
+    reason: String,
+    dry_run: bool,
+}
+
+async fn discard_one(
+    State(api): State<Api>,
+    actor: Option<Extension<Actor>>,
+    Path(id): Path<String>,
+    body: Result<Json<DiscardOneBody>, JsonRejection>,
+) -> Result<Json<ActionReport>, ApiError> {
+    validate_id(&id)?;
+    let Json(body) = body?;
+    let request = DiscardRequest::new(actor_of(actor), Selection::Ids(vec![id]), body.reason)
+        .dry_run(body.dry_run);
+    Ok(Json(api.replayer.discard(request).await?))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct ManyBody {
+    ids: Option<Vec<String>>,
+    filter: Option<Filter>,
+    reason: Option<String>,
+    dry_run: bool,
+}
+
+fn selection(body: &mut ManyBody) -> Result<Selection, ApiError> {
+    match (body.ids.take(), body.filter.take()) {
+        (Some(ids), None) => {
+            for id in &ids {
+                validate_id(id)?;
+            }
+            Ok(Selection::Ids(ids))
+        }
+        (None, Some(filter)) => {
+            validate_filter(&filter)?;
+            Ok(Selection::Filter(filter))
+        }
+        _ => Err(ApiError::bad_request(
+            "give exactly one of `ids` and `filter`",
+        )),
+    }
+}
+
+async fn replay_many(
+    State(api): State<Api>,
+    actor: Option<Extension<Actor>>,
+    body: Result<Json<ManyBody>, JsonRejection>,
+) -> Result<Json<ActionReport>, ApiError> {
+    let Json(mut body) = body?;
+    let selection = selection(&mut body)?;
+    let mut request = ReplayRequest::new(actor_of(actor), selection).dry_run(body.dry_run);
+    request.reason = body.reason;
+    Ok(Json(api.replayer.replay(request).await?))
+}
+
+async fn discard_many(
+    State(api): State<Api>,
+    actor: Option<Extension<Actor>>,
+    body: Result<Json<ManyBody>, JsonRejection>,
+) -> Result<Json<ActionReport>, ApiError> {
+    let Json(mut body) = body?;
+    let selection = selection(&mut body)?;
+    let request = DiscardRequest::new(actor_of(actor), selection, body.reason.unwrap_or_default())
+        .dry_run(body.dry_run);
+    Ok(Json(api.replayer.discard(request).await?))
+}
