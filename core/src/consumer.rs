@@ -14,6 +14,7 @@
 //! |---|---|
 //! | `Ok(_)` | ack |
 //! | transient error | nack with requeue (after the error's `retry_after`, if any), until the broker's delivery count reaches [`Worker::max_deliveries`], then reject |
+//! | [`HandlerError::unavailable`] (the pipeline, not the message, failed) | nack with requeue, whatever the delivery count |
 //! | permanent or poison error | reject |
 //! | panic in the handler | reject (classified permanent, with the panic message) |
 //!
@@ -506,7 +507,11 @@ async fn process<S: Handler>(
         let result = AssertUnwindSafe(service.oneshot(incoming))
             .catch_unwind()
             .await
-            .unwrap_or_else(|panic| Err(HandlerError::permanent(panic_message(&*panic))));
+            .unwrap_or_else(|panic| {
+                Err(HandlerError::permanent(crate::error::panic_message(
+                    &*panic,
+                )))
+            });
         if let Err(err) = &result {
             tracing::warn!(
                 error_class = err.class().as_str(),
@@ -534,7 +539,9 @@ async fn process<S: Handler>(
     let (settled, outcome) = match result {
         Ok(_) => (Settled::Acked, settle.ack().await),
         Err(err) => match err.class() {
-            ErrorClass::Transient { retry_after } if attempt < max_deliveries => {
+            ErrorClass::Transient { retry_after }
+                if attempt < max_deliveries || err.is_unavailable() =>
+            {
                 if let Some(delay) = retry_after {
                     tokio::time::sleep(delay.min(max_retry_after)).await;
                 }
@@ -552,16 +559,6 @@ async fn process<S: Handler>(
     };
     metrics.consumed(info.system, &info.topic, &info.group, settled.as_str());
     settled
-}
-
-/// The message of a caught panic.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    let detail = panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("non-string panic payload");
-    format!("handler panicked: {detail}")
 }
 
 /// A service that handles nothing; useful in tests and as a layer base.

@@ -285,17 +285,27 @@ impl Classify for Transient {
 pub struct HandlerError {
     class: ErrorClass,
     source: BoxError,
+    unavailable: bool,
 }
 
 impl HandlerError {
     /// Wraps a classified error, keeping its class.
+    ///
+    /// A `HandlerError` passed in is returned as it is, not wrapped again, so
+    /// handlers can return `HandlerError` themselves.
     pub fn new<E>(error: E) -> Self
     where
         E: Classify + StdError + Send + Sync + 'static,
     {
-        Self {
-            class: error.class(),
-            source: Box::new(error),
+        let class = error.class();
+        let boxed: BoxError = Box::new(error);
+        match boxed.downcast::<HandlerError>() {
+            Ok(already) => *already,
+            Err(source) => Self {
+                class,
+                source,
+                unavailable: false,
+            },
         }
     }
 
@@ -304,7 +314,33 @@ impl HandlerError {
         Self {
             class,
             source: source.into(),
+            unavailable: false,
         }
+    }
+
+    /// The pipeline could not record this message's outcome (a dead-letter
+    /// store or a retry destination is down): the message is not at fault.
+    /// The error is transient, and a [`Worker`](crate::consumer::Worker)
+    /// requeues it whatever its delivery count, so that it is neither
+    /// rejected nor lost while the pipeline recovers.
+    pub fn unavailable(source: impl Into<BoxError>) -> Self {
+        Self {
+            unavailable: true,
+            ..Self::with_class(ErrorClass::TRANSIENT, source)
+        }
+    }
+
+    /// Whether this is an [`unavailable`](Self::unavailable) error.
+    pub fn is_unavailable(&self) -> bool {
+        self.unavailable
+    }
+
+    /// Sets the retry hint of a transient error; other classes are unchanged.
+    pub fn retry_after(mut self, delay: Duration) -> Self {
+        if let ErrorClass::Transient { retry_after } = &mut self.class {
+            *retry_after = Some(delay);
+        }
+        self
     }
 
     /// A transient failure.
@@ -340,6 +376,22 @@ impl HandlerError {
         truncate_on_char_boundary(&mut out, max_len);
         out
     }
+}
+
+/// The message of a caught panic payload (`&str` or `String` payloads; a
+/// placeholder for anything else), prefixed with `handler panicked: `.
+///
+/// ```
+/// let panic = std::panic::catch_unwind(|| panic!("index {} out of range", 7)).unwrap_err();
+/// assert_eq!(surety_core::error::panic_message(&*panic), "handler panicked: index 7 out of range");
+/// ```
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let detail = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("non-string panic payload");
+    format!("handler panicked: {detail}")
 }
 
 fn truncate_on_char_boundary(s: &mut String, max_len: usize) {
@@ -541,6 +593,26 @@ mod tests {
         // Never splits a multi-byte character.
         let err = HandlerError::permanent("ééé");
         assert_eq!(err.chain_message(3), "é");
+    }
+
+    #[test]
+    fn wrapping_a_handler_error_keeps_it_as_it_is() {
+        let inner = HandlerError::unavailable("dlq down").retry_after(Duration::from_secs(1));
+        let again = HandlerError::new(inner);
+        assert!(again.is_unavailable());
+        assert_eq!(
+            again.class(),
+            ErrorClass::Transient {
+                retry_after: Some(Duration::from_secs(1))
+            }
+        );
+        assert_eq!(again.chain_message(100), "dlq down");
+        assert_eq!(
+            HandlerError::permanent("x")
+                .retry_after(Duration::from_secs(1))
+                .class(),
+            ErrorClass::Permanent
+        );
     }
 
     #[test]

@@ -101,6 +101,27 @@ async fn transient_failures_stop_at_max_deliveries() {
 }
 
 #[tokio::test]
+async fn unavailable_pipelines_requeue_past_max_deliveries() {
+    let transport = MemoryTransport::new();
+    transport.publish("orders", order("o-1")).await.unwrap();
+    let handler = handler_fn(|msg: Incoming| async move {
+        if msg.attempt <= 4 {
+            // e.g. the dead-letter store is down: not the message's fault.
+            return Err(HandlerError::unavailable("dead-letter store unreachable"));
+        }
+        Ok(())
+    });
+    let report = run_until_drained(
+        &transport,
+        Worker::new(handler).max_deliveries(2),
+        "orders",
+        "g",
+    )
+    .await;
+    assert_eq!((report.requeued, report.acked, report.rejected), (4, 1, 0));
+}
+
+#[tokio::test]
 async fn permanent_failures_are_rejected_without_retry() {
     let transport = MemoryTransport::new();
     transport.publish("orders", order("o-1")).await.unwrap();
