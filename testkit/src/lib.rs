@@ -47,6 +47,8 @@
 //!
 //! # Feature flags
 //!
+//! - `idempotency`: the `idempotency_store` module, the shared test suite for
+//!   `surety-idempotency` dedup stores.
 //! - `dlq`: the `dlq_store` module, the shared test suite for `surety-dlq` stores.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
@@ -54,4 +56,6 @@ pub mod conformance;
 #[cfg(feature = "dlq")]
 pub mod dlq_store;
 pub mod fault;
+#[cfg(feature = "idempotency")]
+pub mod idempotency_store;
 pub mod services;

@@ -1,0 +1,470 @@
+//! Consume throughput with deduplication against the same pipeline without
+//! it, printed as ratios.
+//!
+//! Pipelines (in-memory transport, one worker, concurrency 8):
+//!
+//! - `memory`: a no-op handler, bare vs behind `IdempotencyLayer` with a
+//!   `MemoryStore` (the layer's whole cost, against a pipeline that does
+//!   nothing else).
+//! - `memory-io`: the same with a handler that waits 1 ms, as one doing
+//!   I/O would.
+//! - `sqlite` / `postgres`: a handler that writes its effect in a
+//!   transaction (`BEGIN; INSERT; COMMIT`), bare vs as an inbox handler
+//!   (claim, effect and mark in one transaction), and vs the plain layer
+//!   with the SQL store (claim and complete as statements of their own).
+//!
+//! PostgreSQL runs when `SURETY_POSTGRES_URL` is set. Under
+//! `cargo test --benches` every pipeline runs once on a few messages.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput};
+use sqlx::AssertSqlSafe;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use surety_core::consumer::{Handler, Incoming, Worker, handler_fn};
+use surety_core::memory::MemoryTransport;
+use surety_core::tower::Layer;
+use surety_core::{Envelope, Publisher, Subscriber};
+use surety_idempotency::{
+    IdempotencyLayer, InboxTx, MemoryStore, PostgresStore, SqliteStore, StoreError,
+};
+use tokio::sync::Notify;
+
+const CONCURRENCY: usize = 8;
+
+/// Counts handled messages and wakes the timer at the last one.
+#[derive(Clone, Default)]
+struct Done {
+    count: Arc<AtomicUsize>,
+    target: Arc<AtomicUsize>,
+    all: Arc<Notify>,
+}
+
+impl Done {
+    fn one(&self) {
+        if self.count.fetch_add(1, Ordering::SeqCst) + 1 == self.target.load(Ordering::SeqCst) {
+            self.all.notify_one();
+        }
+    }
+}
+
+/// Time for a worker running `handler` to handle `n` waiting messages.
+async fn consume<H: Handler>(handler: H, done: &Done, n: usize) -> Duration {
+    let transport = MemoryTransport::with_capacity(n + 1);
+    let stream = transport.subscribe("bench", "consumer").await.unwrap();
+    for _ in 0..n {
+        let env = Envelope::builder("/bench", "bench.message")
+            .payload("{}")
+            .build();
+        transport.publish("bench", env).await.unwrap();
+    }
+    done.count.store(0, Ordering::SeqCst);
+    done.target.store(n, Ordering::SeqCst);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let started = Instant::now();
+    let worker = tokio::spawn(
+        Worker::new(handler)
+            .concurrency(CONCURRENCY)
+            .run(stream, async {
+                stopped.await.ok();
+            }),
+    );
+    done.all.notified().await;
+    let elapsed = started.elapsed();
+    stop.send(()).ok();
+    worker.await.unwrap();
+    elapsed
+}
+
+fn counting(done: &Done) -> impl Handler {
+    let done = done.clone();
+    handler_fn(move |_msg: Incoming| {
+        let done = done.clone();
+        async move {
+            done.one();
+            Ok::<_, std::convert::Infallible>(())
+        }
+    })
+}
+
+/// A handler that waits 1 ms, as for a call to another service.
+fn waiting(done: &Done) -> impl Handler {
+    let done = done.clone();
+    handler_fn(move |_msg: Incoming| {
+        let done = done.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            done.one();
+            Ok::<_, std::convert::Infallible>(())
+        }
+    })
+}
+
+macro_rules! sql_pipelines {
+    ($name:ident, $store:ty, $pool:ty, $insert:literal) => {
+        mod $name {
+            use super::*;
+
+            /// The business write, bare: one transaction per message.
+            pub(super) fn bare(pool: &$pool, done: &Done) -> impl Handler {
+                let (pool, done) = (pool.clone(), done.clone());
+                handler_fn(move |msg: Incoming| {
+                    let (pool, done) = (pool.clone(), done.clone());
+                    async move {
+                        let mut tx = pool.begin().await.map_err(StoreError::from)?;
+                        sqlx::query($insert)
+                            .bind(&msg.envelope.id)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(StoreError::from)?;
+                        tx.commit().await.map_err(StoreError::from)?;
+                        done.one();
+                        Ok::<_, StoreError>(())
+                    }
+                })
+            }
+
+            /// The same write as an inbox handler.
+            pub(super) fn inbox(store: &$store, done: &Done) -> impl Handler {
+                let done = done.clone();
+                IdempotencyLayer::new(store.clone()).inbox(
+                    move |msg: Incoming, mut tx: InboxTx<$store>| {
+                        let done = done.clone();
+                        async move {
+                            sqlx::query($insert)
+                                .bind(&msg.envelope.id)
+                                .execute(&mut *tx)
+                                .await?;
+                            let committed = tx.commit().await?;
+                            done.one();
+                            Ok::<_, StoreError>(committed)
+                        }
+                    },
+                )
+            }
+
+            /// The same write behind the plain layer with the SQL store.
+            pub(super) fn layer(pool: &$pool, store: &$store, done: &Done) -> impl Handler {
+                IdempotencyLayer::new(store.clone()).layer(bare(pool, done))
+            }
+        }
+    };
+}
+
+sql_pipelines!(
+    on_sqlite,
+    SqliteStore,
+    SqlitePool,
+    "INSERT INTO bench_effects (message_id) VALUES (?1)"
+);
+sql_pipelines!(
+    on_postgres,
+    PostgresStore,
+    PgPool,
+    "INSERT INTO bench_effects (message_id) VALUES ($1)"
+);
+
+struct Sqlite {
+    pool: SqlitePool,
+    store: SqliteStore,
+    dir: std::path::PathBuf,
+}
+
+async fn sqlite() -> Sqlite {
+    let dir =
+        std::env::temp_dir().join(format!("surety-idempotency-bench-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let options = SqliteConnectOptions::new()
+        .filename(dir.join("bench.db"))
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(30));
+    let pool = SqlitePoolOptions::new()
+        .max_connections(CONCURRENCY as u32 + 2)
+        .connect_with(options)
+        .await
+        .unwrap();
+    surety_idempotency::sqlite::migrate(&pool).await.unwrap();
+    sqlx::query("CREATE TABLE bench_effects (message_id TEXT NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    Sqlite {
+        store: SqliteStore::new(pool.clone()),
+        pool,
+        dir,
+    }
+}
+
+struct Postgres {
+    pool: PgPool,
+    store: PostgresStore,
+    admin: PgPool,
+    schema: String,
+}
+
+async fn postgres() -> Option<Postgres> {
+    let url = std::env::var("SURETY_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty())?;
+    let admin = PgPool::connect(&url).await.unwrap();
+    let schema = format!("surety_idem_bench_{}", uuid::Uuid::now_v7().simple());
+    sqlx::query(AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let options = PgConnectOptions::from_str(&url)
+        .unwrap()
+        .options([("search_path", schema.as_str())]);
+    let pool = PgPoolOptions::new()
+        .max_connections(CONCURRENCY as u32 + 2)
+        .connect_with(options)
+        .await
+        .unwrap();
+    surety_idempotency::postgres::migrate(&pool).await.unwrap();
+    sqlx::query("CREATE TABLE bench_effects (message_id TEXT NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    Some(Postgres {
+        store: PostgresStore::new(pool.clone()),
+        pool,
+        admin,
+        schema,
+    })
+}
+
+/// Median messages per second of `rounds` runs of each pipeline, run in
+/// turns so that drift hits all of them alike.
+async fn medians(
+    pipelines: &[(
+        &str,
+        &dyn Fn() -> futures::future::BoxFuture<'static, Duration>,
+    )],
+    n: usize,
+    rounds: usize,
+) -> Vec<f64> {
+    let mut samples = vec![Vec::new(); pipelines.len()];
+    for _ in 0..rounds {
+        for (i, (_, run)) in pipelines.iter().enumerate() {
+            let elapsed = run().await;
+            samples[i].push(n as f64 / elapsed.as_secs_f64());
+        }
+    }
+    samples
+        .into_iter()
+        .map(|mut s| {
+            s.sort_by(f64::total_cmp);
+            s[s.len() / 2]
+        })
+        .collect()
+}
+
+fn main() {
+    let mut criterion = Criterion::default()
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1))
+        .configure_from_args();
+    let benching = std::env::args().any(|a| a == "--bench");
+    let (n, rounds) = if benching { (2_000, 7) } else { (50, 1) };
+    // The no-op pipeline is so fast that it needs more messages per run.
+    let n_memory = if benching { 20_000 } else { 50 };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let done = Done::default();
+    let sqlite = rt.block_on(sqlite());
+    let pg = rt.block_on(postgres());
+
+    {
+        let mut group = criterion.benchmark_group("consume");
+        group.throughput(Throughput::Elements(n_memory as u64));
+        for (id, dedup) in [("memory/bare", false), ("memory/dedup", true)] {
+            group.bench_function(id, |b| {
+                b.to_async(&rt).iter_custom(|iters| {
+                    let done = done.clone();
+                    async move {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            total += if dedup {
+                                let handler = IdempotencyLayer::new(MemoryStore::new())
+                                    .layer(counting(&done));
+                                consume(handler, &done, n_memory).await
+                            } else {
+                                consume(counting(&done), &done, n_memory).await
+                            };
+                        }
+                        total
+                    }
+                })
+            });
+        }
+        group.finish();
+    }
+    {
+        let mut group = criterion.benchmark_group("consume");
+        group.throughput(Throughput::Elements(n as u64));
+        macro_rules! bench {
+            ($id:literal, $handler:expr) => {
+                group.bench_function($id, |b| {
+                    b.to_async(&rt).iter_custom(|iters| {
+                        let done = done.clone();
+                        let handler = $handler;
+                        async move {
+                            let mut total = Duration::ZERO;
+                            for _ in 0..iters {
+                                total += consume(handler.clone(), &done, n).await;
+                            }
+                            total
+                        }
+                    })
+                });
+            };
+        }
+        bench!("memory-io/bare", waiting(&done));
+        bench!(
+            "memory-io/dedup",
+            IdempotencyLayer::new(MemoryStore::new()).layer(waiting(&done))
+        );
+        bench!("sqlite/bare", on_sqlite::bare(&sqlite.pool, &done));
+        bench!("sqlite/inbox", on_sqlite::inbox(&sqlite.store, &done));
+        bench!(
+            "sqlite/layer",
+            on_sqlite::layer(&sqlite.pool, &sqlite.store, &done)
+        );
+        if let Some(pg) = &pg {
+            bench!("postgres/bare", on_postgres::bare(&pg.pool, &done));
+            bench!("postgres/inbox", on_postgres::inbox(&pg.store, &done));
+            bench!(
+                "postgres/layer",
+                on_postgres::layer(&pg.pool, &pg.store, &done)
+            );
+        }
+        group.finish();
+    }
+
+    // Ratios of median throughput, dedup / bare.
+    macro_rules! pipeline {
+        ($handler:expr) => {
+            pipeline!($handler, n)
+        };
+        ($handler:expr, $n:expr) => {{
+            let done = done.clone();
+            let handler = $handler;
+            let n = $n;
+            move || -> futures::future::BoxFuture<'static, Duration> {
+                let (done, handler) = (done.clone(), handler.clone());
+                Box::pin(async move { consume(handler, &done, n).await })
+            }
+        }};
+    }
+    // A fresh store per run for the no-op pipeline, so the store's size is
+    // the same in every round.
+    let memory_bare = pipeline!(counting(&done), n_memory);
+    let memory_dedup = {
+        let done = done.clone();
+        move || -> futures::future::BoxFuture<'static, Duration> {
+            let done = done.clone();
+            Box::pin(async move {
+                let handler = IdempotencyLayer::new(MemoryStore::new()).layer(counting(&done));
+                consume(handler, &done, n_memory).await
+            })
+        }
+    };
+    let io_bare = pipeline!(waiting(&done));
+    let io_dedup = pipeline!(IdempotencyLayer::new(MemoryStore::new()).layer(waiting(&done)));
+    let sqlite_bare = pipeline!(on_sqlite::bare(&sqlite.pool, &done));
+    let sqlite_inbox = pipeline!(on_sqlite::inbox(&sqlite.store, &done));
+    let sqlite_layer = pipeline!(on_sqlite::layer(&sqlite.pool, &sqlite.store, &done));
+    let mut report = Vec::new();
+    let m = rt.block_on(medians(
+        &[("bare", &memory_bare), ("dedup", &memory_dedup)],
+        n_memory,
+        rounds,
+    ));
+    report.push((
+        "memory, no-op handler: layer + MemoryStore / bare (target >= 0.95)",
+        m[1] / m[0],
+        m[0],
+    ));
+    let io = rt.block_on(medians(
+        &[("bare", &io_bare), ("dedup", &io_dedup)],
+        n,
+        rounds,
+    ));
+    report.push((
+        "memory, 1 ms handler: layer + MemoryStore / bare (target >= 0.95)",
+        io[1] / io[0],
+        io[0],
+    ));
+    let s = rt.block_on(medians(
+        &[
+            ("bare", &sqlite_bare),
+            ("inbox", &sqlite_inbox),
+            ("layer", &sqlite_layer),
+        ],
+        n,
+        rounds,
+    ));
+    report.push((
+        "sqlite: inbox / bare transaction (target >= 0.7)",
+        s[1] / s[0],
+        s[0],
+    ));
+    report.push((
+        "sqlite: layer + SqliteStore / bare transaction",
+        s[2] / s[0],
+        s[0],
+    ));
+    if let Some(pg) = &pg {
+        let pg_bare = pipeline!(on_postgres::bare(&pg.pool, &done));
+        let pg_inbox = pipeline!(on_postgres::inbox(&pg.store, &done));
+        let pg_layer = pipeline!(on_postgres::layer(&pg.pool, &pg.store, &done));
+        let p = rt.block_on(medians(
+            &[
+                ("bare", &pg_bare),
+                ("inbox", &pg_inbox),
+                ("layer", &pg_layer),
+            ],
+            n,
+            rounds,
+        ));
+        report.push((
+            "postgres: inbox / bare transaction (target >= 0.7)",
+            p[1] / p[0],
+            p[0],
+        ));
+        report.push((
+            "postgres: layer + PostgresStore / bare transaction",
+            p[2] / p[0],
+            p[0],
+        ));
+    } else {
+        println!("postgres: skipped (SURETY_POSTGRES_URL is not set)");
+    }
+    println!(
+        "\nconsume throughput with dedup / without (median of {rounds} runs; {n_memory} messages per no-op run, {n} otherwise):"
+    );
+    for (name, ratio, bare) in report {
+        println!("  {name}: {ratio:.2}  (bare: {bare:.0} msg/s)");
+    }
+
+    std::fs::remove_dir_all(&sqlite.dir).ok();
+    if let Some(pg) = pg {
+        rt.block_on(async {
+            pg.pool.close().await;
+            sqlx::query(AssertSqlSafe(format!("DROP SCHEMA {} CASCADE", pg.schema)))
+                .execute(&pg.admin)
+                .await
+                .unwrap();
+        });
+    }
+    criterion.final_summary();
+}

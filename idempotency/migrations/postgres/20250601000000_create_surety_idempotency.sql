@@ -1,0 +1,19 @@
+-- Dedup keys of surety-idempotency: one row per message key.
+-- status 'in_progress': claimed by the holder of `token` until `lease_until`.
+-- status 'done': handled; `reply` is the stored reply, if any.
+CREATE TABLE IF NOT EXISTS surety_idempotency (
+    key          TEXT PRIMARY KEY,
+    status       TEXT NOT NULL CHECK (status IN ('in_progress', 'done')),
+    token        TEXT NOT NULL,
+    lease_until  TIMESTAMPTZ,
+    claims       INTEGER NOT NULL DEFAULT 1,
+    reply        BYTEA,
+    created_at   TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    completed_at TIMESTAMPTZ
+);
+
+-- Retention: completed keys by age, abandoned claims by lease expiry.
+CREATE INDEX IF NOT EXISTS surety_idempotency_completed_at
+    ON surety_idempotency (completed_at) WHERE status = 'done';
+CREATE INDEX IF NOT EXISTS surety_idempotency_lease_until
+    ON surety_idempotency (lease_until) WHERE status = 'in_progress';

@@ -1,0 +1,300 @@
+//! The claim / run / complete protocol shared by the layer and the inbox
+//! handler.
+
+use std::future::Future;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::Bytes;
+use surety_core::consumer::{Incoming, Outcome};
+use surety_core::{DeliveryInfo, ErrorClass, HandlerError, Publisher};
+use tokio::time::Instant;
+
+use crate::error::StoreError;
+use crate::key::KeyFn;
+use crate::metrics::IdempotencyMetrics;
+use crate::policy::LeasePolicy;
+use crate::reply::Reply;
+use crate::store::{Claim, DedupStore, Lease};
+
+/// Everything a guarded handler needs besides the handler itself.
+#[derive(Debug)]
+pub(crate) struct Guard<St, K, P> {
+    pub(crate) store: St,
+    pub(crate) key: K,
+    pub(crate) publisher: P,
+    pub(crate) policy: LeasePolicy,
+    pub(crate) metrics: IdempotencyMetrics,
+}
+
+/// What to do after claiming.
+pub(crate) enum Step {
+    /// Run the handler under this lease.
+    Run { key: String, lease: Lease },
+    /// Finished without running the handler.
+    Skip(Outcome),
+}
+
+/// How a guarded handler ended.
+pub(crate) struct Finished {
+    pub(crate) outcome: Outcome,
+    pub(crate) reply: Option<Reply>,
+}
+
+/// The error of a delivery whose key another delivery holds.
+#[derive(Debug, thiserror::Error)]
+#[error("message {key:?} is being handled by another delivery; retry in {retry_after:?}")]
+pub(crate) struct Busy {
+    key: String,
+    retry_after: Duration,
+}
+
+/// Shortest and longest pause between claims of a busy key.
+const BUSY_POLL_MIN: Duration = Duration::from_millis(5);
+const BUSY_POLL_MAX: Duration = Duration::from_millis(250);
+
+/// How often completing a handled message is tried before giving up.
+const COMPLETE_ATTEMPTS: u32 = 3;
+
+fn store_failure(error: StoreError) -> HandlerError {
+    HandlerError::new(error)
+}
+
+impl<St, K, P> Guard<St, K, P>
+where
+    St: DedupStore,
+    K: KeyFn,
+    P: Publisher,
+{
+    /// Claims the message's key: run, skip as a duplicate (re-publishing
+    /// the stored reply), or fail as busy.
+    pub(crate) async fn claim(&self, msg: &Incoming) -> Result<Step, HandlerError> {
+        let key = self.key.key(msg)?;
+        let (deadline, mut pause) = self.busy_deadline();
+        loop {
+            let claim = self
+                .metrics
+                .time("claim", self.store.claim(&key, self.policy.lease()))
+                .await
+                .map_err(store_failure)?;
+            match claim {
+                Claim::Acquired(lease) => {
+                    self.took_over(&msg.info, &key, &lease);
+                    return Ok(Step::Run { key, lease });
+                }
+                Claim::Done { reply } => {
+                    return self.duplicate(&msg.info, &key, reply).await.map(Step::Skip);
+                }
+                Claim::Busy { retry_after } => {
+                    self.wait_busy(&msg.info, &key, retry_after, deadline, &mut pause)
+                        .await?;
+                }
+            }
+        }
+    }
+
+    /// Acknowledges a duplicate: counts it and publishes its stored reply.
+    pub(crate) async fn duplicate(
+        &self,
+        info: &DeliveryInfo,
+        key: &str,
+        reply: Option<Bytes>,
+    ) -> Result<Outcome, HandlerError> {
+        self.metrics.duplicate(info);
+        tracing::debug!(dedup_key = %key, "duplicate delivery; the handler does not run");
+        if let Some(bytes) = reply {
+            let reply = Reply::decode(&bytes).map_err(store_failure)?;
+            self.publish_reply(reply).await?;
+        }
+        Ok(Outcome::Duplicate)
+    }
+
+    /// The key is busy: waits before the next claim while the busy wait
+    /// lasts, or fails with a transient error.
+    pub(crate) async fn wait_busy(
+        &self,
+        info: &DeliveryInfo,
+        key: &str,
+        retry_after: Duration,
+        deadline: Instant,
+        pause: &mut Duration,
+    ) -> Result<(), HandlerError> {
+        if Instant::now() + *pause > deadline {
+            self.metrics.busy(info);
+            let retry_after = retry_after.max(BUSY_POLL_MIN);
+            return Err(HandlerError::with_class(
+                ErrorClass::Transient {
+                    retry_after: Some(retry_after),
+                },
+                Busy {
+                    key: key.to_owned(),
+                    retry_after,
+                },
+            ));
+        }
+        tokio::time::sleep((*pause).min(retry_after.max(BUSY_POLL_MIN))).await;
+        *pause = (*pause * 2).min(BUSY_POLL_MAX);
+        Ok(())
+    }
+
+    /// When a busy wait that starts now ends, and its first pause.
+    pub(crate) fn busy_deadline(&self) -> (Instant, Duration) {
+        (Instant::now() + self.policy.busy_wait_for(), BUSY_POLL_MIN)
+    }
+
+    /// Counts a takeover of an expired lease.
+    pub(crate) fn took_over(&self, info: &DeliveryInfo, key: &str, lease: &Lease) {
+        if lease.took_over {
+            self.metrics.lease_takeover(info);
+            tracing::warn!(
+                dedup_key = %key,
+                "took over an expired lease: the previous holder died or stalled"
+            );
+        }
+    }
+
+    /// Finishes a message whose transaction committed with its mark:
+    /// counts it and publishes its reply.
+    pub(crate) async fn committed(
+        &self,
+        info: &DeliveryInfo,
+        reply: Option<Reply>,
+    ) -> Result<Outcome, HandlerError> {
+        self.metrics.processed(info);
+        if let Some(reply) = reply {
+            self.publish_reply(reply).await?;
+        }
+        Ok(Outcome::Handled)
+    }
+
+    /// Runs `handler` while renewing the lease, if the policy says so.
+    pub(crate) async fn hold<F: Future>(&self, key: &str, lease: &Lease, handler: F) -> F::Output {
+        let Some(every) = self.policy.renew_every() else {
+            return handler.await;
+        };
+        tokio::pin!(handler);
+        // A handler that finishes without waiting needs no renewal timer.
+        if let Poll::Ready(out) = futures::poll!(handler.as_mut()) {
+            return out;
+        }
+        let renew = async {
+            let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
+            loop {
+                ticks.tick().await;
+                let extended = self
+                    .metrics
+                    .time(
+                        "extend",
+                        self.store.extend(key, &lease.token, self.policy.lease()),
+                    )
+                    .await;
+                match extended {
+                    Ok(()) => {}
+                    Err(err) if err.is_lease_lost() => {
+                        tracing::warn!(
+                            dedup_key = %key,
+                            "lost the lease while the handler runs; it will not be marked done"
+                        );
+                        return;
+                    }
+                    Err(err) => {
+                        tracing::warn!(dedup_key = %key, error = %err, "renewing the lease failed")
+                    }
+                }
+            }
+        };
+        tokio::pin!(renew);
+        let mut renewing = true;
+        loop {
+            tokio::select! {
+                out = &mut handler => return out,
+                () = &mut renew, if renewing => renewing = false,
+            }
+        }
+    }
+
+    /// Completes or releases the claim from the handler's result, publishes
+    /// the reply, and counts.
+    pub(crate) async fn finish(
+        &self,
+        info: &DeliveryInfo,
+        key: &str,
+        lease: &Lease,
+        result: Result<Finished, HandlerError>,
+    ) -> Result<Outcome, HandlerError> {
+        let finished = match result {
+            Ok(finished) => finished,
+            Err(err) => {
+                self.release(key, lease).await;
+                return Err(err);
+            }
+        };
+        if !matches!(finished.outcome, Outcome::Handled | Outcome::Duplicate) {
+            // Scheduled for a retry or dead-lettered by an inner layer: the
+            // message was not handled, and a later delivery (a retry, a
+            // replay from the dead-letter queue) must run it.
+            self.release(key, lease).await;
+            return Ok(finished.outcome);
+        }
+        let stored = finished
+            .reply
+            .as_ref()
+            .map(Reply::encode)
+            .transpose()
+            .map_err(store_failure)?;
+        self.complete(key, lease, stored.as_deref()).await?;
+        self.committed(info, finished.reply).await?;
+        Ok(finished.outcome)
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        lease: &Lease,
+        reply: Option<&[u8]>,
+    ) -> Result<(), HandlerError> {
+        let mut attempt = 1;
+        loop {
+            let completed = self
+                .metrics
+                .time("complete", self.store.complete(key, &lease.token, reply))
+                .await;
+            match completed {
+                Ok(()) => return Ok(()),
+                Err(err) if err.is_lease_lost() || attempt >= COMPLETE_ATTEMPTS => {
+                    tracing::error!(
+                        dedup_key = %key,
+                        error = %err,
+                        "the handler ran but its message could not be marked done; a redelivery may run it again"
+                    );
+                    return Err(store_failure(err));
+                }
+                Err(err) => {
+                    tracing::warn!(dedup_key = %key, error = %err, attempt, "marking a message done failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(20) * attempt).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn release(&self, key: &str, lease: &Lease) {
+        let released = self
+            .metrics
+            .time("release", self.store.release(key, &lease.token))
+            .await;
+        if let Err(err) = released {
+            // The lease expires on its own; the next delivery waits for it.
+            tracing::warn!(dedup_key = %key, error = %err, "releasing a claim failed");
+        }
+    }
+
+    async fn publish_reply(&self, reply: Reply) -> Result<(), HandlerError> {
+        let Reply { topic, envelope } = reply;
+        self.publisher
+            .publish(&topic, envelope)
+            .await
+            .map(drop)
+            .map_err(HandlerError::new)
+    }
+}

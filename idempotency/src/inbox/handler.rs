@@ -1,0 +1,175 @@
+//! [`InboxHandler`]: an idempotent handler that writes through a
+//! transaction.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
+use surety_core::consumer::{Incoming, Outcome};
+use surety_core::{Classify, HandlerError, Publisher};
+use tower::Service;
+
+use super::{Committed, InboxTx, TransactionalStore};
+use crate::idempotent::{Guard, IdempotencyLayer};
+use crate::key::KeyFn;
+use crate::store::Claim;
+
+/// A handler built by [`IdempotencyLayer::inbox`]: opens a transaction,
+/// claims the key in it, runs your function with the transaction as an
+/// [`InboxTx`], and acknowledges once the transaction committed with the
+/// message marked processed. See [the module docs](super) for what
+/// happens on failure and with concurrent duplicates.
+pub struct InboxHandler<St, F, K, P> {
+    guard: Arc<Guard<St, K, P>>,
+    f: F,
+}
+
+impl<St, F: Clone, K, P> Clone for InboxHandler<St, F, K, P> {
+    fn clone(&self) -> Self {
+        Self {
+            guard: Arc::clone(&self.guard),
+            f: self.f.clone(),
+        }
+    }
+}
+
+impl<St: fmt::Debug, F, K: fmt::Debug, P: fmt::Debug> fmt::Debug for InboxHandler<St, F, K, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InboxHandler")
+            .field("guard", &self.guard)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<St, K, P> IdempotencyLayer<St, K, P>
+where
+    St: TransactionalStore,
+    K: KeyFn + Clone,
+    P: Publisher + Clone,
+{
+    /// A handler that runs `f` at most once per dedup key, with a
+    /// transaction in which `f` writes its effect and which
+    /// [`InboxTx::commit`] commits together with the processed mark.
+    ///
+    /// `f`'s error decides the delivery's fate as for any handler; its
+    /// transaction, with the claim in it, rolls back. The layer's
+    /// [`LeasePolicy`](crate::LeasePolicy) applies to the busy wait (when a
+    /// claim made outside a transaction holds the key); a claim inside a
+    /// transaction needs no lease renewal, since it ends with the
+    /// transaction.
+    ///
+    /// ```
+    /// use surety_core::consumer::{Incoming, Outcome};
+    /// use surety_core::{DeliveryInfo, Envelope};
+    /// use surety_core::tower::ServiceExt;
+    /// use surety_idempotency::{IdempotencyLayer, InboxTx, SqliteStore, StoreError};
+    /// # use sqlx::sqlite::SqlitePoolOptions;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool = SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
+    /// # surety_idempotency::sqlite::migrate(&pool).await?;
+    /// # sqlx::query("CREATE TABLE payments (order_id TEXT)").execute(&pool).await?;
+    /// let store = SqliteStore::new(pool.clone());
+    /// let handler = IdempotencyLayer::new(store).inbox(
+    ///     |msg: Incoming, mut tx: InboxTx<SqliteStore>| async move {
+    ///         sqlx::query("INSERT INTO payments (order_id) VALUES (?1)")
+    ///             .bind(msg.envelope.subject.clone())
+    ///             .execute(&mut *tx)
+    ///             .await?;
+    ///         tx.commit().await
+    ///     },
+    /// );
+    ///
+    /// let env = Envelope::builder("/orders", "payment.requested").subject("o-1").build();
+    /// let info = DeliveryInfo::new("memory", "payments", "billing");
+    /// for expected in [Outcome::Handled, Outcome::Duplicate] {
+    ///     let outcome = handler.clone().oneshot(Incoming::new(env.clone(), info.clone())).await?;
+    ///     assert_eq!(outcome, expected);
+    /// }
+    /// let paid: i64 = sqlx::query_scalar("SELECT count(*) FROM payments").fetch_one(&pool).await?;
+    /// assert_eq!(paid, 1);
+    /// # Ok(()) }
+    /// ```
+    pub fn inbox<F, Fut, E>(&self, f: F) -> InboxHandler<St, F, K, P>
+    where
+        F: Fn(Incoming, InboxTx<St>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<Committed, E>> + Send + 'static,
+        E: Classify + std::error::Error + Send + Sync + 'static,
+    {
+        InboxHandler {
+            guard: self.guard(),
+            f,
+        }
+    }
+}
+
+impl<St, F, Fut, E, K, P> Service<Incoming> for InboxHandler<St, F, K, P>
+where
+    St: TransactionalStore,
+    F: Fn(Incoming, InboxTx<St>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Committed, E>> + Send + 'static,
+    E: Classify + std::error::Error + Send + Sync + 'static,
+    K: KeyFn,
+    P: Publisher + 'static,
+{
+    type Response = Outcome;
+    type Error = HandlerError;
+    type Future = BoxFuture<'static, Result<Outcome, HandlerError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, msg: Incoming) -> Self::Future {
+        let guard = Arc::clone(&self.guard);
+        let f = self.f.clone();
+        Box::pin(async move {
+            let key = guard.key.key(&msg)?;
+            let (deadline, mut pause) = guard.busy_deadline();
+            let (tx, lease) = loop {
+                let mut tx = guard
+                    .metrics
+                    .time("begin", guard.store.begin())
+                    .await
+                    .map_err(HandlerError::new)?;
+                let claim = guard
+                    .metrics
+                    .time("claim", guard.store.claim_in(&mut tx, &key))
+                    .await
+                    .map_err(HandlerError::new)?;
+                match claim {
+                    Claim::Acquired(lease) => break (tx, lease),
+                    Claim::Done { reply } => {
+                        // Nothing was written; an error here only means the
+                        // connection is gone, which rolls back too.
+                        let _ = tx.rollback().await;
+                        return guard.duplicate(&msg.info, &key, reply).await;
+                    }
+                    Claim::Busy { retry_after } => {
+                        // A claim outside any transaction holds the key
+                        // (the plain layer on the same store).
+                        let _ = tx.rollback().await;
+                        guard
+                            .wait_busy(&msg.info, &key, retry_after, deadline, &mut pause)
+                            .await?;
+                    }
+                }
+            };
+            guard.took_over(&msg.info, &key, &lease);
+            let info = msg.info.clone();
+            let tx = InboxTx::new(
+                tx,
+                guard.store.clone(),
+                key,
+                lease.token,
+                guard.metrics.clone(),
+            );
+            // On error the transaction was dropped with `f`'s future: the
+            // claim, the mark and the business write roll back together.
+            let committed = f(msg, tx).await.map_err(HandlerError::new)?;
+            guard.committed(&info, committed.reply).await
+        })
+    }
+}
