@@ -24,6 +24,10 @@ pub mod keys {
     /// republish a message for a delayed retry, so the count survives the
     /// broker and does not depend on which consumer instance receives it.
     pub const ATTEMPT: &str = "surety-attempt";
+    /// On a command: the topic its reply goes to. Command/reply handlers
+    /// (idempotent replies, saga participants) publish their reply there,
+    /// with the command as the reply's cause.
+    pub const REPLY_TO: &str = "surety-reply-to";
     /// Class of the last handler failure: `transient`, `permanent` or `poison`.
     pub const ERROR_CLASS: &str = "surety-error-class";
     /// Message of the last handler failure (truncated to a bounded length).
@@ -175,6 +179,11 @@ impl Headers {
     /// Records the delivery attempt in [`keys::ATTEMPT`].
     pub fn set_attempt(&mut self, attempt: u32) {
         self.set_parsed(keys::ATTEMPT, attempt);
+    }
+
+    /// The reply topic recorded in [`keys::REPLY_TO`], if present.
+    pub fn reply_to(&self) -> Option<&str> {
+        self.get(keys::REPLY_TO)
     }
 
     /// The W3C `traceparent`, if present.
