@@ -183,14 +183,9 @@ async fn run_worker<S: surety_core::consumer::Handler>(
 ) -> Duration {
     let started = Instant::now();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(
-        Worker::new(handler)
-            .concurrency(32)
-            .max_deliveries(u32::MAX)
-            .run(input, async {
-                stopped.await.ok();
-            }),
-    );
+    let worker = tokio::spawn(Worker::new(handler).concurrency(32).run(input, async {
+        stopped.await.ok();
+    }));
     done.notified().await;
     let elapsed = started.elapsed();
     stop.send(()).ok();

@@ -30,6 +30,7 @@ use std::task::{Context, Poll};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use surety_core::consumer::{Handler, Incoming, Outcome};
+use surety_core::error::panic_message;
 use surety_core::{DecodeError, HandlerError};
 use tower::{Layer, Service};
 
@@ -86,16 +87,6 @@ impl<S: Handler> Service<Incoming> for Classified<S> {
             )))),
         }
     }
-}
-
-/// The message of a caught panic, as `handler panicked: {message}`.
-pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    let detail = panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("non-string panic payload");
-    format!("handler panicked: {detail}")
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use surety_core::consumer::{Handler, Incoming, Outcome};
-use surety_core::{Classify, Envelope, HandlerError, Publisher, Transient};
+use surety_core::{Classify, Envelope, HandlerError, Publisher};
 use tower::{Layer, Service, ServiceExt};
 
 use crate::classify::Classified;
@@ -83,16 +83,17 @@ struct Config {
 /// the worker acknowledges all three. It fails only when the message must go
 /// back to the broker:
 ///
-/// - a delayed retry or a dead-letter write failed: a **transient** error
-///   with a `retry_after` of [`redeliver_after`](Self::redeliver_after), so
-///   the worker nacks with requeue and the message comes back later;
+/// - a delayed retry or a dead-letter write failed: an
+///   [`unavailable`](HandlerError::unavailable) error with a `retry_after`
+///   of [`redeliver_after`](Self::redeliver_after), so the worker nacks with
+///   requeue — whatever the message's delivery count, however long the DLQ
+///   is down — and the message comes back later;
 /// - no sink is configured: a **permanent** error, so the worker rejects it
 ///   to the broker's own dead-letter destination.
 ///
-/// Give the worker a delivery bound at least as large as the policy's
-/// (`Worker::max_deliveries(u32::MAX)`): the layer owns the bound, and a
-/// worker that rejects a message while the DLQ is down would hand it to the
-/// broker's dead-letter queue instead of requeueing it.
+/// The layer owns the attempt bound; the worker's own
+/// [`max_deliveries`](surety_core::consumer::Worker::max_deliveries) never
+/// comes into play, since the layer answers every handler failure itself.
 ///
 /// The handler is wrapped in [`Classified`] first: undecodable messages are
 /// poison before it runs, and its panics are permanent failures.
@@ -121,8 +122,7 @@ struct Config {
 /// let dlq = transport.subscribe("orders.dlq", "operators").await?;
 /// transport.publish("orders", Envelope::builder("/shop", "order.placed").build()).await?;
 /// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-/// let worker = tokio::spawn(Worker::new(handler).max_deliveries(u32::MAX)
-///     .run(deliveries, async { stopped.await.ok(); }));
+/// let worker = tokio::spawn(Worker::new(handler).run(deliveries, async { stopped.await.ok(); }));
 ///
 /// while store.count(&Filter::new()).await? == 0 {
 ///     tokio::task::yield_now().await;
@@ -402,10 +402,8 @@ fn retry_copy(
     copy.headers.insert(keys::RETRY_AT, letter::rfc3339(due));
     copy.headers.set_attempt(next_attempt);
     copy.headers.insert(keys::ERROR_CLASS, err.class().as_str());
-    copy.headers.insert(
-        keys::ERROR_MESSAGE,
-        letter::peel(err).chain_message(RETRY_MESSAGE_LEN),
-    );
+    copy.headers
+        .insert(keys::ERROR_MESSAGE, err.chain_message(RETRY_MESSAGE_LEN));
     copy.headers
         .insert(keys::FIRST_FAILED_AT, letter::rfc3339(first));
     copy
@@ -416,9 +414,11 @@ impl Config {
         format!("{}@{}", self.handler, self.host)
     }
 
+    /// The pipeline, not the message, failed: the worker requeues the
+    /// message whatever its delivery count.
     fn redeliver(&self, err: SinkError) -> HandlerError {
         tracing::error!(handler = %self.handler, error = %err, "cannot park the message; it will be redelivered");
-        HandlerError::new(Transient::new(err).retry_after(self.redeliver_after))
+        HandlerError::unavailable(err).retry_after(self.redeliver_after)
     }
 
     async fn dead_letter(
@@ -432,7 +432,7 @@ impl Config {
             return Err(HandlerError::permanent(format!(
                 "no dead-letter sink is configured for `{}`: {}",
                 self.handler,
-                letter::peel(err).chain_message(RETRY_MESSAGE_LEN)
+                err.chain_message(RETRY_MESSAGE_LEN)
             )));
         }
         let mut letter = DeadLetter::new(

@@ -95,7 +95,6 @@ pub struct Failure {
 impl Failure {
     /// The failure of `error`, dead-lettered for `reason`.
     pub fn from_error(error: &HandlerError, reason: DeadLetterReason) -> Self {
-        let error = peel(error);
         let mut chain = Vec::new();
         let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error.inner());
         while let Some(err) = next {
@@ -112,15 +111,6 @@ impl Failure {
             chain,
         }
     }
-}
-
-/// The innermost of nested `HandlerError`s (a handler that returns a
-/// `HandlerError` through `handler_fn` gets it wrapped once more).
-pub(crate) fn peel(mut error: &HandlerError) -> &HandlerError {
-    while let Some(inner) = error.inner().downcast_ref::<HandlerError>() {
-        error = inner;
-    }
-    error
 }
 
 fn classify_name(error: &HandlerError) -> &'static str {

@@ -67,8 +67,7 @@
 //! transport.publish("orders", Envelope::builder("/shop", "order.placed").payload("\"many\"").build()).await?;
 //!
 //! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-//! let worker = tokio::spawn(Worker::new(handler).max_deliveries(u32::MAX)
-//!     .run(deliveries, async { stopped.await.ok(); }));
+//! let worker = tokio::spawn(Worker::new(handler).run(deliveries, async { stopped.await.ok(); }));
 //! while store.count(&Filter::new().class("poison")).await? == 0 {
 //!     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
 //! }

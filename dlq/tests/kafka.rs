@@ -9,7 +9,9 @@ mod brokers;
 use std::sync::Arc;
 use std::time::Duration;
 
-use brokers::{Broker, Kind, assert_permanent, assert_poison, assert_transient, run};
+use brokers::{
+    Broker, Kind, assert_permanent, assert_poison, assert_transient, replay_after_fix, run,
+};
 use surety_core::consumer::Incoming;
 use surety_kafka::{KafkaConfig, KafkaTransport};
 use surety_testkit::services;
@@ -91,4 +93,16 @@ async fn three_competing_consumers_keep_the_attempt_count() {
     // published, which schedules that retry again; attempts stay exact.
     assert!(run.retries >= 9 * 3, "{}", run.retries);
     assert_transient(&run, 4, None);
+}
+
+/// The replay path end to end: dead letters of a failing handler, a dry run
+/// that changes nothing, then a replay of one and of a filtered group that
+/// the fixed handler processes, with the audit trail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_one_and_a_filtered_group_after_the_fix() {
+    let Some(brokers) = services::require(services::kafka_brokers()) else {
+        return;
+    };
+    let broker = broker(&brokers, 1, 1).await;
+    replay_after_fix(&broker).await;
 }

@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,10 @@ use proptest::prelude::*;
 use surety_core::consumer::{Incoming, Worker, handler_fn};
 use surety_core::memory::MemoryTransport;
 use surety_core::tower::Layer;
-use surety_core::{Envelope, HandlerError, Headers, Publisher, Subscriber};
+use surety_core::{
+    Classify, Confirmation, DeliveryInfo, Envelope, ErrorClass, HandlerError, Headers, Publisher,
+    Subscriber, TransportError, TransportErrorKind,
+};
 use surety_dlq::keys;
 use surety_dlq::policy::DeadLetterReason;
 use surety_dlq::sink::{DeadLetterSink, SinkError};
@@ -149,10 +153,7 @@ async fn run_pipeline(
     let handler = layer.layer(scripted(Arc::new(by_id), calls.clone()));
     let mut dlq = transport.subscribe("work.dlq", "ops").await.unwrap();
     let deliveries = transport.subscribe("work", "g").await.unwrap();
-    let (stop, worker) = spawn_worker(
-        Worker::new(handler).max_deliveries(u32::MAX).concurrency(4),
-        deliveries,
-    );
+    let (stop, worker) = spawn_worker(Worker::new(handler).concurrency(4), deliveries);
     for env in envelopes {
         transport.publish("work", env).await.unwrap();
     }
@@ -374,7 +375,7 @@ async fn competing_consumers_keep_the_attempt_count_exact() {
         let deliveries = transport.subscribe("work", "g").await.unwrap();
         let handler = layer.clone().layer(always_failing.clone());
         workers.push(spawn_worker(
-            Worker::new(handler).max_deliveries(u32::MAX).concurrency(2),
+            Worker::new(handler).concurrency(2),
             deliveries,
         ));
     }
@@ -443,7 +444,7 @@ async fn retry_delays_grow() {
         Err::<(), _>(HandlerError::transient("down"))
     }));
     let deliveries = transport.subscribe("work", "g").await.unwrap();
-    let (stop, worker) = spawn_worker(Worker::new(handler).max_deliveries(u32::MAX), deliveries);
+    let (stop, worker) = spawn_worker(Worker::new(handler), deliveries);
     transport
         .publish("work", Envelope::builder("/t", "t").build())
         .await
@@ -526,60 +527,198 @@ async fn retry_copies_carry_their_bookkeeping() {
     assert!(h.contains(keys::RETRY_AT));
 }
 
-/// A sink that fails its first `failures` writes.
-#[derive(Debug)]
-struct Flaky {
-    failures: Mutex<u32>,
+/// A DLQ that is down until switched back on; counts the writes tried.
+#[derive(Debug, Default)]
+struct Outage {
+    down: AtomicBool,
+    tried: AtomicUsize,
 }
 
+impl Outage {
+    fn down() -> Arc<Self> {
+        let outage = Self::default();
+        outage.down.store(true, Ordering::SeqCst);
+        Arc::new(outage)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct OutageSink(Arc<Outage>);
+
 #[async_trait::async_trait]
-impl DeadLetterSink for Flaky {
+impl DeadLetterSink for OutageSink {
     fn name(&self) -> &str {
-        "flaky"
+        "outage"
     }
     async fn write(&self, _letter: &DeadLetter) -> Result<(), SinkError> {
-        let mut left = self.failures.lock().unwrap();
-        if *left > 0 {
-            *left -= 1;
-            return Err(SinkError::new("flaky", "DLQ unavailable"));
+        self.0.tried.fetch_add(1, Ordering::SeqCst);
+        if self.0.down.load(Ordering::SeqCst) {
+            return Err(SinkError::new("outage", "DLQ unavailable"));
         }
         Ok(())
     }
 }
 
-/// While the DLQ is down, the original is requeued, never acked or
-/// dropped; once it is back, the message is dead-lettered once.
+/// A publisher that fails while its outage lasts.
+#[derive(Clone)]
+struct OutagePublisher {
+    inner: MemoryTransport,
+    outage: Arc<Outage>,
+}
+
+impl Publisher for OutagePublisher {
+    async fn send(&self, topic: &str, envelope: Envelope) -> surety_core::Result<Confirmation> {
+        self.outage.tried.fetch_add(1, Ordering::SeqCst);
+        if self.outage.down.load(Ordering::SeqCst) {
+            return Err(TransportError::new(
+                TransportErrorKind::Connection,
+                "retry topic unavailable",
+            ));
+        }
+        self.inner.send(topic, envelope).await
+    }
+}
+
+/// The layer's answer when it cannot park a message: unavailable (so the
+/// worker requeues it whatever its delivery count), with the layer's
+/// redelivery delay, and the message of the failed sink or publish.
 #[tokio::test]
-async fn a_failing_dead_letter_write_requeues_the_original() {
+async fn an_unwritable_dead_letter_or_retry_is_unavailable() {
+    use surety_core::tower::ServiceExt;
+    let outage = Outage::down();
+    let failing =
+        || handler_fn(|_msg: Incoming| async { Err::<(), _>(HandlerError::transient("down")) });
+    let msg = |attempt: u32| {
+        let mut env = Envelope::builder("/t", "t").build();
+        env.headers.set_attempt(attempt);
+        Incoming::new(env, DeliveryInfo::new("memory", "work", "g"))
+    };
+    let policy = RetryPolicy::new()
+        .max_attempts(3)
+        .backoff(Backoff::exponential(
+            Duration::from_millis(1),
+            Duration::from_millis(1),
+        ))
+        .mode(RetryMode::Delayed);
+
+    // The dead-letter write fails (the last attempt).
+    let err = DlqLayer::new("h")
+        .policy(policy.clone())
+        .sink(OutageSink(outage.clone()))
+        .redeliver_after(Duration::from_millis(250))
+        .layer(failing())
+        .oneshot(msg(3))
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    assert_eq!(
+        err.class(),
+        ErrorClass::Transient {
+            retry_after: Some(Duration::from_millis(250))
+        }
+    );
+    assert!(err.chain_message(500).contains("DLQ unavailable"), "{err}");
+
+    // The delayed-retry publish fails (an earlier attempt).
+    let transport = MemoryTransport::new();
+    let err = DlqLayer::new("h")
+        .policy(policy)
+        .retry_via(
+            OutagePublisher {
+                inner: transport.clone(),
+                outage: outage.clone(),
+            },
+            |_: &Incoming, _: u32, _: Duration| "work".to_owned(),
+        )
+        .store(MemoryStore::new())
+        .redeliver_after(Duration::from_millis(250))
+        .layer(failing())
+        .oneshot(msg(1))
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    assert_eq!(
+        err.class(),
+        ErrorClass::Transient {
+            retry_after: Some(Duration::from_millis(250))
+        }
+    );
+    assert!(
+        err.chain_message(500).contains("retry topic unavailable"),
+        "{err}"
+    );
+}
+
+/// A DLQ outage that lasts longer than the worker's default delivery bound
+/// (5): the original is requeued again and again, never rejected to the
+/// broker, never acknowledged, never lost; once the DLQ is back it is
+/// dead-lettered exactly once, with the handler's error as it was.
+#[tokio::test]
+async fn a_dlq_outage_longer_than_max_deliveries_ends_dead_lettered() {
+    const DEFAULT_MAX_DELIVERIES: usize = 5;
     let transport = MemoryTransport::new();
     let store = MemoryStore::new();
+    let outage = Outage::down();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
     let layer = DlqLayer::new("h")
         .policy(RetryPolicy::never())
-        .sink(Flaky {
-            failures: Mutex::new(3),
-        })
+        .sink(OutageSink(outage.clone()))
         .store(store.clone())
         .redeliver_after(Duration::from_millis(1));
-    let handler = layer.layer(handler_fn(|_msg: Incoming| async {
-        Err::<(), _>(HandlerError::permanent("invalid"))
+    let handler = layer.layer(handler_fn(move |_msg: Incoming| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async { Err::<(), _>(HandlerError::permanent("order 42 has quantity 0")) }
     }));
     let deliveries = transport.subscribe("work", "g").await.unwrap();
-    let (stop, worker) = spawn_worker(Worker::new(handler).max_deliveries(u32::MAX), deliveries);
-    transport
-        .publish("work", Envelope::builder("/t", "t").build())
-        .await
-        .unwrap();
-    eventually(DEADLINE, "the group to drain", || {
-        let (transport, store) = (transport.clone(), store.clone());
-        async move { transport.depth("work", "g") == 0 && !store.all().is_empty() }
+    // The worker's defaults: max_deliveries is 5.
+    let (stop, worker) = spawn_worker(Worker::new(handler), deliveries);
+    let env = Envelope::builder("/t", "t").build();
+    let id = env.id.clone();
+    transport.publish("work", env).await.unwrap();
+
+    let outlasting = 3 * DEFAULT_MAX_DELIVERIES;
+    eventually(DEADLINE, "the outage to outlast max_deliveries", || async {
+        assert!(
+            transport.rejected("work", "g").is_empty(),
+            "rejected to the broker during the outage"
+        );
+        outage.tried.load(Ordering::SeqCst) > outlasting
+    })
+    .await;
+    assert_eq!(transport.depth("work", "g"), 1, "still on the broker");
+    assert!(
+        store.all().is_empty(),
+        "nothing is dead-lettered while the DLQ is down"
+    );
+
+    // The DLQ is back.
+    outage.down.store(false, Ordering::SeqCst);
+    eventually(DEADLINE, "the group to drain", || async {
+        transport.depth("work", "g") == 0
     })
     .await;
     stop.send(()).ok();
     let report = worker.await.unwrap();
-    assert_eq!(report.requeued, 3, "{report:?}");
-    assert_eq!(report.acked, 1);
-    assert_eq!(report.rejected, 0);
-    assert_eq!(store.all().len(), 1);
+    assert_eq!(report.acked, 1, "{report:?}");
+    assert_eq!(report.rejected, 0, "{report:?}");
+    assert!(report.requeued as usize > outlasting, "{report:?}");
+    assert!(transport.rejected("work", "g").is_empty());
+    let letters = store.all();
+    assert_eq!(letters.len(), 1, "dead-lettered once");
+    let letter = &letters[0];
+    assert_eq!(letter.envelope.id, id);
+    assert_eq!(letter.error.class, "permanent");
+    assert_eq!(
+        letter.error.message, "order 42 has quantity 0",
+        "not wrapped twice"
+    );
+    assert_eq!(letter.error.chain, ["order 42 has quantity 0"]);
+    assert_eq!(
+        calls.load(Ordering::SeqCst) as u64,
+        report.requeued + 1,
+        "the handler ran once per delivery"
+    );
 }
 
 /// With no sink at all, a final failure is rejected to the broker's own
@@ -593,7 +732,7 @@ async fn without_a_sink_the_message_is_rejected_not_dropped() {
             Err::<(), _>(HandlerError::permanent("invalid"))
         }));
     let deliveries = transport.subscribe("work", "g").await.unwrap();
-    let (stop, worker) = spawn_worker(Worker::new(handler).max_deliveries(u32::MAX), deliveries);
+    let (stop, worker) = spawn_worker(Worker::new(handler), deliveries);
     transport
         .publish("work", Envelope::builder("/t", "t").build())
         .await

@@ -8,7 +8,9 @@ mod brokers;
 use std::sync::Arc;
 use std::time::Duration;
 
-use brokers::{Broker, Kind, assert_permanent, assert_poison, assert_transient, run};
+use brokers::{
+    Broker, Kind, assert_permanent, assert_poison, assert_transient, replay_after_fix, run,
+};
 use surety_core::consumer::Incoming;
 use surety_rabbitmq::topology::{RetryLadder, WorkQueue};
 use surety_rabbitmq::{RabbitConfig, RabbitTransport};
@@ -102,4 +104,16 @@ async fn three_competing_consumers_keep_the_attempt_count() {
     assert_transient(&run, 4, None);
     let busy = run.reports.iter().filter(|r| r.acked > 0).count();
     assert!(busy >= 2, "the consumers competed: {:?}", run.reports);
+}
+
+/// The replay path end to end: dead letters of a failing handler, a dry run
+/// that changes nothing, then a replay of one and of a filtered group that
+/// the fixed handler processes, with the audit trail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_one_and_a_filtered_group_after_the_fix() {
+    let Some(url) = services::require(services::amqp_url()) else {
+        return;
+    };
+    let broker = broker(&url, 1).await;
+    replay_after_fix(&broker).await;
 }

@@ -84,10 +84,7 @@ async fn setup() -> Setup {
         .store(store.clone())
         .park_after_replays(2);
     let deliveries = transport.subscribe("orders", "billing").await.unwrap();
-    let (stop, worker) = spawn_worker(
-        Worker::new(layer.layer(handler)).max_deliveries(u32::MAX),
-        deliveries,
-    );
+    let (stop, worker) = spawn_worker(Worker::new(layer.layer(handler)), deliveries);
     Setup {
         transport,
         store,

@@ -142,9 +142,7 @@ where
                 .subscribe(topic, &broker.group)
                 .await
                 .expect("subscribe");
-            let worker = Worker::new(layer.layer(handler.clone()))
-                .max_deliveries(u32::MAX)
-                .concurrency(4);
+            let worker = Worker::new(layer.layer(handler.clone())).concurrency(4);
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             workers.push((
                 stop,
@@ -265,4 +263,408 @@ pub fn assert_transient(run: &Run, n: u32, gaps_from: Option<Duration>) {
         assert_eq!(letter.attempts, n, "the attempt count is exact");
         assert!(letter.first_failed_at < letter.last_failed_at);
     }
+}
+
+/// How long the replay scenario watches the work topic after a dry run for
+/// a message that must not come.
+pub const QUIET: Duration = Duration::from_millis(1500);
+
+/// An order of the replay scenario.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CustomerOrder {
+    customer: String,
+}
+
+impl Message for CustomerOrder {
+    const TYPE: &'static str = "order.placed";
+}
+
+/// What the replay scenario's handler saw: per message id, one entry per
+/// call with the `surety-replay-count` header and whether it succeeded.
+type ReplayCalls = Arc<Mutex<HashMap<String, Vec<(Option<String>, bool)>>>>;
+
+/// Reads the next delivery of `stream` within [`DEADLINE`], acks it and
+/// returns its envelope.
+async fn next_envelope(stream: &mut surety_core::DeliveryStream, what: &str) -> Envelope {
+    let delivery = tokio::time::timeout(DEADLINE, stream.next())
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .unwrap_or_else(|| panic!("the stream ended while waiting for {what}"))
+        .unwrap_or_else(|e| panic!("a delivery error while waiting for {what}: {e}"));
+    let envelope = delivery.envelope().clone();
+    delivery.ack().await.expect("ack");
+    envelope
+}
+
+/// Polls `condition` every 20 ms until it holds, failing after [`DEADLINE`].
+async fn wait_for<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !condition().await {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The replay path end to end on a real broker.
+///
+/// A handler rejects orders of unknown customers (4 messages) and of a
+/// banned one (1): all five are dead-lettered into a SQLite store and onto
+/// the DLQ topic. A dry run (by filter and by id) changes nothing: the same
+/// records, no audit entry, and nothing reaches the work topic (an observer
+/// group on it sees nothing for [`QUIET`], then a marker published after
+/// the dry run arrives first). The handler is fixed; one dead letter is
+/// replayed by id and the rest of its group by fingerprint, through the
+/// broker's own publisher: the fixed handler processes each (same id, same
+/// key, replay count 1), the records become `resolved`, the banned one stays
+/// `dead`, and the audit log says who replayed what and how it went.
+pub async fn replay_after_fix<T>(broker: &Broker<T>)
+where
+    T: Publisher + Subscriber + Clone + 'static,
+{
+    use std::sync::atomic::AtomicBool;
+    use surety_core::Permanent;
+    use surety_dlq::store::{PageRequest, SqliteStore};
+    use surety_dlq::{ReplayRequest, Replayer, RetryPolicy, Status};
+
+    let transport = broker.transports[0].clone();
+    let run_id = uuid::Uuid::now_v7();
+    let store = Arc::new(SqliteStore::in_memory().await.expect("a SQLite store"));
+    let fixed = Arc::new(AtomicBool::new(false));
+    let calls: ReplayCalls = Arc::default();
+    let keys: Arc<Mutex<HashMap<String, Option<String>>>> = Arc::default();
+    let (f, c, k) = (fixed.clone(), calls.clone(), keys.clone());
+    let handler = typed(move |order: CustomerOrder, msg: Incoming| {
+        let (fixed, calls, keys) = (f.clone(), c.clone(), k.clone());
+        async move {
+            let failure = if order.customer.starts_with("banned-") {
+                Some(format!("customer {} is banned", order.customer))
+            } else if order.customer.starts_with("unknown-") && !fixed.load(Ordering::SeqCst) {
+                Some(format!("customer {} does not exist", order.customer))
+            } else {
+                None
+            };
+            let replays = msg.envelope.headers.get(surety_dlq::keys::REPLAY_COUNT);
+            calls
+                .lock()
+                .unwrap()
+                .entry(msg.envelope.id.clone())
+                .or_default()
+                .push((replays.map(str::to_owned), failure.is_none()));
+            if failure.is_none() {
+                keys.lock()
+                    .unwrap()
+                    .insert(msg.envelope.id.clone(), msg.envelope.partition_key.clone());
+            }
+            failure.map_or(Ok(()), |f| Err(Permanent::new(f)))
+        }
+    });
+    let layer = DlqLayer::new("billing")
+        .policy(RetryPolicy::in_place(2))
+        .dead_letter_to(transport.clone(), broker.dlq_topic.clone())
+        .store(store.clone());
+
+    // An independent group on the work topic sees everything published to it.
+    let mut observer = transport
+        .subscribe(&broker.topic, &format!("observer-{run_id}"))
+        .await
+        .expect("subscribe the observer");
+    let mut dlq = transport
+        .subscribe(&broker.dlq_topic, &format!("operators-{run_id}"))
+        .await
+        .expect("subscribe to the DLQ");
+    let deliveries = transport
+        .subscribe(&broker.topic, &broker.group)
+        .await
+        .expect("subscribe the worker");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(Worker::new(layer.layer(handler)).concurrency(4).run(
+        deliveries,
+        async {
+            stopped.await.ok();
+        },
+    ));
+
+    let publish = |customer: String, key: String| {
+        let transport = transport.clone();
+        let topic = broker.topic.clone();
+        async move {
+            let env = Envelope::message("/shop", &CustomerOrder { customer })
+                .unwrap()
+                .partition_key(key)
+                .build();
+            let id = env.id.clone();
+            transport.publish(&topic, env).await.expect("publish");
+            id
+        }
+    };
+    let mut unknown = Vec::new();
+    for n in 0..4 {
+        unknown.push(publish(format!("unknown-{n}"), format!("order-{n}")).await);
+    }
+    let banned = publish("banned-1".to_owned(), "order-10".to_owned()).await;
+    let mut published: Vec<String> = unknown.iter().chain([&banned]).cloned().collect();
+    published.sort();
+
+    // Five dead letters, in the store and on the DLQ topic.
+    wait_for("five dead letters in the store", || {
+        let store = store.clone();
+        async move { store.count(&Filter::new()).await.unwrap() == 5 }
+    })
+    .await;
+    let mut on_dlq_topic = Vec::new();
+    for _ in 0..5 {
+        let env = next_envelope(&mut dlq, "a dead letter on the DLQ topic").await;
+        let letter = DeadLetter::from_envelope(&env).expect("a dead letter");
+        assert_eq!(letter.error.class, "permanent");
+        assert_eq!(letter.handler, "billing");
+        on_dlq_topic.push(letter.envelope.id);
+    }
+    on_dlq_topic.sort();
+    assert_eq!(on_dlq_topic, published, "every failure is on the DLQ topic");
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        seen.push(next_envelope(&mut observer, "the originals").await.id);
+    }
+    seen.sort();
+    assert_eq!(seen, published);
+
+    let list = |filter: Filter| {
+        let store = store.clone();
+        async move {
+            store
+                .list(&filter, &PageRequest::first(500))
+                .await
+                .unwrap()
+                .items
+        }
+    };
+    let before = list(Filter::new()).await;
+    let by_message = |id: &str| {
+        before
+            .iter()
+            .find(|l| l.envelope.id == id)
+            .unwrap_or_else(|| panic!("a dead letter for {id}"))
+            .clone()
+    };
+    let first = by_message(&unknown[0]);
+    let banned_letter = by_message(&banned);
+    let fingerprint = first.fingerprint.clone();
+    assert_ne!(fingerprint, banned_letter.fingerprint);
+    for letter in &before {
+        assert_eq!(letter.status, Status::Dead);
+        assert_eq!(letter.source.topic, broker.topic);
+        assert_eq!(letter.source.group, broker.group);
+        assert_eq!(letter.attempts, 1, "permanent: never retried");
+    }
+    let group = list(Filter::new().fingerprint(&fingerprint)).await;
+    let mut group_ids: Vec<String> = group.iter().map(|l| l.id.clone()).collect();
+    group_ids.sort();
+    assert_eq!(group_ids.len(), 4, "the unknown customers group together");
+    let calls_before = calls.lock().unwrap().clone();
+
+    let replayer = Replayer::new(store.clone(), transport.clone());
+
+    // Dry runs change nothing.
+    let dry = replayer
+        .replay(
+            ReplayRequest::filter("alice", Filter::new().fingerprint(&fingerprint))
+                .reason("customers imported")
+                .dry_run(true),
+        )
+        .await
+        .expect("a dry run by filter");
+    assert!(dry.dry_run);
+    let mut dry_ids = dry.done.clone();
+    dry_ids.sort();
+    assert_eq!(
+        dry_ids, group_ids,
+        "the dry run names what a replay would take"
+    );
+    assert_eq!(dry.audit_id, None);
+    let dry = replayer
+        .replay(ReplayRequest::ids("alice", [first.id.clone()]).dry_run(true))
+        .await
+        .expect("a dry run by id");
+    assert_eq!(dry.done, std::slice::from_ref(&first.id));
+    assert_eq!(dry.audit_id, None);
+    if let Ok(Some(delivery)) = tokio::time::timeout(QUIET, observer.next()).await {
+        panic!(
+            "a dry run published to the work topic: {:?}",
+            delivery.map(|d| d.envelope().id.clone())
+        );
+    }
+    let marker = publish("marker".to_owned(), "marker".to_owned()).await;
+    assert_eq!(
+        next_envelope(&mut observer, "the marker").await.id,
+        marker,
+        "nothing was published before the marker"
+    );
+    wait_for("the marker to be handled", || {
+        let keys = keys.clone();
+        let marker = marker.clone();
+        async move { keys.lock().unwrap().contains_key(&marker) }
+    })
+    .await;
+    assert_eq!(
+        list(Filter::new()).await,
+        before,
+        "a dry run changed the store"
+    );
+    assert!(
+        store
+            .audit_log(&PageRequest::first(10))
+            .await
+            .unwrap()
+            .items
+            .is_empty(),
+        "a dry run wrote an audit entry"
+    );
+    {
+        let mut calls = calls.lock().unwrap().clone();
+        calls.remove(&marker);
+        assert_eq!(calls, calls_before, "the handler saw nothing new");
+    }
+
+    // The fix is deployed.
+    fixed.store(true, Ordering::SeqCst);
+    let resolved = |id: String| {
+        let store = store.clone();
+        move || {
+            let (store, id) = (store.clone(), id.clone());
+            async move { store.get(&id).await.unwrap().unwrap().status == Status::Resolved }
+        }
+    };
+
+    // Replay one, by id.
+    let one = replayer
+        .replay(
+            ReplayRequest::ids("alice", [first.id.clone()]).reason("customer unknown-0 created"),
+        )
+        .await
+        .expect("replay one");
+    assert_eq!(one.done, std::slice::from_ref(&first.id), "{one:?}");
+    let copy = next_envelope(&mut observer, "the replayed copy").await;
+    assert_eq!(copy.id, unknown[0], "a replay keeps the message id");
+    assert_eq!(copy.partition_key.as_deref(), Some("order-0"));
+    assert_eq!(copy.headers.get(surety_dlq::keys::REPLAY_COUNT), Some("1"));
+    assert_eq!(
+        copy.headers.get(surety_dlq::keys::DLQ_ID),
+        Some(first.id.as_str())
+    );
+    wait_for(
+        "the replayed message to be resolved",
+        resolved(first.id.clone()),
+    )
+    .await;
+
+    // Replay the rest of the group, by filter: the resolved one is not taken again.
+    let rest = replayer
+        .replay(
+            ReplayRequest::filter("bob", Filter::new().fingerprint(&fingerprint))
+                .reason("customers imported"),
+        )
+        .await
+        .expect("replay a filtered group");
+    let mut rest_ids = rest.done.clone();
+    rest_ids.sort();
+    let mut want: Vec<String> = group_ids
+        .iter()
+        .filter(|id| **id != first.id)
+        .cloned()
+        .collect();
+    want.sort();
+    assert_eq!(rest_ids, want, "{rest:?}");
+    assert!(
+        rest.failed.is_empty() && rest.skipped.is_empty(),
+        "{rest:?}"
+    );
+    for id in &want {
+        wait_for("the group to be resolved", resolved(id.clone())).await;
+    }
+
+    // The fixed handler processed every one of them, by id, as a replay.
+    {
+        let calls = calls.lock().unwrap();
+        let keys = keys.lock().unwrap();
+        for (n, id) in unknown.iter().enumerate() {
+            assert_eq!(
+                calls[id].last(),
+                Some(&(Some("1".to_owned()), true)),
+                "{id} handled as replay 1: {:?}",
+                calls[id]
+            );
+            assert_eq!(
+                keys[id].as_deref(),
+                Some(format!("order-{n}").as_str()),
+                "same key"
+            );
+        }
+        assert!(
+            !keys.contains_key(&banned),
+            "the banned order was not replayed"
+        );
+        assert_eq!(calls[&banned].len(), 1);
+    }
+    let banned_now = store.get(&banned_letter.id).await.unwrap().unwrap();
+    assert_eq!(banned_now.status, Status::Dead, "not part of the group");
+    assert_eq!(banned_now.replay_count, 0);
+    for id in &group_ids {
+        let letter = store.get(id).await.unwrap().unwrap();
+        let story: Vec<(&str, &str)> = letter
+            .history
+            .iter()
+            .map(|e| (e.action.as_str(), e.actor.as_str()))
+            .collect();
+        let replayed_by = if *id == first.id { "alice" } else { "bob" };
+        assert_eq!(story.len(), 3, "{story:?}");
+        assert_eq!(story[0].0, "dead_lettered");
+        assert_eq!(story[1], ("replayed", replayed_by));
+        assert_eq!(story[2].0, "resolved");
+        assert!(story[2].1.starts_with("billing@"), "{story:?}");
+        assert_eq!(letter.replay_count, 1);
+    }
+
+    // The audit trail, newest first: who, why, what, and how it went.
+    let audit = store
+        .audit_log(&PageRequest::first(10))
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(audit.len(), 2, "{audit:?}");
+    assert_eq!(audit[0].actor, "bob");
+    assert_eq!(audit[0].action, "replay");
+    assert_eq!(audit[0].reason.as_deref(), Some("customers imported"));
+    assert_eq!(
+        audit[0]
+            .selection
+            .filter
+            .as_ref()
+            .and_then(|f| f.fingerprint.as_deref()),
+        Some(fingerprint.as_str())
+    );
+    let mut succeeded = audit[0].succeeded.clone();
+    succeeded.sort();
+    assert_eq!(succeeded, want);
+    assert!(audit[0].failed.is_empty());
+    assert_eq!(audit[1].actor, "alice");
+    assert_eq!(audit[1].action, "replay");
+    assert_eq!(
+        audit[1].reason.as_deref(),
+        Some("customer unknown-0 created")
+    );
+    assert_eq!(audit[1].selection.ids, std::slice::from_ref(&first.id));
+    assert_eq!(audit[1].succeeded, std::slice::from_ref(&first.id));
+    assert!(audit[1].failed.is_empty());
+    assert!(audit[1].at <= audit[0].at);
+
+    stop.send(()).ok();
+    let report = worker.await.expect("worker");
+    assert_eq!(report.rejected, 0, "{report:?}");
 }
