@@ -6,10 +6,16 @@
 //! - `envelope`: structured JSON, binary (headers) mode and typed payloads;
 //! - `propagation`: W3C trace-context inject/extract and typed headers;
 //! - `memory_transport`: publish -> ack throughput on the in-memory
-//!   transport, raw and through the consumer `Worker`.
+//!   transport, raw and through the consumer `Worker`;
+//! - `kafka_throughput` and `rabbitmq_throughput`: the side-by-side load
+//!   harness ([`load`]): adapter against raw rdkafka / raw lapin on the same
+//!   broker, publish and consume, printed as ratios (results in
+//!   `docs/benchmarks.md`).
 //!
 //! Run them with `cargo bench -p surety-benches`, or once each as a smoke
 //! test with `cargo test -p surety-benches --benches`.
+
+pub mod load;
 
 use serde::{Deserialize, Serialize};
 use surety_core::headers::keys;

@@ -1,0 +1,681 @@
+//! Kafka throughput: surety-kafka's `KafkaTransport` against raw rdkafka on
+//! the same broker, in one process, in interleaved rounds (see
+//! `surety_benches::load` and `docs/benchmarks.md`).
+//!
+//! - **publish**: N records with all confirmations in flight (librdkafka's
+//!   queue is the window). Raw: a `FutureProducer` with the adapter's
+//!   producer settings (`enable.idempotence=true`, `acks=all`,
+//!   `message.timeout.ms=30000`) sending pre-encoded records with the bytes
+//!   the adapter writes (key, CloudEvents `ce_*` headers, payload) and
+//!   awaiting every `DeliveryFuture`. Adapter: `KafkaTransport::send` per
+//!   envelope, then every `Confirmation`. Clock: first send to last confirm.
+//!   A third run, **publish (raw encodes too)**, is the raw producer encoding
+//!   each envelope into that record on the clock (`Envelope::to_binary` and
+//!   the record headers), which is what a raw client sending the same
+//!   CloudEvents record must do: against it, the ratio is the cost of the
+//!   adapter's own plumbing.
+//! - **consume**: N records (in the adapter's format) pre-produced to a
+//!   fresh topic, then consumed by fresh groups with per-message offset
+//!   storage, one after the other. Raw: a `StreamConsumer` with the
+//!   adapter's consumer settings (`enable.auto.commit=true`,
+//!   `enable.auto.offset.store=false`, `auto.offset.reset=earliest`) calling
+//!   `store_offset_from_message` per message. Adapter: the `Subscriber`
+//!   stream, `Delivery::ack` per message, once with the default
+//!   `consumer_buffer` (256) and once with a buffer of N, so that the
+//!   consumer never pauses. Clock: first message received to the last one
+//!   settled (the group join is not measured).
+//!
+//! The consume topic is pre-produced one record per batch: tansu 0.6 answers
+//! a fetch that starts inside a record batch with the *next* batch, so a
+//! consumer that resumes or seeks into a batch (as the adapter's consumer
+//! does when it pauses) skips records and, at the end of the log, stalls.
+//! Real Kafka returns the containing batch.
+//!
+//! `cargo bench -p surety-benches --bench kafka_throughput` for the full
+//! run; `cargo test -p surety-benches --benches` for a smoke run. Needs
+//! `SURETY_KAFKA_BROKERS` (skipped without, unless `SURETY_REQUIRE_SERVICES`
+//! is set). Topics are deleted at the end.
+
+use std::convert::identity;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use surety_benches::load::{
+    Clock, Comparison, Mode, Report, Sample, Settings, Window, envelopes, init_logging, stalled,
+    unique_suffix, within,
+};
+use surety_core::{Close, Envelope, Publisher, Subscriber};
+use surety_kafka::{KafkaConfig, KafkaTransport};
+use surety_testkit::services;
+
+/// Messages per publish measurement in a full run.
+const PUBLISH_MESSAGES: usize = 100_000;
+/// Messages per consume measurement in a full run.
+const CONSUME_MESSAGES: usize = 20_000;
+/// Measured rounds in a full run.
+const ROUNDS: usize = 4;
+/// Partitions of every benchmark topic.
+const PARTITIONS: i32 = 4;
+/// Upper bound on any one step; a stuck step fails the run.
+const STEP_LIMIT: Duration = Duration::from_secs(600);
+/// How long the cluster gets to answer admin and metadata requests.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The adapter's default delivery timeout, as librdkafka milliseconds.
+const MESSAGE_TIMEOUT_MS: &str = "30000";
+/// The adapter's default `consumer_buffer`.
+const DEFAULT_BUFFER: usize = 256;
+
+fn main() {
+    init_logging();
+    let mode = Mode::from_args();
+    let Some(brokers) = services::require(services::kafka_brokers()) else {
+        return;
+    };
+    let settings = Settings::from_env(mode, PUBLISH_MESSAGES, CONSUME_MESSAGES, ROUNDS);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    // On a worker thread, like a service's own tasks (block_on would run it
+    // on the main thread, outside the worker pool).
+    let report = runtime
+        .block_on(runtime.spawn(run(brokers, settings)))
+        .expect("the benchmark task");
+    println!("{report}");
+}
+
+/// A record as the adapter writes it, encoded before the clock starts.
+struct RawRecord {
+    key: Option<String>,
+    headers: OwnedHeaders,
+    payload: Bytes,
+}
+
+/// The adapter's wire format (`KafkaTransport::send`): partition key as the
+/// record key, `Envelope::to_binary` headers as record headers.
+fn raw_record(envelope: Envelope) -> RawRecord {
+    let (headers, payload) = envelope.to_binary();
+    let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+    for (key, value) in headers.iter() {
+        owned = owned.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        });
+    }
+    RawRecord {
+        key: envelope.partition_key,
+        headers: owned,
+        payload,
+    }
+}
+
+/// [`raw_record`] for each envelope.
+fn raw_records(envelopes: Vec<Envelope>) -> Vec<RawRecord> {
+    envelopes.into_iter().map(raw_record).collect()
+}
+
+/// A producer with the adapter's producer settings plus `extra`.
+fn producer(brokers: &str, client_id: &str, extra: &[(&str, &str)]) -> FutureProducer {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("client.id", client_id)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", MESSAGE_TIMEOUT_MS);
+    for (key, value) in extra {
+        config.set(*key, *value);
+    }
+    config.create().expect("a raw Kafka producer")
+}
+
+async fn connect(config: KafkaConfig) -> KafkaTransport {
+    within(STEP_LIMIT, "connecting the adapter", async {
+        KafkaTransport::connect(config)
+            .await
+            .expect("the adapter connects to Kafka")
+    })
+    .await
+}
+
+struct Bench {
+    brokers: String,
+    settings: Settings,
+    run: String,
+    admin: AdminClient<DefaultClientContext>,
+    /// The raw client under test.
+    raw_producer: FutureProducer,
+    /// Fills consume topics one record per batch (see the module docs).
+    filler: FutureProducer,
+    /// The adapter with its defaults.
+    adapter: KafkaTransport,
+    /// The adapter with a consumer buffer that holds a whole measurement.
+    unpaused: KafkaTransport,
+    /// Every topic created, deleted at the end.
+    topics: Mutex<Vec<String>>,
+}
+
+/// The three publish measurements of a round.
+struct Published {
+    raw: Sample,
+    encoded: Sample,
+    adapter: Sample,
+}
+
+/// The three consume measurements of a round.
+struct Consumed {
+    raw: Sample,
+    adapter: Sample,
+    unpaused: Sample,
+}
+
+async fn run(brokers: String, settings: Settings) -> Report {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("client.id", "surety-bench-admin")
+        .create()
+        .expect("a Kafka admin client");
+    let config = KafkaConfig::new(&brokers)
+        .client_id("surety-bench")
+        .create_missing_topics(PARTITIONS)
+        .replication_factor(1);
+    let big_buffer = settings.consume_messages.max(settings.warmup);
+    let bench = Bench {
+        brokers: brokers.clone(),
+        settings: settings.clone(),
+        run: unique_suffix(),
+        admin,
+        raw_producer: producer(&brokers, "surety-bench-raw", &[]),
+        filler: producer(
+            &brokers,
+            "surety-bench-filler",
+            // One record per produce request is slow: give it time.
+            &[
+                ("batch.num.messages", "1"),
+                ("linger.ms", "0"),
+                ("message.timeout.ms", "600000"),
+            ],
+        ),
+        adapter: connect(config.clone()).await,
+        unpaused: connect(
+            config
+                .client_id("surety-bench-unpaused")
+                .consumer_buffer(big_buffer),
+        )
+        .await,
+        topics: Mutex::new(Vec::new()),
+    };
+
+    let mut publish = Comparison::new("publish");
+    let mut publish_encoded = Comparison::new("publish (raw encodes too)");
+    let mut consume = Comparison::new(format!("consume, buffer {DEFAULT_BUFFER} (default)"));
+    let mut consume_unpaused = Comparison::new(format!("consume, buffer {big_buffer}"));
+    if settings.warmup > 0 {
+        println!(
+            "warm-up ({} messages per path, not reported)",
+            settings.warmup
+        );
+        if settings.runs("publish") {
+            bench.publish_round(0, settings.warmup).await;
+        }
+        if settings.runs("consume") {
+            bench.consume_round(0, settings.warmup).await;
+        }
+    }
+    for round in 1..=settings.rounds {
+        if settings.runs("publish") {
+            let published = bench.publish_round(round, settings.publish_messages).await;
+            publish.record(round, published.raw, published.adapter);
+            publish_encoded.record(round, published.encoded, published.adapter);
+        }
+        if !settings.runs("consume") {
+            continue;
+        }
+        let consumed = bench.consume_round(round, settings.consume_messages).await;
+        consume.record(round, consumed.raw, consumed.adapter);
+        consume_unpaused.record(round, consumed.raw, consumed.unpaused);
+    }
+    bench.finish().await;
+
+    Report {
+        title: format!("Kafka at {brokers}: surety-kafka vs raw rdkafka"),
+        settings: vec![
+            format!(
+                "publish {} / consume {} messages per measurement, {} B payload, {} partition keys, \
+                 {PARTITIONS} partitions, replication 1",
+                settings.publish_messages,
+                settings.consume_messages,
+                settings.payload,
+                settings.keys
+            ),
+            "publish: all in flight (librdkafka queue); enable.idempotence=true, acks=all, \
+             librdkafka default batching"
+                .to_owned(),
+            "consume: fresh group per measurement, offset stored per message, auto-commit; topic \
+             pre-produced one record per batch (tansu)"
+                .to_owned(),
+            format!(
+                "{} rounds, median; raw and adapter alternate which goes first",
+                settings.rounds
+            ),
+        ],
+        rows: vec![publish, publish_encoded, consume, consume_unpaused],
+        mode: settings.mode,
+        control: settings.control,
+    }
+}
+
+impl Bench {
+    fn name(&self, what: &str, round: usize) -> String {
+        format!("surety-bench.{}.r{round}.{what}", self.run)
+    }
+
+    /// A pause between measurements, for background work (commits, group
+    /// leaves, the broker's own) to settle.
+    async fn pause(&self) {
+        if self.settings.mode == Mode::Full {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Publishes `n` raw (pre-encoded records), `n` raw encoding each
+    /// envelope on the clock, and `n` through the adapter, each to a fresh
+    /// topic known to its producer before the clock starts. Odd rounds start
+    /// raw, even rounds end raw.
+    async fn publish_round(&self, round: usize, n: usize) -> Published {
+        let (payload, keys) = (self.settings.payload, self.settings.keys);
+        let raw_topic = self.name("publish-raw", round);
+        let encoded_topic = self.name("publish-encoded", round);
+        let adapter_topic = self.name("publish-adapter", round);
+        self.create_topics(&[&raw_topic, &encoded_topic, &adapter_topic])
+            .await;
+        within(STEP_LIMIT, "checking the adapter's topic", async {
+            self.adapter
+                .ensure_topic(&adapter_topic)
+                .await
+                .expect("the adapter sees its topic");
+        })
+        .await;
+
+        let raw = async {
+            let records = raw_records(envelopes(n, payload, keys));
+            within(
+                STEP_LIMIT,
+                "raw publish",
+                raw_publish(&self.raw_producer, &raw_topic, records, identity, n),
+            )
+            .await
+        };
+        let encoded = async {
+            let batch = envelopes(n, payload, keys);
+            within(
+                STEP_LIMIT,
+                "raw publish, encoding",
+                raw_publish(&self.raw_producer, &encoded_topic, batch, raw_record, n),
+            )
+            .await
+        };
+        let adapter = async {
+            if self.settings.control {
+                let records = raw_records(envelopes(n, payload, keys));
+                let publish = raw_publish(&self.raw_producer, &adapter_topic, records, identity, n);
+                return within(STEP_LIMIT, "control publish", publish).await;
+            }
+            let batch = envelopes(n, payload, keys);
+            within(
+                STEP_LIMIT,
+                "adapter publish",
+                adapter_publish(&self.adapter, &adapter_topic, batch, n),
+            )
+            .await
+        };
+        let published = if round % 2 == 1 {
+            let raw = raw.await;
+            self.pause().await;
+            let encoded = encoded.await;
+            self.pause().await;
+            Published {
+                raw,
+                encoded,
+                adapter: adapter.await,
+            }
+        } else {
+            let adapter = adapter.await;
+            self.pause().await;
+            let encoded = encoded.await;
+            self.pause().await;
+            Published {
+                raw: raw.await,
+                encoded,
+                adapter,
+            }
+        };
+        self.pause().await;
+        published
+    }
+
+    /// Pre-produces `n` records to a fresh topic, then consumes them raw,
+    /// through the adapter and through the unpaused adapter, each as a fresh
+    /// group. Odd rounds start raw, even rounds end raw.
+    async fn consume_round(&self, round: usize, n: usize) -> Consumed {
+        let (payload, keys) = (self.settings.payload, self.settings.keys);
+        let topic = self.name("consume", round);
+        self.create_topics(&[&topic]).await;
+        let records = raw_records(envelopes(n, payload, keys));
+        within(
+            STEP_LIMIT,
+            "pre-producing for consume",
+            raw_publish(&self.filler, &topic, records, identity, n),
+        )
+        .await;
+
+        let raw_group = self.name("raw", round);
+        let adapter_group = self.name("adapter", round);
+        let unpaused_group = self.name("unpaused", round);
+        let raw = async {
+            within(
+                STEP_LIMIT,
+                "raw consume",
+                raw_consume(&self.brokers, &topic, &raw_group, n),
+            )
+            .await
+        };
+        let adapter = async {
+            if self.settings.control {
+                let consume = raw_consume(&self.brokers, &topic, &adapter_group, n);
+                return within(STEP_LIMIT, "control consume", consume).await;
+            }
+            within(
+                STEP_LIMIT,
+                "adapter consume",
+                adapter_consume(&self.adapter, &topic, &adapter_group, n),
+            )
+            .await
+        };
+        let unpaused = async {
+            if self.settings.control {
+                let consume = raw_consume(&self.brokers, &topic, &unpaused_group, n);
+                return within(STEP_LIMIT, "control consume", consume).await;
+            }
+            within(
+                STEP_LIMIT,
+                "unpaused adapter consume",
+                adapter_consume(&self.unpaused, &topic, &unpaused_group, n),
+            )
+            .await
+        };
+        let consumed = if round % 2 == 1 {
+            let raw = raw.await;
+            self.pause().await;
+            let adapter = adapter.await;
+            self.pause().await;
+            Consumed {
+                raw,
+                adapter,
+                unpaused: unpaused.await,
+            }
+        } else {
+            let unpaused = unpaused.await;
+            self.pause().await;
+            let adapter = adapter.await;
+            self.pause().await;
+            Consumed {
+                raw: raw.await,
+                adapter,
+                unpaused,
+            }
+        };
+        self.pause().await;
+        consumed
+    }
+
+    /// Creates `topics` and waits until the raw producer sees their leaders.
+    async fn create_topics(&self, topics: &[&str]) {
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|t| NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1)))
+            .collect();
+        let options = AdminOptions::new()
+            .operation_timeout(Some(ADMIN_TIMEOUT))
+            .request_timeout(Some(ADMIN_TIMEOUT));
+        let results = within(STEP_LIMIT, "creating topics", async {
+            self.admin
+                .create_topics(new.iter(), &options)
+                .await
+                .expect("the admin client creates topics")
+        })
+        .await;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => panic!("creating topic {topic} failed: {code}"),
+            }
+        }
+        self.topics
+            .lock()
+            .expect("the topic list")
+            .extend(topics.iter().map(|t| (*t).to_owned()));
+        for topic in topics {
+            self.wait_for_leaders(topic).await;
+        }
+    }
+
+    /// Polls the raw producer's metadata until `topic` has all its
+    /// partitions with leaders; this also puts the topic into the raw
+    /// producer's cache, as `ensure_topic` does for the adapter.
+    async fn wait_for_leaders(&self, topic: &str) {
+        let deadline = Instant::now() + STEP_LIMIT;
+        loop {
+            let producer = self.raw_producer.clone();
+            let name = topic.to_owned();
+            let ready = tokio::task::spawn_blocking(move || {
+                let metadata = producer
+                    .client()
+                    .fetch_metadata(Some(&name), ADMIN_TIMEOUT)
+                    .ok()?;
+                let found = metadata.topics().iter().find(|t| t.name() == name)?;
+                let complete = found.error().is_none()
+                    && found.partitions().len() == PARTITIONS as usize
+                    && found.partitions().iter().all(|p| p.leader() >= 0);
+                complete.then_some(())
+            })
+            .await
+            .expect("a metadata request");
+            if ready.is_some() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "topic {topic} has no leaders after {STEP_LIMIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Closes the adapters and producers, then deletes every topic of the
+    /// run. Deleting a topic while a client still has it in its metadata
+    /// cache crashed librdkafka 2.12.1 against tansu (SIGSEGV in
+    /// `rd_kafka_metadata_cache_find`), so deletion waits for the clients.
+    async fn finish(self) {
+        within(STEP_LIMIT, "closing the adapters", async {
+            self.adapter.close().await.expect("the adapter closes");
+            self.unpaused.close().await.expect("the adapter closes");
+        })
+        .await;
+        let Self {
+            admin,
+            raw_producer,
+            filler,
+            adapter,
+            unpaused,
+            topics,
+            ..
+        } = self;
+        drop((adapter, unpaused));
+        tokio::task::spawn_blocking(move || drop((raw_producer, filler)))
+            .await
+            .expect("the producers close");
+        let topics = topics.into_inner().expect("the topic list");
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let options = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
+        match admin.delete_topics(&names, &options).await {
+            Ok(results) => {
+                for result in results {
+                    if let Err((topic, code)) = result {
+                        eprintln!("note: deleting topic {topic} failed: {code}");
+                    }
+                }
+            }
+            Err(err) => eprintln!("note: deleting the benchmark topics failed: {err}"),
+        }
+    }
+}
+
+/// Sends `items`, each turned into a record by `encode` (on the clock), with
+/// up to `window` deliveries in flight and awaits them.
+async fn raw_publish<T>(
+    producer: &FutureProducer,
+    topic: &str,
+    items: Vec<T>,
+    encode: impl Fn(T) -> RawRecord,
+    window: usize,
+) -> Sample {
+    let n = items.len();
+    let mut in_flight = Window::new(window);
+    let check = |delivered: <DeliveryFuture as Future>::Output| match delivered {
+        Ok(Ok(_)) => {}
+        Ok(Err((err, _))) => panic!("raw publish failed: {err}"),
+        Err(_) => panic!("raw publish: the producer dropped the delivery"),
+    };
+    let clock = Clock::start();
+    for item in items {
+        let record = encode(item);
+        let mut out = FutureRecord::<str, [u8]>::to(topic)
+            .payload(record.payload.as_ref())
+            .headers(record.headers);
+        if let Some(key) = &record.key {
+            out = out.key(key.as_str());
+        }
+        let delivery = loop {
+            match producer.send_result(out) {
+                Ok(delivery) => break delivery,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // The adapter's backpressure, the same way.
+                    out = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((err, _)) => panic!("raw publish failed: {err}"),
+            }
+        };
+        if let Some(done) = in_flight.push(delivery).await {
+            check(done);
+        }
+    }
+    while let Some(done) = in_flight.next().await {
+        check(done);
+    }
+    clock.stop(n)
+}
+
+/// Sends `batch` through the adapter with up to `window` confirmations in
+/// flight and awaits them.
+async fn adapter_publish(
+    adapter: &KafkaTransport,
+    topic: &str,
+    batch: Vec<Envelope>,
+    window: usize,
+) -> Sample {
+    let n = batch.len();
+    let mut in_flight = Window::new(window);
+    let clock = Clock::start();
+    for envelope in batch {
+        let confirmation = adapter
+            .send(topic, envelope)
+            .await
+            .expect("the adapter sends");
+        if let Some(done) = in_flight.push(confirmation).await {
+            done.expect("the adapter's publish is confirmed");
+        }
+    }
+    while let Some(done) = in_flight.next().await {
+        done.expect("the adapter's publish is confirmed");
+    }
+    clock.stop(n)
+}
+
+/// Consumes `n` messages of `topic` as a fresh `group`, storing each offset.
+async fn raw_consume(brokers: &str, topic: &str, group: &str, n: usize) -> Sample {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("client.id", format!("surety-bench-raw-{group}"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .create()
+        .expect("a raw Kafka consumer");
+    consumer.subscribe(&[topic]).expect("raw subscribe");
+    let mut bytes = 0usize;
+    let sample = {
+        let mut stream = consumer.stream();
+        let mut clock = Clock::start();
+        for received in 0..n {
+            let message = stalled(stream.next(), "raw", received, n)
+                .await
+                .expect("Kafka streams do not end")
+                .expect("a raw Kafka message");
+            bytes += message.payload().map_or(0, <[u8]>::len);
+            consumer
+                .store_offset_from_message(&message)
+                .expect("the offset is stored");
+            if received == 0 {
+                clock = Clock::start();
+            }
+        }
+        clock.stop(n - 1)
+    };
+    assert!(bytes > 0);
+    // Closing leaves the group, which blocks.
+    tokio::task::spawn_blocking(move || drop(consumer))
+        .await
+        .expect("the raw consumer closes");
+    sample
+}
+
+/// Consumes `n` messages of `topic` through the adapter as a fresh `group`,
+/// acking each.
+async fn adapter_consume(adapter: &KafkaTransport, topic: &str, group: &str, n: usize) -> Sample {
+    let mut stream = adapter
+        .subscribe(topic, group)
+        .await
+        .expect("the adapter subscribes");
+    let mut bytes = 0usize;
+    let mut clock = Clock::start();
+    for received in 0..n {
+        let delivery = stalled(stream.next(), "adapter", received, n)
+            .await
+            .expect("the subscription stays open")
+            .expect("an adapter delivery");
+        bytes += delivery.envelope().payload.len();
+        delivery.ack().await.expect("the adapter acks");
+        if received == 0 {
+            clock = Clock::start();
+        }
+    }
+    let sample = clock.stop(n - 1);
+    drop(stream);
+    assert!(bytes > 0);
+    sample
+}
