@@ -12,7 +12,9 @@
 //! returned message in it, and only then decides which publishes were
 //! unroutable. It waits for the batch to be complete by taking lapin's
 //! acknowledgement lock (through `wait_for_confirms`, polled once), which
-//! lapin holds while it resolves an ack frame.
+//! lapin holds while it resolves an ack frame. As lapin can still split one
+//! ack frame over two batches, an acked publish without a return is answered
+//! only after the next batch (or at once when nothing else is in flight).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -390,10 +392,17 @@ async fn drive(
     let mut waiting: HashMap<u64, Pending> = HashMap::new();
     let mut next_key = 0u64;
     let mut returned: HashMap<Identity, usize> = HashMap::new();
+    // Acked publishes whose return, if any, may still come with the next
+    // batch: lapin can split one ack frame over two batches.
+    let mut held: Vec<Pending> = Vec::new();
     let mut open = true;
     while open || !in_flight.is_empty() {
         tokio::select! {
             _ = &mut abandoned, if !waiting.is_empty() || open => {
+                // Acked before the loss: answer them as the broker did.
+                for pending in held.drain(..) {
+                    settle(pending, Ok(()), &mut returned, &metrics);
+                }
                 // Drain what arrived, then fail everything still waiting.
                 while let Ok(Registration { pending, .. }) = registrations.try_recv() {
                     waiting.insert(u64::MAX - waiting.len() as u64, pending);
@@ -436,8 +445,9 @@ async fn drive(
                     .into_iter()
                     .filter_map(|(key, result)| Some((waiting.remove(&key)?, result)))
                     .collect();
-                finish_batch(batch, &mut returned, &metrics);
-                if in_flight.is_empty() {
+                let last = in_flight.is_empty();
+                held = finish_batch(batch, std::mem::take(&mut held), last, &mut returned, &metrics);
+                if last {
                     // Nothing left that a stray return could belong to.
                     returned.clear();
                 }
@@ -448,11 +458,17 @@ async fn drive(
 
 type Confirmed = lapin::Result<lapin::Confirmation>;
 
+/// Settles a batch. Returns are matched first against the publishes held
+/// from the previous batch, then against this batch; acked publishes of this
+/// batch without a return are held for one more batch (or settled at once
+/// when `last`), since lapin may attach their return to a later confirm.
 fn finish_batch(
     batch: Vec<Resolved>,
+    previous: Vec<Pending>,
+    last: bool,
     returned: &mut HashMap<Identity, usize>,
     metrics: &RabbitMetrics,
-) {
+) -> Vec<Pending> {
     let mut outcomes = Vec::with_capacity(batch.len());
     for (pending, result) in batch {
         let outcome = match result {
@@ -487,7 +503,29 @@ fn finish_batch(
         };
         outcomes.push((pending, outcome));
     }
+    for pending in previous {
+        settle(pending, Ok(()), returned, metrics);
+    }
+    let mut held = Vec::new();
     for (pending, outcome) in outcomes {
+        let is_returned = returned.get(&pending.identity).is_some_and(|n| *n > 0);
+        if outcome.is_ok() && !is_returned && !last {
+            held.push(pending);
+        } else {
+            settle(pending, outcome, returned, metrics);
+        }
+    }
+    held
+}
+
+/// Answers one publish, consuming a matching return if there is one.
+fn settle(
+    pending: Pending,
+    outcome: Result<()>,
+    returned: &mut HashMap<Identity, usize>,
+    metrics: &RabbitMetrics,
+) {
+    {
         metrics.in_flight_add(-1);
         let result = outcome.and_then(|()| match returned.get_mut(&pending.identity) {
             Some(count) if *count > 0 => {
