@@ -4,7 +4,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::error::StoreError;
-use crate::metrics::IdempotencyMetrics;
+use crate::metrics::{IdempotencyMetrics, Op};
 use crate::store::DedupStore;
 
 /// Deletes keys completed longer ago than the retention, and claims whose
@@ -88,7 +88,11 @@ impl<St: DedupStore> Cleanup<St> {
         loop {
             let batch = self
                 .metrics
-                .time("purge", self.store.purge(self.retention, self.batch_size))
+                .timed(
+                    Op::Purge,
+                    true,
+                    self.store.purge(self.retention, self.batch_size),
+                )
                 .await?;
             deleted += batch;
             if batch < u64::from(self.batch_size) {
@@ -97,7 +101,10 @@ impl<St: DedupStore> Cleanup<St> {
             // Let the instance's handlers at the database between batches.
             tokio::task::yield_now().await;
         }
-        let size = self.metrics.time("size", self.store.size()).await?;
+        let size = self
+            .metrics
+            .timed(Op::Size, true, self.store.size())
+            .await?;
         self.metrics.set_store_size(size);
         if deleted > 0 {
             tracing::debug!(deleted, size, "dedup store cleanup");

@@ -50,7 +50,14 @@ pub struct EnvelopeKey;
 
 impl KeyFn for EnvelopeKey {
     fn key(&self, msg: &Incoming) -> Result<String, HandlerError> {
-        Ok(msg.envelope.dedup_key())
+        // `Envelope::dedup_key` is `format!("{} {}", source, id)`; built
+        // directly, it skips the formatting machinery on every delivery.
+        let (source, id) = (&msg.envelope.source, &msg.envelope.id);
+        let mut key = String::with_capacity(source.len() + 1 + id.len());
+        key.push_str(source);
+        key.push(' ');
+        key.push_str(id);
+        Ok(key)
     }
 }
 
@@ -60,5 +67,26 @@ where
 {
     fn key(&self, msg: &Incoming) -> Result<String, HandlerError> {
         self(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use surety_core::{DeliveryInfo, Envelope};
+
+    use super::*;
+
+    #[test]
+    fn the_envelope_key_is_the_envelopes_dedup_key() {
+        for env in [
+            Envelope::builder("/orders", "order.placed").build(),
+            Envelope::builder("", "order.placed").id("").build(),
+            Envelope::builder("urn:shop:orders", "order.placed")
+                .id("o 7")
+                .build(),
+        ] {
+            let msg = Incoming::new(env.clone(), DeliveryInfo::new("memory", "t", "g"));
+            assert_eq!(EnvelopeKey.key(&msg).unwrap(), env.dedup_key());
+        }
     }
 }

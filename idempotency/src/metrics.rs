@@ -2,6 +2,8 @@
 //! lease takeovers, busy keys, store latency and store size.
 
 use std::future::Future;
+use std::ops::Deref;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -28,6 +30,12 @@ impl ConsumeLabels {
             messaging_destination_name: info.topic.clone(),
             messaging_consumer_group_name: info.group.clone(),
         }
+    }
+
+    fn matches(&self, info: &DeliveryInfo) -> bool {
+        self.messaging_destination_name == info.topic
+            && self.messaging_consumer_group_name == info.group
+            && self.messaging_system == info.system
     }
 }
 
@@ -75,6 +83,9 @@ pub struct IdempotencyMetrics {
     busy: Family<ConsumeLabels, Counter>,
     store_duration: Family<StoreLabels, Histogram, StoreBuckets>,
     store_size: Gauge,
+    /// Series already looked up, so that recording a delivery neither
+    /// allocates label sets nor hashes them.
+    resolved: Arc<Resolved>,
 }
 
 impl Default for IdempotencyMetrics {
@@ -87,7 +98,144 @@ impl Default for IdempotencyMetrics {
             busy: Family::default(),
             store_duration: Family::new_with_constructor(StoreBuckets),
             store_size: Gauge::default(),
+            resolved: Arc::default(),
         }
+    }
+}
+
+/// A dedup store operation, as the `operation` label names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Op {
+    Claim,
+    Extend,
+    Complete,
+    Release,
+    Begin,
+    Commit,
+    Purge,
+    Size,
+}
+
+impl Op {
+    const ALL: [Op; 8] = [
+        Op::Claim,
+        Op::Extend,
+        Op::Complete,
+        Op::Release,
+        Op::Begin,
+        Op::Commit,
+        Op::Purge,
+        Op::Size,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Op::Claim => "claim",
+            Op::Extend => "extend",
+            Op::Complete => "complete",
+            Op::Release => "release",
+            Op::Begin => "begin",
+            Op::Commit => "commit",
+            Op::Purge => "purge",
+            Op::Size => "size",
+        }
+    }
+
+    fn named(name: &str) -> Option<Op> {
+        Op::ALL.into_iter().find(|op| op.as_str() == name)
+    }
+}
+
+/// How many consumers (system, topic, group) get resolved counters; the
+/// deliveries of further ones are counted through the label lookup.
+const CONSUMER_SLOTS: usize = 16;
+
+/// Pre-resolved handles into the metric families. A handle is resolved on
+/// first use, so the exposition is the same as without them: a series
+/// appears once something was recorded in it.
+#[derive(Debug, Default)]
+struct Resolved {
+    /// `store_duration` per operation, `[ok, error]`.
+    store_duration: [[OnceLock<Histogram>; 2]; Op::ALL.len()],
+    /// Counters per consumer, filled in order and never removed.
+    consumers: [OnceLock<ConsumerSeries>; CONSUMER_SLOTS],
+    /// Serialises filling a consumer slot.
+    adding: Mutex<()>,
+}
+
+/// The per-delivery counters of one consumer.
+#[derive(Debug)]
+struct ConsumerSeries {
+    labels: ConsumeLabels,
+    duplicates: OnceLock<Counter>,
+    processed: OnceLock<Counter>,
+    lease_takeovers: OnceLock<Counter>,
+    busy: OnceLock<Counter>,
+}
+
+impl ConsumerSeries {
+    fn new(info: &DeliveryInfo) -> Self {
+        Self {
+            labels: ConsumeLabels::of(info),
+            duplicates: OnceLock::new(),
+            processed: OnceLock::new(),
+            lease_takeovers: OnceLock::new(),
+            busy: OnceLock::new(),
+        }
+    }
+
+    fn inc(&self, slot: &OnceLock<Counter>, family: &Family<ConsumeLabels, Counter>) {
+        slot.get_or_init(|| family.get_or_create(&self.labels).clone())
+            .inc();
+    }
+}
+
+/// The counters of the consumer a delivery came from, looked up once per
+/// delivery (see [`IdempotencyMetrics::series`]).
+#[derive(Debug)]
+pub(crate) struct Series<'a> {
+    metrics: &'a IdempotencyMetrics,
+    consumer: SeriesRef<'a>,
+}
+
+#[derive(Debug)]
+enum SeriesRef<'a> {
+    Resolved(&'a ConsumerSeries),
+    /// Beyond [`CONSUMER_SLOTS`] consumers.
+    Own(Box<ConsumerSeries>),
+}
+
+impl Deref for SeriesRef<'_> {
+    type Target = ConsumerSeries;
+
+    fn deref(&self) -> &ConsumerSeries {
+        match self {
+            SeriesRef::Resolved(series) => series,
+            SeriesRef::Own(series) => series,
+        }
+    }
+}
+
+impl Series<'_> {
+    pub(crate) fn duplicate(&self) {
+        self.consumer
+            .inc(&self.consumer.duplicates, &self.metrics.duplicates);
+    }
+
+    pub(crate) fn processed(&self) {
+        self.consumer
+            .inc(&self.consumer.processed, &self.metrics.processed);
+    }
+
+    pub(crate) fn lease_takeover(&self) {
+        self.consumer.inc(
+            &self.consumer.lease_takeovers,
+            &self.metrics.lease_takeovers,
+        );
+    }
+
+    pub(crate) fn busy(&self) {
+        self.consumer.inc(&self.consumer.busy, &self.metrics.busy);
     }
 }
 
@@ -132,29 +280,61 @@ impl IdempotencyMetrics {
         metrics
     }
 
+    /// The counters of the consumer `info` names: resolved once and kept
+    /// for the first [`CONSUMER_SLOTS`] consumers, so that counting a
+    /// delivery is an atomic increment.
+    pub(crate) fn series(&self, info: &DeliveryInfo) -> Series<'_> {
+        let slots = &self.resolved.consumers;
+        let resolved = || {
+            slots
+                .iter()
+                .map_while(OnceLock::get)
+                .find(|series| series.labels.matches(info))
+        };
+        let consumer = match resolved() {
+            Some(series) => SeriesRef::Resolved(series),
+            None => {
+                let _adding = self
+                    .resolved
+                    .adding
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                match resolved() {
+                    Some(series) => SeriesRef::Resolved(series),
+                    None => match slots.iter().find(|slot| slot.get().is_none()) {
+                        Some(free) => {
+                            SeriesRef::Resolved(free.get_or_init(|| ConsumerSeries::new(info)))
+                        }
+                        None => SeriesRef::Own(Box::new(ConsumerSeries::new(info))),
+                    },
+                }
+            }
+        };
+        Series {
+            metrics: self,
+            consumer,
+        }
+    }
+
     /// Counts a duplicate delivery that was acknowledged without running
     /// the handler.
     pub fn duplicate(&self, info: &DeliveryInfo) {
-        self.duplicates
-            .get_or_create(&ConsumeLabels::of(info))
-            .inc();
+        self.series(info).duplicate();
     }
 
     /// Counts a message handled for the first time.
     pub fn processed(&self, info: &DeliveryInfo) {
-        self.processed.get_or_create(&ConsumeLabels::of(info)).inc();
+        self.series(info).processed();
     }
 
     /// Counts a takeover of an expired lease.
     pub fn lease_takeover(&self, info: &DeliveryInfo) {
-        self.lease_takeovers
-            .get_or_create(&ConsumeLabels::of(info))
-            .inc();
+        self.series(info).lease_takeover();
     }
 
     /// Counts a delivery sent back because its key was busy.
     pub fn busy(&self, info: &DeliveryInfo) {
-        self.busy.get_or_create(&ConsumeLabels::of(info)).inc();
+        self.series(info).busy();
     }
 
     /// Sets the store size gauge.
@@ -170,10 +350,109 @@ impl IdempotencyMetrics {
     ) -> Result<T, E> {
         let started = Instant::now();
         let result = op.await;
-        let outcome = if result.is_ok() { "ok" } else { "error" };
-        self.store_duration
-            .get_or_create(&StoreLabels { operation, outcome })
-            .observe(started.elapsed().as_secs_f64());
+        let seconds = started.elapsed().as_secs_f64();
+        match Op::named(operation) {
+            Some(known) => self.observe(known, result.is_ok(), seconds),
+            None => self
+                .store_duration
+                .get_or_create(&StoreLabels {
+                    operation,
+                    outcome: outcome(result.is_ok()),
+                })
+                .observe(seconds),
+        }
         result
+    }
+
+    /// [`time`](Self::time) for the crate's own operations, through
+    /// pre-resolved series. Without `clock`, the operation is recorded
+    /// with a duration of zero (see
+    /// [`DedupStore::in_memory`](crate::DedupStore::in_memory)).
+    pub(crate) async fn timed<T, E>(
+        &self,
+        op: Op,
+        clock: bool,
+        fut: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let started = clock.then(Instant::now);
+        let result = fut.await;
+        let seconds = started.map_or(0.0, |started| started.elapsed().as_secs_f64());
+        self.observe(op, result.is_ok(), seconds);
+        result
+    }
+
+    fn observe(&self, op: Op, ok: bool, seconds: f64) {
+        // `Op::ALL` lists the variants in declaration order.
+        self.resolved.store_duration[op as usize][usize::from(!ok)]
+            .get_or_init(|| {
+                self.store_duration
+                    .get_or_create(&StoreLabels {
+                        operation: op.as_str(),
+                        outcome: outcome(ok),
+                    })
+                    .clone()
+            })
+            .observe(seconds);
+    }
+}
+
+fn outcome(ok: bool) -> &'static str {
+    if ok { "ok" } else { "error" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exposition(registry: &Registry) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text
+    }
+
+    #[tokio::test]
+    async fn resolved_series_count_like_the_families() {
+        let mut registry = Registry::default();
+        let metrics = IdempotencyMetrics::register(&mut registry);
+        // More consumers than there are resolved slots.
+        for n in 0..CONSUMER_SLOTS + 4 {
+            let info = DeliveryInfo::new("memory", format!("topic-{n}"), "g");
+            metrics.processed(&info);
+            metrics.series(&info).processed();
+        }
+        metrics.lease_takeover(&DeliveryInfo::new("memory", "topic-0", "g"));
+        let text = exposition(&registry);
+        for n in 0..CONSUMER_SLOTS + 4 {
+            let line = format!(
+                "surety_idempotency_processed_total{{messaging_system=\"memory\",messaging_destination_name=\"topic-{n}\",messaging_consumer_group_name=\"g\"}} 2"
+            );
+            assert!(text.contains(&line), "{line} in\n{text}");
+        }
+        assert!(text.contains("surety_idempotency_lease_takeovers_total{messaging_system=\"memory\",messaging_destination_name=\"topic-0\",messaging_consumer_group_name=\"g\"} 1"));
+        assert!(
+            !text.contains("surety_idempotency_duplicates_total{"),
+            "a series appears once something is recorded in it"
+        );
+
+        metrics
+            .time("claim", async { Ok::<_, ()>(()) })
+            .await
+            .unwrap();
+        metrics
+            .timed(Op::Claim, false, async { Ok::<_, ()>(()) })
+            .await
+            .unwrap();
+        metrics
+            .timed(Op::Complete, true, async { Err::<(), _>(()) })
+            .await
+            .unwrap_err();
+        let text = exposition(&registry);
+        assert!(text.contains(
+            "surety_idempotency_store_duration_seconds_count{operation=\"claim\",outcome=\"ok\"} 2"
+        ));
+        assert!(text.contains(
+            "surety_idempotency_store_duration_seconds_count{operation=\"complete\",outcome=\"error\"} 1"
+        ));
+        assert!(!text.contains("operation=\"release\""));
     }
 }

@@ -2,17 +2,19 @@
 //! handler.
 
 use std::future::Future;
+use std::pin::pin;
 use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use surety_core::consumer::{Incoming, Outcome};
-use surety_core::{DeliveryInfo, ErrorClass, HandlerError, Publisher};
+use surety_core::{ErrorClass, HandlerError, Publisher};
 use tokio::time::Instant;
 
 use crate::error::StoreError;
 use crate::key::KeyFn;
-use crate::metrics::IdempotencyMetrics;
+use crate::metrics::{IdempotencyMetrics, Op, Series};
 use crate::policy::LeasePolicy;
 use crate::reply::Reply;
 use crate::store::{Claim, DedupStore, Lease};
@@ -38,7 +40,9 @@ pub(crate) enum Step {
 /// How a guarded handler ended.
 pub(crate) struct Finished {
     pub(crate) outcome: Outcome,
-    pub(crate) reply: Option<Reply>,
+    /// Boxed: a reply is rare next to the size it adds to every
+    /// delivery's future.
+    pub(crate) reply: Option<Box<Reply>>,
 }
 
 /// The error of a delivery whose key another delivery holds.
@@ -47,6 +51,14 @@ pub(crate) struct Finished {
 pub(crate) struct Busy {
     key: String,
     retry_after: Duration,
+}
+
+/// Where a delivery is in waiting for a busy key: started at its first
+/// `Busy`, so that deliveries that never meet one never read the clock for
+/// it.
+pub(crate) struct BusyWait {
+    deadline: Instant,
+    pause: Duration,
 }
 
 /// Shortest and longest pause between claims of a busy key.
@@ -68,26 +80,39 @@ where
 {
     /// Claims the message's key: run, skip as a duplicate (re-publishing
     /// the stored reply), or fail as busy.
-    pub(crate) async fn claim(&self, msg: &Incoming) -> Result<Step, HandlerError> {
+    pub(crate) async fn claim(
+        &self,
+        msg: &Incoming,
+        series: &Series<'_>,
+    ) -> Result<Step, HandlerError> {
         let key = self.key.key(msg)?;
-        let (deadline, mut pause) = self.busy_deadline();
+        let mut busy = None;
         loop {
             let claim = self
                 .metrics
-                .time("claim", self.store.claim(&key, self.policy.lease()))
+                .timed(
+                    Op::Claim,
+                    !self.store.in_memory(),
+                    self.store.claim(&key, self.policy.lease()),
+                )
                 .await
                 .map_err(store_failure)?;
             match claim {
                 Claim::Acquired(lease) => {
-                    self.took_over(&msg.info, &key, &lease);
+                    self.took_over(series, &key, &lease);
                     return Ok(Step::Run { key, lease });
                 }
+                // The rarer paths are boxed, so that the future of every
+                // delivery stays small (it is moved into a box and polled
+                // once per message).
                 Claim::Done { reply } => {
-                    return self.duplicate(&msg.info, &key, reply).await.map(Step::Skip);
+                    return Box::pin(self.duplicate(series, &key, reply))
+                        .await
+                        .map(Step::Skip);
                 }
                 Claim::Busy { retry_after } => {
-                    self.wait_busy(&msg.info, &key, retry_after, deadline, &mut pause)
-                        .await?;
+                    let wait = busy.get_or_insert_with(|| self.busy_wait());
+                    Box::pin(self.wait_busy(series, &key, retry_after, wait)).await?;
                 }
             }
         }
@@ -96,15 +121,15 @@ where
     /// Acknowledges a duplicate: counts it and publishes its stored reply.
     pub(crate) async fn duplicate(
         &self,
-        info: &DeliveryInfo,
+        series: &Series<'_>,
         key: &str,
         reply: Option<Bytes>,
     ) -> Result<Outcome, HandlerError> {
-        self.metrics.duplicate(info);
+        series.duplicate();
         tracing::debug!(dedup_key = %key, "duplicate delivery; the handler does not run");
         if let Some(bytes) = reply {
             let reply = Reply::decode(&bytes).map_err(store_failure)?;
-            self.publish_reply(reply).await?;
+            self.publish_reply(Box::new(reply)).await?;
         }
         Ok(Outcome::Duplicate)
     }
@@ -113,14 +138,14 @@ where
     /// lasts, or fails with a transient error.
     pub(crate) async fn wait_busy(
         &self,
-        info: &DeliveryInfo,
+        series: &Series<'_>,
         key: &str,
         retry_after: Duration,
-        deadline: Instant,
-        pause: &mut Duration,
+        wait: &mut BusyWait,
     ) -> Result<(), HandlerError> {
-        if Instant::now() + *pause > deadline {
-            self.metrics.busy(info);
+        let BusyWait { deadline, pause } = wait;
+        if Instant::now() + *pause > *deadline {
+            series.busy();
             let retry_after = retry_after.max(BUSY_POLL_MIN);
             return Err(HandlerError::with_class(
                 ErrorClass::Transient {
@@ -137,15 +162,18 @@ where
         Ok(())
     }
 
-    /// When a busy wait that starts now ends, and its first pause.
-    pub(crate) fn busy_deadline(&self) -> (Instant, Duration) {
-        (Instant::now() + self.policy.busy_wait_for(), BUSY_POLL_MIN)
+    /// A busy wait that starts now.
+    pub(crate) fn busy_wait(&self) -> BusyWait {
+        BusyWait {
+            deadline: Instant::now() + self.policy.busy_wait_for(),
+            pause: BUSY_POLL_MIN,
+        }
     }
 
     /// Counts a takeover of an expired lease.
-    pub(crate) fn took_over(&self, info: &DeliveryInfo, key: &str, lease: &Lease) {
+    pub(crate) fn took_over(&self, series: &Series<'_>, key: &str, lease: &Lease) {
         if lease.took_over {
-            self.metrics.lease_takeover(info);
+            series.lease_takeover();
             tracing::warn!(
                 dedup_key = %key,
                 "took over an expired lease: the previous holder died or stalled"
@@ -157,10 +185,10 @@ where
     /// counts it and publishes its reply.
     pub(crate) async fn committed(
         &self,
-        info: &DeliveryInfo,
-        reply: Option<Reply>,
+        series: &Series<'_>,
+        reply: Option<Box<Reply>>,
     ) -> Result<Outcome, HandlerError> {
-        self.metrics.processed(info);
+        series.processed();
         if let Some(reply) = reply {
             self.publish_reply(reply).await?;
         }
@@ -168,23 +196,28 @@ where
     }
 
     /// Runs `handler` while renewing the lease, if the policy says so.
+    ///
+    /// A handler that finishes on its first poll (no I/O) gets no timer at
+    /// all; one that waits is raced against one boxed renewal future that
+    /// sleeps a renewal period, extends, and sleeps again (no task, no
+    /// `Interval`).
     pub(crate) async fn hold<F: Future>(&self, key: &str, lease: &Lease, handler: F) -> F::Output {
         let Some(every) = self.policy.renew_every() else {
             return handler.await;
         };
-        tokio::pin!(handler);
-        // A handler that finishes without waiting needs no renewal timer.
+        let mut handler = pin!(handler);
         if let Poll::Ready(out) = futures::poll!(handler.as_mut()) {
             return out;
         }
-        let renew = async {
-            let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
+        // Boxed: only handlers that wait pay for the renewal's state.
+        let mut renew = Box::pin(async {
             loop {
-                ticks.tick().await;
+                tokio::time::sleep(every).await;
                 let extended = self
                     .metrics
-                    .time(
-                        "extend",
+                    .timed(
+                        Op::Extend,
+                        !self.store.in_memory(),
                         self.store.extend(key, &lease.token, self.policy.lease()),
                     )
                     .await;
@@ -202,8 +235,7 @@ where
                     }
                 }
             }
-        };
-        tokio::pin!(renew);
+        });
         let mut renewing = true;
         loop {
             tokio::select! {
@@ -217,7 +249,7 @@ where
     /// the reply, and counts.
     pub(crate) async fn finish(
         &self,
-        info: &DeliveryInfo,
+        series: &Series<'_>,
         key: &str,
         lease: &Lease,
         result: Result<Finished, HandlerError>,
@@ -225,7 +257,7 @@ where
         let finished = match result {
             Ok(finished) => finished,
             Err(err) => {
-                self.release(key, lease).await;
+                Box::pin(self.release(key, lease)).await;
                 return Err(err);
             }
         };
@@ -233,17 +265,17 @@ where
             // Scheduled for a retry or dead-lettered by an inner layer: the
             // message was not handled, and a later delivery (a retry, a
             // replay from the dead-letter queue) must run it.
-            self.release(key, lease).await;
+            Box::pin(self.release(key, lease)).await;
             return Ok(finished.outcome);
         }
         let stored = finished
             .reply
             .as_ref()
-            .map(Reply::encode)
+            .map(|reply| reply.encode())
             .transpose()
             .map_err(store_failure)?;
         self.complete(key, lease, stored.as_deref()).await?;
-        self.committed(info, finished.reply).await?;
+        self.committed(series, finished.reply).await?;
         Ok(finished.outcome)
     }
 
@@ -257,7 +289,11 @@ where
         loop {
             let completed = self
                 .metrics
-                .time("complete", self.store.complete(key, &lease.token, reply))
+                .timed(
+                    Op::Complete,
+                    !self.store.in_memory(),
+                    self.store.complete(key, &lease.token, reply),
+                )
                 .await;
             match completed {
                 Ok(()) => return Ok(()),
@@ -271,7 +307,7 @@ where
                 }
                 Err(err) => {
                     tracing::warn!(dedup_key = %key, error = %err, attempt, "marking a message done failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(20) * attempt).await;
+                    Box::pin(tokio::time::sleep(Duration::from_millis(20) * attempt)).await;
                     attempt += 1;
                 }
             }
@@ -281,7 +317,11 @@ where
     async fn release(&self, key: &str, lease: &Lease) {
         let released = self
             .metrics
-            .time("release", self.store.release(key, &lease.token))
+            .timed(
+                Op::Release,
+                !self.store.in_memory(),
+                self.store.release(key, &lease.token),
+            )
             .await;
         if let Err(err) = released {
             // The lease expires on its own; the next delivery waits for it.
@@ -289,12 +329,15 @@ where
         }
     }
 
-    async fn publish_reply(&self, reply: Reply) -> Result<(), HandlerError> {
-        let Reply { topic, envelope } = reply;
-        self.publisher
-            .publish(&topic, envelope)
-            .await
-            .map(drop)
-            .map_err(HandlerError::new)
+    /// Boxed, like every path that not every delivery takes.
+    fn publish_reply(&self, reply: Box<Reply>) -> BoxFuture<'_, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let Reply { topic, envelope } = *reply;
+            self.publisher
+                .publish(&topic, envelope)
+                .await
+                .map(drop)
+                .map_err(HandlerError::new)
+        })
     }
 }

@@ -83,19 +83,24 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let guard = Arc::clone(&self.guard);
         Box::pin(async move {
-            let (key, lease) = match guard.claim(&msg).await? {
+            // The consumer's counters, looked up now: the handler takes the
+            // message (and its delivery info) by value.
+            let series = guard.metrics.series(&msg.info);
+            let (key, lease) = match guard.claim(&msg, &series).await? {
                 Step::Skip(outcome) => return Ok(outcome),
                 Step::Run { key, lease } => (key, lease),
             };
-            let info = msg.info.clone();
             let result = guard
                 .hold(&key, &lease, inner.call(msg))
                 .await
                 .map(|response| {
                     let (outcome, reply) = response.into_parts();
-                    Finished { outcome, reply }
+                    Finished {
+                        outcome,
+                        reply: reply.map(Box::new),
+                    }
                 });
-            guard.finish(&info, &key, &lease, result).await
+            guard.finish(&series, &key, &lease, result).await
         })
     }
 }

@@ -14,6 +14,7 @@ use tower::Service;
 use super::{Committed, InboxTx, TransactionalStore};
 use crate::idempotent::{Guard, IdempotencyLayer};
 use crate::key::KeyFn;
+use crate::metrics::Op;
 use crate::store::Claim;
 
 /// A handler built by [`IdempotencyLayer::inbox`]: opens a transaction,
@@ -126,17 +127,22 @@ where
         let guard = Arc::clone(&self.guard);
         let f = self.f.clone();
         Box::pin(async move {
+            let series = guard.metrics.series(&msg.info);
             let key = guard.key.key(&msg)?;
-            let (deadline, mut pause) = guard.busy_deadline();
+            let mut busy = None;
             let (tx, lease) = loop {
                 let mut tx = guard
                     .metrics
-                    .time("begin", guard.store.begin())
+                    .timed(Op::Begin, !guard.store.in_memory(), guard.store.begin())
                     .await
                     .map_err(HandlerError::new)?;
                 let claim = guard
                     .metrics
-                    .time("claim", guard.store.claim_in(&mut tx, &key))
+                    .timed(
+                        Op::Claim,
+                        !guard.store.in_memory(),
+                        guard.store.claim_in(&mut tx, &key),
+                    )
                     .await
                     .map_err(HandlerError::new)?;
                 match claim {
@@ -145,20 +151,18 @@ where
                         // Nothing was written; an error here only means the
                         // connection is gone, which rolls back too.
                         let _ = tx.rollback().await;
-                        return guard.duplicate(&msg.info, &key, reply).await;
+                        return guard.duplicate(&series, &key, reply).await;
                     }
                     Claim::Busy { retry_after } => {
                         // A claim outside any transaction holds the key
                         // (the plain layer on the same store).
                         let _ = tx.rollback().await;
-                        guard
-                            .wait_busy(&msg.info, &key, retry_after, deadline, &mut pause)
-                            .await?;
+                        let wait = busy.get_or_insert_with(|| guard.busy_wait());
+                        guard.wait_busy(&series, &key, retry_after, wait).await?;
                     }
                 }
             };
-            guard.took_over(&msg.info, &key, &lease);
-            let info = msg.info.clone();
+            guard.took_over(&series, &key, &lease);
             let tx = InboxTx::new(
                 tx,
                 guard.store.clone(),
@@ -169,7 +173,9 @@ where
             // On error the transaction was dropped with `f`'s future: the
             // claim, the mark and the business write roll back together.
             let committed = f(msg, tx).await.map_err(HandlerError::new)?;
-            guard.committed(&info, committed.reply).await
+            guard
+                .committed(&series, committed.reply.map(Box::new))
+                .await
         })
     }
 }

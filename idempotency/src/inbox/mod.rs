@@ -39,7 +39,7 @@ use sqlx::{Database, Transaction};
 pub use handler::InboxHandler;
 
 use crate::error::StoreError;
-use crate::metrics::IdempotencyMetrics;
+use crate::metrics::{IdempotencyMetrics, Op};
 use crate::reply::Reply;
 use crate::store::{Claim, DedupStore, LeaseToken};
 
@@ -195,23 +195,29 @@ impl<St: TransactionalStore> InboxTx<St> {
         self.finish(Some(reply)).await
     }
 
-    async fn finish(mut self, reply: Option<Reply>) -> Result<Committed, StoreError> {
-        let metrics = self.metrics.clone();
+    async fn finish(self, reply: Option<Reply>) -> Result<Committed, StoreError> {
+        let Self {
+            mut tx,
+            store,
+            key,
+            token,
+            metrics,
+        } = self;
         // The key was marked done by the claim in this transaction; only a
         // reply needs another statement.
         if let Some(reply) = &reply {
             let stored = reply.encode()?;
             metrics
-                .time(
-                    "complete",
-                    self.store
-                        .complete_in(&mut self.tx, &self.key, &self.token, Some(&stored)),
+                .timed(
+                    Op::Complete,
+                    !store.in_memory(),
+                    store.complete_in(&mut tx, &key, &token, Some(&stored)),
                 )
                 .await?;
         }
         metrics
-            .time("commit", async {
-                self.tx.commit().await.map_err(StoreError::from)
+            .timed(Op::Commit, !store.in_memory(), async {
+                tx.commit().await.map_err(StoreError::from)
             })
             .await?;
         Ok(Committed { reply })

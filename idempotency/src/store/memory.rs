@@ -1,7 +1,7 @@
 //! [`MemoryStore`]: a bounded in-memory dedup store for tests, examples and
 //! single-process deployments.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, VecDeque, hash_map};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -47,13 +47,19 @@ pub struct MemoryStore {
 
 struct Inner {
     capacity: usize,
-    keys: HashMap<String, Entry>,
-    /// Completed keys by completion sequence, oldest first.
-    done_order: BTreeMap<u64, String>,
+    keys: HashMap<Arc<str>, Entry>,
+    /// Completed keys in completion order, oldest first, with their
+    /// completion sequence. Completed keys leave the store only from the
+    /// front (eviction and purge take the oldest first), so this stays in
+    /// step with `keys`; an entry whose key no longer holds that sequence
+    /// is skipped all the same.
+    done_order: VecDeque<(u64, Arc<str>)>,
     next_seq: u64,
 }
 
 struct Entry {
+    /// The key again, shared with `done_order`.
+    key: Arc<str>,
     token: LeaseToken,
     state: State,
 }
@@ -81,7 +87,7 @@ impl MemoryStore {
             inner: Arc::new(Mutex::new(Inner {
                 capacity: capacity.max(1),
                 keys: HashMap::new(),
-                done_order: BTreeMap::new(),
+                done_order: VecDeque::new(),
                 next_seq: 0,
             })),
         }
@@ -109,31 +115,38 @@ impl fmt::Debug for MemoryStore {
     }
 }
 
+impl Entry {
+    fn is_done_as(&self, seq: u64) -> bool {
+        matches!(self.state, State::Done { seq: s, .. } if s == seq)
+    }
+
+    fn completed_before(&self, cutoff: Instant) -> bool {
+        matches!(self.state, State::Done { completed_at, .. } if completed_at < cutoff)
+    }
+}
+
 impl Inner {
-    fn remove(&mut self, key: &str) {
-        if let Some(Entry {
-            state: State::Done { seq, .. },
-            ..
-        }) = self.keys.remove(key)
-        {
-            self.done_order.remove(&seq);
+    /// Removes the oldest completed key, if there is one.
+    fn evict_oldest_done(&mut self) -> bool {
+        while let Some((seq, key)) = self.done_order.pop_front() {
+            if self.keys.get(&key).is_some_and(|e| e.is_done_as(seq)) {
+                self.keys.remove(&key);
+                return true;
+            }
         }
+        false
     }
 
     /// Makes room for one more key, if the store is full.
     fn make_room(&mut self, now: Instant) -> Result<(), StoreError> {
-        if self.keys.len() < self.capacity {
-            return Ok(());
-        }
-        if let Some((_, key)) = self.done_order.pop_first() {
-            self.keys.remove(&key);
+        if self.keys.len() < self.capacity || self.evict_oldest_done() {
             return Ok(());
         }
         let expired = self
             .keys
-            .iter()
-            .find(|(_, e)| matches!(e.state, State::Claimed { lease_until } if lease_until <= now))
-            .map(|(k, _)| k.clone());
+            .values()
+            .find(|e| matches!(e.state, State::Claimed { lease_until } if lease_until <= now))
+            .map(|e| Arc::clone(&e.key));
         match expired {
             Some(key) => {
                 self.keys.remove(&key);
@@ -144,10 +157,6 @@ impl Inner {
             }),
         }
     }
-
-    fn holds(&self, key: &str, token: &LeaseToken) -> bool {
-        matches!(self.keys.get(key), Some(e) if &e.token == token && matches!(e.state, State::Claimed { .. }))
-    }
 }
 
 fn lease_until(now: Instant, lease: Duration) -> Instant {
@@ -155,44 +164,52 @@ fn lease_until(now: Instant, lease: Duration) -> Instant {
         .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365))
 }
 
+fn lease_lost(key: &str) -> StoreError {
+    StoreError::LeaseLost {
+        key: key.to_owned(),
+    }
+}
+
 impl DedupStore for MemoryStore {
     async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
+        // Everything that allocates happens before the lock; a duplicate
+        // wastes it, a first delivery (the common case) keeps the lock short.
         let now = Instant::now();
+        let until = lease_until(now, lease);
+        let token = LeaseToken::generate_at(now);
+        let owned: Arc<str> = Arc::from(key);
         let mut inner = self.lock();
-        let took_over = match inner.keys.get(key) {
-            Some(Entry {
-                state: State::Done { reply, .. },
-                ..
-            }) => {
-                return Ok(Claim::Done {
-                    reply: reply.clone(),
-                });
+        let inner = &mut *inner;
+        if inner.keys.len() < inner.capacity {
+            // One hash for the common case: a key not seen before.
+            match inner.keys.entry(owned) {
+                hash_map::Entry::Vacant(vacant) => {
+                    let key = Arc::clone(vacant.key());
+                    vacant.insert(Entry {
+                        key,
+                        token: token.clone(),
+                        state: State::Claimed { lease_until: until },
+                    });
+                    Ok(Claim::Acquired(Lease::new(token, false)))
+                }
+                hash_map::Entry::Occupied(mut occupied) => {
+                    Ok(claim_existing(occupied.get_mut(), now, until, token))
+                }
             }
-            Some(Entry {
-                state: State::Claimed { lease_until },
-                ..
-            }) if *lease_until > now => {
-                return Ok(Claim::Busy {
-                    retry_after: *lease_until - now,
-                });
-            }
-            Some(_) => true,
-            None => {
-                inner.make_room(now)?;
-                false
-            }
-        };
-        let token = LeaseToken::generate();
-        inner.keys.insert(
-            key.to_owned(),
-            Entry {
-                token: token.clone(),
-                state: State::Claimed {
-                    lease_until: lease_until(now, lease),
+        } else if let Some(entry) = inner.keys.get_mut(key) {
+            Ok(claim_existing(entry, now, until, token))
+        } else {
+            inner.make_room(now)?;
+            inner.keys.insert(
+                Arc::clone(&owned),
+                Entry {
+                    key: owned,
+                    token: token.clone(),
+                    state: State::Claimed { lease_until: until },
                 },
-            },
-        );
-        Ok(Claim::Acquired(Lease::new(token, took_over)))
+            );
+            Ok(Claim::Acquired(Lease::new(token, false)))
+        }
     }
 
     async fn extend(
@@ -201,19 +218,18 @@ impl DedupStore for MemoryStore {
         token: &LeaseToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        let now = Instant::now();
+        let until = lease_until(Instant::now(), lease);
         let mut inner = self.lock();
         match inner.keys.get_mut(key) {
             Some(Entry {
                 token: held,
-                state: State::Claimed { lease_until: until },
+                state: State::Claimed { lease_until },
+                ..
             }) if held == token => {
-                *until = lease_until(now, lease);
+                *lease_until = until;
                 Ok(())
             }
-            _ => Err(StoreError::LeaseLost {
-                key: key.to_owned(),
-            }),
+            _ => Err(lease_lost(key)),
         }
     }
 
@@ -224,38 +240,38 @@ impl DedupStore for MemoryStore {
         reply: Option<&[u8]>,
     ) -> Result<(), StoreError> {
         let now = Instant::now();
+        let reply = reply.map(Bytes::copy_from_slice);
         let mut inner = self.lock();
-        if !inner.holds(key, token) {
-            return match inner.keys.get_mut(key) {
-                Some(Entry {
-                    token: held,
-                    state: State::Done { reply: stored, .. },
-                }) if held == token => {
-                    *stored = reply.map(Bytes::copy_from_slice);
-                    Ok(())
-                }
-                _ => Err(StoreError::LeaseLost {
-                    key: key.to_owned(),
-                }),
-            };
-        }
-        let seq = inner.next_seq;
-        inner.next_seq += 1;
-        inner.done_order.insert(seq, key.to_owned());
-        if let Some(entry) = inner.keys.get_mut(key) {
-            entry.state = State::Done {
-                reply: reply.map(Bytes::copy_from_slice),
-                completed_at: now,
-                seq,
-            };
+        let inner = &mut *inner;
+        let Some(entry) = inner.keys.get_mut(key).filter(|e| e.token == *token) else {
+            return Err(lease_lost(key));
+        };
+        match &mut entry.state {
+            State::Claimed { .. } => {
+                let seq = inner.next_seq;
+                inner.next_seq += 1;
+                inner.done_order.push_back((seq, Arc::clone(&entry.key)));
+                entry.state = State::Done {
+                    reply,
+                    completed_at: now,
+                    seq,
+                };
+            }
+            // Completed before with this token: the last reply wins.
+            State::Done { reply: stored, .. } => *stored = reply,
         }
         Ok(())
     }
 
     async fn release(&self, key: &str, token: &LeaseToken) -> Result<(), StoreError> {
         let mut inner = self.lock();
-        if inner.holds(key, token) {
-            inner.remove(key);
+        // Only a live claim is released; a completed key stays done.
+        if inner
+            .keys
+            .get(key)
+            .is_some_and(|e| e.token == *token && matches!(e.state, State::Claimed { .. }))
+        {
+            inner.keys.remove(key);
         }
         Ok(())
     }
@@ -267,38 +283,68 @@ impl DedupStore for MemoryStore {
         };
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         let mut inner = self.lock();
-        let mut doomed: Vec<String> = Vec::new();
-        for key in inner.done_order.values() {
-            if doomed.len() >= limit {
+        let inner = &mut *inner;
+        let mut purged = 0;
+        // Completed keys, oldest first, up to the first one young enough.
+        while purged < limit {
+            let Some((seq, key)) = inner.done_order.front() else {
                 break;
-            }
+            };
             match inner.keys.get(key) {
-                Some(Entry {
-                    state: State::Done { completed_at, .. },
-                    ..
-                }) if *completed_at < cutoff => doomed.push(key.clone()),
-                _ => break,
+                Some(entry) if entry.is_done_as(*seq) => {
+                    if !entry.completed_before(cutoff) {
+                        break;
+                    }
+                    inner.keys.remove(key);
+                    purged += 1;
+                }
+                // Not that completion any more: skip the stale entry.
+                _ => {}
             }
+            inner.done_order.pop_front();
         }
-        if doomed.len() < limit {
-            let room = limit - doomed.len();
-            doomed.extend(
-                inner
-                    .keys
-                    .iter()
-                    .filter(|(_, e)| matches!(e.state, State::Claimed { lease_until } if lease_until < cutoff))
-                    .map(|(k, _)| k.clone())
-                    .take(room),
-            );
+        if purged < limit {
+            let abandoned: Vec<Arc<str>> = inner
+                .keys
+                .values()
+                .filter(
+                    |e| matches!(e.state, State::Claimed { lease_until } if lease_until < cutoff),
+                )
+                .map(|e| Arc::clone(&e.key))
+                .take(limit - purged)
+                .collect();
+            for key in &abandoned {
+                inner.keys.remove(key);
+            }
+            purged += abandoned.len();
         }
-        for key in &doomed {
-            inner.remove(key);
-        }
-        Ok(doomed.len() as u64)
+        Ok(purged as u64)
     }
 
     async fn size(&self) -> Result<u64, StoreError> {
         Ok(self.lock().keys.len() as u64)
+    }
+
+    fn in_memory(&self) -> bool {
+        true
+    }
+}
+
+/// A claim on a key the store holds: done, busy, or an expired claim taken
+/// over with `token`.
+fn claim_existing(entry: &mut Entry, now: Instant, until: Instant, token: LeaseToken) -> Claim {
+    match &entry.state {
+        State::Done { reply, .. } => Claim::Done {
+            reply: reply.clone(),
+        },
+        State::Claimed { lease_until } if *lease_until > now => Claim::Busy {
+            retry_after: *lease_until - now,
+        },
+        State::Claimed { .. } => {
+            entry.token = token.clone();
+            entry.state = State::Claimed { lease_until: until };
+            Claim::Acquired(Lease::new(token, true))
+        }
     }
 }
 
