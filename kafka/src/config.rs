@@ -78,9 +78,22 @@ pub struct KafkaConfig {
     /// Replication factor of created topics (default: the broker's default).
     pub replication_factor: Option<i32>,
     /// How many deliveries each subscription buffers ahead of the
-    /// application (default 256). When the buffer is full the consumer
-    /// pauses its partitions, and keeps polling so that it stays in the group.
+    /// application (default 256). While the buffer is full the consumer
+    /// takes nothing more from librdkafka, whose own prefetch queue then
+    /// fills and stops fetching (bounded by the `queued.min.messages` and
+    /// `queued.max.messages.kbytes` consumer properties).
     pub consumer_buffer: usize,
+    /// How long a full buffer may go without the application taking a
+    /// delivery before the consumer pauses its partitions (default 1 s).
+    ///
+    /// Paused, the consumer polls again, so that rebalances and statistics
+    /// are served and `max.poll.interval.ms` is never exceeded, without
+    /// taking more messages. A pause discards what librdkafka had fetched,
+    /// so the consumer resumes only once the application has drained half
+    /// of the buffer. Each pause counts in
+    /// [`KafkaMetrics::consumer_pauses`]. Until then a rebalance waits for
+    /// the consumer's next poll: at most this long.
+    pub pause_after: Duration,
     /// How long [`subscribe`](surety_core::Subscriber::subscribe) waits for
     /// the consumer to join its group and receive its first assignment
     /// (default 30 s).
@@ -108,6 +121,7 @@ impl KafkaConfig {
             create_missing_topics: None,
             replication_factor: None,
             consumer_buffer: 256,
+            pause_after: Duration::from_secs(1),
             group_join_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
             metrics: KafkaMetrics::default(),
@@ -171,6 +185,13 @@ impl KafkaConfig {
     /// Sets the per-subscription buffer (0 is taken as 1).
     pub fn consumer_buffer(mut self, deliveries: usize) -> Self {
         self.consumer_buffer = deliveries.max(1);
+        self
+    }
+
+    /// Sets how long a full buffer waits for the application before the
+    /// consumer pauses its partitions.
+    pub fn pause_after(mut self, period: Duration) -> Self {
+        self.pause_after = period;
         self
     }
 

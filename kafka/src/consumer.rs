@@ -51,12 +51,14 @@ pub(crate) struct Poller {
     pub(crate) shared: Arc<Shared>,
     pub(crate) cancel: CancellationToken,
     pub(crate) drain_timeout: Duration,
+    pub(crate) pause_after: Duration,
 }
 
 enum Event {
     Shutdown,
     Wake,
     DrainTimeout,
+    HoldTimeout,
     StreamGone,
     Sent,
     Nothing,
@@ -80,13 +82,24 @@ impl Poller {
             shared,
             cancel,
             drain_timeout,
+            pause_after,
         } = self;
+        // Backpressure. While the buffer is full the loop stops taking
+        // messages from librdkafka, whose own queue then fills and stops
+        // fetching: nothing is dropped or fetched twice. Only when the
+        // application takes nothing for `pause_after` are the partitions
+        // paused, so that the loop can poll again (rebalances, statistics,
+        // `max.poll.interval.ms`) without taking more. A pause throws away
+        // what librdkafka had fetched, so it lasts until the buffer has
+        // drained to half, not until one slot is free.
+        let low_water = (tx.max_capacity() / 2).max(1);
         let mut overflow: VecDeque<Item> = VecDeque::new();
         let mut paused = false;
+        let mut hold_until: Option<Instant> = None;
         let mut draining: Option<Instant> = None;
         loop {
             if draining.is_none() {
-                // Hand over what waited for room; resume once all went.
+                // Hand over what waited for room.
                 while let Some(item) = overflow.pop_front() {
                     match tx.try_send(item) {
                         Ok(()) => {}
@@ -97,7 +110,10 @@ impl Poller {
                         Err(mpsc::error::TrySendError::Closed(_)) => break,
                     }
                 }
-                if overflow.is_empty() && paused {
+                if overflow.is_empty() {
+                    hold_until = None;
+                }
+                if paused && overflow.is_empty() && tx.capacity() >= low_water {
                     set_paused(&consumer, false);
                     paused = false;
                 }
@@ -105,6 +121,7 @@ impl Poller {
                     tracing::debug!(topic = %shared.topic, group = %shared.group, "stream dropped; draining");
                     draining = Some(Instant::now() + drain_timeout);
                     overflow.clear();
+                    hold_until = None;
                     set_paused(&consumer, true);
                     paused = true;
                 }
@@ -112,24 +129,34 @@ impl Poller {
             if draining.is_some() && shared.tracker().in_flight() == 0 {
                 break;
             }
+            let open = draining.is_none();
             let has_overflow = !overflow.is_empty();
-            let deadline = draining.unwrap_or_else(Instant::now);
+            // Holding: the buffer is full and the partitions still fetch.
+            let holding = open && has_overflow && !paused;
+            let deadline = draining.or(hold_until).unwrap_or_else(Instant::now);
             let event = tokio::select! {
                 biased;
                 () = cancel.cancelled() => Event::Shutdown,
                 () = shared.wake.notified() => Event::Wake,
-                () = tokio::time::sleep_until(deadline), if draining.is_some() => Event::DrainTimeout,
-                () = tx.closed(), if draining.is_none() => Event::StreamGone,
-                permit = tx.reserve(), if has_overflow && draining.is_none() => match (permit, overflow.pop_front()) {
+                () = tokio::time::sleep_until(deadline), if !open || (holding && hold_until.is_some()) => {
+                    if open { Event::HoldTimeout } else { Event::DrainTimeout }
+                }
+                () = tx.closed(), if open => Event::StreamGone,
+                permit = tx.reserve(), if open && has_overflow => match (permit, overflow.pop_front()) {
                     (Ok(permit), Some(item)) => {
                         permit.send(item);
                         Event::Sent
                     }
                     _ => Event::Nothing,
                 },
-                message = consumer.recv() => {
+                // Paused: wake up once the buffer has drained to half.
+                drained = tx.reserve_many(low_water), if open && paused && !has_overflow => {
+                    drop(drained);
+                    Event::Nothing
+                }
+                message = consumer.recv(), if !holding => {
                     match message {
-                        Ok(message) if draining.is_none() => {
+                        Ok(message) if open => {
                             if let Some(item) = accept(&shared, &message) {
                                 if overflow.is_empty() {
                                     match tx.try_send(item) {
@@ -142,15 +169,12 @@ impl Poller {
                                 } else {
                                     overflow.push_back(item);
                                 }
-                                if !overflow.is_empty() && !paused {
-                                    // The application is behind: stop fetching,
-                                    // keep polling to stay in the group.
+                                if paused && !overflow.is_empty() {
+                                    // Fetched before the pause, or from a
+                                    // partition assigned since: pause all.
                                     set_paused(&consumer, true);
-                                    paused = true;
-                                    shared.metrics.pause(&shared.topic, &shared.group);
                                 } else if !overflow.is_empty() {
-                                    // A partition assigned since the pause.
-                                    set_paused(&consumer, true);
+                                    hold_until.get_or_insert_with(|| Instant::now() + pause_after);
                                 }
                             }
                             Event::Nothing
@@ -195,6 +219,15 @@ impl Poller {
                         "drain timeout: closing with deliveries unsettled; they will be redelivered"
                     );
                     break;
+                }
+                Event::HoldTimeout => {
+                    // The application took nothing for `pause_after`: pause
+                    // and poll again, so that the group is served.
+                    tracing::debug!(topic = %shared.topic, group = %shared.group, "buffer full; pausing partitions");
+                    set_paused(&consumer, true);
+                    paused = true;
+                    hold_until = None;
+                    shared.metrics.pause(&shared.topic, &shared.group);
                 }
                 Event::StreamGone | Event::Sent | Event::Nothing => {}
             }

@@ -57,9 +57,12 @@
 //!   worker running several deliveries at once handles a partition's
 //!   messages concurrently.
 //! - **Backpressure.** Each subscription buffers up to
-//!   [`consumer_buffer`](KafkaConfig::consumer_buffer) deliveries; when the
-//!   application falls behind, the consumer pauses its partitions and keeps
-//!   polling so that it stays in the group. A full producer queue makes
+//!   [`consumer_buffer`](KafkaConfig::consumer_buffer) deliveries; while it
+//!   is full the consumer takes nothing more and librdkafka stops fetching
+//!   once its own queue is full. An application that takes nothing for
+//!   [`pause_after`](KafkaConfig::pause_after) gets its partitions paused,
+//!   and the consumer polls on so that it stays in the group; it resumes
+//!   when half the buffer is free. A full producer queue makes
 //!   [`send`](surety_core::Publisher::send) wait, up to the delivery
 //!   timeout.
 //! - **Dropping a stream** leaves the group once the deliveries already

@@ -431,6 +431,7 @@ impl Subscriber for KafkaTransport {
             shared,
             cancel: cancel.clone(),
             drain_timeout: config.drain_timeout,
+            pause_after: config.pause_after,
         };
         let (stream, task) = poller.spawn(config.consumer_buffer);
         let joined = tokio::time::timeout(config.group_join_timeout, async {
