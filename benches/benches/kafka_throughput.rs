@@ -10,10 +10,10 @@
 //!   awaiting every `DeliveryFuture`. Adapter: `KafkaTransport::send` per
 //!   envelope, then every `Confirmation`. Clock: first send to last confirm.
 //!   A third run, **publish (raw encodes too)**, is the raw producer encoding
-//!   each envelope into that record on the clock (`Envelope::to_binary` and
-//!   the record headers), which is what a raw client sending the same
-//!   CloudEvents record must do: against it, the ratio is the cost of the
-//!   adapter's own plumbing.
+//!   each envelope into that record on the clock
+//!   (`Envelope::for_each_binary_header` straight into the record headers),
+//!   which is what a raw client sending the same CloudEvents record must do:
+//!   against it, the ratio is the cost of the adapter's own plumbing.
 //! - **consume**: N records (in the adapter's format) pre-produced to a
 //!   fresh topic, then consumed by fresh groups with per-message offset
 //!   storage, one after the other. Raw: a `StreamConsumer` with the
@@ -103,20 +103,22 @@ struct RawRecord {
 }
 
 /// The adapter's wire format (`KafkaTransport::send`): partition key as the
-/// record key, `Envelope::to_binary` headers as record headers.
+/// record key, the binary-mode headers (`Envelope::for_each_binary_header`,
+/// no intermediate map) as record headers.
 fn raw_record(envelope: Envelope) -> RawRecord {
-    let (headers, payload) = envelope.to_binary();
-    let mut owned = OwnedHeaders::new_with_capacity(headers.len());
-    for (key, value) in headers.iter() {
-        owned = owned.insert(Header {
-            key,
-            value: Some(value.as_bytes()),
+    let mut owned = Some(OwnedHeaders::new_with_capacity(envelope.headers.len() + 11));
+    envelope.for_each_binary_header(|key, value| {
+        owned = owned.take().map(|headers| {
+            headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            })
         });
-    }
+    });
     RawRecord {
         key: envelope.partition_key,
-        headers: owned,
-        payload,
+        headers: owned.unwrap_or_default(),
+        payload: envelope.payload,
     }
 }
 

@@ -166,28 +166,73 @@ impl Envelope {
     /// mode): the attributes go into the `ce_*` headers of
     /// [`keys::ce`] next to the user headers.
     pub fn to_binary(&self) -> (Headers, Bytes) {
-        let mut headers = self.headers.clone();
-        headers.insert(keys::ce::SPECVERSION, SPEC_VERSION);
-        headers.insert(keys::ce::ID, self.id.clone());
-        headers.insert(keys::ce::SOURCE, self.source.clone());
-        headers.insert(keys::ce::TYPE, self.event_type.clone());
-        headers.insert(
-            keys::ce::TIME,
-            self.time.to_rfc3339_opts(SecondsFormat::AutoSi, true),
-        );
-        headers.insert(keys::ce::CONTENT_TYPE, self.content_type.clone());
-        headers.set_parsed(keys::ce::SCHEMA_VERSION, self.schema_version);
-        for (key, value) in [
+        let mut headers = Headers::new();
+        self.for_each_binary_header(|key, value| {
+            headers.insert(key, value);
+        });
+        (headers, self.payload.clone())
+    }
+
+    /// Calls `visit` with each header of the [binary form](Self::to_binary),
+    /// without building a [`Headers`] map: for transports that copy headers
+    /// into their own record type. The headers are the same, though not in
+    /// the same order (user headers first, then the attributes): an
+    /// attribute wins over a user header of the same name.
+    ///
+    /// ```
+    /// use surety_core::Envelope;
+    /// use surety_core::headers::keys;
+    ///
+    /// let env = Envelope::builder("/shop", "order.placed").header("tenant", "t-1").build();
+    /// // A transport's own record headers.
+    /// let mut record: Vec<(String, Vec<u8>)> = Vec::new();
+    /// env.for_each_binary_header(|key, value| record.push((key.to_owned(), value.into())));
+    ///
+    /// assert_eq!(record.len(), env.to_binary().0.len());
+    /// assert!(record.contains(&("tenant".into(), b"t-1".to_vec())));
+    /// assert!(record.contains(&(keys::ce::ID.into(), env.id.clone().into_bytes())));
+    /// ```
+    pub fn for_each_binary_header(&self, mut visit: impl FnMut(&str, &str)) {
+        let optional = [
             (keys::ce::SUBJECT, &self.subject),
             (keys::ce::PARTITION_KEY, &self.partition_key),
             (keys::ce::CORRELATION_ID, &self.correlation_id),
             (keys::ce::CAUSATION_ID, &self.causation_id),
-        ] {
-            if let Some(value) = value {
-                headers.insert(key, value.clone());
+        ];
+        let set_here = |key: &str| {
+            matches!(
+                key,
+                keys::ce::SPECVERSION
+                    | keys::ce::ID
+                    | keys::ce::SOURCE
+                    | keys::ce::TYPE
+                    | keys::ce::TIME
+                    | keys::ce::CONTENT_TYPE
+                    | keys::ce::SCHEMA_VERSION
+            ) || optional
+                .iter()
+                .any(|(name, value)| *name == key && value.is_some())
+        };
+        for (key, value) in self.headers.iter() {
+            if !set_here(key) {
+                visit(key, value);
             }
         }
-        (headers, self.payload.clone())
+        visit(keys::ce::SPECVERSION, SPEC_VERSION);
+        visit(keys::ce::ID, &self.id);
+        visit(keys::ce::SOURCE, &self.source);
+        visit(keys::ce::TYPE, &self.event_type);
+        visit(
+            keys::ce::TIME,
+            &self.time.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+        );
+        visit(keys::ce::CONTENT_TYPE, &self.content_type);
+        visit(keys::ce::SCHEMA_VERSION, &self.schema_version.to_string());
+        for (key, value) in optional {
+            if let Some(value) = value {
+                visit(key, value);
+            }
+        }
     }
 
     /// An envelope for a broker message whose attributes could not be read

@@ -83,6 +83,49 @@ proptest! {
     }
 
     #[test]
+    fn attributes_win_over_user_headers_of_the_same_name(
+        env in envelope(),
+        clashing in btree_map(prop_oneof![Just(keys::ce::ID), Just(keys::ce::TIME),
+            Just(keys::ce::SCHEMA_VERSION), Just(keys::ce::SUBJECT), Just(keys::ce::PARTITION_KEY),
+            Just(keys::ce::CORRELATION_ID), Just(keys::ce::CAUSATION_ID)], ".{0,10}", 0..7)
+    ) {
+        let mut env = env;
+        for (key, value) in clashing {
+            env.headers.insert(key, value);
+        }
+        // The user headers, then every attribute the envelope has over them.
+        let mut expected: std::collections::BTreeMap<String, String> =
+            env.headers.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+        let time = env.time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+        let version = env.schema_version.to_string();
+        for (key, value) in [
+            (keys::ce::SPECVERSION, Some("1.0")),
+            (keys::ce::ID, Some(env.id.as_str())),
+            (keys::ce::SOURCE, Some(env.source.as_str())),
+            (keys::ce::TYPE, Some(env.event_type.as_str())),
+            (keys::ce::TIME, Some(time.as_str())),
+            (keys::ce::CONTENT_TYPE, Some(env.content_type.as_str())),
+            (keys::ce::SCHEMA_VERSION, Some(version.as_str())),
+            (keys::ce::SUBJECT, env.subject.as_deref()),
+            (keys::ce::PARTITION_KEY, env.partition_key.as_deref()),
+            (keys::ce::CORRELATION_ID, env.correlation_id.as_deref()),
+            (keys::ce::CAUSATION_ID, env.causation_id.as_deref()),
+        ] {
+            if let Some(value) = value {
+                expected.insert(key.to_owned(), value.to_owned());
+            }
+        }
+        let (headers, _) = env.to_binary();
+        let built: std::collections::BTreeMap<String, String> =
+            headers.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+        prop_assert_eq!(&built, &expected);
+        let mut visited = Vec::new();
+        env.for_each_binary_header(|key, value| visited.push((key.to_owned(), value.to_owned())));
+        prop_assert_eq!(visited.len(), expected.len(), "each header once");
+        prop_assert_eq!(visited.into_iter().collect::<std::collections::BTreeMap<_, _>>(), expected);
+    }
+
+    #[test]
     fn arbitrary_bytes_decode_to_poison_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
         if let Err(err) = Envelope::from_json(&bytes) {
             prop_assert_eq!(err.class(), ErrorClass::Poison);

@@ -447,12 +447,12 @@ impl KafkaSettle {
                 if wake {
                     self.shared.wake.notify_one();
                 }
-                let name = match outcome {
-                    Outcome::Acked => "acked",
-                    Outcome::Rejected => "rejected",
-                    Outcome::Nacked => "nacked",
+                let counters = &self.shared.counters;
+                match outcome {
+                    Outcome::Acked => counters.acked.inc(),
+                    Outcome::Rejected => counters.rejected.inc(),
+                    Outcome::Nacked => counters.nacked.inc(),
                 };
-                self.shared.metrics.settled(topic, group, name);
                 Ok(())
             }
             Err(refused) => {
@@ -531,7 +531,7 @@ impl Stream for Deliveries {
                         continue;
                     }
                     let shared = &self.shared;
-                    shared.metrics.received(&shared.topic, &shared.group);
+                    shared.counters.received.inc();
                     let Pending {
                         envelope,
                         info,

@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use prometheus_client::metrics::counter::Counter;
 use rdkafka::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
@@ -69,8 +70,19 @@ pub(crate) struct Shared {
     /// Wakes the poll loop: settlements left stores or seeks to apply.
     pub(crate) wake: Notify,
     pub(crate) metrics: KafkaMetrics,
+    /// Counters every delivery touches, looked up once.
+    pub(crate) counters: DeliveryCounters,
     /// Whether the consumer received its first assignment.
     pub(crate) joined: watch::Sender<bool>,
+}
+
+/// A subscription's per-delivery counters.
+#[derive(Debug)]
+pub(crate) struct DeliveryCounters {
+    pub(crate) received: Counter,
+    pub(crate) acked: Counter,
+    pub(crate) nacked: Counter,
+    pub(crate) rejected: Counter,
 }
 
 impl Shared {
@@ -80,6 +92,12 @@ impl Shared {
             group: group.to_owned(),
             tracker: Mutex::new(Tracker::new()),
             wake: Notify::new(),
+            counters: DeliveryCounters {
+                received: metrics.received_counter(topic, group),
+                acked: metrics.settled_counter(topic, group, "acked"),
+                nacked: metrics.settled_counter(topic, group, "nacked"),
+                rejected: metrics.settled_counter(topic, group, "rejected"),
+            },
             metrics,
             joined: watch::Sender::new(false),
         }

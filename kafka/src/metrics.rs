@@ -152,21 +152,39 @@ impl KafkaMetrics {
     }
 
     pub(crate) fn sent(&self, topic: &str, outcome: &str) {
+        self.sent_counter(topic, outcome).inc();
+    }
+
+    /// The counter of `outcome` for `topic`, to keep and increment without
+    /// looking the labels up again.
+    pub(crate) fn sent_counter(&self, topic: &str, outcome: &str) -> Counter {
         self.sent
             .get_or_create(&TopicOutcome {
                 messaging_destination_name: topic.to_owned(),
                 outcome: outcome.to_owned(),
             })
-            .inc();
+            .clone()
     }
 
-    pub(crate) fn received(&self, topic: &str, group: &str) {
+    /// The counter of deliveries received by `group` from `topic`.
+    pub(crate) fn received_counter(&self, topic: &str, group: &str) -> Counter {
         self.received
             .get_or_create(&GroupLabels {
                 messaging_destination_name: topic.to_owned(),
                 messaging_consumer_group_name: group.to_owned(),
             })
-            .inc();
+            .clone()
+    }
+
+    /// The counter of `outcome` settlements of `group` on `topic`.
+    pub(crate) fn settled_counter(&self, topic: &str, group: &str, outcome: &str) -> Counter {
+        self.settled
+            .get_or_create(&GroupOutcome {
+                messaging_destination_name: topic.to_owned(),
+                messaging_consumer_group_name: group.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .clone()
     }
 
     pub(crate) fn settled(&self, topic: &str, group: &str, outcome: &str) {

@@ -1,16 +1,17 @@
 //! [`KafkaTransport`]: the producer, topic checks, subscriptions and close.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use surety_core::{
     Close, Confirmation, DeliveryStream, Envelope, Publisher, Receipt, Result, Subscriber,
     TransportError, TransportErrorKind,
@@ -23,6 +24,7 @@ use crate::config::{KafkaConfig, config_error};
 use crate::consumer::{KafkaConsumer, Poller};
 use crate::context::{ClientCtx, ConsumerCtx, Shared};
 use crate::error::{kind_of, kind_of_code, transport_error};
+use crate::metrics::KafkaMetrics;
 
 /// How long to wait between looks at a topic being created.
 const TOPIC_POLL: Duration = Duration::from_millis(100);
@@ -66,7 +68,10 @@ struct Inner {
     /// Keeps concurrent sends that wait for room in the producer queue in
     /// call order.
     send_order: tokio::sync::Mutex<()>,
-    known_topics: Mutex<HashSet<String>>,
+    /// Sends waiting for room (holding or waiting for `send_order`); while
+    /// there are none, a send enqueues without taking the lock.
+    waiting: AtomicUsize,
+    known_topics: Mutex<HashMap<String, Arc<KnownTopic>>>,
     subscriptions: Mutex<Vec<JoinHandle<()>>>,
     close_done: tokio::sync::Mutex<bool>,
 }
@@ -85,6 +90,13 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         TransportError::new(TransportErrorKind::Other, "a blocking Kafka call failed")
             .with_source(err)
     })
+}
+
+/// A topic known to exist, with what each publish to it needs.
+struct KnownTopic {
+    name: String,
+    confirmed: Counter,
+    metrics: KafkaMetrics,
 }
 
 enum TopicState {
@@ -164,7 +176,8 @@ impl KafkaTransport {
                 closed: AtomicBool::new(false),
                 cancel: CancellationToken::new(),
                 send_order: tokio::sync::Mutex::new(()),
-                known_topics: Mutex::new(HashSet::new()),
+                waiting: AtomicUsize::new(0),
+                known_topics: Mutex::new(HashMap::new()),
                 subscriptions: Mutex::new(Vec::new()),
                 close_done: tokio::sync::Mutex::new(false),
             }),
@@ -199,17 +212,27 @@ impl KafkaTransport {
     /// [`Timeout`](TransportErrorKind::Timeout) when the cluster does not
     /// answer.
     pub async fn ensure_topic(&self, topic: &str) -> Result<()> {
-        check_topic_name(topic)?;
-        if lock(&self.inner.known_topics).contains(topic) {
-            return Ok(());
+        self.known_topic(topic).await.map(drop)
+    }
+
+    async fn known_topic(&self, topic: &str) -> Result<Arc<KnownTopic>> {
+        if let Some(known) = lock(&self.inner.known_topics).get(topic) {
+            return Ok(known.clone());
         }
+        check_topic_name(topic)?;
         let deadline = Instant::now() + self.inner.config.connect_timeout;
         let mut created = false;
         loop {
             match self.topic_state(topic).await? {
                 TopicState::Exists => {
-                    lock(&self.inner.known_topics).insert(topic.to_owned());
-                    return Ok(());
+                    let metrics = self.inner.config.metrics.clone();
+                    let known = Arc::new(KnownTopic {
+                        name: topic.to_owned(),
+                        confirmed: metrics.sent_counter(topic, "confirmed"),
+                        metrics,
+                    });
+                    lock(&self.inner.known_topics).insert(topic.to_owned(), known.clone());
+                    return Ok(known);
                 }
                 TopicState::Missing if !created => match self.inner.config.create_missing_topics {
                     None => {
@@ -339,37 +362,32 @@ impl Publisher for KafkaTransport {
 impl KafkaTransport {
     async fn enqueue(&self, topic: &str, envelope: Envelope) -> Result<Confirmation> {
         self.check_open()?;
-        self.ensure_topic(topic).await?;
+        let known = self.known_topic(topic).await?;
         let inner = &self.inner;
-        let metrics = &inner.config.metrics;
-        let (headers, payload) = envelope.to_binary();
-        let mut record_headers = OwnedHeaders::new_with_capacity(headers.len());
-        for (key, value) in headers.iter() {
-            record_headers = record_headers.insert(Header {
-                key,
-                value: Some(value.as_bytes()),
+        // `insert` takes the headers by value.
+        let mut headers = Some(OwnedHeaders::new_with_capacity(envelope.headers.len() + 11));
+        envelope.for_each_binary_header(|key, value| {
+            headers = headers.take().map(|headers| {
+                headers.insert(Header {
+                    key,
+                    value: Some(value.as_bytes()),
+                })
             });
+        });
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(envelope.payload.as_ref());
+        if let Some(headers) = headers {
+            record = record.headers(headers);
         }
-        let mut record = FutureRecord::<[u8], [u8]>::to(topic)
-            .payload(payload.as_ref())
-            .headers(record_headers);
         if let Some(key) = &envelope.partition_key {
             record = record.key(key.as_bytes());
         }
-        let deadline = Instant::now() + inner.config.delivery_timeout;
-        let order = inner.send_order.lock().await;
-        self.check_open()?;
-        let delivery = loop {
+        // Without sends waiting for room, enqueue at once; otherwise, or
+        // when the queue is full, take a place in line.
+        if inner.waiting.load(Ordering::Acquire) == 0 {
             match inner.producer.send_result(record) {
-                Ok(delivery) => break delivery,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned))
-                    if Instant::now() < deadline =>
-                {
-                    // The producer's queue is full: wait for room (this is
-                    // the publisher's backpressure), keeping call order.
+                Ok(delivery) => return Ok(confirmation(known, delivery)),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                     record = returned;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    self.check_open()?;
                 }
                 Err((err, _)) => {
                     return Err(transport_error(
@@ -378,28 +396,68 @@ impl KafkaTransport {
                     ));
                 }
             }
-        };
-        drop(order);
-        let (metrics, topic) = (metrics.clone(), topic.to_owned());
-        Ok(Confirmation::new(async move {
-            let result = match delivery.await {
-                Ok(Ok(stored)) => {
-                    Ok(Receipt::new(topic.clone()).at(Some(stored.partition), Some(stored.offset)))
-                }
-                Ok(Err((err, _message))) => Err(transport_error(
-                    format!("publishing to Kafka topic {topic:?}"),
-                    err,
-                )),
-                Err(_canceled) => Err(closed_error()),
-            };
-            let outcome = match &result {
-                Ok(_) => "confirmed",
-                Err(err) => err.kind().as_str(),
-            };
-            metrics.sent(&topic, outcome);
-            result
-        }))
+        }
+        inner.waiting.fetch_add(1, Ordering::AcqRel);
+        let waited = self.enqueue_in_line(topic, record).await;
+        inner.waiting.fetch_sub(1, Ordering::AcqRel);
+        Ok(confirmation(known, waited?))
     }
+
+    /// Enqueues `record` after the sends already waiting for room, waiting
+    /// (up to the delivery timeout) while the producer's queue is full: the
+    /// publisher's backpressure.
+    async fn enqueue_in_line<'a>(
+        &self,
+        topic: &str,
+        mut record: FutureRecord<'a, [u8], [u8]>,
+    ) -> Result<DeliveryFuture> {
+        let inner = &self.inner;
+        let deadline = Instant::now() + inner.config.delivery_timeout;
+        let _order = inner.send_order.lock().await;
+        loop {
+            self.check_open()?;
+            match inner.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned))
+                    if Instant::now() < deadline =>
+                {
+                    record = returned;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((err, _)) => {
+                    return Err(transport_error(
+                        format!("publishing to Kafka topic {topic:?}"),
+                        err,
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// The confirmation of an enqueued record: the delivery report, counted.
+fn confirmation(known: Arc<KnownTopic>, delivery: DeliveryFuture) -> Confirmation {
+    Confirmation::new(async move {
+        match delivery.await {
+            Ok(Ok(stored)) => {
+                known.confirmed.inc();
+                Ok(
+                    Receipt::new(known.name.clone())
+                        .at(Some(stored.partition), Some(stored.offset)),
+                )
+            }
+            report => {
+                let err = match report {
+                    Ok(Err((err, _message))) => {
+                        transport_error(format!("publishing to Kafka topic {:?}", known.name), err)
+                    }
+                    _ => closed_error(),
+                };
+                known.metrics.sent(&known.name, err.kind().as_str());
+                Err(err)
+            }
+        }
+    })
 }
 
 impl Subscriber for KafkaTransport {
