@@ -317,6 +317,8 @@ pub struct Comparison {
     pub adapter_cpu: Vec<f64>,
     /// Adapter rate over raw rate, one per round.
     pub ratios: Vec<f64>,
+    /// A reference row: printed, not held to [`TARGET`].
+    pub reference: bool,
 }
 
 impl Comparison {
@@ -329,6 +331,15 @@ impl Comparison {
             raw_cpu: Vec::new(),
             adapter_cpu: Vec::new(),
             ratios: Vec::new(),
+            reference: false,
+        }
+    }
+
+    /// A comparison printed for reference, without a verdict.
+    pub fn reference(path: impl Into<String>) -> Self {
+        Self {
+            reference: true,
+            ..Self::new(path)
         }
     }
 
@@ -373,9 +384,12 @@ impl Comparison {
         (min, max)
     }
 
-    /// `PASS` when the ratio reaches [`TARGET`], `BELOW` otherwise.
+    /// `PASS` when the ratio reaches [`TARGET`], `BELOW` otherwise, `ref`
+    /// for a [reference](Self::reference) row.
     pub fn verdict(&self) -> &'static str {
-        if self.ratio() >= TARGET {
+        if self.reference {
+            "ref"
+        } else if self.ratio() >= TARGET {
             "PASS"
         } else {
             "BELOW"
