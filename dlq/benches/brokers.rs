@@ -33,11 +33,10 @@
 //! (and so every consumer) is closed. `SURETY_BENCH_LOG` (a `tracing`
 //! filter) sends logs to stderr; unset, nothing is logged.
 //!
-//! On Kafka the subscription buffer holds a whole round, so the adapter
-//! never pauses a partition for backpressure: on resume librdkafka fetches
-//! from the next offset, often mid-way through a record batch, and tansu
-//! (the test broker) answers such a fetch with nothing, or with the next
-//! batch, so a paused partition stalls or skips records.
+//! On Kafka the subscription runs with the default buffer (256 deliveries):
+//! a consumer that keeps up never pauses its partitions, which matters on
+//! tansu (the test broker), whose answer to a fetch starting mid-way
+//! through a record batch stalls or skips records.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -222,19 +221,11 @@ impl Topology for Kafka {
 }
 
 async fn kafka_run(brokers: &str, settings: &Settings) -> Report {
-    // A subscription buffer that holds a whole round, so the adapter never
-    // pauses a partition for backpressure: after a pause librdkafka resumes
-    // fetching at the next offset, often in the middle of a record batch,
-    // and tansu answers such a fetch with nothing (the partition stalls) or
-    // with the next batch (records are skipped). Both variants get the same
-    // buffer.
-    let buffer = settings.messages.max(settings.warmup) + 1024;
     let transport = KafkaTransport::connect(
         KafkaConfig::new(brokers)
             .client_id("surety-dlq-bench")
             .create_missing_topics(KAFKA_PARTITIONS)
-            .replication_factor(1)
-            .consumer_buffer(buffer),
+            .replication_factor(1),
     )
     .await
     .expect("connects to Kafka");

@@ -108,7 +108,7 @@ pub mod store;
 
 pub use cleanup::Cleanup;
 pub use error::StoreError;
-pub use idempotent::{IdempotencyLayer, Idempotent};
+pub use idempotent::{IdempotencyLayer, Idempotent, IdempotentFuture};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use inbox::{Committed, InboxHandler, InboxTx, Marked, TransactionalStore};
 pub use key::{EnvelopeKey, KeyFn};

@@ -165,7 +165,7 @@ struct Resolved {
 
 /// The per-delivery counters of one consumer.
 #[derive(Debug)]
-struct ConsumerSeries {
+pub(crate) struct ConsumerSeries {
     labels: ConsumeLabels,
     duplicates: OnceLock<Counter>,
     processed: OnceLock<Counter>,
@@ -214,6 +214,16 @@ impl Deref for SeriesRef<'_> {
             SeriesRef::Own(series) => series,
         }
     }
+}
+
+/// A consumer's counters as a delivery's future keeps them, without
+/// borrowing the metrics (see [`IdempotencyMetrics::attach`]).
+#[derive(Debug)]
+pub(crate) enum SeriesHandle {
+    /// The resolved slot with this index.
+    Slot(usize),
+    /// Beyond [`CONSUMER_SLOTS`] consumers.
+    Own(Box<ConsumerSeries>),
 }
 
 impl Series<'_> {
@@ -284,36 +294,65 @@ impl IdempotencyMetrics {
     /// for the first [`CONSUMER_SLOTS`] consumers, so that counting a
     /// delivery is an atomic increment.
     pub(crate) fn series(&self, info: &DeliveryInfo) -> Series<'_> {
-        let slots = &self.resolved.consumers;
-        let resolved = || {
-            slots
-                .iter()
-                .map_while(OnceLock::get)
-                .find(|series| series.labels.matches(info))
-        };
-        let consumer = match resolved() {
-            Some(series) => SeriesRef::Resolved(series),
-            None => {
-                let _adding = self
-                    .resolved
-                    .adding
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                match resolved() {
-                    Some(series) => SeriesRef::Resolved(series),
-                    None => match slots.iter().find(|slot| slot.get().is_none()) {
-                        Some(free) => {
-                            SeriesRef::Resolved(free.get_or_init(|| ConsumerSeries::new(info)))
-                        }
-                        None => SeriesRef::Own(Box::new(ConsumerSeries::new(info))),
-                    },
-                }
-            }
+        let consumer = match self.handle(info) {
+            SeriesHandle::Slot(slot) => SeriesRef::Resolved(self.slot(slot)),
+            SeriesHandle::Own(series) => SeriesRef::Own(series),
         };
         Series {
             metrics: self,
             consumer,
         }
+    }
+
+    /// [`series`](Self::series) as a handle that does not borrow the
+    /// metrics.
+    pub(crate) fn handle(&self, info: &DeliveryInfo) -> SeriesHandle {
+        let slots = &self.resolved.consumers;
+        let resolved = || {
+            slots
+                .iter()
+                .map_while(OnceLock::get)
+                .position(|series| series.labels.matches(info))
+        };
+        if let Some(slot) = resolved() {
+            return SeriesHandle::Slot(slot);
+        }
+        let _adding = self
+            .resolved
+            .adding
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(slot) = resolved() {
+            return SeriesHandle::Slot(slot);
+        }
+        match slots.iter().position(|slot| slot.get().is_none()) {
+            Some(free) => {
+                slots[free].get_or_init(|| ConsumerSeries::new(info));
+                SeriesHandle::Slot(free)
+            }
+            None => SeriesHandle::Own(Box::new(ConsumerSeries::new(info))),
+        }
+    }
+
+    /// The counters a [`handle`](Self::handle) names.
+    pub(crate) fn attach<'a>(&'a self, handle: &'a SeriesHandle) -> Series<'a> {
+        let consumer = match handle {
+            SeriesHandle::Slot(slot) => self.slot(*slot),
+            SeriesHandle::Own(series) => series,
+        };
+        Series {
+            metrics: self,
+            consumer: SeriesRef::Resolved(consumer),
+        }
+    }
+
+    /// A slot [`handle`](Self::handle) filled: slots are filled once and
+    /// never emptied.
+    #[allow(clippy::expect_used)]
+    fn slot(&self, slot: usize) -> &ConsumerSeries {
+        self.resolved.consumers[slot]
+            .get()
+            .expect("a handle names a filled slot")
     }
 
     /// Counts a duplicate delivery that was acknowledged without running
@@ -381,7 +420,7 @@ impl IdempotencyMetrics {
         result
     }
 
-    fn observe(&self, op: Op, ok: bool, seconds: f64) {
+    pub(crate) fn observe(&self, op: Op, ok: bool, seconds: f64) {
         // `Op::ALL` lists the variants in declaration order.
         self.resolved.store_duration[op as usize][usize::from(!ok)]
             .get_or_init(|| {

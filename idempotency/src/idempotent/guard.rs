@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use surety_core::consumer::{Incoming, Outcome};
+use surety_core::consumer::Outcome;
 use surety_core::{ErrorClass, HandlerError, Publisher};
 use tokio::time::Instant;
 
@@ -16,8 +16,8 @@ use crate::error::StoreError;
 use crate::key::KeyFn;
 use crate::metrics::{IdempotencyMetrics, Op, Series};
 use crate::policy::LeasePolicy;
-use crate::reply::Reply;
-use crate::store::{Claim, DedupStore, Lease};
+use crate::reply::{HandlerResponse, Reply};
+use crate::store::{Claim, DedupStore, Lease, LeaseToken};
 
 /// Everything a guarded handler needs besides the handler itself.
 #[derive(Debug)]
@@ -32,7 +32,7 @@ pub(crate) struct Guard<St, K, P> {
 /// What to do after claiming.
 pub(crate) enum Step {
     /// Run the handler under this lease.
-    Run { key: String, lease: Lease },
+    Run { lease: Lease },
     /// Finished without running the handler.
     Skip(Outcome),
 }
@@ -43,6 +43,17 @@ pub(crate) struct Finished {
     /// Boxed: a reply is rare next to the size it adds to every
     /// delivery's future.
     pub(crate) reply: Option<Box<Reply>>,
+}
+
+impl Finished {
+    /// The outcome and reply of a handler's response.
+    pub(crate) fn from_response(response: impl HandlerResponse) -> Self {
+        let (outcome, reply) = response.into_parts();
+        Self {
+            outcome,
+            reply: reply.map(Box::new),
+        }
+    }
 }
 
 /// The error of a delivery whose key another delivery holds.
@@ -79,40 +90,45 @@ where
     P: Publisher,
 {
     /// Claims the message's key: run, skip as a duplicate (re-publishing
-    /// the stored reply), or fail as busy.
+    /// the stored reply), or fail as busy. `first` is the answer to a first
+    /// claim made already ([`DedupStore::claim_now`]), if there was one.
     pub(crate) async fn claim(
         &self,
-        msg: &Incoming,
         series: &Series<'_>,
+        key: &str,
+        mut first: Option<Result<Claim, StoreError>>,
     ) -> Result<Step, HandlerError> {
-        let key = self.key.key(msg)?;
         let mut busy = None;
         loop {
-            let claim = self
-                .metrics
-                .timed(
-                    Op::Claim,
-                    !self.store.in_memory(),
-                    self.store.claim(&key, self.policy.lease()),
-                )
-                .await
-                .map_err(store_failure)?;
+            let claim = match first.take() {
+                Some(claimed) => claimed,
+                None => {
+                    self.metrics
+                        .timed(
+                            Op::Claim,
+                            !self.store.in_memory(),
+                            self.store.claim(key, self.policy.lease()),
+                        )
+                        .await
+                }
+            }
+            .map_err(store_failure)?;
             match claim {
                 Claim::Acquired(lease) => {
-                    self.took_over(series, &key, &lease);
-                    return Ok(Step::Run { key, lease });
+                    self.took_over(series, key, &lease);
+                    return Ok(Step::Run { lease });
                 }
                 // The rarer paths are boxed, so that the future of every
                 // delivery stays small (it is moved into a box and polled
                 // once per message).
                 Claim::Done { reply } => {
-                    return Box::pin(self.duplicate(series, &key, reply))
+                    return Box::pin(self.duplicate(series, key, reply))
                         .await
                         .map(Step::Skip);
                 }
                 Claim::Busy { retry_after } => {
                     let wait = busy.get_or_insert_with(|| self.busy_wait());
-                    Box::pin(self.wait_busy(series, &key, retry_after, wait)).await?;
+                    Box::pin(self.wait_busy(series, key, retry_after, wait)).await?;
                 }
             }
         }
@@ -210,32 +226,7 @@ where
             return out;
         }
         // Boxed: only handlers that wait pay for the renewal's state.
-        let mut renew = Box::pin(async {
-            loop {
-                tokio::time::sleep(every).await;
-                let extended = self
-                    .metrics
-                    .timed(
-                        Op::Extend,
-                        !self.store.in_memory(),
-                        self.store.extend(key, &lease.token, self.policy.lease()),
-                    )
-                    .await;
-                match extended {
-                    Ok(()) => {}
-                    Err(err) if err.is_lease_lost() => {
-                        tracing::warn!(
-                            dedup_key = %key,
-                            "lost the lease while the handler runs; it will not be marked done"
-                        );
-                        return;
-                    }
-                    Err(err) => {
-                        tracing::warn!(dedup_key = %key, error = %err, "renewing the lease failed")
-                    }
-                }
-            }
-        });
+        let mut renew = Box::pin(self.renew(key, &lease.token, every));
         let mut renewing = true;
         loop {
             tokio::select! {
@@ -245,14 +236,45 @@ where
         }
     }
 
+    /// Extends the lease every `every`, until it is lost.
+    pub(crate) async fn renew(&self, key: &str, token: &LeaseToken, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            let extended = self
+                .metrics
+                .timed(
+                    Op::Extend,
+                    !self.store.in_memory(),
+                    self.store.extend(key, token, self.policy.lease()),
+                )
+                .await;
+            match extended {
+                Ok(()) => {}
+                Err(err) if err.is_lease_lost() => {
+                    tracing::warn!(
+                        dedup_key = %key,
+                        "lost the lease while the handler runs; it will not be marked done"
+                    );
+                    return;
+                }
+                Err(err) => {
+                    tracing::warn!(dedup_key = %key, error = %err, "renewing the lease failed")
+                }
+            }
+        }
+    }
+
     /// Completes or releases the claim from the handler's result, publishes
-    /// the reply, and counts.
+    /// the reply, and counts. `completed` is the answer to a first
+    /// `complete` made already ([`DedupStore::complete_now`]), if there was
+    /// one.
     pub(crate) async fn finish(
         &self,
         series: &Series<'_>,
         key: &str,
         lease: &Lease,
         result: Result<Finished, HandlerError>,
+        completed: Option<Result<(), StoreError>>,
     ) -> Result<Outcome, HandlerError> {
         let finished = match result {
             Ok(finished) => finished,
@@ -274,7 +296,8 @@ where
             .map(|reply| reply.encode())
             .transpose()
             .map_err(store_failure)?;
-        self.complete(key, lease, stored.as_deref()).await?;
+        self.complete(key, lease, stored.as_deref(), completed)
+            .await?;
         self.committed(series, finished.reply).await?;
         Ok(finished.outcome)
     }
@@ -284,17 +307,22 @@ where
         key: &str,
         lease: &Lease,
         reply: Option<&[u8]>,
+        mut first: Option<Result<(), StoreError>>,
     ) -> Result<(), HandlerError> {
         let mut attempt = 1;
         loop {
-            let completed = self
-                .metrics
-                .timed(
-                    Op::Complete,
-                    !self.store.in_memory(),
-                    self.store.complete(key, &lease.token, reply),
-                )
-                .await;
+            let completed = match first.take() {
+                Some(completed) => completed,
+                None => {
+                    self.metrics
+                        .timed(
+                            Op::Complete,
+                            !self.store.in_memory(),
+                            self.store.complete(key, &lease.token, reply),
+                        )
+                        .await
+                }
+            };
             match completed {
                 Ok(()) => return Ok(()),
                 Err(err) if err.is_lease_lost() || attempt >= COMPLETE_ATTEMPTS => {

@@ -5,6 +5,8 @@ mod guard;
 mod layer;
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -16,9 +18,11 @@ use tower::Service;
 pub(crate) use guard::{Finished, Guard, Step};
 pub use layer::IdempotencyLayer;
 
+use crate::error::StoreError;
 use crate::key::KeyFn;
+use crate::metrics::{Op, SeriesHandle};
 use crate::reply::HandlerResponse;
-use crate::store::DedupStore;
+use crate::store::{Claim, DedupStore, Lease};
 
 /// A handler wrapped by an [`IdempotencyLayer`]: it runs the inner
 /// service once per dedup key.
@@ -71,36 +75,261 @@ where
 {
     type Response = Outcome;
     type Error = HandlerError;
-    type Future = BoxFuture<'static, Result<Outcome, HandlerError>>;
+    type Future = IdempotentFuture<S::Future, St, K, P>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, msg: Incoming) -> Self::Future {
+        let guard = &self.guard;
+        let key = match guard.key.key(&msg) {
+            Ok(key) => key,
+            Err(err) => return IdempotentFuture::ready(Err(err)),
+        };
+        // The consumer's counters, looked up now: the handler takes the
+        // message (and its delivery info) by value.
+        let series = guard.metrics.handle(&msg.info);
+        // A store that answers at once (in memory) is asked here, so that a
+        // first delivery needs no boxed future: the claimed handler runs in
+        // `IdempotentFuture` itself, and the service that was driven to
+        // readiness is called without a clone.
+        let claimed = guard.store.claim_now(&key, guard.policy.lease());
+        if let Some(claimed) = &claimed {
+            guard.metrics.observe(Op::Claim, claimed.is_ok(), 0.0);
+        }
+        match claimed {
+            Some(Ok(Claim::Acquired(lease))) => {
+                guard.took_over(&guard.metrics.attach(&series), &key, &lease);
+                let guard = Arc::clone(guard);
+                IdempotentFuture {
+                    state: State::Running(Running {
+                        guard,
+                        handler: Box::pin(self.inner.call(msg)),
+                        key,
+                        lease,
+                        series,
+                        renew: Renew::NotYet,
+                    }),
+                }
+            }
+            Some(Ok(Claim::Done { reply: None })) => {
+                guard.metrics.attach(&series).duplicate();
+                tracing::debug!(dedup_key = %key, "duplicate delivery; the handler does not run");
+                IdempotentFuture::ready(Ok(Outcome::Duplicate))
+            }
+            claimed => self.call_boxed(msg, key, series, claimed),
+        }
+    }
+}
+
+impl<S, St, K, P> Idempotent<S, St, K, P>
+where
+    S: Service<Incoming, Error = HandlerError> + Clone + Send + 'static,
+    S::Response: HandlerResponse,
+    S::Future: Send + 'static,
+    St: DedupStore,
+    K: KeyFn,
+    P: Publisher + 'static,
+{
+    /// Every path but a claim acquired at once: one boxed future that
+    /// claims (continuing from `claimed`, if the store answered at once),
+    /// runs the handler under the lease and finishes.
+    fn call_boxed(
+        &mut self,
+        msg: Incoming,
+        key: String,
+        series: SeriesHandle,
+        claimed: Option<Result<Claim, StoreError>>,
+    ) -> IdempotentFuture<S::Future, St, K, P> {
         // Take the service that was driven to readiness; leave a clone.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let guard = Arc::clone(&self.guard);
-        Box::pin(async move {
-            // The consumer's counters, looked up now: the handler takes the
-            // message (and its delivery info) by value.
-            let series = guard.metrics.series(&msg.info);
-            let (key, lease) = match guard.claim(&msg, &series).await? {
-                Step::Skip(outcome) => return Ok(outcome),
-                Step::Run { key, lease } => (key, lease),
+        IdempotentFuture {
+            state: State::Boxed(Box::pin(async move {
+                let series = guard.metrics.attach(&series);
+                let lease = match guard.claim(&series, &key, claimed).await? {
+                    Step::Skip(outcome) => return Ok(outcome),
+                    Step::Run { lease } => lease,
+                };
+                let result = guard
+                    .hold(&key, &lease, inner.call(msg))
+                    .await
+                    .map(Finished::from_response);
+                guard.finish(&series, &key, &lease, result, None).await
+            })),
+        }
+    }
+}
+
+/// The future of an [`Idempotent`] handler, for one delivery.
+///
+/// With a store that answers at once ([`DedupStore::claim_now`], such as
+/// [`MemoryStore`](crate::MemoryStore)), a first delivery claims its key
+/// when the handler is called, and this future runs the inner handler's
+/// future and completes the key, without a boxed future of its own (a
+/// reply, a failure, a wait and the other stores take one).
+///
+/// The claim is made when [`Idempotent`] is called, not when this future is
+/// first polled: a future that is dropped before it finishes, or never
+/// polled, leaves its claim to expire after the lease, as a cancelled
+/// handler does, and duplicates meanwhile are answered busy. The core
+/// worker polls each handler's future at once. Like any future, it must not
+/// be polled again after it returned `Ready`; if it is, it stays pending.
+pub struct IdempotentFuture<F, St, K, P> {
+    state: State<F, St, K, P>,
+}
+
+enum State<F, St, K, P> {
+    /// Claimed at once: the handler runs.
+    Running(Running<F, St, K, P>),
+    /// Any other path.
+    Boxed(BoxFuture<'static, Result<Outcome, HandlerError>>),
+    /// Finished (taken once).
+    Ready(Option<Result<Outcome, HandlerError>>),
+}
+
+struct Running<F, St, K, P> {
+    guard: Arc<Guard<St, K, P>>,
+    /// Boxed to be polled without pinning this future's fields (the
+    /// crate has no `unsafe`); the box is the size of the handler's
+    /// future, for most handlers a pointer.
+    handler: Pin<Box<F>>,
+    key: String,
+    lease: Lease,
+    series: SeriesHandle,
+    renew: Renew,
+}
+
+/// The lease renewal of a running handler: started the first time the
+/// handler waits, so that one finishing on its first poll gets no timer.
+enum Renew {
+    NotYet,
+    Renewing(BoxFuture<'static, ()>),
+    Off,
+}
+
+impl<F, St, K, P> IdempotentFuture<F, St, K, P> {
+    fn ready(result: Result<Outcome, HandlerError>) -> Self {
+        Self {
+            state: State::Ready(Some(result)),
+        }
+    }
+}
+
+impl<F, St, K, P> fmt::Debug for IdempotentFuture<F, St, K, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (state, key) = match &self.state {
+            State::Running(running) => ("running", Some(running.key.as_str())),
+            State::Boxed(_) => ("boxed", None),
+            State::Ready(_) => ("ready", None),
+        };
+        f.debug_struct("IdempotentFuture")
+            .field("state", &state)
+            .field("key", &key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F, R, St, K, P> Future for IdempotentFuture<F, St, K, P>
+where
+    F: Future<Output = Result<R, HandlerError>> + Send + 'static,
+    R: HandlerResponse,
+    St: DedupStore,
+    K: KeyFn,
+    P: Publisher + 'static,
+{
+    type Output = Result<Outcome, HandlerError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.state {
+                State::Ready(result) => {
+                    return match result.take() {
+                        Some(result) => Poll::Ready(result),
+                        // Polled again after it finished.
+                        None => Poll::Pending,
+                    };
+                }
+                State::Boxed(fut) => return fut.as_mut().poll(cx),
+                State::Running(running) => {
+                    let Poll::Ready(out) = running.poll_handler(cx) else {
+                        return Poll::Pending;
+                    };
+                    let State::Running(running) =
+                        std::mem::replace(&mut this.state, State::Ready(None))
+                    else {
+                        unreachable!("the state was running");
+                    };
+                    this.state = running.finish(out.map(Finished::from_response));
+                }
+            }
+        }
+    }
+}
+
+impl<F, R, St, K, P> Running<F, St, K, P>
+where
+    F: Future<Output = Result<R, HandlerError>> + Send + 'static,
+    R: HandlerResponse,
+    St: DedupStore,
+    K: KeyFn,
+    P: Publisher + 'static,
+{
+    /// Polls the handler, renewing the lease while it waits.
+    fn poll_handler(&mut self, cx: &mut Context<'_>) -> Poll<F::Output> {
+        if let Poll::Ready(out) = self.handler.as_mut().poll(cx) {
+            return Poll::Ready(out);
+        }
+        if let Renew::NotYet = self.renew {
+            self.renew = match self.guard.policy.renew_every() {
+                Some(every) => {
+                    let (guard, key) = (Arc::clone(&self.guard), self.key.clone());
+                    let token = self.lease.token.clone();
+                    Renew::Renewing(Box::pin(async move {
+                        guard.renew(&key, &token, every).await;
+                    }))
+                }
+                None => Renew::Off,
             };
-            let result = guard
-                .hold(&key, &lease, inner.call(msg))
-                .await
-                .map(|response| {
-                    let (outcome, reply) = response.into_parts();
-                    Finished {
-                        outcome,
-                        reply: reply.map(Box::new),
-                    }
-                });
-            guard.finish(&series, &key, &lease, result).await
-        })
+        }
+        if let Renew::Renewing(renew) = &mut self.renew
+            && renew.as_mut().poll(cx).is_ready()
+        {
+            // The lease was lost; the handler runs on.
+            self.renew = Renew::Off;
+        }
+        Poll::Pending
+    }
+
+    /// Completes (at once, when the store can) or releases the key.
+    fn finish(self, result: Result<Finished, HandlerError>) -> State<F, St, K, P> {
+        let Running {
+            guard,
+            key,
+            lease,
+            series,
+            ..
+        } = self;
+        let completed = match &result {
+            Ok(Finished {
+                outcome: Outcome::Handled | Outcome::Duplicate,
+                reply: None,
+            }) => guard.store.complete_now(&key, &lease.token, None),
+            _ => None,
+        };
+        if let Some(completed) = &completed {
+            guard.metrics.observe(Op::Complete, completed.is_ok(), 0.0);
+        }
+        if let (Some(Ok(())), Ok(finished)) = (&completed, &result) {
+            guard.metrics.attach(&series).processed();
+            return State::Ready(Some(Ok(finished.outcome)));
+        }
+        State::Boxed(Box::pin(async move {
+            let series = guard.metrics.attach(&series);
+            guard.finish(&series, &key, &lease, result, completed).await
+        }))
     }
 }

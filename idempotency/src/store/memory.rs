@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, VecDeque, hash_map};
 use std::fmt;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -24,6 +25,14 @@ pub const DEFAULT_CAPACITY: usize = 100_000;
 /// the claim fails with [`StoreError::Full`]. Time is tokio's clock, so
 /// tests can move it with `tokio::time::pause` and `advance`.
 ///
+/// [`purge`](DedupStore::purge) counts a completed key's age from the
+/// time of its claim or of its lease's last extension, whichever is later,
+/// so that completing does not read the clock again: at most one renewal
+/// period (without renewal, the handler's run time) before it completed.
+/// Those times do not rise in completion order, and a purge pass stops at
+/// the first key that is still young, so an older one behind it waits for
+/// a later pass; no key stays longer than `older_than` after it completed.
+///
 /// Nothing survives the process: a restarted service handles again what
 /// it handled before. Use the SQLite or PostgreSQL store where that matters.
 ///
@@ -42,24 +51,74 @@ pub const DEFAULT_CAPACITY: usize = 100_000;
 /// ```
 #[derive(Clone)]
 pub struct MemoryStore {
-    inner: Arc<Mutex<Inner>>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// Hashes keys, outside the lock; seeded at random per store.
+    hasher: KeyHasher,
+    inner: Mutex<Inner>,
+    /// Tests: every key gets the same hash.
+    #[cfg(test)]
+    collide: bool,
+}
+
+/// The hash of keys: foldhash, seeded at random per store.
+type KeyHasher = foldhash::fast::RandomState;
+
+/// The maps below are keyed by the key's hash, computed once per operation
+/// before the lock is taken; their own hasher passes it through.
+type ByHash = BuildHasherDefault<PassHash>;
+
+/// A hasher for keys that are hashes already.
+#[derive(Default)]
+struct PassHash(u64);
+
+impl Hasher for PassHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64`s are hashed with it (`write_u64`); fold anything else.
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u64(&mut self, hash: u64) {
+        self.0 = hash;
+    }
 }
 
 struct Inner {
     capacity: usize,
-    keys: HashMap<Arc<str>, Entry>,
-    /// Completed keys in completion order, oldest first, with their
-    /// completion sequence. Completed keys leave the store only from the
-    /// front (eviction and purge take the oldest first), so this stays in
-    /// step with `keys`; an entry whose key no longer holds that sequence
-    /// is skipped all the same.
-    done_order: VecDeque<(u64, Arc<str>)>,
+    /// The entries, where `keys` and `collided` point. New keys go to the
+    /// end (or to a slot freed before), so a claim writes to memory next
+    /// to the last one instead of to a random place in a large table.
+    slots: Vec<Option<Entry>>,
+    /// Free places in `slots`.
+    free: Vec<usize>,
+    /// Where each key is in `slots`, by the key's hash: a small table
+    /// (16 bytes a key), mostly in cache. A key whose hash another key
+    /// holds here (a 64-bit collision: practically never) goes to
+    /// `collided`; when the key holding the hash goes, a collided one with
+    /// the same hash takes its place, so a hash absent here is absent.
+    keys: HashMap<u64, usize, ByHash>,
+    /// Places of keys whose hash `keys` holds for another key.
+    collided: Vec<usize>,
+    /// Completed keys in completion order, oldest first, as their place
+    /// and completion sequence. Completed keys leave the store only from
+    /// the front (eviction and purge take the oldest first), so this stays
+    /// in step with the keys; an entry whose place no longer holds that
+    /// completion is skipped all the same.
+    done_order: VecDeque<(usize, u64)>,
     next_seq: u64,
 }
 
 struct Entry {
-    /// The key again, shared with `done_order`.
-    key: Arc<str>,
+    key: Box<str>,
+    hash: u64,
     token: LeaseToken,
     state: State,
 }
@@ -67,11 +126,16 @@ struct Entry {
 enum State {
     Claimed {
         lease_until: Instant,
+        /// When the key was claimed or its lease last extended: what
+        /// `complete` records as the completion time, without reading
+        /// the clock again.
+        since: Instant,
     },
     Done {
-        reply: Option<Bytes>,
         completed_at: Instant,
         seq: u64,
+        /// Boxed: replies are rare, and every entry would pay their size.
+        reply: Option<Box<Bytes>>,
     },
 }
 
@@ -84,18 +148,125 @@ impl MemoryStore {
     /// A store holding up to `capacity` keys (0 is taken as 1).
     pub fn with_capacity(capacity: usize) -> Self {
         Self {
-            inner: Arc::new(Mutex::new(Inner {
-                capacity: capacity.max(1),
-                keys: HashMap::new(),
-                done_order: VecDeque::new(),
-                next_seq: 0,
-            })),
+            shared: Arc::new(Shared {
+                hasher: KeyHasher::default(),
+                inner: Mutex::new(Inner {
+                    capacity: capacity.max(1),
+                    slots: Vec::new(),
+                    free: Vec::new(),
+                    keys: HashMap::default(),
+                    collided: Vec::new(),
+                    done_order: VecDeque::new(),
+                    next_seq: 0,
+                }),
+                #[cfg(test)]
+                collide: false,
+            }),
         }
+    }
+
+    fn hash(&self, key: &str) -> u64 {
+        #[cfg(test)]
+        if self.shared.collide {
+            return 7;
+        }
+        self.shared.hasher.hash_one(key)
+    }
+
+    fn claim_sync(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
+        // Everything that allocates or hashes happens before the lock; a
+        // duplicate wastes it, a first delivery (the common case) keeps the
+        // lock short.
+        let now = Instant::now();
+        let until = lease_until(now, lease);
+        let token = LeaseToken::generate_at(now);
+        let hash = self.hash(key);
+        let entry = Entry {
+            key: Box::from(key),
+            hash,
+            token: token.clone(),
+            state: State::Claimed {
+                lease_until: until,
+                since: now,
+            },
+        };
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let full = inner.len() >= inner.capacity;
+        // One probe for the common cases: a key not seen before, or seen.
+        match inner.keys.entry(hash) {
+            hash_map::Entry::Vacant(vacant) if !full => {
+                let at = match inner.free.pop() {
+                    Some(at) => {
+                        inner.slots[at] = Some(entry);
+                        at
+                    }
+                    None => {
+                        inner.slots.push(Some(entry));
+                        inner.slots.len() - 1
+                    }
+                };
+                vacant.insert(at);
+                return Ok(Claim::Acquired(Lease::new(token, false)));
+            }
+            hash_map::Entry::Occupied(occupied) => {
+                if let Some(held) = inner.slots[*occupied.get()]
+                    .as_mut()
+                    .filter(|e| *e.key == *key)
+                {
+                    return Ok(claim_existing(held, now, until, token));
+                }
+            }
+            hash_map::Entry::Vacant(_) => {}
+        }
+        // A full store, or another key with the same hash.
+        if let Some(held) = inner.get_mut(hash, key) {
+            return Ok(claim_existing(held, now, until, token));
+        }
+        inner.make_room(now)?;
+        inner.insert(entry);
+        Ok(Claim::Acquired(Lease::new(token, false)))
+    }
+
+    fn complete_sync(
+        &self,
+        key: &str,
+        token: &LeaseToken,
+        reply: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        let reply = reply.map(|reply| Box::new(Bytes::copy_from_slice(reply)));
+        let hash = self.hash(key);
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let seq = inner.next_seq;
+        let Some(at) = inner.find(hash, key) else {
+            return Err(lease_lost(key));
+        };
+        let Some(entry) = inner.slots[at].as_mut().filter(|e| e.token == *token) else {
+            return Err(lease_lost(key));
+        };
+        match &mut entry.state {
+            &mut State::Claimed { since, .. } => {
+                entry.state = State::Done {
+                    completed_at: since,
+                    seq,
+                    reply,
+                };
+                inner.next_seq += 1;
+                inner.done_order.push_back((at, seq));
+            }
+            // Completed before with this token: the last reply wins.
+            State::Done { reply: stored, .. } => *stored = reply,
+        }
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Every update below leaves the maps consistent before it can panic.
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+        self.shared
+            .inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -110,7 +281,7 @@ impl fmt::Debug for MemoryStore {
         let inner = self.lock();
         f.debug_struct("MemoryStore")
             .field("capacity", &inner.capacity)
-            .field("keys", &inner.keys.len())
+            .field("keys", &inner.len())
             .finish()
     }
 }
@@ -123,14 +294,95 @@ impl Entry {
     fn completed_before(&self, cutoff: Instant) -> bool {
         matches!(self.state, State::Done { completed_at, .. } if completed_at < cutoff)
     }
+
+    fn expired_by(&self, now: Instant) -> bool {
+        matches!(self.state, State::Claimed { lease_until, .. } if lease_until <= now)
+    }
 }
 
 impl Inner {
+    fn len(&self) -> usize {
+        self.keys.len() + self.collided.len()
+    }
+
+    fn entry(&self, at: usize) -> Option<&Entry> {
+        self.slots.get(at).and_then(Option::as_ref)
+    }
+
+    /// Where `key`, whose hash is `hash`, is in `slots`.
+    fn find(&self, hash: u64, key: &str) -> Option<usize> {
+        let at = *self.keys.get(&hash)?;
+        if self.entry(at).is_some_and(|e| *e.key == *key) {
+            return Some(at);
+        }
+        self.collided.iter().copied().find(|&at| {
+            self.entry(at)
+                .is_some_and(|e| e.hash == hash && *e.key == *key)
+        })
+    }
+
+    fn get_mut(&mut self, hash: u64, key: &str) -> Option<&mut Entry> {
+        let at = self.find(hash, key)?;
+        self.slots[at].as_mut()
+    }
+
+    /// Puts an entry in a free place.
+    fn place(&mut self, entry: Entry) -> usize {
+        match self.free.pop() {
+            Some(at) => {
+                self.slots[at] = Some(entry);
+                at
+            }
+            None => {
+                self.slots.push(Some(entry));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    /// Adds an entry for a key the store does not hold.
+    fn insert(&mut self, entry: Entry) {
+        let hash = entry.hash;
+        let at = self.place(entry);
+        match self.keys.entry(hash) {
+            hash_map::Entry::Vacant(vacant) => {
+                vacant.insert(at);
+            }
+            hash_map::Entry::Occupied(_) => self.collided.push(at),
+        }
+    }
+
+    /// Removes the entry at `at`.
+    fn remove(&mut self, at: usize) {
+        let Some(entry) = self.slots.get_mut(at).and_then(Option::take) else {
+            return;
+        };
+        self.free.push(at);
+        let hash = entry.hash;
+        if self.keys.get(&hash) == Some(&at) {
+            let same_hash = self
+                .collided
+                .iter()
+                .position(|&other| self.entry(other).is_some_and(|e| e.hash == hash));
+            match same_hash {
+                Some(i) => {
+                    let other = self.collided.swap_remove(i);
+                    self.keys.insert(hash, other);
+                }
+                None => {
+                    self.keys.remove(&hash);
+                }
+            }
+        } else if let Some(i) = self.collided.iter().position(|&other| other == at) {
+            self.collided.swap_remove(i);
+        }
+    }
+
     /// Removes the oldest completed key, if there is one.
     fn evict_oldest_done(&mut self) -> bool {
-        while let Some((seq, key)) = self.done_order.pop_front() {
-            if self.keys.get(&key).is_some_and(|e| e.is_done_as(seq)) {
-                self.keys.remove(&key);
+        while let Some((at, seq)) = self.done_order.pop_front() {
+            if self.entry(at).is_some_and(|e| e.is_done_as(seq)) {
+                self.remove(at);
                 return true;
             }
         }
@@ -139,17 +391,16 @@ impl Inner {
 
     /// Makes room for one more key, if the store is full.
     fn make_room(&mut self, now: Instant) -> Result<(), StoreError> {
-        if self.keys.len() < self.capacity || self.evict_oldest_done() {
+        if self.len() < self.capacity || self.evict_oldest_done() {
             return Ok(());
         }
         let expired = self
-            .keys
-            .values()
-            .find(|e| matches!(e.state, State::Claimed { lease_until } if lease_until <= now))
-            .map(|e| Arc::clone(&e.key));
+            .slots
+            .iter()
+            .position(|slot| slot.as_ref().is_some_and(|e| e.expired_by(now)));
         match expired {
-            Some(key) => {
-                self.keys.remove(&key);
+            Some(at) => {
+                self.remove(at);
                 Ok(())
             }
             None => Err(StoreError::Full {
@@ -172,44 +423,7 @@ fn lease_lost(key: &str) -> StoreError {
 
 impl DedupStore for MemoryStore {
     async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
-        // Everything that allocates happens before the lock; a duplicate
-        // wastes it, a first delivery (the common case) keeps the lock short.
-        let now = Instant::now();
-        let until = lease_until(now, lease);
-        let token = LeaseToken::generate_at(now);
-        let owned: Arc<str> = Arc::from(key);
-        let mut inner = self.lock();
-        let inner = &mut *inner;
-        if inner.keys.len() < inner.capacity {
-            // One hash for the common case: a key not seen before.
-            match inner.keys.entry(owned) {
-                hash_map::Entry::Vacant(vacant) => {
-                    let key = Arc::clone(vacant.key());
-                    vacant.insert(Entry {
-                        key,
-                        token: token.clone(),
-                        state: State::Claimed { lease_until: until },
-                    });
-                    Ok(Claim::Acquired(Lease::new(token, false)))
-                }
-                hash_map::Entry::Occupied(mut occupied) => {
-                    Ok(claim_existing(occupied.get_mut(), now, until, token))
-                }
-            }
-        } else if let Some(entry) = inner.keys.get_mut(key) {
-            Ok(claim_existing(entry, now, until, token))
-        } else {
-            inner.make_room(now)?;
-            inner.keys.insert(
-                Arc::clone(&owned),
-                Entry {
-                    key: owned,
-                    token: token.clone(),
-                    state: State::Claimed { lease_until: until },
-                },
-            );
-            Ok(Claim::Acquired(Lease::new(token, false)))
-        }
+        self.claim_sync(key, lease)
     }
 
     async fn extend(
@@ -218,15 +432,18 @@ impl DedupStore for MemoryStore {
         token: &LeaseToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        let until = lease_until(Instant::now(), lease);
+        let now = Instant::now();
+        let until = lease_until(now, lease);
+        let hash = self.hash(key);
         let mut inner = self.lock();
-        match inner.keys.get_mut(key) {
+        match inner.get_mut(hash, key) {
             Some(Entry {
                 token: held,
-                state: State::Claimed { lease_until },
+                state: State::Claimed { lease_until, since },
                 ..
             }) if held == token => {
                 *lease_until = until;
+                *since = now;
                 Ok(())
             }
             _ => Err(lease_lost(key)),
@@ -239,39 +456,19 @@ impl DedupStore for MemoryStore {
         token: &LeaseToken,
         reply: Option<&[u8]>,
     ) -> Result<(), StoreError> {
-        let now = Instant::now();
-        let reply = reply.map(Bytes::copy_from_slice);
-        let mut inner = self.lock();
-        let inner = &mut *inner;
-        let Some(entry) = inner.keys.get_mut(key).filter(|e| e.token == *token) else {
-            return Err(lease_lost(key));
-        };
-        match &mut entry.state {
-            State::Claimed { .. } => {
-                let seq = inner.next_seq;
-                inner.next_seq += 1;
-                inner.done_order.push_back((seq, Arc::clone(&entry.key)));
-                entry.state = State::Done {
-                    reply,
-                    completed_at: now,
-                    seq,
-                };
-            }
-            // Completed before with this token: the last reply wins.
-            State::Done { reply: stored, .. } => *stored = reply,
-        }
-        Ok(())
+        self.complete_sync(key, token, reply)
     }
 
     async fn release(&self, key: &str, token: &LeaseToken) -> Result<(), StoreError> {
+        let hash = self.hash(key);
         let mut inner = self.lock();
         // Only a live claim is released; a completed key stays done.
-        if inner
-            .keys
-            .get(key)
-            .is_some_and(|e| e.token == *token && matches!(e.state, State::Claimed { .. }))
-        {
-            inner.keys.remove(key);
+        if let Some(at) = inner.find(hash, key).filter(|&at| {
+            inner
+                .entry(at)
+                .is_some_and(|e| e.token == *token && matches!(e.state, State::Claimed { .. }))
+        }) {
+            inner.remove(at);
         }
         Ok(())
     }
@@ -287,34 +484,32 @@ impl DedupStore for MemoryStore {
         let mut purged = 0;
         // Completed keys, oldest first, up to the first one young enough.
         while purged < limit {
-            let Some((seq, key)) = inner.done_order.front() else {
+            let Some(&(at, seq)) = inner.done_order.front() else {
                 break;
             };
-            match inner.keys.get(key) {
-                Some(entry) if entry.is_done_as(*seq) => {
-                    if !entry.completed_before(cutoff) {
-                        break;
-                    }
-                    inner.keys.remove(key);
+            match inner.entry(at).filter(|e| e.is_done_as(seq)) {
+                Some(entry) if !entry.completed_before(cutoff) => break,
+                Some(_) => {
+                    inner.remove(at);
                     purged += 1;
                 }
                 // Not that completion any more: skip the stale entry.
-                _ => {}
+                None => {}
             }
             inner.done_order.pop_front();
         }
+        // Abandoned claims: leases that expired before the cutoff.
         if purged < limit {
-            let abandoned: Vec<Arc<str>> = inner
-                .keys
-                .values()
-                .filter(
-                    |e| matches!(e.state, State::Claimed { lease_until } if lease_until < cutoff),
-                )
-                .map(|e| Arc::clone(&e.key))
+            let abandoned: Vec<usize> = (0..inner.slots.len())
+                .filter(|&at| {
+                    inner.entry(at).is_some_and(|e| {
+                        matches!(e.state, State::Claimed { lease_until, .. } if lease_until < cutoff)
+                    })
+                })
                 .take(limit - purged)
                 .collect();
-            for key in &abandoned {
-                inner.keys.remove(key);
+            for &at in &abandoned {
+                inner.remove(at);
             }
             purged += abandoned.len();
         }
@@ -322,11 +517,24 @@ impl DedupStore for MemoryStore {
     }
 
     async fn size(&self) -> Result<u64, StoreError> {
-        Ok(self.lock().keys.len() as u64)
+        Ok(self.lock().len() as u64)
     }
 
     fn in_memory(&self) -> bool {
         true
+    }
+
+    fn claim_now(&self, key: &str, lease: Duration) -> Option<Result<Claim, StoreError>> {
+        Some(self.claim_sync(key, lease))
+    }
+
+    fn complete_now(
+        &self,
+        key: &str,
+        token: &LeaseToken,
+        reply: Option<&[u8]>,
+    ) -> Option<Result<(), StoreError>> {
+        Some(self.complete_sync(key, token, reply))
     }
 }
 
@@ -335,14 +543,17 @@ impl DedupStore for MemoryStore {
 fn claim_existing(entry: &mut Entry, now: Instant, until: Instant, token: LeaseToken) -> Claim {
     match &entry.state {
         State::Done { reply, .. } => Claim::Done {
-            reply: reply.clone(),
+            reply: reply.as_deref().cloned(),
         },
-        State::Claimed { lease_until } if *lease_until > now => Claim::Busy {
+        State::Claimed { lease_until, .. } if *lease_until > now => Claim::Busy {
             retry_after: *lease_until - now,
         },
         State::Claimed { .. } => {
             entry.token = token.clone();
-            entry.state = State::Claimed { lease_until: until };
+            entry.state = State::Claimed {
+                lease_until: until,
+                since: now,
+            };
             Claim::Acquired(Lease::new(token, true))
         }
     }
@@ -354,6 +565,20 @@ mod tests {
 
     const LEASE: Duration = Duration::from_secs(10);
 
+    /// Stores to run each test on: an ordinary one, and one where every
+    /// key has the same hash.
+    fn stores(capacity: usize) -> [MemoryStore; 2] {
+        let colliding = MemoryStore::with_capacity(capacity);
+        let mut shared = Arc::into_inner(colliding.shared).unwrap();
+        shared.collide = true;
+        [
+            MemoryStore::with_capacity(capacity),
+            MemoryStore {
+                shared: Arc::new(shared),
+            },
+        ]
+    }
+
     async fn acquire(store: &MemoryStore, key: &str) -> Lease {
         match store.claim(key, LEASE).await.unwrap() {
             Claim::Acquired(lease) => lease,
@@ -363,81 +588,123 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_expired_lease_is_taken_over_and_the_stale_holder_is_fenced() {
-        let store = MemoryStore::new();
-        let stale = acquire(&store, "k").await;
-        assert!(matches!(
-            store.claim("k", LEASE).await.unwrap(),
-            Claim::Busy { retry_after } if retry_after == LEASE
-        ));
-        tokio::time::advance(LEASE).await;
-        let fresh = acquire(&store, "k").await;
-        assert!(fresh.took_over);
-        assert!(
-            store
-                .complete("k", &stale.token, None)
-                .await
-                .unwrap_err()
-                .is_lease_lost()
-        );
-        assert!(
-            store
-                .extend("k", &stale.token, LEASE)
-                .await
-                .unwrap_err()
-                .is_lease_lost()
-        );
-        store.release("k", &stale.token).await.unwrap();
-        store.complete("k", &fresh.token, Some(b"r")).await.unwrap();
-        store.complete("k", &fresh.token, Some(b"r")).await.unwrap();
-        assert_eq!(
-            store.claim("k", LEASE).await.unwrap(),
-            Claim::Done {
-                reply: Some(Bytes::from_static(b"r"))
-            }
-        );
+        for store in stores(DEFAULT_CAPACITY) {
+            let stale = acquire(&store, "k").await;
+            assert!(matches!(
+                store.claim("k", LEASE).await.unwrap(),
+                Claim::Busy { retry_after } if retry_after == LEASE
+            ));
+            tokio::time::advance(LEASE).await;
+            let fresh = acquire(&store, "k").await;
+            assert!(fresh.took_over);
+            assert!(
+                store
+                    .complete("k", &stale.token, None)
+                    .await
+                    .unwrap_err()
+                    .is_lease_lost()
+            );
+            assert!(
+                store
+                    .extend("k", &stale.token, LEASE)
+                    .await
+                    .unwrap_err()
+                    .is_lease_lost()
+            );
+            store.release("k", &stale.token).await.unwrap();
+            store.complete("k", &fresh.token, Some(b"r")).await.unwrap();
+            store.complete("k", &fresh.token, Some(b"r")).await.unwrap();
+            assert_eq!(
+                store.claim("k", LEASE).await.unwrap(),
+                Claim::Done {
+                    reply: Some(Bytes::from_static(b"r"))
+                }
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_full_store_evicts_the_oldest_completed_key_first() {
-        let store = MemoryStore::with_capacity(2);
-        let a = acquire(&store, "a").await;
-        let b = acquire(&store, "b").await;
-        assert!(matches!(
-            store.claim("c", LEASE).await.unwrap_err(),
-            StoreError::Full { capacity: 2 }
-        ));
-        store.complete("b", &b.token, None).await.unwrap();
-        store.complete("a", &a.token, None).await.unwrap();
-        acquire(&store, "c").await;
-        // "b" completed first, so it went first.
-        assert!(matches!(
-            store.claim("a", LEASE).await.unwrap(),
-            Claim::Done { .. }
-        ));
-        assert_eq!(store.size().await.unwrap(), 2);
-        // "a" was evicted to make room for "b".
-        assert!(matches!(
-            store.claim("b", LEASE).await.unwrap(),
-            Claim::Acquired(_)
-        ));
+        for store in stores(2) {
+            let a = acquire(&store, "a").await;
+            let b = acquire(&store, "b").await;
+            assert!(matches!(
+                store.claim("c", LEASE).await.unwrap_err(),
+                StoreError::Full { capacity: 2 }
+            ));
+            store.complete("b", &b.token, None).await.unwrap();
+            store.complete("a", &a.token, None).await.unwrap();
+            acquire(&store, "c").await;
+            // "b" completed first, so it went first.
+            assert!(matches!(
+                store.claim("a", LEASE).await.unwrap(),
+                Claim::Done { .. }
+            ));
+            assert_eq!(store.size().await.unwrap(), 2);
+            // "a" was evicted to make room for "b".
+            assert!(matches!(
+                store.claim("b", LEASE).await.unwrap(),
+                Claim::Acquired(_)
+            ));
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn purge_takes_old_keys_in_bounded_batches() {
-        let store = MemoryStore::new();
-        for key in ["a", "b", "c"] {
-            let lease = acquire(&store, key).await;
-            store.complete(key, &lease.token, None).await.unwrap();
+        for store in stores(DEFAULT_CAPACITY) {
+            for key in ["a", "b", "c"] {
+                let lease = acquire(&store, key).await;
+                store.complete(key, &lease.token, None).await.unwrap();
+            }
+            let _live = acquire(&store, "live").await;
+            tokio::time::advance(Duration::from_secs(60)).await;
+            assert_eq!(store.purge(Duration::from_secs(30), 2).await.unwrap(), 2);
+            assert_eq!(
+                store.purge(Duration::from_secs(30), 2).await.unwrap(),
+                2,
+                "c and the expired claim"
+            );
+            assert_eq!(store.purge(Duration::from_secs(30), 2).await.unwrap(), 0);
+            assert_eq!(store.size().await.unwrap(), 0);
         }
-        let _live = acquire(&store, "live").await;
-        tokio::time::advance(Duration::from_secs(60)).await;
-        assert_eq!(store.purge(Duration::from_secs(30), 2).await.unwrap(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keys_with_the_same_hash_stay_apart() {
+        let [_, store] = stores(DEFAULT_CAPACITY);
+        let a = acquire(&store, "a").await;
+        let b = acquire(&store, "b").await;
+        let _c = acquire(&store, "c").await;
+        store.complete("b", &b.token, Some(b"b")).await.unwrap();
+        // "a" holds the hash; releasing it hands the hash to another key.
+        store.release("a", &a.token).await.unwrap();
+        assert_eq!(store.size().await.unwrap(), 2);
+        assert!(matches!(
+            store.claim("c", LEASE).await.unwrap(),
+            Claim::Busy { .. }
+        ));
         assert_eq!(
-            store.purge(Duration::from_secs(30), 2).await.unwrap(),
-            2,
-            "c and the expired claim"
+            store.claim("b", LEASE).await.unwrap(),
+            Claim::Done {
+                reply: Some(Bytes::from_static(b"b"))
+            }
         );
-        assert_eq!(store.purge(Duration::from_secs(30), 2).await.unwrap(), 0);
+        let a = acquire(&store, "a").await;
+        assert!(!a.took_over);
+        assert!(matches!(
+            store.claim("a", LEASE).await.unwrap(),
+            Claim::Busy { .. }
+        ));
+        assert!(
+            store
+                .complete("c", &a.token, None)
+                .await
+                .unwrap_err()
+                .is_lease_lost()
+        );
+        store.complete("a", &a.token, None).await.unwrap();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(store.purge(Duration::from_secs(30), 10).await.unwrap(), 3);
         assert_eq!(store.size().await.unwrap(), 0);
     }
 }

@@ -300,6 +300,33 @@ pub trait DedupStore: Send + Sync + 'static {
     fn in_memory(&self) -> bool {
         false
     }
+
+    /// [`claim`](Self::claim) answered at once, by a store that can answer
+    /// without waiting (one in this process's memory, like
+    /// [`MemoryStore`](crate::MemoryStore)): `None` (the default) when the
+    /// caller must await `claim` instead. `Some` means the claim was made,
+    /// exactly as `claim` would have made it. The layer tries it first and
+    /// then does without a boxed future per delivery; it records such
+    /// answers in `surety_idempotency_store_duration_seconds` with a
+    /// duration of zero, like the operations of an
+    /// [`in_memory`](Self::in_memory) store.
+    fn claim_now(&self, key: &str, lease: Duration) -> Option<Result<Claim, StoreError>> {
+        let _ = (key, lease);
+        None
+    }
+
+    /// [`complete`](Self::complete) answered at once, like
+    /// [`claim_now`](Self::claim_now): `None` (the default) when the caller
+    /// must await `complete` instead.
+    fn complete_now(
+        &self,
+        key: &str,
+        token: &LeaseToken,
+        reply: Option<&[u8]>,
+    ) -> Option<Result<(), StoreError>> {
+        let _ = (key, token, reply);
+        None
+    }
 }
 
 impl<S: DedupStore> DedupStore for Arc<S> {
@@ -351,6 +378,19 @@ impl<S: DedupStore> DedupStore for Arc<S> {
 
     fn in_memory(&self) -> bool {
         (**self).in_memory()
+    }
+
+    fn claim_now(&self, key: &str, lease: Duration) -> Option<Result<Claim, StoreError>> {
+        (**self).claim_now(key, lease)
+    }
+
+    fn complete_now(
+        &self,
+        key: &str,
+        token: &LeaseToken,
+        reply: Option<&[u8]>,
+    ) -> Option<Result<(), StoreError>> {
+        (**self).complete_now(key, token, reply)
     }
 }
 
