@@ -9,20 +9,10 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use futures::StreamExt;
-use surety_core::{
-    Close, Delivery, DeliveryStream, Envelope, Publisher, Subscriber, TransportErrorKind,
-};
+use surety_core::{Close, Envelope, Publisher, Subscriber, TransportErrorKind};
 use surety_kafka::{KafkaMetrics, KafkaTransport};
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-async fn next(stream: &mut DeliveryStream) -> Delivery {
-    tokio::time::timeout(LIMIT, stream.next())
-        .await
-        .expect("a delivery in time")
-        .expect("the stream is open")
-        .expect("a delivery, not an error")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_far_larger_than_the_buffer_streams_without_pausing() {
@@ -66,7 +56,7 @@ async fn a_backlog_far_larger_than_the_buffer_streams_without_pausing() {
     let mut last_offsets: BTreeMap<i32, i64> = BTreeMap::new();
     let mut received = HashSet::with_capacity(MESSAGES);
     while received.len() < MESSAGES {
-        let delivery = next(&mut stream).await;
+        let delivery = common::next(&mut stream, LIMIT).await;
         let (partition, offset) = (
             delivery.info().partition.expect("a partition"),
             delivery.info().offset.expect("an offset"),
@@ -142,7 +132,7 @@ async fn a_stuck_application_pauses_and_its_group_is_still_served() {
     let mut both = futures::stream::select(first, second).boxed();
     let mut received = HashSet::new();
     while received.len() < MESSAGES {
-        let delivery = next(&mut both).await;
+        let delivery = common::next(&mut both, LIMIT).await;
         let id = delivery.envelope().id.clone();
         assert!(ids.contains(&id), "an unknown message {id}");
         received.insert(id);

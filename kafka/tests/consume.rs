@@ -8,21 +8,13 @@ use std::time::Duration;
 use futures::StreamExt;
 use surety_core::consumer::{Incoming, Worker, handler_fn, typed};
 use surety_core::envelope::UNDECODABLE_TYPE;
-use surety_core::{Close, Delivery, DeliveryStream, Envelope, Publisher, Subscriber};
+use surety_core::{Close, DeliveryStream, Envelope, Publisher, Subscriber};
 use surety_kafka::rdkafka::ClientConfig;
 use surety_kafka::rdkafka::message::{Header, OwnedHeaders};
 use surety_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use surety_kafka::{KafkaMetrics, KafkaTransport};
 
 const LIMIT: Duration = Duration::from_secs(20);
-
-async fn next(stream: &mut DeliveryStream) -> Delivery {
-    tokio::time::timeout(LIMIT, stream.next())
-        .await
-        .expect("a delivery in time")
-        .expect("the stream is open")
-        .expect("a delivery, not an error")
-}
 
 async fn quiet(stream: &mut DeliveryStream, period: Duration) {
     if let Ok(item) = tokio::time::timeout(period, stream.next()).await {
@@ -162,16 +154,16 @@ async fn nack_redelivers_the_nacked_message_only() {
     let mut stream = kafka.subscribe(&topic, &group).await.expect("subscribe");
     let ids = publish_n(&kafka, &topic, 3, None).await;
 
-    let first = next(&mut stream).await;
-    let second = next(&mut stream).await;
-    let third = next(&mut stream).await;
+    let first = common::next(&mut stream, LIMIT).await;
+    let second = common::next(&mut stream, LIMIT).await;
+    let third = common::next(&mut stream, LIMIT).await;
     assert_eq!(first.envelope().id, ids[0]);
     assert!(!first.info().redelivered);
     assert_eq!(first.info().delivery_count, None);
     third.ack().await.expect("ack out of order");
     first.nack(true).await.expect("nack");
 
-    let again = next(&mut stream).await;
+    let again = common::next(&mut stream, LIMIT).await;
     assert_eq!(again.envelope().id, ids[0]);
     assert_eq!(again.info().offset, Some(0));
     assert!(again.info().redelivered);
@@ -216,7 +208,7 @@ async fn a_slow_consumer_pauses_and_loses_nothing() {
     .await;
     let mut received = Vec::new();
     while received.len() < ids.len() {
-        let delivery = next(&mut stream).await;
+        let delivery = common::next(&mut stream, LIMIT).await;
         received.push(delivery.envelope().id.clone());
         delivery.ack().await.expect("ack");
     }

@@ -20,7 +20,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use futures::StreamExt;
-use surety_core::{Close, Delivery, DeliveryStream, Envelope, Subscriber};
+use surety_core::{Close, Delivery, Envelope, Subscriber};
 use surety_kafka::rdkafka::ClientConfig;
 use surety_kafka::rdkafka::message::{Header, OwnedHeaders};
 use surety_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
@@ -39,14 +39,6 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-async fn next(stream: &mut DeliveryStream) -> Delivery {
-    tokio::time::timeout(LIMIT, stream.next())
-        .await
-        .expect("a delivery in time")
-        .expect("the stream is open")
-        .expect("a delivery, not an error")
 }
 
 /// Produces `envelope` to an explicit partition, in the adapter's format.
@@ -85,7 +77,7 @@ async fn crash_child() {
     let mut stream = kafka.subscribe(&topic, &group).await.expect("subscribe");
     let mut held: BTreeMap<(i32, i64), Delivery> = BTreeMap::new();
     while held.len() < 4 {
-        let delivery = next(&mut stream).await;
+        let delivery = common::next(&mut stream, LIMIT).await;
         let info = delivery.info();
         let key = (
             info.partition.expect("partition"),
@@ -204,10 +196,10 @@ async fn consumer_killed_before_ack_gets_its_message_redelivered() {
     // A new member (once the dead one's session expired) gets m2 again,
     // then m3; not m1, not n1.
     let mut stream = kafka.subscribe(&topic, &group).await.expect("rejoin");
-    let first = next(&mut stream).await;
+    let first = common::next(&mut stream, LIMIT).await;
     assert_eq!(first.envelope().id, id("m2"), "m2 comes back first");
     assert_eq!(first.info().offset, Some(1));
-    let second = next(&mut stream).await;
+    let second = common::next(&mut stream, LIMIT).await;
     assert_eq!(second.envelope().id, id("m3"));
     first.ack().await.expect("ack");
     second.ack().await.expect("ack");

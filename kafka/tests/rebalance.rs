@@ -7,20 +7,10 @@ mod common;
 use std::time::Duration;
 
 use futures::StreamExt;
-use surety_core::{
-    Close, Delivery, DeliveryStream, Envelope, Publisher, Subscriber, TransportErrorKind,
-};
+use surety_core::{Close, Envelope, Publisher, Subscriber, TransportErrorKind};
 use surety_kafka::KafkaTransport;
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-async fn next(stream: &mut DeliveryStream) -> Delivery {
-    tokio::time::timeout(LIMIT, stream.next())
-        .await
-        .expect("a delivery in time")
-        .expect("the stream is open")
-        .expect("a delivery, not an error")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_partitions_commit_settled_offsets_and_refuse_late_settlements() {
@@ -41,11 +31,11 @@ async fn revoked_partitions_commit_settled_offsets_and_refuse_late_settlements()
         kafka.publish(&topic, env).await.expect("published");
     }
     for offset in 0..5 {
-        let delivery = next(&mut first).await;
+        let delivery = common::next(&mut first, LIMIT).await;
         assert_eq!(delivery.info().offset, Some(offset));
         delivery.ack().await.expect("ack");
     }
-    let held = next(&mut first).await;
+    let held = common::next(&mut first, LIMIT).await;
     assert_eq!(held.info().offset, Some(5));
 
     // A second member joins: every partition is revoked and reassigned.
@@ -62,11 +52,11 @@ async fn revoked_partitions_commit_settled_offsets_and_refuse_late_settlements()
     // Whichever member owns the partition now starts at offset 5: the
     // revocation committed the five acks, and nothing after them.
     let mut both = futures::stream::select(first, second).boxed();
-    let again = next(&mut both).await;
+    let again = common::next(&mut both, LIMIT).await;
     assert_eq!(again.info().offset, Some(5), "{:?}", again.info());
     again.ack().await.expect("ack");
     for offset in 6..10 {
-        let delivery = next(&mut both).await;
+        let delivery = common::next(&mut both, LIMIT).await;
         assert_eq!(delivery.info().offset, Some(offset));
         delivery.ack().await.expect("ack");
     }

@@ -4,6 +4,8 @@
 use std::future::Future;
 use std::time::Duration;
 
+use futures::StreamExt;
+use surety_core::{Delivery, DeliveryStream};
 use surety_kafka::KafkaConfig;
 use surety_testkit::services;
 
@@ -24,6 +26,16 @@ pub fn config(brokers: &str) -> KafkaConfig {
         .consumer_property("auto.commit.interval.ms", "200")
         .consumer_property("heartbeat.interval.ms", "500")
         .consumer_property("session.timeout.ms", "6000")
+}
+
+/// The next delivery of `stream`; panics when none comes within `limit`,
+/// the stream ends or it yields an error.
+pub async fn next(stream: &mut DeliveryStream, limit: Duration) -> Delivery {
+    tokio::time::timeout(limit, stream.next())
+        .await
+        .expect("a delivery in time")
+        .expect("the stream is open")
+        .expect("a delivery, not an error")
 }
 
 /// A unique name for a topic or group.
