@@ -12,13 +12,13 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::postgres::{PgConnection, PgPool, PgQueryResult, PgRow};
 use sqlx::{Postgres, Row};
 
-use super::{Claim, DedupStore, Lease, LeaseToken, from_millis, millis};
+use super::sql::{Dialect, SqlQuery, sql_store};
+use super::{DedupStore, millis};
 use crate::error::StoreError;
-use crate::inbox::{Marked, TransactionalStore};
+use crate::inbox::TransactionalStore;
 
 /// The migrations, embedded from `migrations/postgres/` (version, description,
 /// SQL), in the format of `sqlx migrate`.
@@ -70,7 +70,8 @@ impl PostgresStore {
     }
 }
 
-const CLAIM: &str = "\
+impl Dialect for Postgres {
+    const CLAIM: &'static str = "\
 INSERT INTO surety_idempotency AS t (key, status, token, lease_until, claims, created_at)
 VALUES ($1, 'in_progress', $2, clock_timestamp() + $3::float8 * interval '1 millisecond', 1, clock_timestamp())
 ON CONFLICT (key) DO UPDATE
@@ -78,25 +79,25 @@ ON CONFLICT (key) DO UPDATE
     WHERE t.status = 'in_progress' AND t.lease_until <= clock_timestamp()
 RETURNING claims";
 
-const LOOK: &str = "\
+    const LOOK: &'static str = "\
 SELECT status, reply,
     GREATEST(0, ceil(EXTRACT(EPOCH FROM (lease_until - clock_timestamp())) * 1000))::int8 AS remaining_ms
 FROM surety_idempotency WHERE key = $1";
 
-const EXTEND: &str = "\
+    const EXTEND: &'static str = "\
 UPDATE surety_idempotency
 SET lease_until = clock_timestamp() + $3::float8 * interval '1 millisecond'
 WHERE key = $1 AND token = $2 AND status = 'in_progress'";
 
-const COMPLETE: &str = "\
+    const COMPLETE: &'static str = "\
 UPDATE surety_idempotency
 SET status = 'done', reply = $3, lease_until = NULL, completed_at = clock_timestamp()
 WHERE key = $1 AND token = $2";
 
-const RELEASE: &str =
-    "DELETE FROM surety_idempotency WHERE key = $1 AND token = $2 AND status = 'in_progress'";
+    const RELEASE: &'static str =
+        "DELETE FROM surety_idempotency WHERE key = $1 AND token = $2 AND status = 'in_progress'";
 
-const MARK: &str = "\
+    const MARK: &'static str = "\
 INSERT INTO surety_idempotency AS t (key, status, token, lease_until, claims, created_at, completed_at)
 VALUES ($1, 'done', $2, NULL, 1, clock_timestamp(), clock_timestamp())
 ON CONFLICT (key) DO UPDATE
@@ -105,7 +106,7 @@ ON CONFLICT (key) DO UPDATE
     WHERE t.status = 'in_progress' AND t.lease_until <= clock_timestamp()
 RETURNING claims";
 
-const PURGE_DONE: &str = "\
+    const PURGE_DONE: &'static str = "\
 DELETE FROM surety_idempotency t USING (
     SELECT key FROM surety_idempotency
     WHERE status = 'done' AND completed_at < clock_timestamp() - $1::float8 * interval '1 millisecond'
@@ -115,7 +116,7 @@ DELETE FROM surety_idempotency t USING (
 ) doomed
 WHERE t.key = doomed.key";
 
-const PURGE_ABANDONED: &str = "\
+    const PURGE_ABANDONED: &'static str = "\
 DELETE FROM surety_idempotency t USING (
     SELECT key FROM surety_idempotency
     WHERE status = 'in_progress' AND lease_until < clock_timestamp() - $1::float8 * interval '1 millisecond'
@@ -125,196 +126,39 @@ DELETE FROM surety_idempotency t USING (
 ) doomed
 WHERE t.key = doomed.key";
 
-/// How many times a claim re-reads a key that changed between its two
-/// statements before it answers busy.
-const CLAIM_ATTEMPTS: usize = 3;
+    const BEGIN: Option<&'static str> = None;
 
-impl DedupStore for PostgresStore {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        claim_on(&mut conn, key, Some(lease)).await
+    type Claims = i32;
+    /// The age, in milliseconds.
+    type Cutoff = f64;
+
+    fn bind_claim(query: SqlQuery<'_, Self>, lease: Duration) -> SqlQuery<'_, Self> {
+        query.bind(millis(lease) as f64)
     }
 
-    async fn extend(
-        &self,
-        key: &str,
-        token: &LeaseToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        let done = sqlx::query(EXTEND)
-            .bind(key)
-            .bind(token.as_str())
-            .bind(millis(lease) as f64)
-            .execute(&self.pool)
-            .await?;
-        if done.rows_affected() == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::LeaseLost {
-                key: key.to_owned(),
-            })
-        }
+    fn bind_mark(query: SqlQuery<'_, Self>) -> SqlQuery<'_, Self> {
+        query
     }
 
-    async fn complete(
-        &self,
-        key: &str,
-        token: &LeaseToken,
-        reply: Option<&[u8]>,
-    ) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        complete_on(&mut conn, key, token, reply).await
+    fn bind_extend(query: SqlQuery<'_, Self>, lease: Duration) -> SqlQuery<'_, Self> {
+        query.bind(millis(lease) as f64)
     }
 
-    async fn release(&self, key: &str, token: &LeaseToken) -> Result<(), StoreError> {
-        sqlx::query(RELEASE)
-            .bind(key)
-            .bind(token.as_str())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    fn bind_complete(query: SqlQuery<'_, Self>) -> SqlQuery<'_, Self> {
+        query
     }
 
-    async fn purge(&self, older_than: Duration, limit: u32) -> Result<u64, StoreError> {
-        let age = millis(older_than) as f64;
-        let done = sqlx::query(PURGE_DONE)
-            .bind(age)
-            .bind(i64::from(limit))
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        let room = u64::from(limit).saturating_sub(done);
-        if room == 0 {
-            return Ok(done);
-        }
-        let abandoned = sqlx::query(PURGE_ABANDONED)
-            .bind(age)
-            .bind(i64::try_from(room).unwrap_or(i64::MAX))
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(done + abandoned)
+    fn cutoff(older_than: Duration) -> f64 {
+        millis(older_than) as f64
     }
 
-    async fn size(&self) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM surety_idempotency")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(u64::try_from(n).unwrap_or(0))
+    fn remaining_ms(row: &PgRow) -> Result<Option<i64>, sqlx::Error> {
+        row.try_get("remaining_ms")
+    }
+
+    fn rows_affected(done: &PgQueryResult) -> u64 {
+        done.rows_affected()
     }
 }
 
-/// Claims `key` on `conn`: in autocommit for [`DedupStore::claim`], inside
-/// the caller's transaction for [`TransactionalStore::claim_in`].
-///
-/// With `lease` it claims for that lease; without, it marks the key done
-/// right away (only sensible inside a transaction: the mark is visible if
-/// and only if the transaction commits).
-async fn claim_on(
-    conn: &mut PgConnection,
-    key: &str,
-    lease: Option<Duration>,
-) -> Result<Claim, StoreError> {
-    for _ in 0..CLAIM_ATTEMPTS {
-        let token = LeaseToken::generate();
-        let claimed: Option<i32> = match lease {
-            Some(lease) => {
-                sqlx::query_scalar(CLAIM)
-                    .bind(key)
-                    .bind(token.as_str())
-                    .bind(millis(lease) as f64)
-                    .fetch_optional(&mut *conn)
-                    .await?
-            }
-            None => {
-                sqlx::query_scalar(MARK)
-                    .bind(key)
-                    .bind(token.as_str())
-                    .fetch_optional(&mut *conn)
-                    .await?
-            }
-        };
-        if let Some(claims) = claimed {
-            return Ok(Claim::Acquired(Lease::new(token, claims > 1)));
-        }
-        let row = sqlx::query(LOOK)
-            .bind(key)
-            .fetch_optional(&mut *conn)
-            .await?;
-        let Some(row) = row else {
-            // Released or purged in between: claim again.
-            continue;
-        };
-        let status: String = row.try_get("status")?;
-        if status == "done" {
-            let reply: Option<Vec<u8>> = row.try_get("reply")?;
-            return Ok(Claim::Done {
-                reply: reply.map(Bytes::from),
-            });
-        }
-        let remaining: Option<i64> = row.try_get("remaining_ms")?;
-        match remaining {
-            Some(ms) if ms > 0 => {
-                return Ok(Claim::Busy {
-                    retry_after: from_millis(ms),
-                });
-            }
-            // Expired in between: claim again.
-            _ => continue,
-        }
-    }
-    Ok(Claim::Busy {
-        retry_after: Duration::from_millis(10),
-    })
-}
-
-async fn complete_on(
-    conn: &mut PgConnection,
-    key: &str,
-    token: &LeaseToken,
-    reply: Option<&[u8]>,
-) -> Result<(), StoreError> {
-    let done = sqlx::query(COMPLETE)
-        .bind(key)
-        .bind(token.as_str())
-        .bind(reply)
-        .execute(&mut *conn)
-        .await?;
-    if done.rows_affected() == 1 {
-        Ok(())
-    } else {
-        Err(StoreError::LeaseLost {
-            key: key.to_owned(),
-        })
-    }
-}
-
-impl TransactionalStore for PostgresStore {
-    type Database = Postgres;
-
-    async fn begin(&self) -> Result<sqlx::Transaction<'static, Postgres>, StoreError> {
-        Ok(self.pool.begin().await?)
-    }
-
-    async fn claim_in(&self, conn: &mut PgConnection, key: &str) -> Result<Claim, StoreError> {
-        claim_on(conn, key, None).await
-    }
-
-    async fn complete_in(
-        &self,
-        conn: &mut PgConnection,
-        key: &str,
-        token: &LeaseToken,
-        reply: Option<&[u8]>,
-    ) -> Result<(), StoreError> {
-        complete_on(conn, key, token, reply).await
-    }
-
-    async fn mark_processed(
-        &self,
-        conn: &mut PgConnection,
-        key: &str,
-    ) -> Result<Marked, StoreError> {
-        Ok(Marked::from(claim_on(conn, key, None).await?))
-    }
-}
+sql_store!(DedupStore, TransactionalStore for PostgresStore on Postgres, PgConnection);

@@ -33,13 +33,13 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use sqlx::sqlite::{SqliteConnection, SqlitePool};
+use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteQueryResult, SqliteRow};
 use sqlx::{Row, Sqlite};
 
-use super::{Claim, DedupStore, Lease, LeaseToken, from_millis, millis};
+use super::sql::{Dialect, SqlQuery, sql_store};
+use super::{DedupStore, millis};
 use crate::error::StoreError;
-use crate::inbox::{Marked, TransactionalStore};
+use crate::inbox::TransactionalStore;
 
 /// The migrations, embedded from `migrations/sqlite/` (version, description,
 /// SQL), in the format of `sqlx migrate`.
@@ -90,7 +90,8 @@ fn now_ms() -> i64 {
         .map_or(0, millis)
 }
 
-const CLAIM: &str = "\
+impl Dialect for Sqlite {
+    const CLAIM: &'static str = "\
 INSERT INTO surety_idempotency (key, status, token, lease_until, claims, created_at)
 VALUES (?1, 'in_progress', ?2, ?3 + ?4, 1, ?3)
 ON CONFLICT (key) DO UPDATE
@@ -99,21 +100,22 @@ ON CONFLICT (key) DO UPDATE
     WHERE surety_idempotency.status = 'in_progress' AND surety_idempotency.lease_until <= ?3
 RETURNING claims";
 
-const LOOK: &str = "SELECT status, reply, lease_until FROM surety_idempotency WHERE key = ?1";
+    const LOOK: &'static str =
+        "SELECT status, reply, lease_until FROM surety_idempotency WHERE key = ?1";
 
-const EXTEND: &str = "\
+    const EXTEND: &'static str = "\
 UPDATE surety_idempotency SET lease_until = ?3
 WHERE key = ?1 AND token = ?2 AND status = 'in_progress'";
 
-const COMPLETE: &str = "\
+    const COMPLETE: &'static str = "\
 UPDATE surety_idempotency
 SET status = 'done', reply = ?3, lease_until = NULL, completed_at = ?4
 WHERE key = ?1 AND token = ?2";
 
-const RELEASE: &str =
-    "DELETE FROM surety_idempotency WHERE key = ?1 AND token = ?2 AND status = 'in_progress'";
+    const RELEASE: &'static str =
+        "DELETE FROM surety_idempotency WHERE key = ?1 AND token = ?2 AND status = 'in_progress'";
 
-const MARK: &str = "\
+    const MARK: &'static str = "\
 INSERT INTO surety_idempotency (key, status, token, lease_until, claims, created_at, completed_at)
 VALUES (?1, 'done', ?2, NULL, 1, ?3, ?3)
 ON CONFLICT (key) DO UPDATE
@@ -122,212 +124,52 @@ ON CONFLICT (key) DO UPDATE
     WHERE surety_idempotency.status = 'in_progress' AND surety_idempotency.lease_until <= ?3
 RETURNING claims";
 
-const PURGE_DONE: &str = "\
+    const PURGE_DONE: &'static str = "\
 DELETE FROM surety_idempotency WHERE key IN (
     SELECT key FROM surety_idempotency
     WHERE status = 'done' AND completed_at < ?1
     ORDER BY completed_at LIMIT ?2)";
 
-const PURGE_ABANDONED: &str = "\
+    const PURGE_ABANDONED: &'static str = "\
 DELETE FROM surety_idempotency WHERE key IN (
     SELECT key FROM surety_idempotency
     WHERE status = 'in_progress' AND lease_until < ?1
     ORDER BY lease_until LIMIT ?2)";
 
-/// How many times a claim re-reads a key that changed between its two
-/// statements before it answers busy.
-const CLAIM_ATTEMPTS: usize = 3;
+    const BEGIN: Option<&'static str> = Some("BEGIN IMMEDIATE");
 
-impl DedupStore for SqliteStore {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        claim_on(&mut conn, key, Some(lease)).await
+    type Claims = i64;
+    /// The Unix milliseconds before which keys are purged.
+    type Cutoff = i64;
+
+    fn bind_claim(query: SqlQuery<'_, Self>, lease: Duration) -> SqlQuery<'_, Self> {
+        query.bind(now_ms()).bind(millis(lease))
     }
 
-    async fn extend(
-        &self,
-        key: &str,
-        token: &LeaseToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        let done = sqlx::query(EXTEND)
-            .bind(key)
-            .bind(token.as_str())
-            .bind(now_ms().saturating_add(millis(lease)))
-            .execute(&self.pool)
-            .await?;
-        if done.rows_affected() == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::LeaseLost {
-                key: key.to_owned(),
-            })
-        }
+    fn bind_mark(query: SqlQuery<'_, Self>) -> SqlQuery<'_, Self> {
+        query.bind(now_ms())
     }
 
-    async fn complete(
-        &self,
-        key: &str,
-        token: &LeaseToken,
-        reply: Option<&[u8]>,
-    ) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        complete_on(&mut conn, key, token, reply).await
+    fn bind_extend(query: SqlQuery<'_, Self>, lease: Duration) -> SqlQuery<'_, Self> {
+        query.bind(now_ms().saturating_add(millis(lease)))
     }
 
-    async fn release(&self, key: &str, token: &LeaseToken) -> Result<(), StoreError> {
-        sqlx::query(RELEASE)
-            .bind(key)
-            .bind(token.as_str())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    fn bind_complete(query: SqlQuery<'_, Self>) -> SqlQuery<'_, Self> {
+        query.bind(now_ms())
     }
 
-    async fn purge(&self, older_than: Duration, limit: u32) -> Result<u64, StoreError> {
-        let cutoff = now_ms().saturating_sub(millis(older_than));
-        let done = sqlx::query(PURGE_DONE)
-            .bind(cutoff)
-            .bind(i64::from(limit))
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        let room = u64::from(limit).saturating_sub(done);
-        if room == 0 {
-            return Ok(done);
-        }
-        let abandoned = sqlx::query(PURGE_ABANDONED)
-            .bind(cutoff)
-            .bind(i64::try_from(room).unwrap_or(i64::MAX))
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(done + abandoned)
+    fn cutoff(older_than: Duration) -> i64 {
+        now_ms().saturating_sub(millis(older_than))
     }
 
-    async fn size(&self) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM surety_idempotency")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(u64::try_from(n).unwrap_or(0))
-    }
-}
-
-/// Claims `key` on `conn`: in autocommit for [`DedupStore::claim`], inside
-/// the caller's transaction for [`TransactionalStore::claim_in`].
-///
-/// With `lease` it claims for that lease; without, it marks the key done
-/// right away (only sensible inside a transaction: the mark is visible if
-/// and only if the transaction commits).
-async fn claim_on(
-    conn: &mut SqliteConnection,
-    key: &str,
-    lease: Option<Duration>,
-) -> Result<Claim, StoreError> {
-    for _ in 0..CLAIM_ATTEMPTS {
-        let token = LeaseToken::generate();
-        let now = now_ms();
-        let claimed: Option<i64> = match lease {
-            Some(lease) => {
-                sqlx::query_scalar(CLAIM)
-                    .bind(key)
-                    .bind(token.as_str())
-                    .bind(now)
-                    .bind(millis(lease))
-                    .fetch_optional(&mut *conn)
-                    .await?
-            }
-            None => {
-                sqlx::query_scalar(MARK)
-                    .bind(key)
-                    .bind(token.as_str())
-                    .bind(now)
-                    .fetch_optional(&mut *conn)
-                    .await?
-            }
-        };
-        if let Some(claims) = claimed {
-            return Ok(Claim::Acquired(Lease::new(token, claims > 1)));
-        }
-        let Some(row) = sqlx::query(LOOK)
-            .bind(key)
-            .fetch_optional(&mut *conn)
-            .await?
-        else {
-            // Released or purged in between: claim again.
-            continue;
-        };
-        let status: String = row.try_get("status")?;
-        if status == "done" {
-            let reply: Option<Vec<u8>> = row.try_get("reply")?;
-            return Ok(Claim::Done {
-                reply: reply.map(Bytes::from),
-            });
-        }
+    fn remaining_ms(row: &SqliteRow) -> Result<Option<i64>, sqlx::Error> {
         let lease_until: Option<i64> = row.try_get("lease_until")?;
-        match lease_until.map(|until| until.saturating_sub(now_ms())) {
-            Some(ms) if ms > 0 => {
-                return Ok(Claim::Busy {
-                    retry_after: from_millis(ms),
-                });
-            }
-            // Expired in between: claim again.
-            _ => continue,
-        }
+        Ok(lease_until.map(|until| until.saturating_sub(now_ms())))
     }
-    Ok(Claim::Busy {
-        retry_after: Duration::from_millis(10),
-    })
-}
 
-async fn complete_on(
-    conn: &mut SqliteConnection,
-    key: &str,
-    token: &LeaseToken,
-    reply: Option<&[u8]>,
-) -> Result<(), StoreError> {
-    let done = sqlx::query(COMPLETE)
-        .bind(key)
-        .bind(token.as_str())
-        .bind(reply)
-        .bind(now_ms())
-        .execute(&mut *conn)
-        .await?;
-    if done.rows_affected() == 1 {
-        Ok(())
-    } else {
-        Err(StoreError::LeaseLost {
-            key: key.to_owned(),
-        })
+    fn rows_affected(done: &SqliteQueryResult) -> u64 {
+        done.rows_affected()
     }
 }
 
-impl TransactionalStore for SqliteStore {
-    type Database = Sqlite;
-
-    async fn begin(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
-    }
-
-    async fn claim_in(&self, conn: &mut SqliteConnection, key: &str) -> Result<Claim, StoreError> {
-        claim_on(conn, key, None).await
-    }
-
-    async fn complete_in(
-        &self,
-        conn: &mut SqliteConnection,
-        key: &str,
-        token: &LeaseToken,
-        reply: Option<&[u8]>,
-    ) -> Result<(), StoreError> {
-        complete_on(conn, key, token, reply).await
-    }
-
-    async fn mark_processed(
-        &self,
-        conn: &mut SqliteConnection,
-        key: &str,
-    ) -> Result<Marked, StoreError> {
-        Ok(Marked::from(claim_on(conn, key, None).await?))
-    }
-}
+sql_store!(DedupStore, TransactionalStore for SqliteStore on Sqlite, SqliteConnection);
