@@ -50,10 +50,10 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use surety_benches::load::{
-    Clock, Comparison, Mode, Report, Sample, Settings, Window, envelopes, init_logging, stalled,
-    unique_suffix, within,
+    Clock, Comparison, Report, Sample, Settings, Window, adapter_consume, adapter_publish,
+    envelopes, measure_rounds, run_main, stalled, unique_suffix, within,
 };
-use surety_core::{Close, Envelope, Publisher, Subscriber};
+use surety_core::{Close, Envelope};
 use surety_kafka::{KafkaConfig, KafkaTransport};
 use surety_testkit::services;
 
@@ -73,23 +73,13 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 const MESSAGE_TIMEOUT_MS: &str = "30000";
 
 fn main() {
-    init_logging();
-    let mode = Mode::from_args();
-    let Some(brokers) = services::require(services::kafka_brokers()) else {
-        return;
-    };
-    let settings = Settings::from_env(mode, PUBLISH_MESSAGES, CONSUME_MESSAGES, ROUNDS);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    // On a worker thread, like a service's own tasks (block_on would run it
-    // on the main thread, outside the worker pool).
-    let report = runtime
-        .block_on(runtime.spawn(run(brokers, settings)))
-        .expect("the benchmark task");
-    println!("{report}");
+    run_main(
+        || services::require(services::kafka_brokers()),
+        PUBLISH_MESSAGES,
+        CONSUME_MESSAGES,
+        ROUNDS,
+        run,
+    );
 }
 
 /// A record as the adapter writes it, encoded before the clock starts.
@@ -163,19 +153,6 @@ struct Bench {
     topics: Mutex<Vec<String>>,
 }
 
-/// The three publish measurements of a round.
-struct Published {
-    raw: Sample,
-    encoded: Sample,
-    adapter: Sample,
-}
-
-/// The two consume measurements of a round.
-struct Consumed {
-    raw: Sample,
-    adapter: Sample,
-}
-
 async fn run(brokers: String, settings: Settings) -> Report {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
@@ -206,61 +183,36 @@ async fn run(brokers: String, settings: Settings) -> Report {
         topics: Mutex::new(Vec::new()),
     };
 
-    let mut publish = Comparison::new("publish");
-    let mut publish_pre_encoded = Comparison::reference("publish, raw pre-encoded");
-    let mut consume = Comparison::new("consume");
-    if settings.warmup > 0 {
-        println!(
-            "warm-up ({} messages per path, not reported)",
-            settings.warmup
-        );
-        if settings.runs("publish") {
-            bench.publish_round(0, settings.warmup).await;
-        }
-        if settings.runs("consume") {
-            bench.consume_round(0, settings.warmup).await;
-        }
-    }
-    for round in 1..=settings.rounds {
-        if settings.runs("publish") {
-            let published = bench.publish_round(round, settings.publish_messages).await;
-            publish.record(round, published.encoded, published.adapter);
-            publish_pre_encoded.record(round, published.raw, published.adapter);
-        }
-        if !settings.runs("consume") {
-            continue;
-        }
-        let consumed = bench.consume_round(round, settings.consume_messages).await;
-        consume.record(round, consumed.raw, consumed.adapter);
-    }
+    // The publish round's pairs: the encoding raw client against the
+    // adapter, then the pre-encoded one (a reference row).
+    let rows = measure_rounds(
+        &settings,
+        [
+            Comparison::new("publish"),
+            Comparison::reference("publish, raw pre-encoded"),
+        ],
+        |round, n| bench.publish_round(round, n),
+        |round, n| bench.consume_round(round, n),
+    )
+    .await;
     bench.finish().await;
 
-    Report {
-        title: format!("Kafka at {brokers}: surety-kafka vs raw rdkafka"),
-        settings: vec![
-            format!(
-                "publish {} / consume {} messages per measurement, {} B payload, {} partition keys, \
-                 {PARTITIONS} partitions, replication 1",
-                settings.publish_messages,
-                settings.consume_messages,
-                settings.payload,
-                settings.keys
-            ),
+    settings.report(
+        format!("Kafka at {brokers}: surety-kafka vs raw rdkafka"),
+        &format!(
+            "{} partition keys, {PARTITIONS} partitions, replication 1",
+            settings.keys
+        ),
+        [
             "publish: all in flight (librdkafka queue); enable.idempotence=true, acks=all, \
              librdkafka default batching"
                 .to_owned(),
             "consume: fresh group per measurement, offset stored per message, auto-commit; topic \
              pre-produced one record per batch (tansu)"
                 .to_owned(),
-            format!(
-                "{} rounds, median; raw and adapter alternate which goes first",
-                settings.rounds
-            ),
         ],
-        rows: vec![publish, publish_pre_encoded, consume],
-        mode: settings.mode,
-        control: settings.control,
-    }
+        rows,
+    )
 }
 
 impl Bench {
@@ -268,19 +220,12 @@ impl Bench {
         format!("surety-bench.{}.r{round}.{what}", self.run)
     }
 
-    /// A pause between measurements, for background work (commits, group
-    /// leaves, the broker's own) to settle.
-    async fn pause(&self) {
-        if self.settings.mode == Mode::Full {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-
     /// Publishes `n` raw (pre-encoded records), `n` raw encoding each
     /// envelope on the clock, and `n` through the adapter, each to a fresh
     /// topic known to its producer before the clock starts. Odd rounds start
-    /// raw, even rounds end raw.
-    async fn publish_round(&self, round: usize, n: usize) -> Published {
+    /// raw, even rounds end raw. Returns (encoding raw, adapter) and
+    /// (pre-encoded raw, adapter).
+    async fn publish_round(&self, round: usize, n: usize) -> [(Sample, Sample); 2] {
         let (payload, keys) = (self.settings.payload, self.settings.keys);
         let raw_topic = self.name("publish-raw", round);
         let encoded_topic = self.name("publish-encoded", round);
@@ -313,49 +258,35 @@ impl Bench {
             )
             .await
         };
-        let adapter = async {
-            if self.settings.control {
+        let adapter = self.settings.adapter_slot(
+            STEP_LIMIT,
+            "publish",
+            || {
                 let records = raw_records(envelopes(n, payload, keys));
-                let publish = raw_publish(&self.raw_producer, &adapter_topic, records, identity, n);
-                return within(STEP_LIMIT, "control publish", publish).await;
-            }
-            let batch = envelopes(n, payload, keys);
-            within(
-                STEP_LIMIT,
-                "adapter publish",
-                adapter_publish(&self.adapter, &adapter_topic, batch, n),
-            )
-            .await
-        };
-        let published = if round % 2 == 1 {
-            let raw = raw.await;
-            self.pause().await;
-            let encoded = encoded.await;
-            self.pause().await;
-            Published {
-                raw,
-                encoded,
-                adapter: adapter.await,
-            }
-        } else {
-            let adapter = adapter.await;
-            self.pause().await;
-            let encoded = encoded.await;
-            self.pause().await;
-            Published {
-                raw: raw.await,
-                encoded,
-                adapter,
-            }
-        };
-        self.pause().await;
-        published
+                raw_publish(&self.raw_producer, &adapter_topic, records, identity, n)
+            },
+            || {
+                adapter_publish(
+                    &self.adapter,
+                    &adapter_topic,
+                    envelopes(n, payload, keys),
+                    n,
+                )
+            },
+        );
+        // Odd rounds: raw, encoded, adapter; even rounds: adapter, encoded,
+        // raw; with a pause between each.
+        let raw_first = round % 2 == 1;
+        let rest = self.settings.in_turn(raw_first, encoded, adapter);
+        let (raw, (encoded, adapter)) = self.settings.in_turn(raw_first, raw, rest).await;
+        self.settings.pause().await;
+        [(encoded, adapter), (raw, adapter)]
     }
 
     /// Pre-produces `n` records to a fresh topic, then consumes them raw and
     /// through the adapter, each as a fresh group. Odd rounds start raw,
     /// even rounds end raw.
-    async fn consume_round(&self, round: usize, n: usize) -> Consumed {
+    async fn consume_round(&self, round: usize, n: usize) -> (Sample, Sample) {
         let (payload, keys) = (self.settings.payload, self.settings.keys);
         let topic = self.name("consume", round);
         self.create_topics(&[&topic]).await;
@@ -377,34 +308,14 @@ impl Bench {
             )
             .await
         };
-        let adapter = async {
-            if self.settings.control {
-                let consume = raw_consume(&self.brokers, &topic, &adapter_group, n);
-                return within(STEP_LIMIT, "control consume", consume).await;
-            }
-            within(
-                STEP_LIMIT,
-                "adapter consume",
-                adapter_consume(&self.adapter, &topic, &adapter_group, n),
-            )
-            .await
-        };
-        let consumed = if round % 2 == 1 {
-            let raw = raw.await;
-            self.pause().await;
-            Consumed {
-                raw,
-                adapter: adapter.await,
-            }
-        } else {
-            let adapter = adapter.await;
-            self.pause().await;
-            Consumed {
-                raw: raw.await,
-                adapter,
-            }
-        };
-        self.pause().await;
+        let adapter = self.settings.adapter_slot(
+            STEP_LIMIT,
+            "consume",
+            || raw_consume(&self.brokers, &topic, &adapter_group, n),
+            || adapter_consume(&self.adapter, &topic, &adapter_group, n),
+        );
+        let consumed = self.settings.in_turn(round % 2 == 1, raw, adapter).await;
+        self.settings.pause().await;
         consumed
     }
 
@@ -554,32 +465,6 @@ async fn raw_publish<T>(
     clock.stop(n)
 }
 
-/// Sends `batch` through the adapter with up to `window` confirmations in
-/// flight and awaits them.
-async fn adapter_publish(
-    adapter: &KafkaTransport,
-    topic: &str,
-    batch: Vec<Envelope>,
-    window: usize,
-) -> Sample {
-    let n = batch.len();
-    let mut in_flight = Window::new(window);
-    let clock = Clock::start();
-    for envelope in batch {
-        let confirmation = adapter
-            .send(topic, envelope)
-            .await
-            .expect("the adapter sends");
-        if let Some(done) = in_flight.push(confirmation).await {
-            done.expect("the adapter's publish is confirmed");
-        }
-    }
-    while let Some(done) = in_flight.next().await {
-        done.expect("the adapter's publish is confirmed");
-    }
-    clock.stop(n)
-}
-
 /// Consumes `n` messages of `topic` as a fresh `group`, storing each offset.
 async fn raw_consume(brokers: &str, topic: &str, group: &str, n: usize) -> Sample {
     let consumer: StreamConsumer = ClientConfig::new()
@@ -617,31 +502,5 @@ async fn raw_consume(brokers: &str, topic: &str, group: &str, n: usize) -> Sampl
     tokio::task::spawn_blocking(move || drop(consumer))
         .await
         .expect("the raw consumer closes");
-    sample
-}
-
-/// Consumes `n` messages of `topic` through the adapter as a fresh `group`,
-/// acking each.
-async fn adapter_consume(adapter: &KafkaTransport, topic: &str, group: &str, n: usize) -> Sample {
-    let mut stream = adapter
-        .subscribe(topic, group)
-        .await
-        .expect("the adapter subscribes");
-    let mut bytes = 0usize;
-    let mut clock = Clock::start();
-    for received in 0..n {
-        let delivery = stalled(stream.next(), "adapter", received, n)
-            .await
-            .expect("the subscription stays open")
-            .expect("an adapter delivery");
-        bytes += delivery.envelope().payload.len();
-        delivery.ack().await.expect("the adapter acks");
-        if received == 0 {
-            clock = Clock::start();
-        }
-    }
-    let sample = clock.stop(n - 1);
-    drop(stream);
-    assert!(bytes > 0);
     sample
 }

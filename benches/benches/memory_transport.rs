@@ -83,21 +83,27 @@ async fn through_worker(batch: Vec<Envelope>, concurrency: usize) {
     assert_eq!(report.acked, n as u64, "{report:?}");
 }
 
-fn raw_subscribers(c: &mut Criterion) {
+/// Benchmarks `run(batch, width)` in the criterion group `name` for every
+/// batch size and for `width` 1 and 4 (as `{label}_{width}/{n}`), on a
+/// fresh runtime.
+fn widths<F>(c: &mut Criterion, name: &str, label: &str, run: impl Fn(Vec<Envelope>, usize) -> F)
+where
+    F: Future<Output = ()>,
+{
     let rt = runtime();
-    let mut group = c.benchmark_group("memory_transport/publish_ack");
+    let mut group = c.benchmark_group(name);
     group
         .sample_size(20)
         .measurement_time(Duration::from_secs(3));
     for n in BATCH_SIZES {
         let batch = envelopes(n, PARTITION_KEYS);
         group.throughput(Throughput::Elements(n as u64));
-        for consumers in [1, 4] {
-            let id = BenchmarkId::new(format!("subscribers_{consumers}"), n);
-            group.bench_with_input(id, &consumers, |b, &consumers| {
+        for width in [1, 4] {
+            let id = BenchmarkId::new(format!("{label}_{width}"), n);
+            group.bench_with_input(id, &width, |b, &width| {
                 b.to_async(&rt).iter_batched(
                     || batch.clone(),
-                    |batch| publish_and_ack(batch, consumers),
+                    |batch| run(batch, width),
                     BatchSize::PerIteration,
                 )
             });
@@ -106,27 +112,22 @@ fn raw_subscribers(c: &mut Criterion) {
     group.finish();
 }
 
+fn raw_subscribers(c: &mut Criterion) {
+    widths(
+        c,
+        "memory_transport/publish_ack",
+        "subscribers",
+        publish_and_ack,
+    );
+}
+
 fn worker_pipeline(c: &mut Criterion) {
-    let rt = runtime();
-    let mut group = c.benchmark_group("memory_transport/worker_ack_all");
-    group
-        .sample_size(20)
-        .measurement_time(Duration::from_secs(3));
-    for n in BATCH_SIZES {
-        let batch = envelopes(n, PARTITION_KEYS);
-        group.throughput(Throughput::Elements(n as u64));
-        for concurrency in [1, 4] {
-            let id = BenchmarkId::new(format!("concurrency_{concurrency}"), n);
-            group.bench_with_input(id, &concurrency, |b, &concurrency| {
-                b.to_async(&rt).iter_batched(
-                    || batch.clone(),
-                    |batch| through_worker(batch, concurrency),
-                    BatchSize::PerIteration,
-                )
-            });
-        }
-    }
-    group.finish();
+    widths(
+        c,
+        "memory_transport/worker_ack_all",
+        "concurrency",
+        through_worker,
+    );
 }
 
 fn config() -> Criterion {

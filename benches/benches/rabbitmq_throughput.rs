@@ -24,7 +24,7 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -33,10 +33,10 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use surety_benches::load::{
-    Clock, Comparison, Mode, Report, Sample, Settings, Window, envelopes, init_logging, stalled,
-    unique_suffix, within,
+    Clock, Comparison, Report, Sample, Settings, Window, adapter_consume, adapter_publish,
+    envelopes, measure_rounds, run_main, stalled, unique_suffix, within,
 };
-use surety_core::{Close, Envelope, Publisher, Subscriber};
+use surety_core::{Close, Envelope};
 use surety_rabbitmq::{
     DEFAULT_MAX_IN_FLIGHT, DEFAULT_PREFETCH, RabbitConfig, RabbitTransport, queue_name,
 };
@@ -61,23 +61,13 @@ const STEP_LIMIT: Duration = Duration::from_secs(300);
 const ADAPTER_GROUP: &str = "adapter";
 
 fn main() {
-    init_logging();
-    let mode = Mode::from_args();
-    let Some(url) = services::require(services::amqp_url()) else {
-        return;
-    };
-    let settings = Settings::from_env(mode, PUBLISH_MESSAGES, CONSUME_MESSAGES, ROUNDS);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    // On a worker thread, like a service's own tasks (block_on would run it
-    // on the main thread, outside the worker pool).
-    let report = runtime
-        .block_on(runtime.spawn(run(url, settings)))
-        .expect("the benchmark task");
-    println!("{report}");
+    run_main(
+        || services::require(services::amqp_url()),
+        PUBLISH_MESSAGES,
+        CONSUME_MESSAGES,
+        ROUNDS,
+        run,
+    );
 }
 
 /// The AMQP properties the adapter writes for `envelope`: every
@@ -173,71 +163,35 @@ async fn run(url: String, settings: Settings) -> Report {
         adapter,
     };
 
-    let mut publish = Comparison::new("publish");
-    let mut consume = Comparison::new("consume");
-    if settings.warmup > 0 {
-        println!(
-            "warm-up ({} messages per path, not reported)",
-            settings.warmup
-        );
-        if settings.runs("publish") {
-            bench.publish_round(0, settings.warmup).await;
-        }
-        if settings.runs("consume") {
-            bench.consume_round(0, settings.warmup).await;
-        }
-    }
-    for round in 1..=settings.rounds {
-        if settings.runs("publish") {
-            let (raw, adapter) = bench.publish_round(round, settings.publish_messages).await;
-            publish.record(round, raw, adapter);
-        }
-        if !settings.runs("consume") {
-            continue;
-        }
-        let (raw, adapter) = bench.consume_round(round, settings.consume_messages).await;
-        consume.record(round, raw, adapter);
-    }
+    let rows = measure_rounds(
+        &settings,
+        [Comparison::new("publish")],
+        |round, n| bench.publish_round(round, n).map(|pair| [pair]),
+        |round, n| bench.consume_round(round, n),
+    )
+    .await;
     bench.finish().await;
 
-    Report {
-        title: format!(
+    settings.report(
+        format!(
             "RabbitMQ at {}: surety-rabbitmq vs raw lapin",
-            surety_testkit::services::host_port(&url).unwrap_or_default()
+            services::host_port(&url).unwrap_or_default()
         ),
-        settings: vec![
-            format!(
-                "publish {} / consume {} messages per measurement, {} B payload, persistent, \
-                 durable classic queues",
-                settings.publish_messages, settings.consume_messages, settings.payload
-            ),
+        "persistent, durable classic queues",
+        [
             format!(
                 "publish: mandatory, publisher confirms, window {WINDOW} unconfirmed; \
                  one connection per client"
             ),
             format!("consume: prefetch {PREFETCH}, manual ack per message"),
-            format!(
-                "{} rounds, median; raw and adapter alternate which goes first",
-                settings.rounds
-            ),
         ],
-        rows: vec![publish, consume],
-        mode: settings.mode,
-        control: settings.control,
-    }
+        rows,
+    )
 }
 
 impl Bench {
     fn name(&self, what: &str, round: usize) -> String {
         format!("surety-bench.{}.r{round}.{what}", self.run)
-    }
-
-    /// A pause between measurements, for background work (queue deletion,
-    /// the broker's own) to settle.
-    async fn pause(&self) {
-        if self.settings.mode == Mode::Full {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
     }
 
     /// Declares the durable `queue` (as the adapter would) bound to `topic`.
@@ -294,32 +248,22 @@ impl Bench {
             )
             .await
         };
-        let adapter = async {
-            if self.settings.control {
+        let adapter = self.settings.adapter_slot(
+            STEP_LIMIT,
+            "publish",
+            || {
                 let messages = raw_messages(envelopes(n, payload, keys));
-                let publish = raw_publish(&self.publisher, &adapter_topic, messages);
-                return within(STEP_LIMIT, "control publish", publish).await;
-            }
-            let batch = envelopes(n, payload, keys);
-            within(
-                STEP_LIMIT,
-                "adapter publish",
-                adapter_publish(&self.adapter, &adapter_topic, batch),
-            )
-            .await
-        };
-        let result = if round % 2 == 1 {
-            let raw = raw.await;
-            self.pause().await;
-            (raw, adapter.await)
-        } else {
-            let adapter = adapter.await;
-            self.pause().await;
-            (raw.await, adapter)
-        };
+                raw_publish(&self.publisher, &adapter_topic, messages)
+            },
+            || {
+                let batch = envelopes(n, payload, keys);
+                adapter_publish(&self.adapter, &adapter_topic, batch, WINDOW)
+            },
+        );
+        let result = self.settings.in_turn(round % 2 == 1, raw, adapter).await;
         self.delete(&raw_sink).await;
         self.delete(&adapter_sink).await;
-        self.pause().await;
+        self.settings.pause().await;
         result
     }
 
@@ -354,7 +298,7 @@ impl Bench {
             .await;
         }
         for _ in 0..4 {
-            self.pause().await;
+            self.settings.pause().await;
         }
         let raw = async {
             within(
@@ -364,30 +308,16 @@ impl Bench {
             )
             .await
         };
-        let adapter = async {
-            if self.settings.control {
-                let consume = raw_consume(&self.raw, &adapter_queue, n);
-                return within(STEP_LIMIT, "control consume", consume).await;
-            }
-            within(
-                STEP_LIMIT,
-                "adapter consume",
-                adapter_consume(&self.adapter, &topic, n),
-            )
-            .await
-        };
-        let result = if raw_first {
-            let raw = raw.await;
-            self.pause().await;
-            (raw, adapter.await)
-        } else {
-            let adapter = adapter.await;
-            self.pause().await;
-            (raw.await, adapter)
-        };
+        let adapter = self.settings.adapter_slot(
+            STEP_LIMIT,
+            "consume",
+            || raw_consume(&self.raw, &adapter_queue, n),
+            || adapter_consume(&self.adapter, &topic, ADAPTER_GROUP, n),
+        );
+        let result = self.settings.in_turn(raw_first, raw, adapter).await;
         self.delete(&raw_queue).await;
         self.delete(&adapter_queue).await;
-        self.pause().await;
+        self.settings.pause().await;
         result
     }
 
@@ -443,27 +373,6 @@ async fn raw_publish(
     clock.stop(n)
 }
 
-/// Publishes `batch` through the adapter with up to [`WINDOW`] unconfirmed
-/// and awaits every confirmation.
-async fn adapter_publish(adapter: &RabbitTransport, topic: &str, batch: Vec<Envelope>) -> Sample {
-    let n = batch.len();
-    let mut in_flight = Window::new(WINDOW);
-    let clock = Clock::start();
-    for envelope in batch {
-        let confirmation = adapter
-            .send(topic, envelope)
-            .await
-            .expect("the adapter sends");
-        if let Some(done) = in_flight.push(confirmation).await {
-            done.expect("the adapter's publish is confirmed");
-        }
-    }
-    while let Some(done) = in_flight.next().await {
-        done.expect("the adapter's publish is confirmed");
-    }
-    clock.stop(n)
-}
-
 /// Consumes and acks `n` messages of `queue` on a new channel.
 async fn raw_consume(connection: &Connection, queue: &str, n: usize) -> Sample {
     let channel = connection
@@ -507,31 +416,5 @@ async fn raw_consume(connection: &Connection, queue: &str, n: usize) -> Sample {
         .basic_cancel(tag, BasicCancelOptions::default())
         .await;
     let _ = channel.close(200, "surety-bench: done".into()).await;
-    sample
-}
-
-/// Consumes and acks `n` messages of `topic` through the adapter, as group
-/// [`ADAPTER_GROUP`].
-async fn adapter_consume(adapter: &RabbitTransport, topic: &str, n: usize) -> Sample {
-    let mut stream = adapter
-        .subscribe(topic, ADAPTER_GROUP)
-        .await
-        .expect("the adapter subscribes");
-    let mut bytes = 0usize;
-    let mut clock = Clock::start();
-    for received in 0..n {
-        let delivery = stalled(stream.next(), "adapter", received, n)
-            .await
-            .expect("the subscription stays open")
-            .expect("an adapter delivery");
-        bytes += delivery.envelope().payload.len();
-        delivery.ack().await.expect("the adapter acks");
-        if received == 0 {
-            clock = Clock::start();
-        }
-    }
-    let sample = clock.stop(n - 1);
-    drop(stream);
-    assert!(bytes > 0);
     sample
 }

@@ -9,6 +9,14 @@
 //! `--bench` and gets the full run ([`Mode::Full`]); `cargo test --benches`
 //! passes nothing and gets a quick smoke run over every path
 //! ([`Mode::Test`]). Timings are reported, never asserted.
+//!
+//! What the two benchmarks share lives here: their `main` ([`run_main`]),
+//! the warm-up and the measured rounds ([`measure_rounds`]), the alternating
+//! order of raw and adapter runs ([`Settings::in_turn`]), the adapter's slot
+//! of a measurement ([`Settings::adapter_slot`]), the adapter's publish and
+//! consume loops ([`adapter_publish`], [`adapter_consume`]) and the report
+//! ([`Settings::report`]). Each benchmark keeps its broker's raw client, its
+//! set-up and its clean-up.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -16,7 +24,8 @@ use std::future::Future;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use surety_core::Envelope;
+use futures::StreamExt;
+use surety_core::{Envelope, Publisher, Subscriber};
 
 /// The throughput the adapters must reach, as a fraction of the raw client's.
 pub const TARGET: f64 = 0.9;
@@ -128,6 +137,163 @@ impl Settings {
     pub fn runs(&self, path: &str) -> bool {
         self.only.as_deref().is_none_or(|only| only.trim() == path)
     }
+
+    /// A pause between measurements (0.5 s in a full run, none in a smoke
+    /// test), for background work (commits, group leaves, queue deletion,
+    /// the broker's own) to settle.
+    pub async fn pause(&self) {
+        if self.mode == Mode::Full {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Runs the `raw` and the `adapter` measurement one after the other,
+    /// with a [pause](Self::pause) between: raw first when `raw_first` (odd
+    /// rounds), the adapter first otherwise (even rounds).
+    pub async fn in_turn<R, A>(
+        &self,
+        raw_first: bool,
+        raw: impl Future<Output = R>,
+        adapter: impl Future<Output = A>,
+    ) -> (R, A) {
+        if raw_first {
+            let raw = raw.await;
+            self.pause().await;
+            (raw, adapter.await)
+        } else {
+            let adapter = adapter.await;
+            self.pause().await;
+            (raw.await, adapter)
+        }
+    }
+
+    /// The adapter's slot of a `path` (`publish` or `consume`) measurement:
+    /// the future `adapter` makes, or in a [control](Self::control) run the
+    /// one `control` makes (the raw client again). Either is started here and
+    /// fails the run (as `adapter {path}` or `control {path}`) when it takes
+    /// longer than `limit`.
+    pub async fn adapter_slot<C, A>(
+        &self,
+        limit: Duration,
+        path: &str,
+        control: impl FnOnce() -> C,
+        adapter: impl FnOnce() -> A,
+    ) -> Sample
+    where
+        C: Future<Output = Sample>,
+        A: Future<Output = Sample>,
+    {
+        if self.control {
+            let control = control();
+            return within(limit, &format!("control {path}"), control).await;
+        }
+        within(limit, &format!("adapter {path}"), adapter()).await
+    }
+
+    /// The report of a run: `title`; a settings line with the sizes, the
+    /// payload and `workload`, then `lines`, then the rounds; and `rows`.
+    pub fn report(
+        &self,
+        title: String,
+        workload: &str,
+        lines: impl IntoIterator<Item = String>,
+        rows: Vec<Comparison>,
+    ) -> Report {
+        let mut settings = vec![format!(
+            "publish {} / consume {} messages per measurement, {} B payload, {workload}",
+            self.publish_messages, self.consume_messages, self.payload
+        )];
+        settings.extend(lines);
+        settings.push(format!(
+            "{} rounds, median; raw and adapter alternate which goes first",
+            self.rounds
+        ));
+        Report {
+            title,
+            settings,
+            rows,
+            mode: self.mode,
+            control: self.control,
+        }
+    }
+}
+
+/// The `main` of a broker benchmark: installs logging ([`init_logging`]),
+/// reads the [`Mode`], finds the broker's address with `service` (which
+/// returns `None` to skip the run), reads the [`Settings`] (full run:
+/// `publish` and `consume` messages, `rounds` rounds), runs `run` on a
+/// two-worker tokio runtime and prints its report.
+pub fn run_main<F>(
+    service: impl FnOnce() -> Option<String>,
+    publish: usize,
+    consume: usize,
+    rounds: usize,
+    run: impl FnOnce(String, Settings) -> F,
+) where
+    F: Future<Output = Report> + Send + 'static,
+{
+    init_logging();
+    let mode = Mode::from_args();
+    let Some(address) = service() else {
+        return;
+    };
+    let settings = Settings::from_env(mode, publish, consume, rounds);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    // On a worker thread, like a service's own tasks (block_on would run it
+    // on the main thread, outside the worker pool).
+    let report = runtime
+        .block_on(runtime.spawn(run(address, settings)))
+        .expect("the benchmark task");
+    println!("{report}");
+}
+
+/// The warm-up round (when [`Settings::warmup`] is set, not reported) and
+/// the measured rounds `1..=rounds` of a broker benchmark, on the paths
+/// [`Settings::runs`] allows: per round, `publish_round(round, messages)`
+/// then `consume_round(round, messages)`. `publish_round` returns one
+/// (raw, adapter) pair per row of `publish_rows`, in order; the consume pair
+/// goes to the `consume` row. Returns the publish rows, then `consume`.
+pub async fn measure_rounds<const N: usize, P, C>(
+    settings: &Settings,
+    mut publish_rows: [Comparison; N],
+    publish_round: impl Fn(usize, usize) -> P,
+    consume_round: impl Fn(usize, usize) -> C,
+) -> Vec<Comparison>
+where
+    P: Future<Output = [(Sample, Sample); N]>,
+    C: Future<Output = (Sample, Sample)>,
+{
+    let mut consume = Comparison::new("consume");
+    if settings.warmup > 0 {
+        println!(
+            "warm-up ({} messages per path, not reported)",
+            settings.warmup
+        );
+        if settings.runs("publish") {
+            publish_round(0, settings.warmup).await;
+        }
+        if settings.runs("consume") {
+            consume_round(0, settings.warmup).await;
+        }
+    }
+    for round in 1..=settings.rounds {
+        if settings.runs("publish") {
+            let pairs = publish_round(round, settings.publish_messages).await;
+            for (row, (raw, adapter)) in publish_rows.iter_mut().zip(pairs) {
+                row.record(round, raw, adapter);
+            }
+        }
+        if !settings.runs("consume") {
+            continue;
+        }
+        let (raw, adapter) = consume_round(round, settings.consume_messages).await;
+        consume.record(round, raw, adapter);
+    }
+    publish_rows.into_iter().chain([consume]).collect()
 }
 
 /// `n` envelopes with a `payload`-byte body and `keys` partition keys
@@ -204,6 +370,63 @@ pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>
         Ok(value) => value,
         Err(_) => panic!("{what} did not finish within {limit:?}"),
     }
+}
+
+/// Sends `batch` through `adapter` with up to `window` confirmations in
+/// flight and awaits them.
+pub async fn adapter_publish(
+    adapter: &impl Publisher,
+    topic: &str,
+    batch: Vec<Envelope>,
+    window: usize,
+) -> Sample {
+    let n = batch.len();
+    let mut in_flight = Window::new(window);
+    let clock = Clock::start();
+    for envelope in batch {
+        let confirmation = adapter
+            .send(topic, envelope)
+            .await
+            .expect("the adapter sends");
+        if let Some(done) = in_flight.push(confirmation).await {
+            done.expect("the adapter's publish is confirmed");
+        }
+    }
+    while let Some(done) = in_flight.next().await {
+        done.expect("the adapter's publish is confirmed");
+    }
+    clock.stop(n)
+}
+
+/// Consumes `n` messages of `topic` through `adapter` as `group`, acking
+/// each. Clock: first message received to the last one acked.
+pub async fn adapter_consume(
+    adapter: &impl Subscriber,
+    topic: &str,
+    group: &str,
+    n: usize,
+) -> Sample {
+    let mut stream = adapter
+        .subscribe(topic, group)
+        .await
+        .expect("the adapter subscribes");
+    let mut bytes = 0usize;
+    let mut clock = Clock::start();
+    for received in 0..n {
+        let delivery = stalled(stream.next(), "adapter", received, n)
+            .await
+            .expect("the subscription stays open")
+            .expect("an adapter delivery");
+        bytes += delivery.envelope().payload.len();
+        delivery.ack().await.expect("the adapter acks");
+        if received == 0 {
+            clock = Clock::start();
+        }
+    }
+    let sample = clock.stop(n - 1);
+    drop(stream);
+    assert!(bytes > 0);
+    sample
 }
 
 /// How long a consumer may wait for its next message before the run fails.
@@ -519,6 +742,86 @@ mod tests {
         assert_eq!(envs[0].payload.len(), 256);
         assert_eq!(envs[17].partition_key.as_deref(), Some("k-1"));
         assert_ne!(envs[0].id, envs[1].id);
+    }
+
+    fn settings(warmup: usize, rounds: usize) -> Settings {
+        Settings {
+            mode: Mode::Test,
+            publish_messages: 3,
+            consume_messages: 2,
+            rounds,
+            warmup,
+            payload: 8,
+            keys: 2,
+            only: None,
+            control: false,
+        }
+    }
+
+    fn sample(messages: usize) -> Sample {
+        Sample {
+            messages,
+            elapsed: Duration::from_secs(1),
+            cpu: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn in_turn_starts_raw_in_odd_rounds_and_ends_raw_in_even_ones() {
+        let settings = settings(0, 1);
+        for (raw_first, expected) in [
+            (true, ["raw", "encoded", "adapter"]),
+            (false, ["adapter", "encoded", "raw"]),
+        ] {
+            let order = std::sync::Mutex::new(Vec::new());
+            let step = |name: &'static str| {
+                let order = &order;
+                async move {
+                    order.lock().unwrap().push(name);
+                    name
+                }
+            };
+            let rest = settings.in_turn(raw_first, step("encoded"), step("adapter"));
+            let (raw, (encoded, adapter)) = settings.in_turn(raw_first, step("raw"), rest).await;
+            assert_eq!((raw, encoded, adapter), ("raw", "encoded", "adapter"));
+            assert_eq!(order.into_inner().unwrap(), expected);
+        }
+    }
+
+    #[tokio::test]
+    async fn measure_rounds_warms_up_then_fills_the_rows_in_order() {
+        let settings = settings(5, 2);
+        let calls = std::sync::Mutex::new(Vec::new());
+        let rows = measure_rounds(
+            &settings,
+            [Comparison::new("publish"), Comparison::reference("ref")],
+            |round, n| {
+                calls.lock().unwrap().push(("publish", round, n));
+                async move { [(sample(n), sample(2 * n)), (sample(n), sample(n))] }
+            },
+            |round, n| {
+                calls.lock().unwrap().push(("consume", round, n));
+                async move { (sample(n), sample(n)) }
+            },
+        )
+        .await;
+        assert_eq!(
+            calls.into_inner().unwrap(),
+            [
+                ("publish", 0, 5),
+                ("consume", 0, 5),
+                ("publish", 1, 3),
+                ("consume", 1, 2),
+                ("publish", 2, 3),
+                ("consume", 2, 2),
+            ]
+        );
+        let paths: Vec<&str> = rows.iter().map(|row| row.path.as_str()).collect();
+        assert_eq!(paths, ["publish", "ref", "consume"]);
+        assert_eq!(rows[0].ratios, [2.0, 2.0]);
+        assert_eq!(rows[1].ratios, [1.0, 1.0]);
+        assert!(rows[1].reference);
+        assert_eq!(rows[2].raw, [2.0, 2.0]);
     }
 
     #[tokio::test]
