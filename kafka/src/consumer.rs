@@ -6,6 +6,7 @@ use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -258,6 +259,7 @@ impl Poller {
         if let Err(err) = closing.await {
             tracing::warn!(error = %err, "closing the Kafka consumer failed");
         }
+        shared.left.send_replace(true);
         tracing::debug!(topic = %shared.topic, group = %shared.group, "subscription closed");
     }
 }
@@ -512,6 +514,14 @@ impl Drop for KafkaSettle {
 struct Deliveries {
     rx: mpsc::Receiver<Item>,
     shared: Arc<Shared>,
+}
+
+impl Drop for Deliveries {
+    fn drop(&mut self) {
+        // Seen at once by a new subscription of the same group, which then
+        // waits for this consumer to leave (see `KafkaTransport::subscribe`).
+        self.shared.leaving.store(true, Ordering::Release);
+    }
 }
 
 impl Stream for Deliveries {

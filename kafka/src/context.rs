@@ -1,6 +1,7 @@
 //! librdkafka callbacks: logs and errors into `tracing`, statistics into
 //! metrics, rebalances into the offset tracker.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use prometheus_client::metrics::counter::Counter;
@@ -74,6 +75,11 @@ pub(crate) struct Shared {
     pub(crate) counters: DeliveryCounters,
     /// Whether the consumer received its first assignment.
     pub(crate) joined: watch::Sender<bool>,
+    /// Set when the application dropped the subscription's stream: the
+    /// consumer is on its way out of the group.
+    pub(crate) leaving: AtomicBool,
+    /// Set once the consumer has left the group (closed).
+    pub(crate) left: watch::Sender<bool>,
 }
 
 /// A subscription's per-delivery counters.
@@ -100,6 +106,8 @@ impl Shared {
             },
             metrics,
             joined: watch::Sender::new(false),
+            leaving: AtomicBool::new(false),
+            left: watch::Sender::new(false),
         }
     }
 

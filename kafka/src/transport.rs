@@ -73,6 +73,8 @@ struct Inner {
     waiting: AtomicUsize,
     known_topics: Mutex<HashMap<String, Arc<KnownTopic>>>,
     subscriptions: Mutex<Vec<JoinHandle<()>>>,
+    /// The subscriptions' shared state, until their consumers left.
+    members: Mutex<Vec<Arc<Shared>>>,
     close_done: tokio::sync::Mutex<bool>,
 }
 
@@ -179,6 +181,7 @@ impl KafkaTransport {
                 waiting: AtomicUsize::new(0),
                 known_topics: Mutex::new(HashMap::new()),
                 subscriptions: Mutex::new(Vec::new()),
+                members: Mutex::new(Vec::new()),
                 close_done: tokio::sync::Mutex::new(false),
             }),
         })
@@ -435,6 +438,47 @@ impl KafkaTransport {
     }
 }
 
+impl KafkaTransport {
+    /// Waits (up to the group join timeout) until the consumers of `group`
+    /// on `topic` whose streams were dropped have left the group. Joining
+    /// while such a member is still in the group starts a rebalance that
+    /// waits for it; letting it leave first avoids that round.
+    async fn wait_for_leaving_members(&self, topic: &str, group: &str) {
+        let leaving: Vec<_> = {
+            let mut members = lock(&self.inner.members);
+            members.retain(|member| !*member.left.borrow());
+            members
+                .iter()
+                .filter(|member| {
+                    member.topic == topic
+                        && member.group == group
+                        && member.leaving.load(Ordering::Acquire)
+                })
+                .map(|member| member.left.subscribe())
+                .collect()
+        };
+        if leaving.is_empty() {
+            return;
+        }
+        let all_left = async {
+            for mut left in leaving {
+                // An error means the member's state is gone: it left.
+                let _ = left.wait_for(|left| *left).await;
+            }
+        };
+        if tokio::time::timeout(self.inner.config.group_join_timeout, all_left)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                topic,
+                group,
+                "a dropped subscription of this group is still settling its deliveries; joining anyway"
+            );
+        }
+    }
+}
+
 /// The confirmation of an enqueued record: the delivery report, counted.
 fn confirmation(known: Arc<KnownTopic>, delivery: DeliveryFuture) -> Confirmation {
     Confirmation::new(async move {
@@ -464,6 +508,12 @@ impl Subscriber for KafkaTransport {
     /// Checks the topic, starts a consumer in `group` and waits until it has
     /// joined the group (received its first partition assignment, possibly
     /// empty), within [`group_join_timeout`](KafkaConfig::group_join_timeout).
+    ///
+    /// A subscription of the same group and topic on this transport whose
+    /// stream was dropped is waited for first, until its consumer has left
+    /// the group (it leaves once the deliveries it handed out are settled;
+    /// at most the join timeout): joining next to a member on its way out
+    /// would start a rebalance that waits for that member.
     async fn subscribe(&self, topic: &str, group: &str) -> Result<DeliveryStream> {
         self.check_open()?;
         if group.is_empty() {
@@ -472,6 +522,7 @@ impl Subscriber for KafkaTransport {
         self.ensure_topic(topic).await?;
         let inner = &self.inner;
         let config = &inner.config;
+        self.wait_for_leaving_members(topic, group).await;
         let shared = Arc::new(Shared::new(topic, group, config.metrics.clone()));
         let consumer: KafkaConsumer = config
             .consumer(group)
@@ -483,6 +534,7 @@ impl Subscriber for KafkaTransport {
             .subscribe(&[topic])
             .map_err(|err| transport_error(format!("subscribing to Kafka topic {topic:?}"), err))?;
         let mut joined = shared.joined.subscribe();
+        let member = shared.clone();
         let cancel = inner.cancel.child_token();
         let poller = Poller {
             consumer,
@@ -516,6 +568,11 @@ impl Subscriber for KafkaTransport {
             let mut subscriptions = lock(&inner.subscriptions);
             subscriptions.retain(|task| !task.is_finished());
             subscriptions.push(task);
+        }
+        {
+            let mut members = lock(&inner.members);
+            members.retain(|member| !*member.left.borrow());
+            members.push(member);
         }
         // A close that ran while this subscription was starting did not see
         // its task: stop it here.
