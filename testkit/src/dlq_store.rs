@@ -36,7 +36,7 @@ use surety_dlq::store::{
 };
 use surety_dlq::{DeadLetter, Event, Status};
 
-use crate::conformance::{CheckFailure, CheckResult, CheckStatus, Report};
+use crate::conformance::{CheckFailure, CheckResult, Report};
 
 /// Runs every check, each on a fresh store from `make`.
 pub async fn dlq_store_suite<S, F, Fut>(make: F) -> Report
@@ -49,11 +49,7 @@ where
     macro_rules! run {
         ($check:ident) => {{
             let store: Arc<dyn DlqStore> = Arc::new(make().await);
-            let status = match $check(store).await {
-                Ok(()) => CheckStatus::Passed,
-                Err(failure) => CheckStatus::Failed(failure),
-            };
-            report.push(stringify!($check), status);
+            report.push_result(stringify!($check), $check(store).await);
         }};
     }
     run!(round_trip);

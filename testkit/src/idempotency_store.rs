@@ -42,10 +42,10 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
-use surety_idempotency::{Claim, DedupStore, Lease};
+use surety_idempotency::{Claim, DedupStore, Lease, StoreError};
 use tokio::time::Instant;
 
-use crate::conformance::CheckFailure;
+use crate::conformance::{CheckFailure, Report};
 
 /// The result of one check.
 pub type CheckResult = Result<(), CheckFailure>;
@@ -88,30 +88,25 @@ impl SuiteOptions {
 /// ended. `Display` prints one line per check.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreReport {
-    outcomes: Vec<(&'static str, Option<CheckFailure>)>,
+    // Every check passes or fails (none is skipped); the lines are printed
+    // the way the transport conformance report prints them.
+    checks: Report,
 }
 
 impl StoreReport {
     /// The names of the checks that passed.
     pub fn passed(&self) -> Vec<&'static str> {
-        self.outcomes
-            .iter()
-            .filter(|(_, failure)| failure.is_none())
-            .map(|(name, _)| *name)
-            .collect()
+        self.checks.passed()
     }
 
     /// The checks that failed.
     pub fn failures(&self) -> Vec<&CheckFailure> {
-        self.outcomes
-            .iter()
-            .filter_map(|(_, f)| f.as_ref())
-            .collect()
+        self.checks.failures()
     }
 
     /// Whether every check passed.
     pub fn is_ok(&self) -> bool {
-        self.failures().is_empty()
+        self.checks.is_ok()
     }
 
     /// Panics with the whole report when a check failed.
@@ -131,13 +126,7 @@ impl fmt::Display for StoreReport {
             self.passed().len(),
             self.failures().len()
         )?;
-        for (name, failure) in &self.outcomes {
-            match failure {
-                None => writeln!(f, "  ok    {name}")?,
-                Some(failure) => writeln!(f, "  FAIL  {name}: {}", failure.message)?,
-            }
-        }
-        Ok(())
+        self.checks.write_outcomes(f)
     }
 }
 
@@ -168,7 +157,7 @@ where
             if let Err(failure) = &result {
                 tracing::warn!(%failure, "dedup store check failed");
             }
-            report.outcomes.push((stringify!($check), result.err()));
+            report.checks.push_result(stringify!($check), result);
         )*};
     }
     run!(
@@ -245,6 +234,14 @@ async fn acquire_within<S: DedupStore>(
                 ));
             }
         }
+    }
+}
+
+/// Passes when `result` is a `LeaseLost` error; fails with `expected` otherwise.
+fn lease_lost(check: &'static str, result: Result<(), StoreError>, expected: &str) -> CheckResult {
+    match result {
+        Err(e) if e.is_lease_lost() => Ok(()),
+        other => Err(fail(check, expected, other)),
     }
 }
 
@@ -346,26 +343,16 @@ pub async fn expired_lease_is_taken_over<S: DedupStore>(
         &fresh,
     )?;
     ensure(CHECK, fresh.token != stale.token, "a new token", &fresh)?;
-    match store.complete(&k, &stale.token, Some(b"stale")).await {
-        Err(e) if e.is_lease_lost() => {}
-        other => {
-            return Err(fail(
-                CHECK,
-                "the stale holder's complete to fail with LeaseLost",
-                other,
-            ));
-        }
-    }
-    match store.extend(&k, &stale.token, LONG).await {
-        Err(e) if e.is_lease_lost() => {}
-        other => {
-            return Err(fail(
-                CHECK,
-                "the stale holder's extend to fail with LeaseLost",
-                other,
-            ));
-        }
-    }
+    lease_lost(
+        CHECK,
+        store.complete(&k, &stale.token, Some(b"stale")).await,
+        "the stale holder's complete to fail with LeaseLost",
+    )?;
+    lease_lost(
+        CHECK,
+        store.extend(&k, &stale.token, LONG).await,
+        "the stale holder's extend to fail with LeaseLost",
+    )?;
     store
         .release(&k, &stale.token)
         .await
@@ -424,32 +411,22 @@ pub async fn complete_is_fenced<S: DedupStore>(store: &S, _: &SuiteOptions) -> C
     let lease = acquire(CHECK, store, &k, LONG).await?;
     let other_key = key(CHECK);
     let stranger = acquire(CHECK, store, &other_key, LONG).await?.token;
-    match store.complete(&k, &stranger, None).await {
-        Err(e) if e.is_lease_lost() => {}
-        other => {
-            return Err(fail(
-                CHECK,
-                "a foreign token's complete to fail with LeaseLost",
-                other,
-            ));
-        }
-    }
+    lease_lost(
+        CHECK,
+        store.complete(&k, &stranger, None).await,
+        "a foreign token's complete to fail with LeaseLost",
+    )?;
     for reply in [&b"first"[..], b"again"] {
         store
             .complete(&k, &lease.token, Some(reply))
             .await
             .map_err(|e| fail(CHECK, "the holder's complete to succeed, twice", e))?;
     }
-    match store.complete(&k, &stranger, Some(b"twice")).await {
-        Err(e) if e.is_lease_lost() => {}
-        other => {
-            return Err(fail(
-                CHECK,
-                "a foreign token's complete of a done key to fail",
-                other,
-            ));
-        }
-    }
+    lease_lost(
+        CHECK,
+        store.complete(&k, &stranger, Some(b"twice")).await,
+        "a foreign token's complete of a done key to fail",
+    )?;
     match claim(CHECK, store, &k, LONG).await? {
         Claim::Done { reply } if reply.as_deref() == Some(&b"again"[..]) => Ok(()),
         other => Err(fail(CHECK, "done with the holder's last reply", other)),

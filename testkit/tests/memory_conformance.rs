@@ -8,13 +8,32 @@ use surety_core::memory::MemoryTransport;
 use surety_core::{
     Close, Confirmation, Delivery, DeliveryStream, Envelope, Publisher, Result, Settle, Subscriber,
 };
-use surety_testkit::conformance::{self, Capabilities, CheckStatus, Report, transport_conformance};
+use surety_testkit::conformance::{
+    self, Capabilities, CheckFailure, CheckStatus, Report, transport_conformance,
+};
 use surety_testkit::fault::{FaultPlan, FaultyTransport};
 
 fn caps() -> Capabilities {
     Capabilities::all()
         .receive_timeout(Duration::from_secs(5))
         .quiet_period(Duration::from_millis(300))
+}
+
+/// Short waits, for checks that are expected to fail.
+fn impatient_caps(receive_timeout: Duration) -> Capabilities {
+    caps()
+        .receive_timeout(receive_timeout)
+        .quiet_period(Duration::from_millis(100))
+}
+
+/// The in-memory transport, misbehaving as `plan` says.
+fn faulty(plan: FaultPlan) -> FaultyTransport<MemoryTransport> {
+    FaultyTransport::new(MemoryTransport::new(), plan)
+}
+
+#[track_caller]
+fn assert_message_contains(failure: &CheckFailure, text: &str) {
+    assert!(failure.message.contains(text), "{failure}");
 }
 
 fn failed_checks(report: &Report) -> Vec<&'static str> {
@@ -87,24 +106,15 @@ async fn undeclared_capabilities_are_skipped_not_failed() {
 
 #[tokio::test]
 async fn a_fault_free_wrapper_is_transparent() {
-    let report = transport_conformance(
-        || async { FaultyTransport::new(MemoryTransport::new(), FaultPlan::new(9)) },
-        caps(),
-    )
-    .await;
+    let report = transport_conformance(|| async { faulty(FaultPlan::new(9)) }, caps()).await;
     report.assert_ok();
 }
 
 #[tokio::test]
 async fn the_suite_catches_a_transport_that_duplicates_messages() {
-    let caps = caps()
-        .receive_timeout(Duration::from_secs(1))
-        .quiet_period(Duration::from_millis(100));
-    let report = transport_conformance(
-        || async { FaultyTransport::new(MemoryTransport::new(), FaultPlan::new(1).duplicate(1.0)) },
-        caps,
-    )
-    .await;
+    let caps = impatient_caps(Duration::from_secs(1));
+    let report =
+        transport_conformance(|| async { faulty(FaultPlan::new(1).duplicate(1.0)) }, caps).await;
     assert_eq!(
         failed_checks(&report),
         [
@@ -131,10 +141,7 @@ async fn the_suite_catches_a_transport_that_duplicates_messages() {
     let Some(CheckStatus::Failed(failure)) = report.status("per_key_order") else {
         panic!("per_key_order should have failed:\n{report}");
     };
-    assert!(
-        failure.message.contains("key-0: [0, 0, 1, 1, "),
-        "{failure}"
-    );
+    assert_message_contains(failure, "key-0: [0, 0, 1, 1, ");
     let text = report.to_string();
     assert!(
         text.contains("FAIL  ack_removes_message: expected"),
@@ -145,49 +152,30 @@ async fn the_suite_catches_a_transport_that_duplicates_messages() {
 
 #[tokio::test]
 async fn the_suite_catches_a_transport_whose_acks_fail() {
-    let caps = caps()
-        .receive_timeout(Duration::from_secs(1))
-        .quiet_period(Duration::from_millis(100));
-    let t = FaultyTransport::new(MemoryTransport::new(), FaultPlan::new(1).fail_ack(1.0));
+    let caps = impatient_caps(Duration::from_secs(1));
+    let t = faulty(FaultPlan::new(1).fail_ack(1.0));
     let failure = conformance::attributes_round_trip(&t, &caps)
         .await
         .unwrap_err();
     assert_eq!(failure.check, "attributes_round_trip");
-    assert!(
-        failure
-            .message
-            .contains("to succeed; saw an error of kind ack"),
-        "{failure}"
-    );
+    assert_message_contains(&failure, "to succeed; saw an error of kind ack");
 }
 
 #[tokio::test]
 async fn the_suite_catches_a_transport_that_loses_messages() {
-    let caps = caps()
-        .receive_timeout(Duration::from_millis(300))
-        .quiet_period(Duration::from_millis(100));
+    let caps = impatient_caps(Duration::from_millis(300));
     // Every publish "fails": the check reports the publish, not a hang.
-    let t = FaultyTransport::new(MemoryTransport::new(), FaultPlan::new(1).fail_publish(1.0));
+    let t = faulty(FaultPlan::new(1).fail_publish(1.0));
     let failure = conformance::ack_removes_message(&t, &caps)
         .await
         .unwrap_err();
-    assert!(
-        failure
-            .message
-            .contains("to succeed; saw an error of kind connection"),
-        "{failure}"
-    );
+    assert_message_contains(&failure, "to succeed; saw an error of kind connection");
     // Deliveries dropped for good: the receive deadline ends the check.
-    let t = FaultyTransport::new(MemoryTransport::new(), FaultPlan::new(1).drop(1.0));
+    let t = faulty(FaultPlan::new(1).drop(1.0));
     let failure = conformance::ack_removes_message(&t, &caps)
         .await
         .unwrap_err();
-    assert!(
-        failure
-            .message
-            .contains("to be delivered within 300ms; saw no delivery"),
-        "{failure}"
-    );
+    assert_message_contains(&failure, "to be delivered within 300ms; saw no delivery");
 }
 
 /// A transport whose acks report success but are never applied.
@@ -239,9 +227,7 @@ impl Close for LyingAcks {
 
 #[tokio::test]
 async fn the_suite_catches_acks_that_are_not_applied() {
-    let caps = caps()
-        .receive_timeout(Duration::from_secs(1))
-        .quiet_period(Duration::from_millis(100));
+    let caps = impatient_caps(Duration::from_secs(1));
     let failure = conformance::ack_removes_message(&LyingAcks::default(), &caps)
         .await
         .unwrap_err();

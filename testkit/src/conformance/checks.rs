@@ -192,7 +192,7 @@ impl<'a, T> Ctx<'a, T> {
     }
 }
 
-impl<T: Publisher + Subscriber> Ctx<'_, T> {
+impl<T: Subscriber> Ctx<'_, T> {
     async fn subscribe(&self, topic: &str, group: &str) -> Result<DeliveryStream, CheckFailure> {
         self.within(
             format!("subscribing to topic {topic} as group {group}"),
@@ -200,7 +200,9 @@ impl<T: Publisher + Subscriber> Ctx<'_, T> {
         )
         .await
     }
+}
 
+impl<T: Publisher + Subscriber> Ctx<'_, T> {
     async fn publish(&self, topic: &str, envelope: Envelope) -> Result<Receipt, CheckFailure> {
         self.within(
             format!("publishing message {} to topic {topic}", envelope.id),
@@ -232,6 +234,22 @@ impl<T: Publisher + Subscriber> Ctx<'_, T> {
         }
         Ok(ids)
     }
+
+    /// Subscribes to `topic` as `group`, publishes small message number 0
+    /// and waits for it: the subscription, the message's id and its
+    /// (unsettled) delivery.
+    async fn deliver_one(
+        &self,
+        topic: &str,
+        group: &str,
+    ) -> Result<(DeliveryStream, String, Delivery), CheckFailure> {
+        let mut stream = self.subscribe(topic, group).await?;
+        let id = self.publish_one(topic, 0).await?;
+        let delivery = self
+            .receive(&mut stream, format!("message {id} to be delivered"))
+            .await?;
+        Ok((stream, id, delivery))
+    }
 }
 
 /// A one-line description of a delivery for failure messages.
@@ -249,79 +267,45 @@ fn rfc3339(time: &DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::Nanos, true)
 }
 
+/// The differences between a sent and a received envelope, one line each.
+#[derive(Default)]
+struct Diffs(Vec<String>);
+
+impl Diffs {
+    /// Notes `name` when the value sent and the value received are not equal.
+    fn compare<V: PartialEq + fmt::Debug>(&mut self, name: &str, sent: &V, got: &V) {
+        if sent != got {
+            self.note(name, sent, got);
+        }
+    }
+
+    fn note(&mut self, name: &str, sent: &dyn fmt::Debug, got: &dyn fmt::Debug) {
+        self.0
+            .push(format!("{name}: sent {sent:?}, received {got:?}"));
+    }
+}
+
 /// Every difference between what was sent and what arrived: attributes
 /// (time truncated to microseconds), sent headers (the transport may add
 /// its own) and the payload.
 fn envelope_diffs(sent: &Envelope, got: &Envelope) -> Vec<String> {
-    let mut diffs = Vec::new();
-    let mut compare = |name: &str, sent: &dyn fmt::Debug, got: &dyn fmt::Debug, equal: bool| {
-        if !equal {
-            diffs.push(format!("{name}: sent {sent:?}, received {got:?}"));
-        }
-    };
-    compare("id", &sent.id, &got.id, sent.id == got.id);
-    compare(
-        "source",
-        &sent.source,
-        &got.source,
-        sent.source == got.source,
-    );
-    compare(
-        "type",
-        &sent.event_type,
-        &got.event_type,
-        sent.event_type == got.event_type,
-    );
-    compare(
-        "time (to the microsecond)",
-        &rfc3339(&sent.time),
-        &rfc3339(&got.time),
-        sent.time.trunc_subsecs(6) == got.time.trunc_subsecs(6),
-    );
-    compare(
-        "content type",
-        &sent.content_type,
-        &got.content_type,
-        sent.content_type == got.content_type,
-    );
-    compare(
-        "schema version",
-        &sent.schema_version,
-        &got.schema_version,
-        sent.schema_version == got.schema_version,
-    );
-    compare(
-        "subject",
-        &sent.subject,
-        &got.subject,
-        sent.subject == got.subject,
-    );
-    compare(
-        "partition key",
-        &sent.partition_key,
-        &got.partition_key,
-        sent.partition_key == got.partition_key,
-    );
-    compare(
-        "correlation id",
-        &sent.correlation_id,
-        &got.correlation_id,
-        sent.correlation_id == got.correlation_id,
-    );
-    compare(
-        "causation id",
-        &sent.causation_id,
-        &got.causation_id,
-        sent.causation_id == got.causation_id,
-    );
+    let mut diffs = Diffs::default();
+    diffs.compare("id", &sent.id, &got.id);
+    diffs.compare("source", &sent.source, &got.source);
+    diffs.compare("type", &sent.event_type, &got.event_type);
+    if sent.time.trunc_subsecs(6) != got.time.trunc_subsecs(6) {
+        let (sent, got) = (rfc3339(&sent.time), rfc3339(&got.time));
+        diffs.note("time (to the microsecond)", &sent, &got);
+    }
+    diffs.compare("content type", &sent.content_type, &got.content_type);
+    diffs.compare("schema version", &sent.schema_version, &got.schema_version);
+    diffs.compare("subject", &sent.subject, &got.subject);
+    diffs.compare("partition key", &sent.partition_key, &got.partition_key);
+    diffs.compare("correlation id", &sent.correlation_id, &got.correlation_id);
+    diffs.compare("causation id", &sent.causation_id, &got.causation_id);
     for (key, value) in sent.headers.iter() {
-        let received = got.headers.get(key);
-        compare(
-            &format!("header {key:?}"),
-            &Some(value),
-            &received,
-            received == Some(value),
-        );
+        let name = format!("header {key:?}");
+        diffs.compare(&name, &Some(value), &got.headers.get(key));
     }
     if sent.payload != got.payload {
         let first = sent
@@ -334,7 +318,7 @@ fn envelope_diffs(sent: &Envelope, got: &Envelope) -> Vec<String> {
             p.get(first)
                 .map_or("end".to_owned(), |b| format!("0x{b:02x}"))
         };
-        diffs.push(format!(
+        diffs.0.push(format!(
             "payload: sent {} bytes, received {} bytes, first difference at byte {first} (sent {}, received {})",
             sent.payload.len(),
             got.payload.len(),
@@ -342,7 +326,7 @@ fn envelope_diffs(sent: &Envelope, got: &Envelope) -> Vec<String> {
             byte(&got.payload)
         ));
     }
-    diffs
+    diffs.0
 }
 
 /// Publishes `sent`, receives it and compares everything.
@@ -423,20 +407,10 @@ where
 {
     let cx = Ctx::new("ack_removes_message", transport, caps);
     let (topic, group) = (cx.topic(), cx.group("group"));
-    let mut stream = cx.subscribe(&topic, &group).await?;
-    let id = cx.publish_one(&topic, 0).await?;
-    let delivery = cx
-        .receive(&mut stream, format!("message {id} to be delivered"))
-        .await?;
+    let (stream, id, delivery) = cx.deliver_one(&topic, &group).await?;
     cx.settle(delivery, Settlement::Ack).await?;
-    settled_for_good(
-        &cx,
-        stream,
-        &topic,
-        &group,
-        format!("message {id} was acknowledged"),
-    )
-    .await
+    let after = format!("message {id} was acknowledged");
+    settled_for_good(&cx, stream, &topic, &group, after).await
 }
 
 /// After a final settlement: leaves the group and joins it again, then
@@ -468,23 +442,10 @@ where
     T: Publisher + Subscriber,
 {
     let cx = Ctx::new("nack_requeue_redelivers", transport, caps);
-    let topic = cx.topic();
-    let mut stream = cx.subscribe(&topic, &cx.group("group")).await?;
-    let id = cx.publish_one(&topic, 0).await?;
-    let first = cx
-        .receive(&mut stream, format!("message {id} to be delivered"))
-        .await?;
+    let (mut stream, id, first) = cx.deliver_one(&cx.topic(), &cx.group("group")).await?;
     check_first_delivery(&cx, &first)?;
     cx.settle(first, Settlement::NackRequeue).await?;
-    let again = cx
-        .receive(
-            &mut stream,
-            format!("message {id} to be delivered again after nack(requeue = true)"),
-        )
-        .await?;
-    let result = check_redelivery(&cx, &again, &id);
-    cx.settle(again, Settlement::Ack).await?;
-    result
+    receive_redelivery(&cx, &mut stream, &id, "nack(requeue = true)").await
 }
 
 /// A rejected message is not delivered again, not even after the consumer
@@ -496,20 +457,10 @@ where
 {
     let cx = Ctx::new("reject_does_not_redeliver", transport, caps);
     let (topic, group) = (cx.topic(), cx.group("group"));
-    let mut stream = cx.subscribe(&topic, &group).await?;
-    let id = cx.publish_one(&topic, 0).await?;
-    let delivery = cx
-        .receive(&mut stream, format!("message {id} to be delivered"))
-        .await?;
+    let (stream, id, delivery) = cx.deliver_one(&topic, &group).await?;
     cx.settle(delivery, Settlement::Reject).await?;
-    settled_for_good(
-        &cx,
-        stream,
-        &topic,
-        &group,
-        format!("message {id} was rejected"),
-    )
-    .await
+    let after = format!("message {id} was rejected");
+    settled_for_good(&cx, stream, &topic, &group, after).await
 }
 
 /// A delivery dropped without being settled, while the subscription stays
@@ -519,23 +470,10 @@ where
     T: Publisher + Subscriber,
 {
     let cx = Ctx::new("dropped_delivery_redelivered", transport, caps);
-    let topic = cx.topic();
-    let mut stream = cx.subscribe(&topic, &cx.group("group")).await?;
-    let id = cx.publish_one(&topic, 0).await?;
-    let first = cx
-        .receive(&mut stream, format!("message {id} to be delivered"))
-        .await?;
+    let (mut stream, id, first) = cx.deliver_one(&cx.topic(), &cx.group("group")).await?;
     check_first_delivery(&cx, &first)?;
     drop(first);
-    let again = cx
-        .receive(
-            &mut stream,
-            format!("message {id} to be delivered again after its delivery was dropped unsettled"),
-        )
-        .await?;
-    let result = check_redelivery(&cx, &again, &id);
-    cx.settle(again, Settlement::Ack).await?;
-    result
+    receive_redelivery(&cx, &mut stream, &id, "its delivery was dropped unsettled").await
 }
 
 fn check_first_delivery<T>(cx: &Ctx<'_, T>, first: &Delivery) -> CheckResult {
@@ -553,6 +491,25 @@ fn check_first_delivery<T>(cx: &Ctx<'_, T>, first: &Delivery) -> CheckResult {
         ));
     }
     Ok(())
+}
+
+/// Waits for message `id` to be delivered again on `stream` after `after`,
+/// checks the redelivery with [`check_redelivery`] and acks it.
+async fn receive_redelivery<T>(
+    cx: &Ctx<'_, T>,
+    stream: &mut DeliveryStream,
+    id: &str,
+    after: &str,
+) -> CheckResult {
+    let again = cx
+        .receive(
+            stream,
+            format!("message {id} to be delivered again after {after}"),
+        )
+        .await?;
+    let result = check_redelivery(cx, &again, id);
+    cx.settle(again, Settlement::Ack).await?;
+    result
 }
 
 fn check_redelivery<T>(cx: &Ctx<'_, T>, again: &Delivery, id: &str) -> CheckResult {
@@ -826,13 +783,7 @@ where
     T: Subscriber + Close,
 {
     let cx = Ctx::new("close_ends_subscriptions", transport, caps);
-    let (topic, group) = (cx.topic(), cx.group("group"));
-    let mut stream = cx
-        .within(
-            format!("subscribing to topic {topic} as group {group}"),
-            transport.subscribe(&topic, &group),
-        )
-        .await?;
+    let mut stream = cx.subscribe(&cx.topic(), &cx.group("group")).await?;
     cx.within("close", transport.close()).await?;
     let limit = caps.receive_timeout;
     let expected = format!("the subscription to end within {limit:?} after close");

@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use super::CheckResult;
+
 /// A conformance check that failed: which check, what was expected and what
 /// was seen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +93,35 @@ impl Report {
         self.outcomes.push(CheckOutcome { check, status });
     }
 
+    /// Records a check that ran: passed, or failed with its failure.
+    pub(crate) fn push_result(&mut self, check: &'static str, result: CheckResult) {
+        let status = match result {
+            Ok(()) => CheckStatus::Passed,
+            Err(failure) => CheckStatus::Failed(failure),
+        };
+        self.push(check, status);
+    }
+
+    /// Writes one line per check, in order: `ok`, `skip` with the
+    /// capability, or `FAIL` with the failure's message. Every suite's
+    /// report prints these lines under a summary of its own.
+    pub(crate) fn write_outcomes(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for outcome in &self.outcomes {
+            match &outcome.status {
+                CheckStatus::Passed => writeln!(f, "  ok    {}", outcome.check)?,
+                CheckStatus::Skipped { capability } => writeln!(
+                    f,
+                    "  skip  {} (capability `{capability}` not declared)",
+                    outcome.check
+                )?,
+                CheckStatus::Failed(failure) => {
+                    writeln!(f, "  FAIL  {}: {}", outcome.check, failure.message)?
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Every check, in the order they ran.
     pub fn outcomes(&self) -> &[CheckOutcome] {
         &self.outcomes
@@ -156,19 +187,6 @@ impl fmt::Display for Report {
             self.skipped().len(),
             self.failures().len()
         )?;
-        for outcome in &self.outcomes {
-            match &outcome.status {
-                CheckStatus::Passed => writeln!(f, "  ok    {}", outcome.check)?,
-                CheckStatus::Skipped { capability } => writeln!(
-                    f,
-                    "  skip  {} (capability `{capability}` not declared)",
-                    outcome.check
-                )?,
-                CheckStatus::Failed(failure) => {
-                    writeln!(f, "  FAIL  {}: {}", outcome.check, failure.message)?
-                }
-            }
-        }
-        Ok(())
+        self.write_outcomes(f)
     }
 }
