@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::{eventually, spawn_worker};
 use futures::StreamExt;
 use proptest::prelude::*;
-use surety_core::consumer::{Incoming, Worker, handler_fn};
+use surety_core::consumer::{Handler, Incoming, Worker, WorkerReport, handler_fn};
 use surety_core::memory::MemoryTransport;
 use surety_core::tower::Layer;
 use surety_core::{
@@ -25,6 +25,8 @@ use surety_dlq::policy::DeadLetterReason;
 use surety_dlq::sink::{DeadLetterSink, SinkError};
 use surety_dlq::store::{DlqStore, Filter, MemoryStore};
 use surety_dlq::{Backoff, DeadLetter, DlqLayer, RetryMode, RetryPolicy};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -103,8 +105,33 @@ struct Run {
     calls: HashMap<String, Vec<u32>>,
     letters: Vec<DeadLetter>,
     dlq_messages: Vec<Envelope>,
-    report: surety_core::consumer::WorkerReport,
+    report: WorkerReport,
     rejected: usize,
+}
+
+impl Run {
+    /// The dead letter of message `id`; panics when there is none.
+    fn letter(&self, id: &str) -> &DeadLetter {
+        self.letters
+            .iter()
+            .find(|l| l.envelope.id == id)
+            .expect("dead-lettered")
+    }
+}
+
+/// Runs `handler` under a default worker on group `g` of `work`, and
+/// publishes one message to `work`.
+async fn run_on_one_message(
+    transport: &MemoryTransport,
+    handler: impl Handler,
+) -> (oneshot::Sender<()>, JoinHandle<WorkerReport>) {
+    let deliveries = transport.subscribe("work", "g").await.unwrap();
+    let running = spawn_worker(Worker::new(handler), deliveries);
+    transport
+        .publish("work", Envelope::builder("/t", "t").build())
+        .await
+        .unwrap();
+    running
 }
 
 async fn run_pipeline(
@@ -295,11 +322,7 @@ proptest! {
 async fn undecodable_messages_are_poison_before_the_handler_runs() {
     let (ids, run) = run_pipeline(vec![vec![], vec![]], 5, RetryMode::Delayed, true).await;
     assert!(!run.calls.contains_key(&ids[0]), "the handler never saw it");
-    let letter = run
-        .letters
-        .iter()
-        .find(|l| l.envelope.id == ids[0])
-        .expect("dead-lettered");
+    let letter = run.letter(&ids[0]);
     assert_eq!(letter.error.class, "poison");
     assert_eq!(letter.attempts, 1);
     assert!(
@@ -320,11 +343,7 @@ async fn panics_are_dead_lettered_with_their_message() {
         false,
     )
     .await;
-    let letter = run
-        .letters
-        .iter()
-        .find(|l| l.envelope.id == ids[0])
-        .expect("dead-lettered");
+    let letter = run.letter(&ids[0]);
     assert_eq!(letter.error.class, "permanent");
     assert_eq!(
         letter.error.message,
@@ -443,12 +462,7 @@ async fn retry_delays_grow() {
     let handler = layer.layer(handler_fn(|_msg: Incoming| async {
         Err::<(), _>(HandlerError::transient("down"))
     }));
-    let deliveries = transport.subscribe("work", "g").await.unwrap();
-    let (stop, worker) = spawn_worker(Worker::new(handler), deliveries);
-    transport
-        .publish("work", Envelope::builder("/t", "t").build())
-        .await
-        .unwrap();
+    let (stop, worker) = run_on_one_message(&transport, handler).await;
     eventually(DEADLINE, "dead-lettered", || {
         let store = store.clone();
         async move { store.count(&Filter::new()).await.unwrap() == 1 }
@@ -579,6 +593,22 @@ impl Publisher for OutagePublisher {
     }
 }
 
+/// The redelivery delay of the layers that cannot park a message.
+const REDELIVER_AFTER: Duration = Duration::from_millis(250);
+
+/// `err` is unavailable, retried after [`REDELIVER_AFTER`], with `cause` in
+/// its chain.
+fn assert_unavailable(err: &HandlerError, cause: &str) {
+    assert!(err.is_unavailable(), "{err}");
+    assert_eq!(
+        err.class(),
+        ErrorClass::Transient {
+            retry_after: Some(REDELIVER_AFTER)
+        }
+    );
+    assert!(err.chain_message(500).contains(cause), "{err}");
+}
+
 /// The layer's answer when it cannot park a message: unavailable (so the
 /// worker requeues it whatever its delivery count), with the layer's
 /// redelivery delay, and the message of the failed sink or publish.
@@ -605,19 +635,12 @@ async fn an_unwritable_dead_letter_or_retry_is_unavailable() {
     let err = DlqLayer::new("h")
         .policy(policy.clone())
         .sink(OutageSink(outage.clone()))
-        .redeliver_after(Duration::from_millis(250))
+        .redeliver_after(REDELIVER_AFTER)
         .layer(failing())
         .oneshot(msg(3))
         .await
         .unwrap_err();
-    assert!(err.is_unavailable(), "{err}");
-    assert_eq!(
-        err.class(),
-        ErrorClass::Transient {
-            retry_after: Some(Duration::from_millis(250))
-        }
-    );
-    assert!(err.chain_message(500).contains("DLQ unavailable"), "{err}");
+    assert_unavailable(&err, "DLQ unavailable");
 
     // The delayed-retry publish fails (an earlier attempt).
     let transport = MemoryTransport::new();
@@ -631,22 +654,12 @@ async fn an_unwritable_dead_letter_or_retry_is_unavailable() {
             |_: &Incoming, _: u32, _: Duration| "work".to_owned(),
         )
         .store(MemoryStore::new())
-        .redeliver_after(Duration::from_millis(250))
+        .redeliver_after(REDELIVER_AFTER)
         .layer(failing())
         .oneshot(msg(1))
         .await
         .unwrap_err();
-    assert!(err.is_unavailable(), "{err}");
-    assert_eq!(
-        err.class(),
-        ErrorClass::Transient {
-            retry_after: Some(Duration::from_millis(250))
-        }
-    );
-    assert!(
-        err.chain_message(500).contains("retry topic unavailable"),
-        "{err}"
-    );
+    assert_unavailable(&err, "retry topic unavailable");
 }
 
 /// A DLQ outage that lasts longer than the worker's default delivery bound
@@ -731,12 +744,7 @@ async fn without_a_sink_the_message_is_rejected_not_dropped() {
         .layer(handler_fn(|_msg: Incoming| async {
             Err::<(), _>(HandlerError::permanent("invalid"))
         }));
-    let deliveries = transport.subscribe("work", "g").await.unwrap();
-    let (stop, worker) = spawn_worker(Worker::new(handler), deliveries);
-    transport
-        .publish("work", Envelope::builder("/t", "t").build())
-        .await
-        .unwrap();
+    let (stop, worker) = run_on_one_message(&transport, handler).await;
     eventually(DEADLINE, "the broker to get the message back", || async {
         transport.rejected("work", "g").len() == 1
     })

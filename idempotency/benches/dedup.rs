@@ -20,15 +20,15 @@
 //! PostgreSQL runs when `SURETY_POSTGRES_URL` is set. Under
 //! `cargo test --benches` every pipeline runs once on a few messages.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, Throughput};
-use sqlx::AssertSqlSafe;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, Throughput};
+use futures::future::BoxFuture;
+use sqlx::postgres::PgPool;
+use sqlx::sqlite::SqlitePool;
 use surety_core::consumer::{Handler, Incoming, Worker, handler_fn, typed};
 use surety_core::memory::MemoryTransport;
 use surety_core::tower::Layer;
@@ -36,7 +36,13 @@ use surety_core::{Envelope, Publisher, Subscriber};
 use surety_idempotency::{
     IdempotencyLayer, InboxTx, MemoryStore, PostgresStore, SqliteStore, StoreError,
 };
+use tokio::runtime::Runtime;
 use tokio::sync::Notify;
+
+// The integration tests' fresh databases.
+#[allow(dead_code, unreachable_pub)]
+#[path = "../tests/common/db.rs"]
+mod db;
 
 const CONCURRENCY: usize = 8;
 
@@ -94,7 +100,47 @@ async fn consume_payload<H: Handler>(
     elapsed
 }
 
-fn counting(done: &Done) -> impl Handler {
+/// One run of a pipeline: the time it takes to handle its messages.
+type Run = dyn Fn() -> BoxFuture<'static, Duration>;
+
+/// A run of a pipeline whose handler `make` builds afresh every time (a
+/// fresh store per run), on `n` messages carrying `payload`.
+fn fresh<H, F>(
+    done: &Done,
+    n: usize,
+    payload: &'static str,
+    make: F,
+) -> impl Fn() -> BoxFuture<'static, Duration> + use<H, F>
+where
+    H: Handler,
+    F: Fn(&Done) -> H + Clone + Send + 'static,
+{
+    let done = done.clone();
+    move || {
+        let (done, make) = (done.clone(), make.clone());
+        Box::pin(async move { consume_payload(make(&done), &done, n, payload).await })
+    }
+}
+
+/// Benchmarks `id` as the time of as many runs as criterion asks for.
+fn bench_runs(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, id: &str, run: &Run) {
+    group.bench_function(id, |b| {
+        b.to_async(rt).iter_custom(|iters| async move {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                total += run().await;
+            }
+            total
+        })
+    });
+}
+
+/// `handler` behind the dedup layer with a fresh `MemoryStore`.
+fn deduped<H: Handler>(handler: H) -> impl Handler {
+    IdempotencyLayer::new(MemoryStore::new()).layer(handler)
+}
+
+fn counting(done: &Done) -> impl Handler + use<> {
     let done = done.clone();
     handler_fn(move |_msg: Incoming| {
         let done = done.clone();
@@ -158,7 +204,7 @@ static ORDER_JSON: std::sync::LazyLock<&'static str> = std::sync::LazyLock::new(
 });
 
 /// A handler that decodes the order and does nothing else.
-fn decoding(done: &Done) -> impl Handler {
+fn decoding(done: &Done) -> impl Handler + use<> {
     let done = done.clone();
     typed(move |order: Order, _msg: Incoming| {
         let done = done.clone();
@@ -247,86 +293,44 @@ sql_pipelines!(
     "INSERT INTO bench_effects (message_id) VALUES ($1)"
 );
 
+/// The business table the SQL pipelines write their effect to.
+const EFFECTS_TABLE: &str = "CREATE TABLE bench_effects (message_id TEXT NOT NULL)";
+
 struct Sqlite {
-    pool: SqlitePool,
+    db: db::TempSqlite,
     store: SqliteStore,
-    dir: std::path::PathBuf,
 }
 
 async fn sqlite() -> Sqlite {
-    let dir =
-        std::env::temp_dir().join(format!("surety-idempotency-bench-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let options = SqliteConnectOptions::new()
-        .filename(dir.join("bench.db"))
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .busy_timeout(Duration::from_secs(30));
-    let pool = SqlitePoolOptions::new()
-        .max_connections(CONCURRENCY as u32 + 2)
-        .connect_with(options)
-        .await
-        .unwrap();
-    surety_idempotency::sqlite::migrate(&pool).await.unwrap();
-    sqlx::query("CREATE TABLE bench_effects (message_id TEXT NOT NULL)")
-        .execute(&pool)
-        .await
-        .unwrap();
+    let db =
+        db::TempSqlite::with_busy_timeout(CONCURRENCY as u32 + 2, Duration::from_secs(30)).await;
+    sqlx::query(EFFECTS_TABLE).execute(&db.pool).await.unwrap();
     Sqlite {
-        store: SqliteStore::new(pool.clone()),
-        pool,
-        dir,
+        store: SqliteStore::new(db.pool.clone()),
+        db,
     }
 }
 
 struct Postgres {
-    pool: PgPool,
+    db: db::TempSchema,
     store: PostgresStore,
-    admin: PgPool,
-    schema: String,
 }
 
 async fn postgres() -> Option<Postgres> {
     let url = std::env::var("SURETY_POSTGRES_URL")
         .ok()
         .filter(|u| !u.is_empty())?;
-    let admin = PgPool::connect(&url).await.unwrap();
-    let schema = format!("surety_idem_bench_{}", uuid::Uuid::now_v7().simple());
-    sqlx::query(AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let options = PgConnectOptions::from_str(&url)
-        .unwrap()
-        .options([("search_path", schema.as_str())]);
-    let pool = PgPoolOptions::new()
-        .max_connections(CONCURRENCY as u32 + 2)
-        .connect_with(options)
-        .await
-        .unwrap();
-    surety_idempotency::postgres::migrate(&pool).await.unwrap();
-    sqlx::query("CREATE TABLE bench_effects (message_id TEXT NOT NULL)")
-        .execute(&pool)
-        .await
-        .unwrap();
+    let db = db::TempSchema::at(&url, CONCURRENCY as u32 + 2).await;
+    sqlx::query(EFFECTS_TABLE).execute(&db.pool).await.unwrap();
     Some(Postgres {
-        store: PostgresStore::new(pool.clone()),
-        pool,
-        admin,
-        schema,
+        store: PostgresStore::new(db.pool.clone()),
+        db,
     })
 }
 
 /// Median messages per second of `rounds` runs of each pipeline, run in
 /// turns so that drift hits all of them alike.
-async fn medians(
-    pipelines: &[(
-        &str,
-        &dyn Fn() -> futures::future::BoxFuture<'static, Duration>,
-    )],
-    n: usize,
-    rounds: usize,
-) -> Vec<f64> {
+async fn medians(pipelines: &[(&str, &Run)], n: usize, rounds: usize) -> Vec<f64> {
     let mut samples = vec![Vec::new(); pipelines.len()];
     for _ in 0..rounds {
         for (i, (_, run)) in pipelines.iter().enumerate() {
@@ -341,6 +345,12 @@ async fn medians(
             s[s.len() / 2]
         })
         .collect()
+}
+
+/// A report row: `name`, the median throughput of pipeline `i` over the
+/// bare one (the first of `medians`), and the bare one's.
+fn ratio(name: &'static str, medians: &[f64], i: usize) -> (&'static str, f64, f64) {
+    (name, medians[i] / medians[0], medians[0])
 }
 
 fn main() {
@@ -365,48 +375,23 @@ fn main() {
     let sqlite = rt.block_on(sqlite());
     let pg = rt.block_on(postgres());
 
+    // A fresh store per run for the no-op and JSON pipelines, so the store's
+    // size is the same in every run.
+    let memory_bare = fresh(&done, n_memory, "{}", counting);
+    let memory_dedup = fresh(&done, n_memory, "{}", |done| deduped(counting(done)));
+    let json_bare = fresh(&done, n_memory, &ORDER_JSON, decoding);
+    let json_dedup = fresh(&done, n_memory, &ORDER_JSON, |done| deduped(decoding(done)));
     {
         let mut group = criterion.benchmark_group("consume");
         group.throughput(Throughput::Elements(n_memory as u64));
-        for (id, dedup) in [("memory/bare", false), ("memory/dedup", true)] {
-            group.bench_function(id, |b| {
-                b.to_async(&rt).iter_custom(|iters| {
-                    let done = done.clone();
-                    async move {
-                        let mut total = Duration::ZERO;
-                        for _ in 0..iters {
-                            total += if dedup {
-                                let handler = IdempotencyLayer::new(MemoryStore::new())
-                                    .layer(counting(&done));
-                                consume(handler, &done, n_memory).await
-                            } else {
-                                consume(counting(&done), &done, n_memory).await
-                            };
-                        }
-                        total
-                    }
-                })
-            });
-        }
-        for (id, dedup) in [("memory-json/bare", false), ("memory-json/dedup", true)] {
-            group.bench_function(id, |b| {
-                b.to_async(&rt).iter_custom(|iters| {
-                    let done = done.clone();
-                    async move {
-                        let mut total = Duration::ZERO;
-                        for _ in 0..iters {
-                            total += if dedup {
-                                let handler = IdempotencyLayer::new(MemoryStore::new())
-                                    .layer(decoding(&done));
-                                consume_payload(handler, &done, n_memory, &ORDER_JSON).await
-                            } else {
-                                consume_payload(decoding(&done), &done, n_memory, &ORDER_JSON).await
-                            };
-                        }
-                        total
-                    }
-                })
-            });
+        let runs: [(&str, &Run); 4] = [
+            ("memory/bare", &memory_bare),
+            ("memory/dedup", &memory_dedup),
+            ("memory-json/bare", &json_bare),
+            ("memory-json/dedup", &json_dedup),
+        ];
+        for (id, run) in runs {
+            bench_runs(&mut group, &rt, id, run);
         }
         group.finish();
     }
@@ -431,22 +416,19 @@ fn main() {
             };
         }
         bench!("memory-io/bare", waiting(&done));
-        bench!(
-            "memory-io/dedup",
-            IdempotencyLayer::new(MemoryStore::new()).layer(waiting(&done))
-        );
-        bench!("sqlite/bare", on_sqlite::bare(&sqlite.pool, &done));
+        bench!("memory-io/dedup", deduped(waiting(&done)));
+        bench!("sqlite/bare", on_sqlite::bare(&sqlite.db.pool, &done));
         bench!("sqlite/inbox", on_sqlite::inbox(&sqlite.store, &done));
         bench!(
             "sqlite/layer",
-            on_sqlite::layer(&sqlite.pool, &sqlite.store, &done)
+            on_sqlite::layer(&sqlite.db.pool, &sqlite.store, &done)
         );
         if let Some(pg) = &pg {
-            bench!("postgres/bare", on_postgres::bare(&pg.pool, &done));
+            bench!("postgres/bare", on_postgres::bare(&pg.db.pool, &done));
             bench!("postgres/inbox", on_postgres::inbox(&pg.store, &done));
             bench!(
                 "postgres/layer",
-                on_postgres::layer(&pg.pool, &pg.store, &done)
+                on_postgres::layer(&pg.db.pool, &pg.store, &done)
             );
         }
         group.finish();
@@ -454,66 +436,30 @@ fn main() {
 
     // Ratios of median throughput, dedup / bare.
     macro_rules! pipeline {
-        ($handler:expr) => {
-            pipeline!($handler, n)
-        };
-        ($handler:expr, $n:expr) => {{
+        ($handler:expr) => {{
             let done = done.clone();
             let handler = $handler;
-            let n = $n;
-            move || -> futures::future::BoxFuture<'static, Duration> {
+            move || -> BoxFuture<'static, Duration> {
                 let (done, handler) = (done.clone(), handler.clone());
                 Box::pin(async move { consume(handler, &done, n).await })
             }
         }};
     }
-    // A fresh store per run for the no-op pipeline, so the store's size is
-    // the same in every round.
-    let memory_bare = pipeline!(counting(&done), n_memory);
-    let memory_dedup = {
-        let done = done.clone();
-        move || -> futures::future::BoxFuture<'static, Duration> {
-            let done = done.clone();
-            Box::pin(async move {
-                let handler = IdempotencyLayer::new(MemoryStore::new()).layer(counting(&done));
-                consume(handler, &done, n_memory).await
-            })
-        }
-    };
-    let json_bare = {
-        let done = done.clone();
-        move || -> futures::future::BoxFuture<'static, Duration> {
-            let done = done.clone();
-            Box::pin(
-                async move { consume_payload(decoding(&done), &done, n_memory, &ORDER_JSON).await },
-            )
-        }
-    };
-    let json_dedup = {
-        let done = done.clone();
-        move || -> futures::future::BoxFuture<'static, Duration> {
-            let done = done.clone();
-            Box::pin(async move {
-                let handler = IdempotencyLayer::new(MemoryStore::new()).layer(decoding(&done));
-                consume_payload(handler, &done, n_memory, &ORDER_JSON).await
-            })
-        }
-    };
     let io_bare = pipeline!(waiting(&done));
-    let io_dedup = pipeline!(IdempotencyLayer::new(MemoryStore::new()).layer(waiting(&done)));
-    let sqlite_bare = pipeline!(on_sqlite::bare(&sqlite.pool, &done));
+    let io_dedup = pipeline!(deduped(waiting(&done)));
+    let sqlite_bare = pipeline!(on_sqlite::bare(&sqlite.db.pool, &done));
     let sqlite_inbox = pipeline!(on_sqlite::inbox(&sqlite.store, &done));
-    let sqlite_layer = pipeline!(on_sqlite::layer(&sqlite.pool, &sqlite.store, &done));
+    let sqlite_layer = pipeline!(on_sqlite::layer(&sqlite.db.pool, &sqlite.store, &done));
     let mut report = Vec::new();
     let m = rt.block_on(medians(
         &[("bare", &memory_bare), ("dedup", &memory_dedup)],
         n_memory,
         rounds_memory,
     ));
-    report.push((
+    report.push(ratio(
         "memory, no-op handler: layer + MemoryStore / bare (target >= 0.95)",
-        m[1] / m[0],
-        m[0],
+        &m,
+        1,
     ));
     // What the layer adds to every message, in microseconds of wall time.
     let layer_cost = 1e6 / m[1] - 1e6 / m[0];
@@ -522,20 +468,20 @@ fn main() {
         n_memory,
         rounds_memory,
     ));
-    report.push((
+    report.push(ratio(
         "memory, handler decoding a 1 KB JSON order: layer + MemoryStore / bare (target >= 0.95)",
-        j[1] / j[0],
-        j[0],
+        &j,
+        1,
     ));
     let io = rt.block_on(medians(
         &[("bare", &io_bare), ("dedup", &io_dedup)],
         n,
         rounds,
     ));
-    report.push((
+    report.push(ratio(
         "memory, 1 ms handler: layer + MemoryStore / bare (target >= 0.95)",
-        io[1] / io[0],
-        io[0],
+        &io,
+        1,
     ));
     let s = rt.block_on(medians(
         &[
@@ -546,20 +492,20 @@ fn main() {
         n,
         rounds,
     ));
-    report.push((
+    report.push(ratio(
         "sqlite: inbox / bare transaction (target >= 0.7)",
-        s[1] / s[0],
-        s[0],
+        &s,
+        1,
     ));
-    report.push((
+    report.push(ratio(
         "sqlite: layer + SqliteStore / bare transaction",
-        s[2] / s[0],
-        s[0],
+        &s,
+        2,
     ));
     if let Some(pg) = &pg {
-        let pg_bare = pipeline!(on_postgres::bare(&pg.pool, &done));
+        let pg_bare = pipeline!(on_postgres::bare(&pg.db.pool, &done));
         let pg_inbox = pipeline!(on_postgres::inbox(&pg.store, &done));
-        let pg_layer = pipeline!(on_postgres::layer(&pg.pool, &pg.store, &done));
+        let pg_layer = pipeline!(on_postgres::layer(&pg.db.pool, &pg.store, &done));
         let p = rt.block_on(medians(
             &[
                 ("bare", &pg_bare),
@@ -569,15 +515,15 @@ fn main() {
             n,
             rounds,
         ));
-        report.push((
+        report.push(ratio(
             "postgres: inbox / bare transaction (target >= 0.7)",
-            p[1] / p[0],
-            p[0],
+            &p,
+            1,
         ));
-        report.push((
+        report.push(ratio(
             "postgres: layer + PostgresStore / bare transaction",
-            p[2] / p[0],
-            p[0],
+            &p,
+            2,
         ));
     } else {
         println!("postgres: skipped (SURETY_POSTGRES_URL is not set)");
@@ -594,15 +540,9 @@ fn main() {
         1e6 / m[0] / 0.95 - 1e6 / m[0]
     );
 
-    std::fs::remove_dir_all(&sqlite.dir).ok();
+    drop(sqlite);
     if let Some(pg) = pg {
-        rt.block_on(async {
-            pg.pool.close().await;
-            sqlx::query(AssertSqlSafe(format!("DROP SCHEMA {} CASCADE", pg.schema)))
-                .execute(&pg.admin)
-                .await
-                .unwrap();
-        });
+        rt.block_on(pg.db.drop_schema());
     }
     criterion.final_summary();
 }

@@ -6,13 +6,15 @@ mod common;
 use std::time::Duration;
 
 use futures::StreamExt;
-use surety_core::consumer::{Incoming, Worker, handler_fn, typed};
+use surety_core::consumer::{Handler, Incoming, Worker, WorkerReport, handler_fn, typed};
 use surety_core::envelope::UNDECODABLE_TYPE;
 use surety_core::{Close, DeliveryStream, Envelope, Publisher, Subscriber};
 use surety_kafka::rdkafka::ClientConfig;
 use surety_kafka::rdkafka::message::{Header, OwnedHeaders};
 use surety_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
-use surety_kafka::{KafkaMetrics, KafkaTransport};
+use surety_kafka::{KafkaConfig, KafkaMetrics, KafkaTransport};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -21,6 +23,32 @@ async fn quiet(stream: &mut DeliveryStream, period: Duration) {
         let seen = item.map(|d| d.map(|d| (d.envelope().id.clone(), d.info().offset)));
         panic!("expected nothing, got {seen:?}");
     }
+}
+
+/// A transport connected with `config`, a fresh topic named after `prefix`
+/// and a fresh consumer group.
+async fn connect(config: KafkaConfig, prefix: &str) -> (KafkaTransport, String, String) {
+    let kafka = KafkaTransport::connect(config).await.expect("connect");
+    (kafka, common::unique(prefix), common::unique("group"))
+}
+
+/// Everything `group` was given is settled for good: a new member of the
+/// group gets nothing.
+async fn assert_nothing_left(kafka: &KafkaTransport, topic: &str, group: &str) {
+    let mut rejoined = kafka.subscribe(topic, group).await.expect("rejoin");
+    quiet(&mut rejoined, Duration::from_secs(1)).await;
+}
+
+/// Runs `worker` on `deliveries` until the returned sender fires.
+fn spawn_worker<H: Handler>(
+    worker: Worker<H>,
+    deliveries: DeliveryStream,
+) -> (oneshot::Sender<()>, JoinHandle<WorkerReport>) {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(worker.run(deliveries, async {
+        stopped.await.ok();
+    }));
+    (stop, handle)
 }
 
 async fn publish_n(
@@ -48,11 +76,7 @@ async fn foreign_records_are_delivered_as_poison_never_dropped() {
     let Some(brokers) = common::brokers() else {
         return;
     };
-    let kafka = KafkaTransport::connect(common::config(&brokers))
-        .await
-        .expect("connect");
-    let topic = common::unique("foreign");
-    let group = common::unique("group");
+    let (kafka, topic, group) = connect(common::config(&brokers), "foreign").await;
     let deliveries = kafka.subscribe(&topic, &group).await.expect("subscribe");
 
     // A producer that knows nothing of envelopes.
@@ -88,10 +112,7 @@ async fn foreign_records_are_delivered_as_poison_never_dropped() {
         #[allow(unreachable_code)]
         Ok::<_, std::convert::Infallible>(())
     });
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(Worker::new(handler).run(tap.boxed(), async {
-        stopped.await.ok();
-    }));
+    let (stop, worker) = spawn_worker(Worker::new(handler), tap.boxed());
     let mut envelopes = Vec::new();
     for _ in 0..2 {
         envelopes.push(
@@ -135,8 +156,7 @@ async fn foreign_records_are_delivered_as_poison_never_dropped() {
     assert_eq!(report.acked, 0, "{report:?}");
 
     // Rejected is final: the group does not see them again.
-    let mut rejoined = kafka.subscribe(&topic, &group).await.expect("rejoin");
-    quiet(&mut rejoined, Duration::from_secs(1)).await;
+    assert_nothing_left(&kafka, &topic, &group).await;
     kafka.close().await.expect("close");
 }
 
@@ -146,11 +166,7 @@ async fn nack_redelivers_the_nacked_message_only() {
     let Some(brokers) = common::brokers() else {
         return;
     };
-    let kafka = KafkaTransport::connect(common::config(&brokers))
-        .await
-        .expect("connect");
-    let topic = common::unique("nack");
-    let group = common::unique("group");
+    let (kafka, topic, group) = connect(common::config(&brokers), "nack").await;
     let mut stream = kafka.subscribe(&topic, &group).await.expect("subscribe");
     let ids = publish_n(&kafka, &topic, 3, None).await;
 
@@ -175,10 +191,8 @@ async fn nack_redelivers_the_nacked_message_only() {
     again.ack().await.expect("ack");
     second.ack().await.expect("ack");
 
-    // Everything was settled for good: a new member of the group gets nothing.
     drop(stream);
-    let mut rejoined = kafka.subscribe(&topic, &group).await.expect("rejoin");
-    quiet(&mut rejoined, Duration::from_secs(1)).await;
+    assert_nothing_left(&kafka, &topic, &group).await;
     kafka.close().await.expect("close");
 }
 
@@ -189,15 +203,13 @@ async fn a_slow_consumer_pauses_and_loses_nothing() {
         return;
     };
     let metrics = KafkaMetrics::default();
-    let kafka = KafkaTransport::connect(
+    let (kafka, topic, group) = connect(
         common::config(&brokers)
             .consumer_buffer(2)
             .metrics(metrics.clone()),
+        "slow",
     )
-    .await
-    .expect("connect");
-    let topic = common::unique("slow");
-    let group = common::unique("group");
+    .await;
     let ids = publish_n(&kafka, &topic, 60, Some("one-key")).await;
     let mut stream = kafka.subscribe(&topic, &group).await.expect("subscribe");
 
@@ -223,11 +235,7 @@ async fn a_graceful_worker_shutdown_settles_in_flight_deliveries() {
     let Some(brokers) = common::brokers() else {
         return;
     };
-    let kafka = KafkaTransport::connect(common::config(&brokers))
-        .await
-        .expect("connect");
-    let topic = common::unique("drain");
-    let group = common::unique("group");
+    let (kafka, topic, group) = connect(common::config(&brokers), "drain").await;
     let deliveries = kafka.subscribe(&topic, &group).await.expect("subscribe");
 
     let (started_tx, mut started) = tokio::sync::mpsc::channel(1);
@@ -241,14 +249,7 @@ async fn a_graceful_worker_shutdown_settles_in_flight_deliveries() {
             Ok::<_, std::convert::Infallible>(())
         }
     });
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(
-        Worker::new(handler)
-            .shutdown_grace(LIMIT)
-            .run(deliveries, async {
-                stopped.await.ok();
-            }),
-    );
+    let (stop, worker) = spawn_worker(Worker::new(handler).shutdown_grace(LIMIT), deliveries);
     publish_n(&kafka, &topic, 1, None).await;
     tokio::time::timeout(LIMIT, started.recv())
         .await
@@ -260,8 +261,6 @@ async fn a_graceful_worker_shutdown_settles_in_flight_deliveries() {
     let report = worker.await.expect("worker");
     assert_eq!(report.acked, 1, "{report:?}");
     assert_eq!(report.settle_failures, 0, "{report:?}");
-
-    let mut rejoined = kafka.subscribe(&topic, &group).await.expect("rejoin");
-    quiet(&mut rejoined, Duration::from_secs(1)).await;
+    assert_nothing_left(&kafka, &topic, &group).await;
     kafka.close().await.expect("close");
 }

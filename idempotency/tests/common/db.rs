@@ -1,5 +1,6 @@
-//! Databases for the integration tests: a fresh SQLite file, and a fresh
-//! PostgreSQL schema on the long-lived test database.
+//! Databases for the integration tests (and `benches/dedup.rs`): a fresh
+//! SQLite file, and a fresh PostgreSQL schema on the long-lived test
+//! database.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -19,13 +20,19 @@ pub struct TempSqlite {
 impl TempSqlite {
     /// A migrated database with `connections` connections in WAL mode.
     pub async fn new(connections: u32) -> Self {
+        Self::with_busy_timeout(connections, Duration::from_secs(10)).await
+    }
+
+    /// [`TempSqlite::new`], with connections waiting up to `busy_timeout`
+    /// for a lock.
+    pub async fn with_busy_timeout(connections: u32, busy_timeout: Duration) -> Self {
         let dir = std::env::temp_dir().join(format!("surety-idempotency-{}", uuid::Uuid::now_v7()));
         std::fs::create_dir_all(&dir).unwrap();
         let options = SqliteConnectOptions::new()
             .filename(dir.join("test.db"))
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(busy_timeout);
         let pool = SqlitePoolOptions::new()
             .max_connections(connections)
             .connect_with(options)
@@ -54,9 +61,14 @@ impl TempSchema {
     /// A migrated schema, reached through a pool whose `search_path` is it.
     pub async fn new(connections: u32) -> Option<Self> {
         let url = require(postgres_url())?;
+        Some(Self::at(&url, connections).await)
+    }
+
+    /// [`TempSchema::new`] on the database at `url`.
+    pub async fn at(url: &str, connections: u32) -> Self {
         let admin = PgPoolOptions::new()
             .max_connections(1)
-            .connect(&url)
+            .connect(url)
             .await
             .expect("PostgreSQL at SURETY_POSTGRES_URL answers");
         let schema = format!("surety_idem_{}", uuid::Uuid::now_v7().simple());
@@ -64,7 +76,7 @@ impl TempSchema {
             .execute(&admin)
             .await
             .unwrap();
-        let options = PgConnectOptions::from_str(&url)
+        let options = PgConnectOptions::from_str(url)
             .unwrap()
             .options([("search_path", schema.as_str())]);
         let pool = PgPoolOptions::new()
@@ -73,11 +85,11 @@ impl TempSchema {
             .await
             .unwrap();
         surety_idempotency::postgres::migrate(&pool).await.unwrap();
-        Some(Self {
+        Self {
             pool,
             schema,
             admin,
-        })
+        }
     }
 
     /// Drops the schema (call at the end of a passing test).
