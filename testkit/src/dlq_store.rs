@@ -45,7 +45,7 @@ where
     Fut: Future<Output = S>,
     S: DlqStore + 'static,
 {
-    let mut report = Report::default();
+    let mut report = Report::for_suite("dlq store suite");
     macro_rules! run {
         ($check:ident) => {{
             let store: Arc<dyn DlqStore> = Arc::new(make().await);

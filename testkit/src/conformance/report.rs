@@ -83,12 +83,28 @@ pub struct CheckOutcome {
 /// );
 /// # }
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
+    /// The suite's name, first on the printed summary line.
+    suite: &'static str,
     outcomes: Vec<CheckOutcome>,
 }
 
+impl Default for Report {
+    fn default() -> Self {
+        Self::for_suite("transport conformance")
+    }
+}
+
 impl Report {
+    /// An empty report of the suite named `suite`.
+    pub(crate) fn for_suite(suite: &'static str) -> Self {
+        Self {
+            suite,
+            outcomes: Vec::new(),
+        }
+    }
+
     pub(crate) fn push(&mut self, check: &'static str, status: CheckStatus) {
         self.outcomes.push(CheckOutcome { check, status });
     }
@@ -182,7 +198,8 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "transport conformance: {} passed, {} skipped, {} failed",
+            "{}: {} passed, {} skipped, {} failed",
+            self.suite,
             self.passed().len(),
             self.skipped().len(),
             self.failures().len()
