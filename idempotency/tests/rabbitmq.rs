@@ -12,8 +12,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,7 +23,9 @@ use surety_idempotency::{IdempotencyLayer, InboxTx, PostgresStore, StoreError};
 use surety_rabbitmq::lapin::options::QueueDeleteOptions;
 use surety_rabbitmq::metrics::DeliveryOutcome;
 use surety_rabbitmq::{RabbitConfig, RabbitMetrics, RabbitTransport, queue_name};
+use surety_testkit::rabbitmqctl;
 use surety_testkit::services::{amqp_url, require};
+use surety_testkit::wait::eventually;
 use tokio::sync::{Notify, oneshot};
 
 /// How long anything that should happen may take.
@@ -34,80 +34,6 @@ const WAIT: Duration = Duration::from_secs(30);
 /// Messages published; the one at [`CHOSEN`] loses its ack.
 const COUNT: usize = 20;
 const CHOSEN: usize = 7;
-
-/// Polls `condition` until it holds, failing after [`WAIT`].
-async fn wait_for<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let until = tokio::time::Instant::now() + WAIT;
-    while !condition().await {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "timed out after {WAIT:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Runs `rabbitmqctl -n rabbit@localhost args...` off the runtime's
-/// threads and returns its stdout.
-async fn rabbitmqctl(args: &[&str]) -> String {
-    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        let output = Command::new("rabbitmqctl")
-            .args(["-n", "rabbit@localhost"])
-            .args(&args)
-            .output()
-            .expect("rabbitmqctl runs");
-        assert!(
-            output.status.success(),
-            "rabbitmqctl {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    })
-    .await
-    .expect("rabbitmqctl does not panic")
-}
-
-/// Closes, on the broker's side, the connections whose client properties
-/// carry `name` (the connection name); returns how many it closed.
-async fn force_close_connection(name: &str) -> usize {
-    let listing = rabbitmqctl(&[
-        "list_connections",
-        "-q",
-        "--no-table-headers",
-        "pid",
-        "client_properties",
-    ])
-    .await;
-    let mut closed = 0;
-    for line in listing.lines().filter(|line| line.contains(name)) {
-        if let Some(pid) = line.split_whitespace().next() {
-            rabbitmqctl(&["close_connection", pid, "surety test: ack lost"]).await;
-            closed += 1;
-        }
-    }
-    closed
-}
-
-/// Messages in `queue` (ready and unacknowledged), as the broker counts them.
-async fn queue_depth(queue: &str) -> Option<u64> {
-    let listing = rabbitmqctl(&[
-        "list_queues",
-        "-q",
-        "--no-table-headers",
-        "name",
-        "messages",
-    ])
-    .await;
-    listing.lines().find_map(|line| {
-        let mut cols = line.split('\t');
-        (cols.next()? == queue).then(|| cols.next()?.trim().parse().ok())?
-    })
-}
 
 async fn effects(pool: &sqlx::PgPool) -> HashMap<String, i64> {
     sqlx::query_as::<_, (String, i64)>(
@@ -247,12 +173,18 @@ async fn a_redelivery_after_a_lost_ack_is_not_applied_twice() {
         Some(&1),
         "the effect is committed before the connection goes"
     );
+    let closing = connection.clone();
     assert_eq!(
-        force_close_connection(&connection).await,
+        // Off the runtime's threads: the transport keeps running meanwhile.
+        tokio::task::spawn_blocking(move || {
+            rabbitmqctl::force_close_connection(&closing, "surety test: ack lost")
+        })
+        .await
+        .expect("rabbitmqctl does not panic"),
         1,
         "the broker lists our connection"
     );
-    wait_for("the transport to reconnect", || {
+    eventually(WAIT, "the transport to reconnect", || {
         let rabbit = rabbit.clone();
         async move { rabbit.reconnects() >= 1 }
     })
@@ -261,7 +193,7 @@ async fn a_redelivery_after_a_lost_ack_is_not_applied_twice() {
     release.notify_one();
 
     let queue = queue_name(&topic, "g");
-    wait_for("every message to be handled and acknowledged", || {
+    eventually(WAIT, "every message to be handled and acknowledged", || {
         let (pool, delivered, queue, chosen) = (
             db.pool.clone(),
             delivered.clone(),
@@ -276,7 +208,10 @@ async fn a_redelivery_after_a_lost_ack_is_not_applied_twice() {
                 .any(|(id, again)| *id == chosen && *again);
             redelivered
                 && effects(&pool).await.len() == COUNT
-                && queue_depth(&queue).await == Some(0)
+                && tokio::task::spawn_blocking(move || rabbitmqctl::queue_depth(&queue))
+                    .await
+                    .expect("rabbitmqctl does not panic")
+                    == Some(0)
         }
     })
     .await;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use surety_core::{Close, Envelope, Publisher, Subscriber, TransportErrorKind};
 use surety_kafka::{KafkaMetrics, KafkaTransport};
+use surety_testkit::wait::eventually;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -114,7 +115,7 @@ async fn a_stuck_application_pauses_and_its_group_is_still_served() {
     // The application takes nothing: the buffer fills and the consumer
     // pauses once `pause_after` has passed.
     let first = kafka.subscribe(&topic, &group).await.expect("subscribe");
-    common::eventually(LIMIT, "the consumer to pause", || async {
+    eventually(LIMIT, "the consumer to pause", || async {
         (metrics.consumer_pauses(&topic, &group) > 0).then_some(())
     })
     .await;

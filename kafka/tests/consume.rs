@@ -13,6 +13,7 @@ use surety_kafka::rdkafka::ClientConfig;
 use surety_kafka::rdkafka::message::{Header, OwnedHeaders};
 use surety_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use surety_kafka::{KafkaConfig, KafkaMetrics, KafkaTransport};
+use surety_testkit::wait::eventually;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -214,7 +215,7 @@ async fn a_slow_consumer_pauses_and_loses_nothing() {
     let mut stream = kafka.subscribe(&topic, &group).await.expect("subscribe");
 
     // The consumer fetches far more than two messages at a time: it pauses.
-    common::eventually(LIMIT, "the consumer to pause", || async {
+    eventually(LIMIT, "the consumer to pause", || async {
         (metrics.consumer_pauses(&topic, &group) > 0).then_some(())
     })
     .await;

@@ -25,6 +25,7 @@ use surety_kafka::rdkafka::ClientConfig;
 use surety_kafka::rdkafka::message::{Header, OwnedHeaders};
 use surety_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use surety_kafka::{KafkaMetrics, KafkaTransport};
+use surety_testkit::wait::eventually;
 
 const CHILD: &str = "SURETY_KAFKA_CRASH_CHILD";
 const TOPIC: &str = "SURETY_KAFKA_CRASH_TOPIC";
@@ -90,14 +91,14 @@ async fn crash_child() {
     let take = |held: &mut BTreeMap<_, Delivery>, key| held.remove(&key).expect("delivered");
     take(&mut held, (0, 2)).ack().await.expect("ack m3");
     take(&mut held, (0, 0)).ack().await.expect("ack m1");
-    common::eventually(LIMIT, "partition 0 committed at 1", || async {
+    eventually(LIMIT, "partition 0 committed at 1", || async {
         metrics
             .committed_offset(&topic, &group, 0)
             .filter(|&c| c == 1)
     })
     .await;
     take(&mut held, (1, 0)).ack().await.expect("ack n1");
-    common::eventually(LIMIT, "partition 1 committed at 1", || async {
+    eventually(LIMIT, "partition 1 committed at 1", || async {
         metrics
             .committed_offset(&topic, &group, 1)
             .filter(|&c| c == 1)

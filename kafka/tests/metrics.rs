@@ -9,6 +9,7 @@ use futures::StreamExt;
 use prometheus_client::registry::Registry;
 use surety_core::{Close, Envelope, Publisher, Subscriber};
 use surety_kafka::{KafkaMetrics, KafkaTransport};
+use surety_testkit::wait::eventually;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -45,21 +46,21 @@ async fn lag_reflects_messages_not_yet_settled() {
         delivery.ack().await.expect("ack");
     }
 
-    let busy_lag = common::eventually(LIMIT, "lag 6 for the busy group", || async {
+    let busy_lag = eventually(LIMIT, "lag 6 for the busy group", || async {
         metrics
             .consumer_lag(&topic, &busy, 0)
             .filter(|&lag| lag == 6)
     })
     .await;
     assert_eq!(busy_lag, 6);
-    common::eventually(LIMIT, "committed offset 4 for the busy group", || async {
+    eventually(LIMIT, "committed offset 4 for the busy group", || async {
         metrics
             .committed_offset(&topic, &busy, 0)
             .filter(|&c| c == 4)
     })
     .await;
     assert_eq!(metrics.high_watermark(&topic, &busy, 0), Some(10));
-    common::eventually(LIMIT, "lag 10 for the idle group", || async {
+    eventually(LIMIT, "lag 10 for the idle group", || async {
         metrics
             .consumer_lag(&topic, &idle, 0)
             .filter(|&lag| lag == 10)

@@ -12,12 +12,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{WAIT, config, connect, queue_depth, rabbitmqctl, unique, url, wait_until};
+use common::{WAIT, config, connect, unique, url};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use surety_core::{Close, Envelope, Publisher, Subscriber, TransportErrorKind};
 use surety_rabbitmq::metrics::PublishOutcome;
 use surety_rabbitmq::{RabbitMetrics, queue_name};
+use surety_testkit::rabbitmqctl::{self, queue_depth};
+use surety_testkit::wait::eventually;
 
 /// Serializes the tests of this binary.
 static BROKER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -39,7 +41,7 @@ impl Drop for StartAppOnDrop {
 }
 
 async fn ctl(args: &'static [&'static str]) {
-    tokio::task::spawn_blocking(move || rabbitmqctl(args))
+    tokio::task::spawn_blocking(move || rabbitmqctl::run(args))
         .await
         .expect("rabbitmqctl task");
 }
@@ -117,14 +119,14 @@ async fn confirmed_publishes_survive_a_broker_restart() {
         })
     };
 
-    wait_until("a fifth to be confirmed", WAIT, || {
+    eventually(WAIT, "a fifth to be confirmed", || {
         let confirmed = confirmed.clone();
         async move { confirmed.load(Ordering::SeqCst) >= COUNT / 5 }
     })
     .await;
     let restart = StartAppOnDrop;
     ctl(&["stop_app"]).await;
-    wait_until("the client to notice", WAIT, || async {
+    eventually(WAIT, "the client to notice", || async {
         !transport.connection().status().connected()
     })
     .await;

@@ -7,10 +7,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{
-    WAIT, config, connect, force_close_connection, next, nothing_for, queue_depth, unique, url,
-    wait_until,
-};
+use common::{WAIT, config, connect, next, nothing_for, unique, url};
 use surety_core::consumer::{Incoming, Worker, handler_fn};
 use surety_core::envelope::UNDECODABLE_TYPE;
 use surety_core::{Close, Envelope, Publisher, Subscriber, TransportErrorKind};
@@ -19,6 +16,8 @@ use surety_rabbitmq::lapin::options::BasicPublishOptions;
 use surety_rabbitmq::lapin::types::{AMQPValue, FieldTable};
 use surety_rabbitmq::metrics::{DeliveryOutcome, PublishOutcome};
 use surety_rabbitmq::{RabbitMetrics, queue_name};
+use surety_testkit::rabbitmqctl::{force_close_connection, queue_depth};
+use surety_testkit::wait::eventually;
 
 fn envelope(n: usize) -> Envelope {
     Envelope::builder("/test", "test.event")
@@ -124,8 +123,12 @@ async fn the_connection_recovers_after_the_broker_drops_it() {
     let held = next(&mut stream).await;
     assert!(!held.info().redelivered);
 
-    assert_eq!(force_close_connection(&name), 1, "our connection is listed");
-    wait_until("the connection to be recovered", WAIT, || {
+    assert_eq!(
+        force_close_connection(&name, "surety test: forced close"),
+        1,
+        "our connection is listed"
+    );
+    eventually(WAIT, "the connection to be recovered", || {
         let metrics = metrics.clone();
         async move { metrics.reconnects() >= 1 }
     })
@@ -171,7 +174,7 @@ async fn dropping_the_stream_returns_prefetched_messages() {
     let held = next(&mut first).await;
     ids.remove(&held.envelope().id);
     // Let the broker push the rest into the first stream's prefetch buffer.
-    wait_until("the prefetch to fill", WAIT, || async {
+    eventually(WAIT, "the prefetch to fill", || async {
         queue_depth(&queue_name(&topic, "g")) == Some(5)
     })
     .await;
@@ -232,7 +235,7 @@ async fn graceful_shutdown_under_load_loses_and_repeats_nothing() {
                 stopped.await.ok();
             }),
     );
-    wait_until("a third of the messages to be handled", WAIT, || {
+    eventually(WAIT, "a third of the messages to be handled", || {
         let handled = handled.clone();
         async move { handled.lock().unwrap().len() >= COUNT / 3 }
     })
@@ -251,12 +254,12 @@ async fn graceful_shutdown_under_load_loses_and_repeats_nothing() {
     let worker = tokio::spawn(Worker::new(handler).concurrency(8).run(deliveries, async {
         stopped.await.ok();
     }));
-    wait_until("every message to be handled", WAIT, || {
+    eventually(WAIT, "every message to be handled", || {
         let handled = handled.clone();
         async move { handled.lock().unwrap().len() >= COUNT }
     })
     .await;
-    wait_until("the queue to be empty", WAIT, || async {
+    eventually(WAIT, "the queue to be empty", || async {
         queue_depth(&queue_name(&topic, "g")) == Some(0)
     })
     .await;

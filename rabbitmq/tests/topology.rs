@@ -5,12 +5,14 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{WAIT, config, connect, next, nothing_for, unique, url, wait_until};
+use common::{WAIT, config, connect, next, nothing_for, unique, url};
 use surety_core::{Close, Envelope, Publisher, Subscriber};
 use surety_rabbitmq::lapin::Channel;
 use surety_rabbitmq::lapin::options::BasicGetOptions;
 use surety_rabbitmq::topology::{RetryLadder, WorkQueue};
 use surety_rabbitmq::{QueueType, X_DELIVERY_COUNT};
+use surety_testkit::rabbitmqctl::queue_depth;
+use surety_testkit::wait::eventually;
 
 /// Takes one message from `queue` with `basic.get`, waiting for it.
 async fn get(channel: &Channel, queue: &str) -> surety_rabbitmq::lapin::message::BasicGetMessage {
@@ -139,8 +141,8 @@ async fn a_quorum_queue_dead_letters_past_its_delivery_limit() {
     let dead = get(&channel, &work.dead_letter_queue()).await;
     assert_eq!(ce_id(&dead), env.id);
     nothing_for(&mut stream, Duration::from_millis(300)).await;
-    wait_until("the work queue to be empty", WAIT, || async {
-        common::queue_depth(work.name()) == Some(0)
+    eventually(WAIT, "the work queue to be empty", || async {
+        queue_depth(work.name()) == Some(0)
     })
     .await;
     transport.close().await.unwrap();

@@ -18,7 +18,10 @@
 //!   reproducible, so that handlers, workers and pattern crates can be
 //!   tested against the unhappy path without a broker.
 //! - [`services`] finds RabbitMQ, Kafka and PostgreSQL for integration
-//!   tests and checks that they answer.
+//!   tests and checks that they answer; [`rabbitmqctl`] acts on the
+//!   RabbitMQ broker (closes a connection, reads a queue's depth).
+//! - [`wait`] polls a condition until it holds or a deadline passes:
+//!   [`eventually`](wait::eventually).
 //!
 //! ```
 //! use std::time::Duration;
@@ -50,6 +53,9 @@
 //! - `idempotency`: the `idempotency_store` module, the shared test suite for
 //!   `surety-idempotency` dedup stores.
 //! - `dlq`: the `dlq_store` module, the shared test suite for `surety-dlq` stores.
+//! - `trace`: the `trace` module, which captures spans in memory and runs the
+//!   publish → consume round trip that checks a transport propagates trace
+//!   context.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod conformance;
@@ -58,4 +64,8 @@ pub mod dlq_store;
 pub mod fault;
 #[cfg(feature = "idempotency")]
 pub mod idempotency_store;
+pub mod rabbitmqctl;
 pub mod services;
+#[cfg(feature = "trace")]
+pub mod trace;
+pub mod wait;

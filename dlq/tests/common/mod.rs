@@ -4,24 +4,15 @@
 use std::future::Future;
 use std::time::Duration;
 
-/// Waits until `condition` holds, polling every few milliseconds, and
-/// panics with `what` after `deadline`.
-pub async fn eventually<F, Fut>(deadline: Duration, what: &str, mut condition: F)
+/// Waits until `condition` holds, polling every 2 ms, and panics with
+/// `what` after `deadline` (`surety_testkit::wait::eventually_every`).
+pub async fn eventually<F, Fut>(deadline: Duration, what: &str, condition: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let started = tokio::time::Instant::now();
-    loop {
-        if condition().await {
-            return;
-        }
-        assert!(
-            started.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    surety_testkit::wait::eventually_every(deadline, Duration::from_millis(2), what, condition)
+        .await;
 }
 
 /// Runs a worker until `stop` is sent; returns the join handle.

@@ -1,7 +1,6 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code, unreachable_pub)]
 
-use std::future::Future;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -41,26 +40,6 @@ pub async fn next(stream: &mut DeliveryStream, limit: Duration) -> Delivery {
 /// A unique name for a topic or group.
 pub fn unique(prefix: &str) -> String {
     format!("surety-kafka-test.{prefix}.{}", uuid::Uuid::now_v7())
-}
-
-/// Waits until `check` returns `Some`, polling every 50 ms, or panics after
-/// `limit` with `what`.
-pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Installs a `tracing` subscriber printing to the test's output (once).

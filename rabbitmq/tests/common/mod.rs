@@ -1,9 +1,8 @@
 //! Helpers shared by the integration tests: the broker's address, unique
-//! names, deadlines and `rabbitmqctl`.
+//! names and deadlines. `surety_testkit::rabbitmqctl` acts on the broker and
+//! `surety_testkit::wait::eventually` waits for a condition.
 #![allow(dead_code, unreachable_pub)]
 
-use std::future::Future;
-use std::process::Command;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -55,74 +54,4 @@ pub async fn nothing_for(stream: &mut DeliveryStream, period: Duration) {
             item.map(|d| d.envelope().clone())
         );
     }
-}
-
-/// Polls `condition` until it holds, failing after `deadline`.
-pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let started = tokio::time::Instant::now();
-    loop {
-        if condition().await {
-            return;
-        }
-        assert!(
-            started.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Runs `rabbitmqctl -n rabbit@localhost args...`, returning stdout.
-pub fn rabbitmqctl(args: &[&str]) -> String {
-    let output = Command::new("rabbitmqctl")
-        .arg("-n")
-        .arg("rabbit@localhost")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// Closes, on the broker's side, the connections named `name` (their
-/// `connection_name` client property); returns how many there were.
-pub fn force_close_connection(name: &str) -> usize {
-    let listing = rabbitmqctl(&[
-        "list_connections",
-        "-q",
-        "--no-table-headers",
-        "pid",
-        "client_properties",
-    ]);
-    let mut closed = 0;
-    for line in listing.lines().filter(|line| line.contains(name)) {
-        if let Some(pid) = line.split_whitespace().next() {
-            rabbitmqctl(&["close_connection", pid, "surety test: forced close"]);
-            closed += 1;
-        }
-    }
-    closed
-}
-
-/// Messages in `queue`, as the broker counts them (ready + unacknowledged).
-pub fn queue_depth(queue: &str) -> Option<u64> {
-    let listing = rabbitmqctl(&[
-        "list_queues",
-        "-q",
-        "--no-table-headers",
-        "name",
-        "messages",
-    ]);
-    listing.lines().find_map(|line| {
-        let mut cols = line.split('\t');
-        (cols.next()? == queue).then(|| cols.next()?.trim().parse().ok())?
-    })
 }
