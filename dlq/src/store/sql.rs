@@ -36,6 +36,34 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, St
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// A page out of `rows` of (`seq`, JSON text), fetched with a limit of
+/// `limit + 1`: the first `limit` rows decoded, and the last one's `seq` as
+/// the next cursor when the extra row showed there are more.
+pub(crate) fn page_of<R, T>(rows: &[R], limit: i64) -> Result<super::Page<T>, StoreError>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    i64: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    T: serde::de::DeserializeOwned,
+{
+    let more = rows.len() as i64 > limit;
+    let mut items = Vec::with_capacity(rows.len());
+    let mut last = None;
+    for row in rows.iter().take(usize::try_from(limit).unwrap_or(0)) {
+        let seq: i64 = row.try_get(0).map_err(backend)?;
+        let text: String = row.try_get(1).map_err(backend)?;
+        items.push(decode(&text)?);
+        last = Some(seq);
+    }
+    let next = if more {
+        last.map(|s| s.to_string())
+    } else {
+        None
+    };
+    Ok(super::Page::new(items, next))
+}
+
 /// A `LIKE` pattern matching `text` anywhere, with `\` escaping `%`, `_` and `\`.
 pub(crate) fn like_pattern(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
@@ -267,8 +295,7 @@ macro_rules! sql_store {
                 filter: &$crate::store::Filter,
                 page: &$crate::store::PageRequest,
             ) -> Result<$crate::store::Page<$crate::DeadLetter>, $crate::store::StoreError> {
-                use sqlx::Row as _;
-                use $crate::store::sql::{backend, decode};
+                use $crate::store::sql::backend;
                 let after = $crate::store::parse_cursor(page.cursor.as_deref())?.unwrap_or(0);
                 let limit = i64::from(page.clamped_limit());
                 let mut qb =
@@ -277,17 +304,7 @@ macro_rules! sql_store {
                 Self::push_filter(&mut qb, filter);
                 qb.push(" ORDER BY seq LIMIT ").push_bind(limit + 1);
                 let rows = qb.build().fetch_all(&self.pool).await.map_err(backend)?;
-                let more = rows.len() as i64 > limit;
-                let mut items = Vec::with_capacity(rows.len());
-                let mut last = None;
-                for row in rows.iter().take(limit as usize) {
-                    let seq: i64 = row.try_get(0).map_err(backend)?;
-                    let record: String = row.try_get(1).map_err(backend)?;
-                    items.push(decode(&record)?);
-                    last = Some(seq);
-                }
-                let next = if more { last.map(|s| s.to_string()) } else { None };
-                Ok($crate::store::Page::new(items, next))
+                $crate::store::sql::page_of(&rows, limit)
             }
 
             async fn count(&self, filter: &$crate::store::Filter) -> Result<u64, $crate::store::StoreError> {
@@ -367,8 +384,7 @@ macro_rules! sql_store {
                 &self,
                 page: &$crate::store::PageRequest,
             ) -> Result<$crate::store::Page<$crate::store::AuditEntry>, $crate::store::StoreError> {
-                use sqlx::Row as _;
-                use $crate::store::sql::{backend, decode};
+                use $crate::store::sql::backend;
                 let before = $crate::store::parse_cursor(page.cursor.as_deref())?;
                 let limit = i64::from(page.clamped_limit());
                 let mut qb = sqlx::QueryBuilder::<$db>::new("SELECT seq, entry FROM surety_dlq_audit");
@@ -377,17 +393,7 @@ macro_rules! sql_store {
                 }
                 qb.push(" ORDER BY seq DESC LIMIT ").push_bind(limit + 1);
                 let rows = qb.build().fetch_all(&self.pool).await.map_err(backend)?;
-                let more = rows.len() as i64 > limit;
-                let mut items = Vec::with_capacity(rows.len());
-                let mut last = None;
-                for row in rows.iter().take(limit as usize) {
-                    let seq: i64 = row.try_get(0).map_err(backend)?;
-                    let entry: String = row.try_get(1).map_err(backend)?;
-                    items.push(decode(&entry)?);
-                    last = Some(seq);
-                }
-                let next = if more { last.map(|s| s.to_string()) } else { None };
-                Ok($crate::store::Page::new(items, next))
+                $crate::store::sql::page_of(&rows, limit)
             }
 
             async fn depth(&self) -> Result<Vec<$crate::store::Depth>, $crate::store::StoreError> {
