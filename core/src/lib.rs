@@ -88,7 +88,7 @@ pub use error::{
 pub use headers::Headers;
 pub use port::{
     BoxPublisher, BoxSubscriber, Close, Confirmation, Delivery, DeliveryInfo, DeliveryStream,
-    Publisher, Receipt, Settle, Subscriber, attempt_of, settle_failed,
+    Publisher, Receipt, Settle, Subscriber, attempt_of, require_name, settle_failed,
 };
 pub use publish::Instrumented;
 

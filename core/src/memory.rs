@@ -38,10 +38,10 @@ use futures::StreamExt;
 use tokio::sync::Notify;
 
 use crate::envelope::Envelope;
-use crate::error::{Result, TransportError, TransportErrorKind};
+use crate::error::{Result, TransportError};
 use crate::port::{
     Close, Confirmation, Delivery, DeliveryInfo, DeliveryStream, Publisher, Receipt, Settle,
-    Subscriber, settle_failed,
+    Subscriber, require_name, settle_failed,
 };
 
 /// The `messaging.system` name of the in-memory transport.
@@ -220,20 +220,9 @@ impl fmt::Debug for MemoryTransport {
     }
 }
 
-fn check_name(what: &str, name: &str) -> Result<()> {
-    if name.is_empty() {
-        Err(TransportError::new(
-            TransportErrorKind::Config,
-            format!("{what} name must not be empty"),
-        ))
-    } else {
-        Ok(())
-    }
-}
-
 impl Publisher for MemoryTransport {
     async fn send(&self, topic: &str, envelope: Envelope) -> Result<Confirmation> {
-        check_name("topic", topic)?;
+        require_name("topic", topic)?;
         let capacity = self.inner.capacity;
         loop {
             let notified = self.inner.changed.notified();
@@ -277,8 +266,8 @@ impl Publisher for MemoryTransport {
 
 impl Subscriber for MemoryTransport {
     async fn subscribe(&self, topic: &str, group: &str) -> Result<DeliveryStream> {
-        check_name("topic", topic)?;
-        check_name("group", group)?;
+        require_name("topic", topic)?;
+        require_name("group", group)?;
         {
             let mut state = self.inner.lock();
             if state.closed {
@@ -423,6 +412,7 @@ impl Drop for MemorySettle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::TransportErrorKind;
     use std::time::Duration;
 
     fn env(key: &str, n: u32) -> Envelope {

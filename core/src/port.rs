@@ -322,6 +322,30 @@ pub fn settle_failed(what: &str) -> TransportError {
     )
 }
 
+/// Checks that a topic or consumer group name is not empty: transports call
+/// it before they use a name, and get a
+/// [`Config`](crate::TransportErrorKind::Config) error naming `what`
+/// (`"topic"`, `"group"`) otherwise.
+///
+/// ```
+/// use surety_core::{TransportErrorKind, require_name};
+///
+/// assert!(require_name("topic", "orders").is_ok());
+/// let err = require_name("group", "").unwrap_err();
+/// assert_eq!(err.kind(), TransportErrorKind::Config);
+/// assert!(err.to_string().contains("group name must not be empty"));
+/// ```
+pub fn require_name(what: &str, name: &str) -> Result<()> {
+    if name.is_empty() {
+        Err(TransportError::new(
+            crate::TransportErrorKind::Config,
+            format!("{what} name must not be empty"),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 impl<P: Publisher + ?Sized> Publisher for std::sync::Arc<P> {
     fn send(
         &self,

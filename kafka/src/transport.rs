@@ -14,7 +14,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use surety_core::{
     Close, Confirmation, DeliveryStream, Envelope, Publisher, Receipt, Result, Subscriber,
-    TransportError, TransportErrorKind,
+    TransportError, TransportErrorKind, require_name,
 };
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -516,9 +516,7 @@ impl Subscriber for KafkaTransport {
     /// would start a rebalance that waits for that member.
     async fn subscribe(&self, topic: &str, group: &str) -> Result<DeliveryStream> {
         self.check_open()?;
-        if group.is_empty() {
-            return Err(config_error("Kafka consumer group must not be empty"));
-        }
+        require_name("group", group)?;
         self.ensure_topic(topic).await?;
         let inner = &self.inner;
         let config = &inner.config;

@@ -27,6 +27,7 @@ use lapin::types::ShortString;
 use lapin::{Channel, PublisherConfirm};
 use surety_core::{
     Confirmation, Envelope, Publisher, Receipt, Result, TransportError, TransportErrorKind,
+    require_name,
 };
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;
@@ -145,12 +146,7 @@ impl Publisher for RabbitTransport {
     /// resolves `Ok` for a message the broker did not confirm.
     async fn send(&self, topic: &str, envelope: Envelope) -> Result<Confirmation> {
         self.ensure_open()?;
-        if topic.is_empty() {
-            return Err(pending_error(
-                TransportErrorKind::Config,
-                "topic name must not be empty",
-            ));
-        }
+        require_name("topic", topic)?;
         let routing_key = ShortString::try_new(topic).map_err(|_| {
             pending_error(
                 TransportErrorKind::Config,

@@ -15,7 +15,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Acker, Channel, Consumer};
 use surety_core::{
     Delivery, DeliveryInfo, DeliveryStream, Result, Settle, Subscriber, TransportError,
-    TransportErrorKind, settle_failed,
+    TransportErrorKind, require_name, settle_failed,
 };
 use tokio::sync::watch;
 
@@ -66,17 +66,6 @@ pub(crate) fn queue_arguments(queue_type: QueueType) -> FieldTable {
         }
     }
     args
-}
-
-fn check_name(what: &str, name: &str) -> Result<()> {
-    if name.is_empty() {
-        Err(TransportError::new(
-            TransportErrorKind::Config,
-            format!("{what} name must not be empty"),
-        ))
-    } else {
-        Ok(())
-    }
 }
 
 impl RabbitTransport {
@@ -193,8 +182,8 @@ impl Subscriber for RabbitTransport {
     /// yielding an error the connection will not recover from.
     async fn subscribe(&self, topic: &str, group: &str) -> Result<DeliveryStream> {
         self.ensure_open()?;
-        check_name("topic", topic)?;
-        check_name("group", group)?;
+        require_name("topic", topic)?;
+        require_name("group", group)?;
         let (consumer, shared, generation) = self.open_subscription(topic, group).await?;
         let state = StreamState {
             consumer: ReturnOnDrop(Some((consumer, shared.clone()))),
