@@ -72,9 +72,8 @@ struct Inner {
     /// there are none, a send enqueues without taking the lock.
     waiting: AtomicUsize,
     known_topics: Mutex<HashMap<String, Arc<KnownTopic>>>,
-    subscriptions: Mutex<Vec<JoinHandle<()>>>,
-    /// The subscriptions' shared state, until their consumers left.
-    members: Mutex<Vec<Arc<Shared>>>,
+    /// Subscriptions whose poll task may still run.
+    subscriptions: Mutex<Vec<Subscription>>,
     close_done: tokio::sync::Mutex<bool>,
 }
 
@@ -92,6 +91,13 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         TransportError::new(TransportErrorKind::Other, "a blocking Kafka call failed")
             .with_source(err)
     })
+}
+
+/// A subscription's state and its poll task, which ends once its consumer
+/// left the group.
+struct Subscription {
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
 }
 
 /// A topic known to exist, with what each publish to it needs.
@@ -181,7 +187,6 @@ impl KafkaTransport {
                 waiting: AtomicUsize::new(0),
                 known_topics: Mutex::new(HashMap::new()),
                 subscriptions: Mutex::new(Vec::new()),
-                members: Mutex::new(Vec::new()),
                 close_done: tokio::sync::Mutex::new(false),
             }),
         })
@@ -445,16 +450,17 @@ impl KafkaTransport {
     /// waits for it; letting it leave first avoids that round.
     async fn wait_for_leaving_members(&self, topic: &str, group: &str) {
         let leaving: Vec<_> = {
-            let mut members = lock(&self.inner.members);
-            members.retain(|member| !*member.left.borrow());
-            members
+            let mut subscriptions = lock(&self.inner.subscriptions);
+            subscriptions.retain(|s| !s.task.is_finished());
+            subscriptions
                 .iter()
-                .filter(|member| {
-                    member.topic == topic
-                        && member.group == group
-                        && member.leaving.load(Ordering::Acquire)
+                .map(|s| &s.shared)
+                .filter(|shared| {
+                    shared.topic == topic
+                        && shared.group == group
+                        && shared.leaving.load(Ordering::Acquire)
                 })
-                .map(|member| member.left.subscribe())
+                .map(|shared| shared.left.subscribe())
                 .collect()
         };
         if leaving.is_empty() {
@@ -532,7 +538,7 @@ impl Subscriber for KafkaTransport {
             .subscribe(&[topic])
             .map_err(|err| transport_error(format!("subscribing to Kafka topic {topic:?}"), err))?;
         let mut joined = shared.joined.subscribe();
-        let member = shared.clone();
+        let subscription_state = shared.clone();
         let cancel = inner.cancel.child_token();
         let poller = Poller {
             consumer,
@@ -564,13 +570,11 @@ impl Subscriber for KafkaTransport {
         }
         {
             let mut subscriptions = lock(&inner.subscriptions);
-            subscriptions.retain(|task| !task.is_finished());
-            subscriptions.push(task);
-        }
-        {
-            let mut members = lock(&inner.members);
-            members.retain(|member| !*member.left.borrow());
-            members.push(member);
+            subscriptions.retain(|s| !s.task.is_finished());
+            subscriptions.push(Subscription {
+                shared: subscription_state,
+                task,
+            });
         }
         // A close that ran while this subscription was starting did not see
         // its task: stop it here.
@@ -594,8 +598,8 @@ impl Close for KafkaTransport {
         }
         inner.closed.store(true, Ordering::Release);
         inner.cancel.cancel();
-        let tasks = std::mem::take(&mut *lock(&inner.subscriptions));
-        for task in tasks {
+        let subscriptions = std::mem::take(&mut *lock(&inner.subscriptions));
+        for Subscription { task, .. } in subscriptions {
             if let Err(err) = task.await {
                 tracing::warn!(error = %err, "a Kafka subscription task failed");
             }
