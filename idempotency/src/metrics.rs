@@ -158,7 +158,7 @@ struct Resolved {
     /// `store_duration` per operation, `[ok, error]`.
     store_duration: [[OnceLock<Histogram>; 2]; Op::ALL.len()],
     /// Counters per consumer, filled in order and never removed.
-    consumers: [OnceLock<ConsumerSeries>; CONSUMER_SLOTS],
+    consumers: [OnceLock<Arc<ConsumerSeries>>; CONSUMER_SLOTS],
     /// Serialises filling a consumer slot.
     adding: Mutex<()>,
 }
@@ -201,8 +201,7 @@ pub(crate) struct Series<'a> {
 #[derive(Debug)]
 enum SeriesRef<'a> {
     Resolved(&'a ConsumerSeries),
-    /// Beyond [`CONSUMER_SLOTS`] consumers.
-    Own(Box<ConsumerSeries>),
+    Own(Arc<ConsumerSeries>),
 }
 
 impl Deref for SeriesRef<'_> {
@@ -217,14 +216,10 @@ impl Deref for SeriesRef<'_> {
 }
 
 /// A consumer's counters as a delivery's future keeps them, without
-/// borrowing the metrics (see [`IdempotencyMetrics::attach`]).
+/// borrowing the metrics (see [`IdempotencyMetrics::attach`]): a resolved
+/// slot's, or, beyond [`CONSUMER_SLOTS`] consumers, its own.
 #[derive(Debug)]
-pub(crate) enum SeriesHandle {
-    /// The resolved slot with this index.
-    Slot(usize),
-    /// Beyond [`CONSUMER_SLOTS`] consumers.
-    Own(Box<ConsumerSeries>),
-}
+pub(crate) struct SeriesHandle(Arc<ConsumerSeries>);
 
 impl Series<'_> {
     pub(crate) fn duplicate(&self) {
@@ -294,13 +289,9 @@ impl IdempotencyMetrics {
     /// for the first [`CONSUMER_SLOTS`] consumers, so that counting a
     /// delivery is an atomic increment.
     pub(crate) fn series(&self, info: &DeliveryInfo) -> Series<'_> {
-        let consumer = match self.handle(info) {
-            SeriesHandle::Slot(slot) => SeriesRef::Resolved(self.slot(slot)),
-            SeriesHandle::Own(series) => SeriesRef::Own(series),
-        };
         Series {
             metrics: self,
-            consumer,
+            consumer: SeriesRef::Own(self.handle(info).0),
         }
     }
 
@@ -312,47 +303,33 @@ impl IdempotencyMetrics {
             slots
                 .iter()
                 .map_while(OnceLock::get)
-                .position(|series| series.labels.matches(info))
+                .find(|series| series.labels.matches(info))
+                .map(|series| SeriesHandle(Arc::clone(series)))
         };
-        if let Some(slot) = resolved() {
-            return SeriesHandle::Slot(slot);
+        if let Some(handle) = resolved() {
+            return handle;
         }
         let _adding = self
             .resolved
             .adding
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(slot) = resolved() {
-            return SeriesHandle::Slot(slot);
+        if let Some(handle) = resolved() {
+            return handle;
         }
-        match slots.iter().position(|slot| slot.get().is_none()) {
-            Some(free) => {
-                slots[free].get_or_init(|| ConsumerSeries::new(info));
-                SeriesHandle::Slot(free)
-            }
-            None => SeriesHandle::Own(Box::new(ConsumerSeries::new(info))),
+        let series = Arc::new(ConsumerSeries::new(info));
+        if let Some(free) = slots.iter().find(|slot| slot.get().is_none()) {
+            let _ = free.set(Arc::clone(&series));
         }
+        SeriesHandle(series)
     }
 
     /// The counters a [`handle`](Self::handle) names.
     pub(crate) fn attach<'a>(&'a self, handle: &'a SeriesHandle) -> Series<'a> {
-        let consumer = match handle {
-            SeriesHandle::Slot(slot) => self.slot(*slot),
-            SeriesHandle::Own(series) => series,
-        };
         Series {
             metrics: self,
-            consumer: SeriesRef::Resolved(consumer),
+            consumer: SeriesRef::Resolved(&handle.0),
         }
-    }
-
-    /// A slot [`handle`](Self::handle) filled: slots are filled once and
-    /// never emptied.
-    #[allow(clippy::expect_used)]
-    fn slot(&self, slot: usize) -> &ConsumerSeries {
-        self.resolved.consumers[slot]
-            .get()
-            .expect("a handle names a filled slot")
     }
 
     /// Counts a duplicate delivery that was acknowledged without running

@@ -258,12 +258,11 @@ where
                     let Poll::Ready(out) = running.poll_handler(cx) else {
                         return Poll::Pending;
                     };
-                    let State::Running(running) =
+                    if let State::Running(running) =
                         std::mem::replace(&mut this.state, State::Ready(None))
-                    else {
-                        unreachable!("the state was running");
-                    };
-                    this.state = running.finish(out.map(Finished::from_response));
+                    {
+                        this.state = running.finish(out.map(Finished::from_response));
+                    }
                 }
             }
         }
