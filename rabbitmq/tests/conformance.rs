@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{config, url};
-use surety_rabbitmq::{QueueType, RabbitTransport};
+use surety_rabbitmq::{QueueType, RabbitConfig, RabbitTransport};
 use surety_testkit::conformance::{Capabilities, transport_conformance};
 
 /// What the adapter declares on any queue type.
@@ -27,17 +27,16 @@ fn capabilities() -> Capabilities {
         .quiet_period(Duration::from_millis(500))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn classic_queues_conform() {
-    let Some(url) = url() else { return };
+/// Runs the whole suite on transports connected with `config`; every check
+/// must run and pass.
+async fn assert_conforms(config: RabbitConfig, caps: Capabilities) {
     let report = transport_conformance(
         || async {
-            RabbitTransport::connect(config(&url))
+            RabbitTransport::connect(config.clone())
                 .await
                 .expect("connects to RabbitMQ")
         },
-        // Classic queues do not count deliveries.
-        capabilities().delivery_count(false),
+        caps,
     )
     .await;
     report.assert_ok();
@@ -49,23 +48,17 @@ async fn classic_queues_conform() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classic_queues_conform() {
+    let Some(url) = url() else { return };
+    // Classic queues do not count deliveries.
+    assert_conforms(config(&url), capabilities().delivery_count(false)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quorum_queues_conform_and_count_deliveries() {
     let Some(url) = url() else { return };
-    let report = transport_conformance(
-        || async {
-            RabbitTransport::connect(config(&url).queue_type(QueueType::Quorum {
-                delivery_limit: None,
-            }))
-            .await
-            .expect("connects to RabbitMQ")
-        },
-        capabilities().delivery_count(true),
-    )
-    .await;
-    report.assert_ok();
-    assert!(
-        report.skipped().is_empty(),
-        "skipped {:?}",
-        report.skipped()
-    );
+    let quorum = config(&url).queue_type(QueueType::Quorum {
+        delivery_limit: None,
+    });
+    assert_conforms(quorum, capabilities().delivery_count(true)).await;
 }
