@@ -233,18 +233,39 @@ pub fn assert_permanent(run: &Run) {
     }
 }
 
-/// A transient failure: tried exactly `n` times (attempts 1..=n, whichever
-/// consumer got each), with growing gaps, then dead-lettered with attempts
-/// `n`. A broker may redeliver an attempt after a rebalance; that repeats an
-/// attempt number but never adds one.
+/// A transient failure: tried `n` times (attempts 1..=n, whichever consumer
+/// got each), with growing gaps, then dead-lettered with attempts `n`.
+///
+/// A broker may redeliver an attempt after a rebalance, before its offset
+/// was committed. When that attempt's retry was already published, the
+/// redelivery schedules it again and the chain forks: attempt numbers repeat
+/// (`1, 2, 3, 2, 3, 4, 3, 4`), but every attempt follows one numbered one
+/// lower and none goes past `n`. With `gaps_from` (one consumer, no
+/// rebalance) the chain must be the plain `1..=n` with growing gaps.
 pub fn assert_transient(run: &Run, n: u32, gaps_from: Option<Duration>) {
     assert_eq!(run.letters.len(), run.ids.len());
     for id in &run.ids {
         let calls = &run.calls[id];
-        let mut attempts: Vec<u32> = calls.iter().map(|(a, _)| *a).collect();
-        attempts.dedup();
-        assert_eq!(attempts, (1..=n).collect::<Vec<_>>(), "attempts of {id}");
+        let attempts: Vec<u32> = calls.iter().map(|(a, _)| *a).collect();
+        let mut distinct = attempts.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(
+            distinct,
+            (1..=n).collect::<Vec<_>>(),
+            "attempts of {id}: {attempts:?}"
+        );
+        for (i, attempt) in attempts.iter().enumerate().filter(|(_, a)| **a > 1) {
+            assert!(
+                attempts[..i].contains(&(attempt - 1)),
+                "attempt {attempt} of {id} ran before any attempt {}: {attempts:?}",
+                attempt - 1
+            );
+        }
         if let Some(base) = gaps_from {
+            let mut chain = attempts.clone();
+            chain.dedup();
+            assert_eq!(chain, (1..=n).collect::<Vec<_>>(), "attempts of {id}");
             let gaps: Vec<Duration> = calls.windows(2).map(|w| w[1].1 - w[0].1).collect();
             for (i, gap) in gaps.iter().enumerate() {
                 let floor = (base * (1 << i)).mul_f32(0.9);
@@ -297,19 +318,13 @@ async fn next_envelope(stream: &mut surety_core::DeliveryStream, what: &str) -> 
 }
 
 /// Polls `condition` every 20 ms until it holds, failing after [`DEADLINE`].
-async fn wait_for<F, Fut>(what: &str, mut condition: F)
+async fn wait_for<F, Fut>(what: &str, condition: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let started = Instant::now();
-    while !condition().await {
-        assert!(
-            started.elapsed() < DEADLINE,
-            "timed out after {DEADLINE:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    surety_testkit::wait::eventually_every(DEADLINE, Duration::from_millis(20), what, condition)
+        .await;
 }
 
 /// The replay path end to end on a real broker.
