@@ -15,9 +15,18 @@
 //! lapin holds while it resolves an ack frame. As lapin can still split one
 //! ack frame over two batches, an acked publish without a return is answered
 //! only after the next batch (or at once when nothing else is in flight).
+//!
+//! A return can also reach the driver before its own publish does: the
+//! broker returns the message, lapin attaches the return to the confirm of
+//! an earlier publish, and only then does `send` register the publish with
+//! the driver. Returns therefore wait in [`Returns`] until their publish is
+//! settled, even when nothing is in flight at the time; one that matches no
+//! publish (its publish was abandoned with a lost connection) is dropped
+//! after [`STRAY_RETURN_TTL`].
 
 use std::collections::HashMap;
 use std::fmt;
+use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -41,6 +50,42 @@ use crate::transport::{RabbitTransport, WaitError, wait_for_recovery};
 const MAX_BATCH_ROUNDS: usize = 64;
 
 type Identity = (String, String);
+
+/// How long a return that matches no settled publish is kept.
+const STRAY_RETURN_TTL: Duration = Duration::from_secs(300);
+
+/// Returned messages not yet matched to their publish, by identity.
+#[derive(Default)]
+struct Returns(HashMap<Identity, (usize, Instant)>);
+
+impl Returns {
+    fn add(&mut self, identity: Identity) {
+        let entry = self.0.entry(identity).or_insert((0, Instant::now()));
+        entry.0 += 1;
+        entry.1 = Instant::now();
+    }
+
+    fn contains(&self, identity: &Identity) -> bool {
+        self.0.contains_key(identity)
+    }
+
+    /// Consumes one return of `identity`, if there is one.
+    fn take(&mut self, identity: &Identity) -> bool {
+        let Some(entry) = self.0.get_mut(identity) else {
+            return false;
+        };
+        entry.0 -= 1;
+        if entry.0 == 0 {
+            self.0.remove(identity);
+        }
+        true
+    }
+
+    /// Drops returns that waited longer than [`STRAY_RETURN_TTL`].
+    fn prune(&mut self) {
+        self.0.retain(|_, (_, at)| at.elapsed() < STRAY_RETURN_TTL);
+    }
+}
 
 /// What the driver needs to finish one publish.
 struct Pending {
@@ -387,7 +432,7 @@ async fn drive(
         FuturesUnordered::new();
     let mut waiting: HashMap<u64, Pending> = HashMap::new();
     let mut next_key = 0u64;
-    let mut returned: HashMap<Identity, usize> = HashMap::new();
+    let mut returned = Returns::default();
     // Acked publishes whose return, if any, may still come with the next
     // batch: lapin can split one ack frame over two batches.
     let mut held: Vec<Pending> = Vec::new();
@@ -444,8 +489,7 @@ async fn drive(
                 let last = in_flight.is_empty();
                 held = finish_batch(batch, std::mem::take(&mut held), last, &mut returned, &metrics);
                 if last {
-                    // Nothing left that a stray return could belong to.
-                    returned.clear();
+                    returned.prune();
                 }
             }
         }
@@ -462,7 +506,7 @@ fn finish_batch(
     batch: Vec<Resolved>,
     previous: Vec<Pending>,
     last: bool,
-    returned: &mut HashMap<Identity, usize>,
+    returned: &mut Returns,
     metrics: &RabbitMetrics,
 ) -> Vec<Pending> {
     let mut outcomes = Vec::with_capacity(batch.len());
@@ -476,7 +520,7 @@ fn finish_batch(
                         message.delivery.routing_key.as_str(),
                         &message.delivery.properties,
                     );
-                    *returned.entry(identity).or_default() += 1;
+                    returned.add(identity);
                 }
                 if acked {
                     Ok(())
@@ -504,7 +548,7 @@ fn finish_batch(
     }
     let mut held = Vec::new();
     for (pending, outcome) in outcomes {
-        let is_returned = returned.get(&pending.identity).is_some_and(|n| *n > 0);
+        let is_returned = returned.contains(&pending.identity);
         if outcome.is_ok() && !is_returned && !last {
             held.push(pending);
         } else {
@@ -515,20 +559,11 @@ fn finish_batch(
 }
 
 /// Answers one publish, consuming a matching return if there is one.
-fn settle(
-    pending: Pending,
-    outcome: Result<()>,
-    returned: &mut HashMap<Identity, usize>,
-    metrics: &RabbitMetrics,
-) {
+fn settle(pending: Pending, outcome: Result<()>, returned: &mut Returns, metrics: &RabbitMetrics) {
     {
         metrics.in_flight_add(-1);
-        let result = outcome.and_then(|()| match returned.get_mut(&pending.identity) {
-            Some(count) if *count > 0 => {
-                *count -= 1;
-                if *count == 0 {
-                    returned.remove(&pending.identity);
-                }
+        let result = outcome.and_then(|()| {
+            if returned.take(&pending.identity) {
                 Err(pending_error(
                     TransportErrorKind::Unroutable,
                     format!(
@@ -536,8 +571,9 @@ fn settle(
                         pending.topic
                     ),
                 ))
+            } else {
+                Ok(Receipt::new(pending.topic.clone()))
             }
-            _ => Ok(Receipt::new(pending.topic.clone())),
         });
         let label = match &result {
             Ok(_) => PublishOutcome::Confirmed,
