@@ -320,7 +320,7 @@ async fn postgres() -> Option<Postgres> {
     let url = std::env::var("SURETY_POSTGRES_URL")
         .ok()
         .filter(|u| !u.is_empty())?;
-    let db = db::TempSchema::at(&url, CONCURRENCY as u32 + 2).await;
+    let db = db::temp_schema_at(&url, CONCURRENCY as u32 + 2).await;
     sqlx::query(EFFECTS_TABLE).execute(&db.pool).await.unwrap();
     Some(Postgres {
         store: PostgresStore::new(db.pool.clone()),

@@ -49,7 +49,7 @@ async fn a_worker_killed_while_holding_a_lease_leads_to_one_effect_after_redeliv
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_while_holding_a_lease_leads_to_one_effect_after_redelivery_postgres() {
-    let Some(db) = common::TempSchema::new(4).await else {
+    let Some(db) = common::temp_schema(4).await else {
         return;
     };
     killed_while_holding_a_lease(surety_idempotency::PostgresStore::new(db.pool.clone())).await;

@@ -122,7 +122,7 @@ macro_rules! on_both {
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres() {
-                let Some(db) = common::TempSchema::new(8).await else {
+                let Some(db) = common::temp_schema(8).await else {
                     return;
                 };
                 let store = PostgresStore::new(db.pool.clone());
@@ -407,7 +407,7 @@ async fn mark_processed_lets_one_transaction_commit<S: Business>(store: S) {
 /// key itself if it rolled back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_concurrent_marks_commit_once() {
-    let Some(db) = common::TempSchema::new(8).await else {
+    let Some(db) = common::temp_schema(8).await else {
         return;
     };
     let store = PostgresStore::new(db.pool.clone());

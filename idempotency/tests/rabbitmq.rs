@@ -56,7 +56,7 @@ async fn a_redelivery_after_a_lost_ack_is_not_applied_twice() {
     let Some(url) = require(amqp_url()) else {
         return;
     };
-    let Some(db) = common::TempSchema::new(8).await else {
+    let Some(db) = common::temp_schema(8).await else {
         return;
     };
     let store = PostgresStore::new(db.pool.clone());

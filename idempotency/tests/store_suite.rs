@@ -27,7 +27,7 @@ async fn sqlite_store_passes_the_suite() {
 
 #[tokio::test]
 async fn postgres_store_passes_the_suite() {
-    let Some(db) = common::TempSchema::new(8).await else {
+    let Some(db) = common::temp_schema(8).await else {
         return;
     };
     let report = dedup_store_suite(
@@ -58,7 +58,7 @@ async fn migrations_run_again_without_harm_and_use_their_own_table() {
         "the application's own migrations table is left alone"
     );
 
-    if let Some(pg) = common::TempSchema::new(2).await {
+    if let Some(pg) = common::temp_schema(2).await {
         surety_idempotency::postgres::migrate(&pg.pool)
             .await
             .unwrap();

@@ -59,6 +59,8 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod conformance;
+#[cfg(feature = "db")]
+pub mod db;
 #[cfg(feature = "dlq")]
 pub mod dlq_store;
 pub mod fault;

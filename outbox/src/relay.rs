@@ -1,0 +1,531 @@
+//! The relay: reads pending rows in order, publishes them through any
+//! [`Publisher`], and marks a row sent only once the broker confirmed it.
+//!
+//! # Order
+//!
+//! Rows are read in `seq` order. Rows with the same partition key are
+//! published one round at a time: with
+//! [`in_flight_per_key`](Relay::in_flight_per_key) at 1 (the default), the
+//! next row of a key is sent only after the previous one was confirmed, so a
+//! failed publish can never be overtaken by a later row of its key. Rows of
+//! different keys, and rows without a key, are sent together in each round,
+//! so many keys are published as fast as the broker confirms.
+//!
+//! A failed row is retried with exponential backoff and jitter; until it is
+//! sent, the later rows of its key wait. A row that cannot be published by
+//! retrying (the broker rejected it, no route for its topic, a stored row
+//! that no longer decodes) or that used up
+//! [`max_attempts`](Relay::max_attempts) is *parked*: set aside for an
+//! operator ([`OutboxStore::requeue_parked`]), while the rest of its key
+//! goes on.
+//!
+//! # One relay at a time
+//!
+//! Every relay instance with the same [`name`](Relay::name) competes for one
+//! lease row; only the holder publishes, the others stand by and take over
+//! when the holder stops (it releases the lease) or dies (its lease
+//! expires). The holder renews its lease between rounds, so a relay stalled
+//! longer than the lease stops before a successor starts.
+//!
+//! # Delivery
+//!
+//! At least once: a relay that dies after the broker confirmed a row but
+//! before marking it sent publishes it again. The message keeps its id, so
+//! consumers deduplicate (surety-idempotency).
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::time::{Duration, SystemTime};
+
+use backon::BackoffBuilder;
+use surety_core::{Classify, Envelope, ErrorClass, Publisher, TransportError};
+use tokio::time::Instant;
+
+use crate::error::OutboxError;
+use crate::metrics::OutboxMetrics;
+use crate::store::{OutboxRow, OutboxStore};
+
+/// What one [`Relay::run_once`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Cycle {
+    /// Whether this relay held the lease (a standby does nothing else).
+    pub leader: bool,
+    /// Pending rows read.
+    pub fetched: usize,
+    /// Rows confirmed by the broker and marked sent.
+    pub sent: usize,
+    /// Rows that failed and will be tried again later.
+    pub retried: usize,
+    /// Rows set aside for an operator.
+    pub parked: usize,
+}
+
+/// Publishes the rows of an [`OutboxStore`] through a [`Publisher`].
+///
+/// ```
+/// use std::time::Duration;
+/// use sqlx::sqlite::SqlitePoolOptions;
+/// use surety_core::{Envelope, Subscriber, memory::MemoryTransport};
+/// use surety_outbox::{Relay, SqliteOutbox};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
+/// surety_outbox::sqlite::migrate(&pool).await?;
+/// let transport = MemoryTransport::new();
+/// let mut orders = transport.subscribe("orders", "billing").await?;
+///
+/// let mut tx = pool.begin().await?;
+/// let event = Envelope::builder("/shop", "order.placed").partition_key("o-1").build();
+/// SqliteOutbox::enqueue(&mut tx, "orders", &event).await?;
+/// tx.commit().await?;
+///
+/// let relay = Relay::new(SqliteOutbox::new(pool), transport.clone());
+/// let cycle = relay.run_once().await?;
+/// assert_eq!(cycle.sent, 1);
+/// # use futures::StreamExt;
+/// let delivery = orders.next().await.unwrap()?;
+/// assert_eq!(delivery.envelope().id, event.id);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Relay<S, P> {
+    store: S,
+    publisher: P,
+    name: String,
+    holder: String,
+    batch_size: usize,
+    poll_interval: Duration,
+    lease: Duration,
+    in_flight_per_key: usize,
+    min_retry_delay: Duration,
+    max_retry_delay: Duration,
+    max_attempts: Option<u32>,
+    metrics: Option<OutboxMetrics>,
+}
+
+impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
+    /// A relay named `default` over `store`, publishing through `publisher`:
+    /// batches of 256 rows, a 100 ms poll, a 15 s lease, one row in flight
+    /// per key, retries from 100 ms doubling to 30 s without an attempt
+    /// bound.
+    pub fn new(store: S, publisher: P) -> Self {
+        Self {
+            store,
+            publisher,
+            name: "default".into(),
+            holder: uuid::Uuid::now_v7().to_string(),
+            batch_size: 256,
+            poll_interval: Duration::from_millis(100),
+            lease: Duration::from_secs(15),
+            in_flight_per_key: 1,
+            min_retry_delay: Duration::from_millis(100),
+            max_retry_delay: Duration::from_secs(30),
+            max_attempts: None,
+            metrics: None,
+        }
+    }
+
+    /// The relay's name: the instances sharing a name share one lease.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// This instance's identity in the lease (a fresh UUID by default).
+    pub fn holder(mut self, holder: impl Into<String>) -> Self {
+        self.holder = holder.into();
+        self
+    }
+
+    /// Rows read per cycle (at least 1).
+    pub fn batch_size(mut self, rows: usize) -> Self {
+        self.batch_size = rows.max(1);
+        self
+    }
+
+    /// How long [`run`](Self::run) waits when the outbox is empty.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// How long the lease lasts without renewal (at least 1 s).
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease.max(Duration::from_secs(1));
+        self
+    }
+
+    /// Rows of one key sent before the first of them is confirmed (at least
+    /// 1). Above 1, a failed row may be overtaken by later rows of its key
+    /// that were already on their way; use it only where the transport keeps
+    /// the order of one key's sends (Kafka's idempotent producer) and the
+    /// throughput of a single hot key matters more.
+    pub fn in_flight_per_key(mut self, rows: usize) -> Self {
+        self.in_flight_per_key = rows.max(1);
+        self
+    }
+
+    /// The backoff of failed rows: from `min` doubling to `max`, with
+    /// jitter.
+    pub fn retry_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.min_retry_delay = min;
+        self.max_retry_delay = max.max(min);
+        self
+    }
+
+    /// Parks a row after `attempts` failed publishes (default: retry
+    /// transient failures without bound).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = Some(attempts.max(1));
+        self
+    }
+
+    /// Records relay outcomes and the backlog in `metrics`.
+    pub fn metrics(mut self, metrics: OutboxMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Runs cycles until `shutdown` completes, then gives up the lease.
+    ///
+    /// A cycle in progress finishes first (its confirmed rows are marked
+    /// sent). Store failures are logged and retried after the poll interval;
+    /// they do not end the relay.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut last_refresh: Option<Instant> = None;
+        loop {
+            let cycle = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                cycle = self.run_once() => cycle,
+            };
+            let wait = match cycle {
+                Ok(cycle) if !cycle.leader => self.poll_interval.max(self.lease / 3),
+                // A full batch that moved: more may be waiting. (A full batch
+                // of rows all waiting for their retry did not move.)
+                Ok(cycle)
+                    if cycle.fetched >= self.batch_size
+                        && cycle.sent + cycle.retried + cycle.parked > 0 =>
+                {
+                    Duration::ZERO
+                }
+                Ok(_) => self.poll_interval,
+                Err(err) => {
+                    tracing::warn!(relay = %self.name, error = %err, "outbox relay cycle failed");
+                    self.poll_interval
+                }
+            };
+            if wait > Duration::ZERO || last_refresh.is_none_or(|at| at.elapsed() >= REFRESH) {
+                self.refresh_metrics().await;
+                last_refresh = Some(Instant::now());
+            }
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+        if let Err(err) = self.store.release_lease(&self.name, &self.holder).await {
+            tracing::warn!(relay = %self.name, error = %err, "could not release the outbox lease");
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.set_leader(&self.name, false);
+        }
+    }
+
+    /// One cycle: take or renew the lease, read a batch and publish it.
+    ///
+    /// # Errors
+    ///
+    /// [`OutboxError::Store`] when the store fails; rows confirmed before
+    /// the failure may be published again by the next cycle.
+    pub async fn run_once(&self) -> Result<Cycle, OutboxError> {
+        let leader = self
+            .store
+            .acquire_lease(&self.name, &self.holder, self.lease)
+            .await?;
+        if let Some(metrics) = &self.metrics {
+            metrics.set_leader(&self.name, leader);
+        }
+        let mut cycle = Cycle {
+            leader,
+            ..Cycle::default()
+        };
+        if !leader {
+            return Ok(cycle);
+        }
+        let mut renewed = Instant::now();
+        let rows = self.store.pending(self.batch_size).await?;
+        cycle.fetched = rows.len();
+        let mut groups = Vec::new();
+        for row in plan(rows, SystemTime::now()) {
+            match row {
+                Planned::Group(group) => groups.push(group),
+                Planned::Corrupt(seq, reason) => {
+                    self.store.park(seq, &reason).await?;
+                    tracing::error!(relay = %self.name, seq, reason = %reason, "parked an outbox row that does not decode");
+                    self.count("parked", 1);
+                    cycle.parked += 1;
+                }
+            }
+        }
+        let mut sent = Vec::new();
+        let result = self
+            .publish_rounds(groups, &mut cycle, &mut sent, &mut renewed)
+            .await;
+        // Whatever happened, what the broker confirmed is marked sent.
+        if !sent.is_empty() {
+            self.store.mark_sent(&sent).await?;
+            cycle.sent = sent.len();
+            self.count("sent", sent.len() as u64);
+        }
+        result.map(|()| cycle)
+    }
+
+    async fn publish_rounds(
+        &self,
+        mut groups: Vec<Vec<Ready>>,
+        cycle: &mut Cycle,
+        sent: &mut Vec<i64>,
+        renewed: &mut Instant,
+    ) -> Result<(), OutboxError> {
+        // Each group is one key's rows in seq order, consumed from the front.
+        loop {
+            let mut round: Vec<(usize, Ready)> = Vec::new();
+            for (g, group) in groups.iter_mut().enumerate() {
+                let end = self.in_flight_per_key.min(group.len());
+                round.extend(group.drain(..end).map(|row| (g, row)));
+            }
+            if round.is_empty() {
+                return Ok(());
+            }
+            round.sort_by_key(|(_, row)| row.seq);
+            if renewed.elapsed() >= self.lease / 3 {
+                if !self
+                    .store
+                    .acquire_lease(&self.name, &self.holder, self.lease)
+                    .await?
+                {
+                    tracing::warn!(relay = %self.name, "lost the outbox lease during a cycle; stopping it");
+                    return Ok(());
+                }
+                *renewed = Instant::now();
+            }
+            let mut confirmations = Vec::with_capacity(round.len());
+            for (g, row) in round {
+                let confirmation = self.publisher.send(&row.topic, row.envelope).await;
+                confirmations.push((g, row.seq, row.attempts, confirmation));
+            }
+            for (g, seq, attempts, confirmation) in confirmations {
+                let outcome = match confirmation {
+                    Ok(confirmation) => confirmation.await.map(|_| ()),
+                    Err(err) => Err(err),
+                };
+                match outcome {
+                    Ok(()) => sent.push(seq),
+                    Err(err) => {
+                        // The rest of this key waits for the failed row.
+                        groups[g].clear();
+                        self.failed(seq, attempts + 1, &err, cycle).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn failed(
+        &self,
+        seq: i64,
+        attempts: u32,
+        err: &TransportError,
+        cycle: &mut Cycle,
+    ) -> Result<(), OutboxError> {
+        let exhausted = self.max_attempts.is_some_and(|max| attempts >= max);
+        if matches!(err.class(), ErrorClass::Permanent | ErrorClass::Poison) || exhausted {
+            self.store.park(seq, &err.to_string()).await?;
+            tracing::error!(relay = %self.name, seq, attempts, error = %err, "parked an outbox row");
+            self.count("parked", 1);
+            cycle.parked += 1;
+        } else {
+            let delay = retry_delay(self.min_retry_delay, self.max_retry_delay, attempts);
+            self.store
+                .retry_later(seq, &err.to_string(), SystemTime::now() + delay)
+                .await?;
+            tracing::warn!(relay = %self.name, seq, attempts, ?delay, error = %err, "outbox publish failed; retrying later");
+            self.count("retried", 1);
+            cycle.retried += 1;
+        }
+        Ok(())
+    }
+
+    fn count(&self, outcome: &str, n: u64) {
+        if let Some(metrics) = &self.metrics {
+            metrics.relayed(&self.name, outcome, n);
+        }
+    }
+
+    async fn refresh_metrics(&self) {
+        let Some(metrics) = &self.metrics else { return };
+        match self.store.backlog().await {
+            Ok(backlog) => metrics.set_backlog(&self.name, &backlog),
+            Err(err) => {
+                tracing::debug!(relay = %self.name, error = %err, "could not read the outbox backlog");
+            }
+        }
+    }
+}
+
+/// How often [`Relay::run`] refreshes the backlog gauges while busy.
+const REFRESH: Duration = Duration::from_secs(1);
+
+/// The delay before the next attempt of a row that failed `attempts` times.
+fn retry_delay(min: Duration, max: Duration, attempts: u32) -> Duration {
+    let steps = (attempts.max(1) as usize - 1).min(64);
+    backon::ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .nth(steps)
+        .unwrap_or(max)
+        .min(max)
+}
+
+/// A row ready to be published.
+#[derive(Debug)]
+struct Ready {
+    seq: i64,
+    topic: String,
+    attempts: u32,
+    envelope: Envelope,
+}
+
+/// A batch, sorted into what the relay publishes.
+enum Planned {
+    /// The due rows of one key (or one keyless row), in seq order.
+    Group(Vec<Ready>),
+    /// A row whose message does not decode, with the reason.
+    Corrupt(i64, String),
+}
+
+/// Groups the due rows of a batch by key, in seq order. A key whose first
+/// pending row is not due yet is skipped entirely, so nothing overtakes a
+/// row waiting for its retry.
+fn plan(rows: Vec<OutboxRow>, now: SystemTime) -> Vec<Planned> {
+    let mut planned = Vec::new();
+    let mut by_key: HashMap<String, usize> = HashMap::new();
+    let mut waiting: HashSet<String> = HashSet::new();
+    for row in rows {
+        if let Some(key) = &row.partition_key {
+            if waiting.contains(key) {
+                continue;
+            }
+            if !row.is_due(now) {
+                waiting.insert(key.clone());
+                continue;
+            }
+        } else if !row.is_due(now) {
+            continue;
+        }
+        let envelope = match row.message {
+            Ok(envelope) => envelope,
+            Err(reason) => {
+                planned.push(Planned::Corrupt(row.seq, reason));
+                continue;
+            }
+        };
+        let entry = Ready {
+            seq: row.seq,
+            topic: row.topic,
+            attempts: row.attempts,
+            envelope,
+        };
+        match row.partition_key {
+            Some(key) => match by_key.get(&key) {
+                Some(&i) => {
+                    if let Planned::Group(group) = &mut planned[i] {
+                        group.push(entry);
+                    }
+                }
+                None => {
+                    by_key.insert(key, planned.len());
+                    planned.push(Planned::Group(vec![entry]));
+                }
+            },
+            None => planned.push(Planned::Group(vec![entry])),
+        }
+    }
+    planned
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(seq: i64, key: Option<&str>, due: bool) -> OutboxRow {
+        let now = SystemTime::now();
+        OutboxRow {
+            seq,
+            topic: "t".into(),
+            partition_key: key.map(Into::into),
+            attempts: 0,
+            next_attempt_at: if due {
+                now - Duration::from_secs(1)
+            } else {
+                now + Duration::from_secs(60)
+            },
+            message: Ok(Envelope::builder("/s", "e").build()),
+        }
+    }
+
+    fn seqs(planned: &[Planned]) -> Vec<Vec<i64>> {
+        planned
+            .iter()
+            .map(|p| match p {
+                Planned::Group(g) => g.iter().map(|r| r.seq).collect(),
+                Planned::Corrupt(s, _) => vec![-s],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rows_group_by_key_in_order_and_a_waiting_row_holds_its_key() {
+        let rows = vec![
+            row(1, Some("a"), true),
+            row(2, Some("b"), false),
+            row(3, None, true),
+            row(4, Some("a"), true),
+            row(5, Some("b"), true),
+            row(6, None, false),
+            row(7, Some("c"), true),
+        ];
+        let planned = plan(rows, SystemTime::now());
+        assert_eq!(seqs(&planned), vec![vec![1, 4], vec![3], vec![7]]);
+    }
+
+    #[test]
+    fn a_corrupt_row_is_set_apart_without_holding_its_key() {
+        let mut bad = row(1, Some("a"), true);
+        bad.message = Err("stored headers: eof".into());
+        let planned = plan(vec![bad, row(2, Some("a"), true)], SystemTime::now());
+        assert_eq!(seqs(&planned), vec![vec![-1], vec![2]]);
+    }
+
+    #[test]
+    fn retry_delays_grow_and_stay_within_the_cap() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(30));
+        for attempts in 1..100 {
+            let delay = retry_delay(min, max, attempts);
+            assert!(delay >= min && delay <= max, "{attempts}: {delay:?}");
+        }
+        assert!(retry_delay(min, max, 8) >= Duration::from_millis(100 * 64));
+    }
+}

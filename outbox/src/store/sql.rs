@@ -1,0 +1,264 @@
+//! The statements both SQL backends run, and [`sql_outbox!`], which writes
+//! a backend's store on top of them.
+//!
+//! SQLite and PostgreSQL both read `$N` parameters and both support
+//! `INSERT ... ON CONFLICT ... DO UPDATE ... WHERE ... RETURNING`, so the
+//! text is shared; the schemas differ only in column types (see
+//! `migrations/`).
+
+pub(super) const INSERT: &str = "\
+INSERT INTO surety_outbox (message_id, topic, partition_key, headers, payload, created_at, next_attempt_at)
+VALUES ($1, $2, $3, $4, $5, $6, $6)
+RETURNING seq";
+
+pub(super) const PENDING: &str = "\
+SELECT seq, topic, partition_key, headers, payload, attempts, next_attempt_at
+FROM surety_outbox WHERE status = 'pending' ORDER BY seq LIMIT $1";
+
+pub(super) const MARK_SENT_HEAD: &str = "UPDATE surety_outbox SET status = 'sent', sent_at = ";
+
+pub(super) const RETRY_LATER: &str = "\
+UPDATE surety_outbox SET attempts = attempts + 1, last_error = $2, next_attempt_at = $3
+WHERE seq = $1 AND status = 'pending'";
+
+pub(super) const PARK: &str = "\
+UPDATE surety_outbox SET status = 'parked', attempts = attempts + 1, last_error = $2
+WHERE seq = $1 AND status = 'pending'";
+
+pub(super) const ACQUIRE: &str = "\
+INSERT INTO surety_outbox_relay (name, holder, lease_until) VALUES ($1, $2, $3)
+ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, lease_until = excluded.lease_until
+WHERE surety_outbox_relay.holder = excluded.holder OR surety_outbox_relay.lease_until <= $4
+RETURNING holder";
+
+pub(super) const RELEASE: &str = "DELETE FROM surety_outbox_relay WHERE name = $1 AND holder = $2";
+
+pub(super) const PENDING_STATS: &str =
+    "SELECT COUNT(*), MIN(created_at) FROM surety_outbox WHERE status = 'pending'";
+
+pub(super) const PARKED_COUNT: &str = "SELECT COUNT(*) FROM surety_outbox WHERE status = 'parked'";
+
+pub(super) const REQUEUE: &str = "\
+UPDATE surety_outbox SET status = 'pending', attempts = 0, next_attempt_at = $1, last_error = NULL
+WHERE status = 'parked'";
+
+pub(super) const PURGE: &str = "\
+DELETE FROM surety_outbox WHERE seq IN (
+    SELECT seq FROM surety_outbox WHERE status = 'sent' AND sent_at < $1
+    ORDER BY sent_at LIMIT $2)";
+
+/// Writes the store type `$store` over pool `$pool` of database `$db`:
+/// `new`, `pool`, `enqueue` and [`OutboxStore`](super::OutboxStore).
+macro_rules! sql_outbox {
+    ($store:ident, $db:ty, $pool:ty, $backend:literal) => {
+        impl $store {
+            /// A store on `pool`. Run `migrate` first.
+            pub fn new(pool: $pool) -> Self {
+                Self { pool }
+            }
+
+            /// The pool.
+            pub fn pool(&self) -> &$pool {
+                &self.pool
+            }
+
+            #[doc = concat!("Writes `envelope` for `topic` into the outbox within `tx`, the caller's ", $backend, " transaction.")]
+            ///
+            /// The message is relayed only if `tx` commits, and exactly once
+            /// it does (at least once to the broker: consumers deduplicate by
+            /// message id). Returns the row's position. The current trace
+            /// context is stored with it when the envelope carries none.
+            ///
+            /// # Errors
+            ///
+            /// [`OutboxError::InvalidMessage`] for an empty topic;
+            /// [`OutboxError::Store`] when the insert fails (roll `tx`
+            /// back).
+            pub async fn enqueue(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                topic: &str,
+                envelope: &surety_core::Envelope,
+            ) -> Result<i64, OutboxError> {
+                let row = super::NewRow::new(topic, envelope)?;
+                let now = super::to_millis(std::time::SystemTime::now());
+                let seq: i64 = sqlx::query_scalar(super::sql::INSERT)
+                    .bind(row.message_id)
+                    .bind(topic)
+                    .bind(row.partition_key)
+                    .bind(row.headers)
+                    .bind(row.payload)
+                    .bind(now)
+                    .fetch_one(&mut **tx)
+                    .await?;
+                Ok(seq)
+            }
+        }
+
+        impl super::OutboxStore for $store {
+            async fn pending(&self, limit: usize) -> Result<Vec<super::OutboxRow>, OutboxError> {
+                use sqlx::Row;
+                let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+                let rows = sqlx::query(super::sql::PENDING)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.into_iter()
+                    .map(|row| {
+                        let headers: String = row.try_get("headers")?;
+                        let payload: Vec<u8> = row.try_get("payload")?;
+                        let attempts: i32 = row.try_get("attempts")?;
+                        let next: i64 = row.try_get("next_attempt_at")?;
+                        Ok(super::OutboxRow {
+                            seq: row.try_get("seq")?,
+                            topic: row.try_get("topic")?,
+                            partition_key: row.try_get("partition_key")?,
+                            attempts: u32::try_from(attempts).unwrap_or(0),
+                            next_attempt_at: super::from_millis(next),
+                            message: super::decode_message(&headers, payload),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, sqlx::Error>>()
+                    .map_err(OutboxError::from)
+            }
+
+            async fn mark_sent(&self, seqs: &[i64]) -> Result<(), OutboxError> {
+                for chunk in seqs.chunks(500) {
+                    let mut query = sqlx::QueryBuilder::<$db>::new(super::sql::MARK_SENT_HEAD);
+                    query.push_bind(super::to_millis(std::time::SystemTime::now()));
+                    query.push(" WHERE status = 'pending' AND seq IN (");
+                    let mut list = query.separated(", ");
+                    for seq in chunk {
+                        list.push_bind(*seq);
+                    }
+                    query.push(")");
+                    query.build().execute(&self.pool).await?;
+                }
+                Ok(())
+            }
+
+            async fn retry_later(
+                &self,
+                seq: i64,
+                error: &str,
+                at: std::time::SystemTime,
+            ) -> Result<(), OutboxError> {
+                sqlx::query(super::sql::RETRY_LATER)
+                    .bind(seq)
+                    .bind(error)
+                    .bind(super::to_millis(at))
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn park(&self, seq: i64, error: &str) -> Result<(), OutboxError> {
+                sqlx::query(super::sql::PARK)
+                    .bind(seq)
+                    .bind(error)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn acquire_lease(
+                &self,
+                relay: &str,
+                holder: &str,
+                lease: std::time::Duration,
+            ) -> Result<bool, OutboxError> {
+                let now = super::to_millis(std::time::SystemTime::now());
+                let until = now.saturating_add(super::duration_millis(lease));
+                let got: Option<String> = sqlx::query_scalar(super::sql::ACQUIRE)
+                    .bind(relay)
+                    .bind(holder)
+                    .bind(until)
+                    .bind(now)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(got.is_some())
+            }
+
+            async fn release_lease(&self, relay: &str, holder: &str) -> Result<(), OutboxError> {
+                sqlx::query(super::sql::RELEASE)
+                    .bind(relay)
+                    .bind(holder)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn backlog(&self) -> Result<super::Backlog, OutboxError> {
+                let (pending, oldest): (i64, Option<i64>) =
+                    sqlx::query_as(super::sql::PENDING_STATS)
+                        .fetch_one(&self.pool)
+                        .await?;
+                let parked: i64 = sqlx::query_scalar(super::sql::PARKED_COUNT)
+                    .fetch_one(&self.pool)
+                    .await?;
+                let oldest_pending = oldest.map(|created| {
+                    std::time::SystemTime::now()
+                        .duration_since(super::from_millis(created))
+                        .unwrap_or_default()
+                });
+                Ok(super::Backlog {
+                    pending: u64::try_from(pending).unwrap_or(0),
+                    parked: u64::try_from(parked).unwrap_or(0),
+                    oldest_pending,
+                })
+            }
+
+            async fn requeue_parked(&self) -> Result<u64, OutboxError> {
+                let done = sqlx::query(super::sql::REQUEUE)
+                    .bind(super::to_millis(std::time::SystemTime::now()))
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected())
+            }
+
+            async fn purge_sent(
+                &self,
+                older_than: std::time::Duration,
+                limit: u64,
+            ) -> Result<u64, OutboxError> {
+                let cutoff = std::time::SystemTime::now()
+                    .checked_sub(older_than)
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                let done = sqlx::query(super::sql::PURGE)
+                    .bind(super::to_millis(cutoff))
+                    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected())
+            }
+        }
+    };
+}
+
+pub(super) use sql_outbox;
+
+/// Builds the migrator of one backend from its embedded migrations,
+/// recording them in [`MIGRATIONS_TABLE`].
+pub(super) fn migrator(
+    migrations: &[(i64, &'static str, &'static str)],
+) -> sqlx::migrate::Migrator {
+    use sqlx::migrate::{Migration, MigrationType, Migrator};
+    let migrations = migrations
+        .iter()
+        .map(|&(version, description, sql)| {
+            Migration::new(
+                version,
+                description.into(),
+                MigrationType::Simple,
+                sqlx::SqlStr::from_static(sql),
+                false,
+            )
+        })
+        .collect();
+    let mut migrator = Migrator::with_migrations(migrations);
+    migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+    migrator
+}
+
+/// The table that records which migrations of this crate ran: its own, so
+/// the versions never collide with another crate's or the application's.
+pub const MIGRATIONS_TABLE: &str = "_surety_outbox_migrations";

@@ -1,0 +1,301 @@
+//! The relay on both backends (SQLite, and PostgreSQL from
+//! `SURETY_POSTGRES_URL`), publishing through the in-memory transport,
+//! with failures injected by the publisher.
+
+mod common;
+
+use std::time::Duration;
+
+use surety_core::memory::MemoryTransport;
+use surety_core::{Envelope, Publisher, Subscriber};
+use surety_outbox::metrics::OutboxMetrics;
+use surety_outbox::{OutboxStore, Relay};
+use surety_testkit::wait::eventually_every;
+
+use common::{Fail, Fixture, Flaky, Switch, WAIT, event, numbers_by_key, until_marker};
+
+/// Runs relay cycles until no row is pending.
+async fn drain<F: Fixture, P: Publisher + Clone + 'static>(
+    fixture: &F,
+    relay: &Relay<F::Store, P>,
+) {
+    let store = fixture.store();
+    eventually_every(
+        WAIT,
+        Duration::from_millis(2),
+        "an empty outbox",
+        || async {
+            relay.run_once().await.unwrap();
+            store.backlog().await.unwrap().pending == 0
+        },
+    )
+    .await;
+}
+
+/// Committed rows are published once, with the message as written; a
+/// rolled-back transaction publishes nothing.
+async fn commit_publishes_and_rollback_does_not(fixture: impl Fixture) {
+    let transport = MemoryTransport::new();
+    let mut orders = transport.subscribe("orders", "billing").await.unwrap();
+    let placed = Envelope::builder("/shop", "order.placed")
+        .partition_key("o-1")
+        .correlation_id("checkout-1")
+        .header("tenant", "acme")
+        .payload(r#"{"id":"o-1","total":42}"#)
+        .build();
+    let paid = event("o-1", 2);
+    fixture
+        .write(
+            &[("orders", placed.clone()), ("orders", paid.clone())],
+            true,
+        )
+        .await;
+    let phantom = event("o-2", 1);
+    fixture.write(&[("orders", phantom.clone())], false).await;
+
+    let metrics = OutboxMetrics::default();
+    let relay = Relay::new(fixture.store(), transport.clone()).metrics(metrics.clone());
+    let cycle = relay.run_once().await.unwrap();
+    assert!(cycle.leader);
+    assert_eq!((cycle.fetched, cycle.sent), (2, 2), "{cycle:?}");
+    let again = relay.run_once().await.unwrap();
+    assert_eq!(
+        (again.fetched, again.sent),
+        (0, 0),
+        "sent rows are not read again"
+    );
+    assert_eq!(metrics.relayed_count("default", "sent"), 2);
+
+    let marker = Envelope::builder("/test", "marker").build();
+    transport.publish("orders", marker.clone()).await.unwrap();
+    let seen = until_marker(&mut orders, &marker.id).await;
+    let ids: Vec<&str> = seen.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, [placed.id.as_str(), paid.id.as_str()]);
+    let got = &seen[0];
+    assert_eq!(got.event_type, placed.event_type);
+    assert_eq!(got.payload, placed.payload);
+    assert_eq!(got.partition_key, placed.partition_key);
+    assert_eq!(got.correlation_id, placed.correlation_id);
+    assert_eq!(got.headers.get("tenant"), Some("acme"));
+    let backlog = fixture.store().backlog().await.unwrap();
+    assert_eq!((backlog.pending, backlog.parked), (0, 0));
+}
+
+/// Sends fail (lost before the broker, or unconfirmed after it), yet every
+/// row arrives and each key's rows arrive in the order they were written:
+/// a repeat comes right after its first copy, never after a later row.
+async fn per_key_order_survives_failed_publishes(fixture: impl Fixture) {
+    let transport = MemoryTransport::new();
+    let mut orders = transport.subscribe("orders", "billing").await.unwrap();
+    let keys = ["a", "b", "c", "d", "e"];
+    for chunk in 0..6 {
+        let batch: Vec<(&str, Envelope)> = (0..5)
+            .flat_map(|i| {
+                keys.iter()
+                    .map(move |k| ("orders", event(k, chunk * 5 + i)))
+            })
+            .collect();
+        fixture.write(&batch, true).await;
+    }
+    let publisher = Flaky::new(transport.clone(), |n, _| match n % 7 {
+        2 => Some(Fail::Lost),
+        5 => Some(Fail::Unconfirmed),
+        _ => None,
+    });
+    let relay = Relay::new(fixture.store(), publisher.clone())
+        .batch_size(16)
+        .retry_backoff(Duration::from_millis(1), Duration::from_millis(4));
+    drain(&fixture, &relay).await;
+
+    let marker = Envelope::builder("/test", "marker").build();
+    transport.publish("orders", marker.clone()).await.unwrap();
+    let seen = until_marker(&mut orders, &marker.id).await;
+    assert!(seen.len() >= 150, "{} deliveries", seen.len());
+    for (key, mut numbers) in numbers_by_key(&seen) {
+        numbers.dedup();
+        assert_eq!(numbers, (0..30).collect::<Vec<_>>(), "key {key}");
+    }
+    assert!(
+        publisher.sends.load(std::sync::atomic::Ordering::SeqCst) > 150,
+        "failures were injected"
+    );
+}
+
+/// A row the broker cannot take is parked with the reason, and the rest of
+/// its key goes on; requeued after the fix, it is published.
+async fn a_rejected_row_is_parked_and_requeued(fixture: impl Fixture) {
+    let transport = MemoryTransport::new();
+    let mut orders = transport.subscribe("orders", "billing").await.unwrap();
+    let mut nowhere = transport.subscribe("nowhere", "audit").await.unwrap();
+    let fixed = Switch::default();
+    let plan_fixed = fixed.clone();
+    let publisher = Flaky::new(transport.clone(), move |_, topic| {
+        (topic == "nowhere" && !plan_fixed.on()).then_some(Fail::Rejected)
+    });
+    let (first, lost, third) = (event("k", 1), event("k", 2), event("k", 3));
+    fixture
+        .write(
+            &[
+                ("orders", first.clone()),
+                ("nowhere", lost.clone()),
+                ("orders", third.clone()),
+            ],
+            true,
+        )
+        .await;
+    let relay = Relay::new(fixture.store(), publisher);
+    let mut sent = 0;
+    let mut parked = 0;
+    for _ in 0..3 {
+        let cycle = relay.run_once().await.unwrap();
+        sent += cycle.sent;
+        parked += cycle.parked;
+    }
+    assert_eq!((sent, parked), (2, 1));
+    let store = fixture.store();
+    assert_eq!(store.backlog().await.unwrap().parked, 1);
+    let errors = fixture.last_error("parked").await;
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].contains("no queue is bound"), "{errors:?}");
+
+    let marker = Envelope::builder("/test", "marker").build();
+    transport.publish("orders", marker.clone()).await.unwrap();
+    let ids: Vec<String> = until_marker(&mut orders, &marker.id)
+        .await
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(ids, [first.id.clone(), third.id.clone()]);
+
+    fixed.set(true);
+    assert_eq!(store.requeue_parked().await.unwrap(), 1);
+    assert_eq!(relay.run_once().await.unwrap().sent, 1);
+    transport.publish("nowhere", marker.clone()).await.unwrap();
+    let ids: Vec<String> = until_marker(&mut nowhere, &marker.id)
+        .await
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(ids, [lost.id]);
+}
+
+/// A stored row that no longer decodes is parked with the reason; the
+/// rows after it are published.
+async fn a_corrupt_row_is_parked(fixture: impl Fixture) {
+    let transport = MemoryTransport::new();
+    fixture.write_corrupt("orders").await;
+    fixture.write(&[("orders", event("k", 1))], true).await;
+    let relay = Relay::new(fixture.store(), transport);
+    let cycle = relay.run_once().await.unwrap();
+    assert_eq!((cycle.sent, cycle.parked), (1, 1), "{cycle:?}");
+    let errors = fixture.last_error("parked").await;
+    assert!(errors[0].contains("stored headers"), "{errors:?}");
+}
+
+/// Transient failures are retried up to the bound, then the row is parked.
+async fn retries_are_bounded_when_asked(fixture: impl Fixture) {
+    let transport = MemoryTransport::new();
+    let publisher = Flaky::new(transport, |_, _| Some(Fail::Lost));
+    fixture.write(&[("orders", event("k", 1))], true).await;
+    let relay = Relay::new(fixture.store(), publisher.clone())
+        .max_attempts(3)
+        .retry_backoff(Duration::from_millis(1), Duration::from_millis(2));
+    let store = fixture.store();
+    eventually_every(
+        WAIT,
+        Duration::from_millis(2),
+        "the row to be parked",
+        || async {
+            relay.run_once().await.unwrap();
+            store.backlog().await.unwrap().parked == 1
+        },
+    )
+    .await;
+    assert_eq!(publisher.sends.load(std::sync::atomic::Ordering::SeqCst), 3);
+    let errors = fixture.last_error("parked").await;
+    assert!(errors[0].contains("connection lost"), "{errors:?}");
+}
+
+/// Only the lease holder publishes; a standby takes over when the holder
+/// stops (it releases the lease) and when it dies (the lease expires).
+async fn one_relay_at_a_time(fixture: impl Fixture) {
+    let transport = MemoryTransport::new();
+    let a = Relay::new(fixture.store(), transport.clone()).holder("a");
+    let b = Relay::new(fixture.store(), transport.clone())
+        .holder("b")
+        .lease(Duration::from_secs(1));
+    fixture.write(&[("orders", event("k", 1))], true).await;
+    assert_eq!(a.run_once().await.unwrap().sent, 1);
+    fixture.write(&[("orders", event("k", 2))], true).await;
+    let standby = b.run_once().await.unwrap();
+    assert!(!standby.leader);
+    assert_eq!((standby.fetched, standby.sent), (0, 0));
+
+    // A stops: its lease is released and B leads at once.
+    a.clone().run(async {}).await;
+    let took_over = b.run_once().await.unwrap();
+    assert!(took_over.leader);
+    assert_eq!(took_over.sent, 1);
+
+    // B dies holding a 1 s lease: A waits, then takes over.
+    fixture.write(&[("orders", event("k", 3))], true).await;
+    assert!(!a.run_once().await.unwrap().leader, "B's lease still runs");
+    let sent = eventually_every(
+        WAIT,
+        Duration::from_millis(50),
+        "A to take over",
+        || async {
+            let cycle = a.run_once().await.unwrap();
+            cycle.leader.then_some(cycle.sent)
+        },
+    )
+    .await;
+    assert_eq!(sent, 1);
+}
+
+macro_rules! suite {
+    ($backend:ident, $fixture:expr) => {
+        mod $backend {
+            use super::*;
+
+            #[tokio::test]
+            async fn commit_publishes_and_rollback_does_not() {
+                let Some(fixture) = $fixture else { return };
+                super::commit_publishes_and_rollback_does_not(fixture).await;
+            }
+
+            #[tokio::test]
+            async fn per_key_order_survives_failed_publishes() {
+                let Some(fixture) = $fixture else { return };
+                super::per_key_order_survives_failed_publishes(fixture).await;
+            }
+
+            #[tokio::test]
+            async fn a_rejected_row_is_parked_and_requeued() {
+                let Some(fixture) = $fixture else { return };
+                super::a_rejected_row_is_parked_and_requeued(fixture).await;
+            }
+
+            #[tokio::test]
+            async fn a_corrupt_row_is_parked() {
+                let Some(fixture) = $fixture else { return };
+                super::a_corrupt_row_is_parked(fixture).await;
+            }
+
+            #[tokio::test]
+            async fn retries_are_bounded_when_asked() {
+                let Some(fixture) = $fixture else { return };
+                super::retries_are_bounded_when_asked(fixture).await;
+            }
+
+            #[tokio::test]
+            async fn one_relay_at_a_time() {
+                let Some(fixture) = $fixture else { return };
+                super::one_relay_at_a_time(fixture).await;
+            }
+        }
+    };
+}
+
+suite!(sqlite, Some(common::Sqlite::new().await));
+suite!(postgres, common::Postgres::new().await);
