@@ -38,6 +38,7 @@ use std::future::Future;
 use std::time::{Duration, SystemTime};
 
 use backon::BackoffBuilder;
+use futures::FutureExt;
 use surety_core::{Classify, Envelope, ErrorClass, Publisher, TransportError};
 use tokio::time::Instant;
 
@@ -194,18 +195,21 @@ impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
 
     /// Runs cycles until `shutdown` completes, then gives up the lease.
     ///
-    /// A cycle in progress finishes first (its confirmed rows are marked
-    /// sent). Store failures are logged and retried after the poll interval;
-    /// they do not end the relay.
+    /// A cycle in progress finishes first, so that its confirmed rows are
+    /// marked sent; it takes at most the transport's confirmation timeout
+    /// per round. Abort the task to stop at once (rows confirmed but not
+    /// yet marked are then published again by the next leader). Store
+    /// failures are logged and retried after the poll interval; they do not
+    /// end the relay.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut last_refresh: Option<Instant> = None;
         loop {
-            let cycle = tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                cycle = self.run_once() => cycle,
-            };
+            // A cycle is never cut short: its confirmed rows get marked.
+            if (&mut shutdown).now_or_never().is_some() {
+                break;
+            }
+            let cycle = self.run_once().await;
             let wait = match cycle {
                 Ok(cycle) if !cycle.leader => self.poll_interval.max(self.lease / 3),
                 // A full batch that moved: more may be waiting. (A full batch

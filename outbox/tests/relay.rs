@@ -253,6 +253,48 @@ async fn one_relay_at_a_time(fixture: impl Fixture) {
     assert_eq!(sent, 1);
 }
 
+/// `run` publishes rows as they are committed, keeps the gauges fresh, and
+/// on shutdown hands the lease over at once.
+async fn run_publishes_until_shutdown(fixture: impl Fixture) {
+    let transport = MemoryTransport::new();
+    let mut orders = transport.subscribe("orders", "billing").await.unwrap();
+    let metrics = OutboxMetrics::default();
+    let relay = Relay::new(fixture.store(), transport.clone())
+        .holder("a")
+        .poll_interval(Duration::from_millis(10))
+        .metrics(metrics.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(relay.run(async move {
+        stopped.await.ok();
+    }));
+    for n in 0..20 {
+        fixture.write(&[("orders", event("k", n))], true).await;
+    }
+    let mut numbers = Vec::new();
+    while numbers.len() < 20 {
+        let delivery = tokio::time::timeout(WAIT, futures::StreamExt::next(&mut orders))
+            .await
+            .expect("a delivery in time")
+            .expect("the stream is open")
+            .expect("a delivery");
+        numbers.push(delivery.envelope().headers.get("n").unwrap().to_owned());
+        delivery.ack().await.unwrap();
+    }
+    let expected: Vec<String> = (0..20).map(|n| n.to_string()).collect();
+    assert_eq!(numbers, expected);
+    stop.send(()).ok();
+    tokio::time::timeout(WAIT, running)
+        .await
+        .expect("the relay stops")
+        .unwrap();
+    assert_eq!(metrics.relayed_count("default", "sent"), 20);
+    let next = Relay::new(fixture.store(), transport).holder("b");
+    assert!(
+        next.run_once().await.unwrap().leader,
+        "the lease was released"
+    );
+}
+
 macro_rules! suite {
     ($backend:ident, $fixture:expr) => {
         mod $backend {
@@ -286,6 +328,12 @@ macro_rules! suite {
             async fn retries_are_bounded_when_asked() {
                 let Some(fixture) = $fixture else { return };
                 super::retries_are_bounded_when_asked(fixture).await;
+            }
+
+            #[tokio::test]
+            async fn run_publishes_until_shutdown() {
+                let Some(fixture) = $fixture else { return };
+                super::run_publishes_until_shutdown(fixture).await;
             }
 
             #[tokio::test]
