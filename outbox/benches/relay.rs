@@ -1,0 +1,268 @@
+//! The outbox relay on real brokers, against the adapter publishing the
+//! same messages directly.
+//!
+//! For RabbitMQ and for the Kafka-protocol broker, each round takes N
+//! messages (256-byte payload, 256 partition keys) and a fresh topic per
+//! variant (on RabbitMQ with a queue bound, so that every publish is
+//! routed; a few untimed publishes first, so a Kafka topic exists):
+//!
+//! - **direct**: the adapter's `Publisher` sends all N with up to 256
+//!   confirmations outstanding, and the clock stops at the N-th
+//!   confirmation: what an application publishing without an outbox gets
+//!   (the adapter itself runs at 0.9 or more of the raw client, see
+//!   `docs/benchmarks.md`);
+//! - **relay**: the N messages are first enqueued into a fresh SQLite
+//!   outbox (not timed: that is the application's own transaction), then a
+//!   [`Relay`] with default settings runs cycles until the outbox is
+//!   empty: read a batch, publish it key-ordered with confirmation, mark
+//!   the confirmed rows sent.
+//!
+//! The variants alternate which goes first, after an unreported warm-up
+//! round. Printed: each round's rates and their ratio, and the median
+//! ratio. `cargo bench -p surety-outbox --bench relay` for the full run
+//! (N = 10 000, 5 rounds; `SURETY_BENCH_MESSAGES` and `SURETY_BENCH_ROUNDS`
+//! override); `cargo test -p surety-outbox --benches` runs one tiny round
+//! per broker. A broker whose address variable is unset is skipped, unless
+//! `SURETY_REQUIRE_SERVICES` is set, when that fails the run.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use surety_core::{Close, Envelope, Publisher};
+use surety_kafka::{KafkaConfig, KafkaTransport};
+use surety_outbox::{OutboxStore, Relay, SqliteOutbox};
+use surety_rabbitmq::lapin::options::QueueDeleteOptions;
+use surety_rabbitmq::topology::WorkQueue;
+use surety_rabbitmq::{RabbitConfig, RabbitTransport, queue_name};
+use surety_testkit::db::TempSqlite;
+use surety_testkit::services;
+
+/// Confirmations the direct variant keeps outstanding.
+const WINDOW: usize = 256;
+/// Upper bound on one variant of one round.
+const STEP_LIMIT: Duration = Duration::from_secs(300);
+
+struct Settings {
+    messages: usize,
+    rounds: usize,
+    warmup: bool,
+}
+
+impl Settings {
+    fn from_env() -> Self {
+        let full = std::env::args().skip(1).any(|a| a == "--bench");
+        let (messages, rounds) = if full { (10_000, 5) } else { (40, 1) };
+        Self {
+            messages: env("SURETY_BENCH_MESSAGES").unwrap_or(messages),
+            rounds: env("SURETY_BENCH_ROUNDS").unwrap_or(rounds),
+            warmup: full,
+        }
+    }
+}
+
+fn main() {
+    let settings = Settings::from_env();
+    let amqp = services::require(services::amqp_url());
+    let kafka = services::require(services::kafka_brokers());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    if let Some(url) = amqp {
+        runtime.block_on(rabbitmq(&url, &settings));
+    }
+    if let Some(brokers) = kafka {
+        runtime.block_on(kafka_run(&brokers, &settings));
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    format!("surety-outbox-bench.{prefix}.{}", uuid::Uuid::now_v7())
+}
+
+fn envelopes(n: usize) -> Vec<Envelope> {
+    let payload = "x".repeat(256);
+    (0..n)
+        .map(|i| {
+            Envelope::builder("/bench", "order.changed")
+                .partition_key(format!("order-{}", i % 256))
+                .payload(payload.clone())
+                .build()
+        })
+        .collect()
+}
+
+async fn rabbitmq(url: &str, settings: &Settings) {
+    let transport =
+        RabbitTransport::connect(RabbitConfig::new(url).connection_name("surety-outbox-bench"))
+            .await
+            .expect("connects to RabbitMQ");
+    let channel = transport.channel().await.expect("a channel");
+    let exchange = transport.config().exchange.clone();
+    let mut ratios = Vec::new();
+    for round in 0..settings.rounds + usize::from(settings.warmup) {
+        // A fresh queue per variant: neither publishes into the other's backlog.
+        let topics = [unique("rabbitmq"), unique("rabbitmq")];
+        for topic in &topics {
+            WorkQueue::for_group(&exchange, topic, "bench")
+                .without_dead_letter()
+                .declare(&channel)
+                .await
+                .expect("declare a queue");
+        }
+        let ratio = run_round(&transport, &topics, settings.messages, round).await;
+        if !settings.warmup || round > 0 {
+            ratios.push(ratio);
+        }
+        for topic in &topics {
+            let queue = queue_name(topic, "bench");
+            channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .ok();
+        }
+    }
+    report("rabbitmq", &mut ratios);
+    transport.close().await.ok();
+}
+
+async fn kafka_run(brokers: &str, settings: &Settings) {
+    let config = KafkaConfig::new(brokers)
+        .client_id("surety-outbox-bench")
+        .create_missing_topics(4)
+        .replication_factor(1);
+    let transport = KafkaTransport::connect(config)
+        .await
+        .expect("connects to Kafka");
+    let mut ratios = Vec::new();
+    for round in 0..settings.rounds + usize::from(settings.warmup) {
+        let topics = [unique("kafka"), unique("kafka")];
+        let ratio = run_round(&transport, &topics, settings.messages, round).await;
+        if !settings.warmup || round > 0 {
+            ratios.push(ratio);
+        }
+    }
+    report("kafka", &mut ratios);
+    transport.close().await.ok();
+}
+
+/// One round: each variant on a topic of its own (`topics[0]` direct,
+/// `topics[1]` relay), which one message readied untimed (a Kafka topic is
+/// created, its partition leaders known), in an order that alternates.
+/// Returns relay rate / direct rate.
+async fn run_round<P: Publisher + Clone + 'static>(
+    publisher: &P,
+    topics: &[String; 2],
+    n: usize,
+    round: usize,
+) -> f64 {
+    for topic in topics {
+        for envelope in envelopes(8) {
+            publisher
+                .publish(topic, envelope)
+                .await
+                .expect("a warm-up publish");
+        }
+    }
+    let (direct, relay) = if round % 2 == 0 {
+        let direct = direct(publisher, &topics[0], n).await;
+        (direct, relay(publisher, &topics[1], n).await)
+    } else {
+        let relay = relay(publisher, &topics[1], n).await;
+        (direct(publisher, &topics[0], n).await, relay)
+    };
+    let (direct_rate, relay_rate) = (rate(n, direct), rate(n, relay));
+    let ratio = relay_rate / direct_rate;
+    println!(
+        "round {round}: direct {direct_rate:.0} msg/s, relay {relay_rate:.0} msg/s, ratio {ratio:.2}"
+    );
+    ratio
+}
+
+/// A positive number from the environment variable `name`.
+fn env(name: &str) -> Option<usize> {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|v| *v > 0)
+}
+
+fn rate(n: usize, took: Duration) -> f64 {
+    n as f64 / took.as_secs_f64().max(1e-9)
+}
+
+async fn direct<P: Publisher>(publisher: &P, topic: &str, n: usize) -> Duration {
+    let messages = envelopes(n);
+    let started = Instant::now();
+    let mut pending: FuturesUnordered<surety_core::Confirmation> = FuturesUnordered::new();
+    let work = async {
+        for envelope in messages {
+            if pending.len() >= WINDOW
+                && let Some(result) = pending.next().await
+            {
+                result.expect("confirmed");
+            }
+            pending.push(publisher.send(topic, envelope).await.expect("sent"));
+        }
+        while let Some(result) = pending.next().await {
+            result.expect("confirmed");
+        }
+    };
+    tokio::time::timeout(STEP_LIMIT, work)
+        .await
+        .expect("the direct publishes finish in time");
+    started.elapsed()
+}
+
+async fn relay<P: Publisher + Clone + 'static>(publisher: &P, topic: &str, n: usize) -> Duration {
+    let db = TempSqlite::new(4, Duration::from_secs(10)).await;
+    surety_outbox::sqlite::migrate(&db.pool)
+        .await
+        .expect("migrates");
+    for chunk in envelopes(n).chunks(100) {
+        let mut tx = db.pool.begin().await.expect("a transaction");
+        for envelope in chunk {
+            SqliteOutbox::enqueue(&mut tx, topic, envelope)
+                .await
+                .expect("enqueued");
+        }
+        tx.commit().await.expect("committed");
+    }
+    let store = SqliteOutbox::new(db.pool.clone());
+    let mut relay = Relay::new(store.clone(), publisher.clone());
+    if let Some(rows) = env("SURETY_BENCH_BATCH") {
+        relay = relay.batch_size(rows);
+    }
+    if let Some(rows) = env("SURETY_BENCH_PER_KEY") {
+        relay = relay.in_flight_per_key(rows);
+    }
+    let started = Instant::now();
+    let work = async {
+        loop {
+            let cycle = relay.run_once().await.expect("a relay cycle");
+            assert_eq!(cycle.retried + cycle.parked, 0, "{cycle:?}");
+            if cycle.fetched == 0 {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(STEP_LIMIT, work)
+        .await
+        .expect("the relay finishes in time");
+    let took = started.elapsed();
+    let backlog = store.backlog().await.expect("the backlog");
+    assert_eq!(backlog.pending, 0, "{backlog:?}");
+    took
+}
+
+fn report(broker: &str, ratios: &mut [f64]) {
+    ratios.sort_by(f64::total_cmp);
+    if let Some(median) = ratios.get(ratios.len() / 2) {
+        println!(
+            "{broker}: relay / direct publish, median of {} rounds: {median:.2}",
+            ratios.len()
+        );
+    }
+}
