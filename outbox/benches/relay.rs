@@ -166,7 +166,7 @@ async fn run_round<P: Publisher + Clone + 'static>(
                 .expect("a warm-up publish");
         }
     }
-    let (direct, relay) = if round % 2 == 0 {
+    let (direct, relay) = if round.is_multiple_of(2) {
         let direct = direct(publisher, &topics[0], n).await;
         (direct, relay(publisher, &topics[1], n).await)
     } else {
