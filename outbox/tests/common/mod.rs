@@ -31,7 +31,7 @@ pub trait Fixture: Send + Sync {
     /// Inserts a pending row whose stored headers are not JSON.
     fn write_corrupt(&self, topic: &str) -> impl Future<Output = ()> + Send;
 
-    /// The `last_error` of row `seq`.
+    /// The `last_error` of every row in `status`, in seq order.
     fn last_error(&self, status: &str) -> impl Future<Output = Vec<String>> + Send;
 }
 
@@ -39,6 +39,48 @@ const CORRUPT: &str = "INSERT INTO surety_outbox (message_id, topic, partition_k
 VALUES ('bad', $1, 'k-bad', '{not json', $2, 0, 0)";
 
 const ERRORS: &str = "SELECT last_error FROM surety_outbox WHERE status = $1 ORDER BY seq";
+
+/// Implements [`Fixture`] for a backend wrapper whose `.0.pool` is its pool.
+macro_rules! fixture {
+    ($fixture:ident, $store:ident) => {
+        impl Fixture for $fixture {
+            type Store = $store;
+
+            fn store(&self) -> $store {
+                $store::new(self.0.pool.clone())
+            }
+
+            async fn write(&self, messages: &[(&str, Envelope)], commit: bool) {
+                let mut tx = self.0.pool.begin().await.unwrap();
+                for (topic, envelope) in messages {
+                    $store::enqueue(&mut tx, topic, envelope).await.unwrap();
+                }
+                if commit {
+                    tx.commit().await.unwrap();
+                } else {
+                    tx.rollback().await.unwrap();
+                }
+            }
+
+            async fn write_corrupt(&self, topic: &str) {
+                sqlx::query(CORRUPT)
+                    .bind(topic)
+                    .bind(b"x".to_vec())
+                    .execute(&self.0.pool)
+                    .await
+                    .unwrap();
+            }
+
+            async fn last_error(&self, status: &str) -> Vec<String> {
+                sqlx::query_scalar(ERRORS)
+                    .bind(status)
+                    .fetch_all(&self.0.pool)
+                    .await
+                    .unwrap()
+            }
+        }
+    };
+}
 
 pub struct Sqlite(pub TempSqlite);
 
@@ -50,44 +92,7 @@ impl Sqlite {
     }
 }
 
-impl Fixture for Sqlite {
-    type Store = SqliteOutbox;
-
-    fn store(&self) -> SqliteOutbox {
-        SqliteOutbox::new(self.0.pool.clone())
-    }
-
-    async fn write(&self, messages: &[(&str, Envelope)], commit: bool) {
-        let mut tx = self.0.pool.begin().await.unwrap();
-        for (topic, envelope) in messages {
-            SqliteOutbox::enqueue(&mut tx, topic, envelope)
-                .await
-                .unwrap();
-        }
-        if commit {
-            tx.commit().await.unwrap();
-        } else {
-            tx.rollback().await.unwrap();
-        }
-    }
-
-    async fn write_corrupt(&self, topic: &str) {
-        sqlx::query(CORRUPT)
-            .bind(topic)
-            .bind(b"x".to_vec())
-            .execute(&self.0.pool)
-            .await
-            .unwrap();
-    }
-
-    async fn last_error(&self, status: &str) -> Vec<String> {
-        sqlx::query_scalar(ERRORS)
-            .bind(status)
-            .fetch_all(&self.0.pool)
-            .await
-            .unwrap()
-    }
-}
+fixture!(Sqlite, SqliteOutbox);
 
 pub struct Postgres(pub TempSchema);
 
@@ -99,44 +104,7 @@ impl Postgres {
     }
 }
 
-impl Fixture for Postgres {
-    type Store = PostgresOutbox;
-
-    fn store(&self) -> PostgresOutbox {
-        PostgresOutbox::new(self.0.pool.clone())
-    }
-
-    async fn write(&self, messages: &[(&str, Envelope)], commit: bool) {
-        let mut tx = self.0.pool.begin().await.unwrap();
-        for (topic, envelope) in messages {
-            PostgresOutbox::enqueue(&mut tx, topic, envelope)
-                .await
-                .unwrap();
-        }
-        if commit {
-            tx.commit().await.unwrap();
-        } else {
-            tx.rollback().await.unwrap();
-        }
-    }
-
-    async fn write_corrupt(&self, topic: &str) {
-        sqlx::query(CORRUPT)
-            .bind(topic)
-            .bind(b"x".to_vec())
-            .execute(&self.0.pool)
-            .await
-            .unwrap();
-    }
-
-    async fn last_error(&self, status: &str) -> Vec<String> {
-        sqlx::query_scalar(ERRORS)
-            .bind(status)
-            .fetch_all(&self.0.pool)
-            .await
-            .unwrap()
-    }
-}
+fixture!(Postgres, PostgresOutbox);
 
 /// An order event number `n` of `key`.
 pub fn event(key: &str, n: usize) -> Envelope {
