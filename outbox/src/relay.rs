@@ -3,13 +3,13 @@
 //!
 //! # Order
 //!
-//! Rows are read in `seq` order. Rows with the same partition key are
-//! published one round at a time: with
-//! [`in_flight_per_key`](Relay::in_flight_per_key) at 1 (the default), the
-//! next row of a key is sent only after the previous one was confirmed, so a
-//! failed publish can never be overtaken by a later row of its key. Rows of
-//! different keys, and rows without a key, are sent together in each round,
-//! so many keys are published as fast as the broker confirms.
+//! Rows are read in `seq` order and grouped by partition key. With
+//! [`in_flight_per_key`](Relay::in_flight_per_key) at 1 (the default), one
+//! row of each key is on its way at a time: the next row of a key is sent
+//! as soon as the previous one is confirmed, so a failed publish can never
+//! be overtaken by a later row of its key. Rows of different keys, and rows
+//! without a key, are in flight together, so many keys are published as
+//! fast as the broker confirms.
 //!
 //! A failed row is retried with exponential backoff and jitter; until it is
 //! sent, the later rows of its key wait. A row that cannot be published by
@@ -24,8 +24,12 @@
 //! Every relay instance with the same [`name`](Relay::name) competes for one
 //! lease row; only the holder publishes, the others stand by and take over
 //! when the holder stops (it releases the lease) or dies (its lease
-//! expires). The holder renews its lease between rounds, so a relay stalled
-//! longer than the lease stops before a successor starts.
+//! expires). The holder renews its lease as confirmations come in and
+//! sends nothing more once it finds the lease taken. Keep the lease longer
+//! than the transport's confirmation timeout (30 s by default for both
+//! adapters; the lease is 60 s): a holder stalled on a confirmation for
+//! longer than the lease could otherwise see its last sends arrive after
+//! its successor's.
 //!
 //! # Delivery
 //!
@@ -33,12 +37,14 @@
 //! before marking it sent publishes it again. The message keeps its id, so
 //! consumers deduplicate (surety-idempotency).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::time::{Duration, SystemTime};
 
 use backon::BackoffBuilder;
 use futures::FutureExt;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use surety_core::{Classify, Envelope, ErrorClass, Publisher, TransportError};
 use tokio::time::Instant;
 
@@ -107,7 +113,7 @@ pub struct Relay<S, P> {
 
 impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
     /// A relay named `default` over `store`, publishing through `publisher`:
-    /// batches of 256 rows, a 100 ms poll, a 15 s lease, one row in flight
+    /// batches of 1024 rows, a 100 ms poll, a 60 s lease, one row in flight
     /// per key, retries from 100 ms doubling to 30 s without an attempt
     /// bound.
     pub fn new(store: S, publisher: P) -> Self {
@@ -116,9 +122,9 @@ impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
             publisher,
             name: "default".into(),
             holder: uuid::Uuid::now_v7().to_string(),
-            batch_size: 256,
+            batch_size: 1024,
             poll_interval: Duration::from_millis(100),
-            lease: Duration::from_secs(15),
+            lease: Duration::from_secs(60),
             in_flight_per_key: 1,
             min_retry_delay: Duration::from_millis(100),
             max_retry_delay: Duration::from_secs(30),
@@ -157,11 +163,12 @@ impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
         self
     }
 
-    /// Rows of one key sent before the first of them is confirmed (at least
-    /// 1). Above 1, a failed row may be overtaken by later rows of its key
-    /// that were already on their way; use it only where the transport keeps
-    /// the order of one key's sends (Kafka's idempotent producer) and the
-    /// throughput of a single hot key matters more.
+    /// Rows of one key in flight at once (at least 1). Above 1, a failed
+    /// row may be overtaken by later rows of its key that were already on
+    /// their way; use it only where the transport keeps the order of one
+    /// key's sends (Kafka's idempotent producer) and throughput matters
+    /// more: with few keys, or to keep more rows in flight on Kafka (see
+    /// `docs/benchmarks.md`).
     pub fn in_flight_per_key(mut self, rows: usize) -> Self {
         self.in_flight_per_key = rows.max(1);
         self
@@ -196,8 +203,8 @@ impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
     /// Runs cycles until `shutdown` completes, then gives up the lease.
     ///
     /// A cycle in progress finishes first, so that its confirmed rows are
-    /// marked sent; it takes at most the transport's confirmation timeout
-    /// per round. Abort the task to stop at once (rows confirmed but not
+    /// marked sent; each of its sends takes at most the transport's
+    /// confirmation timeout. Abort the task to stop at once (rows confirmed but not
     /// yet marked are then published again by the next leader). Store
     /// failures are logged and retried after the poll interval; they do not
     /// end the relay.
@@ -211,7 +218,9 @@ impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
             }
             let cycle = self.run_once().await;
             let wait = match cycle {
-                Ok(cycle) if !cycle.leader => self.poll_interval.max(self.lease / 3),
+                // A standby tries the lease every second: cheap, and a released
+                // lease is taken over within a second.
+                Ok(cycle) if !cycle.leader => self.poll_interval.max(STANDBY_POLL),
                 // A full batch that moved: more may be waiting. (A full batch
                 // of rows all waiting for their retry did not move.)
                 Ok(cycle)
@@ -282,7 +291,7 @@ impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
         }
         let mut sent = Vec::new();
         let result = self
-            .publish_rounds(groups, &mut cycle, &mut sent, &mut renewed)
+            .publish_batch(groups, &mut cycle, &mut sent, &mut renewed)
             .await;
         // Whatever happened, what the broker confirmed is marked sent.
         if !sent.is_empty() {
@@ -293,54 +302,76 @@ impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
         result.map(|()| cycle)
     }
 
-    async fn publish_rounds(
+    /// Publishes the planned groups: up to `in_flight_per_key` rows of
+    /// every key at once, and the next row of a key as soon as one of its
+    /// rows is confirmed. A failed row takes the rest of its key out of the
+    /// batch.
+    async fn publish_batch(
         &self,
-        mut groups: Vec<Vec<Ready>>,
+        groups: Vec<Vec<Ready>>,
         cycle: &mut Cycle,
         sent: &mut Vec<i64>,
         renewed: &mut Instant,
     ) -> Result<(), OutboxError> {
-        // Each group is one key's rows in seq order, consumed from the front.
-        loop {
-            let mut round: Vec<(usize, Ready)> = Vec::new();
-            for (g, group) in groups.iter_mut().enumerate() {
-                let end = self.in_flight_per_key.min(group.len());
-                round.extend(group.drain(..end).map(|row| (g, row)));
-            }
-            if round.is_empty() {
-                return Ok(());
-            }
-            round.sort_by_key(|(_, row)| row.seq);
-            if renewed.elapsed() >= self.lease / 3 {
-                if !self
-                    .store
-                    .acquire_lease(&self.name, &self.holder, self.lease)
-                    .await?
-                {
-                    tracing::warn!(relay = %self.name, "lost the outbox lease during a cycle; stopping it");
-                    return Ok(());
-                }
-                *renewed = Instant::now();
-            }
-            let mut confirmations = Vec::with_capacity(round.len());
-            for (g, row) in round {
-                let confirmation = self.publisher.send(&row.topic, row.envelope).await;
-                confirmations.push((g, row.seq, row.attempts, confirmation));
-            }
-            for (g, seq, attempts, confirmation) in confirmations {
-                let outcome = match confirmation {
-                    Ok(confirmation) => confirmation.await.map(|_| ()),
-                    Err(err) => Err(err),
+        let mut queues: Vec<VecDeque<Ready>> = groups.into_iter().map(VecDeque::from).collect();
+        let mut in_flight = FuturesUnordered::new();
+        let mut leading = true;
+        // Groups are in the order of their first row, so the first sends
+        // follow the outbox's order.
+        for (g, queue) in queues.iter_mut().enumerate() {
+            for _ in 0..self.in_flight_per_key {
+                let Some(row) = queue.pop_front() else {
+                    break;
                 };
-                match outcome {
-                    Ok(()) => sent.push(seq),
-                    Err(err) => {
-                        // The rest of this key waits for the failed row.
-                        groups[g].clear();
-                        self.failed(seq, attempts + 1, &err, cycle).await?;
+                // Sent before `push` borrows the set, which must not be
+                // held across the await.
+                let sending = self.send(g, row).await;
+                in_flight.push(sending);
+            }
+        }
+        while let Some((g, seq, attempts, outcome)) = in_flight.next().await {
+            match outcome {
+                Ok(()) => {
+                    sent.push(seq);
+                    if leading && renewed.elapsed() >= self.lease / 3 {
+                        leading = self
+                            .store
+                            .acquire_lease(&self.name, &self.holder, self.lease)
+                            .await?;
+                        *renewed = Instant::now();
+                        if !leading {
+                            tracing::warn!(relay = %self.name, "lost the outbox lease during a cycle; sending no more");
+                        }
+                    }
+                    if leading && let Some(row) = queues[g].pop_front() {
+                        let sending = self.send(g, row).await;
+                        in_flight.push(sending);
                     }
                 }
+                Err(err) => {
+                    // The rest of this key waits for the failed row.
+                    queues[g].clear();
+                    self.failed(seq, attempts + 1, &err, cycle).await?;
+                }
             }
+        }
+        Ok(())
+    }
+
+    /// Sends one row of group `g`; the future yields its outcome.
+    async fn send(
+        &self,
+        g: usize,
+        row: Ready,
+    ) -> impl Future<Output = (usize, i64, u32, Result<(), TransportError>)> + use<S, P> {
+        let sending = self.publisher.send(&row.topic, row.envelope).await;
+        let (seq, attempts) = (row.seq, row.attempts);
+        async move {
+            let outcome = match sending {
+                Ok(confirmation) => confirmation.await.map(|_| ()),
+                Err(err) => Err(err),
+            };
+            (g, seq, attempts, outcome)
         }
     }
 
@@ -385,6 +416,9 @@ impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
         }
     }
 }
+
+/// How often a standby [`Relay::run`] tries to take the lease (at least).
+const STANDBY_POLL: Duration = Duration::from_secs(1);
 
 /// How often [`Relay::run`] refreshes the backlog gauges while busy.
 const REFRESH: Duration = Duration::from_secs(1);
