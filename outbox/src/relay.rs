@@ -315,35 +315,32 @@ impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
     ) -> Result<(), OutboxError> {
         let mut queues: Vec<VecDeque<Ready>> = groups.into_iter().map(VecDeque::from).collect();
         let mut in_flight = FuturesUnordered::new();
-        let mut leading = true;
         // Groups are in the order of their first row, so the first sends
         // follow the outbox's order.
-        for (g, queue) in queues.iter_mut().enumerate() {
+        'first: for (g, queue) in queues.iter_mut().enumerate() {
             for _ in 0..self.in_flight_per_key {
                 let Some(row) = queue.pop_front() else {
                     break;
                 };
+                if !self.still_leading(renewed).await? {
+                    break 'first;
+                }
                 // Sent before `push` borrows the set, which must not be
                 // held across the await.
                 let sending = self.send(g, row).await;
                 in_flight.push(sending);
             }
         }
+        let mut leading = true;
         while let Some((g, seq, attempts, outcome)) = in_flight.next().await {
             match outcome {
                 Ok(()) => {
                     sent.push(seq);
-                    if leading && renewed.elapsed() >= self.lease / 3 {
-                        leading = self
-                            .store
-                            .acquire_lease(&self.name, &self.holder, self.lease)
-                            .await?;
-                        *renewed = Instant::now();
-                        if !leading {
-                            tracing::warn!(relay = %self.name, "lost the outbox lease during a cycle; sending no more");
-                        }
-                    }
-                    if leading && let Some(row) = queues[g].pop_front() {
+                    let Some(row) = queues[g].pop_front() else {
+                        continue;
+                    };
+                    leading = leading && self.still_leading(renewed).await?;
+                    if leading {
                         let sending = self.send(g, row).await;
                         in_flight.push(sending);
                     }
@@ -356,6 +353,24 @@ impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
             }
         }
         Ok(())
+    }
+
+    /// Renews the lease once a third of it has passed since `renewed`;
+    /// `false` when another holder has taken it (send nothing more).
+    async fn still_leading(&self, renewed: &mut Instant) -> Result<bool, OutboxError> {
+        if renewed.elapsed() < self.lease / 3 {
+            return Ok(true);
+        }
+        let leading = self
+            .store
+            .acquire_lease(&self.name, &self.holder, self.lease)
+            .await?;
+        if leading {
+            *renewed = Instant::now();
+        } else {
+            tracing::warn!(relay = %self.name, "lost the outbox lease during a cycle; sending no more");
+        }
+        Ok(leading)
     }
 
     /// Sends one row of group `g`; the future yields its outcome.

@@ -295,6 +295,93 @@ async fn run_publishes_until_shutdown(fixture: impl Fixture) {
     );
 }
 
+/// A key whose rows fail holds back only itself: with a batch smaller than
+/// its backlog, the other keys' rows are still read and published.
+async fn a_failing_key_does_not_hold_back_the_others(fixture: impl Fixture) {
+    let transport = MemoryTransport::new();
+    let mut orders = transport.subscribe("orders", "billing").await.unwrap();
+    let publisher = Flaky::new(transport.clone(), |_, topic| {
+        (topic == "down").then_some(Fail::Lost)
+    });
+    let stuck: Vec<(&str, Envelope)> = (0..8).map(|n| ("down", event("a", n))).collect();
+    fixture.write(&stuck, true).await;
+    let other = event("b", 0);
+    fixture.write(&[("orders", other.clone())], true).await;
+    let relay = Relay::new(fixture.store(), publisher)
+        .batch_size(8)
+        .retry_backoff(Duration::from_secs(60), Duration::from_secs(60));
+    let mut cycles = Vec::new();
+    for _ in 0..3 {
+        cycles.push(relay.run_once().await.unwrap());
+    }
+    let sent: usize = cycles.iter().map(|c| c.sent).sum();
+    assert_eq!(sent, 1, "{cycles:?}");
+    assert_eq!(
+        cycles[0].retried, 1,
+        "only the head of the stuck key was tried"
+    );
+    let marker = Envelope::builder("/test", "marker").build();
+    transport.publish("orders", marker.clone()).await.unwrap();
+    let ids: Vec<String> = until_marker(&mut orders, &marker.id)
+        .await
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(ids, [other.id]);
+    assert_eq!(fixture.store().backlog().await.unwrap().pending, 8);
+}
+
+/// A cycle that sends slowly renews its lease as it goes, so a standby
+/// polling all along never leads and nothing is published twice.
+async fn a_slow_cycle_keeps_its_lease(fixture: impl Fixture) {
+    let transport = MemoryTransport::new();
+    let mut orders = transport.subscribe("orders", "billing").await.unwrap();
+    let messages: Vec<(&str, Envelope)> = (0..10)
+        .map(|n| ("orders", event(&format!("k{n}"), n)))
+        .collect();
+    fixture.write(&messages, true).await;
+    let slow = Slow(transport.clone());
+    let a = Relay::new(fixture.store(), slow.clone())
+        .holder("a")
+        .lease(Duration::from_secs(1));
+    let b = Relay::new(fixture.store(), slow)
+        .holder("b")
+        .lease(Duration::from_secs(1));
+    let cycle = a.run_once();
+    let standby = async {
+        let mut led = 0;
+        let started = tokio::time::Instant::now();
+        // Well past the lease: the cycle takes about 10 x 300 ms.
+        while started.elapsed() < Duration::from_secs(4) {
+            let cycle = b.run_once().await.unwrap();
+            led += usize::from(cycle.leader && cycle.sent > 0);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        led
+    };
+    let (cycle, led) = tokio::join!(cycle, standby);
+    assert_eq!(cycle.unwrap().sent, 10);
+    assert_eq!(led, 0, "the standby published while the holder was sending");
+    let marker = Envelope::builder("/test", "marker").build();
+    transport.publish("orders", marker.clone()).await.unwrap();
+    assert_eq!(until_marker(&mut orders, &marker.id).await.len(), 10);
+}
+
+/// A publisher whose every send takes 300 ms to be handed over.
+#[derive(Clone)]
+struct Slow(MemoryTransport);
+
+impl Publisher for Slow {
+    async fn send(
+        &self,
+        topic: &str,
+        envelope: Envelope,
+    ) -> surety_core::Result<surety_core::Confirmation> {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.0.send(topic, envelope).await
+    }
+}
+
 macro_rules! suite {
     ($backend:ident, $fixture:expr) => {
         mod $backend {
@@ -334,6 +421,18 @@ macro_rules! suite {
             async fn run_publishes_until_shutdown() {
                 let Some(fixture) = $fixture else { return };
                 super::run_publishes_until_shutdown(fixture).await;
+            }
+
+            #[tokio::test]
+            async fn a_failing_key_does_not_hold_back_the_others() {
+                let Some(fixture) = $fixture else { return };
+                super::a_failing_key_does_not_hold_back_the_others(fixture).await;
+            }
+
+            #[tokio::test]
+            async fn a_slow_cycle_keeps_its_lease() {
+                let Some(fixture) = $fixture else { return };
+                super::a_slow_cycle_keeps_its_lease(fixture).await;
             }
 
             #[tokio::test]

@@ -63,7 +63,9 @@ pub struct Backlog {
 /// [`PostgresOutbox`](crate::PostgresOutbox); messages are written with
 /// their `enqueue`, inside the caller's transaction.
 pub trait OutboxStore: Clone + Send + Sync + 'static {
-    /// Up to `limit` pending rows, in `seq` order, due or not.
+    /// Up to `limit` pending rows that may be published now, in `seq`
+    /// order: due, and not behind an earlier row of their key that waits
+    /// for its retry.
     fn pending(
         &self,
         limit: usize,

@@ -11,9 +11,18 @@ INSERT INTO surety_outbox (message_id, topic, partition_key, headers, payload, c
 VALUES ($1, $2, $3, $4, $5, $6, $6)
 RETURNING seq";
 
+/// Pending rows that are due and whose key has no earlier pending row
+/// waiting for its retry: rows stuck behind a failing row never fill a
+/// batch, so the rest of the outbox goes on.
 pub(super) const PENDING: &str = "\
-SELECT seq, topic, partition_key, headers, payload, attempts, next_attempt_at
-FROM surety_outbox WHERE status = 'pending' ORDER BY seq LIMIT $1";
+SELECT o.seq, o.topic, o.partition_key, o.headers, o.payload, o.attempts, o.next_attempt_at
+FROM surety_outbox o
+WHERE o.status = 'pending' AND o.next_attempt_at <= $2
+  AND NOT EXISTS (
+    SELECT 1 FROM surety_outbox w
+    WHERE w.status = 'pending' AND w.partition_key = o.partition_key
+      AND w.seq < o.seq AND w.next_attempt_at > $2)
+ORDER BY o.seq LIMIT $1";
 
 pub(super) const MARK_SENT_HEAD: &str = "UPDATE surety_outbox SET status = 'sent', sent_at = ";
 
@@ -98,8 +107,10 @@ macro_rules! sql_outbox {
             async fn pending(&self, limit: usize) -> Result<Vec<super::OutboxRow>, OutboxError> {
                 use sqlx::Row;
                 let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+                let now = super::to_millis(std::time::SystemTime::now());
                 let rows = sqlx::query(super::sql::PENDING)
                     .bind(limit)
+                    .bind(now)
                     .fetch_all(&self.pool)
                     .await?;
                 rows.into_iter()

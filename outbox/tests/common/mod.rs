@@ -2,7 +2,7 @@
 //! publishers that fail on purpose, and reading deliveries.
 #![allow(dead_code, unreachable_pub)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,7 +10,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use surety_core::memory::MemoryTransport;
 use surety_core::{
-    Confirmation, DeliveryStream, Envelope, Publisher, Result, TransportError, TransportErrorKind,
+    Confirmation, DeliveryInfo, DeliveryStream, Envelope, Publisher, Result, TransportError,
+    TransportErrorKind,
 };
 use surety_outbox::{OutboxStore, PostgresOutbox, SqliteOutbox};
 use surety_testkit::db::{TempSchema, TempSqlite};
@@ -210,6 +211,39 @@ pub async fn until_marker(stream: &mut DeliveryStream, marker: &str) -> Vec<Enve
         }
         seen.push(envelope);
     }
+}
+
+/// Reads deliveries (acking each) until every id in `expected` was seen;
+/// returns everything delivered, repeats included, in arrival order.
+pub async fn until_all(
+    stream: &mut DeliveryStream,
+    expected: &HashSet<String>,
+) -> Vec<(Envelope, DeliveryInfo)> {
+    let mut missing = expected.clone();
+    let mut seen = Vec::new();
+    while !missing.is_empty() {
+        let delivery = tokio::time::timeout(WAIT, stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("{} messages never arrived", missing.len()))
+            .expect("the stream is open")
+            .expect("a delivery");
+        let envelope = delivery.envelope().clone();
+        let info = delivery.info().clone();
+        delivery.ack().await.unwrap();
+        missing.remove(&envelope.id);
+        seen.push((envelope, info));
+    }
+    seen
+}
+
+/// The first copy of each message, in arrival order (at least once: a
+/// message may come again, and only its first copy tells the order).
+pub fn first_copies(envelopes: impl IntoIterator<Item = Envelope>) -> Vec<Envelope> {
+    let mut ids = HashSet::new();
+    envelopes
+        .into_iter()
+        .filter(|envelope| ids.insert(envelope.id.clone()))
+        .collect()
 }
 
 /// The `n` header of each envelope, by partition key, in arrival order.
