@@ -12,9 +12,10 @@
 //! fast as the broker confirms.
 //!
 //! A failed row is retried with exponential backoff and jitter; until it is
-//! sent, the later rows of its key wait. A row that cannot be published by
-//! retrying (the broker rejected it, no route for its topic, a stored row
-//! that no longer decodes) or that used up
+//! sent, the later rows of its key wait, and only they: the store reads
+//! only rows that are not behind a waiting row of their key. A row that
+//! cannot be published by retrying (the broker rejected it, no route for
+//! its topic, a stored row that no longer decodes) or that used up
 //! [`max_attempts`](Relay::max_attempts) is *parked*: set aside for an
 //! operator ([`OutboxStore::requeue_parked`]), while the rest of its key
 //! goes on.
@@ -24,7 +25,7 @@
 //! Every relay instance with the same [`name`](Relay::name) competes for one
 //! lease row; only the holder publishes, the others stand by and take over
 //! when the holder stops (it releases the lease) or dies (its lease
-//! expires). The holder renews its lease as confirmations come in and
+//! expires). The holder renews its lease before its sends as it goes and
 //! sends nothing more once it finds the lease taken. Keep the lease longer
 //! than the transport's confirmation timeout (30 s by default for both
 //! adapters; the lease is 60 s): a holder stalled on a confirmation for
