@@ -17,8 +17,8 @@ CREATE TABLE IF NOT EXISTS surety_outbox (
 );
 
 CREATE INDEX IF NOT EXISTS surety_outbox_pending ON surety_outbox (seq) WHERE status = 'pending';
--- Finds a key's earlier pending rows (a row waiting for its retry holds its key).
-CREATE INDEX IF NOT EXISTS surety_outbox_pending_key ON surety_outbox (partition_key, seq) WHERE status = 'pending';
+-- Finds a key's pending rows that wait for a retry (such a row holds back its key).
+CREATE INDEX IF NOT EXISTS surety_outbox_waiting ON surety_outbox (partition_key, next_attempt_at) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS surety_outbox_sent ON surety_outbox (sent_at) WHERE status = 'sent';
 CREATE INDEX IF NOT EXISTS surety_outbox_parked ON surety_outbox (seq) WHERE status = 'parked';
 
