@@ -22,7 +22,9 @@ pub enum OutboxError {
     /// connection). The caller's transaction should be rolled back.
     #[error("the outbox store failed: {0}")]
     Store(#[source] BoxError),
-    /// A migration of the outbox tables failed.
+    /// A migration of the outbox tables failed (a database that cannot be
+    /// reached fails here too; a changed or broken migration needs a fix,
+    /// not a retry).
     #[error("the outbox migration failed: {0}")]
     Migration(#[source] BoxError),
 }
@@ -49,8 +51,8 @@ impl From<sqlx::migrate::MigrateError> for OutboxError {
 impl Classify for OutboxError {
     fn class(&self) -> ErrorClass {
         match self {
-            Self::InvalidMessage(_) => ErrorClass::Permanent,
-            Self::Store(_) | Self::Migration(_) => ErrorClass::TRANSIENT,
+            Self::InvalidMessage(_) | Self::Migration(_) => ErrorClass::Permanent,
+            Self::Store(_) => ErrorClass::TRANSIENT,
         }
     }
 }

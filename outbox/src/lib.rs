@@ -10,16 +10,20 @@
 //! it.
 //!
 //! - **Nothing lost, nothing invented.** A rolled-back transaction leaves no
-//!   row; a committed row is published until the broker confirms it. The
-//!   relay delivers at least once (a crash between confirm and mark
-//!   publishes again), with the message's own id, so consumers deduplicate.
+//!   row; a committed row is published until the broker confirms it, or
+//!   parked (below) with the reason. The relay delivers at least once (a
+//!   crash between confirm and mark publishes again), with the message's
+//!   own id, so consumers deduplicate.
 //! - **Per-key order.** Rows with the same partition key are published in
 //!   the order they were written; a failed row holds back the rest of its
-//!   key until it is sent (see [`relay`]).
-//! - **Failures are classified.** Transient publish failures are retried
-//!   with backoff and jitter; a row the broker cannot take (unroutable,
-//!   rejected) or one that no longer decodes is parked for an operator, with
-//!   the reason, and the rest of the outbox goes on.
+//!   key, and only its key, until it is sent (see [`relay`]; on PostgreSQL,
+//!   writers of one key must serialize, see [`postgres`]).
+//! - **Failures are classified.** Failures that time or an operator can fix
+//!   (the broker unreachable, no confirm in time, nothing bound to the
+//!   topic yet, a missing topic) are retried with backoff and jitter. A
+//!   message the broker refuses itself (too large, invalid) or a row that no
+//!   longer decodes is parked for an operator, with the reason, and the rest
+//!   of its key goes on.
 //! - **One active relay.** Instances of a relay share a lease in the
 //!   database; a standby takes over when the holder stops or dies.
 //! - **Observable.** Backlog, oldest pending age, parked rows, outcomes and

@@ -13,12 +13,16 @@
 //!
 //! A failed row is retried with exponential backoff and jitter; until it is
 //! sent, the later rows of its key wait, and only they: the store reads
-//! only rows that are not behind a waiting row of their key. A row that
-//! cannot be published by retrying (the broker rejected it, no route for
-//! its topic, a stored row that no longer decodes) or that used up
+//! only rows that are not behind a waiting row of their key. That includes
+//! failures an operator fixes (nothing bound to the topic yet, a missing
+//! topic): the key resumes, in order, once they are fixed. A row that
+//! retrying cannot help (the broker refused the message itself: too large,
+//! invalid; a stored row that no longer decodes) or that used up
 //! [`max_attempts`](Relay::max_attempts) is *parked*: set aside for an
 //! operator ([`OutboxStore::requeue_parked`]), while the rest of its key
-//! goes on.
+//! goes on. A send that finds the broker unreachable ends the cycle's
+//! sending (what is in flight is still awaited), so an outage costs one
+//! connection timeout per cycle, not one per key.
 //!
 //! # One relay at a time
 //!
@@ -40,13 +44,15 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use backon::BackoffBuilder;
 use futures::FutureExt;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use surety_core::{Classify, Envelope, ErrorClass, Publisher, TransportError};
+use surety_core::{Envelope, Publisher, TransportError, TransportErrorKind};
 use tokio::time::Instant;
 
 use crate::error::OutboxError;
@@ -96,7 +102,10 @@ pub struct Cycle {
 /// assert_eq!(delivery.envelope().id, event.id);
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone)]
+///
+/// A clone is another instance of the relay: it gets a holder identity of
+/// its own and competes for the lease like a relay in another process.
+#[derive(Debug)]
 pub struct Relay<S, P> {
     store: S,
     publisher: P,
@@ -110,9 +119,32 @@ pub struct Relay<S, P> {
     max_retry_delay: Duration,
     max_attempts: Option<u32>,
     metrics: Option<OutboxMetrics>,
+    /// When this instance last took or renewed the lease (`None`: it does
+    /// not hold it).
+    renewed: Mutex<Option<Instant>>,
 }
 
-impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
+impl<S: Clone, P: Clone> Clone for Relay<S, P> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            publisher: self.publisher.clone(),
+            name: self.name.clone(),
+            holder: uuid::Uuid::now_v7().to_string(),
+            batch_size: self.batch_size,
+            poll_interval: self.poll_interval,
+            lease: self.lease,
+            in_flight_per_key: self.in_flight_per_key,
+            min_retry_delay: self.min_retry_delay,
+            max_retry_delay: self.max_retry_delay,
+            max_attempts: self.max_attempts,
+            metrics: self.metrics.clone(),
+            renewed: Mutex::new(None),
+        }
+    }
+}
+
+impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
     /// A relay named `default` over `store`, publishing through `publisher`:
     /// batches of 1024 rows, a 100 ms poll, a 60 s lease, one row in flight
     /// per key, retries from 100 ms doubling to 30 s without an attempt
@@ -131,6 +163,7 @@ impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
             max_retry_delay: Duration::from_secs(30),
             max_attempts: None,
             metrics: None,
+            renewed: Mutex::new(None),
         }
     }
 
@@ -141,6 +174,8 @@ impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
     }
 
     /// This instance's identity in the lease (a fresh UUID by default).
+    /// Every running instance needs its own: two instances with the same
+    /// holder would both lead.
     pub fn holder(mut self, holder: impl Into<String>) -> Self {
         self.holder = holder.into();
         self
@@ -203,27 +238,41 @@ impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
 
     /// Runs cycles until `shutdown` completes, then gives up the lease.
     ///
-    /// A cycle in progress finishes first, so that its confirmed rows are
-    /// marked sent; each of its sends takes at most the transport's
-    /// confirmation timeout. Abort the task to stop at once (rows confirmed but not
-    /// yet marked are then published again by the next leader). Store
-    /// failures are logged and retried after the poll interval; they do not
-    /// end the relay.
+    /// When `shutdown` completes during a cycle, the cycle sends nothing
+    /// more, waits for the confirmations of what it sent (each bounded by
+    /// the transport's confirmation timeout) and marks those rows sent.
+    /// Abort the task to stop at once: rows confirmed but not yet marked
+    /// are then published again, and a standby waits for the lease to run
+    /// out before it takes over. Store failures are logged and retried
+    /// after the poll interval; they do not end the relay.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let mut shutdown = std::pin::pin!(shutdown);
+        let stopping = AtomicBool::new(false);
+        let mut stopped = false;
         let mut last_refresh: Option<Instant> = None;
         loop {
-            // A cycle is never cut short: its confirmed rows get marked.
-            if (&mut shutdown).now_or_never().is_some() {
+            if stopped || (&mut shutdown).now_or_never().is_some() {
                 break;
             }
-            let cycle = self.run_once().await;
+            let cycle = {
+                let mut cycle = std::pin::pin!(self.cycle(&stopping));
+                tokio::select! {
+                    biased;
+                    cycle = &mut cycle => cycle,
+                    () = &mut shutdown => {
+                        // Finish what is in flight, send nothing more.
+                        stopped = true;
+                        stopping.store(true, Ordering::SeqCst);
+                        cycle.await
+                    }
+                }
+            };
             let wait = match cycle {
-                // A standby tries the lease every second: cheap, and a released
-                // lease is taken over within a second.
+                // A standby tries the lease every second (a read, unless
+                // the lease is free), so a released lease is taken over
+                // within a second.
                 Ok(cycle) if !cycle.leader => self.poll_interval.max(STANDBY_POLL),
-                // A full batch that moved: more may be waiting. (A full batch
-                // of rows all waiting for their retry did not move.)
+                // A full batch that moved: more may be waiting.
                 Ok(cycle)
                     if cycle.fetched >= self.batch_size
                         && cycle.sent + cycle.retried + cycle.parked > 0 =>
@@ -236,7 +285,10 @@ impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
                     self.poll_interval
                 }
             };
-            if wait > Duration::ZERO || last_refresh.is_none_or(|at| at.elapsed() >= REFRESH) {
+            if stopped {
+                break;
+            }
+            if last_refresh.is_none_or(|at| at.elapsed() >= REFRESH) {
                 self.refresh_metrics().await;
                 last_refresh = Some(Instant::now());
             }
@@ -246,6 +298,7 @@ impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
                 () = tokio::time::sleep(wait) => {}
             }
         }
+        self.set_renewed(None);
         if let Err(err) = self.store.release_lease(&self.name, &self.holder).await {
             tracing::warn!(relay = %self.name, error = %err, "could not release the outbox lease");
         }
@@ -261,21 +314,21 @@ impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
     /// [`OutboxError::Store`] when the store fails; rows confirmed before
     /// the failure may be published again by the next cycle.
     pub async fn run_once(&self) -> Result<Cycle, OutboxError> {
-        let leader = self
-            .store
-            .acquire_lease(&self.name, &self.holder, self.lease)
-            .await?;
+        self.cycle(&AtomicBool::new(false)).await
+    }
+
+    async fn cycle(&self, stopping: &AtomicBool) -> Result<Cycle, OutboxError> {
+        let leader = self.still_leading().await;
         if let Some(metrics) = &self.metrics {
-            metrics.set_leader(&self.name, leader);
+            metrics.set_leader(&self.name, matches!(leader, Ok(true)));
         }
         let mut cycle = Cycle {
-            leader,
+            leader: leader?,
             ..Cycle::default()
         };
-        if !leader {
+        if !cycle.leader {
             return Ok(cycle);
         }
-        let mut renewed = Instant::now();
         let rows = self.store.pending(self.batch_size).await?;
         cycle.fetched = rows.len();
         let mut groups = Vec::new();
@@ -292,7 +345,7 @@ impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
         }
         let mut sent = Vec::new();
         let result = self
-            .publish_batch(groups, &mut cycle, &mut sent, &mut renewed)
+            .publish_batch(groups, &mut cycle, &mut sent, stopping)
             .await;
         // Whatever happened, what the broker confirmed is marked sent.
         if !sent.is_empty() {
@@ -300,22 +353,28 @@ impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
             cycle.sent = sent.len();
             self.count("sent", sent.len() as u64);
         }
+        if let Some(metrics) = &self.metrics {
+            metrics.set_leader(&self.name, cycle.leader);
+        }
         result.map(|()| cycle)
     }
 
     /// Publishes the planned groups: up to `in_flight_per_key` rows of
     /// every key at once, and the next row of a key as soon as one of its
     /// rows is confirmed. A failed row takes the rest of its key out of the
-    /// batch.
+    /// batch. Sending stops (what is in flight is still awaited) when the
+    /// lease is lost, when `stopping` is set, or when a send finds the
+    /// broker unreachable.
     async fn publish_batch(
         &self,
         groups: Vec<Vec<Ready>>,
         cycle: &mut Cycle,
         sent: &mut Vec<i64>,
-        renewed: &mut Instant,
+        stopping: &AtomicBool,
     ) -> Result<(), OutboxError> {
         let mut queues: Vec<VecDeque<Ready>> = groups.into_iter().map(VecDeque::from).collect();
         let mut in_flight = FuturesUnordered::new();
+        let mut sending = true;
         // Groups are in the order of their first row, so the first sends
         // follow the outbox's order.
         'first: for (g, queue) in queues.iter_mut().enumerate() {
@@ -323,27 +382,57 @@ impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
                 let Some(row) = queue.pop_front() else {
                     break;
                 };
-                if !self.still_leading(renewed).await? {
+                if !self.may_send(stopping, cycle).await? {
+                    sending = false;
                     break 'first;
                 }
-                // Sent before `push` borrows the set, which must not be
-                // held across the await.
-                let sending = self.send(g, row).await;
-                in_flight.push(sending);
+                match self.send(g, row).await {
+                    Ok(confirming) => in_flight.push(confirming),
+                    Err((seq, attempts, err)) => {
+                        queue.clear();
+                        sending = !is_unreachable(&err);
+                        self.failed(seq, attempts + 1, &err, cycle).await?;
+                        if !sending {
+                            break 'first;
+                        }
+                        break;
+                    }
+                }
             }
         }
-        let mut leading = true;
-        while let Some((g, seq, attempts, outcome)) = in_flight.next().await {
+        loop {
+            // Renew the lease while confirmations are awaited, too.
+            let renew_at = self.renew_at();
+            let next = tokio::select! {
+                next = in_flight.next() => next,
+                () = tokio::time::sleep_until(renew_at), if cycle.leader => {
+                    cycle.leader = self.still_leading().await?;
+                    continue;
+                }
+            };
+            let Some((g, seq, attempts, outcome)) = next else {
+                return Ok(());
+            };
             match outcome {
                 Ok(()) => {
                     sent.push(seq);
+                    if !sending {
+                        continue;
+                    }
                     let Some(row) = queues[g].pop_front() else {
                         continue;
                     };
-                    leading = leading && self.still_leading(renewed).await?;
-                    if leading {
-                        let sending = self.send(g, row).await;
-                        in_flight.push(sending);
+                    if !self.may_send(stopping, cycle).await? {
+                        sending = false;
+                        continue;
+                    }
+                    match self.send(g, row).await {
+                        Ok(confirming) => in_flight.push(confirming),
+                        Err((seq, attempts, err)) => {
+                            queues[g].clear();
+                            sending = !is_unreachable(&err);
+                            self.failed(seq, attempts + 1, &err, cycle).await?;
+                        }
                     }
                 }
                 Err(err) => {
@@ -353,44 +442,82 @@ impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
                 }
             }
         }
-        Ok(())
     }
 
-    /// Renews the lease once a third of it has passed since `renewed`;
-    /// `false` when another holder has taken it (send nothing more).
-    async fn still_leading(&self, renewed: &mut Instant) -> Result<bool, OutboxError> {
-        if renewed.elapsed() < self.lease / 3 {
+    /// Whether another row may be sent: the relay is not stopping and
+    /// still holds the lease (renewed when due).
+    async fn may_send(
+        &self,
+        stopping: &AtomicBool,
+        cycle: &mut Cycle,
+    ) -> Result<bool, OutboxError> {
+        if stopping.load(Ordering::SeqCst) || !cycle.leader {
+            return Ok(false);
+        }
+        cycle.leader = self.still_leading().await?;
+        Ok(cycle.leader)
+    }
+
+    /// When the lease is next due for renewal.
+    fn renew_at(&self) -> Instant {
+        self.renewed()
+            .map_or_else(Instant::now, |at| at + self.lease / 3)
+    }
+
+    /// Whether this instance holds the lease, renewing it once a third of
+    /// it has passed since the last renewal (and taking it when it is
+    /// free).
+    async fn still_leading(&self) -> Result<bool, OutboxError> {
+        if self
+            .renewed()
+            .is_some_and(|at| at.elapsed() < self.lease / 3)
+        {
             return Ok(true);
         }
+        let was_leading = self.renewed().is_some();
         let leading = self
             .store
             .acquire_lease(&self.name, &self.holder, self.lease)
-            .await?;
-        if leading {
-            *renewed = Instant::now();
-        } else {
-            tracing::warn!(relay = %self.name, "lost the outbox lease during a cycle; sending no more");
+            .await
+            .inspect_err(|_| self.set_renewed(None))?;
+        self.set_renewed(leading.then(Instant::now));
+        if was_leading && !leading {
+            tracing::warn!(relay = %self.name, "lost the outbox lease; sending no more");
         }
         Ok(leading)
     }
 
-    /// Sends one row of group `g`; the future yields its outcome.
+    fn renewed(&self) -> Option<Instant> {
+        *self.renewed.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_renewed(&self, at: Option<Instant>) {
+        *self.renewed.lock().unwrap_or_else(PoisonError::into_inner) = at;
+    }
+
+    /// Sends one row of group `g`. On success, the future yields its
+    /// outcome; a send that fails at once gives the row back.
     async fn send(
         &self,
         g: usize,
         row: Ready,
-    ) -> impl Future<Output = (usize, i64, u32, Result<(), TransportError>)> + use<S, P> {
-        let sending = self.publisher.send(&row.topic, row.envelope).await;
+    ) -> Result<
+        impl Future<Output = (usize, i64, u32, Result<(), TransportError>)> + use<S, P>,
+        (i64, u32, TransportError),
+    > {
         let (seq, attempts) = (row.seq, row.attempts);
-        async move {
-            let outcome = match sending {
-                Ok(confirmation) => confirmation.await.map(|_| ()),
-                Err(err) => Err(err),
-            };
-            (g, seq, attempts, outcome)
-        }
+        let confirmation = self
+            .publisher
+            .send(&row.topic, row.envelope)
+            .await
+            .map_err(|err| (seq, attempts, err))?;
+        Ok(async move { (g, seq, attempts, confirmation.await.map(|_| ())) })
     }
 
+    /// Records a failed attempt: the row is retried after its backoff, or
+    /// parked when the broker refused the message itself or the attempts
+    /// are used up. Nothing is recorded once the lease is lost (the new
+    /// holder owns the row).
     async fn failed(
         &self,
         seq: i64,
@@ -398,17 +525,20 @@ impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
         err: &TransportError,
         cycle: &mut Cycle,
     ) -> Result<(), OutboxError> {
+        if !cycle.leader {
+            return Ok(());
+        }
         let exhausted = self.max_attempts.is_some_and(|max| attempts >= max);
-        if matches!(err.class(), ErrorClass::Permanent | ErrorClass::Poison) || exhausted {
+        if err.kind() == TransportErrorKind::Rejected || exhausted {
             self.store.park(seq, &err.to_string()).await?;
             tracing::error!(relay = %self.name, seq, attempts, error = %err, "parked an outbox row");
             self.count("parked", 1);
             cycle.parked += 1;
         } else {
             let delay = retry_delay(self.min_retry_delay, self.max_retry_delay, attempts);
-            self.store
-                .retry_later(seq, &err.to_string(), SystemTime::now() + delay)
-                .await?;
+            let now = SystemTime::now();
+            let at = now.checked_add(delay).unwrap_or(now);
+            self.store.retry_later(seq, &err.to_string(), at).await?;
             tracing::warn!(relay = %self.name, seq, attempts, ?delay, error = %err, "outbox publish failed; retrying later");
             self.count("retried", 1);
             cycle.retried += 1;
@@ -431,6 +561,15 @@ impl<S: OutboxStore, P: Publisher + Clone + 'static> Relay<S, P> {
             }
         }
     }
+}
+
+/// Whether a failed send means the broker cannot be reached now: the cycle
+/// then sends nothing more.
+fn is_unreachable(err: &TransportError) -> bool {
+    matches!(
+        err.kind(),
+        TransportErrorKind::Connection | TransportErrorKind::Closed | TransportErrorKind::Timeout
+    )
 }
 
 /// How often a standby [`Relay::run`] tries to take the lease (at least).

@@ -123,12 +123,13 @@ fn assert_complete_and_in_order(seen: &[(Envelope, DeliveryInfo)], expected: &Ha
     }
 }
 
-/// RabbitMQ: every committed row is published and confirmed once, each
-/// key's rows arrive in the order they were written, and a row for a topic
-/// no queue is bound to is returned by the broker and parked with the
-/// reason, without holding back the rest of its key.
+/// RabbitMQ: every committed row is published and confirmed once and each
+/// key's rows arrive in the order they were written. A row for a topic no
+/// queue is bound to is returned by the broker: it is retried, holding back
+/// only the later rows of its key, and once a queue is bound it is
+/// published, followed by the rest of its key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rabbitmq_relays_in_key_order_and_parks_the_unroutable() {
+async fn rabbitmq_relays_in_key_order_and_holds_a_key_behind_an_unroutable_row() {
     let Some(url) = services::require(services::amqp_url()) else {
         return;
     };
@@ -139,46 +140,79 @@ async fn rabbitmq_relays_in_key_order_and_parks_the_unroutable() {
 
     let fixture = common::Sqlite::new().await;
     let lost = event(KEYS[1], 999);
-    let expected = write_orders(&fixture, &topic, 5, Some((&nowhere, lost))).await;
+    let expected = write_orders(&fixture, &topic, 5, Some((&nowhere, lost.clone()))).await;
     assert_eq!(expected.len(), KEYS.len() * PER_KEY);
     let metrics = OutboxMetrics::default();
     let relay = Relay::new(fixture.store(), transport.clone())
         .batch_size(64)
+        .retry_backoff(Duration::from_millis(10), Duration::from_millis(50))
         .metrics(metrics.clone());
-    let totals = drain(&relay).await;
 
+    // Until a queue is bound, only the key of the unroutable row waits:
+    // its later rows stay pending, everything else is sent.
+    let pool = &fixture.0.pool;
+    let lost_id = lost.id.as_str();
+    let held = |after_lost: bool| async move {
+        let sql = if after_lost {
+            "SELECT COUNT(*) FROM surety_outbox WHERE partition_key = $1 AND seq > \
+             (SELECT seq FROM surety_outbox WHERE message_id = $2)"
+        } else {
+            "SELECT COUNT(*) FROM surety_outbox WHERE status = 'pending' AND partition_key = $1 \
+             AND seq >= (SELECT seq FROM surety_outbox WHERE message_id = $2)"
+        };
+        let count: i64 = sqlx::query_scalar(sql)
+            .bind(KEYS[1])
+            .bind(lost_id)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        count as u64
+    };
+    let behind = held(true).await;
+    assert!(behind > 0, "the unroutable row has later rows of its key");
+    eventually_every(
+        WAIT,
+        Duration::from_millis(2),
+        "only the held key left",
+        || async {
+            relay.run_once().await.unwrap();
+            let backlog = relay.store().backlog().await.unwrap();
+            backlog.pending == behind + 1 && metrics.relayed_count("default", "retried") >= 2
+        },
+    )
+    .await;
     assert_eq!(
-        (totals.sent, totals.parked),
-        (expected.len(), 1),
-        "{totals:?}"
+        held(false).await,
+        behind + 1,
+        "the held rows are the lost one and its followers"
     );
-    assert_eq!(
-        metrics.relayed_count("default", "sent"),
-        expected.len() as u64
-    );
-    let backlog = fixture.store().backlog().await.unwrap();
-    assert_eq!((backlog.pending, backlog.parked), (0, 1), "{backlog:?}");
-    let errors = fixture.last_error("parked").await;
+    let errors = fixture.last_error("pending").await;
     assert_eq!(errors.len(), 1);
     assert!(
         errors[0].contains("no queue is bound") && errors[0].contains(&nowhere),
-        "the parked row says why: {errors:?}"
+        "the waiting row says why: {errors:?}"
     );
+    assert_eq!(relay.store().backlog().await.unwrap().parked, 0);
 
+    // Bind a queue: the row goes out, then the rest of its key.
+    let mut audit = transport.subscribe(&nowhere, "audit").await.unwrap();
+    let totals = drain(&relay).await;
+    assert_eq!(totals.parked, 0, "{totals:?}");
+    assert_eq!(
+        metrics.relayed_count("default", "sent"),
+        expected.len() as u64 + 1
+    );
     let seen = until_all(&mut orders, &expected).await;
     assert_complete_and_in_order(&seen, &expected);
     assert!(
         seen.iter().all(|(_, info)| info.topic == topic),
         "everything came from {topic}"
     );
-    let again = relay.run_once().await.unwrap();
-    assert_eq!(
-        (again.fetched, again.sent),
-        (0, 0),
-        "a parked row is not tried again"
-    );
+    let late = until_all(&mut audit, &HashSet::from([lost.id.clone()])).await;
+    assert_eq!(late[0].0.id, lost.id);
 
     drop(orders);
+    drop(audit);
     transport.close().await.unwrap();
 }
 

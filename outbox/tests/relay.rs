@@ -156,7 +156,7 @@ async fn a_rejected_row_is_parked_and_requeued(fixture: impl Fixture) {
     assert_eq!(store.backlog().await.unwrap().parked, 1);
     let errors = fixture.last_error("parked").await;
     assert_eq!(errors.len(), 1);
-    assert!(errors[0].contains("no queue is bound"), "{errors:?}");
+    assert!(errors[0].contains("too large"), "{errors:?}");
 
     let marker = Envelope::builder("/test", "marker").build();
     transport.publish("orders", marker.clone()).await.unwrap();
@@ -232,12 +232,13 @@ async fn one_relay_at_a_time(fixture: impl Fixture) {
     assert_eq!((standby.fetched, standby.sent), (0, 0));
 
     // A stops: its lease is released and B leads at once.
-    a.clone().run(async {}).await;
+    a.run(async {}).await;
     let took_over = b.run_once().await.unwrap();
     assert!(took_over.leader);
     assert_eq!(took_over.sent, 1);
 
-    // B dies holding a 1 s lease: A waits, then takes over.
+    // B dies holding a 1 s lease: a new instance waits, then takes over.
+    let a = Relay::new(fixture.store(), transport.clone()).holder("a");
     fixture.write(&[("orders", event("k", 3))], true).await;
     assert!(!a.run_once().await.unwrap().leader, "B's lease still runs");
     let sent = eventually_every(
@@ -382,6 +383,63 @@ impl Publisher for Slow {
     }
 }
 
+/// A row the broker cannot route yet (nothing bound to its topic) is
+/// retried, not parked: it holds back the later rows of its key, the other
+/// keys go on, and once the topic is routable the key resumes in order.
+async fn an_unroutable_row_holds_its_key_until_routable(fixture: impl Fixture) {
+    let transport = MemoryTransport::new();
+    let mut orders = transport.subscribe("orders", "billing").await.unwrap();
+    let routable = Switch::default();
+    let plan_routable = routable.clone();
+    let publisher = Flaky::new(transport.clone(), move |_, topic| {
+        (topic == "audit" && !plan_routable.on()).then_some(Fail::Unroutable)
+    });
+    fixture
+        .write(
+            &[
+                ("orders", event("a", 0)),
+                ("audit", event("a", 1)),
+                ("orders", event("a", 2)),
+                ("orders", event("b", 0)),
+            ],
+            true,
+        )
+        .await;
+    let relay = Relay::new(fixture.store(), publisher)
+        .retry_backoff(Duration::from_millis(1), Duration::from_millis(2));
+    let store = fixture.store();
+    eventually_every(WAIT, Duration::from_millis(2), "two retries", || async {
+        relay.run_once().await.unwrap();
+        let backlog = store.backlog().await.unwrap();
+        backlog.pending == 2 && fixture.last_error("pending").await.len() == 1
+    })
+    .await;
+    assert_eq!(store.backlog().await.unwrap().parked, 0);
+    routable.set(true);
+    drain(&fixture, &relay).await;
+    let marker = Envelope::builder("/test", "marker").build();
+    transport.publish("orders", marker.clone()).await.unwrap();
+    let seen = until_marker(&mut orders, &marker.id).await;
+    let by_key = numbers_by_key(&seen);
+    assert_eq!(by_key["a"], [0, 2]);
+    assert_eq!(by_key["b"], [0]);
+}
+
+/// A send that finds the broker unreachable ends the cycle's sending: the
+/// relay does not wait out a connection timeout for every key in turn.
+async fn an_unreachable_broker_ends_the_cycle(fixture: impl Fixture) {
+    let publisher = Flaky::new(MemoryTransport::new(), |_, _| Some(Fail::Lost));
+    let messages: Vec<(&str, Envelope)> = (0..20)
+        .map(|n| ("orders", event(&format!("k{n}"), n)))
+        .collect();
+    fixture.write(&messages, true).await;
+    let relay = Relay::new(fixture.store(), publisher.clone());
+    let cycle = relay.run_once().await.unwrap();
+    assert_eq!((cycle.sent, cycle.retried), (0, 1), "{cycle:?}");
+    assert_eq!(publisher.sends.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(fixture.store().backlog().await.unwrap().pending, 20);
+}
+
 macro_rules! suite {
     ($backend:ident, $fixture:expr) => {
         mod $backend {
@@ -436,6 +494,18 @@ macro_rules! suite {
             }
 
             #[tokio::test]
+            async fn an_unroutable_row_holds_its_key_until_routable() {
+                let Some(fixture) = $fixture else { return };
+                super::an_unroutable_row_holds_its_key_until_routable(fixture).await;
+            }
+
+            #[tokio::test]
+            async fn an_unreachable_broker_ends_the_cycle() {
+                let Some(fixture) = $fixture else { return };
+                super::an_unreachable_broker_ends_the_cycle(fixture).await;
+            }
+
+            #[tokio::test]
             async fn one_relay_at_a_time() {
                 let Some(fixture) = $fixture else { return };
                 super::one_relay_at_a_time(fixture).await;
@@ -446,3 +516,32 @@ macro_rules! suite {
 
 suite!(sqlite, Some(common::Sqlite::new().await));
 suite!(postgres, common::Postgres::new().await);
+
+/// A stored column that does not read back (invalid UTF-8 in the headers
+/// on SQLite) parks that row with the reason; it does not fail every cycle.
+#[tokio::test]
+async fn an_unreadable_column_parks_the_row() {
+    let fixture = common::Sqlite::new().await;
+    sqlx::query(
+        "INSERT INTO surety_outbox (message_id, topic, partition_key, headers, payload, created_at, next_attempt_at)
+         VALUES ('bad', 'orders', 'k', CAST(X'FFFE' AS TEXT), X'00', 0, 0)",
+    )
+    .execute(&fixture.0.pool)
+    .await
+    .unwrap();
+    fixture.write(&[("orders", event("k", 1))], true).await;
+    let relay = Relay::new(fixture.store(), MemoryTransport::new());
+    let cycle = relay.run_once().await.unwrap();
+    assert_eq!((cycle.sent, cycle.parked), (1, 1), "{cycle:?}");
+    let errors = fixture.last_error("parked").await;
+    assert!(errors[0].contains("stored headers"), "{errors:?}");
+}
+
+/// A clone is another instance: it does not share the original's lease.
+#[tokio::test]
+async fn a_clone_competes_for_the_lease() {
+    let fixture = common::Sqlite::new().await;
+    let relay = Relay::new(fixture.store(), MemoryTransport::new());
+    assert!(relay.run_once().await.unwrap().leader);
+    assert!(!relay.clone().run_once().await.unwrap().leader);
+}

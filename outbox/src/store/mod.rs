@@ -39,6 +39,25 @@ pub struct OutboxRow {
 }
 
 impl OutboxRow {
+    /// A row as a store read it (for stores outside this crate).
+    pub fn new(
+        seq: i64,
+        topic: String,
+        partition_key: Option<String>,
+        attempts: u32,
+        next_attempt_at: SystemTime,
+        message: Result<Envelope, String>,
+    ) -> Self {
+        Self {
+            seq,
+            topic,
+            partition_key,
+            attempts,
+            next_attempt_at,
+            message,
+        }
+    }
+
     /// Whether the row may be published at `now`.
     pub fn is_due(&self, now: SystemTime) -> bool {
         self.next_attempt_at <= now

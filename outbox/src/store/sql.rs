@@ -8,7 +8,7 @@
 
 pub(super) const INSERT: &str = "\
 INSERT INTO surety_outbox (message_id, topic, partition_key, headers, payload, created_at, next_attempt_at)
-VALUES ($1, $2, $3, $4, $5, $6, $6)
+VALUES ($1, $2, $3, $4, $5, $6, 0)
 RETURNING seq";
 
 /// Pending rows that are due and whose key has no earlier pending row
@@ -39,6 +39,9 @@ INSERT INTO surety_outbox_relay (name, holder, lease_until) VALUES ($1, $2, $3)
 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, lease_until = excluded.lease_until
 WHERE surety_outbox_relay.holder = excluded.holder OR surety_outbox_relay.lease_until <= $4
 RETURNING holder";
+
+pub(super) const LEASE: &str =
+    "SELECT holder, lease_until FROM surety_outbox_relay WHERE name = $1";
 
 pub(super) const RELEASE: &str = "DELETE FROM surety_outbox_relay WHERE name = $1 AND holder = $2";
 
@@ -113,20 +116,57 @@ macro_rules! sql_outbox {
                     .bind(now)
                     .fetch_all(&self.pool)
                     .await?;
-                rows.into_iter()
+                rows.iter()
                     .map(|row| {
-                        let headers: String = row.try_get("headers")?;
-                        let payload: Vec<u8> = row.try_get("payload")?;
-                        let attempts: i32 = row.try_get("attempts")?;
-                        let next: i64 = row.try_get("next_attempt_at")?;
-                        Ok(super::OutboxRow {
-                            seq: row.try_get("seq")?,
-                            topic: row.try_get("topic")?,
-                            partition_key: row.try_get("partition_key")?,
-                            attempts: u32::try_from(attempts).unwrap_or(0),
-                            next_attempt_at: super::from_millis(next),
-                            message: super::decode_message(&headers, payload),
-                        })
+                        // Only `seq` must read; any other column that does
+                        // not makes the row unreadable, and the relay parks
+                        // it with the reason instead of failing every cycle.
+                        let seq: i64 = row.try_get("seq")?;
+                        let mut problems = Vec::new();
+                        let mut column = |name: &str, err: sqlx::Error| {
+                            problems.push(format!("stored {name}: {err}"));
+                        };
+                        let topic: String = row.try_get("topic").unwrap_or_else(|err| {
+                            column("topic", err);
+                            String::new()
+                        });
+                        let partition_key: Option<String> =
+                            row.try_get("partition_key").unwrap_or_else(|err| {
+                                column("partition_key", err);
+                                None
+                            });
+                        let attempts: i32 = row.try_get("attempts").unwrap_or_else(|err| {
+                            column("attempts", err);
+                            0
+                        });
+                        let next: i64 = row.try_get("next_attempt_at").unwrap_or_else(|err| {
+                            column("next_attempt_at", err);
+                            0
+                        });
+                        let headers: Option<String> =
+                            row.try_get("headers").map(Some).unwrap_or_else(|err| {
+                                column("headers", err);
+                                None
+                            });
+                        let payload: Option<Vec<u8>> =
+                            row.try_get("payload").map(Some).unwrap_or_else(|err| {
+                                column("payload", err);
+                                None
+                            });
+                        let message = match (headers, payload) {
+                            (Some(headers), Some(payload)) if problems.is_empty() => {
+                                super::decode_message(&headers, payload)
+                            }
+                            _ => Err(problems.join("; ")),
+                        };
+                        Ok(super::OutboxRow::new(
+                            seq,
+                            topic,
+                            partition_key,
+                            u32::try_from(attempts).unwrap_or(0),
+                            super::from_millis(next),
+                            message,
+                        ))
                     })
                     .collect::<Result<Vec<_>, sqlx::Error>>()
                     .map_err(OutboxError::from)
@@ -178,6 +218,16 @@ macro_rules! sql_outbox {
                 lease: std::time::Duration,
             ) -> Result<bool, OutboxError> {
                 let now = super::to_millis(std::time::SystemTime::now());
+                // Read first: a standby writes nothing while another
+                // holder's lease runs (on SQLite every write, even one that
+                // changes nothing, takes the database's write lock).
+                let current: Option<(String, i64)> = sqlx::query_as(super::sql::LEASE)
+                    .bind(relay)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                if current.is_some_and(|(other, until)| other != holder && until > now) {
+                    return Ok(false);
+                }
                 let until = now.saturating_add(super::duration_millis(lease));
                 let got: Option<String> = sqlx::query_scalar(super::sql::ACQUIRE)
                     .bind(relay)

@@ -2,7 +2,12 @@
 //!
 //! Open the pool in WAL mode with a busy timeout, so that the relay's reads
 //! do not wait for the application's writes and concurrent writers queue
-//! instead of failing:
+//! instead of failing. The relay writes too (it marks rows sent), so an
+//! application transaction that reads before it writes should start with
+//! `BEGIN IMMEDIATE` (`pool.begin_with("BEGIN IMMEDIATE")`): a deferred one
+//! that meets another connection's write between its read and its write
+//! fails with `SQLITE_BUSY_SNAPSHOT` ("database is locked") whatever the
+//! busy timeout.
 //!
 //! ```
 //! use std::str::FromStr;

@@ -32,14 +32,14 @@ pub trait Fixture: Send + Sync {
     /// Inserts a pending row whose stored headers are not JSON.
     fn write_corrupt(&self, topic: &str) -> impl Future<Output = ()> + Send;
 
-    /// The `last_error` of every row in `status`, in seq order.
+    /// The `last_error` of the rows in `status` that have one, in seq order.
     fn last_error(&self, status: &str) -> impl Future<Output = Vec<String>> + Send;
 }
 
 const CORRUPT: &str = "INSERT INTO surety_outbox (message_id, topic, partition_key, headers, payload, created_at, next_attempt_at)
 VALUES ('bad', $1, 'k-bad', '{not json', $2, 0, 0)";
 
-const ERRORS: &str = "SELECT last_error FROM surety_outbox WHERE status = $1 ORDER BY seq";
+const ERRORS: &str = "SELECT last_error FROM surety_outbox WHERE status = $1 AND last_error IS NOT NULL ORDER BY seq";
 
 /// Implements [`Fixture`] for a backend wrapper whose `.0.pool` is its pool.
 macro_rules! fixture {
@@ -123,8 +123,10 @@ pub enum Fail {
     Lost,
     /// Reaches the broker, but the confirmation times out.
     Unconfirmed,
-    /// The broker refuses it for good.
+    /// The broker refuses the message itself, for good.
     Rejected,
+    /// The broker cannot route it (nothing bound to the topic yet).
+    Unroutable,
 }
 
 /// Picks how send number `n` to `topic` fails, if it does.
@@ -171,6 +173,12 @@ impl Publisher for Flaky {
                 }))
             }
             Some(Fail::Rejected) => Ok(Confirmation::new(async {
+                Err(TransportError::new(
+                    TransportErrorKind::Rejected,
+                    "the message is too large",
+                ))
+            })),
+            Some(Fail::Unroutable) => Ok(Confirmation::new(async {
                 Err(TransportError::new(
                     TransportErrorKind::Unroutable,
                     "no queue is bound",
