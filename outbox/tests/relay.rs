@@ -440,6 +440,46 @@ async fn an_unreachable_broker_ends_the_cycle(fixture: impl Fixture) {
     assert_eq!(fixture.store().backlog().await.unwrap().pending, 20);
 }
 
+/// Shutdown during a cycle stops new sends at once; what was sent is
+/// awaited and marked sent, the rest stays pending for the next leader.
+async fn shutdown_stops_a_cycle_between_sends(fixture: impl Fixture) {
+    let transport = MemoryTransport::new();
+    let mut orders = transport.subscribe("orders", "billing").await.unwrap();
+    let messages: Vec<(&str, Envelope)> = (0..10)
+        .map(|n| ("orders", event(&format!("k{n}"), n)))
+        .collect();
+    fixture.write(&messages, true).await;
+    let relay = Relay::new(fixture.store(), Slow(transport.clone()));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(relay.run(async move {
+        stopped.await.ok();
+    }));
+    let first = tokio::time::timeout(WAIT, futures::StreamExt::next(&mut orders))
+        .await
+        .expect("a delivery in time")
+        .expect("the stream is open")
+        .expect("a delivery");
+    first.ack().await.unwrap();
+    stop.send(()).ok();
+    tokio::time::timeout(WAIT, running)
+        .await
+        .expect("the relay stops")
+        .unwrap();
+    let pending = fixture.store().backlog().await.unwrap().pending;
+    assert!(
+        pending > 0,
+        "the cycle did not send all ten rows after shutdown"
+    );
+    let marker = Envelope::builder("/test", "marker").build();
+    transport.publish("orders", marker.clone()).await.unwrap();
+    let delivered = 1 + until_marker(&mut orders, &marker.id).await.len();
+    assert_eq!(
+        delivered as u64 + pending,
+        10,
+        "every sent row was marked sent"
+    );
+}
+
 macro_rules! suite {
     ($backend:ident, $fixture:expr) => {
         mod $backend {
@@ -503,6 +543,12 @@ macro_rules! suite {
             async fn an_unreachable_broker_ends_the_cycle() {
                 let Some(fixture) = $fixture else { return };
                 super::an_unreachable_broker_ends_the_cycle(fixture).await;
+            }
+
+            #[tokio::test]
+            async fn shutdown_stops_a_cycle_between_sends() {
+                let Some(fixture) = $fixture else { return };
+                super::shutdown_stops_a_cycle_between_sends(fixture).await;
             }
 
             #[tokio::test]
