@@ -400,13 +400,16 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
                 }
             }
         }
+        // Renew the lease while confirmations are awaited, too. One timer,
+        // reset after each renewal (sends renew as well; an early wake-up
+        // finds nothing to do).
+        let mut renewal = std::pin::pin!(tokio::time::sleep_until(self.renew_at()));
         loop {
-            // Renew the lease while confirmations are awaited, too.
-            let renew_at = self.renew_at();
             let next = tokio::select! {
                 next = in_flight.next() => next,
-                () = tokio::time::sleep_until(renew_at), if cycle.leader => {
+                () = &mut renewal, if cycle.leader => {
                     cycle.leader = self.still_leading().await?;
+                    renewal.as_mut().reset(self.renew_at());
                     continue;
                 }
             };
