@@ -6,9 +6,13 @@
 //! milliseconds from the clock of the process that writes them.
 
 use std::future::Future;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+use std::time::UNIX_EPOCH;
+use std::time::{Duration, SystemTime};
 
-use surety_core::{Envelope, Headers};
+use surety_core::Envelope;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+use surety_core::Headers;
 
 use crate::error::OutboxError;
 
@@ -136,6 +140,7 @@ pub trait OutboxStore: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<u64, OutboxError>> + Send;
 }
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 /// What `enqueue` writes for one message: the envelope in binary mode
 /// (CloudEvents headers plus the payload), with the current trace context
 /// when the envelope carries none.
@@ -146,6 +151,7 @@ pub(crate) struct NewRow {
     pub(crate) payload: Vec<u8>,
 }
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 impl NewRow {
     pub(crate) fn new(topic: &str, envelope: &Envelope) -> Result<Self, OutboxError> {
         if topic.is_empty() {
@@ -169,6 +175,7 @@ impl NewRow {
     }
 }
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 /// Reads a stored row's message back.
 pub(crate) fn decode_message(headers: &str, payload: Vec<u8>) -> Result<Envelope, String> {
     let headers: Headers =
@@ -176,23 +183,26 @@ pub(crate) fn decode_message(headers: &str, payload: Vec<u8>) -> Result<Envelope
     Envelope::from_binary(headers, payload.into()).map_err(|err| format!("stored message: {err}"))
 }
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 /// `time` in Unix milliseconds (0 before the epoch, saturated far after).
 pub(crate) fn to_millis(time: SystemTime) -> i64 {
     time.duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 /// Unix milliseconds as a time (negative values as the epoch).
 pub(crate) fn from_millis(millis: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(u64::try_from(millis).unwrap_or(0))
 }
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 /// A duration in milliseconds, saturated.
 pub(crate) fn duration_millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
-#[cfg(test)]
+#[cfg(all(test, any(feature = "sqlite", feature = "postgres")))]
 mod tests {
     use super::*;
 
