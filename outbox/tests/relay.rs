@@ -348,6 +348,14 @@ async fn a_slow_cycle_keeps_its_lease(fixture: impl Fixture) {
     let b = Relay::new(fixture.store(), slow)
         .holder("b")
         .lease(Duration::from_secs(1));
+    // A holds the lease before the standby starts polling.
+    assert!(
+        fixture
+            .store()
+            .acquire_lease("default", "a", Duration::from_secs(1))
+            .await
+            .unwrap()
+    );
     let cycle = a.run_once();
     let standby = async {
         let mut led = 0;
