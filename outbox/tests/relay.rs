@@ -12,7 +12,9 @@ use surety_outbox::metrics::OutboxMetrics;
 use surety_outbox::{OutboxStore, Relay};
 use surety_testkit::wait::eventually_every;
 
-use common::{Fail, Fixture, Flaky, Switch, WAIT, event, numbers_by_key, until_marker};
+use common::{
+    Fail, Fixture, Flaky, Switch, WAIT, event, numbers_by_key, one_per_key, published_before_marker,
+};
 
 /// Runs relay cycles until no row is pending.
 async fn drain<F: Fixture, P: Publisher + Clone + 'static>(
@@ -66,9 +68,7 @@ async fn commit_publishes_and_rollback_does_not(fixture: impl Fixture) {
     );
     assert_eq!(metrics.relayed_count("default", "sent"), 2);
 
-    let marker = Envelope::builder("/test", "marker").build();
-    transport.publish("orders", marker.clone()).await.unwrap();
-    let seen = until_marker(&mut orders, &marker.id).await;
+    let seen = published_before_marker(&transport, "orders", &mut orders).await;
     let ids: Vec<&str> = seen.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(ids, [placed.id.as_str(), paid.id.as_str()]);
     let got = &seen[0];
@@ -107,9 +107,7 @@ async fn per_key_order_survives_failed_publishes(fixture: impl Fixture) {
         .retry_backoff(Duration::from_millis(1), Duration::from_millis(4));
     drain(&fixture, &relay).await;
 
-    let marker = Envelope::builder("/test", "marker").build();
-    transport.publish("orders", marker.clone()).await.unwrap();
-    let seen = until_marker(&mut orders, &marker.id).await;
+    let seen = published_before_marker(&transport, "orders", &mut orders).await;
     assert!(seen.len() >= 150, "{} deliveries", seen.len());
     for (key, mut numbers) in numbers_by_key(&seen) {
         numbers.dedup();
@@ -158,9 +156,7 @@ async fn a_rejected_row_is_parked_and_requeued(fixture: impl Fixture) {
     assert_eq!(errors.len(), 1);
     assert!(errors[0].contains("too large"), "{errors:?}");
 
-    let marker = Envelope::builder("/test", "marker").build();
-    transport.publish("orders", marker.clone()).await.unwrap();
-    let ids: Vec<String> = until_marker(&mut orders, &marker.id)
+    let ids: Vec<String> = published_before_marker(&transport, "orders", &mut orders)
         .await
         .into_iter()
         .map(|e| e.id)
@@ -170,8 +166,7 @@ async fn a_rejected_row_is_parked_and_requeued(fixture: impl Fixture) {
     fixed.set(true);
     assert_eq!(store.requeue_parked().await.unwrap(), 1);
     assert_eq!(relay.run_once().await.unwrap().sent, 1);
-    transport.publish("nowhere", marker.clone()).await.unwrap();
-    let ids: Vec<String> = until_marker(&mut nowhere, &marker.id)
+    let ids: Vec<String> = published_before_marker(&transport, "nowhere", &mut nowhere)
         .await
         .into_iter()
         .map(|e| e.id)
@@ -321,9 +316,7 @@ async fn a_failing_key_does_not_hold_back_the_others(fixture: impl Fixture) {
         cycles[0].retried, 1,
         "only the head of the stuck key was tried"
     );
-    let marker = Envelope::builder("/test", "marker").build();
-    transport.publish("orders", marker.clone()).await.unwrap();
-    let ids: Vec<String> = until_marker(&mut orders, &marker.id)
+    let ids: Vec<String> = published_before_marker(&transport, "orders", &mut orders)
         .await
         .into_iter()
         .map(|e| e.id)
@@ -337,10 +330,7 @@ async fn a_failing_key_does_not_hold_back_the_others(fixture: impl Fixture) {
 async fn a_slow_cycle_keeps_its_lease(fixture: impl Fixture) {
     let transport = MemoryTransport::new();
     let mut orders = transport.subscribe("orders", "billing").await.unwrap();
-    let messages: Vec<(&str, Envelope)> = (0..10)
-        .map(|n| ("orders", event(&format!("k{n}"), n)))
-        .collect();
-    fixture.write(&messages, true).await;
+    fixture.write(&one_per_key(10), true).await;
     let slow = Slow(transport.clone());
     let a = Relay::new(fixture.store(), slow.clone())
         .holder("a")
@@ -371,9 +361,8 @@ async fn a_slow_cycle_keeps_its_lease(fixture: impl Fixture) {
     let (cycle, led) = tokio::join!(cycle, standby);
     assert_eq!(cycle.unwrap().sent, 10);
     assert_eq!(led, 0, "the standby published while the holder was sending");
-    let marker = Envelope::builder("/test", "marker").build();
-    transport.publish("orders", marker.clone()).await.unwrap();
-    assert_eq!(until_marker(&mut orders, &marker.id).await.len(), 10);
+    let seen = published_before_marker(&transport, "orders", &mut orders).await;
+    assert_eq!(seen.len(), 10);
 }
 
 /// A publisher whose every send takes 300 ms to be handed over.
@@ -425,9 +414,7 @@ async fn an_unroutable_row_holds_its_key_until_routable(fixture: impl Fixture) {
     assert_eq!(store.backlog().await.unwrap().parked, 0);
     routable.set(true);
     drain(&fixture, &relay).await;
-    let marker = Envelope::builder("/test", "marker").build();
-    transport.publish("orders", marker.clone()).await.unwrap();
-    let seen = until_marker(&mut orders, &marker.id).await;
+    let seen = published_before_marker(&transport, "orders", &mut orders).await;
     let by_key = numbers_by_key(&seen);
     assert_eq!(by_key["a"], [0, 2]);
     assert_eq!(by_key["b"], [0]);
@@ -437,10 +424,7 @@ async fn an_unroutable_row_holds_its_key_until_routable(fixture: impl Fixture) {
 /// relay does not wait out a connection timeout for every key in turn.
 async fn an_unreachable_broker_ends_the_cycle(fixture: impl Fixture) {
     let publisher = Flaky::new(MemoryTransport::new(), |_, _| Some(Fail::Lost));
-    let messages: Vec<(&str, Envelope)> = (0..20)
-        .map(|n| ("orders", event(&format!("k{n}"), n)))
-        .collect();
-    fixture.write(&messages, true).await;
+    fixture.write(&one_per_key(20), true).await;
     let relay = Relay::new(fixture.store(), publisher.clone());
     let cycle = relay.run_once().await.unwrap();
     assert_eq!((cycle.sent, cycle.retried), (0, 1), "{cycle:?}");
@@ -453,10 +437,7 @@ async fn an_unreachable_broker_ends_the_cycle(fixture: impl Fixture) {
 async fn shutdown_stops_a_cycle_between_sends(fixture: impl Fixture) {
     let transport = MemoryTransport::new();
     let mut orders = transport.subscribe("orders", "billing").await.unwrap();
-    let messages: Vec<(&str, Envelope)> = (0..10)
-        .map(|n| ("orders", event(&format!("k{n}"), n)))
-        .collect();
-    fixture.write(&messages, true).await;
+    fixture.write(&one_per_key(10), true).await;
     let relay = Relay::new(fixture.store(), Slow(transport.clone()));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(relay.run(async move {
@@ -478,9 +459,9 @@ async fn shutdown_stops_a_cycle_between_sends(fixture: impl Fixture) {
         pending > 0,
         "the cycle did not send all ten rows after shutdown"
     );
-    let marker = Envelope::builder("/test", "marker").build();
-    transport.publish("orders", marker.clone()).await.unwrap();
-    let delivered = 1 + until_marker(&mut orders, &marker.id).await.len();
+    let delivered = 1 + published_before_marker(&transport, "orders", &mut orders)
+        .await
+        .len();
     assert_eq!(
         delivered as u64 + pending,
         10,

@@ -254,6 +254,26 @@ pub fn first_copies(envelopes: impl IntoIterator<Item = Envelope>) -> Vec<Envelo
         .collect()
 }
 
+/// Publishes a marker to `topic` straight through `transport` and returns
+/// the envelopes `stream` delivers before it: everything the relay had
+/// published to `topic` by then.
+pub async fn published_before_marker(
+    transport: &MemoryTransport,
+    topic: &str,
+    stream: &mut DeliveryStream,
+) -> Vec<Envelope> {
+    let marker = Envelope::builder("/test", "marker").build();
+    transport.publish(topic, marker.clone()).await.unwrap();
+    until_marker(stream, &marker.id).await
+}
+
+/// One `orders` event for each of `keys` keys (`k0`, `k1`, ...).
+pub fn one_per_key(keys: usize) -> Vec<(&'static str, Envelope)> {
+    (0..keys)
+        .map(|n| ("orders", event(&format!("k{n}"), n)))
+        .collect()
+}
+
 /// The `n` header of each envelope, by partition key, in arrival order.
 pub fn numbers_by_key(envelopes: &[Envelope]) -> HashMap<String, Vec<usize>> {
     let mut by_key: HashMap<String, Vec<usize>> = HashMap::new();
