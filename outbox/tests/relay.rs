@@ -4,12 +4,14 @@
 
 mod common;
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
 
 use surety_core::memory::MemoryTransport;
 use surety_core::{Envelope, Publisher, Subscriber};
 use surety_outbox::metrics::OutboxMetrics;
-use surety_outbox::{OutboxStore, Relay};
+use surety_outbox::{Backlog, OutboxError, OutboxRow, OutboxStore, Relay};
 use surety_testkit::wait::eventually_every;
 
 use common::{
@@ -579,4 +581,80 @@ async fn a_clone_competes_for_the_lease() {
     let relay = Relay::new(fixture.store(), MemoryTransport::new());
     assert!(relay.run_once().await.unwrap().leader);
     assert!(!relay.clone().run_once().await.unwrap().leader);
+}
+
+/// A relay that fails to mark its confirmed rows (it crashed, or the
+/// database went away between the confirm and the mark) publishes them
+/// again, with the same message ids: at least once, never lost.
+#[tokio::test]
+async fn a_failed_mark_publishes_again_with_the_same_ids() {
+    let fixture = common::Sqlite::new().await;
+    let transport = MemoryTransport::new();
+    let mut orders = transport.subscribe("orders", "billing").await.unwrap();
+    fixture.write(&one_per_key(3), true).await;
+    let store = MarkFailsOnce {
+        inner: fixture.store(),
+        failed: Arc::new(AtomicBool::new(false)),
+    };
+    let relay = Relay::new(store, transport.clone());
+    assert!(relay.run_once().await.is_err(), "the mark failed");
+    assert_eq!(relay.run_once().await.unwrap().sent, 3);
+    let seen = published_before_marker(&transport, "orders", &mut orders).await;
+    let ids: Vec<&str> = seen.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids.len(), 6, "{ids:?}");
+    assert_eq!(ids[..3], ids[3..], "the same messages, again");
+    assert_eq!(fixture.store().backlog().await.unwrap().pending, 0);
+}
+
+/// A store whose first `mark_sent` fails.
+#[derive(Clone)]
+struct MarkFailsOnce<S> {
+    inner: S,
+    failed: Arc<AtomicBool>,
+}
+
+impl<S: OutboxStore> OutboxStore for MarkFailsOnce<S> {
+    async fn pending(&self, limit: usize) -> Result<Vec<OutboxRow>, OutboxError> {
+        self.inner.pending(limit).await
+    }
+
+    async fn mark_sent(&self, seqs: &[i64]) -> Result<(), OutboxError> {
+        if !self.failed.swap(true, Ordering::SeqCst) {
+            return Err(OutboxError::store("the connection was lost"));
+        }
+        self.inner.mark_sent(seqs).await
+    }
+
+    async fn retry_later(&self, seq: i64, error: &str, at: SystemTime) -> Result<(), OutboxError> {
+        self.inner.retry_later(seq, error, at).await
+    }
+
+    async fn park(&self, seq: i64, error: &str) -> Result<(), OutboxError> {
+        self.inner.park(seq, error).await
+    }
+
+    async fn acquire_lease(
+        &self,
+        relay: &str,
+        holder: &str,
+        lease: Duration,
+    ) -> Result<bool, OutboxError> {
+        self.inner.acquire_lease(relay, holder, lease).await
+    }
+
+    async fn release_lease(&self, relay: &str, holder: &str) -> Result<(), OutboxError> {
+        self.inner.release_lease(relay, holder).await
+    }
+
+    async fn backlog(&self) -> Result<Backlog, OutboxError> {
+        self.inner.backlog().await
+    }
+
+    async fn requeue_parked(&self) -> Result<u64, OutboxError> {
+        self.inner.requeue_parked().await
+    }
+
+    async fn purge_sent(&self, older_than: Duration, limit: u64) -> Result<u64, OutboxError> {
+        self.inner.purge_sent(older_than, limit).await
+    }
 }
