@@ -73,6 +73,7 @@ pub mod consumer;
 pub mod envelope;
 pub mod error;
 pub mod headers;
+pub mod host;
 pub mod memory;
 pub mod metrics;
 mod port;
@@ -80,7 +81,7 @@ mod publish;
 pub mod trace;
 
 pub use codec::DecodeError;
-pub use envelope::{Envelope, EnvelopeBuilder, Message};
+pub use envelope::{Envelope, EnvelopeBuilder, Message, ReplyError};
 pub use error::{
     BoxError, Classify, ErrorClass, HandlerError, Permanent, Poison, Result, Transient,
     TransportError, TransportErrorKind,

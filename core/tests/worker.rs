@@ -125,7 +125,8 @@ async fn unavailable_pipelines_requeue_past_max_deliveries() {
 async fn permanent_failures_are_rejected_without_retry() {
     let transport = MemoryTransport::new();
     transport.publish("orders", order("o-1")).await.unwrap();
-    let handler = typed(|_o: Order, _msg: Incoming| async { Err(Permanent::new("bad sku")) });
+    let handler =
+        typed(|_o: Order, _msg: Incoming| async { Err::<(), _>(Permanent::new("bad sku")) });
     let report = run_until_drained(&transport, Worker::new(handler), "orders", "g").await;
     assert_eq!((report.acked, report.requeued, report.rejected), (0, 0, 1));
 }

@@ -45,15 +45,19 @@
 //! use surety_core::consumer::{typed, Incoming, Worker};
 //! use surety_core::memory::MemoryTransport;
 //! use surety_core::tower::Layer;
-//! use surety_core::{Envelope, Publisher, Subscriber};
+//! use surety_core::{Envelope, Message, Publisher, Subscriber};
 //! use surety_dlq::store::{DlqStore, Filter, SqliteStore};
 //! use surety_dlq::{DlqLayer, RetryPolicy};
+//!
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! struct OrderPlaced { quantity: u32 }
+//! impl Message for OrderPlaced { const TYPE: &'static str = "order.placed"; }
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let transport = MemoryTransport::new();
 //! let store = SqliteStore::in_memory().await?;
-//! let handler = typed(|qty: u32, _msg: Incoming| async move {
-//!     println!("ordering {qty}");
+//! let handler = typed(|order: OrderPlaced, _msg: Incoming| async move {
+//!     println!("ordering {}", order.quantity);
 //!     Ok::<_, std::convert::Infallible>(())
 //! });
 //! let handler = DlqLayer::new("fulfilment")
@@ -63,7 +67,7 @@
 //!     .layer(handler);
 //!
 //! let deliveries = transport.subscribe("orders", "fulfilment").await?;
-//! // Not a number: poison, dead-lettered without running the handler.
+//! // Not an order: poison, dead-lettered without running the handler.
 //! transport.publish("orders", Envelope::builder("/shop", "order.placed").payload("\"many\"").build()).await?;
 //!
 //! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

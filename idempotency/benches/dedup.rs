@@ -152,7 +152,7 @@ fn counting(done: &Done) -> impl Handler + use<> {
 }
 
 /// An order of about 1 KB, as JSON.
-#[derive(serde::Deserialize)]
+#[derive(serde::Serialize, serde::Deserialize)]
 #[allow(dead_code)]
 struct Order {
     order_id: String,
@@ -163,7 +163,11 @@ struct Order {
     placed_at: String,
 }
 
-#[derive(serde::Deserialize)]
+impl surety_core::Message for Order {
+    const TYPE: &'static str = "bench.message";
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
 #[allow(dead_code)]
 struct Customer {
     id: String,
@@ -171,7 +175,7 @@ struct Customer {
     name: String,
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Serialize, serde::Deserialize)]
 #[allow(dead_code)]
 struct OrderLine {
     sku: String,

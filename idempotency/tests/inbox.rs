@@ -16,13 +16,13 @@ use std::time::Duration;
 use futures::StreamExt;
 use prometheus_client::registry::Registry;
 use sqlx::Database;
-use surety_core::consumer::{Incoming, Outcome, Worker};
+use surety_core::consumer::{Incoming, Outcome, Output, Worker};
 use surety_core::memory::MemoryTransport;
 use surety_core::tower::ServiceExt;
 use surety_core::{Classify, DeliveryInfo, Envelope, Publisher, Subscriber};
 use surety_idempotency::{
     Claim, IdempotencyLayer, IdempotencyMetrics, InboxTx, LeasePolicy, Marked, PostgresStore,
-    Reply, SqliteStore, StoreError, TransactionalStore,
+    SqliteStore, StoreError, TransactionalStore,
 };
 use surety_testkit::fault::{FaultPlan, FaultyTransport};
 use tokio::sync::Notify;
@@ -187,11 +187,16 @@ async fn a_rolled_back_transaction_leaves_no_mark_and_no_effect<S: Business>(sto
     );
 
     assert_eq!(
-        handler.clone().oneshot(incoming(&env)).await.unwrap(),
+        handler
+            .clone()
+            .oneshot(incoming(&env))
+            .await
+            .unwrap()
+            .outcome,
         Outcome::Handled
     );
     assert_eq!(
-        handler.oneshot(incoming(&env)).await.unwrap(),
+        handler.oneshot(incoming(&env)).await.unwrap().outcome,
         Outcome::Duplicate
     );
     assert_eq!(store.effects(&env.id).await, 1);
@@ -237,12 +242,17 @@ async fn a_worker_killed_after_its_business_write_applies_once_after_redelivery<
     // without waiting for a lease.
     let redelivered = tokio::time::Instant::now();
     assert_eq!(
-        handler.clone().oneshot(incoming(&env)).await.unwrap(),
+        handler
+            .clone()
+            .oneshot(incoming(&env))
+            .await
+            .unwrap()
+            .outcome,
         Outcome::Handled
     );
     assert!(redelivered.elapsed() < Duration::from_secs(30));
     assert_eq!(
-        handler.oneshot(incoming(&env)).await.unwrap(),
+        handler.oneshot(incoming(&env)).await.unwrap().outcome,
         Outcome::Duplicate
     );
     assert_eq!(store.effects(&env.id).await, 1);
@@ -355,12 +365,12 @@ async fn a_concurrent_duplicate_waits_for_the_open_transaction<S: Business>(stor
             .unwrap()
             .unwrap();
         if first_commits {
-            assert_eq!(first.unwrap(), Outcome::Handled);
-            assert_eq!(second, Outcome::Duplicate);
+            assert_eq!(first.unwrap().outcome, Outcome::Handled);
+            assert_eq!(second.outcome, Outcome::Duplicate);
         } else {
             assert!(first.is_err());
             assert_eq!(
-                second,
+                second.outcome,
                 Outcome::Handled,
                 "the duplicate runs once the first rolled back"
             );
@@ -469,7 +479,6 @@ async fn under_faults_and_crashes_every_effect_commits_once<S: Business>(store: 
         let handler = {
             let runs = Arc::clone(&runs);
             IdempotencyLayer::new(store.clone())
-                .replies(transport.clone())
                 .policy(
                     LeasePolicy::new(Duration::from_secs(30)).busy_wait(Duration::from_millis(50)),
                 )
@@ -487,7 +496,8 @@ async fn under_faults_and_crashes_every_effect_commits_once<S: Business>(store: 
                             return Err(StoreError::backend("crashed before commit"));
                         }
                         let reply = msg.envelope.caused_by("/handler", "reply").build();
-                        tx.commit_with_reply(Reply::new("replies", reply)).await
+                        tx.commit_with_outputs(vec![Output::new("replies", reply)])
+                            .await
                     }
                 })
         };
@@ -498,6 +508,7 @@ async fn under_faults_and_crashes_every_effect_commits_once<S: Business>(store: 
             let mut stop = stop_rx.clone();
             workers.push(tokio::spawn(
                 Worker::new(handler.clone())
+                    .emit_to(transport.clone())
                     .concurrency(2)
                     .max_deliveries(1_000)
                     .max_retry_after(Duration::from_millis(20))

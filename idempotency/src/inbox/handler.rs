@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
-use surety_core::consumer::{Incoming, Outcome};
-use surety_core::{Classify, HandlerError, Publisher};
+use surety_core::consumer::{Incoming, Response};
+use surety_core::{Classify, HandlerError};
 use tower::Service;
 
 use super::{Committed, InboxTx, TransactionalStore};
@@ -22,12 +22,12 @@ use crate::store::Claim;
 /// [`InboxTx`], and acknowledges once the transaction committed with the
 /// message marked processed. See [the module docs](super) for what
 /// happens on failure and with concurrent duplicates.
-pub struct InboxHandler<St, F, K, P> {
-    guard: Arc<Guard<St, K, P>>,
+pub struct InboxHandler<St, F, K> {
+    guard: Arc<Guard<St, K>>,
     f: F,
 }
 
-impl<St, F: Clone, K, P> Clone for InboxHandler<St, F, K, P> {
+impl<St, F: Clone, K> Clone for InboxHandler<St, F, K> {
     fn clone(&self) -> Self {
         Self {
             guard: Arc::clone(&self.guard),
@@ -36,7 +36,7 @@ impl<St, F: Clone, K, P> Clone for InboxHandler<St, F, K, P> {
     }
 }
 
-impl<St: fmt::Debug, F, K: fmt::Debug, P: fmt::Debug> fmt::Debug for InboxHandler<St, F, K, P> {
+impl<St: fmt::Debug, F, K: fmt::Debug> fmt::Debug for InboxHandler<St, F, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("InboxHandler")
             .field("guard", &self.guard)
@@ -44,11 +44,10 @@ impl<St: fmt::Debug, F, K: fmt::Debug, P: fmt::Debug> fmt::Debug for InboxHandle
     }
 }
 
-impl<St, K, P> IdempotencyLayer<St, K, P>
+impl<St, K> IdempotencyLayer<St, K>
 where
     St: TransactionalStore,
     K: KeyFn + Clone,
-    P: Publisher + Clone,
 {
     /// A handler that runs `f` at most once per dedup key, with a
     /// transaction in which `f` writes its effect and which
@@ -86,14 +85,14 @@ where
     /// let env = Envelope::builder("/orders", "payment.requested").subject("o-1").build();
     /// let info = DeliveryInfo::new("memory", "payments", "billing");
     /// for expected in [Outcome::Handled, Outcome::Duplicate] {
-    ///     let outcome = handler.clone().oneshot(Incoming::new(env.clone(), info.clone())).await?;
-    ///     assert_eq!(outcome, expected);
+    ///     let response = handler.clone().oneshot(Incoming::new(env.clone(), info.clone())).await?;
+    ///     assert_eq!(response.outcome, expected);
     /// }
     /// let paid: i64 = sqlx::query_scalar("SELECT count(*) FROM payments").fetch_one(&pool).await?;
     /// assert_eq!(paid, 1);
     /// # Ok(()) }
     /// ```
-    pub fn inbox<F, Fut, E>(&self, f: F) -> InboxHandler<St, F, K, P>
+    pub fn inbox<F, Fut, E>(&self, f: F) -> InboxHandler<St, F, K>
     where
         F: Fn(Incoming, InboxTx<St>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Result<Committed, E>> + Send + 'static,
@@ -106,18 +105,17 @@ where
     }
 }
 
-impl<St, F, Fut, E, K, P> Service<Incoming> for InboxHandler<St, F, K, P>
+impl<St, F, Fut, E, K> Service<Incoming> for InboxHandler<St, F, K>
 where
     St: TransactionalStore,
     F: Fn(Incoming, InboxTx<St>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Committed, E>> + Send + 'static,
     E: Classify + std::error::Error + Send + Sync + 'static,
     K: KeyFn,
-    P: Publisher + 'static,
 {
-    type Response = Outcome;
+    type Response = Response;
     type Error = HandlerError;
-    type Future = BoxFuture<'static, Result<Outcome, HandlerError>>;
+    type Future = BoxFuture<'static, Result<Response, HandlerError>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
         Poll::Ready(Ok(()))
@@ -173,9 +171,7 @@ where
             // On error the transaction was dropped with `f`'s future: the
             // claim, the mark and the business write roll back together.
             let committed = f(msg, tx).await.map_err(HandlerError::new)?;
-            guard
-                .committed(&series, committed.reply.map(Box::new))
-                .await
+            Ok(guard.committed(&series, committed.outputs))
         })
     }
 }
