@@ -270,7 +270,8 @@ impl<S: Handler> Worker<S> {
         self
     }
 
-    /// Handles deliveries until the stream ends or `shutdown` resolves.
+    /// Handles deliveries until the stream ends (and what it yielded is
+    /// settled) or `shutdown` resolves.
     ///
     /// On shutdown the worker stops taking deliveries, drops the stream and
     /// the deliveries waiting behind busy keys (so prefetched, unhandled
@@ -288,8 +289,15 @@ impl<S: Handler> Worker<S> {
         let mut error_backoff = new_error_backoff();
         // With one delivery at a time, order holds without keys.
         let keyed = self.concurrency > 1;
+        // Whether the subscription may yield more. Once it ended, what was
+        // received (in flight, or waiting behind a busy key) still runs.
+        let mut open = true;
         loop {
-            let has_room = tasks.len() < self.concurrency && keys.waiting() < self.max_waiting;
+            if !open && tasks.is_empty() {
+                break;
+            }
+            let has_room =
+                open && tasks.len() < self.concurrency && keys.waiting() < self.max_waiting;
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
@@ -300,7 +308,7 @@ impl<S: Handler> Worker<S> {
                     }
                 }
                 next = deliveries.next(), if has_room => match next {
-                    None => break,
+                    None => open = false,
                     Some(Ok(delivery)) => {
                         let key = if keyed { key_of(&delivery) } else { None };
                         let ready = match key {
@@ -311,7 +319,7 @@ impl<S: Handler> Worker<S> {
                             self.spawn(&mut tasks, delivery, key);
                         }
                     }
-                    Some(Err(err)) if err.kind() == TransportErrorKind::Closed => break,
+                    Some(Err(err)) if err.kind() == TransportErrorKind::Closed => open = false,
                     Some(Err(err)) => {
                         // Back off so a subscription that keeps failing does
                         // not spin; the shutdown signal still wins.
