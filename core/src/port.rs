@@ -224,8 +224,10 @@ pub struct DeliveryInfo {
     pub offset: Option<i64>,
     /// Whether the broker says it delivered this message before.
     pub redelivered: bool,
-    /// How many times the broker delivered this message, counting this one,
-    /// when the broker tracks it.
+    /// How many times this message was delivered, counting this one, when
+    /// the transport tracks it: the broker's count (a quorum queue, the
+    /// in-memory transport), the adapter's own (a classic RabbitMQ queue) or
+    /// the consumer's (Kafka redeliveries within one member of the group).
     pub delivery_count: Option<u32>,
 }
 
@@ -274,10 +276,15 @@ impl Delivery {
         &self.info
     }
 
-    /// The attempt this delivery represents, counting from 1: the
-    /// `surety-attempt` header when a retry layer wrote one, otherwise the
-    /// broker's delivery count, otherwise 2 for a redelivery and 1 for a
-    /// first delivery.
+    /// The attempt this delivery represents, counting from 1: the higher of
+    /// the `surety-attempt` header (written by a retry layer that republished
+    /// the message) and the transport's delivery count (or, without one, 2
+    /// for a redelivery and 1 for a first delivery).
+    ///
+    /// Taking the higher of the two means a header set by a producer cannot
+    /// keep the attempt low while the transport redelivers the message: the
+    /// count grows on every redelivery whatever the header says. A header
+    /// that is too high only makes the message reach the bound sooner.
     pub fn attempt(&self) -> u32 {
         attempt_of(&self.envelope, &self.info)
     }
@@ -305,12 +312,25 @@ impl Delivery {
 }
 
 /// The attempt number of a delivery; see [`Delivery::attempt`].
+///
+/// ```
+/// use surety_core::{DeliveryInfo, Envelope, attempt_of};
+///
+/// let mut envelope = Envelope::builder("/shop", "order.placed").build();
+/// envelope.headers.set_attempt(1);
+/// let mut info = DeliveryInfo::new("rabbitmq", "orders", "billing");
+/// info.delivery_count = Some(4);
+/// // A producer's `surety-attempt: 1` does not pin the attempt.
+/// assert_eq!(attempt_of(&envelope, &info), 4);
+/// envelope.headers.set_attempt(7);
+/// assert_eq!(attempt_of(&envelope, &info), 7);
+/// ```
 pub fn attempt_of(envelope: &Envelope, info: &DeliveryInfo) -> u32 {
-    let from_header = envelope.headers.attempt().ok().flatten();
-    from_header
-        .or(info.delivery_count)
-        .unwrap_or(if info.redelivered { 2 } else { 1 })
-        .max(1)
+    let from_header = envelope.headers.attempt().ok().flatten().unwrap_or(0);
+    let from_transport = info
+        .delivery_count
+        .unwrap_or(if info.redelivered { 2 } else { 1 });
+    from_header.max(from_transport).max(1)
 }
 
 /// The error for a settle operation that failed because the delivery's

@@ -158,7 +158,13 @@ impl Poller {
                 message = consumer.recv(), if !holding => {
                     match message {
                         Ok(message) if open => {
-                            if let Some(item) = accept(&shared, &message) {
+                            let item = accept(&shared, &message);
+                            if shared.tracker().wants_actions() {
+                                // A message to be redelivered was fetched
+                                // past: seek again (or report the stall).
+                                shared.wake.notify_one();
+                            }
+                            if let Some(item) = item {
                                 if overflow.is_empty() {
                                     match tx.try_send(item) {
                                         Ok(()) => {}
@@ -211,6 +217,17 @@ impl Poller {
                 Event::Wake => {
                     let actions = shared.tracker().take_actions();
                     apply(&consumer, &shared, &actions);
+                    for stall in actions.iter().filter_map(|a| stalled(&shared, a)) {
+                        if draining.is_some() {
+                            continue;
+                        }
+                        match tx.try_send(stall) {
+                            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                            Err(mpsc::error::TrySendError::Full(stall)) => {
+                                overflow.push_back(stall);
+                            }
+                        }
+                    }
                 }
                 Event::DrainTimeout => {
                     tracing::warn!(
@@ -283,6 +300,35 @@ fn set_paused(consumer: &KafkaConsumer, pause: bool) {
     }
 }
 
+/// For a stall reported by the tracker: logs it, counts it and returns the
+/// error to yield on the stream.
+fn stalled(shared: &Shared, action: &Action) -> Option<Item> {
+    let Action::Stalled { partition, offset } = *action else {
+        return None;
+    };
+    tracing::error!(
+        topic = %shared.topic,
+        group = %shared.group,
+        partition,
+        offset,
+        "a message to be redelivered could not be fetched again; the partition's \
+         offset is held below it until it is delivered and settled"
+    );
+    shared
+        .metrics
+        .stall(&shared.topic, &shared.group, partition);
+    Some(Item::Error(TransportError::new(
+        TransportErrorKind::Other,
+        format!(
+            "topic {} partition {partition}: the message at offset {offset} was not fetched \
+             again after {} seeks (seeks failing, or the message deleted by retention); \
+             the group's offset stays below it until it is delivered and settled",
+            shared.topic,
+            crate::tracker::MAX_MISSED_REDELIVERIES + 1,
+        ),
+    )))
+}
+
 /// Applies stores and seeks asked for by the tracker.
 fn apply(consumer: &KafkaConsumer, shared: &Shared, actions: &[Action]) {
     if actions.is_empty() {
@@ -299,6 +345,11 @@ fn apply(consumer: &KafkaConsumer, shared: &Shared, actions: &[Action]) {
     for action in actions {
         if let Action::Seek { partition, offset } = *action {
             tracing::debug!(topic = %shared.topic, partition, offset, "seeking back to redeliver");
+            #[cfg(test)]
+            if faults::seek_fails(&shared.topic) {
+                tracing::warn!(partition, offset, "seek failed (injected fault)");
+                continue;
+            }
             // Asynchronous: the version barrier is set before `seek`
             // returns, so nothing fetched before it is returned after it.
             if let Err(err) = consumer.seek(
@@ -551,5 +602,129 @@ impl Stream for Deliveries {
                 }
             }
         }
+    }
+}
+
+/// Fault injection for the tests of this crate: seeks on a topic that fail.
+#[cfg(test)]
+pub(crate) mod faults {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+
+    static FAILING_SEEKS: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+
+    /// Makes every seek on `topic` fail (`true`) or work again.
+    pub(crate) fn fail_seeks(topic: &str, fail: bool) {
+        let mut topics = FAILING_SEEKS.lock().unwrap_or_else(|e| e.into_inner());
+        let topics = topics.get_or_insert_with(HashSet::new);
+        if fail {
+            topics.insert(topic.to_owned());
+        } else {
+            topics.remove(topic);
+        }
+    }
+
+    pub(super) fn seek_fails(topic: &str) -> bool {
+        FAILING_SEEKS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|topics| topics.contains(topic))
+    }
+}
+
+/// Against the real broker, with seeks made to fail.
+#[cfg(test)]
+mod stall_tests {
+    use std::time::Duration;
+
+    use futures::StreamExt;
+    use surety_core::{
+        Close, Delivery, DeliveryStream, Envelope, Publisher, Subscriber, TransportErrorKind,
+    };
+    use surety_testkit::services;
+
+    use super::faults;
+    use crate::tracker::MAX_MISSED_REDELIVERIES;
+    use crate::{KafkaConfig, KafkaMetrics, KafkaTransport};
+
+    const LIMIT: Duration = Duration::from_secs(30);
+
+    fn unique(prefix: &str) -> String {
+        format!("surety-kafka-test.{prefix}.{}", uuid::Uuid::now_v7())
+    }
+
+    async fn next(stream: &mut DeliveryStream, what: &str) -> surety_core::Result<Delivery> {
+        tokio::time::timeout(LIMIT, stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("no item in time: {what}"))
+            .expect("the stream is open")
+    }
+
+    /// A nacked record that the consumer cannot seek back to is never
+    /// passed: the stall is counted and surfaces on the stream, and the
+    /// group's next member starts with that record.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_redelivery_that_cannot_be_fetched_stalls_and_is_never_skipped() {
+        let Some(brokers) = services::require(services::kafka_brokers()) else {
+            return;
+        };
+        let metrics = KafkaMetrics::default();
+        let config = KafkaConfig::new(&brokers)
+            .create_missing_topics(1)
+            .replication_factor(1)
+            .consumer_property("auto.commit.interval.ms", "200")
+            .consumer_property("heartbeat.interval.ms", "500")
+            .consumer_property("session.timeout.ms", "6000")
+            .metrics(metrics.clone());
+        let kafka = KafkaTransport::connect(config).await.expect("connect");
+        let (topic, group) = (unique("stall"), unique("group"));
+        let mut stream = kafka.subscribe(&topic, &group).await.unwrap();
+
+        let nacked = Envelope::builder("/test", "test.nacked").build();
+        kafka.publish(&topic, nacked.clone()).await.unwrap();
+        let first = next(&mut stream, "the first record").await.unwrap();
+        assert_eq!(first.envelope().id, nacked.id);
+        let partition = first.info().partition.unwrap();
+        faults::fail_seeks(&topic, true);
+        first.nack(true).await.unwrap();
+
+        // Every record handled after the nack is one more seek that did not
+        // take; the one past the limit stalls the partition.
+        let mut stall = None;
+        for _ in 0..=MAX_MISSED_REDELIVERIES {
+            let later = Envelope::builder("/test", "test.later").build();
+            kafka.publish(&topic, later.clone()).await.unwrap();
+            let delivery = loop {
+                match next(&mut stream, "a later record").await {
+                    Ok(delivery) => break delivery,
+                    Err(err) => stall = Some(err),
+                }
+            };
+            assert_eq!(delivery.envelope().id, later.id, "the seeks fail");
+            delivery.ack().await.unwrap();
+        }
+        let stall = match stall {
+            Some(err) => err,
+            None => match next(&mut stream, "the stall").await {
+                Err(err) => err,
+                Ok(delivery) => panic!("expected the stall, got {:?}", delivery.envelope()),
+            },
+        };
+        assert_eq!(stall.kind(), TransportErrorKind::Other);
+        assert!(stall.to_string().contains("not fetched again"), "{stall}");
+        assert_eq!(metrics.consumer_stalls(&topic, &group, partition), 1);
+
+        // The offset was held: the group's next member starts at the record.
+        drop(stream);
+        faults::fail_seeks(&topic, false);
+        let mut rejoined = kafka.subscribe(&topic, &group).await.unwrap();
+        let again = next(&mut rejoined, "the nacked record, again")
+            .await
+            .unwrap();
+        assert_eq!(again.envelope().id, nacked.id);
+        again.ack().await.unwrap();
+        drop(rejoined);
+        kafka.close().await.unwrap();
     }
 }

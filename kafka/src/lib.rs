@@ -42,6 +42,15 @@
 //!   a member that crashed may have seen it), `Some(2)`, `Some(3)`, ... on
 //!   redeliveries. After a rebalance or a restart the count starts over;
 //!   `surety-dlq`'s attempt header is the durable count.
+//! - **A redelivery that cannot be fetched stalls the partition.** If the
+//!   fetcher goes past a message to be redelivered (the seek did not take,
+//!   or retention deleted the message), the consumer seeks again; after
+//!   three such misses it counts a stall
+//!   ([`consumer_stalls`](KafkaMetrics::consumer_stalls)), logs an error and
+//!   yields an [`Other`](surety_core::TransportErrorKind::Other) error on
+//!   the stream, and keeps seeking. The stored offset never moves past the
+//!   message: later messages are still delivered, but the committed offset
+//!   stays below it until it is delivered and settled for good.
 //! - **Reject is final.** `reject` (and `nack(requeue = false)`) lets the
 //!   offset move past the message: Kafka has no dead-letter queue, so a
 //!   message that must be kept has to be written somewhere first, which is

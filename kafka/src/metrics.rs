@@ -54,6 +54,7 @@ fn partition_labels(topic: &str, group: &str, partition: i32) -> PartitionLabels
 /// | `surety_kafka_messages_received_total` | counter | `messaging_destination_name`, `messaging_consumer_group_name` |
 /// | `surety_kafka_messages_settled_total` | counter | `messaging_destination_name`, `messaging_consumer_group_name`, `outcome` (`acked`, `nacked`, `rejected`, `dropped`, `refused`) |
 /// | `surety_kafka_consumer_pauses_total` | counter | `messaging_destination_name`, `messaging_consumer_group_name` |
+/// | `surety_kafka_consumer_stalls_total` | counter | `messaging_destination_name`, `messaging_consumer_group_name`, `messaging_destination_partition_id` |
 /// | `surety_kafka_consumer_lag` | gauge | `messaging_destination_name`, `messaging_consumer_group_name`, `messaging_destination_partition_id` |
 /// | `surety_kafka_committed_offset` | gauge | same |
 /// | `surety_kafka_high_watermark` | gauge | same |
@@ -81,6 +82,7 @@ pub struct KafkaMetrics {
     received: Family<GroupLabels, Counter>,
     settled: Family<GroupOutcome, Counter>,
     paused: Family<GroupLabels, Counter>,
+    stalls: Family<PartitionLabels, Counter>,
     lag: Family<PartitionLabels, Gauge>,
     committed: Family<PartitionLabels, Gauge>,
     high_watermark: Family<PartitionLabels, Gauge>,
@@ -110,6 +112,11 @@ impl KafkaMetrics {
             "kafka_consumer_pauses",
             "Times a subscription paused fetching because the application fell behind its buffer",
             metrics.paused.clone(),
+        );
+        registry.register(
+            "kafka_consumer_stalls",
+            "Times a message to be redelivered could not be fetched again (the seek did not take, or retention deleted it) and the partition's stored offset was held below it",
+            metrics.stalls.clone(),
         );
         registry.register(
             "kafka_consumer_lag",
@@ -206,6 +213,21 @@ impl KafkaMetrics {
                 messaging_consumer_group_name: group.to_owned(),
             })
             .map_or(0, |c| c.get())
+    }
+
+    /// How often a message to be redelivered on `partition` could not be
+    /// fetched again, so that the partition's stored offset is held below
+    /// it (see the [crate docs](crate#delivery-guarantees)).
+    pub fn consumer_stalls(&self, topic: &str, group: &str, partition: i32) -> u64 {
+        self.stalls
+            .get(&partition_labels(topic, group, partition))
+            .map_or(0, |c| c.get())
+    }
+
+    pub(crate) fn stall(&self, topic: &str, group: &str, partition: i32) {
+        self.stalls
+            .get_or_create(&partition_labels(topic, group, partition))
+            .inc();
     }
 
     pub(crate) fn pause(&self, topic: &str, group: &str) {

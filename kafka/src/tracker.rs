@@ -21,12 +21,20 @@
 //! done or still out with the application are skipped; only the ones marked
 //! for redelivery are delivered again. Messages of other keys that happen to
 //! lie behind a nacked one are therefore not handled twice by this consumer.
+//!
+//! A message marked for redelivery stays open until it is delivered again
+//! and settled for good. If the fetcher keeps going past it (the seek did
+//! not take, or retention deleted it), the tracker asks for a seek again
+//! each time, and once it was missed more than [`MAX_MISSED_REDELIVERIES`]
+//! times reports the partition as stalled ([`Action::Stalled`]): the stored
+//! offset stays below the message, whatever happens after it.
 
 use std::collections::{BTreeMap, HashMap};
 
 /// How often a message marked for redelivery may be missed by the fetcher
 /// (a seek that did not take, or the message deleted by retention) before
-/// the tracker gives up on it and lets the offset move past it.
+/// the tracker reports its partition as stalled. It keeps asking for seeks
+/// after that, and never lets the stored offset move past the message.
 pub(crate) const MAX_MISSED_REDELIVERIES: u32 = 3;
 
 /// Identifies one delivery handed to the application.
@@ -62,6 +70,10 @@ pub(crate) enum Action {
     Store { partition: i32, offset: i64 },
     /// Seek the partition back so that `offset` is fetched again.
     Seek { partition: i32, offset: i64 },
+    /// The message at `offset`, marked for redelivery, was missed by the
+    /// fetcher more than [`MAX_MISSED_REDELIVERIES`] times: the partition's
+    /// stored offset is held below it until it is delivered and settled.
+    Stalled { partition: i32, offset: i64 },
 }
 
 /// Why a settlement was not accepted. The message will be delivered again
@@ -113,6 +125,8 @@ struct Track {
     stored: Option<i64>,
     pending_store: Option<i64>,
     seek_wanted: bool,
+    /// Offsets that became stalled since the last [`Tracker::take_actions`].
+    stalled: Vec<i64>,
 }
 
 impl Track {
@@ -199,32 +213,30 @@ impl Tracker {
         let Some(track) = self.partitions.get_mut(&partition) else {
             return Registered::Skip;
         };
-        // Messages marked for redelivery that the fetcher went past: the seek
-        // did not take (ask again) or the message is gone (give up on it).
-        if let Some(position) = track.position
-            && offset > position
-        {
-            let mut gone = Vec::new();
-            for (&missed_offset, open) in track.open.range_mut(position..offset) {
-                if let State::Redeliver { missed } = &mut open.state {
-                    *missed += 1;
-                    if *missed > MAX_MISSED_REDELIVERIES {
-                        gone.push(missed_offset);
-                    } else {
-                        track.seek_wanted = true;
-                    }
-                }
+        // Messages marked for redelivery that the fetcher went past after a
+        // seek back to them: the seek did not take or the message is gone.
+        // Ask again; never move past them (they stay open, so the stored
+        // offset stays below them). Once stalled, every message fetched
+        // counts as a miss and the seeks thin out (at 8, 16, 32, ...
+        // misses), so a message that is gone for good does not keep the
+        // fetcher replaying the partition.
+        let position = track.position;
+        for (&missed_offset, open) in track.open.range_mut(..offset) {
+            let State::Redeliver { missed } = &mut open.state else {
+                continue;
+            };
+            let passed_after_seek =
+                position.is_some_and(|position| offset > position && missed_offset >= position);
+            if !passed_after_seek && *missed <= MAX_MISSED_REDELIVERIES {
+                continue;
             }
-            for missed_offset in gone {
-                tracing::error!(
-                    partition,
-                    offset = missed_offset,
-                    "a message marked for redelivery could not be fetched again \
-                     (deleted by retention?); giving up on it"
-                );
-                track.open.remove(&missed_offset);
+            *missed = missed.saturating_add(1);
+            if *missed <= MAX_MISSED_REDELIVERIES || missed.is_power_of_two() {
+                track.seek_wanted = true;
             }
-            track.advance();
+            if *missed == MAX_MISSED_REDELIVERIES + 1 {
+                track.stalled.push(missed_offset);
+            }
         }
         track.position = Some(offset + 1);
         let next = *track.next.get_or_insert(offset);
@@ -255,6 +267,15 @@ impl Tracker {
         }
         match track.open.get_mut(&offset) {
             Some(open) if matches!(open.state, State::Redeliver { .. }) => {
+                if let State::Redeliver { missed } = open.state
+                    && missed > MAX_MISSED_REDELIVERIES
+                {
+                    tracing::info!(
+                        partition,
+                        offset,
+                        "a stalled message was fetched again; the partition moves on"
+                    );
+                }
                 self.next_delivery += 1;
                 open.state = State::InFlight;
                 open.deliveries += 1;
@@ -330,6 +351,9 @@ impl Tracker {
             if let Some(offset) = track.pending_store.take() {
                 actions.push(Action::Store { partition, offset });
             }
+            for offset in track.stalled.drain(..) {
+                actions.push(Action::Stalled { partition, offset });
+            }
             if std::mem::take(&mut track.seek_wanted) && !self.closed {
                 let lowest = track
                     .open
@@ -345,6 +369,16 @@ impl Tracker {
             }
         }
         actions
+    }
+
+    /// Whether [`take_actions`](Self::take_actions) has a seek or a stall
+    /// to report (asked for while registering fetched messages).
+    pub(crate) fn wants_actions(&self) -> bool {
+        !self.closed
+            && self
+                .partitions
+                .values()
+                .any(|t| t.seek_wanted || !t.stalled.is_empty())
     }
 
     /// Deliveries out with the application.
@@ -388,7 +422,7 @@ mod tests {
             .iter()
             .filter_map(|a| match a {
                 Action::Store { offset, .. } => Some(*offset),
-                Action::Seek { .. } => None,
+                Action::Seek { .. } | Action::Stalled { .. } => None,
             })
             .collect()
     }
@@ -464,30 +498,48 @@ mod tests {
     }
 
     #[test]
-    fn a_missed_redelivery_asks_for_another_seek_then_gives_up() {
+    fn a_missed_redelivery_stalls_the_partition_and_never_passes_it() {
         let mut t = Tracker::new();
         t.assign([0]);
         let a = deliver(&mut t, 0, 0);
-        deliver(&mut t, 0, 1);
         t.redeliver(&a).unwrap();
         assert_eq!(t.take_actions().len(), 1);
-        for n in 0..i64::from(MAX_MISSED_REDELIVERIES) {
-            // The fetcher did not go back: a later offset arrives instead of 0.
-            t.register(0, 2 + n);
+        let seek = Action::Seek {
+            partition: 0,
+            offset: 0,
+        };
+        let stalled = Action::Stalled {
+            partition: 0,
+            offset: 0,
+        };
+        let mut stalls = 0;
+        for n in 1..=i64::from(MAX_MISSED_REDELIVERIES) + 5 {
+            // The fetcher did not go back: a later offset arrives instead of
+            // 0, and is handled.
+            let later = deliver(&mut t, 0, n);
+            t.finish(&later).unwrap();
+            let missed = u32::try_from(n).unwrap();
+            let seeks = missed <= MAX_MISSED_REDELIVERIES + 1 || missed.is_power_of_two();
+            assert_eq!(t.wants_actions(), seeks, "{n}");
             let actions = t.take_actions();
+            assert_eq!(actions.contains(&seek), seeks, "{n}: {actions:?}");
             assert!(
-                actions.contains(&Action::Seek {
-                    partition: 0,
-                    offset: 0
-                }),
-                "{actions:?}"
+                stores(&actions).is_empty(),
+                "the store must stay at 0: {actions:?}"
             );
+            stalls += actions.iter().filter(|a| **a == stalled).count();
+            if n == i64::from(MAX_MISSED_REDELIVERIES) + 1 {
+                assert_eq!(stalls, 1, "{actions:?}");
+            }
         }
-        t.register(0, 100);
-        assert!(
-            t.take_actions()
-                .iter()
-                .all(|a| !matches!(a, Action::Seek { .. }))
+        assert_eq!(stalls, 1, "a stall is reported once");
+        // The seek finally takes: 0 comes back, and once acked the store
+        // moves past everything.
+        let again = deliver(&mut t, 0, 0);
+        t.finish(&again).unwrap();
+        assert_eq!(
+            stores(&t.take_actions()),
+            [i64::from(MAX_MISSED_REDELIVERIES) + 6]
         );
     }
 
@@ -553,6 +605,7 @@ mod props {
                     Action::Seek { offset, .. } => {
                         self.fetch_at = self.log.partition_point(|&o| o < offset);
                     }
+                    Action::Stalled { .. } => {}
                 }
             }
         }

@@ -17,7 +17,8 @@
 //! Header values that are not strings are rendered as strings; tables and
 //! arrays (RabbitMQ's `x-death`) as JSON. The broker's `x-delivery-count`
 //! becomes [`DeliveryInfo::delivery_count`](surety_core::DeliveryInfo) and
-//! is removed from the headers.
+//! is removed from the headers, and so is the adapter's own count,
+//! [`X_SURETY_DELIVERIES`].
 
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -29,6 +30,13 @@ use surety_core::{Envelope, Headers, TransportError, TransportErrorKind};
 
 /// The quorum-queue header counting earlier delivery attempts.
 pub const X_DELIVERY_COUNT: &str = "x-delivery-count";
+
+/// The adapter's own count of earlier delivery attempts, written when it
+/// returns a message to a queue that does not count deliveries (a classic
+/// queue) by publishing a copy to the queue's tail; see
+/// [`DeliveryInfo::delivery_count`](surety_core::DeliveryInfo::delivery_count)
+/// and ADR 0013. It is not part of the envelope.
+pub const X_SURETY_DELIVERIES: &str = "x-surety-deliveries";
 
 /// AMQP `delivery_mode` for persistent messages.
 const PERSISTENT: u8 = 2;
@@ -161,16 +169,24 @@ pub(crate) struct Decoded {
     pub(crate) envelope: Envelope,
     /// The broker's `x-delivery-count` (earlier delivery attempts), when present.
     pub(crate) x_delivery_count: Option<u32>,
+    /// The adapter's [`X_SURETY_DELIVERIES`] (earlier delivery attempts),
+    /// when present and a number.
+    pub(crate) surety_deliveries: Option<u32>,
 }
 
 /// Reads the envelope of a message consumed from `queue`.
 pub(crate) fn decode(queue: &str, props: &BasicProperties, payload: Bytes) -> Decoded {
     let mut headers = Headers::new();
     let mut x_delivery_count = None;
+    let mut surety_deliveries = None;
     if let Some(table) = props.headers() {
         for (key, value) in table {
             if key.as_str() == X_DELIVERY_COUNT {
                 x_delivery_count = value_to_u32(value);
+                continue;
+            }
+            if key.as_str() == X_SURETY_DELIVERIES {
+                surety_deliveries = value_to_u32(value);
                 continue;
             }
             if let Some(value) = value_to_string(value) {
@@ -195,6 +211,7 @@ pub(crate) fn decode(queue: &str, props: &BasicProperties, payload: Bytes) -> De
     Decoded {
         envelope,
         x_delivery_count,
+        surety_deliveries,
     }
 }
 

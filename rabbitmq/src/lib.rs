@@ -103,7 +103,7 @@ pub use lapin;
 pub const SYSTEM: &str = "rabbitmq";
 
 /// The header quorum queues set to the number of earlier delivery attempts.
-pub use codec::X_DELIVERY_COUNT;
+pub use codec::{X_DELIVERY_COUNT, X_SURETY_DELIVERIES};
 
 /// The queue a consumer `group` on `topic` consumes: `{topic}.{group}`.
 ///

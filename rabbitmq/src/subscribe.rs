@@ -8,18 +8,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    BasicRejectOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Acker, Channel, Consumer};
+use lapin::{Acker, BasicProperties, Channel, Consumer};
 use surety_core::{
     Delivery, DeliveryInfo, DeliveryStream, Result, Settle, Subscriber, TransportError,
     TransportErrorKind, require_name, settle_failed,
 };
 use tokio::sync::watch;
 
-use crate::codec;
+use crate::codec::{self, X_DELIVERY_COUNT, X_SURETY_DELIVERIES};
 use crate::config::QueueType;
 use crate::error::from_lapin;
 use crate::metrics::{DeliveryOutcome, RabbitMetrics};
@@ -36,6 +37,8 @@ pub(crate) struct SubscriptionShared {
     pub(crate) consumer_tag: ShortString,
     topic: String,
     group: String,
+    /// The queue, for returning messages to its tail.
+    queue: ShortString,
     quorum: bool,
     metrics: RabbitMetrics,
 }
@@ -139,6 +142,12 @@ impl RabbitTransport {
             .basic_qos(config.prefetch, BasicQosOptions::default())
             .await
             .map_err(|err| from_lapin("setting the prefetch", err))?;
+        // Returning a message with a count (see `RabbitSettle::requeue`) is
+        // a publish that must be confirmed before the original is acked.
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|err| from_lapin("enabling publisher confirms", err))?;
         let consumer_tag = ShortString::from(format!(
             "surety-{}-{}",
             std::process::id(),
@@ -146,7 +155,7 @@ impl RabbitTransport {
         ));
         let consumer = channel
             .basic_consume(
-                queue_short,
+                queue_short.clone(),
                 consumer_tag.clone(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -159,6 +168,7 @@ impl RabbitTransport {
             consumer_tag,
             topic: topic.to_owned(),
             group: group.to_owned(),
+            queue: queue_short,
             quorum: matches!(config.queue_type, QueueType::Quorum { .. }),
             metrics: config.metrics.clone(),
         });
@@ -351,28 +361,144 @@ fn convert(state: &StreamState, delivery: lapin::message::Delivery) -> Delivery 
         acker,
         ..
     } = delivery;
-    let decoded = codec::decode(&state.queue, &properties, Bytes::from(data));
+    let data = Bytes::from(data);
+    let decoded = codec::decode(&state.queue, &properties, data.clone());
+    let count = delivery_count(
+        redelivered,
+        decoded.x_delivery_count,
+        decoded.surety_deliveries,
+    );
+    // Who counts this message's deliveries: the broker (a quorum queue), or
+    // the adapter, which returns it with the count in a header. A message
+    // that carries the adapter's count, or that comes back without the
+    // broker's (the queue is not a quorum queue, whatever the config
+    // says), is counted by the adapter.
+    let adapter_counts = !shared.quorum
+        || decoded.surety_deliveries.is_some()
+        || (redelivered && decoded.x_delivery_count.is_none());
     let mut info = DeliveryInfo::new(SYSTEM, shared.topic.clone(), shared.group.clone());
-    info.redelivered = redelivered;
-    info.delivery_count = match decoded.x_delivery_count {
-        Some(earlier) => Some(earlier.saturating_add(1)),
-        None if shared.quorum => Some(1),
-        None => None,
-    };
+    info.redelivered = redelivered || count > 1;
+    info.delivery_count = Some(count);
     shared
         .metrics
         .delivery(&shared.topic, &shared.group, DeliveryOutcome::Consumed);
     let settle = RabbitSettle {
         acker: Some(acker),
         shared: shared.clone(),
+        counted: adapter_counts.then(|| Counted {
+            properties,
+            body: data,
+            deliveries: count,
+        }),
     };
     Delivery::new(decoded.envelope, info, Box::new(settle))
+}
+
+/// The delivery count of a message, counting this delivery: one more than
+/// the highest of the earlier attempts the broker (`x-delivery-count`) and
+/// the adapter ([`X_SURETY_DELIVERIES`]) recorded, and at least 2 for a
+/// message the broker marks redelivered. Only ever grows for one message, so
+/// a producer's header can start it high but never keep it low.
+fn delivery_count(redelivered: bool, broker: Option<u32>, adapter: Option<u32>) -> u32 {
+    let earlier = broker.max(adapter).unwrap_or(0);
+    earlier
+        .saturating_add(1)
+        .max(if redelivered { 2 } else { 1 })
+}
+
+/// A delivery whose attempts the adapter counts: what it needs to return the
+/// message to the queue with the count.
+struct Counted {
+    properties: BasicProperties,
+    body: Bytes,
+    /// Deliveries so far, counting this one.
+    deliveries: u32,
+}
+
+/// The properties of the copy that returns a counted message to its queue:
+/// the original's, with [`X_SURETY_DELIVERIES`] set to `deliveries` and the
+/// broker's `x-delivery-count` left out.
+fn counted_properties(properties: &BasicProperties, deliveries: u32) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    if let Some(table) = properties.headers() {
+        for (key, value) in table {
+            if key.as_str() != X_DELIVERY_COUNT && key.as_str() != X_SURETY_DELIVERIES {
+                headers.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    headers.insert(X_SURETY_DELIVERIES.into(), AMQPValue::LongUInt(deliveries));
+    properties.clone().with_headers(headers)
+}
+
+/// Returns a delivery to its queue for another attempt. A counted delivery
+/// is published again to the queue's tail with its count (confirmed), then
+/// acked; if that fails, or for a delivery the broker counts, it is nacked
+/// with requeue. Returns whether the broker took the settlement.
+async fn requeue(
+    acker: Acker,
+    shared: &SubscriptionShared,
+    counted: Option<Counted>,
+) -> std::result::Result<bool, lapin::Error> {
+    if let Some(counted) = counted {
+        match republish(shared, &counted).await {
+            Ok(()) => return acker.ack(BasicAckOptions::default()).await,
+            Err(err) => {
+                tracing::warn!(
+                    queue = %shared.queue,
+                    error = %err,
+                    "returning a message with its delivery count failed; requeued without the count"
+                );
+            }
+        }
+    }
+    acker
+        .nack(BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        })
+        .await
+}
+
+/// Publishes the copy of a counted delivery to its queue's tail through the
+/// default exchange and waits for the broker's confirmation.
+async fn republish(shared: &SubscriptionShared, counted: &Counted) -> Result<()> {
+    let properties = counted_properties(&counted.properties, counted.deliveries);
+    let confirm = shared
+        .channel
+        .basic_publish(
+            ShortString::from(""),
+            shared.queue.clone(),
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            &counted.body,
+            properties,
+        )
+        .await
+        .map_err(|err| from_lapin("returning a message to its queue", err))?;
+    let confirmation = confirm
+        .await
+        .map_err(|err| from_lapin("returning a message to its queue", err))?;
+    match confirmation {
+        lapin::Confirmation::Ack(None) => Ok(()),
+        other => Err(TransportError::new(
+            TransportErrorKind::Rejected,
+            format!(
+                "the broker did not take the message back into queue {}: {other:?}",
+                shared.queue
+            ),
+        )),
+    }
 }
 
 /// Settles one RabbitMQ delivery on the channel it came from.
 struct RabbitSettle {
     acker: Option<Acker>,
     shared: Arc<SubscriptionShared>,
+    /// Set when the adapter counts this message's deliveries.
+    counted: Option<Counted>,
 }
 
 impl fmt::Debug for RabbitSettle {
@@ -399,11 +525,12 @@ impl RabbitSettle {
         };
         let result = match action {
             Action::Ack => acker.ack(BasicAckOptions::default()).await,
-            Action::Nack { requeue } => {
+            Action::Nack { requeue: true } => requeue(acker, shared, self.counted.take()).await,
+            Action::Nack { requeue: false } => {
                 acker
                     .nack(BasicNackOptions {
                         multiple: false,
-                        requeue,
+                        requeue: false,
                     })
                     .await
             }
@@ -471,13 +598,10 @@ impl Drop for RabbitSettle {
             return;
         }
         let shared = self.shared.clone();
+        let counted = self.counted.take();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                let requeue = BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                };
-                if let Ok(true) = acker.nack(requeue).await {
+                if let Ok(true) = requeue(acker, &shared, counted).await {
                     shared
                         .metrics
                         .delivery(&shared.topic, &shared.group, DeliveryOutcome::Nacked);
