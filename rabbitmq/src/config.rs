@@ -71,6 +71,12 @@ pub struct RabbitConfig {
     pub max_in_flight: usize,
     /// The queue type declared for subscriptions (default classic).
     pub queue_type: QueueType,
+    /// Declares subscription queues with `x-single-active-consumer`
+    /// (default off): of the members of a group, only one receives
+    /// deliveries and the others stand by until it leaves, so one
+    /// partition key's messages are handled by one process at a time and in
+    /// order across processes (with a worker, in order within it too).
+    pub single_active_consumer: bool,
     /// How long [`connect`](crate::RabbitTransport::connect) may take before
     /// it fails with [`Connection`](surety_core::TransportErrorKind::Connection)
     /// (default 10 s).
@@ -107,6 +113,7 @@ impl RabbitConfig {
             outage_wait: DEFAULT_OUTAGE_WAIT,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             queue_type: QueueType::Classic,
+            single_active_consumer: false,
             connect_timeout: Duration::from_secs(10),
             reconnect_max_delay: Duration::from_secs(2),
             reconnect_attempts: 1000,
@@ -151,6 +158,15 @@ impl RabbitConfig {
     /// Sets the queue type declared for subscriptions.
     pub fn queue_type(mut self, queue_type: QueueType) -> Self {
         self.queue_type = queue_type;
+        self
+    }
+
+    /// Declares subscription queues with a single active consumer; see
+    /// [`single_active_consumer`](Self::single_active_consumer). A queue
+    /// declared without it earlier must be deleted first: RabbitMQ refuses
+    /// to redeclare a queue with other arguments.
+    pub fn single_active_consumer(mut self, on: bool) -> Self {
+        self.single_active_consumer = on;
         self
     }
 
