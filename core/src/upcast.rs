@@ -327,7 +327,7 @@ impl Classify for UpcastError {
 ///
 /// ```
 /// use surety_core::consumer::{handler_fn, Incoming};
-/// use surety_core::tower::{Layer, ServiceExt};
+/// use surety_core::tower::{Layer, Service, ServiceExt};
 /// use surety_core::upcast::{UpcastLayer, Upcasters};
 /// use surety_core::{Classify, DeliveryInfo, Envelope, ErrorClass};
 ///
