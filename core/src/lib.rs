@@ -18,6 +18,8 @@
 //! - [`consumer`] runs handlers as `tower` services: decode, handle,
 //!   classify, settle; pattern crates add layers (deduplication, retries,
 //!   dead-lettering).
+//! - [`upcast`] brings payloads written at old schema versions up to the
+//!   version a handler reads, before it decodes them.
 //! - [`trace`] carries W3C trace context through headers; [`metrics`]
 //!   registers Prometheus metrics into your registry.
 //!
@@ -79,6 +81,7 @@ pub mod metrics;
 mod port;
 mod publish;
 pub mod trace;
+pub mod upcast;
 
 pub use codec::DecodeError;
 pub use envelope::{Envelope, EnvelopeBuilder, Message, ReplyError};
