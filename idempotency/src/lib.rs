@@ -110,7 +110,10 @@ pub use cleanup::Cleanup;
 pub use error::StoreError;
 pub use idempotent::{IdempotencyLayer, Idempotent, IdempotentFuture};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
-pub use inbox::{Committed, InboxHandler, InboxTx, Marked, TransactionalStore};
+pub use inbox::{
+    Committed, Inbox, InboxGuard, InboxHandler, InboxLayer, InboxTransaction, InboxTx, Marked,
+    TransactionalStore,
+};
 pub use key::{EnvelopeKey, KeyFn};
 pub use metrics::IdempotencyMetrics;
 pub use policy::LeasePolicy;

@@ -567,3 +567,68 @@ async fn under_faults_and_crashes_every_effect_commits_once<S: Business>(store: 
         }
     }
 }
+
+on_both!(the_inbox_layer_commits_the_write_the_mark_and_the_outputs_together);
+async fn the_inbox_layer_commits_the_write_the_mark_and_the_outputs_together<S: Business>(
+    store: S,
+) {
+    use surety_core::HandlerError;
+    use surety_core::consumer::handler_fn;
+    use surety_core::tower::ServiceBuilder;
+    use surety_idempotency::InboxTransaction;
+
+    let runs = Arc::new(AtomicU32::new(0));
+    let handler = {
+        let runs = Arc::clone(&runs);
+        handler_fn(move |msg: Incoming| {
+            let runs = Arc::clone(&runs);
+            async move {
+                let inbox = InboxTransaction::<S>::of(&msg)?;
+                let mut tx = inbox.lock().await?;
+                S::apply(&mut tx, &msg.envelope.id)
+                    .await
+                    .map_err(HandlerError::transient)?;
+                if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                    // Fails after its write: the write must not survive.
+                    return Err(HandlerError::transient("the ledger timed out"));
+                }
+                let reply = msg
+                    .envelope
+                    .caused_by("/payments", "payment.captured")
+                    .build();
+                Ok(Output::new("checkout.replies", reply))
+            }
+        })
+    };
+    // The DLQ layer outside: each of its in-place retries runs in a fresh
+    // transaction.
+    let stack = ServiceBuilder::new()
+        .layer(
+            surety_dlq::DlqLayer::new("payments")
+                .policy(surety_dlq::RetryPolicy::in_place(3))
+                .store(surety_dlq::store::MemoryStore::new()),
+        )
+        .layer(IdempotencyLayer::new(store.clone()).transactional())
+        .service(handler);
+
+    let env = Envelope::builder("/checkout", "payment.capture").build();
+    let first = stack.clone().oneshot(incoming(&env)).await.unwrap();
+    assert_eq!(first.outcome, Outcome::Handled);
+    assert_eq!(first.outputs.len(), 1);
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "retried once in place");
+    assert_eq!(
+        store.effects(&env.id).await,
+        1,
+        "the failed run's write rolled back"
+    );
+    assert_eq!(
+        store.status(&env.dedup_key()).await.as_deref(),
+        Some("done")
+    );
+
+    let again = stack.oneshot(incoming(&env)).await.unwrap();
+    assert_eq!(again.outcome, Outcome::Duplicate);
+    assert_eq!(again.outputs, first.outputs, "the stored reply, same id");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(store.effects(&env.id).await, 1);
+}

@@ -37,7 +37,10 @@ mod keyed;
 mod router;
 mod worker;
 
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use tower::Service;
 
@@ -59,6 +62,9 @@ pub struct Incoming {
     pub info: DeliveryInfo,
     /// Which attempt this is, from 1 (see [`Delivery::attempt`](crate::Delivery::attempt)).
     pub attempt: u32,
+    /// Values the layers around a handler hand to it (a transaction, a
+    /// loaded saga instance), by type.
+    pub extensions: Extensions,
 }
 
 impl Incoming {
@@ -69,7 +75,64 @@ impl Incoming {
             envelope,
             info,
             attempt,
+            extensions: Extensions::default(),
         }
+    }
+}
+
+/// Values by type, for a layer to hand to the handler it wraps (the
+/// inbox's transaction, for example). Cloning an [`Incoming`] shares them.
+///
+/// ```
+/// use surety_core::consumer::Extensions;
+///
+/// #[derive(Debug, PartialEq)]
+/// struct Tenant(&'static str);
+///
+/// let mut extensions = Extensions::default();
+/// assert!(extensions.get::<Tenant>().is_none());
+/// extensions.insert(Tenant("acme"));
+/// assert_eq!(extensions.get::<Tenant>(), Some(&Tenant("acme")));
+/// ```
+#[derive(Clone, Default)]
+pub struct Extensions {
+    // Boxed and optional: most deliveries carry none, and then cost one
+    // pointer and no allocation.
+    map: Option<Box<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>>,
+}
+
+impl Extensions {
+    /// Adds `value`, replacing a value of the same type.
+    pub fn insert<T: Send + Sync + 'static>(&mut self, value: T) {
+        self.map
+            .get_or_insert_with(Box::default)
+            .insert(TypeId::of::<T>(), Arc::new(value));
+    }
+
+    /// The value of type `T`, if one was added.
+    pub fn get<T: Send + Sync + 'static>(&self) -> Option<&T> {
+        self.map
+            .as_ref()?
+            .get(&TypeId::of::<T>())?
+            .downcast_ref::<T>()
+    }
+
+    /// How many values there are.
+    pub fn len(&self) -> usize {
+        self.map.as_ref().map_or(0, |map| map.len())
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Debug for Extensions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Extensions")
+            .field("len", &self.len())
+            .finish()
     }
 }
 

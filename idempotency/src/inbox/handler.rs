@@ -127,38 +127,9 @@ where
         Box::pin(async move {
             let series = guard.metrics.series(&msg.info);
             let key = guard.key.key(&msg)?;
-            let mut busy = None;
-            let (tx, lease) = loop {
-                let mut tx = guard
-                    .metrics
-                    .timed(Op::Begin, !guard.store.in_memory(), guard.store.begin())
-                    .await
-                    .map_err(HandlerError::new)?;
-                let claim = guard
-                    .metrics
-                    .timed(
-                        Op::Claim,
-                        !guard.store.in_memory(),
-                        guard.store.claim_in(&mut tx, &key),
-                    )
-                    .await
-                    .map_err(HandlerError::new)?;
-                match claim {
-                    Claim::Acquired(lease) => break (tx, lease),
-                    Claim::Done { reply } => {
-                        // Nothing was written; an error here only means the
-                        // connection is gone, which rolls back too.
-                        let _ = tx.rollback().await;
-                        return guard.duplicate(&series, &key, reply).await;
-                    }
-                    Claim::Busy { retry_after } => {
-                        // A claim outside any transaction holds the key
-                        // (the plain layer on the same store).
-                        let _ = tx.rollback().await;
-                        let wait = busy.get_or_insert_with(|| guard.busy_wait());
-                        guard.wait_busy(&series, &key, retry_after, wait).await?;
-                    }
-                }
+            let (tx, lease) = match begin_claimed(&guard, &series, &key).await? {
+                Claimed::Run { tx, lease } => (tx, lease),
+                Claimed::Duplicate(response) => return Ok(response),
             };
             guard.took_over(&series, &key, &lease);
             let tx = InboxTx::new(
@@ -173,5 +144,65 @@ where
             let committed = f(msg, tx).await.map_err(HandlerError::new)?;
             Ok(guard.committed(&series, committed.outputs))
         })
+    }
+}
+
+/// What claiming a key inside a new transaction found.
+pub(super) enum Claimed<St: TransactionalStore> {
+    /// First delivery: run the handler in this transaction.
+    Run {
+        tx: sqlx::Transaction<'static, St::Database>,
+        lease: crate::store::Lease,
+    },
+    /// Already processed: the duplicate's response (stored outputs).
+    Duplicate(Response),
+}
+
+/// Begins a transaction and claims `key` in it, waiting out a busy key (a
+/// claim made outside any transaction) for up to the busy wait.
+pub(super) async fn begin_claimed<St, K>(
+    guard: &Guard<St, K>,
+    series: &crate::metrics::Series<'_>,
+    key: &str,
+) -> Result<Claimed<St>, HandlerError>
+where
+    St: TransactionalStore,
+    K: KeyFn,
+{
+    let mut busy = None;
+    loop {
+        let mut tx = guard
+            .metrics
+            .timed(Op::Begin, !guard.store.in_memory(), guard.store.begin())
+            .await
+            .map_err(HandlerError::new)?;
+        let claim = guard
+            .metrics
+            .timed(
+                Op::Claim,
+                !guard.store.in_memory(),
+                guard.store.claim_in(&mut tx, key),
+            )
+            .await
+            .map_err(HandlerError::new)?;
+        match claim {
+            Claim::Acquired(lease) => return Ok(Claimed::Run { tx, lease }),
+            Claim::Done { reply } => {
+                // Nothing was written; an error here only means the
+                // connection is gone, which rolls back too.
+                let _ = tx.rollback().await;
+                return guard
+                    .duplicate(series, key, reply)
+                    .await
+                    .map(Claimed::Duplicate);
+            }
+            Claim::Busy { retry_after } => {
+                // A claim outside any transaction holds the key (the plain
+                // layer on the same store).
+                let _ = tx.rollback().await;
+                let wait = busy.get_or_insert_with(|| guard.busy_wait());
+                guard.wait_busy(series, key, retry_after, wait).await?;
+            }
+        }
     }
 }

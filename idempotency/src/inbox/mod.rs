@@ -29,6 +29,7 @@
 //! `statement_timeout`; SQLite: the pool's busy timeout).
 
 mod handler;
+mod layer;
 
 use std::fmt;
 use std::future::Future;
@@ -37,6 +38,7 @@ use std::ops::{Deref, DerefMut};
 use sqlx::{Database, Transaction};
 
 pub use handler::InboxHandler;
+pub use layer::{Inbox, InboxGuard, InboxLayer, InboxTransaction};
 
 use crate::error::StoreError;
 use crate::metrics::{IdempotencyMetrics, Op};
