@@ -97,7 +97,8 @@ impl Incoming {
 #[derive(Clone, Default)]
 pub struct Extensions {
     // Boxed and optional: most deliveries carry none, and then cost one
-    // pointer and no allocation.
+    // pointer (not a whole empty map) and no allocation.
+    #[allow(clippy::box_collection)]
     map: Option<Box<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>>,
 }
 
