@@ -55,7 +55,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::letter::{DeadLetter, Status};
 use crate::replay::{
-    ActionReport, DiscardRequest, Edit, ReplayError, ReplayRequest, Replayer, Selection,
+    ActionReport, DiscardRequest, Edit, ReplayError, ReplayRequest, Replayer, Selection, Started,
 };
 use crate::store::{Depth, DlqStore, Filter, PageRequest, StoreError};
 
@@ -123,7 +123,8 @@ impl AdminApi {
             .route("/messages", get(list))
             .route("/messages/{id}", get(get_one))
             .route("/stats", get(stats))
-            .route("/audit", get(audit));
+            .route("/audit", get(audit))
+            .route("/jobs/{id}", get(get_job));
         if protect_reads {
             reads = reads.route_layer(auth.clone());
         }
@@ -175,6 +176,13 @@ impl ApiError {
             message: message.into(),
         }
     }
+
+    fn unavailable() -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "the DLQ store is unavailable; try again later".into(),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -206,11 +214,9 @@ impl From<StoreError> for ApiError {
         match err {
             StoreError::InvalidCursor(c) => Self::bad_request(format!("invalid cursor {c:?}")),
             other => {
+                // The text may name tables, hosts or data: logged, not sent.
                 tracing::error!(error = %other, "DLQ admin API: store failed");
-                Self {
-                    status: StatusCode::SERVICE_UNAVAILABLE,
-                    message: format!("the DLQ store failed: {other}"),
-                }
+                Self::unavailable()
             }
         }
     }
@@ -221,6 +227,10 @@ impl From<ReplayError> for ApiError {
         match err {
             ReplayError::Invalid(reason) => Self::bad_request(reason),
             ReplayError::Store(e) => e.into(),
+            other => {
+                tracing::error!(error = %other, "DLQ admin API: action failed");
+                Self::unavailable()
+            }
         }
     }
 }
@@ -530,7 +540,68 @@ async fn replay_one(
     let mut request = ReplayRequest::ids(actor_of(actor), [id]).dry_run(body.dry_run);
     request.reason = body.reason;
     request.edit = Some(edit);
-    Ok(Json(api.replayer.replay(request).await?))
+    let started = api.replayer.start_replay(request).await?;
+    Ok(Json(run_to_end(&api, started).await?))
+}
+
+/// Runs a started job in its own task and waits for it: a client that
+/// disconnects stops the wait, not the job.
+async fn run_to_end(api: &AdminApi, started: Started) -> Result<ActionReport, ApiError> {
+    match started {
+        Started::DryRun(report) => Ok(report),
+        Started::Job(job) => match api.replayer.spawn(*job).await {
+            Ok(result) => Ok(result?.report()),
+            Err(join) => {
+                tracing::error!(error = %join, "DLQ admin API: job task failed");
+                Err(ApiError::unavailable())
+            }
+        },
+    }
+}
+
+/// Starts a job in the background and answers 202 with it (a dry run
+/// answers 200 with its report).
+fn accepted(api: &AdminApi, started: Started) -> Response {
+    match started {
+        Started::DryRun(report) => Json(report).into_response(),
+        Started::Job(job) => {
+            let body = Json(JobBody::of(&job));
+            drop(api.replayer.spawn(*job));
+            (StatusCode::ACCEPTED, body).into_response()
+        }
+    }
+}
+
+/// A job as the API shows it.
+#[derive(Serialize)]
+struct JobBody {
+    #[serde(flatten)]
+    job: crate::job::Job,
+    /// Where to follow it, relative to the router.
+    location: String,
+}
+
+impl JobBody {
+    fn of(job: &crate::job::Job) -> Self {
+        Self {
+            location: format!("jobs/{}", job.id),
+            job: job.clone(),
+        }
+    }
+}
+
+async fn get_job(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> Result<Json<JobBody>, ApiError> {
+    validate_id(&id)?;
+    match api.replayer.job(&id).await? {
+        Some(job) => Ok(Json(JobBody::of(&job))),
+        None => Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("no job {id:?}"),
+        }),
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -550,7 +621,8 @@ async fn discard_one(
     let Json(body) = body?;
     let request = DiscardRequest::new(actor_of(actor), Selection::Ids(vec![id]), body.reason)
         .dry_run(body.dry_run);
-    Ok(Json(api.replayer.discard(request).await?))
+    let started = api.replayer.start_discard(request).await?;
+    Ok(Json(run_to_end(&api, started).await?))
 }
 
 #[derive(Deserialize, Default)]
@@ -584,22 +656,24 @@ async fn replay_many(
     State(api): State<Api>,
     actor: Option<Extension<Actor>>,
     body: Result<Json<ManyBody>, JsonRejection>,
-) -> Result<Json<ActionReport>, ApiError> {
+) -> Result<Response, ApiError> {
     let Json(mut body) = body?;
     let selection = selection(&mut body)?;
     let mut request = ReplayRequest::new(actor_of(actor), selection).dry_run(body.dry_run);
     request.reason = body.reason;
-    Ok(Json(api.replayer.replay(request).await?))
+    let started = api.replayer.start_replay(request).await?;
+    Ok(accepted(&api, started))
 }
 
 async fn discard_many(
     State(api): State<Api>,
     actor: Option<Extension<Actor>>,
     body: Result<Json<ManyBody>, JsonRejection>,
-) -> Result<Json<ActionReport>, ApiError> {
+) -> Result<Response, ApiError> {
     let Json(mut body) = body?;
     let selection = selection(&mut body)?;
     let request = DiscardRequest::new(actor_of(actor), selection, body.reason.unwrap_or_default())
         .dry_run(body.dry_run);
-    Ok(Json(api.replayer.discard(request).await?))
+    let started = api.replayer.start_discard(request).await?;
+    Ok(accepted(&api, started))
 }

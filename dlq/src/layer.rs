@@ -482,8 +482,10 @@ impl Config {
         if dlq_id != DeadLetter::id_for(&self.handler, &msg.envelope) {
             return;
         }
+        // `replaying`: the copy was handled before the replay job recorded
+        // its publish.
         let transition = Transition::new(
-            [Status::Replayed],
+            [Status::Replayed, Status::Replaying],
             Event::new(self.actor(), "resolved", Status::Resolved),
         );
         match store.transition(dlq_id, &transition).await {

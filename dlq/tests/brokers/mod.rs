@@ -638,11 +638,17 @@ where
             .map(|e| (e.action.as_str(), e.actor.as_str()))
             .collect();
         let replayed_by = if *id == first.id { "alice" } else { "bob" };
-        assert_eq!(story.len(), 3, "{story:?}");
+        // Claimed, published and recorded (unless the copy was handled
+        // before the replay recorded its publish), then resolved.
+        assert!(story.len() == 3 || story.len() == 4, "{story:?}");
         assert_eq!(story[0].0, "dead_lettered");
-        assert_eq!(story[1], ("replayed", replayed_by));
-        assert_eq!(story[2].0, "resolved");
-        assert!(story[2].1.starts_with("billing@"), "{story:?}");
+        assert_eq!(story[1], ("replaying", replayed_by));
+        if story.len() == 4 {
+            assert_eq!(story[2], ("replayed", replayed_by));
+        }
+        let last = story[story.len() - 1];
+        assert_eq!(last.0, "resolved");
+        assert!(last.1.starts_with("billing@"), "{story:?}");
         assert_eq!(letter.replay_count, 1);
     }
 
