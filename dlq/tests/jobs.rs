@@ -228,7 +228,8 @@ async fn a_client_that_disconnects_mid_batch_does_not_stop_the_replay() {
         .expect("subscribe");
     let replayer = Replayer::new(store.clone(), transport.clone()).rate_limit(50);
     let api = surety_dlq::admin::AdminApi::new(replayer).token("ops", TOKEN);
-    let addr = serve(axum::Router::new().nest("/dlq", api.router())).await;
+    let api = api.router().expect("router");
+    let addr = serve(axum::Router::new().nest("/dlq", api)).await;
 
     // A raw HTTP/1.1 request, and the connection dropped 100 ms later,
     // long before 30 replays at 50 per second are through.
