@@ -504,6 +504,10 @@ async fn process<S: Handler>(
     let attempt = incoming.attempt;
     let started = Instant::now();
     let result = async {
+        // A replay addressed to another consumer group: acked unhandled.
+        if !crate::headers::addressed_to(&incoming.envelope, &incoming.info.group) {
+            return Ok(Outcome::Handled);
+        }
         let result = AssertUnwindSafe(service.oneshot(incoming))
             .catch_unwind()
             .await

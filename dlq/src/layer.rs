@@ -292,6 +292,11 @@ async fn run<S: Handler>(
     mut inner: Classified<S>,
     mut msg: Incoming,
 ) -> Result<Outcome, HandlerError> {
+    // A replay for another consumer group (the core worker already settles
+    // these; this covers a layer driven without it).
+    if !surety_core::headers::addressed_to(&msg.envelope, &msg.info.group) {
+        return Ok(Outcome::Handled);
+    }
     let mut first_call = true;
     let mut first_failed_at: Option<DateTime<Utc>> = None;
     wait_until_due(&config, &msg.envelope).await;

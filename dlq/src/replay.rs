@@ -438,6 +438,7 @@ pub struct Replayer {
     max_batch: usize,
     metrics: DlqMetrics,
     running: Arc<Mutex<HashSet<String>>>,
+    every_group: bool,
 }
 
 impl fmt::Debug for Replayer {
@@ -462,6 +463,7 @@ impl Replayer {
             max_batch: DEFAULT_MAX_BATCH,
             metrics: DlqMetrics::default(),
             running: Arc::default(),
+            every_group: false,
         }
     }
 
@@ -470,6 +472,16 @@ impl Replayer {
     /// group-specific topic or queue to reach only the failed group).
     pub fn route(mut self, route: impl Fn(&DeadLetter) -> String + Send + Sync + 'static) -> Self {
         self.route = Arc::new(route);
+        self
+    }
+
+    /// Whether replays go to every consumer group of the topic (`true`) or
+    /// only to the group that failed (`false`, the default). The replayed
+    /// copy carries `surety-replay-group` naming the failed group; the
+    /// core worker of every other group acknowledges it without handling
+    /// it ([`surety_core::headers::addressed_to`]).
+    pub fn every_group(mut self, every_group: bool) -> Self {
+        self.every_group = every_group;
         self
     }
 
@@ -755,7 +767,10 @@ impl Replayer {
         claimed: DeadLetter,
         previous: Status,
     ) -> Result<Outcome, StoreError> {
-        let envelope = replay_envelope(&claimed, job.edit.as_ref());
+        let mut envelope = replay_envelope(&claimed, job.edit.as_ref());
+        if self.every_group {
+            envelope.headers.remove(keys::REPLAY_GROUP);
+        }
         let topic = (self.route)(&claimed);
         match self.publisher.publish(&topic, envelope).await {
             Ok(_) => {
@@ -896,12 +911,15 @@ impl Replayer {
     }
 }
 
-/// The message a replay publishes for `letter` (after the replay count went up).
+/// The message a replay publishes for `letter` (after the replay count went
+/// up), addressed to the group that failed it (`surety-replay-group`).
 pub fn replay_envelope(letter: &DeadLetter, edit: Option<&Edit>) -> Envelope {
     let mut env = crate::letter::strip_bookkeeping(&letter.envelope);
     if let Some(edit) = edit {
         edit.apply(&mut env);
     }
+    env.headers
+        .insert(keys::REPLAY_GROUP, letter.source.group.clone());
     env.headers
         .set_parsed(keys::REPLAY_COUNT, letter.replay_count);
     env.headers.insert(keys::DLQ_ID, letter.id.clone());

@@ -29,7 +29,11 @@ fn letter(n: usize, topic: &str, message: &str, subject: &str) -> DeadLetter {
         .subject(subject.to_owned())
         .payload("{}")
         .build();
-    let group = if n.is_multiple_of(2) { "billing" } else { "shipping" };
+    let group = if n.is_multiple_of(2) {
+        "billing"
+    } else {
+        "shipping"
+    };
     DeadLetter::new(
         &env,
         &DeliveryInfo::new("memory", topic, group),
