@@ -292,6 +292,11 @@ async fn run<S: Handler>(
     mut inner: Classified<S>,
     mut msg: Incoming,
 ) -> Result<Response, HandlerError> {
+    // A replay for another consumer group (the core worker already settles
+    // these; this covers a layer driven without it).
+    if !surety_core::headers::addressed_to(&msg.envelope, &msg.info.group) {
+        return Ok(Response::outcome(Outcome::Ignored));
+    }
     let mut first_call = true;
     let mut first_failed_at: Option<DateTime<Utc>> = None;
     wait_until_due(&config, &msg.envelope).await;
@@ -482,8 +487,10 @@ impl Config {
         if dlq_id != DeadLetter::id_for(&self.handler, &msg.envelope) {
             return;
         }
+        // `replaying`: the copy was handled before the replay job recorded
+        // its publish.
         let transition = Transition::new(
-            [Status::Replayed],
+            [Status::Replayed, Status::Replaying],
             Event::new(self.actor(), "resolved", Status::Resolved),
         );
         match store.transition(dlq_id, &transition).await {

@@ -94,6 +94,7 @@
 #[cfg(feature = "admin")]
 pub mod admin;
 pub mod classify;
+pub mod job;
 pub mod keys;
 mod layer;
 pub mod letter;
@@ -108,5 +109,5 @@ pub use letter::{DeadLetter, Event, Failure, Source, Status};
 pub use metrics::DlqMetrics;
 pub use policy::{Backoff, Decision, RetryMode, RetryPolicy, Schedule};
 pub use replay::{
-    ActionReport, DiscardRequest, Edit, ReplayError, ReplayRequest, Replayer, Selection,
+    ActionReport, DiscardRequest, Edit, ReplayError, ReplayRequest, Replayer, Selection, Started,
 };

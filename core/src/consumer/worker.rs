@@ -437,6 +437,11 @@ async fn process<S: Handler>(
     let attempt = incoming.attempt;
     let started = Instant::now();
     let result = async {
+        // A replay addressed to another consumer group: acknowledged
+        // without handling.
+        if !crate::headers::addressed_to(&incoming.envelope, &incoming.info.group) {
+            return Ok(Response::outcome(Outcome::Ignored));
+        }
         let result = AssertUnwindSafe(service.oneshot(incoming))
             .catch_unwind()
             .await
