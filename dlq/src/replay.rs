@@ -2,7 +2,8 @@
 //! optional edits and an audit trail.
 //!
 //! A replay sends the dead letter's original envelope back to its topic
-//! (or wherever [`Replayer::route`] says): same id and key, the producer's
+//! (or wherever [`Replayer::route`] says), addressed to the consumer group
+//! that failed it (`surety-replay-group`): same id and key, the producer's
 //! headers (so `traceparent` links it to the failed trace), plus
 //! `surety-replay-count` and `surety-dlq-id` so the [`DlqLayer`](crate::DlqLayer)
 //! can record how it went: resolved when handled, dead again (or parked
@@ -468,8 +469,8 @@ impl Replayer {
     }
 
     /// Chooses the topic a dead letter is replayed to (default: its source
-    /// topic, which every group of that topic receives; route to a
-    /// group-specific topic or queue to reach only the failed group).
+    /// topic; the copy is addressed to the failed group, see
+    /// [`every_group`](Self::every_group)).
     pub fn route(mut self, route: impl Fn(&DeadLetter) -> String + Send + Sync + 'static) -> Self {
         self.route = Arc::new(route);
         self
