@@ -219,7 +219,7 @@ async fn postgres_keeps_jobs_and_rewrites_their_audit_entry() {
     };
     let unfinished = store.unfinished_jobs().await.expect("unfinished");
     assert_eq!(unfinished.len(), 1);
-    assert_eq!(unfinished[0].ids, [letter.id.clone()]);
+    assert_eq!(unfinished[0].ids, std::slice::from_ref(&letter.id));
     let audit = store
         .audit_log(&PageRequest::first(5))
         .await
@@ -240,14 +240,14 @@ async fn postgres_keeps_jobs_and_rewrites_their_audit_entry() {
     );
     let stored = store.get_job(&job.id).await.expect("get_job").expect("job");
     assert!(stored.finished);
-    assert_eq!(stored.done, [letter.id.clone()]);
+    assert_eq!(stored.done, std::slice::from_ref(&letter.id));
     let audit = store
         .audit_log(&PageRequest::first(5))
         .await
         .expect("audit");
     assert_eq!(audit.items.len(), 1, "rewritten, not appended");
     assert!(audit.items[0].finished);
-    assert_eq!(audit.items[0].succeeded, [letter.id.clone()]);
+    assert_eq!(audit.items[0].succeeded, std::slice::from_ref(&letter.id));
     let now = store.get(&letter.id).await.expect("get").expect("letter");
     assert_eq!(now.status, Status::Replayed);
     assert_eq!(now.replay_count, 1);
