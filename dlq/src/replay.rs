@@ -624,8 +624,9 @@ impl Replayer {
     }
 
     /// Runs `job` in a background task ([`run`](Self::run)), retrying with
-    /// a backoff (up to about five minutes) when the store fails; dropping
-    /// the handle does not stop it.
+    /// a doubling backoff (about two minutes in all) when the store fails;
+    /// after that the job stays unfinished for [`resume`](Self::resume).
+    /// Dropping the handle does not stop it.
     pub fn spawn(&self, job: Job) -> tokio::task::JoinHandle<Result<Job, ReplayError>> {
         let replayer = self.clone();
         tokio::spawn(async move {

@@ -508,3 +508,86 @@ async fn an_action_whose_audit_entry_cannot_be_written_changes_nothing() {
         "nothing published"
     );
 }
+
+/// On the real stores: with the audit table gone, a replay and a discard
+/// fail before touching anything (no status change, no job, no publish).
+async fn audit_failure_changes_nothing(store: Arc<dyn DlqStore>, drop_audit: impl AsyncFnOnce()) {
+    let l = letter(1, "memory", "orders");
+    store.put(&l).await.expect("put");
+    drop_audit().await;
+    let transport = MemoryTransport::new();
+    let mut orders = transport
+        .subscribe("orders", GROUP)
+        .await
+        .expect("subscribe");
+    let replayer = Replayer::new(store.clone(), transport.clone());
+    let replay = replayer
+        .replay(ReplayRequest::filter("op", Filter::new().topic("orders")).reason("fixed"))
+        .await;
+    assert!(replay.is_err(), "{replay:?}");
+    let discard = replayer
+        .discard(surety_dlq::DiscardRequest::new(
+            "op",
+            surety_dlq::Selection::Ids(vec![l.id.clone()]),
+            "obsolete",
+        ))
+        .await;
+    assert!(discard.is_err(), "{discard:?}");
+    assert_eq!(store.get(&l.id).await.expect("get"), Some(l));
+    assert!(store.unfinished_jobs().await.expect("jobs").is_empty());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), orders.next())
+            .await
+            .is_err(),
+        "nothing published"
+    );
+}
+
+#[tokio::test]
+async fn an_unwritable_audit_log_changes_nothing_on_sqlite() {
+    let store = Arc::new(SqliteStore::in_memory().await.expect("sqlite"));
+    let pool = store.pool().clone();
+    audit_failure_changes_nothing(store, async move || {
+        sqlx::query("DROP TABLE surety_dlq_audit")
+            .execute(&pool)
+            .await
+            .expect("drop the audit table");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_unwritable_audit_log_changes_nothing_on_postgres() {
+    let Some(pg) = services::require(services::postgres_url()) else {
+        return;
+    };
+    let schema = format!("surety_dlq_noaudit_{}", uuid::Uuid::now_v7().simple());
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&pg)
+        .await
+        .expect("postgres");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&admin)
+        .await
+        .expect("create schema");
+    let sep = if pg.contains('?') { '&' } else { '?' };
+    let store = Arc::new(
+        PostgresStore::connect(&format!("{pg}{sep}options[search_path]={schema}"))
+            .await
+            .expect("postgres store"),
+    );
+    let pool = store.pool().clone();
+    audit_failure_changes_nothing(store.clone(), async move || {
+        sqlx::query("DROP TABLE surety_dlq_audit")
+            .execute(&pool)
+            .await
+            .expect("drop the audit table");
+    })
+    .await;
+    store.pool().close().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+        .execute(&admin)
+        .await
+        .ok();
+}
