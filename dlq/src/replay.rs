@@ -349,6 +349,13 @@ impl Drop for RunGuard {
     }
 }
 
+/// A per-letter store failure: logged in full, recorded without the
+/// error text (job records are shown to API clients).
+fn store_failed(job: &str, id: &str, err: &StoreError) -> Outcome {
+    tracing::error!(job, dlq_id = id, error = %err, "DLQ job: the store failed for a letter");
+    Outcome::Failed("the store failed (see the service's log)".into())
+}
+
 /// Whether `job` made the last change to `letter`.
 fn acted_on_by(letter: &DeadLetter, job: &Job) -> bool {
     letter
@@ -721,7 +728,7 @@ impl Replayer {
         let letter = match self.store.get(id).await {
             Ok(Some(letter)) => letter,
             Ok(None) => return Ok(Outcome::Skipped("not found".into())),
-            Err(e) => return Ok(Outcome::Failed(format!("the store failed: {e}"))),
+            Err(e) => return Ok(store_failed(&job.id, id, &e)),
         };
         if acted_on_by(&letter, job) {
             // Claimed by this job before it stopped: publish again if the
@@ -754,7 +761,7 @@ impl Replayer {
                 let now = self.store.get(id).await?;
                 match now {
                     Some(l) if acted_on_by(&l, job) && l.status == Status::Replaying => l,
-                    _ => return Ok(Outcome::Failed(format!("the store failed: {e}"))),
+                    _ => return Ok(store_failed(&job.id, id, &e)),
                 }
             }
         };
@@ -809,7 +816,7 @@ impl Replayer {
         let letter = match self.store.get(id).await {
             Ok(Some(letter)) => letter,
             Ok(None) => return Ok(Outcome::Skipped("not found".into())),
-            Err(e) => return Ok(Outcome::Failed(format!("the store failed: {e}"))),
+            Err(e) => return Ok(store_failed(&job.id, id, &e)),
         };
         if acted_on_by(&letter, job) {
             return Ok(Outcome::Done);
@@ -828,7 +835,7 @@ impl Replayer {
             Ok(None) => Ok(Outcome::Skipped("status changed meanwhile".into())),
             Err(e) => match self.store.get(id).await? {
                 Some(l) if acted_on_by(&l, job) => Ok(Outcome::Done),
-                _ => Ok(Outcome::Failed(format!("the store failed: {e}"))),
+                _ => Ok(store_failed(&job.id, id, &e)),
             },
         }
     }
