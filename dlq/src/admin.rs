@@ -13,6 +13,7 @@
 //! | `POST /messages/{id}/discard` | discard one: `{"reason", "dry_run"}`; answers the outcome | write |
 //! | `POST /replay` | replay `{"ids": [...]}`, `{"filter": {...}}` (not empty) or `{"all": true}`, with `reason`, `dry_run`; answers 202 with the job | write |
 //! | `POST /discard` | discard `{"ids": [...]}`, `{"filter": {...}}` (not empty) or `{"all": true}`, with `reason` (required), `dry_run`; answers 202 with the job | write |
+//! | `POST /jobs/{id}/resume` | run an unfinished job again (one whose run stopped on a store failure); answers 202 with it, or 409 if it has finished | write |
 //!
 //! Every endpoint needs `Authorization: Bearer <token>` (the scheme in any
 //! case) with a token given to [`AdminApi::token`]; the token's actor name
@@ -214,6 +215,7 @@ impl AdminApi {
             .route("/messages/{id}/discard", post(discard_one))
             .route("/replay", post(replay_many))
             .route("/discard", post(discard_many))
+            .route("/jobs/{id}/resume", post(resume_job))
             .route_layer(auth);
         Ok(reads
             .merge(writes)
@@ -429,7 +431,7 @@ fn filter_from_params(p: &BTreeMap<String, String>) -> Result<Filter, ApiError> 
             .map(|s| {
                 Status::from_name(s.trim()).ok_or_else(|| {
                     ApiError::bad_request(format!(
-                        "unknown status {s:?}; expected dead, replayed, parked, discarded or resolved"
+                        "unknown status {s:?}; expected dead, replaying, replayed, parked, discarded or resolved"
                     ))
                 })
             })
@@ -732,6 +734,24 @@ impl JobBody {
             job: job.clone(),
         }
     }
+}
+
+async fn resume_job(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    validate_id(&id)?;
+    let Some(job) = api.replayer.job(&id).await? else {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("no job {id:?}"),
+        });
+    };
+    if job.finished {
+        return Err(ApiError {
+            status: StatusCode::CONFLICT,
+            message: format!("job {id:?} has finished"),
+        });
+    }
+    // A job already running in this process ends its new run at once.
+    Ok(accepted(&api, Started::Job(Box::new(job))))
 }
 
 async fn get_job(

@@ -29,9 +29,11 @@
 //!   with the crate and run through `migrate()`.
 //! - [`Replayer`] replays or discards one dead letter, a selection or a
 //!   filter, with dry runs, a rate limit, optional edits (with a required
-//!   reason) and an audit trail.
+//!   reason) and an audit trail, to the consumer group that failed the
+//!   message. Every action runs as a [`job`]: its intent is written before
+//!   it acts, and a restarted process resumes it.
 //! - [`admin`] (feature `admin`) serves all of that as JSON over HTTP: an
-//!   axum `Router` to mount, with bearer-token-protected writes.
+//!   axum `Router` to mount, protected by bearer tokens.
 //! - [`metrics`]: DLQ depth and oldest age by source, dead-lettered,
 //!   retries scheduled, replays by outcome, sink failures.
 //!

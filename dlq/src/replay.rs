@@ -2,7 +2,8 @@
 //! optional edits and an audit trail.
 //!
 //! A replay sends the dead letter's original envelope back to its topic
-//! (or wherever [`Replayer::route`] says): same id and key, the producer's
+//! (or wherever [`Replayer::route`] says), addressed to the consumer group
+//! that failed it (`surety-replay-group`): same id and key, the producer's
 //! headers (so `traceparent` links it to the failed trace), plus
 //! `surety-replay-count` and `surety-dlq-id` so the [`DlqLayer`](crate::DlqLayer)
 //! can record how it went: resolved when handled, dead again (or parked
@@ -348,6 +349,13 @@ impl Drop for RunGuard {
     }
 }
 
+/// A per-letter store failure: logged in full, recorded without the
+/// error text (job records are shown to API clients).
+fn store_failed(job: &str, id: &str, err: &StoreError) -> Outcome {
+    tracing::error!(job, dlq_id = id, error = %err, "DLQ job: the store failed for a letter");
+    Outcome::Failed("the store failed (see the service's log)".into())
+}
+
 /// Whether `job` made the last change to `letter`.
 fn acted_on_by(letter: &DeadLetter, job: &Job) -> bool {
     letter
@@ -468,8 +476,8 @@ impl Replayer {
     }
 
     /// Chooses the topic a dead letter is replayed to (default: its source
-    /// topic, which every group of that topic receives; route to a
-    /// group-specific topic or queue to reach only the failed group).
+    /// topic; the copy is addressed to the failed group, see
+    /// [`every_group`](Self::every_group)).
     pub fn route(mut self, route: impl Fn(&DeadLetter) -> String + Send + Sync + 'static) -> Self {
         self.route = Arc::new(route);
         self
@@ -623,8 +631,9 @@ impl Replayer {
     }
 
     /// Runs `job` in a background task ([`run`](Self::run)), retrying with
-    /// a backoff (up to about five minutes) when the store fails; dropping
-    /// the handle does not stop it.
+    /// a doubling backoff (about two minutes in all) when the store fails;
+    /// after that the job stays unfinished for [`resume`](Self::resume).
+    /// Dropping the handle does not stop it.
     pub fn spawn(&self, job: Job) -> tokio::task::JoinHandle<Result<Job, ReplayError>> {
         let replayer = self.clone();
         tokio::spawn(async move {
@@ -719,7 +728,7 @@ impl Replayer {
         let letter = match self.store.get(id).await {
             Ok(Some(letter)) => letter,
             Ok(None) => return Ok(Outcome::Skipped("not found".into())),
-            Err(e) => return Ok(Outcome::Failed(format!("the store failed: {e}"))),
+            Err(e) => return Ok(store_failed(&job.id, id, &e)),
         };
         if acted_on_by(&letter, job) {
             // Claimed by this job before it stopped: publish again if the
@@ -752,7 +761,7 @@ impl Replayer {
                 let now = self.store.get(id).await?;
                 match now {
                     Some(l) if acted_on_by(&l, job) && l.status == Status::Replaying => l,
-                    _ => return Ok(Outcome::Failed(format!("the store failed: {e}"))),
+                    _ => return Ok(store_failed(&job.id, id, &e)),
                 }
             }
         };
@@ -807,7 +816,7 @@ impl Replayer {
         let letter = match self.store.get(id).await {
             Ok(Some(letter)) => letter,
             Ok(None) => return Ok(Outcome::Skipped("not found".into())),
-            Err(e) => return Ok(Outcome::Failed(format!("the store failed: {e}"))),
+            Err(e) => return Ok(store_failed(&job.id, id, &e)),
         };
         if acted_on_by(&letter, job) {
             return Ok(Outcome::Done);
@@ -826,7 +835,7 @@ impl Replayer {
             Ok(None) => Ok(Outcome::Skipped("status changed meanwhile".into())),
             Err(e) => match self.store.get(id).await? {
                 Some(l) if acted_on_by(&l, job) => Ok(Outcome::Done),
-                _ => Ok(Outcome::Failed(format!("the store failed: {e}"))),
+                _ => Ok(store_failed(&job.id, id, &e)),
             },
         }
     }

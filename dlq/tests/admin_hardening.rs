@@ -508,3 +508,69 @@ async fn requests_beyond_the_concurrency_limit_are_503() {
     let (status, _) = send(&app, "GET", "/dlq/stats", bearer().as_deref(), None).await;
     assert_eq!(status, StatusCode::OK, "the permit is back");
 }
+
+#[tokio::test]
+async fn an_unfinished_job_can_be_resumed_through_the_api() {
+    use surety_dlq::{ReplayRequest, Started};
+    let store = Arc::new(SqliteStore::in_memory().await.expect("sqlite"));
+    let l = letter(1);
+    store.put(&l).await.expect("put");
+    let replayer = Replayer::new(store.clone(), MemoryTransport::new());
+    // Started (intent written) but never run, as after a failed run.
+    let Started::Job(job) = replayer
+        .start_replay(ReplayRequest::ids("ops", [l.id.clone()]))
+        .await
+        .expect("start")
+    else {
+        panic!("not a dry run");
+    };
+    let app = Router::new().nest(
+        "/dlq",
+        AdminApi::new(replayer)
+            .token("ops", TOKEN)
+            .router()
+            .expect("router"),
+    );
+    let uri = format!("/dlq/jobs/{}/resume", job.id);
+    let (status, body) = send(&app, "POST", &uri, bearer().as_deref(), None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    surety_testkit::wait::eventually(
+        std::time::Duration::from_secs(10),
+        "the job to finish",
+        || async {
+            store
+                .get_job(&job.id)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|j| j.finished)
+        },
+    )
+    .await;
+    let (status, body) = send(
+        &app,
+        "GET",
+        &format!("/dlq/jobs/{}", job.id),
+        bearer().as_deref(),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["finished"], true);
+    assert_eq!(body["done"][0], l.id.as_str());
+    let (status, _) = send(&app, "POST", &uri, bearer().as_deref(), None).await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a finished job is not run again"
+    );
+    let (status, _) = send(
+        &app,
+        "POST",
+        "/dlq/jobs/nope/resume",
+        bearer().as_deref(),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

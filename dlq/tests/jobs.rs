@@ -15,7 +15,7 @@ use futures::StreamExt;
 use surety_core::memory::MemoryTransport;
 use surety_core::{DeliveryInfo, Envelope, HandlerError, Subscriber};
 use surety_dlq::policy::DeadLetterReason;
-use surety_dlq::store::{DlqStore, Filter, MemoryStore, PageRequest, SqliteStore};
+use surety_dlq::store::{DlqStore, Filter, MemoryStore, PageRequest, PostgresStore, SqliteStore};
 use surety_dlq::{DeadLetter, ReplayRequest, Replayer, Status};
 use surety_rabbitmq::lapin::options::QueueDeleteOptions;
 use surety_rabbitmq::topology::WorkQueue;
@@ -63,7 +63,11 @@ async fn replay_job_child_process() {
     let db = std::env::var(CHILD_DB).expect("db");
     let topic = std::env::var(CHILD_TOPIC).expect("topic");
     let url = services::amqp_url().expect("amqp url");
-    let store = Arc::new(SqliteStore::connect(&db).await.expect("sqlite"));
+    let store: Arc<dyn DlqStore> = if db.starts_with("postgres") {
+        Arc::new(PostgresStore::connect(&db).await.expect("postgres"))
+    } else {
+        Arc::new(SqliteStore::connect(&db).await.expect("sqlite"))
+    };
     let transport = rabbit(&url, "surety-dlq-test-job-child").await;
     let replayer = Replayer::new(store, transport).rate_limit(25);
     match mode.as_str() {
@@ -99,12 +103,49 @@ async fn a_replay_killed_mid_batch_is_finished_after_a_restart() {
     let Some(url) = services::require(services::amqp_url()) else {
         return;
     };
-    const N: u32 = 40;
     let dir = std::env::temp_dir().join(format!("surety-dlq-job-{}", uuid::Uuid::now_v7()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let db = format!("sqlite://{}", dir.join("dlq.db").display());
+    let store = Arc::new(SqliteStore::connect(&db).await.expect("sqlite"));
+    killed_and_resumed(&url, &db, store).await;
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_killed_mid_batch_is_finished_after_a_restart_on_postgres() {
+    let Some(url) = services::require(services::amqp_url()) else {
+        return;
+    };
+    let Some(pg) = services::require(services::postgres_url()) else {
+        return;
+    };
+    let schema = format!("surety_dlq_jobs_{}", uuid::Uuid::now_v7().simple());
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&pg)
+        .await
+        .expect("postgres");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&admin)
+        .await
+        .expect("create schema");
+    let sep = if pg.contains('?') { '&' } else { '?' };
+    let db = format!("{pg}{sep}options[search_path]={schema}");
+    let store = Arc::new(PostgresStore::connect(&db).await.expect("postgres store"));
+    killed_and_resumed(&url, &db, store.clone()).await;
+    store.pool().close().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+        .execute(&admin)
+        .await
+        .ok();
+}
+
+/// Seeds letters, runs a replay job in a child process, SIGKILLs it
+/// mid-batch, checks the invariant, resumes in a second child, and checks
+/// that every letter was replayed once and reached the group's queue.
+async fn killed_and_resumed(url: &str, db: &str, store: Arc<dyn DlqStore>) {
+    const N: u32 = 40;
     let topic = format!("surety-dlq-test.jobs.{}", uuid::Uuid::now_v7());
-    let store = SqliteStore::connect(&db).await.expect("sqlite");
     let mut ids = Vec::new();
     for n in 0..N {
         let l = letter(n, "rabbitmq", &topic);
@@ -112,12 +153,12 @@ async fn a_replay_killed_mid_batch_is_finished_after_a_restart() {
         ids.push(l.id);
     }
     // The group's queue exists before anything is replayed to the topic.
-    let observer = rabbit(&url, "surety-dlq-test-job-observer").await;
+    let observer = rabbit(url, "surety-dlq-test-job-observer").await;
     let channel = observer.channel().await.expect("channel");
     let work = WorkQueue::for_group(&observer.config().exchange, &topic, GROUP);
     work.declare(&channel).await.expect("declare the queue");
 
-    let mut run = child("run", &db, &topic);
+    let mut run = child("run", db, &topic);
     let job_progress = || async {
         match store.unfinished_jobs().await {
             Ok(jobs) => jobs.first().map_or(0, |j| j.next),
@@ -154,7 +195,7 @@ async fn a_replay_killed_mid_batch_is_finished_after_a_restart() {
     }
 
     // The restarted process resumes the job and finishes it.
-    let status = child("resume", &db, &topic).wait().expect("resume child");
+    let status = child("resume", db, &topic).wait().expect("resume child");
     assert!(status.success(), "the resuming child failed");
     for id in &ids {
         let l = store.get(id).await.expect("get").expect("letter");
@@ -195,7 +236,6 @@ async fn a_replay_killed_mid_batch_is_finished_after_a_restart() {
         .queue_delete(work.name().into(), QueueDeleteOptions::default())
         .await
         .ok();
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// Serves the admin API over TCP; returns its address.
@@ -467,4 +507,87 @@ async fn an_action_whose_audit_entry_cannot_be_written_changes_nothing() {
             .is_err(),
         "nothing published"
     );
+}
+
+/// On the real stores: with the audit table gone, a replay and a discard
+/// fail before touching anything (no status change, no job, no publish).
+async fn audit_failure_changes_nothing(store: Arc<dyn DlqStore>, drop_audit: impl AsyncFnOnce()) {
+    let l = letter(1, "memory", "orders");
+    store.put(&l).await.expect("put");
+    drop_audit().await;
+    let transport = MemoryTransport::new();
+    let mut orders = transport
+        .subscribe("orders", GROUP)
+        .await
+        .expect("subscribe");
+    let replayer = Replayer::new(store.clone(), transport.clone());
+    let replay = replayer
+        .replay(ReplayRequest::filter("op", Filter::new().topic("orders")).reason("fixed"))
+        .await;
+    assert!(replay.is_err(), "{replay:?}");
+    let discard = replayer
+        .discard(surety_dlq::DiscardRequest::new(
+            "op",
+            surety_dlq::Selection::Ids(vec![l.id.clone()]),
+            "obsolete",
+        ))
+        .await;
+    assert!(discard.is_err(), "{discard:?}");
+    assert_eq!(store.get(&l.id).await.expect("get"), Some(l));
+    assert!(store.unfinished_jobs().await.expect("jobs").is_empty());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), orders.next())
+            .await
+            .is_err(),
+        "nothing published"
+    );
+}
+
+#[tokio::test]
+async fn an_unwritable_audit_log_changes_nothing_on_sqlite() {
+    let store = Arc::new(SqliteStore::in_memory().await.expect("sqlite"));
+    let pool = store.pool().clone();
+    audit_failure_changes_nothing(store, async move || {
+        sqlx::query("DROP TABLE surety_dlq_audit")
+            .execute(&pool)
+            .await
+            .expect("drop the audit table");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_unwritable_audit_log_changes_nothing_on_postgres() {
+    let Some(pg) = services::require(services::postgres_url()) else {
+        return;
+    };
+    let schema = format!("surety_dlq_noaudit_{}", uuid::Uuid::now_v7().simple());
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&pg)
+        .await
+        .expect("postgres");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&admin)
+        .await
+        .expect("create schema");
+    let sep = if pg.contains('?') { '&' } else { '?' };
+    let store = Arc::new(
+        PostgresStore::connect(&format!("{pg}{sep}options[search_path]={schema}"))
+            .await
+            .expect("postgres store"),
+    );
+    let pool = store.pool().clone();
+    audit_failure_changes_nothing(store.clone(), async move || {
+        sqlx::query("DROP TABLE surety_dlq_audit")
+            .execute(&pool)
+            .await
+            .expect("drop the audit table");
+    })
+    .await;
+    store.pool().close().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+        .execute(&admin)
+        .await
+        .ok();
 }
