@@ -17,7 +17,9 @@
 //!   (claim, effect and mark in one transaction), and vs the plain layer
 //!   with the SQL store (claim and complete as statements of their own).
 //!
-//! PostgreSQL runs when `SURETY_POSTGRES_URL` is set. Under
+//! PostgreSQL runs when `SURETY_POSTGRES_URL` is set; without it the
+//! PostgreSQL pipelines are skipped, or the bench fails when
+//! `SURETY_REQUIRE_SERVICES` is set. Under
 //! `cargo test --benches` every pipeline runs once on a few messages.
 
 use std::sync::Arc;
@@ -36,6 +38,7 @@ use surety_core::{Envelope, Publisher, Subscriber};
 use surety_idempotency::{
     IdempotencyLayer, InboxTx, MemoryStore, PostgresStore, SqliteStore, StoreError,
 };
+use surety_testkit::services;
 use tokio::runtime::Runtime;
 use tokio::sync::Notify;
 
@@ -321,9 +324,8 @@ struct Postgres {
 }
 
 async fn postgres() -> Option<Postgres> {
-    let url = std::env::var("SURETY_POSTGRES_URL")
-        .ok()
-        .filter(|u| !u.is_empty())?;
+    // Skips without the address, and fails under SURETY_REQUIRE_SERVICES.
+    let url = services::require(services::postgres_url())?;
     let db = db::temp_schema_at(&url, CONCURRENCY as u32 + 2).await;
     sqlx::query(EFFECTS_TABLE).execute(&db.pool).await.unwrap();
     Some(Postgres {

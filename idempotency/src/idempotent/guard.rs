@@ -58,6 +58,16 @@ const BUSY_POLL_MAX: Duration = Duration::from_millis(250);
 /// How often completing a handled message is tried before giving up.
 const COMPLETE_ATTEMPTS: u32 = 3;
 
+/// The instant `after` from now, or one decades away when that does not
+/// fit in an `Instant`: a busy wait of `Duration::MAX` waits as long as it
+/// takes, and never overflows the clock.
+fn deadline_after(after: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(after)
+        .or_else(|| now.checked_add(Duration::from_secs(86_400 * 365 * 30)))
+        .unwrap_or(now)
+}
+
 fn store_failure(error: StoreError) -> HandlerError {
     HandlerError::new(error)
 }
@@ -160,7 +170,7 @@ where
     /// A busy wait that starts now.
     pub(crate) fn busy_wait(&self) -> BusyWait {
         BusyWait {
-            deadline: Instant::now() + self.policy.busy_wait_for(),
+            deadline: deadline_after(self.policy.busy_wait_for()),
             pause: BUSY_POLL_MIN,
         }
     }
@@ -322,5 +332,43 @@ where
             // The lease expires on its own; the next delivery waits for it.
             tracing::warn!(dedup_key = %key, error = %err, "releasing a claim failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use surety_core::consumer::{Incoming, handler_fn};
+    use surety_core::{DeliveryInfo, Envelope};
+    use tower::{Layer, ServiceExt};
+
+    use super::*;
+    use crate::{IdempotencyLayer, MemoryStore};
+
+    /// A busy wait of `Duration::MAX` waits for the holder's lease to run
+    /// out, takes the key over and runs the handler.
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_wait_of_duration_max_waits_instead_of_panicking() {
+        let store = MemoryStore::new();
+        let env = Envelope::builder("/orders", "payment.requested").build();
+        let lease = Duration::from_secs(1);
+        // Another delivery of the same message holds the key, then dies.
+        let held = store.claim(&env.dedup_key(), lease).await.unwrap();
+        assert!(matches!(held, Claim::Acquired(_)));
+
+        let runs = Arc::new(AtomicU32::new(0));
+        let counter = Arc::clone(&runs);
+        let handler = handler_fn(move |_msg: Incoming| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, std::convert::Infallible>(()) }
+        });
+        let service = IdempotencyLayer::new(store)
+            .policy(LeasePolicy::new(lease).busy_wait(Duration::MAX))
+            .layer(handler);
+        let info = DeliveryInfo::new("memory", "payments", "billing");
+        service.oneshot(Incoming::new(env, info)).await.unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 }
