@@ -192,7 +192,7 @@ impl HostReport {
     }
 }
 
-type Start = Box<dyn FnOnce(Shutdown, Health, usize) -> BoxFuture<'static, Done> + Send>;
+type Start = Box<dyn FnOnce(Shutdown, Health, usize, Duration) -> BoxFuture<'static, Done> + Send>;
 
 enum Done {
     Worker(WorkerReport),
@@ -276,8 +276,8 @@ impl Host {
     {
         let (topic, group) = (topic.into(), group.into());
         let name = format!("{topic}/{group}");
-        let worker = worker.shutdown_grace(self.grace);
-        let start: Start = Box::new(move |shutdown, health, index| {
+        let start: Start = Box::new(move |shutdown, health, index, grace| {
+            let worker = worker.shutdown_grace(grace);
             Box::pin(async move {
                 let report =
                     consume(subscriber, &topic, &group, worker, shutdown, &health, index).await;
@@ -314,7 +314,7 @@ impl Host {
         F: FnOnce(Shutdown) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let start: Start = Box::new(move |shutdown, health, index| {
+        let start: Start = Box::new(move |shutdown, health, index, _grace| {
             Box::pin(async move {
                 health.set(index, State::Running);
                 let requested = shutdown.clone();
@@ -349,7 +349,12 @@ impl Host {
         for part in self.parts {
             let index = part.index;
             names.push(part.name);
-            let start = (part.start)(Shutdown { rx: rx.clone() }, self.health.clone(), index);
+            let start = (part.start)(
+                Shutdown { rx: rx.clone() },
+                self.health.clone(),
+                index,
+                self.grace,
+            );
             running.spawn(async move { (index, start.await) });
         }
         let mut done: Vec<Option<Done>> = names.iter().map(|_| None).collect();
