@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use surety_core::{Delivery, DeliveryStream};
-use surety_rabbitmq::{RabbitConfig, RabbitTransport};
+use surety_rabbitmq::{RabbitConfig, RabbitTransport, queue_name};
+use surety_testkit::rabbitmq::Cleanup;
 use surety_testkit::services;
 
 /// How long a test waits for anything that should happen.
@@ -21,6 +22,16 @@ pub fn url() -> Option<String> {
 /// A name no other test (or earlier run) uses.
 pub fn unique(prefix: &str) -> String {
     format!("surety-rabbitmq-test.{prefix}.{}", uuid::Uuid::now_v7())
+}
+
+/// Deletes the queues of `groups` on `topic` when dropped (however the test
+/// ends); register more with [`Cleanup::add_queue`].
+pub fn cleanup(url: &str, topic: &str, groups: &[&str]) -> Cleanup {
+    let cleanup = Cleanup::new(url);
+    for group in groups {
+        cleanup.add_queue(queue_name(topic, group));
+    }
+    cleanup
 }
 
 /// A config for `url` with a unique connection name and short timeouts.
