@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{WAIT, cleanup, config, connect, next, nothing_for, unique, url};
+use common::{WAIT, cleanup, config, connect, next, nothing_before_marker, unique, url};
 use surety_core::consumer::{Incoming, Worker, handler_fn};
 use surety_core::envelope::UNDECODABLE_TYPE;
 use surety_core::{Close, Envelope, Publisher, Subscriber, TransportErrorKind};
@@ -98,7 +98,7 @@ async fn foreign_messages_are_read_and_garbage_flows_as_poison() {
         "the poison id is stable across redeliveries"
     );
     again.reject().await.unwrap();
-    nothing_for(&mut stream, Duration::from_millis(300)).await;
+    nothing_before_marker(&transport, &topic, &mut stream).await;
     transport.close().await.unwrap();
 }
 
@@ -192,7 +192,7 @@ async fn dropping_the_stream_returns_prefetched_messages() {
     held.ack()
         .await
         .expect("the first subscription's channel stays open for it");
-    nothing_for(&mut second, Duration::from_millis(300)).await;
+    nothing_before_marker(&transport, &topic, &mut second).await;
     transport.close().await.unwrap();
 }
 

@@ -9,6 +9,10 @@
 //! let topic = "surety-test.orders.0192";
 //! // Deleted when `_cleanup` goes out of scope, however the test ends.
 //! let _cleanup = Cleanup::new(url()).queue(format!("{topic}.billing"));
+//!
+//! // Everything whose name starts with the test's unique topic: its group
+//! // queues, dead-letter queues and exchanges, retry levels.
+//! let _cleanup = Cleanup::new(url()).prefix(topic);
 //! ```
 
 use std::sync::Mutex;
@@ -31,7 +35,12 @@ pub struct Cleanup {
     url: String,
     queues: Mutex<Vec<String>>,
     exchanges: Mutex<Vec<String>>,
+    prefixes: Mutex<Vec<String>>,
 }
+
+/// The shortest prefix [`Cleanup::prefix`] takes: long enough to hold a
+/// unique id, so that a cleanup cannot reach another test's names.
+pub const MIN_PREFIX_LEN: usize = 24;
 
 impl Cleanup {
     /// A guard for the broker at `url` (an `amqp://` URL), with nothing
@@ -41,7 +50,27 @@ impl Cleanup {
             url: url.into(),
             queues: Mutex::new(Vec::new()),
             exchanges: Mutex::new(Vec::new()),
+            prefixes: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Registers every queue and exchange whose name starts with `prefix`
+    /// (a name unique to the test, such as its topic with a UUID in it).
+    /// They are listed with [`rabbitmqctl`](crate::rabbitmqctl) when the
+    /// guard is dropped, which takes a few seconds; prefer naming the
+    /// queues when the test knows them.
+    ///
+    /// # Panics
+    ///
+    /// When `prefix` is shorter than [`MIN_PREFIX_LEN`].
+    pub fn prefix(self, prefix: impl Into<String>) -> Self {
+        let prefix = prefix.into();
+        assert!(
+            prefix.len() >= MIN_PREFIX_LEN,
+            "cleanup prefix {prefix:?} is too short to be unique to one test"
+        );
+        lock(&self.prefixes).push(prefix);
+        self
     }
 
     /// Registers a queue to delete.
@@ -73,8 +102,38 @@ fn lock(names: &Mutex<Vec<String>>) -> std::sync::MutexGuard<'_, Vec<String>> {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let queues = std::mem::take(&mut *lock(&self.queues));
-        let exchanges = std::mem::take(&mut *lock(&self.exchanges));
+        let mut queues = std::mem::take(&mut *lock(&self.queues));
+        let mut exchanges = std::mem::take(&mut *lock(&self.exchanges));
+        let prefixes = std::mem::take(&mut *lock(&self.prefixes));
+        if !prefixes.is_empty() {
+            let matching = |kind: &str| -> Vec<String> {
+                // Not `rabbitmqctl::run`, which panics: this may run while
+                // the test unwinds.
+                let listing = std::process::Command::new("rabbitmqctl")
+                    .args([
+                        "-n",
+                        crate::rabbitmqctl::NODE,
+                        kind,
+                        "-q",
+                        "--no-table-headers",
+                        "name",
+                    ])
+                    .output()
+                    .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+                    .unwrap_or_else(|err| {
+                        eprintln!("surety-testkit: rabbitmqctl {kind} failed: {err}");
+                        String::new()
+                    });
+                listing
+                    .lines()
+                    .map(str::trim)
+                    .filter(|name| prefixes.iter().any(|p| name.starts_with(p.as_str())))
+                    .map(str::to_owned)
+                    .collect()
+            };
+            queues.extend(matching("list_queues"));
+            exchanges.extend(matching("list_exchanges"));
+        }
         if queues.is_empty() && exchanges.is_empty() {
             return;
         }

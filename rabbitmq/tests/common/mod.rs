@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use surety_core::{Delivery, DeliveryStream};
+use surety_core::{Delivery, DeliveryStream, Envelope, Publisher};
 use surety_rabbitmq::{RabbitConfig, RabbitTransport, queue_name};
 use surety_testkit::rabbitmq::Cleanup;
 use surety_testkit::services;
@@ -55,6 +55,29 @@ pub async fn next(stream: &mut DeliveryStream) -> Delivery {
         .expect("a delivery within the deadline")
         .expect("the stream is open")
         .expect("a delivery, not an error")
+}
+
+/// Asserts that nothing more comes to `stream` (a subscription to `topic`):
+/// a marker published now must be the next delivery, since a queue hands
+/// out whatever was still to come before it. No waiting period to guess.
+pub async fn nothing_before_marker(
+    transport: &RabbitTransport,
+    topic: &str,
+    stream: &mut DeliveryStream,
+) {
+    let marker = Envelope::builder("/test", "test.marker").build();
+    transport
+        .publish(topic, marker.clone())
+        .await
+        .expect("the marker is published");
+    let delivery = next(stream).await;
+    assert_eq!(
+        delivery.envelope().id,
+        marker.id,
+        "expected nothing before the marker, got {:?}",
+        delivery.envelope()
+    );
+    delivery.ack().await.expect("the marker is acked");
 }
 
 /// Asserts that nothing is delivered for `period`.
