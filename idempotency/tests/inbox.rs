@@ -587,12 +587,21 @@ async fn under_faults_and_crashes_every_effect_commits_once<S: Business>(store: 
         }
         assert!(transport.rejected("payments", "billing").is_empty());
         let mut first_reply: HashMap<String, Envelope> = HashMap::new();
-        while let Ok(Some(reply)) =
-            tokio::time::timeout(Duration::from_millis(200), replies.next()).await
-        {
-            let reply = reply.unwrap();
+        // Every reply was published before the workers stopped: read up to
+        // a marker published now rather than until a quiet moment.
+        let marker = Envelope::builder("/test", "test.marker").build();
+        transport.publish("replies", marker.clone()).await.unwrap();
+        loop {
+            let reply = tokio::time::timeout(Duration::from_secs(10), replies.next())
+                .await
+                .expect("the replies up to the marker")
+                .expect("the replies stream is open")
+                .unwrap();
             let env = reply.envelope().clone();
             reply.ack().await.unwrap();
+            if env.id == marker.id {
+                break;
+            }
             let cause = env.causation_id.clone().unwrap();
             assert_eq!(
                 first_reply.entry(cause).or_insert_with(|| env.clone()),
