@@ -91,6 +91,7 @@ async fn foreign_records_are_delivered_as_poison_never_dropped() {
         return;
     };
     let (kafka, topic, group) = connect(common::config(&brokers), "foreign").await;
+    let _cleanup = common::delete_on_drop(&brokers, &[&topic]);
     let deliveries = kafka.subscribe(&topic, &group).await.expect("subscribe");
 
     // A producer that knows nothing of envelopes.
@@ -181,6 +182,7 @@ async fn nack_redelivers_the_nacked_message_only() {
         return;
     };
     let (kafka, topic, group) = connect(common::config(&brokers), "nack").await;
+    let _cleanup = common::delete_on_drop(&brokers, &[&topic]);
     let mut stream = kafka.subscribe(&topic, &group).await.expect("subscribe");
     let ids = publish_n(&kafka, &topic, 3, None).await;
 
@@ -224,6 +226,7 @@ async fn a_slow_consumer_pauses_and_loses_nothing() {
         "slow",
     )
     .await;
+    let _cleanup = common::delete_on_drop(&brokers, &[&topic]);
     let ids = publish_n(&kafka, &topic, 60, Some("one-key")).await;
     let mut stream = kafka.subscribe(&topic, &group).await.expect("subscribe");
 
@@ -250,6 +253,7 @@ async fn a_graceful_worker_shutdown_settles_in_flight_deliveries() {
         return;
     };
     let (kafka, topic, group) = connect(common::config(&brokers), "drain").await;
+    let _cleanup = common::delete_on_drop(&brokers, &[&topic]);
     let deliveries = kafka.subscribe(&topic, &group).await.expect("subscribe");
 
     let (started_tx, mut started) = tokio::sync::mpsc::channel(1);
