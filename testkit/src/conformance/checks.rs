@@ -68,7 +68,8 @@ impl<'a, T> Ctx<'a, T> {
     /// is a valid Kafka topic, AMQP queue and routing key.
     fn name(&self, role: &str) -> String {
         format!(
-            "surety-testkit.{}.{role}.{}",
+            "{}.{}.{role}.{}",
+            self.caps.name_prefix,
             self.check.replace('_', "-"),
             Uuid::now_v7()
         )
