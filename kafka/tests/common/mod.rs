@@ -58,6 +58,7 @@ pub fn init_tracing() {
 pub struct DeleteTopics {
     brokers: String,
     topics: Vec<String>,
+    prefix: Option<String>,
 }
 
 /// Deletes `topics` when the returned guard is dropped. A topic that does
@@ -66,6 +67,17 @@ pub fn delete_on_drop(brokers: &str, topics: &[&str]) -> DeleteTopics {
     DeleteTopics {
         brokers: brokers.to_owned(),
         topics: topics.iter().map(|t| (*t).to_owned()).collect(),
+        prefix: None,
+    }
+}
+
+/// Deletes every topic whose name starts with `prefix` (unique to the test)
+/// when the returned guard is dropped.
+pub fn delete_prefixed_on_drop(brokers: &str, prefix: &str) -> DeleteTopics {
+    DeleteTopics {
+        brokers: brokers.to_owned(),
+        topics: Vec::new(),
+        prefix: Some(prefix.to_owned()),
     }
 }
 
@@ -75,8 +87,29 @@ impl Drop for DeleteTopics {
         use surety_kafka::rdkafka::admin::{AdminClient, AdminOptions};
         use surety_kafka::rdkafka::client::DefaultClientContext;
 
-        let (brokers, topics) = (self.brokers.clone(), std::mem::take(&mut self.topics));
+        let (brokers, mut topics) = (self.brokers.clone(), std::mem::take(&mut self.topics));
+        let prefix = self.prefix.take();
         let worker = std::thread::spawn(move || {
+            if let Some(prefix) = prefix {
+                use surety_kafka::rdkafka::consumer::{BaseConsumer, Consumer};
+                let lister: BaseConsumer = ClientConfig::new()
+                    .set("bootstrap.servers", &brokers)
+                    .create()
+                    .map_err(|e| e.to_string())?;
+                let metadata = lister
+                    .fetch_metadata(None, Duration::from_secs(10))
+                    .map_err(|e| e.to_string())?;
+                topics.extend(
+                    metadata
+                        .topics()
+                        .iter()
+                        .map(|t| t.name().to_owned())
+                        .filter(|name| name.starts_with(&prefix)),
+                );
+            }
+            if topics.is_empty() {
+                return Ok(());
+            }
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
