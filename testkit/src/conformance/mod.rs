@@ -32,10 +32,15 @@
 //! with other tests. It subscribes before it publishes. The suite does not
 //! delete what it created: give it a prefix unique to the run and delete
 //! what starts with it afterwards (for RabbitMQ,
-//! `surety_testkit::rabbitmq::Cleanup::prefix`). Every wait has a deadline: a transport that loses a message
-//! fails after [`receive_timeout`](Capabilities::receive_timeout) rather
-//! than hanging. Checks that something does *not* happen (no redelivery
-//! after an ack) watch for [`quiet_period`](Capabilities::quiet_period).
+//! `surety_testkit::rabbitmq::Cleanup::prefix`).
+//!
+//! Every wait has a deadline: a transport that loses a message fails after
+//! [`receive_timeout`](Capabilities::receive_timeout) rather than hanging.
+//! That an acked or rejected message does not come back is shown with a
+//! marker published afterwards, which must be the next delivery; the
+//! fan-out and competing-consumer checks, whose messages reach several
+//! members, watch for [`quiet_period`](Capabilities::quiet_period) that
+//! nothing more arrives.
 //!
 //! ```
 //! use std::time::Duration;
