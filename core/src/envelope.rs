@@ -5,6 +5,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::codec::{CONTENT_TYPE_JSON, DecodeError, JsonCodec, PayloadCodec};
+use crate::consumer::Output;
+use crate::error::{Classify, ErrorClass};
 use crate::headers::{Headers, keys};
 
 /// The event type of an envelope made by [`Envelope::undecodable`].
@@ -85,6 +87,29 @@ pub struct Envelope {
     pub payload: Bytes,
 }
 
+/// Why [`Envelope::reply`] could not build a reply. Always
+/// [permanent](ErrorClass::Permanent): the request cannot be answered, however
+/// often it is retried.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplyError {
+    /// The request names no reply-to topic.
+    #[error("message {request_id} asks for no reply (it has no surety-reply-to header)")]
+    NoReplyTo {
+        /// The request's id.
+        request_id: String,
+    },
+    /// The reply's payload could not be encoded.
+    #[error("the reply cannot be encoded: {0}")]
+    Encode(#[source] serde_json::Error),
+}
+
+impl Classify for ReplyError {
+    fn class(&self) -> ErrorClass {
+        ErrorClass::Permanent
+    }
+}
+
 impl Envelope {
     /// A builder for a message of `event_type` from `source`.
     pub fn builder(source: impl Into<String>, event_type: impl Into<String>) -> EnvelopeBuilder {
@@ -154,6 +179,64 @@ impl Envelope {
         event_type: impl Into<String>,
     ) -> EnvelopeBuilder {
         Self::builder(source, event_type).caused_by(self)
+    }
+
+    /// The topic replies to this message go to (the [`keys::REPLY_TO`]
+    /// header, set by [`EnvelopeBuilder::reply_to`]).
+    pub fn reply_to(&self) -> Option<&str> {
+        self.headers.reply_to()
+    }
+
+    /// A reply to this request, as an [`Output`] a handler returns: `message`
+    /// from `source`, addressed to the request's [reply-to](Self::reply_to)
+    /// topic, correlated with the request (see [`caused_by`](Self::caused_by))
+    /// and with the request's partition key, so the replies of one
+    /// conversation stay in order.
+    ///
+    /// A request without a reply-to topic is a [`ReplyError`], which is
+    /// [permanent](crate::ErrorClass::Permanent): a handler can return it
+    /// with `?`.
+    ///
+    /// ```
+    /// use serde::{Deserialize, Serialize};
+    /// use surety_core::{Envelope, Message};
+    ///
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Capture { order_id: String }
+    /// impl Message for Capture { const TYPE: &'static str = "payment.capture"; }
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Captured { order_id: String }
+    /// impl Message for Captured { const TYPE: &'static str = "payment.captured"; }
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let request = Envelope::message("/checkout", &Capture { order_id: "o-1".into() })?
+    ///     .reply_to("checkout.replies")
+    ///     .partition_key("o-1")
+    ///     .build();
+    /// let reply = request.reply("/payments", &Captured { order_id: "o-1".into() })?;
+    /// assert_eq!(reply.destination, "checkout.replies");
+    /// assert_eq!(reply.envelope.causation_id.as_deref(), Some(request.id.as_str()));
+    /// assert_eq!(reply.envelope.partition_key.as_deref(), Some("o-1"));
+    ///
+    /// let no_reply_to = Envelope::builder("/checkout", "payment.capture").build();
+    /// assert!(no_reply_to.reply("/payments", &Captured { order_id: "o-1".into() }).is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn reply<M: Message>(
+        &self,
+        source: impl Into<String>,
+        message: &M,
+    ) -> Result<Output, ReplyError> {
+        let destination = self.reply_to().ok_or_else(|| ReplyError::NoReplyTo {
+            request_id: self.id.clone(),
+        })?;
+        let mut reply = Self::message(source, message)
+            .map_err(ReplyError::Encode)?
+            .caused_by(self);
+        if let Some(key) = &self.partition_key {
+            reply = reply.partition_key(key.clone());
+        }
+        Ok(Output::new(destination, reply.build()))
     }
 
     /// The deduplication key: `source` and `id` joined by a space (a space
@@ -404,6 +487,12 @@ impl EnvelopeBuilder {
         );
         self.env.causation_id = Some(cause.id.clone());
         self
+    }
+
+    /// Asks for replies on `topic` (the [`keys::REPLY_TO`] header); a
+    /// handler answers with [`Envelope::reply`].
+    pub fn reply_to(self, topic: impl Into<String>) -> Self {
+        self.header(keys::REPLY_TO, topic)
     }
 
     /// Adds a header.

@@ -537,6 +537,12 @@ impl Classify for TransportError {
 /// `Result` with [`TransportError`] as the default error.
 pub type Result<T, E = TransportError> = std::result::Result<T, E>;
 
+impl Classify for std::convert::Infallible {
+    fn class(&self) -> ErrorClass {
+        match *self {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,6 +37,11 @@ pub mod keys {
     /// why it failed. Such a message is poison; [`typed`](crate::consumer::typed)
     /// handlers never run for it.
     pub const DECODE_ERROR: &str = "surety-decode-error";
+    /// The one consumer group a message is for (a replay of a dead letter
+    /// goes back to the group that failed it). Other groups on the topic
+    /// acknowledge it without handling it ([`addressed_to`](super::addressed_to)).
+    /// Absent: every group.
+    pub const REPLAY_GROUP: &str = "surety-replay-group";
 
     /// CloudEvents binary-mode attribute headers. Broker adapters carry the
     /// envelope's attributes in these headers when the broker has no native
@@ -231,6 +236,28 @@ impl<'a> IntoIterator for &'a Headers {
     fn into_iter(self) -> Self::IntoIter {
         self.0.iter()
     }
+}
+
+/// Whether a consumer in `group` should handle `envelope`: yes unless its
+/// [`keys::REPLAY_GROUP`] header names another group. The core worker
+/// acknowledges messages addressed to other groups without running the
+/// handler.
+///
+/// ```
+/// use surety_core::Envelope;
+/// use surety_core::headers::{addressed_to, keys};
+///
+/// let mut env = Envelope::builder("/shop", "order.placed").build();
+/// assert!(addressed_to(&env, "billing"));
+/// env.headers.insert(keys::REPLAY_GROUP, "billing");
+/// assert!(addressed_to(&env, "billing"));
+/// assert!(!addressed_to(&env, "shipping"));
+/// ```
+pub fn addressed_to(envelope: &crate::Envelope, group: &str) -> bool {
+    envelope
+        .headers
+        .get(keys::REPLAY_GROUP)
+        .is_none_or(|g| g == group)
 }
 
 #[cfg(test)]

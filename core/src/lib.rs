@@ -18,6 +18,8 @@
 //! - [`consumer`] runs handlers as `tower` services: decode, handle,
 //!   classify, settle; pattern crates add layers (deduplication, retries,
 //!   dead-lettering).
+//! - [`upcast`] brings payloads written at old schema versions up to the
+//!   version a handler reads, before it decodes them.
 //! - [`trace`] carries W3C trace context through headers; [`metrics`]
 //!   registers Prometheus metrics into your registry.
 //!
@@ -73,14 +75,16 @@ pub mod consumer;
 pub mod envelope;
 pub mod error;
 pub mod headers;
+pub mod host;
 pub mod memory;
 pub mod metrics;
 mod port;
 mod publish;
 pub mod trace;
+pub mod upcast;
 
 pub use codec::DecodeError;
-pub use envelope::{Envelope, EnvelopeBuilder, Message};
+pub use envelope::{Envelope, EnvelopeBuilder, Message, ReplyError};
 pub use error::{
     BoxError, Classify, ErrorClass, HandlerError, Permanent, Poison, Result, Transient,
     TransportError, TransportErrorKind,

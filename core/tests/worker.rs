@@ -4,10 +4,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use surety_core::consumer::{Incoming, Worker, WorkerReport, handler_fn, typed};
+use surety_core::consumer::{Incoming, Output, Worker, WorkerReport, handler_fn, typed};
 use surety_core::memory::MemoryTransport;
-use surety_core::{Envelope, HandlerError, Message, Permanent, Publisher, Subscriber, Transient};
+use surety_core::{
+    Close, Envelope, HandlerError, Message, Permanent, Publisher, Subscriber, Transient,
+};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -125,7 +128,8 @@ async fn unavailable_pipelines_requeue_past_max_deliveries() {
 async fn permanent_failures_are_rejected_without_retry() {
     let transport = MemoryTransport::new();
     transport.publish("orders", order("o-1")).await.unwrap();
-    let handler = typed(|_o: Order, _msg: Incoming| async { Err(Permanent::new("bad sku")) });
+    let handler =
+        typed(|_o: Order, _msg: Incoming| async { Err::<(), _>(Permanent::new("bad sku")) });
     let report = run_until_drained(&transport, Worker::new(handler), "orders", "g").await;
     assert_eq!((report.acked, report.requeued, report.rejected), (0, 0, 1));
 }
@@ -311,4 +315,176 @@ async fn a_failing_subscription_is_backed_off_not_spun() {
         (2..=10).contains(&polls),
         "{polls} subscription errors in one second"
     );
+}
+
+/// A settler that records how each delivery was settled.
+#[derive(Debug)]
+struct Recorded {
+    id: String,
+    log: Arc<Mutex<Vec<(String, &'static str)>>>,
+}
+
+#[async_trait::async_trait]
+impl surety_core::Settle for Recorded {
+    async fn ack(self: Box<Self>) -> surety_core::Result<()> {
+        self.log.lock().unwrap().push((self.id.clone(), "ack"));
+        Ok(())
+    }
+    async fn nack(self: Box<Self>, requeue: bool) -> surety_core::Result<()> {
+        let how = if requeue { "requeue" } else { "nack" };
+        self.log.lock().unwrap().push((self.id.clone(), how));
+        Ok(())
+    }
+    async fn reject(self: Box<Self>) -> surety_core::Result<()> {
+        self.log.lock().unwrap().push((self.id.clone(), "reject"));
+        Ok(())
+    }
+}
+
+/// Every delivery at once, as a broker with a large prefetch (or a Kafka
+/// partition) hands them out; settlements go to `log`.
+fn all_at_once(
+    envelopes: Vec<Envelope>,
+    info: surety_core::DeliveryInfo,
+    log: &Arc<Mutex<Vec<(String, &'static str)>>>,
+) -> surety_core::DeliveryStream {
+    let deliveries: Vec<surety_core::Result<surety_core::Delivery>> = envelopes
+        .into_iter()
+        .map(|env| {
+            let settle = Box::new(Recorded {
+                id: env.id.clone(),
+                log: Arc::clone(log),
+            });
+            Ok(surety_core::Delivery::new(env, info.clone(), settle))
+        })
+        .collect();
+    futures::stream::iter(deliveries).boxed()
+}
+
+#[tokio::test]
+async fn the_worker_keeps_per_key_order_when_the_transport_does_not() {
+    let log = Arc::default();
+    let envelopes: Vec<Envelope> = (0..60)
+        .map(|n| {
+            Envelope::builder("/shop", "step")
+                .partition_key(format!("k{}", n % 3))
+                .payload(n.to_string())
+                .build()
+        })
+        .collect();
+    let info = surety_core::DeliveryInfo::new("memory", "steps", "g");
+    let running: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let seen: Arc<Mutex<HashMap<String, Vec<u32>>>> = Arc::default();
+    let overlaps = Arc::new(Mutex::new(0));
+    let handler = {
+        let (running, seen, overlaps) = (running.clone(), seen.clone(), overlaps.clone());
+        handler_fn(move |msg: Incoming| {
+            let (running, seen, overlaps) = (running.clone(), seen.clone(), overlaps.clone());
+            async move {
+                let key = msg.envelope.partition_key.clone().unwrap_or_default();
+                {
+                    let mut running = running.lock().unwrap();
+                    let n = running.entry(key.clone()).or_default();
+                    *n += 1;
+                    if *n > 1 {
+                        *overlaps.lock().unwrap() += 1;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                *running.lock().unwrap().get_mut(&key).unwrap() -= 1;
+                let n: u32 = std::str::from_utf8(&msg.envelope.payload)
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                seen.lock().unwrap().entry(key).or_default().push(n);
+                Ok::<_, HandlerError>(())
+            }
+        })
+    };
+    // The stream ends after the last delivery: the worker drains and stops.
+    let report = Worker::new(handler)
+        .concurrency(8)
+        .run(all_at_once(envelopes, info, &log), std::future::pending())
+        .await;
+    assert_eq!(report.handled, 60);
+    assert_eq!(*overlaps.lock().unwrap(), 0, "two of one key ran at once");
+    for (key, ns) in seen.lock().unwrap().iter() {
+        let mut sorted = ns.clone();
+        sorted.sort_unstable();
+        assert_eq!(ns, &sorted, "key {key} out of order");
+        assert_eq!(ns.len(), 20);
+    }
+}
+
+#[tokio::test]
+async fn outputs_are_published_before_the_input_is_acknowledged() {
+    let transport = MemoryTransport::new();
+    let mut events = transport.subscribe("orders.events", "audit").await.unwrap();
+    let log = Arc::default();
+    let request = Envelope::builder("/shop", "order.place")
+        .reply_to("orders.events")
+        .build();
+    let info = surety_core::DeliveryInfo::new("memory", "orders", "g");
+    let handler = handler_fn(|msg: Incoming| async move {
+        let accepted = msg.envelope.caused_by("/orders", "order.accepted").build();
+        Ok::<_, HandlerError>(Output::new("orders.events", accepted))
+    });
+    let report = Worker::new(handler)
+        .emit_to(transport.clone())
+        .run(
+            all_at_once(vec![request.clone()], info, &log),
+            std::future::pending(),
+        )
+        .await;
+    assert_eq!(report.handled, 1);
+    let event = events.next().await.unwrap().unwrap();
+    assert_eq!(
+        event.envelope().causation_id.as_deref(),
+        Some(request.id.as_str())
+    );
+    assert_eq!(*log.lock().unwrap(), [(request.id, "ack")]);
+}
+
+#[tokio::test]
+async fn an_unconfirmed_output_leaves_the_input_unacknowledged() {
+    let transport = MemoryTransport::new();
+    let outputs = transport.clone();
+    // The output sink is closed: every publish fails.
+    outputs.close().await.unwrap();
+    let log = Arc::default();
+    let request = Envelope::builder("/shop", "order.place").build();
+    let info = surety_core::DeliveryInfo::new("memory", "orders", "g");
+    let handler = handler_fn(|msg: Incoming| async move {
+        let accepted = msg.envelope.caused_by("/orders", "order.accepted").build();
+        Ok::<_, HandlerError>(Output::new("orders.events", accepted))
+    });
+    let report = Worker::new(handler)
+        .emit_to(outputs)
+        .max_retry_after(Duration::ZERO)
+        .run(
+            all_at_once(vec![request.clone()], info, &log),
+            std::future::pending(),
+        )
+        .await;
+    assert_eq!((report.handled, report.requeued), (0, 1));
+    assert_eq!(*log.lock().unwrap(), [(request.id, "requeue")]);
+}
+
+#[tokio::test]
+async fn outputs_without_a_sink_are_a_configuration_error() {
+    let log = Arc::default();
+    let request = Envelope::builder("/shop", "order.place").build();
+    let info = surety_core::DeliveryInfo::new("memory", "orders", "g");
+    let handler = handler_fn(|msg: Incoming| async move {
+        let accepted = msg.envelope.caused_by("/orders", "order.accepted").build();
+        Ok::<_, HandlerError>(Output::new("orders.events", accepted))
+    });
+    let report = Worker::new(handler)
+        .run(
+            all_at_once(vec![request.clone()], info, &log),
+            std::future::pending(),
+        )
+        .await;
+    assert_eq!(report.rejected, 1);
+    assert_eq!(*log.lock().unwrap(), [(request.id, "reject")]);
 }

@@ -4,25 +4,35 @@
 //!
 //! | method and path | what | auth |
 //! |---|---|---|
-//! | `GET /messages` | list, filtered and paged: `system`, `topic`, `group`, `class`, `fingerprint`, `handler`, `status` (comma-separated), `from`, `to` (RFC 3339, on the last failure), `q` (text), `limit` (1–500, default 50), `cursor` | read |
+//! | `GET /messages` | list, filtered and paged: `system`, `topic`, `group`, `class`, `fingerprint`, `handler`, `status` (comma-separated), `from`, `to` (RFC 3339, on the last failure), `q` (text), `limit` (1–500, default 50), `cursor`, `total=true` (also count the matches: a full scan, so only on request) | read |
 //! | `GET /messages/{id}` | one dead letter | read |
 //! | `GET /stats` | depth by source and class, age of the oldest | read |
 //! | `GET /audit` | the audit log, newest first (`limit`, `cursor`) | read |
-//! | `POST /messages/{id}/replay` | replay one, optionally edited: `{"reason", "dry_run", "payload_base64" \| "payload_json", "content_type", "set_headers", "remove_headers"}` | write |
-//! | `POST /messages/{id}/discard` | discard one: `{"reason", "dry_run"}` | write |
-//! | `POST /replay` | replay `{"ids": [...]}` or `{"filter": {...}}`, with `reason`, `dry_run` | write |
-//! | `POST /discard` | discard `{"ids": [...]}` or `{"filter": {...}}`, with `reason` (required), `dry_run` | write |
+//! | `GET /jobs/{id}` | a replay or discard job and its progress | read |
+//! | `POST /messages/{id}/replay` | replay one, optionally edited: `{"reason", "dry_run", "again", "payload_base64" \| "payload_json", "content_type", "set_headers", "remove_headers"}`; answers the outcome | write |
+//! | `POST /messages/{id}/discard` | discard one: `{"reason", "dry_run"}`; answers the outcome | write |
+//! | `POST /replay` | replay `{"ids": [...]}`, `{"filter": {...}}` (not empty) or `{"all": true}`, with `reason`, `dry_run`; answers 202 with the job | write |
+//! | `POST /discard` | discard `{"ids": [...]}`, `{"filter": {...}}` (not empty) or `{"all": true}`, with `reason` (required), `dry_run`; answers 202 with the job | write |
+//! | `POST /jobs/{id}/resume` | run an unfinished job again (one whose run stopped on a store failure); answers 202 with it, or 409 if it has finished | write |
 //!
-//! Write endpoints need `Authorization: Bearer <token>` with a token given
-//! to [`AdminApi::token`]; the token's actor name goes into the audit
-//! trail. Without a valid token they answer 401, before looking at the body.
-//! Read endpoints are open unless [`AdminApi::protect_reads`] is set: dead
-//! letters contain payloads, so mount the router behind your own
-//! authentication or protect reads.
+//! Every endpoint needs `Authorization: Bearer <token>` (the scheme in any
+//! case) with a token given to [`AdminApi::token`]; the token's actor name
+//! goes into the audit trail. Without a valid token the answer is 401,
+//! before the body is read. Dead letters hold payloads, so reads are
+//! protected too unless [`AdminApi::open_reads`] says otherwise. Tokens are
+//! compared as SHA-256 digests in constant time (`subtle`), and must be at
+//! least [`MIN_TOKEN_LEN`] bytes: [`AdminApi::router`] refuses shorter ones.
 //!
-//! Invalid input answers 400 (415 for a body that is not JSON) with
+//! Bulk actions run as [jobs](crate::job) in their own task: a client that
+//! disconnects does not stop them, and a restarted process resumes them
+//! ([`Replayer::resume`]).
+//!
+//! Invalid input answers 400 (413 for a body over
+//! [`AdminApi::max_body_bytes`], 415 for a body that is not JSON) with
 //! `{"error": "..."}` saying what is wrong; an unknown id 404; a store
-//! failure 503.
+//! failure 503 with a generic message (the error itself is logged); more
+//! than [`AdminApi::concurrency_limit`] requests at once 503 with
+//! `Retry-After`.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -33,9 +43,10 @@
 //!
 //! let store = Arc::new(MemoryStore::new());
 //! let replayer = Replayer::new(store, MemoryTransport::new()).rate_limit(50);
-//! let api = AdminApi::new(replayer).token("alice", "s3cret-token");
-//! let app: axum::Router = axum::Router::new().nest("/admin/dlq", api.router());
+//! let api = AdminApi::new(replayer).token("alice", "a-long-random-s3cret-token");
+//! let app: axum::Router = axum::Router::new().nest("/admin/dlq", api.router()?);
 //! # let _ = app;
+//! # Ok::<(), surety_dlq::admin::ConfigError>(())
 //! ```
 
 use std::collections::BTreeMap;
@@ -43,7 +54,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -52,10 +63,11 @@ use axum::{Extension, Json, Router};
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq as _;
 
 use crate::letter::{DeadLetter, Status};
 use crate::replay::{
-    ActionReport, DiscardRequest, Edit, ReplayError, ReplayRequest, Replayer, Selection,
+    ActionReport, DiscardRequest, Edit, ReplayError, ReplayRequest, Replayer, Selection, Started,
 };
 use crate::store::{Depth, DlqStore, Filter, PageRequest, StoreError};
 
@@ -67,14 +79,48 @@ pub const MAX_LIMIT: u32 = 500;
 pub const MAX_VALUE_LEN: usize = 200;
 /// Error classes accepted in filters.
 pub const CLASSES: [&str; 4] = ["transient", "permanent", "poison", "unknown"];
+/// Shortest accepted bearer token, in bytes.
+pub const MIN_TOKEN_LEN: usize = 16;
+/// Default largest request body, in bytes.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Default most requests served at once.
+pub const DEFAULT_CONCURRENCY_LIMIT: usize = 32;
+
+/// The API is configured in a way that would make it unsafe.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A token is shorter than [`MIN_TOKEN_LEN`] bytes.
+    #[error("the admin token of {actor:?} is shorter than {MIN_TOKEN_LEN} bytes")]
+    TokenTooShort {
+        /// The token's actor.
+        actor: String,
+    },
+}
 
 /// The admin API's configuration; [`router`](Self::router) turns it into
 /// an axum [`Router`].
 #[derive(Clone)]
 pub struct AdminApi {
     replayer: Replayer,
-    tokens: Vec<(String, String)>,
+    tokens: Vec<Token>,
     protect_reads: bool,
+    max_body_bytes: usize,
+    concurrency_limit: usize,
+}
+
+/// An accepted token: its actor, its SHA-256 digest, and its length (only
+/// to refuse short ones at start-up).
+#[derive(Clone)]
+struct Token {
+    actor: String,
+    digest: [u8; 32],
+    len: usize,
+}
+
+fn digest(token: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(token).into()
 }
 
 impl fmt::Debug for AdminApi {
@@ -83,47 +129,84 @@ impl fmt::Debug for AdminApi {
             .field("replayer", &self.replayer)
             .field("tokens", &self.tokens.len())
             .field("protect_reads", &self.protect_reads)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("concurrency_limit", &self.concurrency_limit)
             .finish()
     }
 }
 
 impl AdminApi {
     /// An API over `replayer` (and its store), with no tokens yet: every
-    /// write answers 401 until one is added.
+    /// request answers 401 until one is added.
     pub fn new(replayer: Replayer) -> Self {
         Self {
             replayer,
             tokens: Vec::new(),
-            protect_reads: false,
+            protect_reads: true,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            concurrency_limit: DEFAULT_CONCURRENCY_LIMIT,
         }
     }
 
     /// Accepts `token` as a bearer token for `actor` (the name the audit
-    /// trail records). Empty tokens are ignored.
-    pub fn token(mut self, actor: impl Into<String>, token: impl Into<String>) -> Self {
-        let token = token.into();
-        if !token.is_empty() {
-            self.tokens.push((actor.into(), token));
-        }
+    /// trail records). Only its digest is kept. [`router`](Self::router)
+    /// refuses tokens shorter than [`MIN_TOKEN_LEN`] bytes.
+    pub fn token(mut self, actor: impl Into<String>, token: impl AsRef<[u8]>) -> Self {
+        let token = token.as_ref();
+        self.tokens.push(Token {
+            actor: actor.into(),
+            digest: digest(token),
+            len: token.len(),
+        });
         self
     }
 
-    /// Requires a token for read endpoints too.
+    /// Whether read endpoints need a token too (the default). Opening them
+    /// exposes payloads to anyone who reaches the router: only do it behind
+    /// your own authentication.
     pub fn protect_reads(mut self, protect: bool) -> Self {
         self.protect_reads = protect;
         self
     }
 
-    /// The router, with paths relative to where you nest it.
-    pub fn router(self) -> Router {
+    /// Opens the read endpoints (`protect_reads(false)`).
+    pub fn open_reads(self) -> Self {
+        self.protect_reads(false)
+    }
+
+    /// The largest request body accepted (default
+    /// [`DEFAULT_MAX_BODY_BYTES`]); larger ones answer 413.
+    pub fn max_body_bytes(mut self, bytes: usize) -> Self {
+        self.max_body_bytes = bytes;
+        self
+    }
+
+    /// The most requests served at once (default
+    /// [`DEFAULT_CONCURRENCY_LIMIT`]); more answer 503 with `Retry-After`.
+    pub fn concurrency_limit(mut self, n: usize) -> Self {
+        self.concurrency_limit = n.max(1);
+        self
+    }
+
+    /// The router, with paths relative to where you nest it. Fails if a
+    /// token is too short.
+    pub fn router(self) -> Result<Router, ConfigError> {
+        if let Some(short) = self.tokens.iter().find(|t| t.len < MIN_TOKEN_LEN) {
+            return Err(ConfigError::TokenTooShort {
+                actor: short.actor.clone(),
+            });
+        }
         let protect_reads = self.protect_reads;
+        let max_body_bytes = self.max_body_bytes;
+        let limit = Arc::new(tokio::sync::Semaphore::new(self.concurrency_limit));
         let state = Arc::new(self);
         let auth = middleware::from_fn_with_state(state.clone(), require_token);
         let mut reads = Router::new()
             .route("/messages", get(list))
             .route("/messages/{id}", get(get_one))
             .route("/stats", get(stats))
-            .route("/audit", get(audit));
+            .route("/audit", get(audit))
+            .route("/jobs/{id}", get(get_job));
         if protect_reads {
             reads = reads.route_layer(auth.clone());
         }
@@ -132,27 +215,50 @@ impl AdminApi {
             .route("/messages/{id}/discard", post(discard_one))
             .route("/replay", post(replay_many))
             .route("/discard", post(discard_many))
+            .route("/jobs/{id}/resume", post(resume_job))
             .route_layer(auth);
-        reads.merge(writes).with_state(state)
+        Ok(reads
+            .merge(writes)
+            .with_state(state)
+            .layer(DefaultBodyLimit::max(max_body_bytes))
+            .layer(middleware::from_fn_with_state(limit, concurrency_limit)))
     }
 
-    fn actor_for(&self, token: &str) -> Option<String> {
-        // Compare against every token, in constant time per token.
+    fn actor_for(&self, token: &[u8]) -> Option<String> {
+        // Digests have one length whatever the token's, and every token is
+        // compared, in constant time each.
+        let presented = digest(token);
         let mut found = None;
-        for (actor, expected) in &self.tokens {
-            if constant_time_eq(expected.as_bytes(), token.as_bytes()) && found.is_none() {
-                found = Some(actor.clone());
+        for t in &self.tokens {
+            let equal: bool = t.digest.ct_eq(&presented).into();
+            if equal && found.is_none() {
+                found = Some(t.actor.clone());
             }
         }
         found
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// Serves at most the semaphore's permits at once; answers 503 beyond.
+async fn concurrency_limit(
+    State(limit): State<Arc<tokio::sync::Semaphore>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match limit.try_acquire() {
+        Ok(_permit) => next.run(request).await,
+        Err(_) => {
+            let mut response = ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: "too many concurrent requests; try again".into(),
+            }
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            response
+        }
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 type Api = Arc<AdminApi>;
@@ -173,6 +279,13 @@ impl ApiError {
         Self {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
+        }
+    }
+
+    fn unavailable() -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "the DLQ store is unavailable; try again later".into(),
         }
     }
 }
@@ -206,11 +319,9 @@ impl From<StoreError> for ApiError {
         match err {
             StoreError::InvalidCursor(c) => Self::bad_request(format!("invalid cursor {c:?}")),
             other => {
+                // The text may name tables, hosts or data: logged, not sent.
                 tracing::error!(error = %other, "DLQ admin API: store failed");
-                Self {
-                    status: StatusCode::SERVICE_UNAVAILABLE,
-                    message: format!("the DLQ store failed: {other}"),
-                }
+                Self::unavailable()
             }
         }
     }
@@ -221,16 +332,19 @@ impl From<ReplayError> for ApiError {
         match err {
             ReplayError::Invalid(reason) => Self::bad_request(reason),
             ReplayError::Store(e) => e.into(),
+            other => {
+                tracing::error!(error = %other, "DLQ admin API: action failed");
+                Self::unavailable()
+            }
         }
     }
 }
 
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
-        let status = if rejection.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE {
-            StatusCode::UNSUPPORTED_MEDIA_TYPE
-        } else {
-            StatusCode::BAD_REQUEST
+        let status = match rejection.status() {
+            s @ (StatusCode::UNSUPPORTED_MEDIA_TYPE | StatusCode::PAYLOAD_TOO_LARGE) => s,
+            _ => StatusCode::BAD_REQUEST,
         };
         Self {
             status,
@@ -243,9 +357,13 @@ async fn require_token(State(api): State<Api>, mut request: Request, next: Next)
     let token = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .map(|v| v.as_bytes())
+        .and_then(|v| {
+            // `Bearer` in any case (RFC 9110: schemes are case-insensitive).
+            let (scheme, rest) = v.split_at_checked(7)?;
+            scheme.eq_ignore_ascii_case(b"bearer ").then_some(rest)
+        })
+        .map(<[u8]>::trim_ascii);
     match token.and_then(|t| api.actor_for(t)) {
         Some(actor) => {
             request.extensions_mut().insert(Actor(actor));
@@ -281,7 +399,8 @@ fn params(query: Params, allowed: &[&str]) -> Result<BTreeMap<String, String>, A
     Ok(out)
 }
 
-const FILTER_PARAMS: [&str; 12] = [
+const FILTER_PARAMS: [&str; 13] = [
+    "total",
     "system",
     "topic",
     "group",
@@ -312,7 +431,7 @@ fn filter_from_params(p: &BTreeMap<String, String>) -> Result<Filter, ApiError> 
             .map(|s| {
                 Status::from_name(s.trim()).ok_or_else(|| {
                     ApiError::bad_request(format!(
-                        "unknown status {s:?}; expected dead, replayed, parked, discarded or resolved"
+                        "unknown status {s:?}; expected dead, replaying, replayed, parked, discarded or resolved"
                     ))
                 })
             })
@@ -358,7 +477,19 @@ fn validate_filter(filter: &Filter) -> Result<(), ApiError> {
                     "`{name}` is longer than {MAX_VALUE_LEN} bytes"
                 )));
             }
+            if v.chars().any(char::is_control) {
+                return Err(ApiError::bad_request(format!(
+                    "`{name}` contains a control character"
+                )));
+            }
         }
+    }
+    if filter.status.len() > Status::ALL.len() {
+        return Err(ApiError::bad_request(format!(
+            "`status` lists {} statuses; there are {}",
+            filter.status.len(),
+            Status::ALL.len()
+        )));
     }
     if let Some(class) = &filter.class
         && !CLASSES.contains(&class.as_str())
@@ -400,7 +531,7 @@ fn page_from_params(p: &BTreeMap<String, String>) -> Result<PageRequest, ApiErro
 }
 
 fn validate_id(id: &str) -> Result<(), ApiError> {
-    if id.is_empty() || id.len() > MAX_VALUE_LEN {
+    if id.is_empty() || id.len() > MAX_VALUE_LEN || id.chars().any(char::is_control) {
         return Err(ApiError::bad_request(format!("invalid id {id:?}")));
     }
     Ok(())
@@ -410,7 +541,8 @@ fn validate_id(id: &str) -> Result<(), ApiError> {
 struct ListBody {
     items: Vec<DeadLetter>,
     next_cursor: Option<String>,
-    total: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total: Option<u64>,
 }
 
 async fn list(State(api): State<Api>, query: Params) -> Result<Json<ListBody>, ApiError> {
@@ -419,7 +551,15 @@ async fn list(State(api): State<Api>, query: Params) -> Result<Json<ListBody>, A
     let page = page_from_params(&p)?;
     let store = api.replayer.store();
     let result = store.list(&filter, &page).await?;
-    let total = store.count(&filter).await?;
+    let total = match p.get("total").map(String::as_str) {
+        None | Some("false") => None,
+        Some("true") => Some(store.count(&filter).await?),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "`total` must be true or false, not {other:?}"
+            )));
+        }
+    };
     Ok(Json(ListBody {
         items: result.items,
         next_cursor: result.next,
@@ -434,10 +574,23 @@ async fn get_one(
     validate_id(&id)?;
     match api.replayer.store().get(&id).await? {
         Some(letter) => Ok(Json(letter)),
-        None => Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            message: format!("no dead letter {id:?}"),
-        }),
+        None => Err(not_found(&id)),
+    }
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: format!("no dead letter {id:?}"),
+    }
+}
+
+/// 404 unless the dead letter exists (before any job or audit entry).
+async fn require_letter(api: &AdminApi, id: &str) -> Result<(), ApiError> {
+    validate_id(id)?;
+    match api.replayer.store().get(id).await? {
+        Some(_) => Ok(()),
+        None => Err(not_found(id)),
     }
 }
 
@@ -486,6 +639,7 @@ struct ReplayOneBody {
     content_type: Option<String>,
     set_headers: BTreeMap<String, String>,
     remove_headers: Vec<String>,
+    again: bool,
 }
 
 fn actor_of(actor: Option<Extension<Actor>>) -> String {
@@ -498,8 +652,8 @@ async fn replay_one(
     Path(id): Path<String>,
     body: Result<Json<ReplayOneBody>, JsonRejection>,
 ) -> Result<Json<ActionReport>, ApiError> {
-    validate_id(&id)?;
     let Json(body) = body?;
+    require_letter(&api, &id).await?;
     let mut edit = Edit::new();
     match (body.payload_base64, body.payload_json) {
         (Some(_), Some(_)) => {
@@ -527,10 +681,91 @@ async fn replay_one(
     }
     edit.set_headers = body.set_headers;
     edit.remove_headers = body.remove_headers;
-    let mut request = ReplayRequest::ids(actor_of(actor), [id]).dry_run(body.dry_run);
+    let mut request = ReplayRequest::ids(actor_of(actor), [id])
+        .dry_run(body.dry_run)
+        .again(body.again);
     request.reason = body.reason;
     request.edit = Some(edit);
-    Ok(Json(api.replayer.replay(request).await?))
+    let started = api.replayer.start_replay(request).await?;
+    Ok(Json(run_to_end(&api, started).await?))
+}
+
+/// Runs a started job in its own task and waits for it: a client that
+/// disconnects stops the wait, not the job.
+async fn run_to_end(api: &AdminApi, started: Started) -> Result<ActionReport, ApiError> {
+    match started {
+        Started::DryRun(report) => Ok(report),
+        Started::Job(job) => match api.replayer.spawn(*job).await {
+            Ok(result) => Ok(result?.report()),
+            Err(join) => {
+                tracing::error!(error = %join, "DLQ admin API: job task failed");
+                Err(ApiError::unavailable())
+            }
+        },
+    }
+}
+
+/// Starts a job in the background and answers 202 with it (a dry run
+/// answers 200 with its report).
+fn accepted(api: &AdminApi, started: Started) -> Response {
+    match started {
+        Started::DryRun(report) => Json(report).into_response(),
+        Started::Job(job) => {
+            let body = Json(JobBody::of(&job));
+            drop(api.replayer.spawn(*job));
+            (StatusCode::ACCEPTED, body).into_response()
+        }
+    }
+}
+
+/// A job as the API shows it.
+#[derive(Serialize)]
+struct JobBody {
+    #[serde(flatten)]
+    job: crate::job::Job,
+    /// Where to follow it, relative to the router.
+    location: String,
+}
+
+impl JobBody {
+    fn of(job: &crate::job::Job) -> Self {
+        Self {
+            location: format!("jobs/{}", job.id),
+            job: job.clone(),
+        }
+    }
+}
+
+async fn resume_job(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    validate_id(&id)?;
+    let Some(job) = api.replayer.job(&id).await? else {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("no job {id:?}"),
+        });
+    };
+    if job.finished {
+        return Err(ApiError {
+            status: StatusCode::CONFLICT,
+            message: format!("job {id:?} has finished"),
+        });
+    }
+    // A job already running in this process ends its new run at once.
+    Ok(accepted(&api, Started::Job(Box::new(job))))
+}
+
+async fn get_job(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> Result<Json<JobBody>, ApiError> {
+    validate_id(&id)?;
+    match api.replayer.job(&id).await? {
+        Some(job) => Ok(Json(JobBody::of(&job))),
+        None => Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("no job {id:?}"),
+        }),
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -546,11 +781,12 @@ async fn discard_one(
     Path(id): Path<String>,
     body: Result<Json<DiscardOneBody>, JsonRejection>,
 ) -> Result<Json<ActionReport>, ApiError> {
-    validate_id(&id)?;
     let Json(body) = body?;
+    require_letter(&api, &id).await?;
     let request = DiscardRequest::new(actor_of(actor), Selection::Ids(vec![id]), body.reason)
         .dry_run(body.dry_run);
-    Ok(Json(api.replayer.discard(request).await?))
+    let started = api.replayer.start_discard(request).await?;
+    Ok(Json(run_to_end(&api, started).await?))
 }
 
 #[derive(Deserialize, Default)]
@@ -558,24 +794,31 @@ async fn discard_one(
 struct ManyBody {
     ids: Option<Vec<String>>,
     filter: Option<Filter>,
+    all: bool,
     reason: Option<String>,
     dry_run: bool,
 }
 
 fn selection(body: &mut ManyBody) -> Result<Selection, ApiError> {
-    match (body.ids.take(), body.filter.take()) {
-        (Some(ids), None) => {
+    match (body.ids.take(), body.filter.take(), body.all) {
+        (Some(ids), None, false) => {
             for id in &ids {
                 validate_id(id)?;
             }
             Ok(Selection::Ids(ids))
         }
-        (None, Some(filter)) => {
+        (None, Some(filter), false) => {
             validate_filter(&filter)?;
+            if filter == Filter::default() {
+                return Err(ApiError::bad_request(
+                    "an empty filter selects every dead letter: give `\"all\": true` to mean that",
+                ));
+            }
             Ok(Selection::Filter(filter))
         }
+        (None, None, true) => Ok(Selection::Filter(Filter::default())),
         _ => Err(ApiError::bad_request(
-            "give exactly one of `ids` and `filter`",
+            "give exactly one of `ids`, `filter` and `\"all\": true`",
         )),
     }
 }
@@ -584,22 +827,24 @@ async fn replay_many(
     State(api): State<Api>,
     actor: Option<Extension<Actor>>,
     body: Result<Json<ManyBody>, JsonRejection>,
-) -> Result<Json<ActionReport>, ApiError> {
+) -> Result<Response, ApiError> {
     let Json(mut body) = body?;
     let selection = selection(&mut body)?;
     let mut request = ReplayRequest::new(actor_of(actor), selection).dry_run(body.dry_run);
     request.reason = body.reason;
-    Ok(Json(api.replayer.replay(request).await?))
+    let started = api.replayer.start_replay(request).await?;
+    Ok(accepted(&api, started))
 }
 
 async fn discard_many(
     State(api): State<Api>,
     actor: Option<Extension<Actor>>,
     body: Result<Json<ManyBody>, JsonRejection>,
-) -> Result<Json<ActionReport>, ApiError> {
+) -> Result<Response, ApiError> {
     let Json(mut body) = body?;
     let selection = selection(&mut body)?;
     let request = DiscardRequest::new(actor_of(actor), selection, body.reason.unwrap_or_default())
         .dry_run(body.dry_run);
-    Ok(Json(api.replayer.discard(request).await?))
+    let started = api.replayer.start_discard(request).await?;
+    Ok(accepted(&api, started))
 }

@@ -29,7 +29,7 @@ use std::task::{Context, Poll};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use surety_core::consumer::{Handler, Incoming, Outcome};
+use surety_core::consumer::{Handler, Incoming, Response};
 use surety_core::error::panic_message;
 use surety_core::{DecodeError, HandlerError};
 use tower::{Layer, Service};
@@ -64,9 +64,9 @@ impl<S> Classified<S> {
 }
 
 impl<S: Handler> Service<Incoming> for Classified<S> {
-    type Response = Outcome;
+    type Response = Response;
     type Error = HandlerError;
-    type Future = BoxFuture<'static, Result<Outcome, HandlerError>>;
+    type Future = BoxFuture<'static, Result<Response, HandlerError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
         self.inner.poll_ready(cx)
@@ -129,9 +129,9 @@ mod tests {
     struct PanicsInCall;
 
     impl Service<Incoming> for PanicsInCall {
-        type Response = Outcome;
+        type Response = Response;
         type Error = HandlerError;
-        type Future = std::future::Ready<Result<Outcome, HandlerError>>;
+        type Future = std::future::Ready<Result<Response, HandlerError>>;
         fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
             Poll::Ready(Ok(()))
         }

@@ -7,7 +7,7 @@
 //! field in `docs/reference/dlq-envelope.md`.
 
 pub use surety_core::headers::keys::{
-    ATTEMPT, DECODE_ERROR, ERROR_CLASS, ERROR_MESSAGE, TRACEPARENT,
+    ATTEMPT, DECODE_ERROR, ERROR_CLASS, ERROR_MESSAGE, REPLAY_GROUP, TRACEPARENT,
 };
 
 /// When the message first failed (RFC 3339), carried on delayed-retry copies
@@ -75,5 +75,6 @@ pub fn is_bookkeeping(key: &str) -> bool {
         || key == FIRST_FAILED_AT
         || key == RETRY_AT
         || key == REPLAY_COUNT
+        || key == REPLAY_GROUP
         || key.starts_with(DLQ_PREFIX)
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
-use surety_core::consumer::{Handler, Incoming, Outcome};
+use surety_core::consumer::{Handler, Incoming, Outcome, Response};
 use surety_core::{Classify, Envelope, HandlerError, Publisher};
 use tower::{Layer, Service, ServiceExt};
 
@@ -78,8 +78,8 @@ struct Config {
 ///
 /// The wrapped service never fails for a handler error: it returns
 /// `Ok(Outcome::Handled)` (or whatever the handler returned),
-/// `Ok(Outcome::RetryScheduled)` after publishing a delayed retry, or
-/// `Ok(Outcome::DeadLettered)` after every sink confirmed the dead letter;
+/// `Ok(Response::outcome(Outcome::RetryScheduled))` after publishing a delayed retry, or
+/// `Ok(Response::outcome(Outcome::DeadLettered))` after every sink confirmed the dead letter;
 /// the worker acknowledges all three. It fails only when the message must go
 /// back to the broker:
 ///
@@ -271,9 +271,9 @@ impl<S> fmt::Debug for Dlq<S> {
 }
 
 impl<S: Handler> Service<Incoming> for Dlq<S> {
-    type Response = Outcome;
+    type Response = Response;
     type Error = HandlerError;
-    type Future = BoxFuture<'static, Result<Outcome, HandlerError>>;
+    type Future = BoxFuture<'static, Result<Response, HandlerError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
         self.inner.poll_ready(cx)
@@ -291,7 +291,12 @@ async fn run<S: Handler>(
     config: Arc<Config>,
     mut inner: Classified<S>,
     mut msg: Incoming,
-) -> Result<Outcome, HandlerError> {
+) -> Result<Response, HandlerError> {
+    // A replay for another consumer group (the core worker already settles
+    // these; this covers a layer driven without it).
+    if !surety_core::headers::addressed_to(&msg.envelope, &msg.info.group) {
+        return Ok(Response::outcome(Outcome::Ignored));
+    }
     let mut first_call = true;
     let mut first_failed_at: Option<DateTime<Utc>> = None;
     wait_until_due(&config, &msg.envelope).await;
@@ -340,7 +345,7 @@ async fn run<S: Handler>(
                                 error_class = class.as_str(),
                                 "retry scheduled"
                             );
-                            Ok(Outcome::RetryScheduled)
+                            Ok(Response::outcome(Outcome::RetryScheduled))
                         }
                         Err(e) => {
                             config.metrics.sink_failed("retry");
@@ -427,7 +432,7 @@ impl Config {
         err: &HandlerError,
         reason: DeadLetterReason,
         first_failed_at: DateTime<Utc>,
-    ) -> Result<Outcome, HandlerError> {
+    ) -> Result<Response, HandlerError> {
         if self.sinks.is_empty() {
             return Err(HandlerError::permanent(format!(
                 "no dead-letter sink is configured for `{}`: {}",
@@ -468,7 +473,7 @@ impl Config {
             status = letter.status.as_str(),
             "message dead-lettered"
         );
-        Ok(Outcome::DeadLettered)
+        Ok(Response::outcome(Outcome::DeadLettered))
     }
 
     /// A replayed copy of a dead letter of this handler was handled: mark
@@ -482,8 +487,10 @@ impl Config {
         if dlq_id != DeadLetter::id_for(&self.handler, &msg.envelope) {
             return;
         }
+        // `replaying`: the copy was handled before the replay job recorded
+        // its publish.
         let transition = Transition::new(
-            [Status::Replayed],
+            [Status::Replayed, Status::Replaying],
             Event::new(self.actor(), "resolved", Status::Resolved),
         );
         match store.transition(dlq_id, &transition).await {

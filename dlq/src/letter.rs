@@ -33,6 +33,10 @@ pub const MAX_HISTORY_LEN: usize = 100;
 pub enum Status {
     /// Waiting for an operator.
     Dead,
+    /// Claimed by a replay job that has not yet confirmed the publish. A
+    /// job resumed after a crash publishes it again (same message id); it is
+    /// never left out of a replay for good.
+    Replaying,
     /// Sent back to its topic by a replay; waiting to learn how it went.
     Replayed,
     /// Failed too many replays: left out of replays by filter.
@@ -45,8 +49,9 @@ pub enum Status {
 
 impl Status {
     /// Every status.
-    pub const ALL: [Status; 5] = [
+    pub const ALL: [Status; 6] = [
         Self::Dead,
+        Self::Replaying,
         Self::Replayed,
         Self::Parked,
         Self::Discarded,
@@ -57,6 +62,7 @@ impl Status {
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Dead => "dead",
+            Self::Replaying => "replaying",
             Self::Replayed => "replayed",
             Self::Parked => "parked",
             Self::Discarded => "discarded",
@@ -174,8 +180,8 @@ pub struct Event {
     /// Who: an operator for replays and discards, `handler@host` for
     /// dead-lettering and resolution.
     pub actor: String,
-    /// What: `dead_lettered`, `replayed`, `replay_failed`, `discarded`,
-    /// `resolved`.
+    /// What: `dead_lettered`, `replaying`, `replayed`, `replay_failed`,
+    /// `discarded`, `resolved`.
     pub action: String,
     /// The operator's reason, or the error message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -185,6 +191,9 @@ pub struct Event {
     pub edited: bool,
     /// The status after the event.
     pub status: Status,
+    /// The replay or discard job that acted ([`crate::job::Job`]), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
 }
 
 impl Event {
@@ -197,7 +206,14 @@ impl Event {
             reason: None,
             edited: false,
             status,
+            job: None,
         }
+    }
+
+    /// Records the job that acted.
+    pub fn job(mut self, job: impl Into<String>) -> Self {
+        self.job = Some(job.into());
+        self
     }
 
     /// Sets the reason.

@@ -29,9 +29,11 @@
 //!   with the crate and run through `migrate()`.
 //! - [`Replayer`] replays or discards one dead letter, a selection or a
 //!   filter, with dry runs, a rate limit, optional edits (with a required
-//!   reason) and an audit trail.
+//!   reason) and an audit trail, to the consumer group that failed the
+//!   message. Every action runs as a [`job`]: its intent is written before
+//!   it acts, and a restarted process resumes it.
 //! - [`admin`] (feature `admin`) serves all of that as JSON over HTTP: an
-//!   axum `Router` to mount, with bearer-token-protected writes.
+//!   axum `Router` to mount, protected by bearer tokens.
 //! - [`metrics`]: DLQ depth and oldest age by source, dead-lettered,
 //!   retries scheduled, replays by outcome, sink failures.
 //!
@@ -45,15 +47,19 @@
 //! use surety_core::consumer::{typed, Incoming, Worker};
 //! use surety_core::memory::MemoryTransport;
 //! use surety_core::tower::Layer;
-//! use surety_core::{Envelope, Publisher, Subscriber};
+//! use surety_core::{Envelope, Message, Publisher, Subscriber};
 //! use surety_dlq::store::{DlqStore, Filter, SqliteStore};
 //! use surety_dlq::{DlqLayer, RetryPolicy};
+//!
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! struct OrderPlaced { quantity: u32 }
+//! impl Message for OrderPlaced { const TYPE: &'static str = "order.placed"; }
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let transport = MemoryTransport::new();
 //! let store = SqliteStore::in_memory().await?;
-//! let handler = typed(|qty: u32, _msg: Incoming| async move {
-//!     println!("ordering {qty}");
+//! let handler = typed(|order: OrderPlaced, _msg: Incoming| async move {
+//!     println!("ordering {}", order.quantity);
 //!     Ok::<_, std::convert::Infallible>(())
 //! });
 //! let handler = DlqLayer::new("fulfilment")
@@ -63,7 +69,7 @@
 //!     .layer(handler);
 //!
 //! let deliveries = transport.subscribe("orders", "fulfilment").await?;
-//! // Not a number: poison, dead-lettered without running the handler.
+//! // Not an order: poison, dead-lettered without running the handler.
 //! transport.publish("orders", Envelope::builder("/shop", "order.placed").payload("\"many\"").build()).await?;
 //!
 //! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -90,6 +96,7 @@
 #[cfg(feature = "admin")]
 pub mod admin;
 pub mod classify;
+pub mod job;
 pub mod keys;
 mod layer;
 pub mod letter;
@@ -104,5 +111,5 @@ pub use letter::{DeadLetter, Event, Failure, Source, Status};
 pub use metrics::DlqMetrics;
 pub use policy::{Backoff, Decision, RetryMode, RetryPolicy, Schedule};
 pub use replay::{
-    ActionReport, DiscardRequest, Edit, ReplayError, ReplayRequest, Replayer, Selection,
+    ActionReport, DiscardRequest, Edit, ReplayError, ReplayRequest, Replayer, Selection, Started,
 };

@@ -2,29 +2,30 @@
 //! optional edits and an audit trail.
 //!
 //! A replay sends the dead letter's original envelope back to its topic
-//! (or wherever [`Replayer::route`] says): same id and key, the producer's
+//! (or wherever [`Replayer::route`] says), addressed to the consumer group
+//! that failed it (`surety-replay-group`): same id and key, the producer's
 //! headers (so `traceparent` links it to the failed trace), plus
 //! `surety-replay-count` and `surety-dlq-id` so the [`DlqLayer`](crate::DlqLayer)
 //! can record how it went: resolved when handled, dead again (or parked
 //! after too many replays) when it fails again. Retry bookkeeping is not
 //! carried over: the replay starts again at attempt 1.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
+use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use surety_core::{Envelope, Publisher};
 
+use crate::job::{Job, JobKind};
 use crate::keys;
 use crate::letter::{DeadLetter, Event, Status};
 use crate::metrics::DlqMetrics;
 use crate::sink::DynPublisher;
-use crate::store::{
-    AuditEntry, AuditSelection, DlqStore, Filter, PageRequest, StoreError, Transition,
-};
+use crate::store::{DlqStore, Filter, PageRequest, StoreError, Transition};
 
 /// The most dead letters one replay or discard acts on, by default.
 pub const DEFAULT_MAX_BATCH: usize = 1000;
@@ -43,9 +44,18 @@ pub enum Selection {
     Filter(Filter),
 }
 
+/// Longest header name or value an edit may set (an AMQP short string).
+pub const MAX_HEADER_LEN: usize = 255;
+/// Most headers one edit may set or remove.
+pub const MAX_EDITED_HEADERS: usize = 64;
+/// The prefix of Surety's own headers, which edits may not touch (compared
+/// case-insensitively).
+pub const RESERVED_PREFIX: &str = "surety-";
+
 /// A change to the payload or headers of a replayed message. Requires a
 /// reason.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 #[non_exhaustive]
 pub struct Edit {
     /// A new payload.
@@ -96,6 +106,59 @@ impl Edit {
             && self.remove_headers.is_empty()
     }
 
+    /// Checks the edit: header names are 1 to [`MAX_HEADER_LEN`] token
+    /// characters (RFC 9110: letters, digits and ``!#$%&'*+-.^_`|~``) and do
+    /// not start with [`RESERVED_PREFIX`] in any case; values are at most
+    /// [`MAX_HEADER_LEN`] bytes with no control characters (CR, LF, NUL,
+    /// ...); at most [`MAX_EDITED_HEADERS`] headers; the content type is a
+    /// `type/subtype` media type, optionally with parameters.
+    pub fn validate(&self) -> Result<(), ReplayError> {
+        let invalid = |m: String| Err(ReplayError::Invalid(m));
+        let count = self.set_headers.len() + self.remove_headers.len();
+        if count > MAX_EDITED_HEADERS {
+            return invalid(format!(
+                "{count} headers edited; at most {MAX_EDITED_HEADERS}"
+            ));
+        }
+        for name in self.set_headers.keys().chain(&self.remove_headers) {
+            if name.is_empty() || name.len() > MAX_HEADER_LEN || !name.bytes().all(is_token_byte) {
+                return invalid(format!(
+                    "header name {name:?} must be 1 to {MAX_HEADER_LEN} token characters \
+                     (letters, digits, !#$%&'*+-.^_`|~)"
+                ));
+            }
+            if name
+                .get(..RESERVED_PREFIX.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(RESERVED_PREFIX))
+            {
+                return invalid(format!(
+                    "header {name:?} is Surety bookkeeping and cannot be edited"
+                ));
+            }
+        }
+        for (name, value) in &self.set_headers {
+            if value.len() > MAX_HEADER_LEN {
+                return invalid(format!(
+                    "the value of header {name:?} is longer than {MAX_HEADER_LEN} bytes"
+                ));
+            }
+            if value.chars().any(char::is_control) {
+                return invalid(format!(
+                    "the value of header {name:?} contains a control character (CR, LF, NUL, ...)"
+                ));
+            }
+        }
+        if let Some(ct) = &self.content_type
+            && !is_media_type(ct)
+        {
+            return invalid(format!(
+                "content type {ct:?} is not a media type like `application/json` \
+                 (at most {MAX_HEADER_LEN} bytes)"
+            ));
+        }
+        Ok(())
+    }
+
     fn apply(&self, env: &mut Envelope) {
         if let Some(payload) = &self.payload {
             env.payload = payload.clone();
@@ -126,6 +189,10 @@ pub struct ReplayRequest {
     pub edit: Option<Edit>,
     /// Report what would be replayed, change nothing.
     pub dry_run: bool,
+    /// Also replay dead letters selected by id that were already replayed
+    /// (status `replayed`). Off by default, so that a replay asked for twice
+    /// (a retried request, two operators) publishes once.
+    pub again: bool,
 }
 
 impl ReplayRequest {
@@ -150,7 +217,14 @@ impl ReplayRequest {
             reason: None,
             edit: None,
             dry_run: false,
+            again: false,
         }
+    }
+
+    /// Also replays dead letters (selected by id) already replayed.
+    pub fn again(mut self, again: bool) -> Self {
+        self.again = again;
+        self
     }
 
     /// Sets the reason.
@@ -228,6 +302,91 @@ pub struct ActionReport {
     pub failed: Vec<Skipped>,
     /// The audit entry's id (none for dry runs).
     pub audit_id: Option<String>,
+    /// The job that acted (none for dry runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+}
+
+/// What [`Replayer::start_replay`] or [`Replayer::start_discard`] started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Started {
+    /// A dry run: what would be done. Nothing was written.
+    DryRun(ActionReport),
+    /// A job, written with its audit entry and ready to run.
+    Job(Box<Job>),
+}
+
+/// How one dead letter of a job went.
+enum Outcome {
+    Done,
+    Skipped(String),
+    Failed(String),
+}
+
+/// Marks a job as running in this process while it lives.
+struct RunGuard {
+    running: Arc<Mutex<HashSet<String>>>,
+    id: String,
+}
+
+impl RunGuard {
+    fn claim(running: &Arc<Mutex<HashSet<String>>>, id: &str) -> Option<Self> {
+        let mut set = running.lock().unwrap_or_else(PoisonError::into_inner);
+        set.insert(id.to_owned()).then(|| Self {
+            running: running.clone(),
+            id: id.to_owned(),
+        })
+    }
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        self.running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+/// A per-letter store failure: logged in full, recorded without the
+/// error text (job records are shown to API clients).
+fn store_failed(job: &str, id: &str, err: &StoreError) -> Outcome {
+    tracing::error!(job, dlq_id = id, error = %err, "DLQ job: the store failed for a letter");
+    Outcome::Failed("the store failed (see the service's log)".into())
+}
+
+/// Whether `job` made the last change to `letter`.
+fn acted_on_by(letter: &DeadLetter, job: &Job) -> bool {
+    letter
+        .history
+        .last()
+        .is_some_and(|e| e.job.as_deref() == Some(job.id.as_str()))
+}
+
+/// The status `letter` had before its last event.
+fn status_before_last_event(letter: &DeadLetter) -> Status {
+    let n = letter.history.len();
+    n.checked_sub(2)
+        .and_then(|i| letter.history.get(i))
+        .map_or(Status::Dead, |e| e.status)
+}
+
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn is_media_type(ct: &str) -> bool {
+    if ct.len() > MAX_HEADER_LEN || ct.chars().any(char::is_control) {
+        return false;
+    }
+    let essence = ct.split(';').next().unwrap_or_default().trim();
+    let mut parts = essence.splitn(2, '/');
+    let (Some(kind), Some(sub)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let token = |t: &str| !t.is_empty() && t.bytes().all(is_token_byte);
+    token(kind) && token(sub) && ct.is_ascii()
 }
 
 /// A replay or discard could not run.
@@ -240,6 +399,9 @@ pub enum ReplayError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The job is already running in this process.
+    #[error("job {0} is already running")]
+    AlreadyRunning(String),
 }
 
 type RouteFn = dyn Fn(&DeadLetter) -> String + Send + Sync;
@@ -283,6 +445,8 @@ pub struct Replayer {
     per_second: Option<u32>,
     max_batch: usize,
     metrics: DlqMetrics,
+    running: Arc<Mutex<HashSet<String>>>,
+    every_group: bool,
 }
 
 impl fmt::Debug for Replayer {
@@ -306,14 +470,26 @@ impl Replayer {
             per_second: None,
             max_batch: DEFAULT_MAX_BATCH,
             metrics: DlqMetrics::default(),
+            running: Arc::default(),
+            every_group: false,
         }
     }
 
     /// Chooses the topic a dead letter is replayed to (default: its source
-    /// topic, which every group of that topic receives; route to a
-    /// group-specific topic or queue to reach only the failed group).
+    /// topic; the copy is addressed to the failed group, see
+    /// [`every_group`](Self::every_group)).
     pub fn route(mut self, route: impl Fn(&DeadLetter) -> String + Send + Sync + 'static) -> Self {
         self.route = Arc::new(route);
+        self
+    }
+
+    /// Whether replays go to every consumer group of the topic (`true`) or
+    /// only to the group that failed (`false`, the default). The replayed
+    /// copy carries `surety-replay-group` naming the failed group; the
+    /// core worker of every other group acknowledges it without handling
+    /// it ([`surety_core::headers::addressed_to`]).
+    pub fn every_group(mut self, every_group: bool) -> Self {
+        self.every_group = every_group;
         self
     }
 
@@ -341,8 +517,32 @@ impl Replayer {
         &self.store
     }
 
-    /// Replays as `request` says; see the module docs.
+    /// Replays as `request` says, to the end: a dry run, or a [`Job`]
+    /// started and run in this task. Dropping the future mid-way stops the
+    /// job where it is; [`resume`](Self::resume) finishes it. See
+    /// [`start_replay`](Self::start_replay) to run it in the background.
     pub async fn replay(&self, request: ReplayRequest) -> Result<ActionReport, ReplayError> {
+        match self.start_replay(request).await? {
+            Started::DryRun(report) => Ok(report),
+            Started::Job(job) => Ok(self.run(*job).await?.report()),
+        }
+    }
+
+    /// Discards as `request` says, to the end: the dead letters get status
+    /// `discarded` with the reason in their history. Like
+    /// [`replay`](Self::replay), it runs as a [`Job`].
+    pub async fn discard(&self, request: DiscardRequest) -> Result<ActionReport, ReplayError> {
+        match self.start_discard(request).await? {
+            Started::DryRun(report) => Ok(report),
+            Started::Job(job) => Ok(self.run(*job).await?.report()),
+        }
+    }
+
+    /// Validates `request` and picks the dead letters. A dry run answers
+    /// what would be replayed; otherwise the audit entry and then the job
+    /// are written (nothing else has changed yet) and the job is returned,
+    /// ready for [`run`](Self::run) or [`spawn`](Self::spawn).
+    pub async fn start_replay(&self, request: ReplayRequest) -> Result<Started, ReplayError> {
         validate_actor(&request.actor)?;
         let edit = request.edit.as_ref().filter(|e| !e.is_empty());
         let reason = validate_reason(request.reason.as_deref(), edit.is_some())?;
@@ -352,144 +552,292 @@ impl Replayer {
                     "an edit applies to exactly one dead letter: select it by id".into(),
                 ));
             }
-            if let Some(key) = edit
-                .set_headers
-                .keys()
-                .chain(edit.remove_headers.iter())
-                .find(|k| k.starts_with("surety-") || k.is_empty())
-            {
-                return Err(ReplayError::Invalid(format!(
-                    "header {key:?} cannot be edited (empty, or Surety bookkeeping)"
-                )));
-            }
+            edit.validate()?;
         }
-        let allowed: &[Status] = match &request.selection {
-            Selection::Ids(_) => &[Status::Dead, Status::Parked, Status::Replayed],
-            Selection::Filter(_) => &[Status::Dead],
+        let allowed: &[Status] = match (&request.selection, request.again) {
+            (Selection::Ids(_), false) => &[Status::Dead, Status::Parked],
+            (Selection::Ids(_), true) => &[Status::Dead, Status::Parked, Status::Replayed],
+            (Selection::Filter(_), _) => &[Status::Dead],
         };
-        let (candidates, mut skipped) = self.select(&request.selection, allowed).await?;
-        let mut report = ActionReport {
-            dry_run: request.dry_run,
-            ..ActionReport::default()
-        };
+        let (candidates, skipped) = self.select(&request.selection, allowed).await?;
         if request.dry_run {
+            let mut report = ActionReport {
+                dry_run: true,
+                ..ActionReport::default()
+            };
             report.done = candidates.iter().map(|l| l.id.clone()).collect();
             report.skipped = skipped;
             for _ in &report.done {
                 self.metrics.replayed("dry_run");
             }
-            return Ok(report);
+            return Ok(Started::DryRun(report));
         }
-        let mut ticker = self.per_second.map(|n| {
-            let period = (Duration::from_secs(1) / n).max(Duration::from_micros(1));
-            let mut t = tokio::time::interval(period);
-            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            t
-        });
-        for letter in candidates {
-            if let Some(t) = ticker.as_mut() {
-                t.tick().await;
-            }
-            let event =
-                Event::new(&request.actor, "replayed", Status::Replayed).edited(edit.is_some());
-            let event = match reason {
-                Some(r) => event.reason(r),
-                None => event,
-            };
-            let transition = Transition::new(allowed.iter().copied(), event).replay();
-            let Some(updated) = self.store.transition(&letter.id, &transition).await? else {
-                skipped.push(Skipped {
-                    id: letter.id.clone(),
-                    reason: "status changed meanwhile".into(),
-                });
-                continue;
-            };
-            let envelope = replay_envelope(&updated, edit);
-            let topic = (self.route)(&updated);
-            match self.publisher.publish(&topic, envelope).await {
-                Ok(_) => {
-                    self.metrics.replayed("published");
-                    report.done.push(updated.id.clone());
-                }
-                Err(err) => {
-                    self.metrics.replayed("failed");
-                    let back = Transition::new(
-                        [Status::Replayed],
-                        Event::new(&request.actor, "replay_failed", letter.status)
-                            .reason(err.to_string()),
-                    );
-                    if let Err(e) = self.store.transition(&letter.id, &back).await {
-                        tracing::warn!(dlq_id = %letter.id, error = %e, "could not undo a failed replay");
-                    }
-                    report.failed.push(Skipped {
-                        id: letter.id.clone(),
-                        reason: format!("publish to {topic} failed: {err}"),
-                    });
-                }
-            }
-        }
-        for _ in &skipped {
-            self.metrics.replayed("skipped");
-        }
-        report.skipped = skipped;
-        let mut entry = AuditEntry::new(&request.actor, "replay");
-        entry.reason = reason.map(str::to_owned);
-        entry.selection = audit_selection(&request.selection);
-        entry.edited = edit.is_some();
-        entry.succeeded = report.done.clone();
-        entry.failed = report
-            .skipped
-            .iter()
-            .chain(&report.failed)
-            .map(|s| s.id.clone())
-            .collect();
-        self.store.append_audit(&entry).await?;
-        report.audit_id = Some(entry.id);
-        Ok(report)
+        let mut job = Job::new(
+            JobKind::Replay,
+            &request.actor,
+            reason,
+            request.selection,
+            allowed,
+        );
+        job.edit = edit.cloned();
+        job.ids = candidates.into_iter().map(|l| l.id).collect();
+        job.skipped = skipped;
+        self.record_intent(&job).await?;
+        Ok(Started::Job(Box::new(job)))
     }
 
-    /// Discards as `request` says: the dead letters get status `discarded`
-    /// with the reason in their history.
-    pub async fn discard(&self, request: DiscardRequest) -> Result<ActionReport, ReplayError> {
+    /// Like [`start_replay`](Self::start_replay), for a discard.
+    pub async fn start_discard(&self, request: DiscardRequest) -> Result<Started, ReplayError> {
         validate_actor(&request.actor)?;
         let reason = validate_reason(Some(&request.reason), true)?.unwrap_or_default();
-        let allowed = [Status::Dead, Status::Parked, Status::Replayed];
         let allowed: &[Status] = match &request.selection {
-            Selection::Ids(_) => &allowed,
-            Selection::Filter(_) => &allowed[..2],
+            Selection::Ids(_) => &[Status::Dead, Status::Parked, Status::Replayed],
+            Selection::Filter(_) => &[Status::Dead, Status::Parked],
         };
-        let (candidates, mut skipped) = self.select(&request.selection, allowed).await?;
-        let mut report = ActionReport {
-            dry_run: request.dry_run,
-            ..ActionReport::default()
-        };
+        let (candidates, skipped) = self.select(&request.selection, allowed).await?;
         if request.dry_run {
+            let mut report = ActionReport {
+                dry_run: true,
+                ..ActionReport::default()
+            };
             report.done = candidates.iter().map(|l| l.id.clone()).collect();
             report.skipped = skipped;
-            return Ok(report);
+            return Ok(Started::DryRun(report));
         }
-        for letter in candidates {
-            let transition = Transition::new(
-                allowed.iter().copied(),
-                Event::new(&request.actor, "discarded", Status::Discarded).reason(reason),
-            );
-            match self.store.transition(&letter.id, &transition).await? {
-                Some(_) => report.done.push(letter.id),
-                None => skipped.push(Skipped {
-                    id: letter.id,
-                    reason: "status changed meanwhile".into(),
-                }),
+        let mut job = Job::new(
+            JobKind::Discard,
+            &request.actor,
+            Some(reason),
+            request.selection,
+            allowed,
+        );
+        job.ids = candidates.into_iter().map(|l| l.id).collect();
+        job.skipped = skipped;
+        self.record_intent(&job).await?;
+        Ok(Started::Job(Box::new(job)))
+    }
+
+    /// The audit entry first, then the job: if either write fails nothing
+    /// has been acted on, and a job in the store always has its entry.
+    async fn record_intent(&self, job: &Job) -> Result<(), ReplayError> {
+        self.store.append_audit(&job.audit_entry()).await?;
+        self.store.put_job(job).await?;
+        Ok(())
+    }
+
+    /// The job with `id`, as last written.
+    pub async fn job(&self, id: &str) -> Result<Option<Job>, ReplayError> {
+        Ok(self.store.get_job(id).await?)
+    }
+
+    /// Runs `job` in a background task ([`run`](Self::run)), retrying with
+    /// a doubling backoff (about two minutes in all) when the store fails;
+    /// after that the job stays unfinished for [`resume`](Self::resume).
+    /// Dropping the handle does not stop it.
+    pub fn spawn(&self, job: Job) -> tokio::task::JoinHandle<Result<Job, ReplayError>> {
+        let replayer = self.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(100);
+            let mut job = job;
+            loop {
+                match replayer.run(job.clone()).await {
+                    Err(ReplayError::Store(e)) if delay < Duration::from_secs(60) => {
+                        tracing::warn!(job = %job.id, error = %e, "DLQ job stopped on a store error; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay *= 2;
+                        if let Ok(Some(latest)) = replayer.store.get_job(&job.id).await {
+                            job = latest;
+                        }
+                    }
+                    other => return other,
+                }
+            }
+        })
+    }
+
+    /// Runs the jobs a previous process left unfinished, one after the
+    /// other, and returns them finished. Call it once at start-up (with one
+    /// replayer per store; two processes resuming one job could publish its
+    /// in-flight letter twice, with the same message id).
+    pub async fn resume(&self) -> Result<Vec<Job>, ReplayError> {
+        let mut out = Vec::new();
+        for job in self.store.unfinished_jobs().await? {
+            match self.run(job).await {
+                Ok(job) => out.push(job),
+                Err(ReplayError::AlreadyRunning(_)) => {}
+                Err(e) => return Err(e),
             }
         }
-        report.skipped = skipped;
-        let mut entry = AuditEntry::new(&request.actor, "discard");
-        entry.reason = Some(reason.to_owned());
-        entry.selection = audit_selection(&request.selection);
-        entry.succeeded = report.done.clone();
-        entry.failed = report.skipped.iter().map(|s| s.id.clone()).collect();
-        self.store.append_audit(&entry).await?;
-        report.audit_id = Some(entry.id);
-        Ok(report)
+        Ok(out)
+    }
+
+    /// Runs `job` from where it stands to the end: each remaining dead
+    /// letter is acted on and recorded; then the audit entry gets the
+    /// outcome and the job is marked finished. Stops with an error only when
+    /// the store fails while a letter's state is unknown (the job stays
+    /// unfinished, to be run again); a job already running in this process
+    /// answers [`ReplayError::AlreadyRunning`].
+    pub async fn run(&self, mut job: Job) -> Result<Job, ReplayError> {
+        let _running = RunGuard::claim(&self.running, &job.id)
+            .ok_or_else(|| ReplayError::AlreadyRunning(job.id.clone()))?;
+        if job.finished {
+            return Ok(job);
+        }
+        let mut ticker = match job.kind {
+            JobKind::Replay => self.per_second.map(|n| {
+                let period = (Duration::from_secs(1) / n).max(Duration::from_micros(1));
+                let mut t = tokio::time::interval(period);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                t
+            }),
+            JobKind::Discard => None,
+        };
+        while let Some(id) = job.ids.get(job.next).cloned() {
+            let outcome = match job.kind {
+                JobKind::Replay => {
+                    if let Some(t) = ticker.as_mut() {
+                        t.tick().await;
+                    }
+                    self.replay_letter(&job, &id).await?
+                }
+                JobKind::Discard => self.discard_letter(&job, &id).await?,
+            };
+            match outcome {
+                Outcome::Done => job.done.push(id),
+                Outcome::Skipped(reason) => {
+                    if job.kind == JobKind::Replay {
+                        self.metrics.replayed("skipped");
+                    }
+                    job.skipped.push(Skipped { id, reason });
+                }
+                Outcome::Failed(reason) => job.failed.push(Skipped { id, reason }),
+            }
+            job.next += 1;
+            job.updated_at = Utc::now();
+            self.store.put_job(&job).await?;
+        }
+        job.finished = true;
+        job.updated_at = Utc::now();
+        self.store.append_audit(&job.audit_entry()).await?;
+        self.store.put_job(&job).await?;
+        Ok(job)
+    }
+
+    /// Replays one dead letter of `job`.
+    async fn replay_letter(&self, job: &Job, id: &str) -> Result<Outcome, StoreError> {
+        let letter = match self.store.get(id).await {
+            Ok(Some(letter)) => letter,
+            Ok(None) => return Ok(Outcome::Skipped("not found".into())),
+            Err(e) => return Ok(store_failed(&job.id, id, &e)),
+        };
+        if acted_on_by(&letter, job) {
+            // Claimed by this job before it stopped: publish again if the
+            // publish was not recorded.
+            return if letter.status == Status::Replaying {
+                let previous = status_before_last_event(&letter);
+                self.publish_claimed(job, letter, previous).await
+            } else {
+                Ok(Outcome::Done)
+            };
+        }
+        if !job.allowed.contains(&letter.status) {
+            return Ok(Outcome::Skipped(format!(
+                "status {}",
+                letter.status.as_str()
+            )));
+        }
+        let previous = letter.status;
+        let mut event = Event::new(&job.actor, "replaying", Status::Replaying)
+            .edited(job.edit.is_some())
+            .job(&job.id);
+        event.reason = job.reason.clone();
+        let claim = Transition::new([previous], event).replay();
+        let claimed = match self.store.transition(id, &claim).await {
+            Ok(Some(claimed)) => claimed,
+            Ok(None) => return Ok(Outcome::Skipped("status changed meanwhile".into())),
+            Err(e) => {
+                // Did the claim commit? Read it back; if that fails too,
+                // stop: the job is resumed later and looks again.
+                let now = self.store.get(id).await?;
+                match now {
+                    Some(l) if acted_on_by(&l, job) && l.status == Status::Replaying => l,
+                    _ => return Ok(store_failed(&job.id, id, &e)),
+                }
+            }
+        };
+        self.publish_claimed(job, claimed, previous).await
+    }
+
+    /// Publishes a dead letter this job claimed, then records the outcome:
+    /// `replayed`, or back to `previous` with the count restored.
+    async fn publish_claimed(
+        &self,
+        job: &Job,
+        claimed: DeadLetter,
+        previous: Status,
+    ) -> Result<Outcome, StoreError> {
+        let mut envelope = replay_envelope(&claimed, job.edit.as_ref());
+        if self.every_group {
+            envelope.headers.remove(keys::REPLAY_GROUP);
+        }
+        let topic = (self.route)(&claimed);
+        match self.publisher.publish(&topic, envelope).await {
+            Ok(_) => {
+                self.metrics.replayed("published");
+                let mut event = Event::new(&job.actor, "replayed", Status::Replayed)
+                    .edited(job.edit.is_some())
+                    .job(&job.id);
+                event.reason = job.reason.clone();
+                // `None`: the copy was handled (resolved) or failed again
+                // (dead) before this; it was published all the same. A
+                // store error leaves it `replaying` for the resumed job.
+                self.store
+                    .transition(&claimed.id, &Transition::new([Status::Replaying], event))
+                    .await?;
+                Ok(Outcome::Done)
+            }
+            Err(err) => {
+                self.metrics.replayed("failed");
+                let back = Transition::new(
+                    [Status::Replaying],
+                    Event::new(&job.actor, "replay_failed", previous)
+                        .reason(err.to_string())
+                        .job(&job.id),
+                )
+                .undo_replay();
+                self.store.transition(&claimed.id, &back).await?;
+                Ok(Outcome::Failed(format!("publish to {topic} failed: {err}")))
+            }
+        }
+    }
+
+    /// Discards one dead letter of `job`.
+    async fn discard_letter(&self, job: &Job, id: &str) -> Result<Outcome, StoreError> {
+        let letter = match self.store.get(id).await {
+            Ok(Some(letter)) => letter,
+            Ok(None) => return Ok(Outcome::Skipped("not found".into())),
+            Err(e) => return Ok(store_failed(&job.id, id, &e)),
+        };
+        if acted_on_by(&letter, job) {
+            return Ok(Outcome::Done);
+        }
+        if !job.allowed.contains(&letter.status) {
+            return Ok(Outcome::Skipped(format!(
+                "status {}",
+                letter.status.as_str()
+            )));
+        }
+        let mut event = Event::new(&job.actor, "discarded", Status::Discarded).job(&job.id);
+        event.reason = job.reason.clone();
+        let transition = Transition::new([letter.status], event);
+        match self.store.transition(id, &transition).await {
+            Ok(Some(_)) => Ok(Outcome::Done),
+            Ok(None) => Ok(Outcome::Skipped("status changed meanwhile".into())),
+            Err(e) => match self.store.get(id).await? {
+                Some(l) if acted_on_by(&l, job) => Ok(Outcome::Done),
+                _ => Ok(store_failed(&job.id, id, &e)),
+            },
+        }
     }
 
     /// The dead letters `selection` picks that are in an `allowed` status,
@@ -550,7 +898,15 @@ impl Replayer {
                 loop {
                     let result = self.store.list(&filter, &page).await?;
                     let room = self.max_batch - picked.len();
-                    picked.extend(result.items.into_iter().take(room));
+                    // The store's query should select exactly this; never
+                    // act on a letter the filter does not match.
+                    picked.extend(
+                        result
+                            .items
+                            .into_iter()
+                            .filter(|l| filter.matches(l))
+                            .take(room),
+                    );
                     match result.next {
                         Some(next) if picked.len() < self.max_batch => {
                             page = PageRequest::after(page.limit, next);
@@ -564,12 +920,15 @@ impl Replayer {
     }
 }
 
-/// The message a replay publishes for `letter` (after the replay count went up).
+/// The message a replay publishes for `letter` (after the replay count went
+/// up), addressed to the group that failed it (`surety-replay-group`).
 pub fn replay_envelope(letter: &DeadLetter, edit: Option<&Edit>) -> Envelope {
     let mut env = crate::letter::strip_bookkeeping(&letter.envelope);
     if let Some(edit) = edit {
         edit.apply(&mut env);
     }
+    env.headers
+        .insert(keys::REPLAY_GROUP, letter.source.group.clone());
     env.headers
         .set_parsed(keys::REPLAY_COUNT, letter.replay_count);
     env.headers.insert(keys::DLQ_ID, letter.id.clone());
@@ -577,15 +936,6 @@ pub fn replay_envelope(letter: &DeadLetter, edit: Option<&Edit>) -> Envelope {
         env.headers.insert(keys::DLQ_TRACE_ID, trace.clone());
     }
     env
-}
-
-fn audit_selection(selection: &Selection) -> AuditSelection {
-    let mut s = AuditSelection::default();
-    match selection {
-        Selection::Ids(ids) => s.ids = ids.clone(),
-        Selection::Filter(f) => s.filter = Some(f.clone()),
-    }
-    s
 }
 
 fn validate_actor(actor: &str) -> Result<(), ReplayError> {

@@ -47,7 +47,10 @@ async fn app() -> (Router, Arc<MemoryStore>, Vec<DeadLetter>) {
     let replayer = Replayer::new(store.clone(), MemoryTransport::new());
     let app = Router::new().nest(
         "/dlq",
-        AdminApi::new(replayer).token("alice", TOKEN).router(),
+        AdminApi::new(replayer)
+            .token("alice", TOKEN)
+            .router()
+            .unwrap(),
     );
     (app, store, letters)
 }
@@ -113,8 +116,10 @@ async fn writes_without_a_valid_token_are_401_before_the_body_is_read() {
             .items
             .is_empty()
     );
-    // Reads are open by default.
+    // Reads need the token too, by default.
     let (status, _) = call(&app, "GET", "/dlq/messages", None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = call(&app, "GET", "/dlq/messages", Some(TOKEN), None).await;
     assert_eq!(status, StatusCode::OK);
 }
 
@@ -140,7 +145,7 @@ async fn bad_filters_and_bodies_are_400_with_a_reason() {
         ("/dlq/stats?x=1", "unknown query parameter"),
     ];
     for (uri, reason) in bad_queries {
-        let (status, body) = call(&app, "GET", uri, None, None).await;
+        let (status, body) = call(&app, "GET", uri, Some(TOKEN), None).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {body}");
         let error = body["error"].as_str().unwrap_or_default();
         assert!(
@@ -220,7 +225,7 @@ async fn bad_filters_and_bodies_are_400_with_a_reason() {
         StatusCode::UNSUPPORTED_MEDIA_TYPE
     );
     // Unknown id: 404.
-    let (status, _) = call(&app, "GET", "/dlq/messages/nope", None, None).await;
+    let (status, _) = call(&app, "GET", "/dlq/messages/nope", Some(TOKEN), None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
@@ -230,8 +235,8 @@ async fn listing_filters_and_pages() {
     let (status, page1) = call(
         &app,
         "GET",
-        "/dlq/messages?limit=2&class=permanent",
-        None,
+        "/dlq/messages?limit=2&class=permanent&total=true",
+        Some(TOKEN),
         None,
     )
     .await;
@@ -243,7 +248,7 @@ async fn listing_filters_and_pages() {
         &app,
         "GET",
         &format!("/dlq/messages?limit=2&class=permanent&cursor={cursor}"),
-        None,
+        Some(TOKEN),
         None,
     )
     .await;
@@ -264,19 +269,26 @@ async fn listing_filters_and_pages() {
             letters[4].id.clone()
         ]
     );
-    let (_, text) = call(&app, "GET", "/dlq/messages?q=ORDER-3", None, None).await;
+    let (_, text) = call(
+        &app,
+        "GET",
+        "/dlq/messages?q=ORDER-3&total=true",
+        Some(TOKEN),
+        None,
+    )
+    .await;
     assert_eq!(text["total"], 1);
     let (_, one) = call(
         &app,
         "GET",
         &format!("/dlq/messages/{}", letters[1].id),
-        None,
+        Some(TOKEN),
         None,
     )
     .await;
     assert_eq!(one["error"]["class"], "poison");
     assert_eq!(one["version"], 1);
-    let (_, stats) = call(&app, "GET", "/dlq/stats", None, None).await;
+    let (_, stats) = call(&app, "GET", "/dlq/stats", Some(TOKEN), None).await;
     assert_eq!(stats["waiting"], 5);
     assert_eq!(stats["depth"].as_array().unwrap().len(), 2);
 }
@@ -318,7 +330,7 @@ async fn replay_and_discard_through_the_api_are_audited() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
-    let (_, audit) = call(&app, "GET", "/dlq/audit?limit=1", None, None).await;
+    let (_, audit) = call(&app, "GET", "/dlq/audit?limit=1", Some(TOKEN), None).await;
     assert_eq!(audit["items"][0]["action"], "discard");
     assert_eq!(audit["items"][0]["actor"], "alice");
     assert_eq!(audit["items"][0]["reason"], "test data");
@@ -327,7 +339,7 @@ async fn replay_and_discard_through_the_api_are_audited() {
         &app,
         "GET",
         &format!("/dlq/audit?limit=1&cursor={cursor}"),
-        None,
+        Some(TOKEN),
         None,
     )
     .await;
@@ -335,16 +347,16 @@ async fn replay_and_discard_through_the_api_are_audited() {
 }
 
 #[tokio::test]
-async fn reads_can_be_protected_too() {
+async fn reads_can_be_opened_explicitly() {
     let store = Arc::new(MemoryStore::new());
     let api = AdminApi::new(Replayer::new(store, MemoryTransport::new()))
         .token("alice", TOKEN)
-        .protect_reads(true);
-    let app = api.router();
+        .open_reads();
+    let app = api.router().unwrap();
     let (status, _) = call(&app, "GET", "/messages", None, None).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let (status, _) = call(&app, "GET", "/messages", Some(TOKEN), None).await;
     assert_eq!(status, StatusCode::OK);
+    let (status, _) = call(&app, "POST", "/replay", None, Some("{}")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "writes stay protected");
 }
 
 /// Over a real TCP socket, with a real HTTP client.
@@ -398,7 +410,7 @@ async fn over_http() {
     let (status, body) = send("POST", "/dlq/replay", None, &replay_body).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(body["error"].is_string());
-    let (status, body) = send("GET", "/dlq/messages?class=nonsense", None, "").await;
+    let (status, body) = send("GET", "/dlq/messages?class=nonsense", Some(TOKEN), "").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body["error"].as_str().unwrap().contains("unknown class"));
     let (status, body) = send("POST", "/dlq/replay", Some(TOKEN), &replay_body).await;

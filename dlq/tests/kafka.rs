@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use brokers::{
-    Broker, Kind, assert_permanent, assert_poison, assert_transient, replay_after_fix, run,
+    Broker, Kind, assert_permanent, assert_poison, assert_transient, replay_after_fix,
+    replay_goes_to_the_failed_group_only, run,
 };
 use surety_core::consumer::Incoming;
 use surety_kafka::{KafkaConfig, KafkaTransport};
@@ -105,4 +106,13 @@ async fn replay_one_and_a_filtered_group_after_the_fix() {
     };
     let broker = broker(&brokers, 1, 1).await;
     replay_after_fix(&broker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_reaches_only_the_failed_group_of_three() {
+    let Some(brokers) = services::require(services::kafka_brokers()) else {
+        return;
+    };
+    let broker = broker(&brokers, 1, 1).await;
+    replay_goes_to_the_failed_group_only(&broker).await;
 }

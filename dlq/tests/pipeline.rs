@@ -495,7 +495,10 @@ async fn retry_delays_grow() {
         surety_core::DeliveryInfo::new("memory", "w", "g"),
     );
     let outcome = in_place.oneshot(msg).await.unwrap();
-    assert_eq!(outcome, surety_core::consumer::Outcome::DeadLettered);
+    assert_eq!(
+        outcome.outcome,
+        surety_core::consumer::Outcome::DeadLettered
+    );
     let times = times.lock().unwrap();
     assert_eq!(times.len(), 5);
     let gaps: Vec<_> = times.windows(2).map(|w| w[1] - w[0]).collect();
@@ -528,7 +531,10 @@ async fn retry_copies_carry_their_bookkeeping() {
     );
     use surety_core::tower::ServiceExt;
     let outcome = service.oneshot(msg).await.unwrap();
-    assert_eq!(outcome, surety_core::consumer::Outcome::RetryScheduled);
+    assert_eq!(
+        outcome.outcome,
+        surety_core::consumer::Outcome::RetryScheduled
+    );
     let copy = retries.next().await.unwrap().unwrap();
     let h = &copy.envelope().headers;
     assert_eq!(copy.envelope().id, env.id);

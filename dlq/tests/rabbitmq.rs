@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use brokers::{
-    Broker, Kind, assert_permanent, assert_poison, assert_transient, replay_after_fix, run,
+    Broker, Kind, assert_permanent, assert_poison, assert_transient, replay_after_fix,
+    replay_goes_to_the_failed_group_only, run,
 };
 use surety_core::consumer::Incoming;
 use surety_rabbitmq::topology::{RetryLadder, WorkQueue};
@@ -122,4 +123,13 @@ async fn replay_one_and_a_filtered_group_after_the_fix() {
     let broker = broker(&url, 1).await;
     let _cleanup = Cleanup::new(&url).prefix(&broker.topic);
     replay_after_fix(&broker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_reaches_only_the_failed_group_of_three() {
+    let Some(url) = services::require(services::amqp_url()) else {
+        return;
+    };
+    let broker = broker(&url, 1).await;
+    replay_goes_to_the_failed_group_only(&broker).await;
 }

@@ -319,7 +319,13 @@ async fn replay_one_and_a_filtered_group_after_the_fix() {
     // Each record's history tells its story.
     let resolved = s.store.get(&first.id).await.unwrap().unwrap();
     let actions: Vec<_> = resolved.history.iter().map(|e| e.action.as_str()).collect();
-    assert_eq!(actions, ["dead_lettered", "replayed", "resolved"]);
+    // Claimed, published, then recorded as replayed, unless the copy was
+    // handled first (then resolved straight from `replaying`).
+    assert!(
+        actions == ["dead_lettered", "replaying", "replayed", "resolved"]
+            || actions == ["dead_lettered", "replaying", "resolved"],
+        "{actions:?}"
+    );
     assert_eq!(resolved.replay_count, 1);
 
     s.stop.send(()).ok();

@@ -110,7 +110,7 @@ async fn postgres_migrations_are_idempotent_and_concurrent_safe() {
         .fetch_all(store.pool())
         .await
         .expect("versions");
-    assert_eq!(versions, [1]);
+    assert_eq!(versions, [1, 2]);
 }
 
 /// The suite is not vacuous: a store whose transitions ignore the current
@@ -118,6 +118,7 @@ async fn postgres_migrations_are_idempotent_and_concurrent_safe() {
 #[tokio::test]
 async fn the_suite_catches_broken_stores() {
     use surety_dlq::DeadLetter;
+    use surety_dlq::job::Job;
     use surety_dlq::store::{AuditEntry, Depth, Page, PageRequest, StoreError, Transition};
 
     #[derive(Debug, Default)]
@@ -168,9 +169,86 @@ async fn the_suite_catches_broken_stores() {
         async fn depth(&self) -> Result<Vec<Depth>, StoreError> {
             self.0.depth().await
         }
+        async fn put_job(&self, job: &Job) -> Result<(), StoreError> {
+            self.0.put_job(job).await
+        }
+        async fn get_job(&self, id: &str) -> Result<Option<Job>, StoreError> {
+            self.0.get_job(id).await
+        }
+        async fn unfinished_jobs(&self) -> Result<Vec<Job>, StoreError> {
+            self.0.unfinished_jobs().await
+        }
     }
 
     let report = dlq_store_suite(|| async { Broken::default() }).await;
     let failed: Vec<_> = report.failures().iter().map(|f| f.check).collect();
     assert_eq!(failed, ["filters", "transitions"], "{report}");
+}
+
+/// Jobs and the audit entry they rewrite work on PostgreSQL: a replay job
+/// records its intent, finishes, and leaves one finished audit entry; an
+/// unfinished job is listed for resumption until it finishes.
+#[tokio::test]
+async fn postgres_keeps_jobs_and_rewrites_their_audit_entry() {
+    use futures::StreamExt;
+    use surety_core::Subscriber;
+    use surety_dlq::store::PageRequest;
+    use surety_dlq::{ReplayRequest, Replayer, Started, Status};
+
+    let Some(url) = services::require(services::postgres_url()) else {
+        return;
+    };
+    let store = std::sync::Arc::new(postgres_store(&url).await);
+    let letter = sample_letter(
+        1,
+        ("memory", "orders", "g"),
+        "h",
+        surety_core::ErrorClass::Permanent,
+        "x",
+    );
+    store.put(&letter).await.expect("put");
+    let transport = surety_core::memory::MemoryTransport::new();
+    let mut orders = transport.subscribe("orders", "g").await.expect("subscribe");
+    let replayer = Replayer::new(store.clone(), transport.clone());
+    let Started::Job(job) = replayer
+        .start_replay(ReplayRequest::filter("ops", Filter::new().topic("orders")).reason("fixed"))
+        .await
+        .expect("start")
+    else {
+        panic!("not a dry run");
+    };
+    let unfinished = store.unfinished_jobs().await.expect("unfinished");
+    assert_eq!(unfinished.len(), 1);
+    assert_eq!(unfinished[0].ids, std::slice::from_ref(&letter.id));
+    let audit = store
+        .audit_log(&PageRequest::first(5))
+        .await
+        .expect("audit");
+    assert_eq!(audit.items.len(), 1);
+    assert!(!audit.items[0].finished);
+
+    let done = replayer.resume().await.expect("resume");
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].id, job.id);
+    assert!(orders.next().await.is_some(), "published");
+    assert!(
+        store
+            .unfinished_jobs()
+            .await
+            .expect("unfinished")
+            .is_empty()
+    );
+    let stored = store.get_job(&job.id).await.expect("get_job").expect("job");
+    assert!(stored.finished);
+    assert_eq!(stored.done, std::slice::from_ref(&letter.id));
+    let audit = store
+        .audit_log(&PageRequest::first(5))
+        .await
+        .expect("audit");
+    assert_eq!(audit.items.len(), 1, "rewritten, not appended");
+    assert!(audit.items[0].finished);
+    assert_eq!(audit.items[0].succeeded, std::slice::from_ref(&letter.id));
+    let now = store.get(&letter.id).await.expect("get").expect("letter");
+    assert_eq!(now.status, Status::Replayed);
+    assert_eq!(now.replay_count, 1);
 }

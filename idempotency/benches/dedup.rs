@@ -17,7 +17,9 @@
 //!   (claim, effect and mark in one transaction), and vs the plain layer
 //!   with the SQL store (claim and complete as statements of their own).
 //!
-//! PostgreSQL runs when `SURETY_POSTGRES_URL` is set. Under
+//! PostgreSQL runs when `SURETY_POSTGRES_URL` is set; without it the
+//! PostgreSQL pipelines are skipped, or the bench fails when
+//! `SURETY_REQUIRE_SERVICES` is set. Under
 //! `cargo test --benches` every pipeline runs once on a few messages.
 
 use std::sync::Arc;
@@ -36,6 +38,7 @@ use surety_core::{Envelope, Publisher, Subscriber};
 use surety_idempotency::{
     IdempotencyLayer, InboxTx, MemoryStore, PostgresStore, SqliteStore, StoreError,
 };
+use surety_testkit::services;
 use tokio::runtime::Runtime;
 use tokio::sync::Notify;
 
@@ -152,7 +155,7 @@ fn counting(done: &Done) -> impl Handler + use<> {
 }
 
 /// An order of about 1 KB, as JSON.
-#[derive(serde::Deserialize)]
+#[derive(serde::Serialize, serde::Deserialize)]
 #[allow(dead_code)]
 struct Order {
     order_id: String,
@@ -163,7 +166,11 @@ struct Order {
     placed_at: String,
 }
 
-#[derive(serde::Deserialize)]
+impl surety_core::Message for Order {
+    const TYPE: &'static str = "bench.message";
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
 #[allow(dead_code)]
 struct Customer {
     id: String,
@@ -171,7 +178,7 @@ struct Customer {
     name: String,
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Serialize, serde::Deserialize)]
 #[allow(dead_code)]
 struct OrderLine {
     sku: String,
@@ -317,9 +324,8 @@ struct Postgres {
 }
 
 async fn postgres() -> Option<Postgres> {
-    let url = std::env::var("SURETY_POSTGRES_URL")
-        .ok()
-        .filter(|u| !u.is_empty())?;
+    // Skips without the address, and fails under SURETY_REQUIRE_SERVICES.
+    let url = services::require(services::postgres_url())?;
     let db = db::temp_schema_at(&url, CONCURRENCY as u32 + 2).await;
     sqlx::query(EFFECTS_TABLE).execute(&db.pool).await.unwrap();
     Some(Postgres {

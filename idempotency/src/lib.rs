@@ -12,7 +12,7 @@
 //!   any [`KeyFn`], such as an order id and a step), claims it in a
 //!   [`DedupStore`], runs the handler on the first delivery and acknowledges
 //!   duplicates with [`Outcome::Duplicate`](surety_core::consumer::Outcome)
-//!   without running it. Command handlers return a [`Reply`]; it is stored
+//!   without running it. A handler's outputs (a reply, commands, events) are stored
 //!   with the key and published again for every duplicate.
 //! - Claims are **leases** ([`LeasePolicy`]): two instances receiving the
 //!   same message at once do not both run it (the second waits, then backs
@@ -110,11 +110,13 @@ pub use cleanup::Cleanup;
 pub use error::StoreError;
 pub use idempotent::{IdempotencyLayer, Idempotent, IdempotentFuture};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
-pub use inbox::{Committed, InboxHandler, InboxTx, Marked, TransactionalStore};
+pub use inbox::{
+    Committed, Inbox, InboxGuard, InboxHandler, InboxLayer, InboxTransaction, InboxTx, Marked,
+    TransactionalStore,
+};
 pub use key::{EnvelopeKey, KeyFn};
 pub use metrics::IdempotencyMetrics;
 pub use policy::LeasePolicy;
-pub use reply::{HandlerResponse, NoReplies, Reply, ReplyFn, reply_fn};
 pub use store::memory::{self, MemoryStore};
 #[cfg(feature = "postgres")]
 pub use store::postgres::{self, PostgresStore};

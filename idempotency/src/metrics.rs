@@ -1,5 +1,5 @@
 //! [`IdempotencyMetrics`]: duplicates suppressed, first-time handling,
-//! lease takeovers, busy keys, store latency and store size.
+//! lease takeovers, busy keys, store latency, store size and evictions.
 
 use std::future::Future;
 use std::ops::Deref;
@@ -83,6 +83,7 @@ pub struct IdempotencyMetrics {
     busy: Family<ConsumeLabels, Counter>,
     store_duration: Family<StoreLabels, Histogram, StoreBuckets>,
     store_size: Gauge,
+    store_evictions: Counter,
     /// Series already looked up, so that recording a delivery neither
     /// allocates label sets nor hashes them.
     resolved: Arc<Resolved>,
@@ -98,6 +99,7 @@ impl Default for IdempotencyMetrics {
             busy: Family::default(),
             store_duration: Family::new_with_constructor(StoreBuckets),
             store_size: Gauge::default(),
+            store_evictions: Counter::default(),
             resolved: Arc::default(),
         }
     }
@@ -282,6 +284,11 @@ impl IdempotencyMetrics {
             "Keys held by the dedup store (claimed and done), as of the last cleanup run",
             metrics.store_size.clone(),
         );
+        registry.register(
+            "store_evictions",
+            "Completed keys a full in-memory dedup store evicted before their time to make room",
+            metrics.store_evictions.clone(),
+        );
         metrics
     }
 
@@ -356,6 +363,13 @@ impl IdempotencyMetrics {
     /// Sets the store size gauge.
     pub fn set_store_size(&self, keys: u64) {
         self.store_size.set(i64::try_from(keys).unwrap_or(i64::MAX));
+    }
+
+    /// Counts `keys` completed keys evicted from a full store.
+    /// [`MemoryStore::metrics`](crate::MemoryStore::metrics) does this
+    /// itself.
+    pub fn store_evicted(&self, keys: u64) {
+        self.store_evictions.inc_by(keys);
     }
 
     /// Runs a store operation named `operation` and records its duration.

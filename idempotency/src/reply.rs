@@ -1,188 +1,99 @@
-//! Command/reply: handlers that answer with a [`Reply`], stored with the
-//! dedup key and published again to every duplicate.
+//! How a handler's outputs (replies, commands, events) are stored with its
+//! dedup key, so that a duplicate gets the very same messages (same ids)
+//! emitted again and the requester can deduplicate them too.
 
-use std::fmt;
-use std::future::Future;
-use std::task::{Context, Poll};
-
-use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
-use surety_core::consumer::{Incoming, Outcome};
-use surety_core::{
-    Classify, Confirmation, Envelope, HandlerError, Publisher, TransportError, TransportErrorKind,
-};
-use tower::Service;
+use surety_core::Envelope;
+use surety_core::consumer::Output;
 
 use crate::error::StoreError;
 
-/// A reply to a command: the envelope to publish and the topic to publish
-/// it to (typically the requester's reply topic, named in the command).
-///
-/// The layer stores the reply with the command's dedup key when the
-/// handler succeeds, then publishes it; a duplicate of the command gets the
-/// very same envelope (same id) published again, so the requester can
-/// deduplicate replies too.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Reply {
-    /// Where the reply goes.
-    pub topic: String,
-    /// The reply.
-    pub envelope: Envelope,
+/// The stored form: versioned JSON, envelopes in their CloudEvents
+/// structured form. Version 1 stored a single reply.
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    v: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    topic: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    envelope: Option<Envelope>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    outputs: Vec<StoredOutput>,
 }
 
-/// How a reply is stored: versioned JSON, with the envelope in its
-/// CloudEvents structured form.
 #[derive(Serialize, Deserialize)]
-struct StoredReply {
-    v: u32,
+struct StoredOutput {
     topic: String,
     envelope: Envelope,
 }
 
-impl Reply {
-    /// A reply of `envelope` to `topic`.
-    pub fn new(topic: impl Into<String>, envelope: Envelope) -> Self {
-        Self {
-            topic: topic.into(),
-            envelope,
-        }
+/// Encodes `outputs` for the store; `None` when there is nothing to store.
+pub(crate) fn encode(outputs: &[Output]) -> Result<Option<Vec<u8>>, StoreError> {
+    if outputs.is_empty() {
+        return Ok(None);
     }
+    let stored = Stored {
+        v: 2,
+        topic: None,
+        envelope: None,
+        outputs: outputs
+            .iter()
+            .map(|o| StoredOutput {
+                topic: o.destination.clone(),
+                envelope: o.envelope.clone(),
+            })
+            .collect(),
+    };
+    serde_json::to_vec(&stored)
+        .map(Some)
+        .map_err(|e| StoreError::Corrupt(format!("outputs cannot be encoded: {e}")))
+}
 
-    /// The stored form.
-    pub(crate) fn encode(&self) -> Result<Vec<u8>, StoreError> {
-        serde_json::to_vec(&StoredReply {
+/// Reads stored outputs back.
+pub(crate) fn decode(bytes: &[u8]) -> Result<Vec<Output>, StoreError> {
+    let stored: Stored = serde_json::from_slice(bytes)
+        .map_err(|e| StoreError::Corrupt(format!("stored outputs: {e}")))?;
+    match stored {
+        Stored {
             v: 1,
-            topic: self.topic.clone(),
-            envelope: self.envelope.clone(),
-        })
-        .map_err(|e| StoreError::Corrupt(format!("a reply cannot be encoded: {e}")))
-    }
-
-    /// Reads the stored form back.
-    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
-        let stored: StoredReply = serde_json::from_slice(bytes)
-            .map_err(|e| StoreError::Corrupt(format!("stored reply: {e}")))?;
-        if stored.v != 1 {
-            return Err(StoreError::Corrupt(format!(
-                "stored reply has unknown version {}",
-                stored.v
-            )));
-        }
-        Ok(Self::new(stored.topic, stored.envelope))
+            topic: Some(topic),
+            envelope: Some(envelope),
+            ..
+        } => Ok(vec![Output::new(topic, envelope)]),
+        Stored { v: 2, outputs, .. } => Ok(outputs
+            .into_iter()
+            .map(|o| Output::new(o.topic, o.envelope))
+            .collect()),
+        Stored { v, .. } => Err(StoreError::Corrupt(format!(
+            "stored outputs have unknown version {v}"
+        ))),
     }
 }
 
-/// What an inner handler of the [`IdempotencyLayer`](crate::IdempotencyLayer)
-/// returns: an [`Outcome`], a [`Reply`], or an optional reply.
-///
-/// ```
-/// use surety_core::consumer::Outcome;
-/// use surety_core::Envelope;
-/// use surety_idempotency::{HandlerResponse, Reply};
-///
-/// let reply = Reply::new("payments.replies", Envelope::builder("/payments", "payment.captured").build());
-/// let (outcome, stored) = reply.clone().into_parts();
-/// assert_eq!(outcome, Outcome::Handled);
-/// assert_eq!(stored, Some(reply));
-/// assert_eq!(Outcome::Handled.into_parts(), (Outcome::Handled, None));
-/// ```
-pub trait HandlerResponse: Send + 'static {
-    /// The outcome and the reply to store and publish, if any.
-    fn into_parts(self) -> (Outcome, Option<Reply>);
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl HandlerResponse for Outcome {
-    fn into_parts(self) -> (Outcome, Option<Reply>) {
-        (self, None)
-    }
-}
+    #[test]
+    fn outputs_round_trip_and_version_1_replies_still_read() {
+        let a = Envelope::builder("/payments", "payment.captured").build();
+        let b = Envelope::builder("/payments", "payment.audited").build();
+        let outputs = vec![
+            Output::new("checkout.replies", a.clone()),
+            Output::new("audit", b),
+        ];
+        let bytes = encode(&outputs)
+            .expect("encodes")
+            .expect("something stored");
+        assert_eq!(decode(&bytes).expect("decodes"), outputs);
+        assert_eq!(encode(&[]).expect("encodes"), None);
 
-impl HandlerResponse for Reply {
-    fn into_parts(self) -> (Outcome, Option<Reply>) {
-        (Outcome::Handled, Some(self))
-    }
-}
-
-impl HandlerResponse for Option<Reply> {
-    fn into_parts(self) -> (Outcome, Option<Reply>) {
-        (Outcome::Handled, self)
-    }
-}
-
-/// A command handler from an async function that returns a [`Reply`] (or
-/// an `Option<Reply>`). Wrap it in an
-/// [`IdempotencyLayer`](crate::IdempotencyLayer) with a
-/// [reply publisher](crate::IdempotencyLayer::replies) to run it in a
-/// [`Worker`](surety_core::consumer::Worker).
-///
-/// ```
-/// use surety_core::consumer::Incoming;
-/// use surety_idempotency::{reply_fn, Reply};
-///
-/// let capture = reply_fn(|cmd: Incoming| async move {
-///     let reply = cmd.envelope.caused_by("/payments", "payment.captured").build();
-///     Ok::<_, std::convert::Infallible>(Reply::new("checkout.replies", reply))
-/// });
-/// # let _ = capture;
-/// ```
-pub fn reply_fn<F, Fut, R, E>(f: F) -> ReplyFn<F>
-where
-    F: Fn(Incoming) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = Result<R, E>> + Send + 'static,
-    R: HandlerResponse,
-    E: Classify + std::error::Error + Send + Sync + 'static,
-{
-    ReplyFn { f }
-}
-
-/// The handler returned by [`reply_fn`].
-#[derive(Clone)]
-pub struct ReplyFn<F> {
-    f: F,
-}
-
-impl<F> fmt::Debug for ReplyFn<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ReplyFn").finish_non_exhaustive()
-    }
-}
-
-impl<F, Fut, R, E> Service<Incoming> for ReplyFn<F>
-where
-    F: Fn(Incoming) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = Result<R, E>> + Send + 'static,
-    R: HandlerResponse,
-    E: Classify + std::error::Error + Send + Sync + 'static,
-{
-    type Response = R;
-    type Error = HandlerError;
-    type Future = BoxFuture<'static, Result<R, HandlerError>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, msg: Incoming) -> Self::Future {
-        let fut = (self.f)(msg);
-        Box::pin(async move { fut.await.map_err(HandlerError::new) })
-    }
-}
-
-/// The reply publisher of a layer without one: handlers that return no
-/// reply never use it; publishing through it fails with a
-/// [`Config`](TransportErrorKind::Config) error (a permanent failure).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoReplies;
-
-impl Publisher for NoReplies {
-    async fn send(&self, topic: &str, envelope: Envelope) -> surety_core::Result<Confirmation> {
-        Err(TransportError::new(
-            TransportErrorKind::Config,
-            format!(
-                "a handler replied with message {} to {topic}, but the idempotency layer has no reply publisher (use IdempotencyLayer::replies)",
-                envelope.id
-            ),
-        ))
+        let v1 = serde_json::json!({ "v": 1, "topic": "checkout.replies", "envelope": a });
+        let v1 = serde_json::to_vec(&v1).expect("json");
+        assert_eq!(
+            decode(&v1).expect("decodes"),
+            vec![Output::new("checkout.replies", a)]
+        );
+        assert!(decode(br#"{"v":9}"#).is_err());
     }
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
-use surety_core::consumer::{Incoming, Outcome, Worker, handler_fn};
+use surety_core::consumer::{Incoming, Outcome, Response, Worker, handler_fn};
 use surety_core::memory::MemoryTransport;
 use surety_core::tower::{Layer, ServiceExt, service_fn};
 use surety_core::{DeliveryInfo, Envelope, HandlerError, Publisher, Subscriber, Transient};
@@ -200,14 +200,21 @@ async fn a_failed_handler_releases_its_claim_so_the_redelivery_runs_at_once() {
 async fn retry_scheduled_and_dead_lettered_outcomes_release_the_claim() {
     let store = MemoryStore::new();
     for outcome in [Outcome::RetryScheduled, Outcome::DeadLettered] {
-        let inner = service_fn(move |_msg: Incoming| async move { Ok::<_, HandlerError>(outcome) });
+        let inner = service_fn(move |_msg: Incoming| async move {
+            Ok::<_, HandlerError>(Response::outcome(outcome))
+        });
         let handler = IdempotencyLayer::new(store.clone()).layer(inner);
         let env = Envelope::builder("/orders", "order.placed").build();
         for _ in 0..2 {
             // Not handled, so not a duplicate the second time either: a
             // retry or a replay from the dead-letter queue runs again.
             assert_eq!(
-                handler.clone().oneshot(incoming(&env)).await.unwrap(),
+                handler
+                    .clone()
+                    .oneshot(incoming(&env))
+                    .await
+                    .unwrap()
+                    .outcome,
                 outcome
             );
         }
@@ -256,11 +263,11 @@ async fn renewal_keeps_a_slow_handler_s_claim() {
                 );
                 busy += 1;
             }
-            Ok(outcome) => assert_eq!(outcome, Outcome::Duplicate),
+            Ok(response) => assert_eq!(response.outcome, Outcome::Duplicate),
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(slow.await.unwrap().unwrap(), Outcome::Handled);
+    assert_eq!(slow.await.unwrap().unwrap().outcome, Outcome::Handled);
     assert!(busy >= 5, "the duplicates found the key busy ({busy})");
     assert_eq!(effects.load(Ordering::SeqCst), 1);
 }
@@ -311,11 +318,9 @@ fn public_types_are_send_and_sync() {
             surety_core::consumer::AckAll,
             MemoryStore,
             surety_idempotency::EnvelopeKey,
-            MemoryTransport,
         >,
     >();
     check::<surety_idempotency::StoreError>();
-    check::<surety_idempotency::Reply>();
     check::<surety_idempotency::Cleanup<MemoryStore>>();
     check::<surety_idempotency::SqliteStore>();
     check::<surety_idempotency::PostgresStore>();

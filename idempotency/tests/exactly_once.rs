@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use proptest::prelude::*;
-use surety_core::consumer::{Incoming, Outcome, Worker};
+use surety_core::consumer::{Incoming, Outcome, Output, Worker, handler_fn};
 use surety_core::memory::MemoryTransport;
 use surety_core::tower::{Layer, ServiceExt, service_fn};
 use surety_core::{Envelope, Publisher, Subscriber, Transient};
-use surety_idempotency::{IdempotencyLayer, LeasePolicy, MemoryStore, Reply, reply_fn};
+use surety_idempotency::{IdempotencyLayer, LeasePolicy, MemoryStore};
 use surety_testkit::fault::{FaultPlan, FaultyTransport};
 
 const TOPIC: &str = "work";
@@ -142,7 +142,7 @@ async fn run(s: Scenario) -> Result<(), TestCaseError> {
 
     let handler = {
         let ledger = Arc::clone(&ledger);
-        reply_fn(move |msg: Incoming| {
+        handler_fn(move |msg: Incoming| {
             let (ledger, fail_first, work) = (
                 Arc::clone(&ledger),
                 Arc::clone(&fail_first),
@@ -178,14 +178,13 @@ async fn run(s: Scenario) -> Result<(), TestCaseError> {
                 }
                 // A fresh reply id per run: a second run would be visible.
                 let reply = msg.envelope.caused_by("/handler", "reply").build();
-                Ok(Some(Reply::new(REPLIES, reply)))
+                Ok(Some(Output::new(REPLIES, reply)))
             }
         })
     };
     let policy =
         LeasePolicy::new(Duration::from_secs(30)).busy_wait(Duration::from_millis(s.busy_wait_ms));
     let idempotent = IdempotencyLayer::new(MemoryStore::new())
-        .replies(transport.clone())
         .policy(policy)
         .layer(handler);
     let counted = {
@@ -195,7 +194,10 @@ async fn run(s: Scenario) -> Result<(), TestCaseError> {
             async move {
                 let id = msg.envelope.id.clone();
                 let result = idempotent.oneshot(msg).await;
-                if matches!(result, Ok(Outcome::Handled | Outcome::Duplicate)) {
+                if matches!(
+                    result.as_ref().map(|r| r.outcome),
+                    Ok(Outcome::Handled | Outcome::Duplicate)
+                ) {
                     *ledger.lock().unwrap().acked.entry(id).or_default() += 1;
                 }
                 result
@@ -209,6 +211,7 @@ async fn run(s: Scenario) -> Result<(), TestCaseError> {
         let deliveries = faulty.subscribe(TOPIC, GROUP).await.unwrap();
         let mut stop = stop_rx.clone();
         let worker = Worker::new(counted.clone())
+            .emit_to(transport.clone())
             .concurrency(s.concurrency)
             .max_deliveries(1_000)
             .max_retry_after(Duration::from_millis(20));

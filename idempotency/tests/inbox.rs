@@ -16,13 +16,13 @@ use std::time::Duration;
 use futures::StreamExt;
 use prometheus_client::registry::Registry;
 use sqlx::Database;
-use surety_core::consumer::{Incoming, Outcome, Worker};
+use surety_core::consumer::{Incoming, Outcome, Output, Worker};
 use surety_core::memory::MemoryTransport;
 use surety_core::tower::ServiceExt;
 use surety_core::{Classify, DeliveryInfo, Envelope, Publisher, Subscriber};
 use surety_idempotency::{
     Claim, IdempotencyLayer, IdempotencyMetrics, InboxTx, LeasePolicy, Marked, PostgresStore,
-    Reply, SqliteStore, StoreError, TransactionalStore,
+    SqliteStore, StoreError, TransactionalStore,
 };
 use surety_testkit::fault::{FaultPlan, FaultyTransport};
 use surety_testkit::wait::eventually;
@@ -233,11 +233,16 @@ async fn a_rolled_back_transaction_leaves_no_mark_and_no_effect<S: Business>(sto
     );
 
     assert_eq!(
-        handler.clone().oneshot(incoming(&env)).await.unwrap(),
+        handler
+            .clone()
+            .oneshot(incoming(&env))
+            .await
+            .unwrap()
+            .outcome,
         Outcome::Handled
     );
     assert_eq!(
-        handler.oneshot(incoming(&env)).await.unwrap(),
+        handler.oneshot(incoming(&env)).await.unwrap().outcome,
         Outcome::Duplicate
     );
     assert_eq!(store.effects(&env.id).await, 1);
@@ -283,12 +288,17 @@ async fn a_worker_killed_after_its_business_write_applies_once_after_redelivery<
     // without waiting for a lease.
     let redelivered = tokio::time::Instant::now();
     assert_eq!(
-        handler.clone().oneshot(incoming(&env)).await.unwrap(),
+        handler
+            .clone()
+            .oneshot(incoming(&env))
+            .await
+            .unwrap()
+            .outcome,
         Outcome::Handled
     );
     assert!(redelivered.elapsed() < Duration::from_secs(30));
     assert_eq!(
-        handler.oneshot(incoming(&env)).await.unwrap(),
+        handler.oneshot(incoming(&env)).await.unwrap().outcome,
         Outcome::Duplicate
     );
     assert_eq!(store.effects(&env.id).await, 1);
@@ -413,12 +423,12 @@ async fn a_concurrent_duplicate_waits_for_the_open_transaction<S: Business>(stor
             .unwrap()
             .unwrap();
         if first_commits {
-            assert_eq!(first.unwrap(), Outcome::Handled);
-            assert_eq!(second, Outcome::Duplicate);
+            assert_eq!(first.unwrap().outcome, Outcome::Handled);
+            assert_eq!(second.outcome, Outcome::Duplicate);
         } else {
             assert!(first.is_err());
             assert_eq!(
-                second,
+                second.outcome,
                 Outcome::Handled,
                 "the duplicate runs once the first rolled back"
             );
@@ -528,7 +538,6 @@ async fn under_faults_and_crashes_every_effect_commits_once<S: Business>(store: 
         let handler = {
             let runs = Arc::clone(&runs);
             IdempotencyLayer::new(store.clone())
-                .replies(transport.clone())
                 .policy(
                     LeasePolicy::new(Duration::from_secs(30)).busy_wait(Duration::from_millis(50)),
                 )
@@ -546,7 +555,8 @@ async fn under_faults_and_crashes_every_effect_commits_once<S: Business>(store: 
                             return Err(StoreError::backend("crashed before commit"));
                         }
                         let reply = msg.envelope.caused_by("/handler", "reply").build();
-                        tx.commit_with_reply(Reply::new("replies", reply)).await
+                        tx.commit_with_outputs(vec![Output::new("replies", reply)])
+                            .await
                     }
                 })
         };
@@ -557,6 +567,7 @@ async fn under_faults_and_crashes_every_effect_commits_once<S: Business>(store: 
             let mut stop = stop_rx.clone();
             workers.push(tokio::spawn(
                 Worker::new(handler.clone())
+                    .emit_to(transport.clone())
                     .concurrency(2)
                     .max_deliveries(1_000)
                     .max_retry_after(Duration::from_millis(20))
@@ -623,4 +634,69 @@ async fn under_faults_and_crashes_every_effect_commits_once<S: Business>(store: 
             );
         }
     }
+}
+
+on_both!(the_inbox_layer_commits_the_write_the_mark_and_the_outputs_together);
+async fn the_inbox_layer_commits_the_write_the_mark_and_the_outputs_together<S: Business>(
+    store: S,
+) {
+    use surety_core::HandlerError;
+    use surety_core::consumer::handler_fn;
+    use surety_core::tower::ServiceBuilder;
+    use surety_idempotency::InboxTransaction;
+
+    let runs = Arc::new(AtomicU32::new(0));
+    let handler = {
+        let runs = Arc::clone(&runs);
+        handler_fn(move |msg: Incoming| {
+            let runs = Arc::clone(&runs);
+            async move {
+                let inbox = InboxTransaction::<S>::of(&msg)?;
+                let mut tx = inbox.lock().await?;
+                S::apply(&mut tx, &msg.envelope.id)
+                    .await
+                    .map_err(HandlerError::transient)?;
+                if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                    // Fails after its write: the write must not survive.
+                    return Err(HandlerError::transient("the ledger timed out"));
+                }
+                let reply = msg
+                    .envelope
+                    .caused_by("/payments", "payment.captured")
+                    .build();
+                Ok(Output::new("checkout.replies", reply))
+            }
+        })
+    };
+    // The DLQ layer outside: each of its in-place retries runs in a fresh
+    // transaction.
+    let stack = ServiceBuilder::new()
+        .layer(
+            surety_dlq::DlqLayer::new("payments")
+                .policy(surety_dlq::RetryPolicy::in_place(3))
+                .store(surety_dlq::store::MemoryStore::new()),
+        )
+        .layer(IdempotencyLayer::new(store.clone()).transactional())
+        .service(handler);
+
+    let env = Envelope::builder("/checkout", "payment.capture").build();
+    let first = stack.clone().oneshot(incoming(&env)).await.unwrap();
+    assert_eq!(first.outcome, Outcome::Handled);
+    assert_eq!(first.outputs.len(), 1);
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "retried once in place");
+    assert_eq!(
+        store.effects(&env.id).await,
+        1,
+        "the failed run's write rolled back"
+    );
+    assert_eq!(
+        store.status(&env.dedup_key()).await.as_deref(),
+        Some("done")
+    );
+
+    let again = stack.oneshot(incoming(&env)).await.unwrap();
+    assert_eq!(again.outcome, Outcome::Duplicate);
+    assert_eq!(again.outputs, first.outputs, "the stored reply, same id");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(store.effects(&env.id).await, 1);
 }

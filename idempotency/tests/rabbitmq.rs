@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use surety_core::consumer::{Incoming, Outcome, Worker};
+use surety_core::consumer::{Incoming, Outcome, Response, Worker};
 use surety_core::tower::ServiceBuilder;
 use surety_core::{Close, Envelope, Publisher, Subscriber};
 use surety_idempotency::{IdempotencyLayer, InboxTx, PostgresStore, StoreError};
@@ -153,11 +153,11 @@ async fn a_redelivery_after_a_lost_ack_is_not_applied_twice() {
                     .push((msg.envelope.id.clone(), msg.info.redelivered));
                 msg
             })
-            .map_response(move |outcome: Outcome| {
-                if outcome == Outcome::Duplicate {
+            .map_response(move |response: Response| {
+                if response.outcome == Outcome::Duplicate {
                     duplicates.fetch_add(1, Ordering::SeqCst);
                 }
-                outcome
+                response
             })
             .service(inbox)
     };

@@ -6,8 +6,20 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 use rdkafka::config::RDKafkaLogLevel;
 use surety_core::{TransportError, TransportErrorKind};
+use tokio::time::Instant;
 
 use crate::metrics::KafkaMetrics;
+
+/// The longest delivery timeout: librdkafka's limit for
+/// `message.timeout.ms`, `i32::MAX` milliseconds (about 24.8 days). The
+/// setter clamps to it; a longer value set on the field directly is a
+/// config error at connect.
+pub(crate) const MAX_DELIVERY_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+
+/// The longest connect timeout: librdkafka's limit for the request timeout
+/// of admin operations (topic creation), one hour. Clamped and checked as
+/// [`MAX_DELIVERY_TIMEOUT`].
+pub(crate) const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// librdkafka properties the adapter sets itself, because its guarantees
 /// depend on them. Setting one through [`KafkaConfig::property`] (or the
@@ -62,10 +74,12 @@ pub struct KafkaConfig {
     pub consumer_properties: BTreeMap<String, String>,
     /// How long the producer tries to deliver a message before its
     /// confirmation fails with [`Timeout`](TransportErrorKind::Timeout)
-    /// (librdkafka `message.timeout.ms`; default 30 s).
+    /// (librdkafka `message.timeout.ms`; default 30 s; at most librdkafka's
+    /// limit of `i32::MAX` milliseconds, about 24.8 days).
     pub delivery_timeout: Duration,
     /// How long [`connect`](crate::KafkaTransport::connect), topic checks and
-    /// topic creation wait for the cluster to answer (default 10 s).
+    /// topic creation wait for the cluster to answer (default 10 s; at most
+    /// librdkafka's limit for admin requests, one hour).
     pub connect_timeout: Duration,
     /// How often librdkafka reports statistics, from which the lag, committed
     /// offset and high watermark gauges are taken (default 5 s; `None`
@@ -152,15 +166,17 @@ impl KafkaConfig {
         self
     }
 
-    /// Sets the delivery timeout.
+    /// Sets the delivery timeout; a longer one than librdkafka's limit
+    /// (`i32::MAX` milliseconds, about 24.8 days) is taken as the limit.
     pub fn delivery_timeout(mut self, timeout: Duration) -> Self {
-        self.delivery_timeout = timeout;
+        self.delivery_timeout = timeout.min(MAX_DELIVERY_TIMEOUT);
         self
     }
 
-    /// Sets the connect timeout.
+    /// Sets the connect timeout; a longer one than librdkafka's limit for
+    /// admin requests (one hour) is taken as the limit.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
+        self.connect_timeout = timeout.min(MAX_CONNECT_TIMEOUT);
         self
     }
 
@@ -247,6 +263,20 @@ impl KafkaConfig {
         if self.delivery_timeout.is_zero() {
             return Err(config_error("delivery timeout must not be zero"));
         }
+        for (name, timeout, max) in [
+            (
+                "delivery timeout",
+                self.delivery_timeout,
+                MAX_DELIVERY_TIMEOUT,
+            ),
+            ("connect timeout", self.connect_timeout, MAX_CONNECT_TIMEOUT),
+        ] {
+            if timeout > max {
+                return Err(config_error(format!(
+                    "{name} {timeout:?} is longer than librdkafka's limit of {max:?}"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -317,6 +347,21 @@ pub(crate) fn config_error(message: impl Into<String>) -> TransportError {
     TransportError::new(TransportErrorKind::Config, message)
 }
 
+/// The instant `after` from now, or one decades away when that does not
+/// fit in an `Instant`: a timeout of `Duration::MAX` means "no timeout",
+/// never a panic (the configuration's fields are public, so no setter can
+/// rule it out).
+pub(crate) fn deadline_after(after: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(after)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        .unwrap_or(now)
+}
+
+/// What [`deadline_after`] falls back to: about 30 years, as tokio's own
+/// timers do.
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,6 +388,31 @@ mod tests {
         let producer = KafkaConfig::new("localhost:9092").producer();
         assert_eq!(producer.get("enable.idempotence"), Some("true"));
         assert_eq!(producer.get("acks"), Some("all"));
+    }
+
+    #[test]
+    fn timeouts_of_duration_max_are_clamped_or_refused_never_a_panic() {
+        let config = KafkaConfig::new("localhost:9092")
+            .delivery_timeout(Duration::MAX)
+            .connect_timeout(Duration::MAX)
+            .drain_timeout(Duration::MAX)
+            .pause_after(Duration::MAX);
+        assert_eq!(config.delivery_timeout, MAX_DELIVERY_TIMEOUT);
+        assert_eq!(config.connect_timeout, MAX_CONNECT_TIMEOUT);
+        config.validate().unwrap();
+        assert_eq!(
+            config.producer().get("message.timeout.ms"),
+            Some("2147483647")
+        );
+        // The consumer's drain and pause deadlines are taken this way.
+        assert!(deadline_after(config.drain_timeout) > Instant::now());
+        assert!(deadline_after(config.pause_after) > Instant::now());
+
+        let mut direct = KafkaConfig::new("localhost:9092");
+        direct.connect_timeout = Duration::MAX;
+        let err = direct.validate().unwrap_err();
+        assert_eq!(err.kind(), TransportErrorKind::Config);
+        assert!(err.to_string().contains("connect timeout"), "{err}");
     }
 
     #[test]

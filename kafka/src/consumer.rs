@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::SYSTEM;
+use crate::config::deadline_after;
 use crate::context::{ConsumerCtx, Shared};
 use crate::error::transport_error;
 use crate::tracker::{Action, Registered, Token};
@@ -120,7 +121,7 @@ impl Poller {
                 }
                 if tx.is_closed() {
                     tracing::debug!(topic = %shared.topic, group = %shared.group, "stream dropped; draining");
-                    draining = Some(Instant::now() + drain_timeout);
+                    draining = Some(deadline_after(drain_timeout));
                     overflow.clear();
                     hold_until = None;
                     set_paused(&consumer, true);
@@ -181,7 +182,7 @@ impl Poller {
                                     // partition assigned since: pause all.
                                     set_paused(&consumer, true);
                                 } else if !overflow.is_empty() {
-                                    hold_until.get_or_insert_with(|| Instant::now() + pause_after);
+                                    hold_until.get_or_insert_with(|| deadline_after(pause_after));
                                 }
                             }
                             Event::Nothing

@@ -122,7 +122,12 @@ async fn foreign_records_are_delivered_as_poison_never_dropped() {
                 .ok();
         }
     });
-    let handler = typed(|_: serde_json::Value, _: Incoming| async move {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Anything(serde_json::Value);
+    impl surety_core::Message for Anything {
+        const TYPE: &'static str = "test.anything";
+    }
+    let handler = typed(|_: Anything, _: Incoming| async move {
         panic!("the handler must not run for poison");
         #[allow(unreachable_code)]
         Ok::<_, std::convert::Infallible>(())

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use crate::metrics::RabbitMetrics;
 
 /// The default exchange name.
@@ -76,6 +78,12 @@ pub struct RabbitConfig {
     pub max_in_flight: usize,
     /// The queue type declared for subscriptions (default classic).
     pub queue_type: QueueType,
+    /// Declares subscription queues with `x-single-active-consumer`
+    /// (default off): of the members of a group, only one receives
+    /// deliveries and the others stand by until it leaves, so one
+    /// partition key's messages are handled by one process at a time and in
+    /// order across processes (with a worker, in order within it too).
+    pub single_active_consumer: bool,
     /// How long [`connect`](crate::RabbitTransport::connect) may take before
     /// it fails with [`Connection`](surety_core::TransportErrorKind::Connection)
     /// (default 10 s).
@@ -112,6 +120,7 @@ impl RabbitConfig {
             outage_wait: DEFAULT_OUTAGE_WAIT,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             queue_type: QueueType::Classic,
+            single_active_consumer: false,
             connect_timeout: Duration::from_secs(10),
             reconnect_max_delay: Duration::from_secs(2),
             reconnect_attempts: 1000,
@@ -159,6 +168,15 @@ impl RabbitConfig {
         self
     }
 
+    /// Declares subscription queues with a single active consumer; see
+    /// [`single_active_consumer`](Self::single_active_consumer). A queue
+    /// declared without it earlier must be deleted first: RabbitMQ refuses
+    /// to redeclare a queue with other arguments.
+    pub fn single_active_consumer(mut self, on: bool) -> Self {
+        self.single_active_consumer = on;
+        self
+    }
+
     /// Sets the connect timeout.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
@@ -199,3 +217,18 @@ impl RabbitConfig {
         self
     }
 }
+
+/// The instant `after` from now, or one decades away when that does not
+/// fit in an `Instant`: a timeout of `Duration::MAX` means "no timeout",
+/// never a panic (the configuration's fields are public, so no setter can
+/// rule it out).
+pub(crate) fn deadline_after(after: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(after)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        .unwrap_or(now)
+}
+
+/// What [`deadline_after`] falls back to: about 30 years, as tokio's own
+/// timers do.
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);

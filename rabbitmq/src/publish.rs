@@ -42,6 +42,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::codec;
+use crate::config::deadline_after;
 use crate::error::from_lapin;
 use crate::metrics::{PublishOutcome, RabbitMetrics};
 use crate::transport::{RabbitTransport, WaitError, wait_for_recovery};
@@ -201,7 +202,7 @@ impl Publisher for RabbitTransport {
         let (properties, payload) = codec::encode(&envelope)?;
         let identity = (topic.to_owned(), envelope.id.clone());
         let config = &self.inner.config;
-        let deadline = Instant::now() + config.outage_wait;
+        let deadline = deadline_after(config.outage_wait);
 
         let Ok(mut state) = tokio::time::timeout_at(deadline, self.inner.publisher.lock()).await
         else {

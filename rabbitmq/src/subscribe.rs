@@ -54,8 +54,11 @@ impl fmt::Debug for SubscriptionShared {
 }
 
 /// The `x-*` arguments of a queue of `queue_type`.
-pub(crate) fn queue_arguments(queue_type: QueueType) -> FieldTable {
+pub(crate) fn queue_arguments(queue_type: QueueType, single_active: bool) -> FieldTable {
     let mut args = FieldTable::default();
+    if single_active {
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    }
     if let QueueType::Quorum { delivery_limit } = queue_type {
         args.insert(
             "x-queue-type".into(),
@@ -123,7 +126,7 @@ impl RabbitTransport {
                         durable: true,
                         ..QueueDeclareOptions::default()
                     },
-                    queue_arguments(config.queue_type),
+                    queue_arguments(config.queue_type, config.single_active_consumer),
                 )
                 .await
                 .map_err(|err| from_lapin(&format!("declaring queue {queue:?}"), err))?;

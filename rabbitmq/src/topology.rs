@@ -178,7 +178,7 @@ impl WorkQueue {
 
     /// The arguments the work queue is declared with.
     pub fn arguments(&self) -> FieldTable {
-        let mut args = queue_arguments(self.queue_type);
+        let mut args = queue_arguments(self.queue_type, false);
         if self.dead_letter {
             args.insert(
                 "x-dead-letter-exchange".into(),

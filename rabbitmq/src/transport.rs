@@ -15,7 +15,7 @@ use surety_core::{Close, Result, TransportError, TransportErrorKind};
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
-use crate::config::RabbitConfig;
+use crate::config::{RabbitConfig, deadline_after};
 use crate::error::from_lapin;
 use crate::publish::PublisherState;
 use crate::subscribe::SubscriptionShared;
@@ -303,7 +303,7 @@ async fn open_connection(
     exchange: &ShortString,
     timeout: Duration,
 ) -> Result<(Connection, Channel)> {
-    let deadline = Instant::now() + timeout;
+    let deadline = deadline_after(timeout);
     let target = redacted(uri);
     // A plain TCP probe first: lapin retries the initial connect with the
     // reconnect schedule, which would outlive the connect timeout in a
@@ -406,7 +406,7 @@ async fn supervise(inner: Weak<Inner>) {
                 });
                 let delay = delays.next().unwrap_or(config.reconnect_max_delay);
                 tracing::debug!(error = %err, ?delay, "replacing the RabbitMQ connection failed");
-                retry_at = Instant::now() + delay;
+                retry_at = deadline_after(delay);
             }
         }
     }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use common::{WAIT, cleanup, config, connect, next, unique, url};
 use surety_core::{Close, Envelope, Publisher, Subscriber};
+use surety_testkit::services;
 
 /// Set in the child: `topic|group|count`.
 const CHILD: &str = "SURETY_RABBITMQ_CRASH_CHILD";
@@ -20,11 +21,13 @@ const CHILD: &str = "SURETY_RABBITMQ_CRASH_CHILD";
 const HOLDING: &str = "surety-child: holding";
 
 /// In the child: take `count` deliveries, never settle them, and wait to be
-/// killed. Run only by the parent test, as a child process.
+/// killed. Run only by the parent test, as a child process; run on its own
+/// (`--include-ignored`) it skips, or fails under
+/// `SURETY_REQUIRE_SERVICES`, rather than pass without testing anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "runs only as the child process of deliveries_held_by_a_killed_consumer_are_redelivered"]
 async fn child_consumer_holds_deliveries() {
-    let Ok(spec) = std::env::var(CHILD) else {
+    let Some(spec) = services::require(services::var(CHILD)) else {
         return;
     };
     let Some(url) = url() else { return };
@@ -73,7 +76,7 @@ async fn deliveries_held_by_a_killed_consumer_are_redelivered() {
             "--nocapture",
         ])
         .env(CHILD, format!("{topic}|g|{COUNT}"))
-        .env(surety_testkit::services::AMQP_URL, &url)
+        .env(services::AMQP_URL, &url)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

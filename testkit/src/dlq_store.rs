@@ -15,6 +15,7 @@
 //! | [`transitions`] | status changes happen only from the allowed statuses, count replays, append history, and of concurrent changes exactly one wins |
 //! | [`audit_log`] | audit entries read back equal, newest first, paged |
 //! | [`depth`] | waiting dead letters (dead, parked) are counted by source and class, with the oldest time |
+//! | [`jobs`] | replay jobs read back equal and are listed until finished; an audit entry appended again with its id is replaced, not duplicated |
 //!
 //! ```
 //! use surety_dlq::store::MemoryStore;
@@ -59,6 +60,7 @@ where
     run!(transitions);
     run!(audit_log);
     run!(depth);
+    run!(jobs);
     report
 }
 
@@ -720,6 +722,80 @@ pub async fn depth(store: Arc<dyn DlqStore>) -> CheckResult {
             CHECK,
             format!("{expected:?}"),
             format!("{rows:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Jobs round-trip and are listed until finished; an audit entry appended
+/// again with the same id replaces the first, in its place (a replay job
+/// writes its intent first and its outcome last).
+pub async fn jobs(store: Arc<dyn DlqStore>) -> CheckResult {
+    const CHECK: &str = "jobs";
+    let letter = sample_letter(
+        1,
+        ("memory", "orders", "billing"),
+        "h",
+        ErrorClass::Permanent,
+        "x",
+    );
+    put_all(CHECK, &*store, std::slice::from_ref(&letter)).await?;
+    let replayer =
+        surety_dlq::Replayer::new(store.clone(), surety_core::memory::MemoryTransport::new());
+    let started = replayer
+        .start_replay(surety_dlq::ReplayRequest::ids("ops", [letter.id.clone()]))
+        .await
+        .map_err(|e| CheckFailure::new(CHECK, "start_replay to succeed", e))?;
+    let surety_dlq::Started::Job(job) = started else {
+        return Err(CheckFailure::new(CHECK, "a job", "a dry run"));
+    };
+    let stored = store
+        .get_job(&job.id)
+        .await
+        .map_err(|e| store_err(CHECK, "get_job", e))?;
+    if stored.as_ref() != Some(&*job) {
+        return Err(CheckFailure::new(
+            CHECK,
+            format!("{job:?}"),
+            format!("{stored:?}"),
+        ));
+    }
+    let unfinished = store
+        .unfinished_jobs()
+        .await
+        .map_err(|e| store_err(CHECK, "unfinished_jobs", e))?;
+    if unfinished.iter().map(|j| &j.id).collect::<Vec<_>>() != [&job.id] {
+        return Err(CheckFailure::new(
+            CHECK,
+            "the started job listed as unfinished",
+            format!("{unfinished:?}"),
+        ));
+    }
+    let finished = replayer
+        .run(*job)
+        .await
+        .map_err(|e| CheckFailure::new(CHECK, "the job to run", e))?;
+    let unfinished = store
+        .unfinished_jobs()
+        .await
+        .map_err(|e| store_err(CHECK, "unfinished_jobs", e))?;
+    if !unfinished.is_empty() {
+        return Err(CheckFailure::new(
+            CHECK,
+            "no unfinished job",
+            format!("{unfinished:?}"),
+        ));
+    }
+    let audit = store
+        .audit_log(&PageRequest::first(10))
+        .await
+        .map_err(|e| store_err(CHECK, "audit_log", e))?
+        .items;
+    if audit.len() != 1 || !audit[0].finished || audit[0].succeeded != finished.done {
+        return Err(CheckFailure::new(
+            CHECK,
+            "one finished audit entry with the job's outcome",
+            format!("{audit:?}"),
         ));
     }
     Ok(())

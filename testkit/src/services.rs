@@ -45,17 +45,32 @@ pub struct Missing {
 
 impl fmt::Display for Missing {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} is not set: start the services with `eval \"$(scripts/services)\"`",
-            self.variable
-        )
+        match self.variable {
+            AMQP_URL | KAFKA_BROKERS | POSTGRES_URL => write!(
+                f,
+                "{} is not set: start the services with `eval \"$(scripts/services)\"`",
+                self.variable
+            ),
+            other => write!(f, "{other} is not set"),
+        }
     }
 }
 
 impl std::error::Error for Missing {}
 
-fn var(variable: &'static str) -> Result<String, Missing> {
+/// A non-empty environment variable a test needs: a service address, or the
+/// instructions a test passes to a child process it runs (a crash test's
+/// child). Pass the result to [`require`], so that a test run without it
+/// skips, or fails when [`REQUIRE_SERVICES`] is set, and never passes
+/// without doing anything.
+///
+/// ```
+/// use surety_testkit::services;
+///
+/// let missing = services::var("SURETY_TESTKIT_EXAMPLE_UNSET").unwrap_err();
+/// assert_eq!(missing.to_string(), "SURETY_TESTKIT_EXAMPLE_UNSET is not set");
+/// ```
+pub fn var(variable: &'static str) -> Result<String, Missing> {
     std::env::var(variable)
         .ok()
         .filter(|v| !v.trim().is_empty())

@@ -45,7 +45,7 @@ async fn memory_transport_passes_every_check() {
     let report = transport_conformance(|| async { MemoryTransport::new() }, caps()).await;
     report.assert_ok();
     assert!(report.skipped().is_empty(), "{report}");
-    assert_eq!(report.passed().len(), 12, "{report}");
+    assert_eq!(report.passed().len(), 13, "{report}");
 }
 
 #[tokio::test]
@@ -67,6 +67,7 @@ async fn memory_transport_passes_each_check_run_on_its_own() {
         .await
         .unwrap();
     conformance::per_key_order(&t, &caps).await.unwrap();
+    conformance::worker_per_key_order(&t, &caps).await.unwrap();
     conformance::fan_out_to_groups(&t, &caps).await.unwrap();
     conformance::competing_consumers(&t, &caps).await.unwrap();
     // The close checks close the transport they are given.
@@ -121,6 +122,7 @@ async fn the_suite_catches_a_transport_that_duplicates_messages() {
             "ack_removes_message",
             "reject_does_not_redeliver",
             "per_key_order",
+            "worker_per_key_order",
             "fan_out_to_groups",
             "competing_consumers"
         ],

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use super::{
     AuditEntry, Depth, DlqStore, Filter, Page, PageRequest, StoreError, Transition, parse_cursor,
 };
+use crate::job::Job;
 use crate::letter::DeadLetter;
 
 /// A [`DlqStore`] in memory. Cheap to clone; clones share the records.
@@ -21,6 +22,7 @@ struct State {
     letters: BTreeMap<i64, DeadLetter>,
     by_id: HashMap<String, i64>,
     audit: Vec<AuditEntry>,
+    jobs: BTreeMap<String, Job>,
 }
 
 impl MemoryStore {
@@ -120,7 +122,11 @@ impl DlqStore for MemoryStore {
     }
 
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
-        self.lock().audit.push(entry.clone());
+        let mut state = self.lock();
+        match state.audit.iter_mut().find(|e| e.id == entry.id) {
+            Some(existing) => *existing = entry.clone(),
+            None => state.audit.push(entry.clone()),
+        }
         Ok(())
     }
 
@@ -158,5 +164,26 @@ impl DlqStore for MemoryStore {
             depth.oldest = depth.oldest.min(letter.dead_lettered_at);
         }
         Ok(groups.into_values().collect())
+    }
+
+    async fn put_job(&self, job: &Job) -> Result<(), StoreError> {
+        self.lock().jobs.insert(job.id.clone(), job.clone());
+        Ok(())
+    }
+
+    async fn get_job(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        Ok(self.lock().jobs.get(id).cloned())
+    }
+
+    async fn unfinished_jobs(&self) -> Result<Vec<Job>, StoreError> {
+        // Job ids are UUIDv7: their order is their creation order.
+        Ok(self
+            .lock()
+            .jobs
+            .values()
+            .filter(|j| !j.finished)
+            .take(super::MAX_PAGE_SIZE as usize)
+            .cloned()
+            .collect())
     }
 }

@@ -29,6 +29,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use surety_core::{BoxError, Classify, ErrorClass};
 
+use crate::job::Job;
 use crate::letter::{DeadLetter, Event, Status};
 
 pub use memory::MemoryStore;
@@ -251,6 +252,9 @@ pub struct Transition {
     pub event: Event,
     /// Whether this is a replay (the replay count goes up by one).
     pub count_replay: bool,
+    /// Whether this undoes a replay that could not be published (the
+    /// replay count goes down by one).
+    pub undo_replay: bool,
 }
 
 impl Transition {
@@ -260,7 +264,14 @@ impl Transition {
             from: from.into_iter().collect(),
             event,
             count_replay: false,
+            undo_replay: false,
         }
+    }
+
+    /// Undoes a replay's count (its publish failed).
+    pub fn undo_replay(mut self) -> Self {
+        self.undo_replay = true;
+        self
     }
 
     /// Counts the transition as a replay.
@@ -278,6 +289,9 @@ impl Transition {
         letter.status = self.event.status;
         if self.count_replay {
             letter.replay_count = letter.replay_count.saturating_add(1);
+        }
+        if self.undo_replay {
+            letter.replay_count = letter.replay_count.saturating_sub(1);
         }
         letter.push_event(self.event.clone());
         true
@@ -320,6 +334,18 @@ pub struct AuditEntry {
     pub succeeded: Vec<String>,
     /// The dead letters skipped (not found, wrong status) or failed.
     pub failed: Vec<String>,
+    /// The job that carries the action out ([`Job`]). The entry is written
+    /// when the job starts, before any dead letter changes, with the ids
+    /// the job will act on in `planned`; it is rewritten with the outcome
+    /// (`succeeded`, `failed`, `finished`) when the job ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// The dead letters the job set out to act on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub planned: Vec<String>,
+    /// Whether the job has finished (`succeeded` and `failed` are final).
+    #[serde(default)]
+    pub finished: bool,
 }
 
 impl AuditEntry {
@@ -335,6 +361,9 @@ impl AuditEntry {
             edited: false,
             succeeded: Vec::new(),
             failed: Vec::new(),
+            job: None,
+            planned: Vec::new(),
+            finished: false,
         }
     }
 }
@@ -411,7 +440,9 @@ pub trait DlqStore: Send + Sync + fmt::Debug {
         transition: &Transition,
     ) -> Result<Option<DeadLetter>, StoreError>;
 
-    /// Appends an operator action to the audit log.
+    /// Appends an operator action to the audit log, or replaces the entry
+    /// with the same id (a job records its intent first and its outcome
+    /// last), keeping its place in the log.
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;
 
     /// The audit log, newest first.
@@ -419,6 +450,17 @@ pub trait DlqStore: Send + Sync + fmt::Debug {
 
     /// Dead letters waiting (status `dead` or `parked`) by source and class.
     async fn depth(&self) -> Result<Vec<Depth>, StoreError>;
+
+    /// Stores `job`, replacing the job with the same id. Returns once the
+    /// write is durable.
+    async fn put_job(&self, job: &Job) -> Result<(), StoreError>;
+
+    /// The job with `id`.
+    async fn get_job(&self, id: &str) -> Result<Option<Job>, StoreError>;
+
+    /// Jobs that have not finished, oldest first (at most
+    /// [`MAX_PAGE_SIZE`]): the ones to resume after a restart.
+    async fn unfinished_jobs(&self) -> Result<Vec<Job>, StoreError>;
 }
 
 #[async_trait::async_trait]
@@ -454,6 +496,15 @@ impl<S: DlqStore + ?Sized> DlqStore for std::sync::Arc<S> {
     }
     async fn depth(&self) -> Result<Vec<Depth>, StoreError> {
         (**self).depth().await
+    }
+    async fn put_job(&self, job: &Job) -> Result<(), StoreError> {
+        (**self).put_job(job).await
+    }
+    async fn get_job(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        (**self).get_job(id).await
+    }
+    async fn unfinished_jobs(&self) -> Result<Vec<Job>, StoreError> {
+        (**self).unfinished_jobs().await
     }
 }
 

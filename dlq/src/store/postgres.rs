@@ -6,11 +6,18 @@ use super::StoreError;
 use super::sql::{backend, sql_store};
 
 /// Migrations shipped with the PostgreSQL store: (version, description, SQL).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "dead letters and audit log",
-    include_str!("../../migrations/postgres/0001_init.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "dead letters and audit log",
+        include_str!("../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "replay and discard jobs",
+        include_str!("../../migrations/postgres/0002_jobs.sql"),
+    ),
+];
 
 /// Serializes concurrent migrations of the DLQ tables (a transaction-scoped
 /// advisory lock; the key is arbitrary but fixed).
@@ -54,4 +61,13 @@ impl PostgresStore {
     }
 }
 
-sql_store!(PostgresStore, sqlx::Postgres, MIGRATION_LOCK, MIGRATIONS);
+// PostgreSQL text cannot hold a NUL byte (nor take one as a parameter): a
+// filter value with one matches no stored record.
+sql_store!(
+    PostgresStore,
+    sqlx::Postgres,
+    MIGRATION_LOCK,
+    MIGRATIONS,
+    "strpos",
+    true
+);

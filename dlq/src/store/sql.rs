@@ -52,9 +52,16 @@ where
     let mut last = None;
     for row in rows.iter().take(usize::try_from(limit).unwrap_or(0)) {
         let seq: i64 = row.try_get(0).map_err(backend)?;
-        let text: String = row.try_get(1).map_err(backend)?;
-        items.push(decode(&text)?);
         last = Some(seq);
+        let text: String = row.try_get(1).map_err(backend)?;
+        // One unreadable record does not hide the others: it is left out
+        // of the page (and logged); `get` of its id still reports it.
+        match decode(&text) {
+            Ok(item) => items.push(item),
+            Err(err) => {
+                tracing::error!(seq, error = %err, "DLQ store: skipping an unreadable record")
+            }
+        }
     }
     let next = if more {
         last.map(|s| s.to_string())
@@ -62,20 +69,6 @@ where
         None
     };
     Ok(super::Page::new(items, next))
-}
-
-/// A `LIKE` pattern matching `text` anywhere, with `\` escaping `%`, `_` and `\`.
-pub(crate) fn like_pattern(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 2);
-    out.push('%');
-    for c in text.to_lowercase().chars() {
-        if matches!(c, '%' | '_' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('%');
-    out
 }
 
 /// The values of the filter columns of `letter`.
@@ -101,7 +94,7 @@ impl Columns {
 /// `$lock` is SQL run first in the migration transaction (an advisory lock
 /// on PostgreSQL), or empty.
 macro_rules! sql_store {
-    ($store:ident, $db:ty, $lock:expr, $migrations:expr) => {
+    ($store:ident, $db:ty, $lock:expr, $migrations:expr, $position:expr, $nul_free:expr) => {
         impl $store {
             /// Creates or upgrades the store's tables (`surety_dlq_letters`,
             /// `surety_dlq_audit`, and `surety_dlq_migrations`, which records
@@ -143,6 +136,8 @@ macro_rules! sql_store {
                 tx.commit().await.map_err(backend)
             }
 
+            /// Adds `filter` as ` AND ...` conditions: exactly
+            /// [`Filter::matches`]($crate::store::Filter::matches), for any text.
             fn push_filter(qb: &mut sqlx::QueryBuilder<$db>, filter: &$crate::store::Filter) {
                 let equal = [
                     ("messaging_system", &filter.system),
@@ -152,16 +147,31 @@ macro_rules! sql_store {
                     ("fingerprint", &filter.fingerprint),
                     ("handler", &filter.handler),
                 ];
+                let nul_free: bool = $nul_free;
+                if nul_free
+                    && equal
+                        .iter()
+                        .filter_map(|(_, v)| v.as_deref())
+                        .chain(filter.text.as_deref())
+                        .any(|v| v.contains('\0'))
+                {
+                    qb.push(" AND 1 = 0");
+                    return;
+                }
                 for (column, value) in equal {
                     if let Some(value) = value {
                         qb.push(" AND ").push(column).push(" = ").push_bind(value.clone());
                     }
                 }
                 if !filter.status.is_empty() {
+                    // At most one variable per distinct status, however long
+                    // the list.
+                    let statuses: std::collections::BTreeSet<&'static str> =
+                        filter.status.iter().map(|s| s.as_str()).collect();
                     qb.push(" AND status IN (");
                     let mut list = qb.separated(", ");
-                    for status in &filter.status {
-                        list.push_bind(status.as_str().to_owned());
+                    for status in statuses {
+                        list.push_bind(status.to_owned());
                     }
                     qb.push(")");
                 }
@@ -174,9 +184,14 @@ macro_rules! sql_store {
                         .push_bind($crate::store::sql::micros(to));
                 }
                 if let Some(text) = &filter.text {
-                    qb.push(" AND search_text LIKE ")
-                        .push_bind($crate::store::sql::like_pattern(text))
-                        .push(" ESCAPE '\\'");
+                    // A plain substring test of the lower-cased text, as
+                    // `Filter::matches` does: no wildcards, no escapes.
+                    let position: &'static str = $position;
+                    qb.push(" AND ")
+                        .push(position)
+                        .push("(search_text, ")
+                        .push_bind(text.to_lowercase())
+                        .push(") > 0");
                 }
             }
 
@@ -352,7 +367,9 @@ macro_rules! sql_store {
                 };
                 // The claimed row's status column said yes; the record agrees
                 // unless it was written by hand.
-                letter.status = transition.from[0];
+                if !transition.from.contains(&letter.status) {
+                    letter.status = transition.from[0];
+                }
                 if !transition.apply(&mut letter) {
                     return Ok(None);
                 }
@@ -376,6 +393,7 @@ macro_rules! sql_store {
                     .push(", ")
                     .push_bind(encode(entry)?)
                     .push(")");
+                qb.push(" ON CONFLICT (id) DO UPDATE SET entry = excluded.entry");
                 qb.build().execute(&self.pool).await.map_err(backend)?;
                 Ok(())
             }
@@ -420,6 +438,53 @@ macro_rules! sql_store {
                     });
                 }
                 Ok(out)
+            }
+
+            async fn put_job(&self, job: &$crate::job::Job) -> Result<(), $crate::store::StoreError> {
+                use $crate::store::sql::{backend, encode, micros};
+                let mut qb = sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO surety_dlq_jobs (id, finished, updated_at, job) VALUES (",
+                );
+                qb.push_bind(job.id.clone())
+                    .push(", ")
+                    .push_bind(i64::from(job.finished))
+                    .push(", ")
+                    .push_bind(micros(chrono::Utc::now()))
+                    .push(", ")
+                    .push_bind(encode(job)?)
+                    .push(
+                        ") ON CONFLICT (id) DO UPDATE SET finished = excluded.finished, \
+                         updated_at = excluded.updated_at, job = excluded.job",
+                    );
+                qb.build().execute(&self.pool).await.map_err(backend)?;
+                Ok(())
+            }
+
+            async fn get_job(&self, id: &str) -> Result<Option<$crate::job::Job>, $crate::store::StoreError> {
+                use $crate::store::sql::{backend, decode};
+                let mut qb =
+                    sqlx::QueryBuilder::<$db>::new("SELECT job FROM surety_dlq_jobs WHERE id = ");
+                qb.push_bind(id.to_owned());
+                let job: Option<String> = qb
+                    .build_query_scalar()
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(backend)?;
+                job.as_deref().map(decode).transpose()
+            }
+
+            async fn unfinished_jobs(&self) -> Result<Vec<$crate::job::Job>, $crate::store::StoreError> {
+                use $crate::store::sql::{backend, decode};
+                let mut qb = sqlx::QueryBuilder::<$db>::new(
+                    "SELECT job FROM surety_dlq_jobs WHERE finished = 0 ORDER BY id LIMIT ",
+                );
+                qb.push_bind(i64::from($crate::store::MAX_PAGE_SIZE));
+                let jobs: Vec<String> = qb
+                    .build_query_scalar()
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(backend)?;
+                jobs.iter().map(|j| decode(j)).collect()
             }
         }
     };

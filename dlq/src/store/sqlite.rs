@@ -9,11 +9,18 @@ use super::StoreError;
 use super::sql::{backend, sql_store};
 
 /// Migrations shipped with the SQLite store: (version, description, SQL).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "dead letters and audit log",
-    include_str!("../../migrations/sqlite/0001_init.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "dead letters and audit log",
+        include_str!("../../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "replay and discard jobs",
+        include_str!("../../migrations/sqlite/0002_jobs.sql"),
+    ),
+];
 
 /// A [`DlqStore`](super::DlqStore) in SQLite, the embedded default.
 ///
@@ -76,4 +83,6 @@ impl SqliteStore {
     }
 }
 
-sql_store!(SqliteStore, sqlx::Sqlite, "", MIGRATIONS);
+// SQLite stores text with NUL bytes; `instr` compares by length (LIKE
+// would stop at the first NUL).
+sql_store!(SqliteStore, sqlx::Sqlite, "", MIGRATIONS, "instr", false);

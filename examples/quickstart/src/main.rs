@@ -2,9 +2,12 @@
 //! in-memory transport, with no broker and no database.
 //!
 //! Three orders go through the core consumer pipeline
-//! (decode -> handle -> classify -> ack / requeue / reject):
+//! (dispatch by type -> decode -> handle -> classify -> emit -> ack / requeue
+//! / reject), run by a [`Host`] with two consumers:
 //!
-//! - `o-1` is handled on its first attempt and acknowledged;
+//! - `o-1` is handled on its first attempt; its handler emits a
+//!   `StockReserved` event, published (and confirmed) before the order is
+//!   acknowledged, which the notifications consumer then handles;
 //! - `o-2` fails with a [`Transient`] error on its first attempt (the
 //!   inventory service is busy), is requeued, and is handled on attempt 2;
 //! - the third message's payload is not a valid `OrderPlaced`, so decoding
@@ -19,18 +22,20 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use surety_core::consumer::{Handler, Incoming, Worker, WorkerReport, typed};
+use surety_core::consumer::{Handler, Incoming, Output, Router, Worker, WorkerReport, typed};
+use surety_core::host::Host;
 use surety_core::memory::{self, MemoryTransport};
 use surety_core::metrics::Metrics;
 use surety_core::prometheus_client::{encoding::text::encode, registry::Registry};
 use surety_core::tower::{ServiceExt, service_fn};
-use surety_core::{
-    Classify, Envelope, ErrorClass, Instrumented, Message, Publisher, Subscriber, Transient,
-};
+use surety_core::{Classify, Envelope, ErrorClass, Instrumented, Message, Publisher, Transient};
 
 /// Where orders are published, and the consumer group that fulfils them.
 const TOPIC: &str = "orders";
 const GROUP: &str = "fulfilment";
+/// Where fulfilment publishes what it did, and who listens.
+const EVENTS: &str = "orders.events";
+const NOTIFY: &str = "notifications";
 /// Who produces the messages (the CloudEvents `source`).
 const SOURCE: &str = "/shop/checkout";
 /// After this many deliveries a message that still fails transiently is rejected.
@@ -47,6 +52,17 @@ struct OrderPlaced {
 
 impl Message for OrderPlaced {
     const TYPE: &'static str = "com.example.shop.order.placed";
+}
+
+/// What fulfilment emits once stock is reserved.
+#[derive(Debug, Serialize, Deserialize)]
+struct StockReserved {
+    order_id: String,
+    quantity: u32,
+}
+
+impl Message for StockReserved {
+    const TYPE: &'static str = "com.example.shop.stock.reserved";
 }
 
 #[tokio::main]
@@ -77,10 +93,76 @@ async fn run() -> Result<(), Box<dyn Error>> {
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
 
-    // Join the consumer group first so the group's queue exists, then publish
-    // through a publisher that traces and counts every publish.
-    let deliveries = transport.subscribe(TOPIC, GROUP).await?;
+    // Publish through a publisher that traces and counts every publish.
     let publisher = Instrumented::new(transport.clone(), memory::SYSTEM, metrics.clone());
+
+    // The fulfilment handler is plain business logic on a decoded
+    // `OrderPlaced`; the router sends each message type to its handler (an
+    // unknown type is rejected, never decoded as the wrong struct). Its error
+    // type says what should happen: `Transient` means "try again later",
+    // `Permanent` would mean "never", and decode failures are poison. What it
+    // returns is published before the order is acknowledged.
+    let fulfilment = Router::new().on(|order: OrderPlaced, msg: Incoming| async move {
+        // Simulate a flaky dependency: the inventory service is busy the
+        // first time order o-2 asks for stock.
+        if order.order_id == "o-2" && msg.attempt == 1 {
+            return Err(Transient::new("inventory service busy"));
+        }
+        println!(
+            "handled   order {} (attempt {}): reserved {} x {}",
+            order.order_id, msg.attempt, order.quantity, order.sku
+        );
+        let reserved = StockReserved {
+            order_id: order.order_id.clone(),
+            quantity: order.quantity,
+        };
+        let event = Envelope::message(SOURCE, &reserved)
+            .map_err(Transient::new)?
+            .caused_by(&msg.envelope)
+            .partition_key(order.order_id)
+            .build();
+        Ok(Output::new(EVENTS, event))
+    });
+    let notifications = typed(|reserved: StockReserved, _msg: Incoming| async move {
+        println!(
+            "notified  customer of order {}: {} item(s) reserved",
+            reserved.order_id, reserved.quantity
+        );
+        Ok::<_, std::convert::Infallible>(())
+    });
+
+    // One host runs both consumers under one shutdown signal, subscribing
+    // for them and reporting readiness.
+    let host = Host::new()
+        .grace(Duration::from_secs(5))
+        .consume(
+            transport.clone(),
+            TOPIC,
+            GROUP,
+            Worker::new(print_failures(fulfilment))
+                .emit_to(publisher.clone())
+                .max_deliveries(MAX_DELIVERIES)
+                .metrics(metrics.clone()),
+        )
+        .consume(
+            transport.clone(),
+            EVENTS,
+            NOTIFY,
+            Worker::new(notifications).metrics(metrics.clone()),
+        );
+    let health = host.health();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(host.run(async {
+        stopped.await.ok();
+    }));
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !health.is_ready() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .map_err(|_| format!("the host did not become ready: {health:?}"))?;
+    println!("== host ready: {health:?}");
 
     println!("== publishing to {TOPIC:?}");
     for (order_id, sku, quantity) in [("o-1", "SKU-RED-MUG", 2), ("o-2", "SKU-BLUE-CUP", 1)] {
@@ -106,56 +188,45 @@ async fn run() -> Result<(), Box<dyn Error>> {
     println!("published a malformed order as message {poison_id}");
     publisher.publish(TOPIC, poison).await?;
 
-    // The handler is plain business logic on a decoded `OrderPlaced`. Its
-    // error type says what should happen: `Transient` means "try again later",
-    // `Permanent` would mean "never", and decode failures are poison.
-    let handle_order = typed(|order: OrderPlaced, msg: Incoming| async move {
-        // Simulate a flaky dependency: the inventory service is busy the
-        // first time order o-2 asks for stock.
-        if order.order_id == "o-2" && msg.attempt == 1 {
-            return Err(Transient::new("inventory service busy"));
-        }
-        println!(
-            "handled   order {} (attempt {}): reserved {} x {}",
-            order.order_id, msg.attempt, order.quantity, order.sku
-        );
-        Ok(())
-    });
-
-    // Run the handler, wrapped so we can print the failures the pipeline
-    // sees, until we ask the worker to stop.
-    println!("== consuming as group {GROUP:?}");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(
-        Worker::new(print_failures(handle_order))
-            .max_deliveries(MAX_DELIVERIES)
-            .metrics(metrics.clone())
-            .run(deliveries, async {
-                stopped.await.ok();
-            }),
-    );
-
-    // Wait until every message is settled: nothing pending, nothing in flight.
+    // Wait until every message is settled: three orders and two events.
     let settled = tokio::time::timeout(Duration::from_secs(10), async {
         let mut poll = tokio::time::interval(Duration::from_millis(5));
-        while transport.depth(TOPIC, GROUP) > 0 {
+        loop {
+            let handled = metrics_count(&registry, "outcome=\"handled\"");
+            if transport.depth(TOPIC, GROUP) == 0
+                && transport.depth(EVENTS, NOTIFY) == 0
+                && handled >= 4
+            {
+                break;
+            }
             poll.tick().await;
         }
     })
     .await;
-    // Graceful stop: the worker finishes and settles whatever is in flight.
+    // Graceful stop: the workers finish and settle whatever is in flight.
     stop.send(()).ok();
-    let report = worker.await?;
+    let report = running.await?;
     if settled.is_err() {
         return Err(format!(
-            "messages still unsettled after 10 s ({} left); worker report: {report:?}",
-            transport.depth(TOPIC, GROUP)
+            "messages still unsettled after 10 s ({} left); host report: {report:?}",
+            transport.depth(TOPIC, GROUP) + transport.depth(EVENTS, NOTIFY)
         )
         .into());
     }
+    let worker_report = |name: &str| {
+        report
+            .workers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, r)| *r)
+            .unwrap_or_default()
+    };
+    let report = worker_report(&format!("{TOPIC}/{GROUP}"));
+    let notified = worker_report(&format!("{EVENTS}/{NOTIFY}"));
 
     println!("== results");
-    println!("worker report: {report:?}");
+    println!("fulfilment:    {report:?}");
+    println!("notifications: {notified:?}");
 
     // Rejected messages stay with the group, like a broker's dead-letter queue.
     let rejected = transport.rejected(TOPIC, GROUP);
@@ -191,7 +262,20 @@ async fn run() -> Result<(), Box<dyn Error>> {
         println!("  {line}");
     }
 
-    check(&report, &rejected, &poison_id)
+    check(&report, &notified, &rejected, &poison_id)
+}
+
+/// The sum of the counters in the registry's text whose line contains
+/// `label` (a crude scrape, enough to know when everything settled).
+fn metrics_count(registry: &Registry, label: &str) -> u64 {
+    let mut text = String::new();
+    if encode(&mut text, registry).is_err() {
+        return 0;
+    }
+    text.lines()
+        .filter(|l| l.starts_with("surety_messages_consumed_total") && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Wraps a handler in a `tower` service that prints every failure together
@@ -236,16 +320,21 @@ fn print_failures<H: Handler>(handler: H) -> impl Handler {
 /// The output above is a promise: fail loudly if it did not come true.
 fn check(
     report: &WorkerReport,
+    notified: &WorkerReport,
     rejected: &[Envelope],
     poison_id: &str,
 ) -> Result<(), Box<dyn Error>> {
-    // o-1 and o-2 acked, o-2's first attempt requeued, the poison rejected.
+    // o-1 and o-2 handled, o-2's first attempt requeued, the poison rejected.
     let expected = (2, 1, 1);
-    let actual = (report.acked, report.requeued, report.rejected);
+    let actual = (report.handled, report.requeued, report.rejected);
     if actual != expected {
-        return Err(
-            format!("expected (acked, requeued, rejected) = {expected:?}, got {actual:?}").into(),
-        );
+        return Err(format!(
+            "expected (handled, requeued, rejected) = {expected:?}, got {actual:?}"
+        )
+        .into());
+    }
+    if notified.handled != 2 {
+        return Err(format!("expected both StockReserved events handled, got {notified:?}").into());
     }
     let rejected_ids: Vec<&str> = rejected.iter().map(|e| e.id.as_str()).collect();
     if rejected_ids != [poison_id] {
@@ -254,6 +343,8 @@ fn check(
         )
         .into());
     }
-    println!("ok: o-1 handled on attempt 1, o-2 retried and handled on attempt 2, poison rejected");
+    println!(
+        "ok: o-1 handled on attempt 1, o-2 retried and handled on attempt 2, both events delivered, poison rejected"
+    );
     Ok(())
 }

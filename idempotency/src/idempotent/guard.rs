@@ -7,24 +7,22 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::future::BoxFuture;
-use surety_core::consumer::Outcome;
-use surety_core::{ErrorClass, HandlerError, Publisher};
+use surety_core::consumer::{Outcome, Output, Response};
+use surety_core::{ErrorClass, HandlerError};
 use tokio::time::Instant;
 
 use crate::error::StoreError;
 use crate::key::KeyFn;
 use crate::metrics::{IdempotencyMetrics, Op, Series};
 use crate::policy::LeasePolicy;
-use crate::reply::{HandlerResponse, Reply};
+use crate::reply;
 use crate::store::{Claim, DedupStore, Lease, LeaseToken};
 
 /// Everything a guarded handler needs besides the handler itself.
 #[derive(Debug)]
-pub(crate) struct Guard<St, K, P> {
+pub(crate) struct Guard<St, K> {
     pub(crate) store: St,
     pub(crate) key: K,
-    pub(crate) publisher: P,
     pub(crate) policy: LeasePolicy,
     pub(crate) metrics: IdempotencyMetrics,
 }
@@ -34,26 +32,7 @@ pub(crate) enum Step {
     /// Run the handler under this lease.
     Run { lease: Lease },
     /// Finished without running the handler.
-    Skip(Outcome),
-}
-
-/// How a guarded handler ended.
-pub(crate) struct Finished {
-    pub(crate) outcome: Outcome,
-    /// Boxed: a reply is rare next to the size it adds to every
-    /// delivery's future.
-    pub(crate) reply: Option<Box<Reply>>,
-}
-
-impl Finished {
-    /// The outcome and reply of a handler's response.
-    pub(crate) fn from_response(response: impl HandlerResponse) -> Self {
-        let (outcome, reply) = response.into_parts();
-        Self {
-            outcome,
-            reply: reply.map(Box::new),
-        }
-    }
+    Skip(Response),
 }
 
 /// The error of a delivery whose key another delivery holds.
@@ -79,18 +58,27 @@ const BUSY_POLL_MAX: Duration = Duration::from_millis(250);
 /// How often completing a handled message is tried before giving up.
 const COMPLETE_ATTEMPTS: u32 = 3;
 
+/// The instant `after` from now, or one decades away when that does not
+/// fit in an `Instant`: a busy wait of `Duration::MAX` waits as long as it
+/// takes, and never overflows the clock.
+fn deadline_after(after: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(after)
+        .or_else(|| now.checked_add(Duration::from_secs(86_400 * 365 * 30)))
+        .unwrap_or(now)
+}
+
 fn store_failure(error: StoreError) -> HandlerError {
     HandlerError::new(error)
 }
 
-impl<St, K, P> Guard<St, K, P>
+impl<St, K> Guard<St, K>
 where
     St: DedupStore,
     K: KeyFn,
-    P: Publisher,
 {
-    /// Claims the message's key: run, skip as a duplicate (re-publishing
-    /// the stored reply), or fail as busy. `first` is the answer to a first
+    /// Claims the message's key: run, skip as a duplicate (with the stored
+    /// outputs to emit again), or fail as busy. `first` is the answer to a first
     /// claim made already ([`DedupStore::claim_now`]), if there was one.
     pub(crate) async fn claim(
         &self,
@@ -134,20 +122,21 @@ where
         }
     }
 
-    /// Acknowledges a duplicate: counts it and publishes its stored reply.
+    /// Acknowledges a duplicate: counts it and answers with its stored
+    /// outputs, which the worker emits again.
     pub(crate) async fn duplicate(
         &self,
         series: &Series<'_>,
         key: &str,
-        reply: Option<Bytes>,
-    ) -> Result<Outcome, HandlerError> {
+        stored: Option<Bytes>,
+    ) -> Result<Response, HandlerError> {
         series.duplicate();
         tracing::debug!(dedup_key = %key, "duplicate delivery; the handler does not run");
-        if let Some(bytes) = reply {
-            let reply = Reply::decode(&bytes).map_err(store_failure)?;
-            self.publish_reply(Box::new(reply)).await?;
-        }
-        Ok(Outcome::Duplicate)
+        let outputs = match stored {
+            Some(bytes) => reply::decode(&bytes).map_err(store_failure)?,
+            None => Vec::new(),
+        };
+        Ok(Response::from(outputs).with_outcome(Outcome::Duplicate))
     }
 
     /// The key is busy: waits before the next claim while the busy wait
@@ -181,7 +170,7 @@ where
     /// A busy wait that starts now.
     pub(crate) fn busy_wait(&self) -> BusyWait {
         BusyWait {
-            deadline: Instant::now() + self.policy.busy_wait_for(),
+            deadline: deadline_after(self.policy.busy_wait_for()),
             pause: BUSY_POLL_MIN,
         }
     }
@@ -198,17 +187,10 @@ where
     }
 
     /// Finishes a message whose transaction committed with its mark:
-    /// counts it and publishes its reply.
-    pub(crate) async fn committed(
-        &self,
-        series: &Series<'_>,
-        reply: Option<Box<Reply>>,
-    ) -> Result<Outcome, HandlerError> {
+    /// counts it and answers with its outputs.
+    pub(crate) fn committed(&self, series: &Series<'_>, outputs: Vec<Output>) -> Response {
         series.processed();
-        if let Some(reply) = reply {
-            self.publish_reply(reply).await?;
-        }
-        Ok(Outcome::Handled)
+        Response::from(outputs)
     }
 
     /// Runs `handler` while renewing the lease, if the policy says so.
@@ -264,8 +246,8 @@ where
         }
     }
 
-    /// Completes or releases the claim from the handler's result, publishes
-    /// the reply, and counts. `completed` is the answer to a first
+    /// Completes or releases the claim from the handler's result (storing
+    /// its outputs with the key), and counts. `completed` is the answer to a first
     /// `complete` made already ([`DedupStore::complete_now`]), if there was
     /// one.
     pub(crate) async fn finish(
@@ -273,9 +255,9 @@ where
         series: &Series<'_>,
         key: &str,
         lease: &Lease,
-        result: Result<Finished, HandlerError>,
+        result: Result<Response, HandlerError>,
         completed: Option<Result<(), StoreError>>,
-    ) -> Result<Outcome, HandlerError> {
+    ) -> Result<Response, HandlerError> {
         let finished = match result {
             Ok(finished) => finished,
             Err(err) => {
@@ -288,18 +270,13 @@ where
             // message was not handled, and a later delivery (a retry, a
             // replay from the dead-letter queue) must run it.
             Box::pin(self.release(key, lease)).await;
-            return Ok(finished.outcome);
+            return Ok(finished);
         }
-        let stored = finished
-            .reply
-            .as_ref()
-            .map(|reply| reply.encode())
-            .transpose()
-            .map_err(store_failure)?;
+        let stored = reply::encode(&finished.outputs).map_err(store_failure)?;
         self.complete(key, lease, stored.as_deref(), completed)
             .await?;
-        self.committed(series, finished.reply).await?;
-        Ok(finished.outcome)
+        series.processed();
+        Ok(finished)
     }
 
     async fn complete(
@@ -356,16 +333,42 @@ where
             tracing::warn!(dedup_key = %key, error = %err, "releasing a claim failed");
         }
     }
+}
 
-    /// Boxed, like every path that not every delivery takes.
-    fn publish_reply(&self, reply: Box<Reply>) -> BoxFuture<'_, Result<(), HandlerError>> {
-        Box::pin(async move {
-            let Reply { topic, envelope } = *reply;
-            self.publisher
-                .publish(&topic, envelope)
-                .await
-                .map(drop)
-                .map_err(HandlerError::new)
-        })
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use surety_core::consumer::{Incoming, handler_fn};
+    use surety_core::{DeliveryInfo, Envelope};
+    use tower::{Layer, ServiceExt};
+
+    use super::*;
+    use crate::{IdempotencyLayer, MemoryStore};
+
+    /// A busy wait of `Duration::MAX` waits for the holder's lease to run
+    /// out, takes the key over and runs the handler.
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_wait_of_duration_max_waits_instead_of_panicking() {
+        let store = MemoryStore::new();
+        let env = Envelope::builder("/orders", "payment.requested").build();
+        let lease = Duration::from_secs(1);
+        // Another delivery of the same message holds the key, then dies.
+        let held = store.claim(&env.dedup_key(), lease).await.unwrap();
+        assert!(matches!(held, Claim::Acquired(_)));
+
+        let runs = Arc::new(AtomicU32::new(0));
+        let counter = Arc::clone(&runs);
+        let handler = handler_fn(move |_msg: Incoming| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, std::convert::Infallible>(()) }
+        });
+        let service = IdempotencyLayer::new(store)
+            .policy(LeasePolicy::new(lease).busy_wait(Duration::MAX))
+            .layer(handler);
+        let info = DeliveryInfo::new("memory", "payments", "billing");
+        service.oneshot(Incoming::new(env, info)).await.unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 }

@@ -2,22 +2,19 @@
 
 use std::sync::Arc;
 
-use surety_core::Publisher;
 use tower::Layer;
 
 use super::{Guard, Idempotent};
 use crate::key::{EnvelopeKey, KeyFn};
 use crate::metrics::IdempotencyMetrics;
 use crate::policy::LeasePolicy;
-use crate::reply::NoReplies;
 use crate::store::DedupStore;
 
 /// A [`tower::Layer`] that makes a handler idempotent: every message's
 /// effect happens once, however often the broker delivers it.
 ///
-/// Wraps any core handler (a `Service<Incoming, Response = Outcome>`), or a
-/// command handler whose response is a [`Reply`](crate::Reply); see
-/// [`Idempotent`] for what happens per delivery. For SQL stores,
+/// Wraps any core handler; see [`Idempotent`] for what happens per
+/// delivery. For SQL stores,
 /// [`inbox`](Self::inbox) builds a handler whose business write and "mark
 /// processed" share one transaction.
 ///
@@ -45,39 +42,51 @@ use crate::store::DedupStore;
 /// let info = DeliveryInfo::new("memory", "payments", "billing");
 /// let first = handler.clone().oneshot(Incoming::new(env.clone(), info.clone())).await?;
 /// let again = handler.oneshot(Incoming::new(env, info)).await?;
-/// assert_eq!((first, again), (Outcome::Handled, Outcome::Duplicate));
+/// assert_eq!((first.outcome, again.outcome), (Outcome::Handled, Outcome::Duplicate));
 /// assert_eq!(charged.load(Ordering::SeqCst), 1);
 /// # Ok(()) }
 /// ```
 ///
-/// Command/reply: the handler returns a [`Reply`](crate::Reply); the layer
-/// stores it and publishes it through the publisher given to
-/// [`replies`](Self::replies), now and for every duplicate.
+/// Command/reply: the handler answers with a reply ([`Envelope::reply`]);
+/// the layer stores the response's outputs with the key, and a duplicate of
+/// the command answers with the very same outputs (same ids), which the
+/// worker publishes again (see [`Worker::emit_to`]).
+///
+/// [`Envelope::reply`]: surety_core::Envelope::reply
+/// [`Worker::emit_to`]: surety_core::consumer::Worker::emit_to
 ///
 /// ```
 /// use futures::StreamExt;
-/// use surety_core::consumer::{Incoming, Worker};
-/// use surety_core::{Envelope, Publisher, Subscriber, memory::MemoryTransport};
+/// use serde::{Deserialize, Serialize};
+/// use surety_core::consumer::{typed, Incoming, Worker};
+/// use surety_core::{Envelope, Message, Publisher, Subscriber, memory::MemoryTransport};
 /// use surety_core::tower::Layer;
-/// use surety_idempotency::{reply_fn, IdempotencyLayer, MemoryStore, Reply};
+/// use surety_idempotency::{IdempotencyLayer, MemoryStore};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Capture { order_id: String }
+/// impl Message for Capture { const TYPE: &'static str = "payment.capture"; }
+/// #[derive(Serialize, Deserialize)]
+/// struct Captured { order_id: String }
+/// impl Message for Captured { const TYPE: &'static str = "payment.captured"; }
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let transport = MemoryTransport::new();
 /// let commands = transport.subscribe("payments", "payment-service").await?;
 /// let mut replies = transport.subscribe("checkout.replies", "checkout").await?;
 ///
-/// let capture = reply_fn(|cmd: Incoming| async move {
-///     let captured = cmd.envelope.caused_by("/payments", "payment.captured").build();
-///     Ok::<_, std::convert::Infallible>(Reply::new("checkout.replies", captured))
+/// let capture = typed(|cmd: Capture, msg: Incoming| async move {
+///     msg.envelope.reply("/payments", &Captured { order_id: cmd.order_id })
 /// });
-/// let handler = IdempotencyLayer::new(MemoryStore::new())
-///     .replies(transport.clone())
-///     .layer(capture);
+/// let handler = IdempotencyLayer::new(MemoryStore::new()).layer(capture);
 /// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-/// let worker = tokio::spawn(Worker::new(handler).run(commands, async { stopped.await.ok(); }));
+/// let worker = Worker::new(handler).emit_to(transport.clone());
+/// let worker = tokio::spawn(worker.run(commands, async { stopped.await.ok(); }));
 ///
 /// // The same command, delivered twice.
-/// let cmd = Envelope::builder("/checkout", "payment.capture").build();
+/// let cmd = Envelope::message("/checkout", &Capture { order_id: "o-1".into() })?
+///     .reply_to("checkout.replies")
+///     .build();
 /// transport.publish("payments", cmd.clone()).await?;
 /// transport.publish("payments", cmd).await?;
 ///
@@ -85,14 +94,14 @@ use crate::store::DedupStore;
 /// let second = replies.next().await.expect("the same reply again")?;
 /// assert_eq!(first.envelope(), second.envelope());
 /// stop.send(()).ok();
-/// worker.await?;
+/// let report = worker.await?;
+/// assert_eq!((report.handled, report.duplicates), (1, 1));
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
-pub struct IdempotencyLayer<St, K = EnvelopeKey, P = NoReplies> {
+pub struct IdempotencyLayer<St, K = EnvelopeKey> {
     store: St,
     key: K,
-    publisher: P,
     policy: LeasePolicy,
     metrics: IdempotencyMetrics,
 }
@@ -104,32 +113,18 @@ impl<St: DedupStore> IdempotencyLayer<St> {
         Self {
             store,
             key: EnvelopeKey,
-            publisher: NoReplies,
             policy: LeasePolicy::default(),
             metrics: IdempotencyMetrics::default(),
         }
     }
 }
 
-impl<St, K, P> IdempotencyLayer<St, K, P> {
+impl<St, K> IdempotencyLayer<St, K> {
     /// Deduplicates by `key` instead of the envelope's source and id.
-    pub fn key<K2: KeyFn>(self, key: K2) -> IdempotencyLayer<St, K2, P> {
+    pub fn key<K2: KeyFn>(self, key: K2) -> IdempotencyLayer<St, K2> {
         IdempotencyLayer {
             store: self.store,
             key,
-            publisher: self.publisher,
-            policy: self.policy,
-            metrics: self.metrics,
-        }
-    }
-
-    /// Publishes the [`Reply`](crate::Reply) of command handlers through
-    /// `publisher`: after the first run, and again for every duplicate.
-    pub fn replies<P2: Publisher>(self, publisher: P2) -> IdempotencyLayer<St, K, P2> {
-        IdempotencyLayer {
-            store: self.store,
-            key: self.key,
-            publisher,
             policy: self.policy,
             metrics: self.metrics,
         }
@@ -152,29 +147,26 @@ impl<St, K, P> IdempotencyLayer<St, K, P> {
         &self.store
     }
 
-    pub(crate) fn guard(&self) -> Arc<Guard<St, K, P>>
+    pub(crate) fn guard(&self) -> Arc<Guard<St, K>>
     where
         St: Clone,
         K: Clone,
-        P: Clone,
     {
         Arc::new(Guard {
             store: self.store.clone(),
             key: self.key.clone(),
-            publisher: self.publisher.clone(),
             policy: self.policy,
             metrics: self.metrics.clone(),
         })
     }
 }
 
-impl<S, St, K, P> Layer<S> for IdempotencyLayer<St, K, P>
+impl<S, St, K> Layer<S> for IdempotencyLayer<St, K>
 where
     St: Clone,
     K: Clone,
-    P: Clone,
 {
-    type Service = Idempotent<S, St, K, P>;
+    type Service = Idempotent<S, St, K>;
 
     fn layer(&self, inner: S) -> Self::Service {
         Idempotent {

@@ -11,17 +11,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
-use surety_core::consumer::{Incoming, Outcome};
-use surety_core::{HandlerError, Publisher};
+use surety_core::HandlerError;
+use surety_core::consumer::{Incoming, Outcome, Response};
 use tower::Service;
 
-pub(crate) use guard::{Finished, Guard, Step};
+pub(crate) use guard::{Guard, Step};
 pub use layer::IdempotencyLayer;
 
 use crate::error::StoreError;
 use crate::key::KeyFn;
 use crate::metrics::{Op, SeriesHandle};
-use crate::reply::HandlerResponse;
 use crate::store::{Claim, DedupStore, Lease};
 
 /// A handler wrapped by an [`IdempotencyLayer`]: it runs the inner
@@ -31,20 +30,20 @@ use crate::store::{Claim, DedupStore, Lease};
 ///
 /// | claim | what happens | result |
 /// |---|---|---|
-/// | acquired | the inner service runs (the lease is renewed meanwhile); on `Ok` the key is marked done with the reply, then the reply is published | the inner outcome |
+/// | acquired | the inner service runs (the lease is renewed meanwhile); on `Ok` the key is marked done with the response's outputs | the inner response, whose outputs the worker emits |
 /// | acquired, inner fails | the claim is released so the next delivery runs again | the inner error |
-/// | done | the inner service does not run; a stored reply is published again | `Ok(Outcome::Duplicate)` |
+/// | done | the inner service does not run | `Ok` with [`Outcome::Duplicate`] and the stored outputs, which the worker emits again |
 /// | busy (another delivery holds a live lease) | polls for up to the [busy wait](crate::LeasePolicy::busy_wait) | a transient error with `retry_after` = the rest of the lease |
 ///
 /// An inner `Ok(Outcome::RetryScheduled)` or `Ok(Outcome::DeadLettered)`
 /// releases the claim too: the message was not handled, and its retry or
 /// replay must run.
-pub struct Idempotent<S, St, K, P> {
+pub struct Idempotent<S, St, K> {
     inner: S,
-    guard: Arc<Guard<St, K, P>>,
+    guard: Arc<Guard<St, K>>,
 }
 
-impl<S: Clone, St, K, P> Clone for Idempotent<S, St, K, P> {
+impl<S: Clone, St, K> Clone for Idempotent<S, St, K> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -53,9 +52,7 @@ impl<S: Clone, St, K, P> Clone for Idempotent<S, St, K, P> {
     }
 }
 
-impl<S: fmt::Debug, St: fmt::Debug, K: fmt::Debug, P: fmt::Debug> fmt::Debug
-    for Idempotent<S, St, K, P>
-{
+impl<S: fmt::Debug, St: fmt::Debug, K: fmt::Debug> fmt::Debug for Idempotent<S, St, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Idempotent")
             .field("inner", &self.inner)
@@ -64,18 +61,16 @@ impl<S: fmt::Debug, St: fmt::Debug, K: fmt::Debug, P: fmt::Debug> fmt::Debug
     }
 }
 
-impl<S, St, K, P> Service<Incoming> for Idempotent<S, St, K, P>
+impl<S, St, K> Service<Incoming> for Idempotent<S, St, K>
 where
-    S: Service<Incoming, Error = HandlerError> + Clone + Send + 'static,
-    S::Response: HandlerResponse,
+    S: Service<Incoming, Response = Response, Error = HandlerError> + Clone + Send + 'static,
     S::Future: Send + 'static,
     St: DedupStore,
     K: KeyFn,
-    P: Publisher + 'static,
 {
-    type Response = Outcome;
+    type Response = Response;
     type Error = HandlerError;
-    type Future = IdempotentFuture<S::Future, St, K, P>;
+    type Future = IdempotentFuture<S::Future, St, K>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
         self.inner.poll_ready(cx)
@@ -116,21 +111,19 @@ where
             Some(Ok(Claim::Done { reply: None })) => {
                 guard.metrics.attach(&series).duplicate();
                 tracing::debug!(dedup_key = %key, "duplicate delivery; the handler does not run");
-                IdempotentFuture::ready(Ok(Outcome::Duplicate))
+                IdempotentFuture::ready(Ok(Response::outcome(Outcome::Duplicate)))
             }
             claimed => self.call_boxed(msg, key, series, claimed),
         }
     }
 }
 
-impl<S, St, K, P> Idempotent<S, St, K, P>
+impl<S, St, K> Idempotent<S, St, K>
 where
-    S: Service<Incoming, Error = HandlerError> + Clone + Send + 'static,
-    S::Response: HandlerResponse,
+    S: Service<Incoming, Response = Response, Error = HandlerError> + Clone + Send + 'static,
     S::Future: Send + 'static,
     St: DedupStore,
     K: KeyFn,
-    P: Publisher + 'static,
 {
     /// Every path but a claim acquired at once: one boxed future that
     /// claims (continuing from `claimed`, if the store answered at once),
@@ -141,7 +134,7 @@ where
         key: String,
         series: SeriesHandle,
         claimed: Option<Result<Claim, StoreError>>,
-    ) -> IdempotentFuture<S::Future, St, K, P> {
+    ) -> IdempotentFuture<S::Future, St, K> {
         // Take the service that was driven to readiness; leave a clone.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -150,13 +143,10 @@ where
             state: State::Boxed(Box::pin(async move {
                 let series = guard.metrics.attach(&series);
                 let lease = match guard.claim(&series, &key, claimed).await? {
-                    Step::Skip(outcome) => return Ok(outcome),
+                    Step::Skip(response) => return Ok(response),
                     Step::Run { lease } => lease,
                 };
-                let result = guard
-                    .hold(&key, &lease, inner.call(msg))
-                    .await
-                    .map(Finished::from_response);
+                let result = guard.hold(&key, &lease, inner.call(msg)).await;
                 guard.finish(&series, &key, &lease, result, None).await
             })),
         }
@@ -168,8 +158,8 @@ where
 /// With a store that answers at once ([`DedupStore::claim_now`], such as
 /// [`MemoryStore`](crate::MemoryStore)), a first delivery claims its key
 /// when the handler is called, and this future runs the inner handler's
-/// future and completes the key, without a boxed future of its own (a
-/// reply, a failure, a wait and the other stores take one).
+/// future and completes the key, without a boxed future of its own (outputs,
+/// a failure, a wait and the other stores take one).
 ///
 /// The claim is made when [`Idempotent`] is called, not when this future is
 /// first polled: a future that is dropped before it finishes, or never
@@ -177,21 +167,21 @@ where
 /// handler does, and duplicates meanwhile are answered busy. The core
 /// worker polls each handler's future at once. Like any future, it must not
 /// be polled again after it returned `Ready`; if it is, it stays pending.
-pub struct IdempotentFuture<F, St, K, P> {
-    state: State<F, St, K, P>,
+pub struct IdempotentFuture<F, St, K> {
+    state: State<F, St, K>,
 }
 
-enum State<F, St, K, P> {
+enum State<F, St, K> {
     /// Claimed at once: the handler runs.
-    Running(Running<F, St, K, P>),
+    Running(Running<F, St, K>),
     /// Any other path.
-    Boxed(BoxFuture<'static, Result<Outcome, HandlerError>>),
+    Boxed(BoxFuture<'static, Result<Response, HandlerError>>),
     /// Finished (taken once).
-    Ready(Option<Result<Outcome, HandlerError>>),
+    Ready(Option<Result<Response, HandlerError>>),
 }
 
-struct Running<F, St, K, P> {
-    guard: Arc<Guard<St, K, P>>,
+struct Running<F, St, K> {
+    guard: Arc<Guard<St, K>>,
     /// Boxed to be polled without pinning this future's fields (the
     /// crate has no `unsafe`); the box is the size of the handler's
     /// future, for most handlers a pointer.
@@ -210,15 +200,15 @@ enum Renew {
     Off,
 }
 
-impl<F, St, K, P> IdempotentFuture<F, St, K, P> {
-    fn ready(result: Result<Outcome, HandlerError>) -> Self {
+impl<F, St, K> IdempotentFuture<F, St, K> {
+    fn ready(result: Result<Response, HandlerError>) -> Self {
         Self {
             state: State::Ready(Some(result)),
         }
     }
 }
 
-impl<F, St, K, P> fmt::Debug for IdempotentFuture<F, St, K, P> {
+impl<F, St, K> fmt::Debug for IdempotentFuture<F, St, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (state, key) = match &self.state {
             State::Running(running) => ("running", Some(running.key.as_str())),
@@ -232,15 +222,13 @@ impl<F, St, K, P> fmt::Debug for IdempotentFuture<F, St, K, P> {
     }
 }
 
-impl<F, R, St, K, P> Future for IdempotentFuture<F, St, K, P>
+impl<F, St, K> Future for IdempotentFuture<F, St, K>
 where
-    F: Future<Output = Result<R, HandlerError>> + Send + 'static,
-    R: HandlerResponse,
+    F: Future<Output = Result<Response, HandlerError>> + Send + 'static,
     St: DedupStore,
     K: KeyFn,
-    P: Publisher + 'static,
 {
-    type Output = Result<Outcome, HandlerError>;
+    type Output = Result<Response, HandlerError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
@@ -261,7 +249,7 @@ where
                     if let State::Running(running) =
                         std::mem::replace(&mut this.state, State::Ready(None))
                     {
-                        this.state = running.finish(out.map(Finished::from_response));
+                        this.state = running.finish(out);
                     }
                 }
             }
@@ -269,13 +257,11 @@ where
     }
 }
 
-impl<F, R, St, K, P> Running<F, St, K, P>
+impl<F, St, K> Running<F, St, K>
 where
-    F: Future<Output = Result<R, HandlerError>> + Send + 'static,
-    R: HandlerResponse,
+    F: Future<Output = Result<Response, HandlerError>> + Send + 'static,
     St: DedupStore,
     K: KeyFn,
-    P: Publisher + 'static,
 {
     /// Polls the handler, renewing the lease while it waits.
     fn poll_handler(&mut self, cx: &mut Context<'_>) -> Poll<F::Output> {
@@ -304,7 +290,7 @@ where
     }
 
     /// Completes (at once, when the store can) or releases the key.
-    fn finish(self, result: Result<Finished, HandlerError>) -> State<F, St, K, P> {
+    fn finish(self, result: Result<Response, HandlerError>) -> State<F, St, K> {
         let Running {
             guard,
             key,
@@ -313,18 +299,20 @@ where
             ..
         } = self;
         let completed = match &result {
-            Ok(Finished {
-                outcome: Outcome::Handled | Outcome::Duplicate,
-                reply: None,
-            }) => guard.store.complete_now(&key, &lease.token, None),
+            Ok(response)
+                if response.outputs.is_empty()
+                    && matches!(response.outcome, Outcome::Handled | Outcome::Duplicate) =>
+            {
+                guard.store.complete_now(&key, &lease.token, None)
+            }
             _ => None,
         };
         if let Some(completed) = &completed {
             guard.metrics.observe(Op::Complete, completed.is_ok(), 0.0);
         }
-        if let (Some(Ok(())), Ok(finished)) = (&completed, &result) {
+        if let (Some(Ok(())), Ok(_)) = (&completed, &result) {
             guard.metrics.attach(&series).processed();
-            return State::Ready(Some(Ok(finished.outcome)));
+            return State::Ready(Some(result));
         }
         State::Boxed(Box::pin(async move {
             let series = guard.metrics.attach(&series);

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
-use surety_core::consumer::{Incoming, Outcome};
-use surety_core::{Classify, HandlerError, Publisher};
+use surety_core::consumer::{Incoming, Response};
+use surety_core::{Classify, HandlerError};
 use tower::Service;
 
 use super::{Committed, InboxTx, TransactionalStore};
@@ -22,12 +22,12 @@ use crate::store::Claim;
 /// [`InboxTx`], and acknowledges once the transaction committed with the
 /// message marked processed. See [the module docs](super) for what
 /// happens on failure and with concurrent duplicates.
-pub struct InboxHandler<St, F, K, P> {
-    guard: Arc<Guard<St, K, P>>,
+pub struct InboxHandler<St, F, K> {
+    guard: Arc<Guard<St, K>>,
     f: F,
 }
 
-impl<St, F: Clone, K, P> Clone for InboxHandler<St, F, K, P> {
+impl<St, F: Clone, K> Clone for InboxHandler<St, F, K> {
     fn clone(&self) -> Self {
         Self {
             guard: Arc::clone(&self.guard),
@@ -36,7 +36,7 @@ impl<St, F: Clone, K, P> Clone for InboxHandler<St, F, K, P> {
     }
 }
 
-impl<St: fmt::Debug, F, K: fmt::Debug, P: fmt::Debug> fmt::Debug for InboxHandler<St, F, K, P> {
+impl<St: fmt::Debug, F, K: fmt::Debug> fmt::Debug for InboxHandler<St, F, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("InboxHandler")
             .field("guard", &self.guard)
@@ -44,11 +44,10 @@ impl<St: fmt::Debug, F, K: fmt::Debug, P: fmt::Debug> fmt::Debug for InboxHandle
     }
 }
 
-impl<St, K, P> IdempotencyLayer<St, K, P>
+impl<St, K> IdempotencyLayer<St, K>
 where
     St: TransactionalStore,
     K: KeyFn + Clone,
-    P: Publisher + Clone,
 {
     /// A handler that runs `f` at most once per dedup key, with a
     /// transaction in which `f` writes its effect and which
@@ -86,14 +85,14 @@ where
     /// let env = Envelope::builder("/orders", "payment.requested").subject("o-1").build();
     /// let info = DeliveryInfo::new("memory", "payments", "billing");
     /// for expected in [Outcome::Handled, Outcome::Duplicate] {
-    ///     let outcome = handler.clone().oneshot(Incoming::new(env.clone(), info.clone())).await?;
-    ///     assert_eq!(outcome, expected);
+    ///     let response = handler.clone().oneshot(Incoming::new(env.clone(), info.clone())).await?;
+    ///     assert_eq!(response.outcome, expected);
     /// }
     /// let paid: i64 = sqlx::query_scalar("SELECT count(*) FROM payments").fetch_one(&pool).await?;
     /// assert_eq!(paid, 1);
     /// # Ok(()) }
     /// ```
-    pub fn inbox<F, Fut, E>(&self, f: F) -> InboxHandler<St, F, K, P>
+    pub fn inbox<F, Fut, E>(&self, f: F) -> InboxHandler<St, F, K>
     where
         F: Fn(Incoming, InboxTx<St>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Result<Committed, E>> + Send + 'static,
@@ -106,18 +105,17 @@ where
     }
 }
 
-impl<St, F, Fut, E, K, P> Service<Incoming> for InboxHandler<St, F, K, P>
+impl<St, F, Fut, E, K> Service<Incoming> for InboxHandler<St, F, K>
 where
     St: TransactionalStore,
     F: Fn(Incoming, InboxTx<St>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Committed, E>> + Send + 'static,
     E: Classify + std::error::Error + Send + Sync + 'static,
     K: KeyFn,
-    P: Publisher + 'static,
 {
-    type Response = Outcome;
+    type Response = Response;
     type Error = HandlerError;
-    type Future = BoxFuture<'static, Result<Outcome, HandlerError>>;
+    type Future = BoxFuture<'static, Result<Response, HandlerError>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
         Poll::Ready(Ok(()))
@@ -129,38 +127,9 @@ where
         Box::pin(async move {
             let series = guard.metrics.series(&msg.info);
             let key = guard.key.key(&msg)?;
-            let mut busy = None;
-            let (tx, lease) = loop {
-                let mut tx = guard
-                    .metrics
-                    .timed(Op::Begin, !guard.store.in_memory(), guard.store.begin())
-                    .await
-                    .map_err(HandlerError::new)?;
-                let claim = guard
-                    .metrics
-                    .timed(
-                        Op::Claim,
-                        !guard.store.in_memory(),
-                        guard.store.claim_in(&mut tx, &key),
-                    )
-                    .await
-                    .map_err(HandlerError::new)?;
-                match claim {
-                    Claim::Acquired(lease) => break (tx, lease),
-                    Claim::Done { reply } => {
-                        // Nothing was written; an error here only means the
-                        // connection is gone, which rolls back too.
-                        let _ = tx.rollback().await;
-                        return guard.duplicate(&series, &key, reply).await;
-                    }
-                    Claim::Busy { retry_after } => {
-                        // A claim outside any transaction holds the key
-                        // (the plain layer on the same store).
-                        let _ = tx.rollback().await;
-                        let wait = busy.get_or_insert_with(|| guard.busy_wait());
-                        guard.wait_busy(&series, &key, retry_after, wait).await?;
-                    }
-                }
+            let (tx, lease) = match begin_claimed(&guard, &series, &key).await? {
+                Claimed::Run { tx, lease } => (tx, lease),
+                Claimed::Duplicate(response) => return Ok(response),
             };
             guard.took_over(&series, &key, &lease);
             let tx = InboxTx::new(
@@ -173,9 +142,67 @@ where
             // On error the transaction was dropped with `f`'s future: the
             // claim, the mark and the business write roll back together.
             let committed = f(msg, tx).await.map_err(HandlerError::new)?;
-            guard
-                .committed(&series, committed.reply.map(Box::new))
-                .await
+            Ok(guard.committed(&series, committed.outputs))
         })
+    }
+}
+
+/// What claiming a key inside a new transaction found.
+pub(super) enum Claimed<St: TransactionalStore> {
+    /// First delivery: run the handler in this transaction.
+    Run {
+        tx: sqlx::Transaction<'static, St::Database>,
+        lease: crate::store::Lease,
+    },
+    /// Already processed: the duplicate's response (stored outputs).
+    Duplicate(Response),
+}
+
+/// Begins a transaction and claims `key` in it, waiting out a busy key (a
+/// claim made outside any transaction) for up to the busy wait.
+pub(super) async fn begin_claimed<St, K>(
+    guard: &Guard<St, K>,
+    series: &crate::metrics::Series<'_>,
+    key: &str,
+) -> Result<Claimed<St>, HandlerError>
+where
+    St: TransactionalStore,
+    K: KeyFn,
+{
+    let mut busy = None;
+    loop {
+        let mut tx = guard
+            .metrics
+            .timed(Op::Begin, !guard.store.in_memory(), guard.store.begin())
+            .await
+            .map_err(HandlerError::new)?;
+        let claim = guard
+            .metrics
+            .timed(
+                Op::Claim,
+                !guard.store.in_memory(),
+                guard.store.claim_in(&mut tx, key),
+            )
+            .await
+            .map_err(HandlerError::new)?;
+        match claim {
+            Claim::Acquired(lease) => return Ok(Claimed::Run { tx, lease }),
+            Claim::Done { reply } => {
+                // Nothing was written; an error here only means the
+                // connection is gone, which rolls back too.
+                let _ = tx.rollback().await;
+                return guard
+                    .duplicate(series, key, reply)
+                    .await
+                    .map(Claimed::Duplicate);
+            }
+            Claim::Busy { retry_after } => {
+                // A claim outside any transaction holds the key (the plain
+                // layer on the same store).
+                let _ = tx.rollback().await;
+                let wait = busy.get_or_insert_with(|| guard.busy_wait());
+                guard.wait_busy(series, key, retry_after, wait).await?;
+            }
+        }
     }
 }

@@ -29,6 +29,7 @@
 //! `statement_timeout`; SQLite: the pool's busy timeout).
 
 mod handler;
+mod layer;
 
 use std::fmt;
 use std::future::Future;
@@ -37,11 +38,13 @@ use std::ops::{Deref, DerefMut};
 use sqlx::{Database, Transaction};
 
 pub use handler::InboxHandler;
+pub use layer::{Inbox, InboxGuard, InboxLayer, InboxTransaction};
 
 use crate::error::StoreError;
 use crate::metrics::{IdempotencyMetrics, Op};
-use crate::reply::Reply;
+use crate::reply;
 use crate::store::{Claim, DedupStore, LeaseToken};
+use surety_core::consumer::Output;
 
 /// What [`TransactionalStore::mark_processed`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,17 +188,18 @@ impl<St: TransactionalStore> InboxTx<St> {
     /// Commits: the business writes and the processed mark (written in
     /// this transaction when it claimed the key) become visible together.
     pub async fn commit(self) -> Result<Committed, StoreError> {
-        self.finish(None).await
+        self.finish(Vec::new()).await
     }
 
-    /// Like [`commit`](Self::commit), also storing `reply` with the mark;
-    /// the handler publishes it after the commit and again for every
-    /// duplicate.
-    pub async fn commit_with_reply(self, reply: Reply) -> Result<Committed, StoreError> {
-        self.finish(Some(reply)).await
+    /// Like [`commit`](Self::commit), also storing `outputs` (a reply,
+    /// commands, events) with the mark; the handler answers with them, so
+    /// the worker publishes them after the commit, and a duplicate answers
+    /// with them again.
+    pub async fn commit_with_outputs(self, outputs: Vec<Output>) -> Result<Committed, StoreError> {
+        self.finish(outputs).await
     }
 
-    async fn finish(self, reply: Option<Reply>) -> Result<Committed, StoreError> {
+    async fn finish(self, outputs: Vec<Output>) -> Result<Committed, StoreError> {
         let Self {
             mut tx,
             store,
@@ -203,10 +207,9 @@ impl<St: TransactionalStore> InboxTx<St> {
             token,
             metrics,
         } = self;
-        // The key was marked done by the claim in this transaction; only a
-        // reply needs another statement.
-        if let Some(reply) = &reply {
-            let stored = reply.encode()?;
+        // The key was marked done by the claim in this transaction; only
+        // outputs need another statement.
+        if let Some(stored) = reply::encode(&outputs)? {
             metrics
                 .timed(
                     Op::Complete,
@@ -220,7 +223,7 @@ impl<St: TransactionalStore> InboxTx<St> {
                 tx.commit().await.map_err(StoreError::from)
             })
             .await?;
-        Ok(Committed { reply })
+        Ok(Committed { outputs })
     }
 }
 
@@ -249,16 +252,16 @@ impl<St: TransactionalStore> fmt::Debug for InboxTx<St> {
 
 /// Proof that an inbox handler's transaction committed with the message
 /// marked processed. Only [`InboxTx::commit`] and
-/// [`InboxTx::commit_with_reply`] make one.
+/// [`InboxTx::commit_with_outputs`] make one.
 #[derive(Debug)]
 #[must_use = "return it from the inbox handler"]
 pub struct Committed {
-    pub(crate) reply: Option<Reply>,
+    pub(crate) outputs: Vec<Output>,
 }
 
 impl Committed {
-    /// The reply stored with the mark, if any.
-    pub fn reply(&self) -> Option<&Reply> {
-        self.reply.as_ref()
+    /// The outputs stored with the mark.
+    pub fn outputs(&self) -> &[Output] {
+        &self.outputs
     }
 }

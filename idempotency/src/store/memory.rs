@@ -12,9 +12,15 @@ use tokio::time::Instant;
 
 use super::{Claim, DedupStore, Lease, LeaseToken};
 use crate::error::StoreError;
+use crate::metrics::IdempotencyMetrics;
 
 /// Default capacity of a [`MemoryStore`], in keys.
 pub const DEFAULT_CAPACITY: usize = 100_000;
+
+/// A [`MemoryStore`] that evicts completed keys logs a warning at most
+/// once per this interval (the first eviction at once), with the number of
+/// keys evicted since the last warning.
+pub const EVICTION_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A dedup store in process memory. Cheap to clone; clones share the keys.
 ///
@@ -24,6 +30,13 @@ pub const DEFAULT_CAPACITY: usize = 100_000;
 /// claim whose lease expired; when every key is claimed with a live lease,
 /// the claim fails with [`StoreError::Full`]. Time is tokio's clock, so
 /// tests can move it with `tokio::time::pause` and `advance`.
+///
+/// An eviction shortens the dedup window: a redelivery of an evicted key is
+/// handled again. Evictions are counted ([`evictions`](Self::evictions), and
+/// `surety_idempotency_store_evictions_total` once given
+/// [`metrics`](Self::metrics)) and logged as a warning at most once per
+/// [`EVICTION_WARNING_INTERVAL`]; when they happen, raise the capacity or
+/// purge more often.
 ///
 /// [`purge`](DedupStore::purge) counts a completed key's age from the
 /// time of its claim or of its lease's last extension, whichever is later,
@@ -114,6 +127,36 @@ struct Inner {
     /// completion is skipped all the same.
     done_order: VecDeque<(usize, u64)>,
     next_seq: u64,
+    evictions: Evictions,
+}
+
+/// Completed keys evicted to make room, counted and reported.
+#[derive(Default)]
+struct Evictions {
+    total: u64,
+    /// Evicted since the last warning.
+    unreported: u64,
+    warned_at: Option<Instant>,
+    metrics: Option<IdempotencyMetrics>,
+}
+
+impl Evictions {
+    /// Counts one eviction; returns the number to report when a warning is
+    /// due.
+    fn record(&mut self, now: Instant) -> Option<u64> {
+        self.total += 1;
+        self.unreported += 1;
+        if let Some(metrics) = &self.metrics {
+            metrics.store_evicted(1);
+        }
+        let due = self
+            .warned_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= EVICTION_WARNING_INTERVAL);
+        due.then(|| {
+            self.warned_at = Some(now);
+            std::mem::take(&mut self.unreported)
+        })
+    }
 }
 
 struct Entry {
@@ -158,11 +201,25 @@ impl MemoryStore {
                     collided: Vec::new(),
                     done_order: VecDeque::new(),
                     next_seq: 0,
+                    evictions: Evictions::default(),
                 }),
                 #[cfg(test)]
                 collide: false,
             }),
         }
+    }
+
+    /// Counts this store's evictions in `metrics`
+    /// (`surety_idempotency_store_evictions_total`), for every clone of the
+    /// store.
+    pub fn metrics(self, metrics: &IdempotencyMetrics) -> Self {
+        self.lock().evictions.metrics = Some(metrics.clone());
+        self
+    }
+
+    /// Completed keys evicted so far to make room for new ones.
+    pub fn evictions(&self) -> u64 {
+        self.lock().evictions.total
     }
 
     fn hash(&self, key: &str) -> u64 {
@@ -190,8 +247,8 @@ impl MemoryStore {
                 since: now,
             },
         };
-        let mut inner = self.lock();
-        let inner = &mut *inner;
+        let mut guard = self.lock();
+        let inner = &mut *guard;
         let full = inner.len() >= inner.capacity;
         // One probe for the common cases: a key not seen before, or seen.
         match inner.keys.entry(hash) {
@@ -223,8 +280,17 @@ impl MemoryStore {
         if let Some(held) = inner.get_mut(hash, key) {
             return Ok(claim_existing(held, now, until, token));
         }
-        inner.make_room(now)?;
+        let evicted = inner.make_room(now)?;
         inner.insert(entry);
+        let capacity = inner.capacity;
+        drop(guard);
+        if let Some(evicted) = evicted {
+            tracing::warn!(
+                evicted,
+                capacity,
+                "in-memory dedup store full: evicted the oldest completed keys, so their redeliveries would be handled again; raise the capacity or purge more often"
+            );
+        }
         Ok(Claim::Acquired(Lease::new(token, false)))
     }
 
@@ -282,6 +348,7 @@ impl fmt::Debug for MemoryStore {
         f.debug_struct("MemoryStore")
             .field("capacity", &inner.capacity)
             .field("keys", &inner.len())
+            .field("evictions", &inner.evictions.total)
             .finish()
     }
 }
@@ -389,10 +456,14 @@ impl Inner {
         false
     }
 
-    /// Makes room for one more key, if the store is full.
-    fn make_room(&mut self, now: Instant) -> Result<(), StoreError> {
-        if self.len() < self.capacity || self.evict_oldest_done() {
-            return Ok(());
+    /// Makes room for one more key, if the store is full. Returns the
+    /// evictions to warn about, when a warning is due.
+    fn make_room(&mut self, now: Instant) -> Result<Option<u64>, StoreError> {
+        if self.len() < self.capacity {
+            return Ok(None);
+        }
+        if self.evict_oldest_done() {
+            return Ok(self.evictions.record(now));
         }
         let expired = self
             .slots
@@ -401,7 +472,7 @@ impl Inner {
         match expired {
             Some(at) => {
                 self.remove(at);
-                Ok(())
+                Ok(None)
             }
             None => Err(StoreError::Full {
                 capacity: self.capacity,
@@ -584,6 +655,50 @@ mod tests {
             Claim::Acquired(lease) => lease,
             other => panic!("expected to acquire {key}, got {other:?}"),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn evictions_are_counted_in_the_metric() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = IdempotencyMetrics::register(&mut registry);
+        let store = MemoryStore::with_capacity(2).metrics(&metrics);
+        for key in ["a", "b"] {
+            let lease = acquire(&store, key).await;
+            store.complete(key, &lease.token, None).await.unwrap();
+        }
+        // Full of completed keys: each new key evicts the oldest.
+        acquire(&store, "c").await;
+        acquire(&store, "d").await;
+        // Full of claims: an expired one makes room, which is no eviction
+        // of a completed key.
+        tokio::time::advance(LEASE).await;
+        acquire(&store, "e").await;
+        assert_eq!(store.evictions(), 2);
+        assert_eq!(store.clone().evictions(), 2, "clones share the count");
+
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("surety_idempotency_store_evictions_total 2"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn eviction_warnings_come_at_most_once_per_interval() {
+        let start = Instant::now();
+        let mut evictions = Evictions::default();
+        assert_eq!(evictions.record(start), Some(1), "the first warns at once");
+        assert_eq!(evictions.record(start), None);
+        let almost = start + EVICTION_WARNING_INTERVAL - Duration::from_millis(1);
+        assert_eq!(evictions.record(almost), None);
+        let later = start + EVICTION_WARNING_INTERVAL;
+        assert_eq!(
+            evictions.record(later),
+            Some(3),
+            "the next warning counts everything since the last"
+        );
+        assert_eq!(evictions.total, 4);
     }
 
     #[tokio::test(start_paused = true)]

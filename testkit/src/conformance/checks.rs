@@ -1,12 +1,14 @@
 //! The individual conformance checks and their helpers.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, SubsecRound, TimeDelta, Utc};
 use futures::StreamExt;
+use surety_core::consumer::{Incoming, Worker, handler_fn};
 use surety_core::{
     Close, Delivery, DeliveryStream, Envelope, Publisher, Receipt, Subscriber, TransportErrorKind,
 };
@@ -608,6 +610,138 @@ where
             },
         ))
     }
+}
+
+/// A [`Worker`] handling 8 deliveries at once with a slow handler, over 60
+/// messages of 5 partition keys published interleaved as one window: no two
+/// messages of one key are handled at the same time, each key's messages
+/// are handled in publish order, and each message once. Different keys do
+/// run in parallel, whatever order and concurrency the transport hands
+/// deliveries out in: the worker keeps the order, not the transport.
+pub async fn worker_per_key_order<T>(transport: &T, caps: &Capabilities) -> CheckResult
+where
+    T: Publisher + Subscriber,
+{
+    const KEYS: usize = 5;
+    const PER_KEY: usize = 12;
+    const TOTAL: usize = KEYS * PER_KEY;
+    let cx = Ctx::new("worker_per_key_order", transport, caps);
+    let topic = cx.topic();
+    let stream = cx.subscribe(&topic, &cx.group("group")).await?;
+    let mut confirmations = Vec::with_capacity(TOTAL);
+    for n in 0..TOTAL {
+        let (key, seq) = (format!("key-{}", n % KEYS), n / KEYS);
+        let env = Envelope::builder(SOURCE, "surety.testkit.ordered")
+            .partition_key(key)
+            .header(SEQ_HEADER, seq.to_string())
+            .build();
+        let what = format!("sending message {} to topic {topic}", env.id);
+        confirmations.push(cx.within(what, cx.transport.send(&topic, env)).await?);
+    }
+    for (n, confirmation) in confirmations.into_iter().enumerate() {
+        cx.within(format!("the confirmation of send #{n}"), confirmation)
+            .await?;
+    }
+
+    #[derive(Default)]
+    struct Seen {
+        running: HashMap<String, u32>,
+        most_at_once: usize,
+        overlaps: Vec<String>,
+        by_key: BTreeMap<String, Vec<usize>>,
+        handled: usize,
+    }
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let record = Arc::clone(&seen);
+    let handler = handler_fn(move |msg: Incoming| {
+        let seen = Arc::clone(&record);
+        async move {
+            let key = msg.envelope.partition_key.clone().unwrap_or_default();
+            let seq = msg
+                .envelope
+                .headers
+                .get(SEQ_HEADER)
+                .and_then(|s| s.parse::<usize>().ok())
+                .unwrap_or(usize::MAX);
+            {
+                let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+                let running = seen.running.entry(key.clone()).or_default();
+                *running += 1;
+                if *running > 1 {
+                    seen.overlaps.push(format!("{key} #{seq}"));
+                }
+                let at_once = seen.running.values().filter(|n| **n > 0).count();
+                seen.most_at_once = seen.most_at_once.max(at_once);
+            }
+            // Simulated work, long enough for deliveries to pile up.
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(running) = seen.running.get_mut(&key) {
+                *running -= 1;
+            }
+            seen.by_key.entry(key).or_default().push(seq);
+            seen.handled += 1;
+            Ok::<_, std::convert::Infallible>(())
+        }
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(Worker::new(handler).concurrency(8).run(stream, async {
+        stopped.await.ok();
+    }));
+    let deadline = Instant::now() + cx.caps.receive_timeout * 2;
+    let handled =
+        |seen: &Arc<Mutex<Seen>>| seen.lock().unwrap_or_else(PoisonError::into_inner).handled;
+    while handled(&seen) < TOTAL && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Anything more (a duplicate) shows within the quiet period.
+    tokio::time::sleep(cx.caps.quiet_period).await;
+    stop.send(()).ok();
+    let _ = tokio::time::timeout(cx.caps.receive_timeout, worker).await;
+
+    let seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+    if seen.handled < TOTAL {
+        return Err(cx.fail(
+            format!(
+                "{TOTAL} messages handled within {:?}",
+                cx.caps.receive_timeout * 2
+            ),
+            format!("{} handled", seen.handled),
+        ));
+    }
+    if !seen.overlaps.is_empty() {
+        return Err(cx.fail(
+            "no two messages of one key handled at the same time",
+            format!(
+                "handled while another of their key ran: {}",
+                seen.overlaps.join(", ")
+            ),
+        ));
+    }
+    let expected: Vec<usize> = (0..PER_KEY).collect();
+    let wrong: Vec<String> = seen
+        .by_key
+        .iter()
+        .filter(|(_, seqs)| **seqs != expected)
+        .map(|(key, seqs)| format!("{key}: {seqs:?}"))
+        .collect();
+    if !wrong.is_empty() || seen.by_key.len() != KEYS {
+        return Err(cx.fail(
+            format!("each of {KEYS} keys handled once each as the sequence {expected:?}"),
+            if wrong.is_empty() {
+                format!("only the keys {:?}", seen.by_key.keys().collect::<Vec<_>>())
+            } else {
+                wrong.join("; ")
+            },
+        ));
+    }
+    if seen.most_at_once < 2 {
+        return Err(cx.fail(
+            "different keys handled in parallel",
+            "at most one key at a time",
+        ));
+    }
+    Ok(())
 }
 
 /// Receives from `stream` until every id in `expected` arrived, acking each

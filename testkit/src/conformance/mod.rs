@@ -16,6 +16,7 @@
 //! | [`reject_does_not_redeliver`] | |
 //! | [`dropped_delivery_redelivered`] | [`redelivers_dropped`](Capabilities::redelivers_dropped) |
 //! | [`per_key_order`] | [`per_key_order`](Capabilities::per_key_order) |
+//! | [`worker_per_key_order`] | |
 //! | [`fan_out_to_groups`] | |
 //! | [`competing_consumers`] | [`competing_consumers`](Capabilities::competing_consumers) |
 //! | [`close_is_idempotent`] | |
@@ -68,7 +69,7 @@ pub use checks::{
     ack_removes_message, attributes_round_trip, close_ends_subscriptions, close_is_idempotent,
     competing_consumers, dropped_delivery_redelivered, fan_out_to_groups,
     headers_and_binary_payload, nack_requeue_redelivers, per_key_order, publish_after_close_fails,
-    reject_does_not_redeliver,
+    reject_does_not_redeliver, worker_per_key_order,
 };
 pub use report::{CheckFailure, CheckOutcome, CheckStatus, Report};
 
@@ -138,6 +139,7 @@ enum Check {
     RejectDoesNotRedeliver,
     DroppedDeliveryRedelivered,
     PerKeyOrder,
+    WorkerPerKeyOrder,
     FanOutToGroups,
     CompetingConsumers,
     CloseIsIdempotent,
@@ -146,7 +148,7 @@ enum Check {
 }
 
 impl Check {
-    const ALL: [Self; 12] = [
+    const ALL: [Self; 13] = [
         Self::AttributesRoundTrip,
         Self::HeadersAndBinaryPayload,
         Self::AckRemovesMessage,
@@ -154,6 +156,7 @@ impl Check {
         Self::RejectDoesNotRedeliver,
         Self::DroppedDeliveryRedelivered,
         Self::PerKeyOrder,
+        Self::WorkerPerKeyOrder,
         Self::FanOutToGroups,
         Self::CompetingConsumers,
         Self::CloseIsIdempotent,
@@ -170,6 +173,7 @@ impl Check {
             Self::RejectDoesNotRedeliver => "reject_does_not_redeliver",
             Self::DroppedDeliveryRedelivered => "dropped_delivery_redelivered",
             Self::PerKeyOrder => "per_key_order",
+            Self::WorkerPerKeyOrder => "worker_per_key_order",
             Self::FanOutToGroups => "fan_out_to_groups",
             Self::CompetingConsumers => "competing_consumers",
             Self::CloseIsIdempotent => "close_is_idempotent",
@@ -202,6 +206,7 @@ impl Check {
             Self::RejectDoesNotRedeliver => reject_does_not_redeliver(transport, caps).await,
             Self::DroppedDeliveryRedelivered => dropped_delivery_redelivered(transport, caps).await,
             Self::PerKeyOrder => per_key_order(transport, caps).await,
+            Self::WorkerPerKeyOrder => worker_per_key_order(transport, caps).await,
             Self::FanOutToGroups => fan_out_to_groups(transport, caps).await,
             Self::CompetingConsumers => competing_consumers(transport, caps).await,
             Self::CloseIsIdempotent => close_is_idempotent(transport, caps).await,
