@@ -15,6 +15,7 @@ use brokers::{
 use surety_core::consumer::Incoming;
 use surety_rabbitmq::topology::{RetryLadder, WorkQueue};
 use surety_rabbitmq::{RabbitConfig, RabbitTransport};
+use surety_testkit::rabbitmq::Cleanup;
 use surety_testkit::services;
 
 async fn broker(url: &str, consumers: usize) -> Broker<RabbitTransport> {
@@ -71,6 +72,7 @@ async fn poison_is_dead_lettered_after_no_retry() {
         return;
     };
     let broker = broker(&url, 1).await;
+    let _cleanup = Cleanup::new(&url).prefix(&broker.topic);
     assert_poison(&run(&broker, Kind::Poison, 3, 1, 4).await);
 }
 
@@ -80,6 +82,7 @@ async fn permanent_failures_are_dead_lettered_after_no_retry() {
         return;
     };
     let broker = broker(&url, 1).await;
+    let _cleanup = Cleanup::new(&url).prefix(&broker.topic);
     assert_permanent(&run(&broker, Kind::Permanent, 3, 1, 4).await);
 }
 
@@ -89,6 +92,7 @@ async fn transient_failures_are_retried_n_times_with_growing_delays() {
         return;
     };
     let broker = broker(&url, 1).await;
+    let _cleanup = Cleanup::new(&url).prefix(&broker.topic);
     let run = run(&broker, Kind::Transient, 2, 1, 4).await;
     assert_eq!(run.retries, 2 * 3);
     assert_transient(&run, 4, Some(Duration::from_millis(100)));
@@ -100,6 +104,7 @@ async fn three_competing_consumers_keep_the_attempt_count() {
         return;
     };
     let broker = broker(&url, 3).await;
+    let _cleanup = Cleanup::new(&url).prefix(&broker.topic);
     let run = run(&broker, Kind::Transient, 9, 3, 4).await;
     assert_eq!(run.retries, 9 * 3, "exactly N-1 retries per message");
     assert_transient(&run, 4, None);
@@ -116,6 +121,7 @@ async fn replay_one_and_a_filtered_group_after_the_fix() {
         return;
     };
     let broker = broker(&url, 1).await;
+    let _cleanup = Cleanup::new(&url).prefix(&broker.topic);
     replay_after_fix(&broker).await;
 }
 

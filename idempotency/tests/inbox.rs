@@ -25,6 +25,7 @@ use surety_idempotency::{
     SqliteStore, StoreError, TransactionalStore,
 };
 use surety_testkit::fault::{FaultPlan, FaultyTransport};
+use surety_testkit::wait::eventually;
 use tokio::sync::Notify;
 
 /// The business side of a test database: an `effects` table without a
@@ -37,6 +38,14 @@ trait Business: TransactionalStore {
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
     fn effects(&self, message_id: &str) -> impl Future<Output = i64> + Send;
     fn status(&self, key: &str) -> impl Future<Output = Option<String>> + Send;
+    /// The database session of `conn`, when the backend shows who waits on
+    /// whose locks (PostgreSQL's backend pid); `None` on SQLite, whose lock
+    /// waits happen inside the library and cannot be seen from outside.
+    fn session(
+        conn: &mut <Self::Database as Database>::Connection,
+    ) -> impl Future<Output = Option<i32>> + Send;
+    /// How many sessions wait on a lock that `session` holds.
+    fn waiting_on(&self, session: i32) -> impl Future<Output = i64> + Send;
 }
 
 impl Business for SqliteStore {
@@ -69,6 +78,14 @@ impl Business for SqliteStore {
             .fetch_optional(self.pool())
             .await
             .unwrap()
+    }
+
+    async fn session(_: &mut sqlx::SqliteConnection) -> Option<i32> {
+        None
+    }
+
+    async fn waiting_on(&self, _: i32) -> i64 {
+        0
     }
 }
 
@@ -103,6 +120,35 @@ impl Business for PostgresStore {
             .await
             .unwrap()
     }
+
+    async fn session(conn: &mut sqlx::PgConnection) -> Option<i32> {
+        Some(
+            sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(conn)
+                .await
+                .unwrap(),
+        )
+    }
+
+    async fn waiting_on(&self, session: i32) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+        )
+        .bind(session)
+        .fetch_one(self.pool())
+        .await
+        .unwrap()
+    }
+}
+
+/// Waits until a session waits on a lock that `session` holds.
+async fn wait_blocked_on<S: Business>(store: &S, session: i32) {
+    eventually(
+        Duration::from_secs(10),
+        "a transaction to wait on the open one's lock",
+        || async { store.waiting_on(session).await > 0 },
+    )
+    .await;
 }
 
 /// Runs `$test` against a fresh SQLite database and a fresh PostgreSQL
@@ -313,23 +359,28 @@ async fn a_concurrent_duplicate_waits_for_the_open_transaction<S: Business>(stor
     let resume = Arc::new(Notify::new());
     let runs = Arc::new(AtomicU32::new(0));
     let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let session = Arc::new(Mutex::new(None));
     let handler = {
-        let (stalled, resume, runs, fail) = (
+        let (stalled, resume, runs, fail, session) = (
             Arc::clone(&stalled),
             Arc::clone(&resume),
             Arc::clone(&runs),
             Arc::clone(&fail),
+            Arc::clone(&session),
         );
         IdempotencyLayer::new(store.clone()).inbox(move |msg: Incoming, mut tx: InboxTx<S>| {
-            let (stalled, resume, runs, fail) = (
+            let (stalled, resume, runs, fail, session) = (
                 Arc::clone(&stalled),
                 Arc::clone(&resume),
                 Arc::clone(&runs),
                 Arc::clone(&fail),
+                Arc::clone(&session),
             );
             async move {
                 S::apply(&mut tx, &msg.envelope.id).await?;
                 if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                    let id = S::session(&mut tx).await;
+                    *session.lock().unwrap() = id;
                     stalled.notify_one();
                     resume.notified().await;
                     if fail.load(Ordering::SeqCst) {
@@ -349,11 +400,18 @@ async fn a_concurrent_duplicate_waits_for_the_open_transaction<S: Business>(stor
             .await
             .unwrap();
         let second = tokio::spawn(handler.clone().oneshot(incoming(&env)));
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(
-            !second.is_finished(),
-            "the duplicate waits for the open transaction"
-        );
+        // PostgreSQL shows the duplicate waiting on the open transaction's
+        // lock. SQLite's wait cannot be seen from outside; the outcomes
+        // below show it there (a duplicate that did not wait would apply
+        // the effect a second time).
+        let first_session = *session.lock().unwrap();
+        if let Some(first_session) = first_session {
+            wait_blocked_on(&store, first_session).await;
+            assert!(
+                !second.is_finished(),
+                "the duplicate waits for the open transaction"
+            );
+        }
         resume.notify_one();
         let first = tokio::time::timeout(Duration::from_secs(20), first)
             .await
@@ -426,6 +484,7 @@ async fn postgres_concurrent_marks_commit_once() {
         let key = format!("race/{}", uuid::Uuid::now_v7());
         let mut first = store.begin().await.unwrap();
         PostgresStore::apply(&mut first, &key).await.unwrap();
+        let first_session = PostgresStore::session(&mut first).await.unwrap();
         assert_eq!(
             store.mark_processed(&mut first, &key).await.unwrap(),
             Marked::First
@@ -445,7 +504,7 @@ async fn postgres_concurrent_marks_commit_once() {
             })
         };
         // The second transaction is blocked on the first one's row.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        wait_blocked_on(&store, first_session).await;
         assert!(
             !second.is_finished(),
             "the second mark waits for the first transaction"
@@ -539,12 +598,21 @@ async fn under_faults_and_crashes_every_effect_commits_once<S: Business>(store: 
         }
         assert!(transport.rejected("payments", "billing").is_empty());
         let mut first_reply: HashMap<String, Envelope> = HashMap::new();
-        while let Ok(Some(reply)) =
-            tokio::time::timeout(Duration::from_millis(200), replies.next()).await
-        {
-            let reply = reply.unwrap();
+        // Every reply was published before the workers stopped: read up to
+        // a marker published now rather than until a quiet moment.
+        let marker = Envelope::builder("/test", "test.marker").build();
+        transport.publish("replies", marker.clone()).await.unwrap();
+        loop {
+            let reply = tokio::time::timeout(Duration::from_secs(10), replies.next())
+                .await
+                .expect("the replies up to the marker")
+                .expect("the replies stream is open")
+                .unwrap();
             let env = reply.envelope().clone();
             reply.ack().await.unwrap();
+            if env.id == marker.id {
+                break;
+            }
             let cause = env.causation_id.clone().unwrap();
             assert_eq!(
                 first_reply.entry(cause).or_insert_with(|| env.clone()),

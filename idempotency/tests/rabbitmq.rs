@@ -23,6 +23,7 @@ use surety_idempotency::{IdempotencyLayer, InboxTx, PostgresStore, StoreError};
 use surety_rabbitmq::lapin::options::QueueDeleteOptions;
 use surety_rabbitmq::metrics::DeliveryOutcome;
 use surety_rabbitmq::{RabbitConfig, RabbitMetrics, RabbitTransport, queue_name};
+use surety_testkit::rabbitmq::Cleanup;
 use surety_testkit::rabbitmqctl;
 use surety_testkit::services::{amqp_url, require};
 use surety_testkit::wait::eventually;
@@ -69,6 +70,7 @@ async fn a_redelivery_after_a_lost_ack_is_not_applied_twice() {
     let run = uuid::Uuid::now_v7();
     let connection = format!("surety-idempotency-test.conn.{run}");
     let topic = format!("surety-idempotency-test.lost-ack.{run}");
+    let _cleanup = Cleanup::new(&url).queue(format!("{topic}.g"));
     let rabbit = RabbitMetrics::default();
     let transport = RabbitTransport::connect(
         RabbitConfig::new(&url)

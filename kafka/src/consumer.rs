@@ -727,5 +727,22 @@ mod stall_tests {
         again.ack().await.unwrap();
         drop(rejoined);
         kafka.close().await.unwrap();
+        delete_topic(&brokers, &topic).await;
+    }
+
+    async fn delete_topic(brokers: &str, topic: &str) {
+        use rdkafka::ClientConfig;
+        use rdkafka::admin::{AdminClient, AdminOptions};
+        use rdkafka::client::DefaultClientContext;
+
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()
+            .unwrap();
+        let deleted = admin
+            .delete_topics(&[topic], &AdminOptions::new())
+            .await
+            .unwrap();
+        assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
     }
 }

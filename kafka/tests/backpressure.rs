@@ -35,6 +35,7 @@ async fn a_backlog_far_larger_than_the_buffer_streams_without_pausing() {
     .await
     .expect("connect");
     let topic = common::unique("backlog");
+    let _cleanup = common::delete_on_drop(&brokers, &[&topic]);
     let group = common::unique("group");
 
     // Every confirmation in flight at once: the producer batches records,
@@ -101,6 +102,7 @@ async fn a_stuck_application_pauses_and_its_group_is_still_served() {
     .await
     .expect("connect");
     let topic = common::unique("stuck");
+    let _cleanup = common::delete_on_drop(&brokers, &[&topic]);
     let group = common::unique("group");
     let mut ids = HashSet::new();
     for i in 0..MESSAGES {

@@ -23,6 +23,7 @@ async fn always_transient(producer_attempt: Option<u32>) -> Option<Vec<u32>> {
         .await
         .expect("connect");
     let (topic, group) = (common::unique("bounded"), common::unique("group"));
+    let _cleanup = common::delete_on_drop(&brokers, &[&topic]);
     let deliveries = kafka.subscribe(&topic, &group).await.unwrap();
     let mut failing = Envelope::builder("/test", "test.failing").build();
     if let Some(attempt) = producer_attempt {

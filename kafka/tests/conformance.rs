@@ -21,7 +21,12 @@ async fn kafka_transport_conforms() {
     // - delivery count: no; Kafka does not count deliveries and the
     //   adapter reports None on a first delivery, not Some(1);
     // - competing consumers: yes (members of a group split the partitions).
+    // Everything the run creates starts with this prefix and is deleted.
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let prefix = format!("surety-kafka-conf-{}", &id[16..]);
+    let _cleanup = common::delete_prefixed_on_drop(&brokers, &prefix);
     let caps = Capabilities::default()
+        .name_prefix(prefix.clone())
         .per_key_order(true)
         .redelivers_on_nack(true)
         .redelivers_dropped(true)

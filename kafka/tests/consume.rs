@@ -19,13 +19,6 @@ use tokio::task::JoinHandle;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-async fn quiet(stream: &mut DeliveryStream, period: Duration) {
-    if let Ok(item) = tokio::time::timeout(period, stream.next()).await {
-        let seen = item.map(|d| d.map(|d| (d.envelope().id.clone(), d.info().offset)));
-        panic!("expected nothing, got {seen:?}");
-    }
-}
-
 /// A transport connected with `config`, a fresh topic named after `prefix`
 /// and a fresh consumer group.
 async fn connect(config: KafkaConfig, prefix: &str) -> (KafkaTransport, String, String) {
@@ -33,11 +26,31 @@ async fn connect(config: KafkaConfig, prefix: &str) -> (KafkaTransport, String, 
     (kafka, common::unique(prefix), common::unique("group"))
 }
 
+/// Nothing more comes to `stream` (a subscription to the one-partition
+/// `topic`): a marker published now is the next delivery, since anything
+/// still to come lies at a lower offset. No waiting period to guess.
+async fn nothing_before_marker(kafka: &KafkaTransport, topic: &str, stream: &mut DeliveryStream) {
+    let marker = Envelope::builder("/test", "test.marker").build();
+    kafka
+        .publish(topic, marker.clone())
+        .await
+        .expect("publish the marker");
+    let delivery = common::next(stream, LIMIT).await;
+    assert_eq!(
+        delivery.envelope().id,
+        marker.id,
+        "expected nothing before the marker, got {:?} at offset {:?}",
+        delivery.envelope(),
+        delivery.info().offset
+    );
+    delivery.ack().await.expect("ack the marker");
+}
+
 /// Everything `group` was given is settled for good: a new member of the
-/// group gets nothing.
+/// group starts after it (with a marker published now).
 async fn assert_nothing_left(kafka: &KafkaTransport, topic: &str, group: &str) {
     let mut rejoined = kafka.subscribe(topic, group).await.expect("rejoin");
-    quiet(&mut rejoined, Duration::from_secs(1)).await;
+    nothing_before_marker(kafka, topic, &mut rejoined).await;
 }
 
 /// Runs `worker` on `deliveries` until the returned sender fires.
@@ -78,6 +91,7 @@ async fn foreign_records_are_delivered_as_poison_never_dropped() {
         return;
     };
     let (kafka, topic, group) = connect(common::config(&brokers), "foreign").await;
+    let _cleanup = common::delete_on_drop(&brokers, &[&topic]);
     let deliveries = kafka.subscribe(&topic, &group).await.expect("subscribe");
 
     // A producer that knows nothing of envelopes.
@@ -173,6 +187,7 @@ async fn nack_redelivers_the_nacked_message_only() {
         return;
     };
     let (kafka, topic, group) = connect(common::config(&brokers), "nack").await;
+    let _cleanup = common::delete_on_drop(&brokers, &[&topic]);
     let mut stream = kafka.subscribe(&topic, &group).await.expect("subscribe");
     let ids = publish_n(&kafka, &topic, 3, None).await;
 
@@ -193,7 +208,7 @@ async fn nack_redelivers_the_nacked_message_only() {
     assert_eq!(again.attempt(), 2);
     // The second message is still being handled, the third is done: neither
     // comes again.
-    quiet(&mut stream, Duration::from_secs(1)).await;
+    nothing_before_marker(&kafka, &topic, &mut stream).await;
     again.ack().await.expect("ack");
     second.ack().await.expect("ack");
 
@@ -216,6 +231,7 @@ async fn a_slow_consumer_pauses_and_loses_nothing() {
         "slow",
     )
     .await;
+    let _cleanup = common::delete_on_drop(&brokers, &[&topic]);
     let ids = publish_n(&kafka, &topic, 60, Some("one-key")).await;
     let mut stream = kafka.subscribe(&topic, &group).await.expect("subscribe");
 
@@ -231,7 +247,7 @@ async fn a_slow_consumer_pauses_and_loses_nothing() {
         delivery.ack().await.expect("ack");
     }
     assert_eq!(received, ids, "every message once, in order");
-    quiet(&mut stream, Duration::from_millis(500)).await;
+    nothing_before_marker(&kafka, &topic, &mut stream).await;
     kafka.close().await.expect("close");
 }
 
@@ -242,6 +258,7 @@ async fn a_graceful_worker_shutdown_settles_in_flight_deliveries() {
         return;
     };
     let (kafka, topic, group) = connect(common::config(&brokers), "drain").await;
+    let _cleanup = common::delete_on_drop(&brokers, &[&topic]);
     let deliveries = kafka.subscribe(&topic, &group).await.expect("subscribe");
 
     let (started_tx, mut started) = tokio::sync::mpsc::channel(1);

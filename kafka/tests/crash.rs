@@ -123,6 +123,7 @@ async fn consumer_killed_before_ack_gets_its_message_redelivered() {
         .await
         .expect("connect");
     let topic = common::unique("crash");
+    let _cleanup = common::delete_on_drop(&brokers, &[&topic]);
     let group = common::unique("group");
     kafka.ensure_topic(&topic).await.expect("topic");
     let producer: FutureProducer = ClientConfig::new()

@@ -52,6 +52,7 @@ async fn a_missing_topic_is_a_config_error_naming_it() {
     config.create_missing_topics = None;
     let kafka = KafkaTransport::connect(config).await.expect("connect");
     let topic = common::unique("missing");
+    let _cleanup = common::delete_on_drop(&brokers, &[&topic]);
 
     let started = Instant::now();
     let env = Envelope::builder("/test", "missing.topic").build();
@@ -96,6 +97,7 @@ async fn a_message_too_large_is_rejected() {
         .await
         .expect("connect");
     let topic = common::unique("large");
+    let _cleanup = common::delete_on_drop(&brokers, &[&topic]);
     // Above librdkafka's message.max.bytes (1 MB by default).
     let env = Envelope::builder("/t", "t")
         .payload(vec![0u8; 2 * 1024 * 1024])
@@ -114,6 +116,7 @@ async fn publishing_after_close_is_closed_and_close_is_idempotent() {
         .await
         .expect("connect");
     let topic = common::unique("closed");
+    let _cleanup = common::delete_on_drop(&brokers, &[&topic]);
     let receipt = kafka
         .publish(&topic, Envelope::builder("/t", "t").build())
         .await

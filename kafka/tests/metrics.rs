@@ -25,6 +25,7 @@ async fn lag_reflects_messages_not_yet_settled() {
         .await
         .expect("connect");
     let topic = common::unique("lag");
+    let _cleanup = common::delete_on_drop(&brokers, &[&topic]);
     kafka.ensure_topic(&topic).await.expect("topic");
     for n in 0..10 {
         let env = Envelope::builder("/test", "lag.test")
@@ -35,6 +36,7 @@ async fn lag_reflects_messages_not_yet_settled() {
 
     // One group handles 4 of the 10 messages, another none.
     let (busy, idle) = (common::unique("busy"), common::unique("idle"));
+    let _cleanup = common::delete_on_drop(&brokers, &[&busy, &idle]);
     let mut deliveries = kafka.subscribe(&topic, &busy).await.expect("subscribe");
     let _untouched = kafka.subscribe(&topic, &idle).await.expect("subscribe");
     for _ in 0..4 {

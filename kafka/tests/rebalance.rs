@@ -22,6 +22,7 @@ async fn revoked_partitions_commit_settled_offsets_and_refuse_late_settlements()
     let config = common::config(&brokers).consumer_property("auto.commit.interval.ms", "3600000");
     let kafka = KafkaTransport::connect(config).await.expect("connect");
     let topic = common::unique("rebalance");
+    let _cleanup = common::delete_on_drop(&brokers, &[&topic]);
     let group = common::unique("group");
     let mut first = kafka.subscribe(&topic, &group).await.expect("subscribe");
     for n in 0..10 {

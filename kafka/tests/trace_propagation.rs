@@ -23,6 +23,7 @@ async fn process_span_is_a_child_of_the_send_span() {
         .await
         .expect("connect");
     let topic = common::unique("trace");
+    let _cleanup = common::delete_on_drop(&brokers, &[&topic]);
     let envelope = Envelope::builder("/shop", "order.placed")
         .partition_key("o-1")
         .build();

@@ -14,6 +14,7 @@ use surety_kafka::{KafkaConfig, KafkaTransport};
 use surety_outbox::metrics::OutboxMetrics;
 use surety_outbox::{OutboxStore, Relay, SqliteOutbox};
 use surety_rabbitmq::{RabbitConfig, RabbitTransport};
+use surety_testkit::rabbitmq::Cleanup;
 use surety_testkit::services;
 use surety_testkit::wait::eventually_every;
 
@@ -136,6 +137,9 @@ async fn rabbitmq_relays_in_key_order_and_holds_a_key_behind_an_unroutable_row()
     let transport = rabbit(&url).await;
     let topic = unique("orders");
     let nowhere = unique("nowhere");
+    let _cleanup = Cleanup::new(&url)
+        .queue(format!("{topic}.billing"))
+        .queue(format!("{nowhere}.audit"));
     let mut orders = transport.subscribe(&topic, "billing").await.unwrap();
 
     let fixture = common::Sqlite::new().await;
@@ -285,6 +289,7 @@ async fn rabbitmq_run_relays_while_rows_are_written() {
     };
     let transport = rabbit(&url).await;
     let topic = unique("orders");
+    let _cleanup = Cleanup::new(&url).queue(format!("{topic}.billing"));
     let mut orders = transport.subscribe(&topic, "billing").await.unwrap();
 
     let fixture = common::Sqlite::new().await;

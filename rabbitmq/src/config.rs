@@ -21,8 +21,13 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum QueueType {
-    /// A classic durable queue. The broker does not count deliveries, so
-    /// [`DeliveryInfo::delivery_count`](surety_core::DeliveryInfo) is `None`.
+    /// A classic durable queue. The broker does not count deliveries, so the
+    /// adapter does: a nack with requeue (or a delivery dropped unsettled)
+    /// publishes a confirmed copy carrying the count
+    /// ([`X_SURETY_DELIVERIES`](crate::X_SURETY_DELIVERIES)) to the queue's
+    /// tail and acks the original, and
+    /// [`DeliveryInfo::delivery_count`](surety_core::DeliveryInfo) reads it.
+    /// The message comes back behind those published since.
     #[default]
     Classic,
     /// A replicated quorum queue. The broker counts deliveries (the

@@ -17,10 +17,14 @@
 //!   `{topic}.{group}` ([`queue_name`]) bound to the topic, with a prefetch
 //!   and manual acks. Each group gets every message; the members of a group
 //!   compete. [`DeliveryInfo::delivery_count`](surety_core::DeliveryInfo)
-//!   comes from quorum queues' `x-delivery-count`.
+//!   comes from quorum queues' `x-delivery-count`, and on classic queues
+//!   from the adapter's own count ([`X_SURETY_DELIVERIES`]), so the
+//!   worker's `max_deliveries` bounds retries on every queue type.
 //! - **Settling**: ack, nack (requeue) and reject map to `basic.ack`,
 //!   `basic.nack` and `basic.reject`; a delivery dropped unsettled is nacked
-//!   with requeue. Settling a delivery whose channel died fails with
+//!   with requeue. On a classic queue a requeue is a confirmed copy with
+//!   the count, published to the queue's tail, then an ack of the original
+//!   (ADR 0013). Settling a delivery whose channel died fails with
 //!   [`Ack`](surety_core::TransportErrorKind::Ack): the broker redelivers it.
 //! - **Outages**: lapin's automatic recovery reconnects and restores
 //!   channels, exchange, queues, bindings, prefetch and consumers; when it

@@ -7,11 +7,10 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::{WAIT, config, connect, unique, url};
+use common::{WAIT, cleanup, config, connect, unique, url};
 use surety_core::consumer::{Incoming, Worker, WorkerReport, handler_fn};
 use surety_core::{Close, Envelope, HandlerError, Publisher, Subscriber};
-use surety_rabbitmq::lapin::options::QueueDeleteOptions;
-use surety_rabbitmq::{QueueType, RabbitConfig, RabbitTransport, queue_name};
+use surety_rabbitmq::{QueueType, RabbitConfig, queue_name};
 use surety_testkit::rabbitmqctl::queue_depth;
 use surety_testkit::wait::eventually;
 
@@ -35,9 +34,11 @@ async fn always_transient(
     config: RabbitConfig,
     producer_attempt: Option<u32>,
 ) -> (Vec<u32>, WorkerReport) {
+    let url = config.url.clone();
     let transport = connect(config).await;
     let topic = unique("bounded");
     let queue = queue_name(&topic, "g");
+    let _cleanup = cleanup(&url, &topic, &["g"]);
     let deliveries = transport.subscribe(&topic, "g").await.unwrap();
 
     let mut failing = Envelope::builder("/test", "test.failing").build();
@@ -102,18 +103,9 @@ async fn always_transient(
     .await;
     stop.send(()).unwrap();
     let report = worker.await.unwrap();
-    delete_queue(&transport, &queue).await;
     transport.close().await.unwrap();
     let attempts = seen.lock().unwrap().attempts.clone();
     (attempts, report)
-}
-
-async fn delete_queue(transport: &RabbitTransport, queue: &str) {
-    let channel = transport.channel().await.unwrap();
-    channel
-        .queue_delete(queue.into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
 }
 
 fn quorum(config: RabbitConfig) -> RabbitConfig {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use common::{config, url};
 use surety_rabbitmq::{QueueType, RabbitConfig, RabbitTransport};
 use surety_testkit::conformance::{Capabilities, transport_conformance};
+use surety_testkit::rabbitmq::Cleanup;
 
 /// What the adapter declares on any queue type.
 ///
@@ -30,6 +31,12 @@ fn capabilities() -> Capabilities {
 /// Runs the whole suite on transports connected with `config`; every check
 /// must run and pass.
 async fn assert_conforms(config: RabbitConfig, caps: Capabilities) {
+    // Everything the run declares starts with this prefix and is deleted.
+    // Short: the queue name repeats it twice and must fit in 255 bytes.
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let prefix = format!("surety-rmq-{}", &id[16..]);
+    let _cleanup = Cleanup::new(config.url.clone()).prefix(&prefix);
+    let caps = caps.name_prefix(prefix);
     let report = transport_conformance(
         || async {
             RabbitTransport::connect(config.clone())

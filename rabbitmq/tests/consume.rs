@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{WAIT, config, connect, next, nothing_for, unique, url};
+use common::{WAIT, cleanup, config, connect, next, nothing_before_marker, unique, url};
 use surety_core::consumer::{Incoming, Worker, handler_fn};
 use surety_core::envelope::UNDECODABLE_TYPE;
 use surety_core::{Close, Envelope, Publisher, Subscriber, TransportErrorKind};
@@ -30,6 +30,7 @@ async fn foreign_messages_are_read_and_garbage_flows_as_poison() {
     let Some(url) = url() else { return };
     let transport = connect(config(&url)).await;
     let topic = unique("foreign");
+    let _cleanup = cleanup(&url, &topic, &["g"]);
     let mut stream = transport.subscribe(&topic, "g").await.unwrap();
     let channel = transport.channel().await.unwrap();
     let publish = |props: BasicProperties, body: &'static [u8]| {
@@ -97,7 +98,7 @@ async fn foreign_messages_are_read_and_garbage_flows_as_poison() {
         "the poison id is stable across redeliveries"
     );
     again.reject().await.unwrap();
-    nothing_for(&mut stream, Duration::from_millis(300)).await;
+    nothing_before_marker(&transport, &topic, &mut stream).await;
     transport.close().await.unwrap();
 }
 
@@ -116,6 +117,7 @@ async fn the_connection_recovers_after_the_broker_drops_it() {
     )
     .await;
     let topic = unique("recovery");
+    let _cleanup = cleanup(&url, &topic, &["g"]);
     let mut stream = transport.subscribe(&topic, "g").await.unwrap();
     let env = envelope(1);
     let id = env.id.clone();
@@ -164,6 +166,7 @@ async fn dropping_the_stream_returns_prefetched_messages() {
     let Some(url) = url() else { return };
     let transport = connect(config(&url).prefetch(10)).await;
     let topic = unique("dropped-stream");
+    let _cleanup = cleanup(&url, &topic, &["g"]);
     let mut first = transport.subscribe(&topic, "g").await.unwrap();
     let mut ids = HashSet::new();
     for n in 0..5 {
@@ -189,7 +192,7 @@ async fn dropping_the_stream_returns_prefetched_messages() {
     held.ack()
         .await
         .expect("the first subscription's channel stays open for it");
-    nothing_for(&mut second, Duration::from_millis(300)).await;
+    nothing_before_marker(&transport, &topic, &mut second).await;
     transport.close().await.unwrap();
 }
 
@@ -203,6 +206,7 @@ async fn graceful_shutdown_under_load_loses_and_repeats_nothing() {
     let metrics = RabbitMetrics::default();
     let transport = connect(config(&url).prefetch(32).metrics(metrics.clone())).await;
     let topic = unique("shutdown");
+    let _cleanup = cleanup(&url, &topic, &["g"]);
     let deliveries = transport.subscribe(&topic, "g").await.unwrap();
     let mut published = HashSet::new();
     let mut pending = Vec::new();
@@ -283,6 +287,7 @@ async fn close_ends_streams_and_fails_later_settles() {
     let Some(url) = url() else { return };
     let transport = connect(config(&url)).await;
     let topic = unique("close");
+    let _cleanup = cleanup(&url, &topic, &["g"]);
     let mut stream = transport.subscribe(&topic, "g").await.unwrap();
     transport.publish(&topic, envelope(0)).await.unwrap();
     let held = next(&mut stream).await;

@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{WAIT, config, connect, next, unique, url};
+use common::{WAIT, cleanup, config, connect, next, unique, url};
 use surety_core::{Close, Envelope, Publisher, Subscriber};
 use surety_testkit::services;
 
@@ -57,6 +57,7 @@ async fn deliveries_held_by_a_killed_consumer_are_redelivered() {
     let Some(url) = url() else { return };
     let transport = connect(config(&url)).await;
     let topic = unique("crash");
+    let _cleanup = cleanup(&url, &topic, &["g"]);
     drop(transport.subscribe(&topic, "g").await.unwrap());
     let mut ids = HashSet::new();
     for n in 0..COUNT {

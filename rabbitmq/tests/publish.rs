@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{config, connect, next, unique, url};
+use common::{cleanup, config, connect, next, unique, url};
 use surety_core::{Close, Envelope, Publisher, Subscriber, TransportErrorKind};
 use surety_rabbitmq::metrics::PublishOutcome;
 use surety_rabbitmq::{RabbitConfig, RabbitMetrics, RabbitTransport};
@@ -41,6 +41,7 @@ async fn returns_are_matched_to_their_own_publish_in_a_window() {
     let Some(url) = url() else { return };
     let transport = connect(config(&url)).await;
     let routed = unique("routed");
+    let _cleanup = cleanup(&url, &routed, &["g"]);
     let lost = unique("lost");
     let mut stream = transport.subscribe(&routed, "g").await.unwrap();
     let mut pending = Vec::new();
@@ -82,6 +83,7 @@ async fn a_window_of_sends_is_confirmed_and_counted() {
     let metrics = RabbitMetrics::default();
     let transport = connect(config(&url).metrics(metrics.clone()).max_in_flight(64)).await;
     let topic = unique("window");
+    let _cleanup = cleanup(&url, &topic, &["g"]);
     let _stream = transport.subscribe(&topic, "g").await.unwrap();
     let mut pending = Vec::new();
     for n in 0..500 {

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{WAIT, config, connect, next, nothing_for, unique, url};
+use common::{WAIT, cleanup, config, connect, next, nothing_before_marker, unique, url};
 use surety_core::{Close, Envelope, Publisher, Subscriber};
 use surety_rabbitmq::lapin::Channel;
 use surety_rabbitmq::lapin::options::BasicGetOptions;
@@ -53,6 +53,14 @@ async fn a_retry_level_brings_the_message_back_after_its_ttl() {
     work.declare(&channel).await.unwrap();
     let delay = Duration::from_millis(700);
     let ladder = RetryLadder::new(work.name(), "surety", [delay, Duration::from_secs(60)]);
+    let _cleanup = cleanup(&url, &topic, &["worker", "audit"])
+        .queue(work.dead_letter_queue())
+        .exchange(work.dead_letter_exchange());
+    for level in 0..=ladder.levels() {
+        if let Some(queue) = ladder.level_queue(level) {
+            _cleanup.add_queue(queue);
+        }
+    }
     ladder.declare(&channel).await.unwrap();
     // Declaring again is harmless.
     work.declare(&channel).await.unwrap();
@@ -87,7 +95,7 @@ async fn a_retry_level_brings_the_message_back_after_its_ttl() {
     assert_eq!(x_death[0]["queue"], ladder.level_queue(1).unwrap().as_str());
     delivery.ack().await.unwrap();
     // Only the work queue gets it back, not the topic's other groups.
-    nothing_for(&mut other_group, Duration::from_millis(300)).await;
+    nothing_before_marker(&transport, &topic, &mut other_group).await;
     transport.close().await.unwrap();
 }
 
@@ -98,6 +106,9 @@ async fn a_rejected_message_lands_in_the_dead_letter_queue() {
     let channel = transport.channel().await.unwrap();
     let topic = unique("dlq");
     let work = WorkQueue::for_group("surety", &topic, "g");
+    let _cleanup = cleanup(&url, &topic, &["g"])
+        .queue(work.dead_letter_queue())
+        .exchange(work.dead_letter_exchange());
     work.declare(&channel).await.unwrap();
     let mut stream = transport.subscribe(&topic, "g").await.unwrap();
     let env = Envelope::builder("/test", "test.poison")
@@ -108,7 +119,7 @@ async fn a_rejected_message_lands_in_the_dead_letter_queue() {
     let dead = get(&channel, &work.dead_letter_queue()).await;
     assert_eq!(ce_id(&dead), env.id);
     assert_eq!(dead.delivery.data, b"bad");
-    nothing_for(&mut stream, Duration::from_millis(300)).await;
+    nothing_before_marker(&transport, &topic, &mut stream).await;
     transport.close().await.unwrap();
 }
 
@@ -124,6 +135,9 @@ async fn a_quorum_queue_dead_letters_past_its_delivery_limit() {
     let channel = transport.channel().await.unwrap();
     let topic = unique("limit");
     let work = WorkQueue::for_group("surety", &topic, "g").queue_type(quorum);
+    let _cleanup = cleanup(&url, &topic, &["g"])
+        .queue(work.dead_letter_queue())
+        .exchange(work.dead_letter_exchange());
     work.declare(&channel).await.unwrap();
     let mut stream = transport.subscribe(&topic, "g").await.unwrap();
     let env = Envelope::builder("/test", "test.flaky").build();
@@ -140,7 +154,7 @@ async fn a_quorum_queue_dead_letters_past_its_delivery_limit() {
     assert_eq!(counts, [Some(1), Some(2), Some(3)]);
     let dead = get(&channel, &work.dead_letter_queue()).await;
     assert_eq!(ce_id(&dead), env.id);
-    nothing_for(&mut stream, Duration::from_millis(300)).await;
+    nothing_before_marker(&transport, &topic, &mut stream).await;
     eventually(WAIT, "the work queue to be empty", || async {
         queue_depth(work.name()) == Some(0)
     })

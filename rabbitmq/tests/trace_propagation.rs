@@ -14,6 +14,7 @@ async fn the_process_span_is_a_child_of_the_send_span() {
 
     let transport = connect(config(&url)).await;
     let topic = unique("traced");
+    let _cleanup = common::cleanup(&url, &topic, &["billing"]);
     let trip = round_trip(
         &transport,
         surety_rabbitmq::SYSTEM,

@@ -66,6 +66,8 @@ pub mod dlq_store;
 pub mod fault;
 #[cfg(feature = "idempotency")]
 pub mod idempotency_store;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 pub mod rabbitmqctl;
 pub mod services;
 #[cfg(feature = "trace")]

@@ -52,3 +52,101 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+/// Deletes topics from the broker when dropped, however the test ends, so
+/// test runs do not leave their topics behind. Made by [`delete_on_drop`].
+pub struct DeleteTopics {
+    brokers: String,
+    topics: Vec<String>,
+    prefix: Option<String>,
+}
+
+/// Deletes `topics` when the returned guard is dropped. A topic that does
+/// not exist (never created) is fine; a failure is printed, never a panic.
+pub fn delete_on_drop(brokers: &str, topics: &[&str]) -> DeleteTopics {
+    DeleteTopics {
+        brokers: brokers.to_owned(),
+        topics: topics.iter().map(|t| (*t).to_owned()).collect(),
+        prefix: None,
+    }
+}
+
+/// Deletes every topic whose name starts with `prefix` (unique to the test)
+/// when the returned guard is dropped.
+pub fn delete_prefixed_on_drop(brokers: &str, prefix: &str) -> DeleteTopics {
+    DeleteTopics {
+        brokers: brokers.to_owned(),
+        topics: Vec::new(),
+        prefix: Some(prefix.to_owned()),
+    }
+}
+
+impl Drop for DeleteTopics {
+    fn drop(&mut self) {
+        use surety_kafka::rdkafka::ClientConfig;
+        use surety_kafka::rdkafka::admin::{AdminClient, AdminOptions};
+        use surety_kafka::rdkafka::client::DefaultClientContext;
+
+        let (brokers, mut topics) = (self.brokers.clone(), std::mem::take(&mut self.topics));
+        let prefix = self.prefix.take();
+        let worker = std::thread::spawn(move || {
+            if let Some(prefix) = prefix {
+                use surety_kafka::rdkafka::consumer::{BaseConsumer, Consumer};
+                let lister: BaseConsumer = ClientConfig::new()
+                    .set("bootstrap.servers", &brokers)
+                    .create()
+                    .map_err(|e| e.to_string())?;
+                let metadata = lister
+                    .fetch_metadata(None, Duration::from_secs(10))
+                    .map_err(|e| e.to_string())?;
+                topics.extend(
+                    metadata
+                        .topics()
+                        .iter()
+                        .map(|t| t.name().to_owned())
+                        .filter(|name| name.starts_with(&prefix)),
+                );
+            }
+            if topics.is_empty() {
+                return Ok(());
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(async {
+                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                    .set("bootstrap.servers", &brokers)
+                    .create()
+                    .map_err(|e| e.to_string())?;
+                let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+                let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+                let results = tokio::time::timeout(
+                    Duration::from_secs(15),
+                    admin.delete_topics(&names, &options),
+                )
+                .await
+                .map_err(|_| "timed out".to_owned())?
+                .map_err(|e| e.to_string())?;
+                let failed: Vec<String> = results
+                    .into_iter()
+                    .filter_map(|r| r.err())
+                    .filter(|(_, code)| {
+                        *code != surety_kafka::rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition
+                    })
+                    .map(|(topic, code)| format!("{topic}: {code}"))
+                    .collect();
+                if failed.is_empty() {
+                    Ok(())
+                } else {
+                    Err(failed.join("; "))
+                }
+            })
+        });
+        match worker.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => eprintln!("deleting test topics failed: {err}"),
+            Err(_) => eprintln!("deleting test topics panicked"),
+        }
+    }
+}

@@ -6,8 +6,9 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use surety_core::{Delivery, DeliveryStream};
-use surety_rabbitmq::{RabbitConfig, RabbitTransport};
+use surety_core::{Delivery, DeliveryStream, Envelope, Publisher};
+use surety_rabbitmq::{RabbitConfig, RabbitTransport, queue_name};
+use surety_testkit::rabbitmq::Cleanup;
 use surety_testkit::services;
 
 /// How long a test waits for anything that should happen.
@@ -21,6 +22,16 @@ pub fn url() -> Option<String> {
 /// A name no other test (or earlier run) uses.
 pub fn unique(prefix: &str) -> String {
     format!("surety-rabbitmq-test.{prefix}.{}", uuid::Uuid::now_v7())
+}
+
+/// Deletes the queues of `groups` on `topic` when dropped (however the test
+/// ends); register more with [`Cleanup::add_queue`].
+pub fn cleanup(url: &str, topic: &str, groups: &[&str]) -> Cleanup {
+    let cleanup = Cleanup::new(url);
+    for group in groups {
+        cleanup.add_queue(queue_name(topic, group));
+    }
+    cleanup
 }
 
 /// A config for `url` with a unique connection name and short timeouts.
@@ -44,6 +55,29 @@ pub async fn next(stream: &mut DeliveryStream) -> Delivery {
         .expect("a delivery within the deadline")
         .expect("the stream is open")
         .expect("a delivery, not an error")
+}
+
+/// Asserts that nothing more comes to `stream` (a subscription to `topic`):
+/// a marker published now must be the next delivery, since a queue hands
+/// out whatever was still to come before it. No waiting period to guess.
+pub async fn nothing_before_marker(
+    transport: &RabbitTransport,
+    topic: &str,
+    stream: &mut DeliveryStream,
+) {
+    let marker = Envelope::builder("/test", "test.marker").build();
+    transport
+        .publish(topic, marker.clone())
+        .await
+        .expect("the marker is published");
+    let delivery = next(stream).await;
+    assert_eq!(
+        delivery.envelope().id,
+        marker.id,
+        "expected nothing before the marker, got {:?}",
+        delivery.envelope()
+    );
+    delivery.ack().await.expect("the marker is acked");
 }
 
 /// Asserts that nothing is delivered for `period`.

@@ -14,8 +14,9 @@ use std::time::Duration;
 /// use std::time::Duration;
 /// use surety_testkit::conformance::Capabilities;
 ///
-/// // RabbitMQ: ordered, redelivers on nack, but only redelivers dropped
-/// // deliveries when the channel closes and reports no delivery count.
+/// // A broker that is ordered and redelivers on nack, but only redelivers
+/// // dropped deliveries when the channel closes and reports no delivery
+/// // count.
 /// let caps = Capabilities::default()
 ///     .per_key_order(true)
 ///     .redelivers_on_nack(true)
@@ -54,6 +55,11 @@ pub struct Capabilities {
     /// by waiting: this is a bounded wait, and a longer one catches slower
     /// mistakes.
     pub quiet_period: Duration,
+    /// How the names of the topics and groups the suite creates start
+    /// (default `surety-testkit`): `{prefix}.{check}.{role}.{uuid}`. A
+    /// prefix unique to the run lets the caller delete what the run created
+    /// on a real broker.
+    pub name_prefix: String,
 }
 
 impl Default for Capabilities {
@@ -67,6 +73,7 @@ impl Default for Capabilities {
             competing_consumers: false,
             receive_timeout: Duration::from_secs(10),
             quiet_period: Duration::from_secs(1),
+            name_prefix: "surety-testkit".to_owned(),
         }
     }
 }
@@ -130,6 +137,13 @@ impl Capabilities {
     /// Sets how long the suite watches for what must not happen.
     pub fn quiet_period(mut self, period: Duration) -> Self {
         self.quiet_period = period;
+        self
+    }
+
+    /// Sets how the names of the suite's topics and groups start; keep to
+    /// lower-case ASCII letters, digits, `-` and `.`.
+    pub fn name_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.name_prefix = prefix.into();
         self
     }
 }

@@ -70,7 +70,8 @@ impl<'a, T> Ctx<'a, T> {
     /// is a valid Kafka topic, AMQP queue and routing key.
     fn name(&self, role: &str) -> String {
         format!(
-            "surety-testkit.{}.{role}.{}",
+            "{}.{}.{role}.{}",
+            self.caps.name_prefix,
             self.check.replace('_', "-"),
             Uuid::now_v7()
         )
@@ -401,8 +402,8 @@ where
 }
 
 /// An acknowledged message is not delivered again, not even after the
-/// consumer left the group and joined again (watched for
-/// [`quiet_period`](Capabilities::quiet_period)).
+/// consumer left the group and joined again: a marker published then is the
+/// new member's first delivery.
 pub async fn ack_removes_message<T>(transport: &T, caps: &Capabilities) -> CheckResult
 where
     T: Publisher + Subscriber,
@@ -415,10 +416,11 @@ where
     settled_for_good(&cx, stream, &topic, &group, after).await
 }
 
-/// After a final settlement: leaves the group and joins it again, then
-/// watches the new member for the quiet period. A settlement the broker
-/// never applied shows up at the latest when the member holding the message
-/// leaves, since its unsettled deliveries go back to the group.
+/// After a final settlement: leaves the group and joins it again, publishes
+/// a marker and expects it to be the new member's first delivery. A
+/// settlement the broker never applied shows up at the latest when the
+/// member holding the message leaves, since its unsettled deliveries go
+/// back to the group, ahead of a message published after that.
 async fn settled_for_good<T: Publisher + Subscriber>(
     cx: &Ctx<'_, T>,
     stream: DeliveryStream,
@@ -428,11 +430,21 @@ async fn settled_for_good<T: Publisher + Subscriber>(
 ) -> CheckResult {
     drop(stream);
     let mut rejoined = cx.subscribe(topic, group).await?;
-    cx.quiet(
-        &mut rejoined,
-        format!("{after} and the group was left and joined again"),
-    )
-    .await
+    let marker = Envelope::builder(SOURCE, "surety.testkit.marker").build();
+    let marker_id = marker.id.clone();
+    cx.publish(topic, marker).await?;
+    let first = cx
+        .receive(&mut rejoined, format!("marker {marker_id} to be delivered"))
+        .await?;
+    if first.envelope().id != marker_id {
+        return Err(cx.fail(
+            format!(
+                "nothing before marker {marker_id} after {after} and the group was left and joined again"
+            ),
+            describe(&first),
+        ));
+    }
+    cx.settle(first, Settlement::Ack).await
 }
 
 /// A message nacked with `requeue = true` is delivered again; with
@@ -451,8 +463,8 @@ where
 }
 
 /// A rejected message is not delivered again, not even after the consumer
-/// left the group and joined again (watched for
-/// [`quiet_period`](Capabilities::quiet_period)).
+/// left the group and joined again: a marker published then is the new
+/// member's first delivery.
 pub async fn reject_does_not_redeliver<T>(transport: &T, caps: &Capabilities) -> CheckResult
 where
     T: Publisher + Subscriber,

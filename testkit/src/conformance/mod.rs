@@ -26,14 +26,22 @@
 //! # Running against a real broker
 //!
 //! Every check publishes to a topic of its own and consumes with groups of
-//! its own, named `surety-testkit.<check>.<role>.<uuid v7>` (lowercase
-//! letters, digits, dashes and dots only), so the suite can run again and
-//! again against one long-lived broker, and in parallel with other tests. It
-//! subscribes before it publishes. The suite does not delete what it
-//! created. Every wait has a deadline: a transport that loses a message
-//! fails after [`receive_timeout`](Capabilities::receive_timeout) rather
-//! than hanging. Checks that something does *not* happen (no redelivery
-//! after an ack) watch for [`quiet_period`](Capabilities::quiet_period).
+//! its own, named `<prefix>.<check>.<role>.<uuid v7>` (lowercase
+//! letters, digits, dashes and dots only; the prefix is
+//! [`Capabilities::name_prefix`], `surety-testkit` by default), so the suite
+//! can run again and again against one long-lived broker, and in parallel
+//! with other tests. It subscribes before it publishes. The suite does not
+//! delete what it created: give it a prefix unique to the run and delete
+//! what starts with it afterwards (for RabbitMQ,
+//! `surety_testkit::rabbitmq::Cleanup::prefix`).
+//!
+//! Every wait has a deadline: a transport that loses a message fails after
+//! [`receive_timeout`](Capabilities::receive_timeout) rather than hanging.
+//! That an acked or rejected message does not come back is shown with a
+//! marker published afterwards, which must be the next delivery; the
+//! fan-out and competing-consumer checks, whose messages reach several
+//! members, watch for [`quiet_period`](Capabilities::quiet_period) that
+//! nothing more arrives.
 //!
 //! ```
 //! use std::time::Duration;
