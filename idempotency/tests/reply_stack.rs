@@ -245,5 +245,7 @@ async fn reply_stack_on_rabbitmq() {
         .await
         .expect("connects to RabbitMQ");
     let run = format!("rabbit-{}", uuid::Uuid::now_v7());
+    let _cleanup = surety_testkit::rabbitmq::Cleanup::new(url.clone())
+        .prefix(format!("surety-idempotency-test.{run}"));
     scenario(transport.clone(), transport, FailEmit::Unroutable, &run).await;
 }

@@ -20,6 +20,7 @@ async fn one_member_receives_everything_until_it_leaves() {
     let first = connect(config(&url).single_active_consumer(true)).await;
     let second = connect(config(&url).single_active_consumer(true)).await;
     let topic = unique("surety-rabbitmq-test.sac");
+    let _cleanup = surety_testkit::rabbitmq::Cleanup::new(url.clone()).prefix(topic.clone());
     let mut active = first.subscribe(&topic, "g").await.unwrap();
     let mut standby = second.subscribe(&topic, "g").await.unwrap();
 
