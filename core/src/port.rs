@@ -227,6 +227,9 @@ pub struct DeliveryInfo {
     /// How many times the broker delivered this message, counting this one,
     /// when the broker tracks it.
     pub delivery_count: Option<u32>,
+    /// When the broker stored the message (Kafka's record timestamp, the
+    /// in-memory transports' publish time), when the broker gives one.
+    pub timestamp: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl DeliveryInfo {
