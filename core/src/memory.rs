@@ -37,6 +37,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use futures::StreamExt;
 use tokio::sync::Notify;
 
+pub use crate::memory_log::{DEFAULT_PARTITIONS, MemoryLog};
+
 use crate::envelope::Envelope;
 use crate::error::{Result, TransportError};
 use crate::port::{
@@ -91,6 +93,8 @@ struct Group {
 #[derive(Clone)]
 struct Entry {
     offset: i64,
+    /// When it was published.
+    published: chrono::DateTime<chrono::Utc>,
     deliveries: u32,
     envelope: Envelope,
 }
@@ -242,6 +246,7 @@ impl Publisher for MemoryTransport {
                     t.next_offset += 1;
                     let entry = Entry {
                         offset,
+                        published: chrono::Utc::now(),
                         deliveries: 0,
                         envelope,
                     };
@@ -321,6 +326,7 @@ impl MemoryTransport {
                     state.next_tag += 1;
                     let mut info = DeliveryInfo::new(SYSTEM, topic, group);
                     info.offset = Some(entry.offset);
+                    info.timestamp = Some(entry.published);
                     info.redelivered = entry.deliveries > 1;
                     info.delivery_count = Some(entry.deliveries);
                     let settle = MemorySettle {

@@ -229,6 +229,9 @@ pub struct DeliveryInfo {
     /// in-memory transport), the adapter's own (a classic RabbitMQ queue) or
     /// the consumer's (Kafka redeliveries within one member of the group).
     pub delivery_count: Option<u32>,
+    /// When the broker stored the message (Kafka's record timestamp, the
+    /// in-memory transports' publish time), when the broker gives one.
+    pub timestamp: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl DeliveryInfo {

@@ -382,6 +382,7 @@ fn accept(shared: &Arc<Shared>, message: &BorrowedMessage<'_>) -> Option<Item> {
     let mut info = DeliveryInfo::new(SYSTEM, shared.topic.clone(), shared.group.clone());
     info.partition = Some(partition);
     info.offset = Some(offset);
+    info.timestamp = broker_timestamp(message);
     info.redelivered = redelivered;
     info.delivery_count = delivery_count;
     Some(Item::Delivery(Box::new(Pending {
@@ -393,6 +394,17 @@ fn accept(shared: &Arc<Shared>, message: &BorrowedMessage<'_>) -> Option<Item> {
             settled: false,
         },
     })))
+}
+
+/// The record's timestamp (create or log-append time, as the topic keeps
+/// it), when it has one.
+pub(crate) fn broker_timestamp(
+    message: &BorrowedMessage<'_>,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    message
+        .timestamp()
+        .to_millis()
+        .and_then(chrono::DateTime::from_timestamp_millis)
 }
 
 /// Reads a record as an envelope; a record that is not one becomes an

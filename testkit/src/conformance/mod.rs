@@ -58,6 +58,7 @@
 
 mod capabilities;
 mod checks;
+pub mod log;
 mod report;
 
 use std::future::Future;
