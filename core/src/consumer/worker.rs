@@ -228,8 +228,9 @@ impl<S: Handler> Worker<S> {
         self
     }
 
-    /// After this many deliveries of one message (as counted by the broker
-    /// or the `surety-attempt` header), a transient failure rejects the
+    /// After this many deliveries of one message (the higher of the
+    /// transport's delivery count and the `surety-attempt` header; see
+    /// [`attempt_of`](crate::attempt_of)), a transient failure rejects the
     /// message instead of requeueing it (default 5).
     pub fn max_deliveries(mut self, n: u32) -> Self {
         self.max_deliveries = n.max(1);
