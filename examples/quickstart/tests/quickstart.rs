@@ -24,7 +24,10 @@ fn quickstart_handles_retries_and_rejects() {
         "handled   order o-2 (attempt 2)",
         // Rejected as poison by the decoder; the handler never ran.
         "as poison before its handler ran: payload does not decode",
-        "acked: 2, requeued: 1, rejected: 1",
+        // The fulfilment worker's report, then the notifications worker's.
+        "fulfilment:    WorkerReport { acked: 2, handled: 2,",
+        "requeued: 1, rejected: 1,",
+        "notifications: WorkerReport { acked: 2, handled: 2,",
         r#"outcome="requeued"} 1"#,
     ];
     let mut from = 0;
@@ -33,6 +36,14 @@ fn quickstart_handles_retries_and_rejects() {
             .find(line)
             .unwrap_or_else(|| panic!("missing (or out of order) {line:?} in stdout:\n{stdout}"));
         from += at + line.len();
+    }
+    // Each handled order emitted an event, published before the order was
+    // acknowledged and handled by the second consumer.
+    for order in ["o-1", "o-2"] {
+        assert!(
+            stdout.contains(&format!("notified  customer of order {order}")),
+            "missing the event of {order}:\n{stdout}"
+        );
     }
     assert!(
         !stdout.contains("handled   order o-3"),
