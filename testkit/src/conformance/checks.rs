@@ -540,6 +540,59 @@ fn check_redelivery<T>(cx: &Ctx<'_, T>, again: &Delivery, id: &str) -> CheckResu
     Ok(())
 }
 
+/// Publishes `keys` × `per_key` messages interleaved by key (`key-0`,
+/// `key-1`, ...) with their sequence number in [`SEQ_HEADER`], as one
+/// window of sends, then awaits every confirmation.
+async fn publish_keyed<T: Publisher>(
+    cx: &Ctx<'_, T>,
+    topic: &str,
+    keys: usize,
+    per_key: usize,
+) -> CheckResult {
+    let mut confirmations = Vec::with_capacity(keys * per_key);
+    for n in 0..keys * per_key {
+        let (key, seq) = (format!("key-{}", n % keys), n / keys);
+        let env = Envelope::builder(SOURCE, "surety.testkit.ordered")
+            .partition_key(key)
+            .header(SEQ_HEADER, seq.to_string())
+            .build();
+        let what = format!("sending message {} to topic {topic}", env.id);
+        confirmations.push(cx.within(what, cx.transport.send(topic, env)).await?);
+    }
+    for (n, confirmation) in confirmations.into_iter().enumerate() {
+        cx.within(format!("the confirmation of send #{n}"), confirmation)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Checks that each of `keys` keys arrived once each as `0..per_key`.
+fn check_sequences<T>(
+    cx: &Ctx<'_, T>,
+    by_key: &BTreeMap<String, Vec<usize>>,
+    keys: usize,
+    per_key: usize,
+    what: &str,
+) -> CheckResult {
+    let expected: Vec<usize> = (0..per_key).collect();
+    let wrong: Vec<String> = by_key
+        .iter()
+        .filter(|(_, seqs)| **seqs != expected)
+        .map(|(key, seqs)| format!("{key}: {seqs:?}"))
+        .collect();
+    if wrong.is_empty() && by_key.len() == keys {
+        return Ok(());
+    }
+    Err(cx.fail(
+        format!("each of {keys} keys {what} as the sequence {expected:?}"),
+        if wrong.is_empty() {
+            format!("only the keys {:?}", by_key.keys().collect::<Vec<_>>())
+        } else {
+            wrong.join("; ")
+        },
+    ))
+}
+
 /// 50 messages over 5 partition keys, sent as one window of
 /// [`send`](Publisher::send)s and then confirmed, arrive with each key's
 /// messages in publish order, each exactly once.
@@ -552,20 +605,7 @@ where
     let cx = Ctx::new("per_key_order", transport, caps);
     let topic = cx.topic();
     let mut stream = cx.subscribe(&topic, &cx.group("group")).await?;
-    let mut confirmations = Vec::with_capacity(KEYS * PER_KEY);
-    for n in 0..KEYS * PER_KEY {
-        let (key, seq) = (format!("key-{}", n % KEYS), n / KEYS);
-        let env = Envelope::builder(SOURCE, "surety.testkit.ordered")
-            .partition_key(key)
-            .header(SEQ_HEADER, seq.to_string())
-            .build();
-        let what = format!("sending message {} to topic {topic}", env.id);
-        confirmations.push(cx.within(what, cx.transport.send(&topic, env)).await?);
-    }
-    for (n, confirmation) in confirmations.into_iter().enumerate() {
-        cx.within(format!("the confirmation of send #{n}"), confirmation)
-            .await?;
-    }
+    publish_keyed(&cx, &topic, KEYS, PER_KEY).await?;
     let mut by_key: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     let mut batch = cx.batch(KEYS * PER_KEY);
     for received in 0..KEYS * PER_KEY {
@@ -592,24 +632,7 @@ where
         by_key.entry(key).or_default().push(seq);
         cx.settle(delivery, Settlement::Ack).await?;
     }
-    let expected: Vec<usize> = (0..PER_KEY).collect();
-    let wrong: Vec<String> = by_key
-        .iter()
-        .filter(|(_, seqs)| **seqs != expected)
-        .map(|(key, seqs)| format!("{key}: {seqs:?}"))
-        .collect();
-    if wrong.is_empty() && by_key.len() == KEYS {
-        Ok(())
-    } else {
-        Err(cx.fail(
-            format!("each of {KEYS} keys to arrive as the sequence {expected:?}"),
-            if wrong.is_empty() {
-                format!("only the keys {:?}", by_key.keys().collect::<Vec<_>>())
-            } else {
-                wrong.join("; ")
-            },
-        ))
-    }
+    check_sequences(&cx, &by_key, KEYS, PER_KEY, "to arrive")
 }
 
 /// A [`Worker`] handling 8 deliveries at once with a slow handler, over 60
@@ -628,20 +651,7 @@ where
     let cx = Ctx::new("worker_per_key_order", transport, caps);
     let topic = cx.topic();
     let stream = cx.subscribe(&topic, &cx.group("group")).await?;
-    let mut confirmations = Vec::with_capacity(TOTAL);
-    for n in 0..TOTAL {
-        let (key, seq) = (format!("key-{}", n % KEYS), n / KEYS);
-        let env = Envelope::builder(SOURCE, "surety.testkit.ordered")
-            .partition_key(key)
-            .header(SEQ_HEADER, seq.to_string())
-            .build();
-        let what = format!("sending message {} to topic {topic}", env.id);
-        confirmations.push(cx.within(what, cx.transport.send(&topic, env)).await?);
-    }
-    for (n, confirmation) in confirmations.into_iter().enumerate() {
-        cx.within(format!("the confirmation of send #{n}"), confirmation)
-            .await?;
-    }
+    publish_keyed(&cx, &topic, KEYS, PER_KEY).await?;
 
     #[derive(Default)]
     struct Seen {
@@ -718,23 +728,7 @@ where
             ),
         ));
     }
-    let expected: Vec<usize> = (0..PER_KEY).collect();
-    let wrong: Vec<String> = seen
-        .by_key
-        .iter()
-        .filter(|(_, seqs)| **seqs != expected)
-        .map(|(key, seqs)| format!("{key}: {seqs:?}"))
-        .collect();
-    if !wrong.is_empty() || seen.by_key.len() != KEYS {
-        return Err(cx.fail(
-            format!("each of {KEYS} keys handled once each as the sequence {expected:?}"),
-            if wrong.is_empty() {
-                format!("only the keys {:?}", seen.by_key.keys().collect::<Vec<_>>())
-            } else {
-                wrong.join("; ")
-            },
-        ));
-    }
+    check_sequences(&cx, &seen.by_key, KEYS, PER_KEY, "handled once each")?;
     if seen.most_at_once < 2 {
         return Err(cx.fail(
             "different keys handled in parallel",
