@@ -148,7 +148,7 @@ pub trait TransactionalStore: DedupStore + Clone {
 ///
 /// It dereferences to the database connection, so queries take
 /// `&mut *tx`. Finish with [`commit`](Self::commit) or
-/// [`commit_with_reply`](Self::commit_with_reply): they are the only way to
+/// [`commit_with_outputs`](Self::commit_with_outputs): they are the only way to
 /// get the [`Committed`] an inbox handler returns. Dropping it rolls back.
 pub struct InboxTx<St: TransactionalStore> {
     tx: Transaction<'static, St::Database>,
