@@ -21,7 +21,7 @@
 //! 2. [`LogEvent::Record`] carries the envelope and its partition, offset
 //!    and broker timestamp ([`LogRecord::info`]).
 //! 3. [`LogEvent::CaughtUp`] says a partition's position reached the end
-//!    offset the broker reported (once per assignment of that partition).
+//!    of the partition (once per assignment of that partition).
 //! 4. [`LogEvent::Revoked`] comes after the last record of the partitions it
 //!    names and before another member gets them: the caller flushes what it
 //!    holds for them. The partitions are handed on when the stream is
@@ -110,8 +110,10 @@ pub struct AssignedPartition {
     pub partition: i32,
     /// The offset of the earliest retained record (the low watermark).
     pub earliest_offset: i64,
-    /// The offset the next published record gets (the high watermark): the
-    /// partition holds `end_offset - earliest_offset` records.
+    /// The offset the next published record gets (the high watermark), as
+    /// the broker reported it at assignment: the partition holds
+    /// `end_offset - earliest_offset` records. tansu 0.6 reports the last
+    /// record batch's base offset + 1 instead.
     pub end_offset: i64,
 }
 
@@ -253,9 +255,10 @@ pub enum LogEvent {
     Revoked(Vec<i32>),
     /// A record.
     Record(LogRecord),
-    /// The partition's position reached `end_offset`, the end the broker
-    /// reported after the position was set: everything published before
-    /// then has been read. Once per assignment of the partition.
+    /// The partition's position reached its end as the broker reports it:
+    /// everything published before then has been read. `end_offset` is that
+    /// position (the next offset to be read). Once per assignment of the
+    /// partition.
     CaughtUp {
         /// The partition.
         partition: i32,

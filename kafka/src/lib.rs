@@ -138,6 +138,7 @@ mod config;
 mod consumer;
 mod context;
 mod error;
+mod log;
 mod metrics;
 mod tracker;
 mod transport;

@@ -197,7 +197,12 @@ impl KafkaTransport {
         &self.inner.config
     }
 
-    fn check_open(&self) -> Result<()> {
+    /// A token cancelled when the transport closes.
+    pub(crate) fn cancel_token(&self) -> CancellationToken {
+        self.inner.cancel.child_token()
+    }
+
+    pub(crate) fn check_open(&self) -> Result<()> {
         if self.inner.closed.load(Ordering::Acquire) {
             Err(closed_error())
         } else {
