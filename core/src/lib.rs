@@ -15,6 +15,10 @@
 //! - [`Publisher`] and [`Subscriber`] are the ports broker adapters
 //!   implement (`surety-rabbitmq`, `surety-kafka`) and
 //!   [`memory::MemoryTransport`] is the embedded default.
+//! - [`log`] is the capability of transports that retain messages:
+//!   positioned subscriptions whose positions the caller keeps, with
+//!   assignment and revocation events, end offsets and broker timestamps;
+//!   [`memory::MemoryLog`] is its embedded default (Kafka implements it too).
 //! - [`consumer`] runs handlers as `tower` services: decode, handle,
 //!   classify, settle; pattern crates add layers (deduplication, retries,
 //!   dead-lettering).

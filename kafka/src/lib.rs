@@ -16,6 +16,13 @@
 //! - [`Subscriber`](surety_core::Subscriber): one consumer per
 //!   subscription, in the subscription's consumer group, starting from the
 //!   earliest offset when the group has none.
+//! - [`LogSubscriber`](surety_core::log::LogSubscriber): positioned
+//!   subscriptions whose positions the caller keeps (nothing is committed);
+//!   the group assigns partitions, the caller seeks on `Assigned` and
+//!   flushes on `Revoked`, records carry Kafka's timestamp, `CaughtUp` comes
+//!   at the end of a partition. A fetch that lands past the offset sought
+//!   (tansu 0.6 returns the next record batch) is repaired by seeking back
+//!   and skipping. See ADR 0011.
 //! - [`Close`](surety_core::Close): commits what settlements allowed,
 //!   leaves the groups, flushes the producer.
 //!

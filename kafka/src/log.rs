@@ -20,7 +20,6 @@
 //! and is accepted.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{Receiver as AckReceiver, SyncSender as AckSender, sync_channel};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -35,7 +34,7 @@ use surety_core::log::{
     StartPosition,
 };
 use surety_core::{DeliveryInfo, Result, TransportError, TransportErrorKind, require_name};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::SYSTEM;
@@ -51,7 +50,7 @@ const BUFFER: usize = 1024;
 
 /// An event for the stream, with the acknowledgement the consumer thread
 /// waits for (sent when the stream is polled again).
-type Item = (Result<LogEvent>, Option<AckSender<()>>);
+type Item = (Result<LogEvent>, Option<oneshot::Sender<()>>);
 
 /// Where one assigned partition stands.
 #[derive(Debug)]
@@ -80,6 +79,11 @@ struct LogCtx {
     ack_timeout: Duration,
     /// Broker calls made from callbacks (watermarks, times).
     call_timeout: Duration,
+    /// Cancelled when the transport closes: rebalance events are then not
+    /// waited for.
+    cancel: CancellationToken,
+    /// Runs the waits of the consumer thread.
+    runtime: tokio::runtime::Handle,
 }
 
 impl LogCtx {
@@ -90,18 +94,37 @@ impl LogCtx {
     /// Sends `event` and waits until the stream is polled past it; false
     /// when the stream is gone.
     fn send_and_wait(&self, event: LogEvent) -> bool {
-        let (ack, acked): (AckSender<()>, AckReceiver<()>) = sync_channel(1);
-        if self.tx.blocking_send((Ok(event), Some(ack))).is_err() {
+        let (ack, acked) = oneshot::channel();
+        if !self.put((Ok(event), Some(ack))) {
             return false;
         }
-        if acked.recv_timeout(self.ack_timeout).is_err() {
+        let limit = self.ack_timeout;
+        let waited = self.runtime.block_on(async {
+            tokio::select! {
+                _ = acked => true,
+                () = self.cancel.cancelled() => true,
+                () = tokio::time::sleep(limit) => false,
+            }
+        });
+        if !waited {
             tracing::warn!(topic = %self.topic, group = %self.group, "the log stream was not polled after a rebalance event; going on");
         }
         true
     }
 
     fn send(&self, event: LogEvent) -> bool {
-        self.tx.blocking_send((Ok(event), None)).is_ok()
+        self.put((Ok(event), None))
+    }
+
+    /// Hands `item` to the stream, waiting while its buffer is full; false
+    /// when the stream is gone or the transport closed.
+    fn put(&self, item: Item) -> bool {
+        self.runtime.block_on(async {
+            tokio::select! {
+                sent = self.tx.send(item) => sent.is_ok(),
+                () = self.cancel.cancelled() => false,
+            }
+        })
     }
 
     fn partitions(&self, list: &TopicPartitionList) -> Vec<i32> {
@@ -378,10 +401,10 @@ impl ConsumerContext for LogCtx {
 }
 
 /// Polls the consumer until the stream is dropped or the transport closes.
-fn run(consumer: BaseConsumer<LogCtx>, cancel: CancellationToken) {
+fn run(consumer: BaseConsumer<LogCtx>) {
     loop {
         let ctx = consumer.context();
-        if cancel.is_cancelled() || ctx.tx.is_closed() {
+        if ctx.cancel.is_cancelled() || ctx.tx.is_closed() {
             break;
         }
         let open = match consumer.poll(POLL) {
@@ -394,7 +417,7 @@ fn run(consumer: BaseConsumer<LogCtx>, cancel: CancellationToken) {
                     let error =
                         TransportError::new(TransportErrorKind::Connection, err.to_string());
                     // Best effort: the stream may be gone already.
-                    let _ = ctx.tx.blocking_send((Err(error), None));
+                    let _ = ctx.put((Err(error), None));
                     false
                 } else {
                     true
@@ -411,14 +434,14 @@ fn run(consumer: BaseConsumer<LogCtx>, cancel: CancellationToken) {
 /// The stream side: acknowledges the last rebalance event when polled again.
 struct Events {
     rx: mpsc::Receiver<Item>,
-    ack: Option<AckSender<()>>,
+    ack: Option<oneshot::Sender<()>>,
 }
 
 impl Events {
     async fn next(&mut self) -> Option<Result<LogEvent>> {
         if let Some(ack) = self.ack.take() {
             // The consumer thread may have stopped waiting already.
-            let _ = ack.try_send(());
+            let _ = ack.send(());
         }
         let (event, ack) = self.rx.recv().await?;
         self.ack = ack;
@@ -451,6 +474,8 @@ impl LogSubscriber for KafkaTransport {
             parts: Mutex::default(),
             ack_timeout: config.group_join_timeout.max(Duration::from_secs(30)),
             call_timeout: config.connect_timeout,
+            cancel: self.cancel_token(),
+            runtime: tokio::runtime::Handle::current(),
         };
         let mut client = config.consumer(group);
         // Positions are the caller's: nothing is stored or committed.
@@ -474,8 +499,7 @@ impl LogSubscriber for KafkaTransport {
                 format!("subscribing to Kafka topic {topic:?}: {err}"),
             )
         })?;
-        let cancel = self.cancel_token();
-        tokio::task::spawn_blocking(move || run(consumer, cancel));
+        self.track_log_task(tokio::task::spawn_blocking(move || run(consumer)));
         let events = Events { rx, ack: None };
         Ok(Box::pin(futures::stream::unfold(
             events,

@@ -74,6 +74,8 @@ struct Inner {
     known_topics: Mutex<HashMap<String, Arc<KnownTopic>>>,
     /// Subscriptions whose poll task may still run.
     subscriptions: Mutex<Vec<Subscription>>,
+    /// Consumer threads of positioned log subscriptions.
+    log_tasks: Mutex<Vec<JoinHandle<()>>>,
     close_done: tokio::sync::Mutex<bool>,
 }
 
@@ -187,6 +189,7 @@ impl KafkaTransport {
                 waiting: AtomicUsize::new(0),
                 known_topics: Mutex::new(HashMap::new()),
                 subscriptions: Mutex::new(Vec::new()),
+                log_tasks: Mutex::new(Vec::new()),
                 close_done: tokio::sync::Mutex::new(false),
             }),
         })
@@ -195,6 +198,13 @@ impl KafkaTransport {
     /// The configuration this transport was connected with.
     pub fn config(&self) -> &KafkaConfig {
         &self.inner.config
+    }
+
+    /// Keeps a log subscription's consumer thread for close to await.
+    pub(crate) fn track_log_task(&self, task: JoinHandle<()>) {
+        let mut tasks = lock(&self.inner.log_tasks);
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
     }
 
     /// A token cancelled when the transport closes.
@@ -593,7 +603,8 @@ impl Subscriber for KafkaTransport {
 impl Close for KafkaTransport {
     /// Stops every subscription (each stores and commits the offsets its
     /// settlements allowed, then leaves its group; unsettled deliveries are
-    /// redelivered later), then flushes the producer within the
+    /// redelivered later) and every positioned log subscription (it leaves
+    /// its group; its stream ends), then flushes the producer within the
     /// [delivery timeout](KafkaConfig::delivery_timeout). Idempotent.
     async fn close(&self) -> Result<()> {
         let inner = &self.inner;
@@ -607,6 +618,12 @@ impl Close for KafkaTransport {
         for Subscription { task, .. } in subscriptions {
             if let Err(err) = task.await {
                 tracing::warn!(error = %err, "a Kafka subscription task failed");
+            }
+        }
+        let log_tasks = std::mem::take(&mut *lock(&inner.log_tasks));
+        for task in log_tasks {
+            if let Err(err) = task.await {
+                tracing::warn!(error = %err, "a Kafka log subscription thread failed");
             }
         }
         let producer = inner.producer.clone();

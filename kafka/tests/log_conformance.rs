@@ -56,3 +56,43 @@ async fn kafka_log_conforms_on_the_mock_cluster() {
     report.assert_ok();
     assert!(report.skipped().is_empty(), "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_ends_a_log_subscription_without_waiting_for_its_caller() {
+    use futures::StreamExt;
+    use surety_core::Close;
+    use surety_core::log::{LogEvent, LogOptions, LogSubscriber};
+
+    common::init_tracing();
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let kafka = KafkaTransport::connect(common::config(&mock.bootstrap_servers()))
+        .await
+        .expect("connect to the mock cluster");
+    let topic = common::unique("log-close");
+    let mut events = kafka
+        .subscribe_log(&topic, &common::unique("group"), LogOptions::default())
+        .await
+        .expect("subscribed");
+    let first = tokio::time::timeout(Duration::from_secs(30), events.next())
+        .await
+        .expect("an assignment in time");
+    assert!(
+        matches!(first, Some(Ok(LogEvent::Assigned(_)))),
+        "{first:?}"
+    );
+    // The caller keeps the stream and does not poll it: close still ends
+    // the consumer (its revocation is not waited for) and the stream.
+    tokio::time::timeout(Duration::from_secs(20), kafka.close())
+        .await
+        .expect("close in time")
+        .expect("closed");
+    let rest = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(event) = events.next().await {
+            if let Err(err) = event {
+                panic!("no error on close: {err}");
+            }
+        }
+    })
+    .await;
+    assert!(rest.is_ok(), "the stream ends after close");
+}

@@ -41,3 +41,52 @@ async fn checks_run_on_their_own() {
         .await
         .unwrap();
 }
+
+/// A log that ignores the caller's seeks: every partition starts where the
+/// options say.
+#[derive(Debug, Clone, Default)]
+struct IgnoresSeeks(MemoryLog);
+
+impl surety_core::Publisher for IgnoresSeeks {
+    async fn send(
+        &self,
+        topic: &str,
+        envelope: surety_core::Envelope,
+    ) -> surety_core::Result<surety_core::Confirmation> {
+        self.0.send(topic, envelope).await
+    }
+}
+
+impl surety_core::log::LogSubscriber for IgnoresSeeks {
+    async fn subscribe_log(
+        &self,
+        topic: &str,
+        group: &str,
+        options: surety_core::log::LogOptions,
+    ) -> surety_core::Result<surety_core::log::LogStream> {
+        use futures::StreamExt;
+        use surety_core::log::{Assignment, LogEvent};
+        let stream = self.0.subscribe_log(topic, group, options).await?;
+        Ok(stream
+            .map(|event| match event {
+                // The caller seeks a copy the log never reads.
+                Ok(LogEvent::Assigned(a)) => {
+                    Ok(LogEvent::Assigned(Assignment::new(a.partitions().to_vec())))
+                }
+                other => other,
+            })
+            .boxed())
+    }
+}
+
+#[tokio::test]
+async fn the_suite_catches_a_log_that_ignores_seeks() {
+    let caps = caps().receive_timeout(Duration::from_secs(1));
+    let failure = log::restart_from_stored_positions(&IgnoresSeeks::default(), &caps)
+        .await
+        .unwrap_err();
+    assert!(
+        failure.message.contains("records skipped or repeated"),
+        "{failure}"
+    );
+}
