@@ -75,7 +75,7 @@ type Route =
 /// ```
 #[derive(Clone, Default)]
 pub struct Router {
-    routes: Arc<HashMap<String, Route>>,
+    routes: Arc<HashMap<String, Route, foldhash::fast::RandomState>>,
     unknown: UnknownType,
 }
 

@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use tower::ServiceExt;
 use tracing::Instrument;
 
-use super::keyed::{KeyedQueue, key_of};
+use super::keyed::KeyedQueue;
 use super::{Handler, Incoming, Outcome, Output, Response};
 use crate::error::{Classify, ErrorClass, HandlerError, TransportError, TransportErrorKind};
 use crate::metrics::Metrics;
@@ -311,7 +311,7 @@ impl<S: Handler> Worker<S> {
                 next = deliveries.next(), if has_room => match next {
                     None => open = false,
                     Some(Ok(delivery)) => {
-                        let key = if keyed { key_of(&delivery) } else { None };
+                        let key = if keyed { keys.key_of(&delivery) } else { None };
                         let ready = match key {
                             Some(key) => keys.admit(key, delivery),
                             None => Some(delivery),
