@@ -147,13 +147,24 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         let due = self.store.due_timers(S::NAME, now, limit).await?;
         let mut outcomes = Vec::with_capacity(due.len());
         for timer in due {
-            let input = Input::Timeout {
-                name: timer.name.clone(),
-            };
-            let id = timer.id.clone();
-            outcomes.push(self.apply_input(&id, input, Some(timer), now).await?);
+            outcomes.push(self.fire_timer(timer, now).await?);
         }
         Ok(outcomes)
+    }
+
+    /// Fires one polled timer as an [`Input::Timeout`] at `now`. A timer
+    /// cancelled or reset since it was polled gives [`Outcome::TimerStale`]
+    /// and writes nothing.
+    pub async fn fire_timer(
+        &self,
+        timer: TimerRecord,
+        now: DateTime<Utc>,
+    ) -> Result<Outcome, SagaError> {
+        let input = Input::Timeout {
+            name: timer.name.clone(),
+        };
+        let id = timer.id.clone();
+        self.apply_input(&id, input, Some(timer), now).await
     }
 
     /// The instance's current state, decoded.
