@@ -147,10 +147,10 @@ impl Command {
 #[derive(Clone, Debug, PartialEq)]
 #[must_use]
 pub struct Transition<S> {
-    state: Option<S>,
-    commands: Vec<Command>,
-    set_timers: Vec<(String, Duration)>,
-    cancel_timers: Vec<String>,
+    pub(crate) state: Option<S>,
+    pub(crate) commands: Vec<Command>,
+    pub(crate) set_timers: Vec<(String, Duration)>,
+    pub(crate) cancel_timers: Vec<String>,
 }
 
 impl<S> Transition<S> {
@@ -216,22 +216,6 @@ impl<S> Transition<S> {
     /// Whether the input is ignored.
     pub fn is_ignored(&self) -> bool {
         self.state.is_none()
-    }
-
-    pub(crate) fn into_parts(
-        self,
-    ) -> (
-        Option<S>,
-        Vec<Command>,
-        Vec<(String, Duration)>,
-        Vec<String>,
-    ) {
-        (
-            self.state,
-            self.commands,
-            self.set_timers,
-            self.cancel_timers,
-        )
     }
 }
 

@@ -251,7 +251,12 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         fired_timer: Option<TimerRecord>,
         now: DateTime<Utc>,
     ) -> Result<Option<Write>, SagaError> {
-        let (state, commands, set_timers, cancel_timers) = transition.into_parts();
+        let Transition {
+            state,
+            commands,
+            set_timers,
+            cancel_timers,
+        } = transition;
         let Some(state) = state else {
             return Ok(None);
         };

@@ -280,7 +280,7 @@ impl SagaStore for MemoryStore {
                 due: *at,
             })
             .collect();
-        due.sort_by(|a, b| a.due.cmp(&b.due));
+        due.sort_by_key(|timer| timer.due);
         due.truncate(limit);
         Ok(due)
     }

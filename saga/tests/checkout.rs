@@ -295,6 +295,15 @@ async fn a_timer_reset_after_polling_is_stale_when_fired() {
         .unwrap();
     assert_eq!(store.timers().len(), 1);
     assert_ne!(store.timers()[0].due, polled[0].due);
+
+    let outcome = saga.fire_timer(polled[0].clone(), later).await.unwrap();
+    assert_eq!(outcome, Outcome::TimerStale);
+    let kinds: Vec<_> = sent(&store).into_iter().map(|(_, kind)| kind).collect();
+    assert_eq!(
+        kinds,
+        ["payment.charge", "inventory.reserve"],
+        "no refund was sent"
+    );
     assert_eq!(
         saga.state("o-4").await.unwrap().unwrap().step,
         Step::Reserving
@@ -324,8 +333,8 @@ async fn operator_abort_is_recorded_and_replays() {
     assert!(store.timers().is_empty());
 }
 
-#[tokio::test]
-async fn concurrent_replies_to_one_instance_are_applied_one_at_a_time() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_delivered_twice_at_once_applies_once() {
     let store = MemoryStore::new();
     let saga = std::sync::Arc::new(Orchestrator::new(Checkout, store.clone()));
     saga.start("o-6", Checkout::begin("o-6")).await.unwrap();
@@ -415,4 +424,83 @@ fn public_types_are_send_and_sync() {
     check::<MemoryStore>();
     check::<surety_saga::SagaError>();
     check::<Outcome>();
+}
+
+/// A store in which another writer applies `race` to the instance just
+/// before the first write lands.
+struct RacingStore {
+    inner: MemoryStore,
+    race: std::sync::Mutex<Option<Reply>>,
+}
+
+impl surety_saga::store::SagaStore for RacingStore {
+    async fn load(
+        &self,
+        saga: &str,
+        id: &str,
+    ) -> Result<Option<surety_saga::store::InstanceRecord>, surety_saga::store::StoreError> {
+        self.inner.load(saga, id).await
+    }
+
+    async fn write(
+        &self,
+        write: surety_saga::store::Write,
+    ) -> Result<(), surety_saga::store::StoreError> {
+        let race = self.race.lock().unwrap().take();
+        if let Some(reply) = race {
+            let other = Orchestrator::new(Checkout, self.inner.clone());
+            let id = write.instance.id.clone();
+            other.handle(&id, Input::Message(reply)).await.unwrap();
+        }
+        self.inner.write(write).await
+    }
+
+    async fn due_timers(
+        &self,
+        saga: &str,
+        now: chrono::DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<surety_saga::store::TimerRecord>, surety_saga::store::StoreError> {
+        self.inner.due_timers(saga, now, limit).await
+    }
+
+    async fn history(
+        &self,
+        saga: &str,
+        id: &str,
+    ) -> Result<Vec<surety_saga::store::HistoryRecord>, surety_saga::store::StoreError> {
+        self.inner.history(saga, id).await
+    }
+}
+
+#[tokio::test]
+async fn a_concurrent_write_makes_the_input_decide_again_on_the_fresh_state() {
+    use surety_saga::store::SagaStore;
+    let memory = MemoryStore::new();
+    let setup = Orchestrator::new(Checkout, memory.clone());
+    setup.start("o-7", Checkout::begin("o-7")).await.unwrap();
+    setup
+        .handle("o-7", Input::Message(Reply::Paid))
+        .await
+        .unwrap();
+    memory.take_commands();
+
+    let racing = RacingStore {
+        inner: memory.clone(),
+        race: std::sync::Mutex::new(Some(Reply::Reserved)),
+    };
+    let saga = Orchestrator::new(Checkout, racing);
+    // Decided on `reserving` (refund), but `Reserved` won the race: on the
+    // fresh state (`shipping`) a stale out-of-stock reply is ignored.
+    let outcome = saga
+        .handle("o-7", Input::Message(Reply::OutOfStock))
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Ignored);
+    assert_eq!(
+        saga.state("o-7").await.unwrap().unwrap().step,
+        Step::Shipping
+    );
+    assert_eq!(sent(&memory), vec![pair("shipping", "shipping.ship")]);
+    assert_eq!(memory.history("checkout", "o-7").await.unwrap().len(), 3);
 }
