@@ -69,11 +69,17 @@
 //!
 //! # Feature flags
 //!
-//! surety-saga has no optional features yet; it ships the in-memory store.
+//! - `sqlite` (off by default): [`sqlite::SqliteSagaStore`], which writes
+//!   each transition and its commands (into the `surety-outbox` table) in
+//!   one SQLite transaction. It pulls in `sqlx` and `surety-outbox`.
+//!
+//! Without features the crate ships the in-memory [`store::MemoryStore`].
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod definition;
 mod orchestrator;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 pub mod store;
 
 pub use definition::{Command, Input, OperatorAction, Saga, Transition, replay};
