@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 /// A saga definition: `(state, input) -> transition`, with no I/O.
 ///
 /// The state is your own type and carries both the named step (an enum
-/// variant) and the data the saga has gathered. The [`Orchestrator`]
-/// (crate::Orchestrator) loads it, applies one [`Input`] at a time and
+/// variant) and the data the saga has gathered. The
+/// [`Orchestrator`](crate::Orchestrator) loads it, applies one [`Input`] at a time and
 /// stores what [`Saga::apply`] decided.
 ///
 /// ```

@@ -69,7 +69,7 @@
 //!
 //! # Feature flags
 //!
-//! - `sqlite` (off by default): [`sqlite::SqliteSagaStore`], which writes
+//! - `sqlite` (off by default): `sqlite::SqliteSagaStore`, which writes
 //!   each transition and its commands (into the `surety-outbox` table) in
 //!   one SQLite transaction. It pulls in `sqlx` and `surety-outbox`.
 //!
