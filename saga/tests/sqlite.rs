@@ -206,3 +206,42 @@ async fn a_store_error_is_transient() {
     assert!(matches!(error, StoreError::Backend(_)));
     assert!(error.class().is_retryable());
 }
+
+#[tokio::test]
+async fn the_outbox_relay_sends_the_commands_to_the_broker() {
+    use futures::StreamExt;
+    use surety_core::Subscriber;
+    use surety_core::memory::MemoryTransport;
+    use surety_outbox::{Relay, SqliteOutbox};
+
+    let pool = pool().await;
+    let transport = MemoryTransport::new();
+    let mut payments = transport
+        .subscribe("payments", "payment-service")
+        .await
+        .unwrap();
+    let saga = Orchestrator::new(Pay, SqliteSagaStore::new(pool.clone())).source("/checkout");
+    saga.start("o-4", begin()).await.unwrap();
+
+    let relay = Relay::new(SqliteOutbox::new(pool.clone()), transport.clone());
+    let cycle = relay.run_once().await.unwrap();
+    assert_eq!(cycle.sent, 1, "{cycle:?}");
+    let delivery = tokio::time::timeout(Duration::from_secs(10), payments.next())
+        .await
+        .expect("the charge command arrives")
+        .unwrap()
+        .unwrap();
+    let charge = delivery.envelope().clone();
+    delivery.ack().await.unwrap();
+    assert_eq!(charge.id, "pay:o-4:1:0");
+    assert_eq!(charge.event_type, "payment.charge");
+    assert_eq!(charge.source, "/checkout");
+    assert_eq!(charge.correlation_id.as_deref(), Some("o-4"));
+    let body: serde_json::Value = charge.decode().unwrap();
+    assert_eq!(body, serde_json::json!({ "cents": 4200 }));
+
+    // The payment service's reply correlates back to the instance.
+    let id = charge.correlation_id.unwrap();
+    saga.handle(&id, Input::Message(Reply::Paid)).await.unwrap();
+    assert_eq!(saga.state("o-4").await.unwrap(), Some(Step::Done));
+}
