@@ -19,6 +19,8 @@
 //! - Timers are rows with a due time, fired by
 //!   [`Orchestrator::fire_due_timers`]; a timer cancelled or reset before it
 //!   fires does nothing.
+//! - [`metrics::SagaMetrics`] counts inputs by outcome and transitions by
+//!   step (saga progress by state).
 //! - Every input, operator actions included, is recorded:
 //!   [`Orchestrator::history`] and [`replay`] recompute the state.
 //!
@@ -77,6 +79,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod definition;
+pub mod metrics;
 mod orchestrator;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;

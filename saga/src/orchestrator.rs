@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use surety_core::{Classify, Envelope, ErrorClass};
 
 use crate::definition::{Input, Saga, Transition};
+use crate::metrics::SagaMetrics;
 use crate::store::{HistoryRecord, InstanceRecord, SagaStore, StoreError, TimerRecord, Write};
 
 /// How often [`Orchestrator::handle`] reloads and re-applies an input after
@@ -87,6 +88,7 @@ pub struct Orchestrator<S, St> {
     saga: S,
     store: St,
     source: String,
+    metrics: Option<SagaMetrics>,
 }
 
 impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
@@ -97,7 +99,21 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             saga,
             store,
             source: format!("/saga/{}", S::NAME),
+            metrics: None,
         }
+    }
+
+    /// Records inputs and transitions in `metrics`.
+    pub fn metrics(mut self, metrics: SagaMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn record(&self, outcome: Result<Outcome, SagaError>) -> Result<Outcome, SagaError> {
+        if let (Some(metrics), Ok(outcome)) = (&self.metrics, &outcome) {
+            metrics.record(S::NAME, outcome);
+        }
+        outcome
     }
 
     /// Sets the CloudEvents `source` of the commands it sends.
@@ -115,6 +131,15 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
     /// start of the same id (a redelivered trigger) writes nothing and
     /// returns [`Outcome::AlreadyStarted`]; so does an ignoring transition.
     pub async fn start(&self, id: &str, start: Transition<S::State>) -> Result<Outcome, SagaError> {
+        let outcome = self.start_inner(id, start).await;
+        self.record(outcome)
+    }
+
+    async fn start_inner(
+        &self,
+        id: &str,
+        start: Transition<S::State>,
+    ) -> Result<Outcome, SagaError> {
         if self.store.load(S::NAME, id).await?.is_some() {
             return Ok(Outcome::AlreadyStarted);
         }
@@ -203,6 +228,17 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
     }
 
     async fn apply_input(
+        &self,
+        id: &str,
+        input: Input<S::Message>,
+        fired: Option<TimerRecord>,
+        now: DateTime<Utc>,
+    ) -> Result<Outcome, SagaError> {
+        let outcome = self.apply_inner(id, input, fired, now).await;
+        self.record(outcome)
+    }
+
+    async fn apply_inner(
         &self,
         id: &str,
         input: Input<S::Message>,

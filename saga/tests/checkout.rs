@@ -504,3 +504,40 @@ async fn a_concurrent_write_makes_the_input_decide_again_on_the_fresh_state() {
     assert_eq!(sent(&memory), vec![pair("shipping", "shipping.ship")]);
     assert_eq!(memory.history("checkout", "o-7").await.unwrap().len(), 3);
 }
+
+#[tokio::test]
+async fn metrics_count_inputs_by_outcome_and_progress_by_state() {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = surety_saga::metrics::SagaMetrics::register(&mut registry);
+    let saga = Orchestrator::new(Checkout, MemoryStore::new()).metrics(metrics.clone());
+    saga.start("m-1", Checkout::begin("m-1")).await.unwrap();
+    saga.start("m-1", Checkout::begin("m-1")).await.unwrap();
+    saga.handle("m-1", Input::Message(Reply::Paid))
+        .await
+        .unwrap();
+    saga.handle("m-1", Input::Message(Reply::Paid))
+        .await
+        .unwrap();
+    saga.handle(
+        "m-1",
+        Input::Operator(OperatorAction::new("abort", "ops", "test")),
+    )
+    .await
+    .unwrap();
+    saga.handle("m-1", Input::Message(Reply::Reserved))
+        .await
+        .unwrap();
+
+    assert_eq!(metrics.inputs_count("checkout", "applied"), 3);
+    assert_eq!(metrics.inputs_count("checkout", "already_started"), 1);
+    assert_eq!(metrics.inputs_count("checkout", "ignored"), 1);
+    assert_eq!(metrics.inputs_count("checkout", "finished"), 1);
+    assert_eq!(metrics.transitions_count("checkout", "reserving"), 1);
+    assert_eq!(metrics.transitions_count("checkout", "cancelled"), 1);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains(r#"surety_saga_transitions_total{saga="checkout",state="paying"} 1"#),
+        "{text}"
+    );
+}
