@@ -75,12 +75,18 @@
 //!   each transition and its commands (into the `surety-outbox` table) in
 //!   one SQLite transaction. It pulls in `sqlx` and `surety-outbox`.
 //!
+//! - `postgres` (off by default): `postgres::PostgresSagaStore`, the same
+//!   on PostgreSQL, writing optimistically (insert, or update where the
+//!   version is the loaded one).
+//!
 //! Without features the crate ships the in-memory [`store::MemoryStore`].
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod definition;
 pub mod metrics;
 mod orchestrator;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 pub mod store;
