@@ -71,11 +71,11 @@
 //!
 //! # Feature flags
 //!
-//! - `sqlite` (off by default): `sqlite::SqliteSagaStore`, which writes
+//! - `sqlite` (on by default): `sqlite::SqliteSagaStore`, which writes
 //!   each transition and its commands (into the `surety-outbox` table) in
 //!   one SQLite transaction. It pulls in `sqlx` and `surety-outbox`.
 //!
-//! - `postgres` (off by default): `postgres::PostgresSagaStore`, the same
+//! - `postgres` (on by default): `postgres::PostgresSagaStore`, the same
 //!   on PostgreSQL, writing optimistically (insert, or update where the
 //!   version is the loaded one).
 //!
