@@ -1,0 +1,95 @@
+//! Saga state machines for Surety: pure definitions, an orchestrator that
+//! records every input, timers, compensation and operator actions.
+//!
+//! # Overview
+//!
+//! - A [`Saga`] is pure: `(state, input) -> transition`. The
+//!   [`Transition`] names the next state, the [`Command`]s to send and the
+//!   timers to set or cancel. Inputs ([`Input`]) are replies and events,
+//!   timeouts and [operator actions](OperatorAction). Compensation is just
+//!   transitions that send the undoing commands, in reverse order.
+//! - The [`Orchestrator`] is the effectful runner: it loads the instance
+//!   (keyed by saga id = correlation id), applies one input, and writes the
+//!   new state (checked against the loaded version), a history row, the
+//!   commands and the timer changes in one [`store::Write`]. A concurrent
+//!   writer makes it reload and apply again.
+//! - Commands get deterministic ids (`<saga>:<id>:<version>:<index>`), the
+//!   saga id as correlation id and partition key, so a re-sent command is
+//!   deduplicated downstream and replies correlate back.
+//! - Timers are rows with a due time, fired by
+//!   [`Orchestrator::fire_due_timers`]; a timer cancelled or reset before it
+//!   fires does nothing.
+//! - [`metrics::SagaMetrics`] counts inputs by outcome and transitions by
+//!   step (saga progress by state).
+//! - Every input, operator actions included, is recorded:
+//!   [`Orchestrator::history`] and [`replay`] recompute the state.
+//!
+//! # Example
+//!
+//! ```
+//! use serde::{Deserialize, Serialize};
+//! use std::time::Duration;
+//! use surety_saga::{Command, Input, Orchestrator, Outcome, Saga, Transition, store::MemoryStore};
+//!
+//! #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+//! enum Step { Paying, Done, Cancelled }
+//! #[derive(Clone, Debug, Serialize, Deserialize)]
+//! enum Reply { Paid, Declined }
+//!
+//! struct Checkout;
+//! impl Saga for Checkout {
+//!     type State = Step;
+//!     type Message = Reply;
+//!     const NAME: &'static str = "checkout";
+//!     fn state_name(s: &Step) -> &'static str {
+//!         match s { Step::Paying => "paying", Step::Done => "done", Step::Cancelled => "cancelled" }
+//!     }
+//!     fn is_finished(s: &Step) -> bool { *s != Step::Paying }
+//!     fn apply(&self, s: &Step, input: &Input<Reply>) -> Transition<Step> {
+//!         match (s, input) {
+//!             (Step::Paying, Input::Message(Reply::Paid)) => Transition::to(Step::Done),
+//!             (Step::Paying, Input::Message(Reply::Declined) | Input::Timeout { .. }) =>
+//!                 Transition::to(Step::Cancelled),
+//!             _ => Transition::ignore(),
+//!         }
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = MemoryStore::new();
+//! let saga = Orchestrator::new(Checkout, store.clone());
+//! saga.start("order-1", Transition::to(Step::Paying)
+//!     .command(Command::new("payments", "payment.charge", serde_json::json!({"cents": 4200})))
+//!     .set_timer("payment", Duration::from_secs(30))).await?;
+//! assert_eq!(store.take_commands().len(), 1);
+//!
+//! let outcome = saga.handle("order-1", Input::Message(Reply::Paid)).await?;
+//! assert!(matches!(outcome, Outcome::Applied { finished: true, .. }));
+//! assert!(store.timers().is_empty());
+//! # Ok(()) }
+//! ```
+//!
+//! # Feature flags
+//!
+//! - `sqlite` (on by default): `sqlite::SqliteSagaStore`, which writes
+//!   each transition and its commands (into the `surety-outbox` table) in
+//!   one SQLite transaction. It pulls in `sqlx` and `surety-outbox`.
+//!
+//! - `postgres` (on by default): `postgres::PostgresSagaStore`, the same
+//!   on PostgreSQL, writing optimistically (insert, or update where the
+//!   version is the loaded one).
+//!
+//! Without features the crate ships the in-memory [`store::MemoryStore`].
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+mod definition;
+pub mod metrics;
+mod orchestrator;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+pub mod store;
+
+pub use definition::{Command, Input, OperatorAction, Saga, Transition, replay};
+pub use orchestrator::{Orchestrator, Outcome, SagaError};

@@ -1,0 +1,373 @@
+//! The effectful runner: loads an instance, applies one input, writes the
+//! result.
+
+use chrono::{DateTime, Utc};
+use surety_core::{Classify, Envelope, ErrorClass};
+
+use crate::definition::{Input, Saga, Transition};
+use crate::metrics::SagaMetrics;
+use crate::store::{HistoryRecord, InstanceRecord, SagaStore, StoreError, TimerRecord, Write};
+
+/// How often [`Orchestrator::handle`] reloads and re-applies an input after
+/// a concurrent write to the same instance before giving up.
+const MAX_CONFLICT_RETRIES: usize = 8;
+
+/// Why the orchestrator could not apply an input.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SagaError {
+    /// The store failed, or the instance kept changing under us.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The stored state no longer decodes into the saga's state type.
+    #[error("saga {saga} {id}: stored state does not decode: {source}")]
+    Decode {
+        /// The saga's name.
+        saga: String,
+        /// The saga id.
+        id: String,
+        /// The decode error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A state, input or command payload could not be encoded.
+    #[error("saga {saga} {id}: cannot encode: {source}")]
+    Encode {
+        /// The saga's name.
+        saga: String,
+        /// The saga id.
+        id: String,
+        /// The encode error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Classify for SagaError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            SagaError::Store(error) => error.class(),
+            SagaError::Decode { .. } | SagaError::Encode { .. } => ErrorClass::Permanent,
+        }
+    }
+}
+
+/// What happened to an input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The transition was stored (with its commands and timers).
+    Applied {
+        /// The instance's new version.
+        version: u64,
+        /// The step it is at now.
+        state_name: String,
+        /// Whether that step is final.
+        finished: bool,
+        /// How many commands were written for relaying.
+        commands: usize,
+    },
+    /// The definition ignored the input; nothing was written.
+    Ignored,
+    /// The instance had already finished; nothing was written.
+    Finished,
+    /// No instance has that id; nothing was written.
+    Unknown,
+    /// [`Orchestrator::start`] found the instance already started (a
+    /// redelivered start); nothing was written.
+    AlreadyStarted,
+    /// The timer was cancelled or reset before it could fire.
+    TimerStale,
+}
+
+/// Runs a [`Saga`] against a [`SagaStore`]: one input at a time per
+/// instance, each stored with its history row, commands and timers in one
+/// write, guarded by the instance version.
+#[derive(Debug)]
+pub struct Orchestrator<S, St> {
+    saga: S,
+    store: St,
+    source: String,
+    metrics: Option<SagaMetrics>,
+}
+
+impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
+    /// Runs `saga` on `store`. Commands carry the source `/saga/<NAME>`
+    /// unless [`Orchestrator::source`] says otherwise.
+    pub fn new(saga: S, store: St) -> Self {
+        Self {
+            saga,
+            store,
+            source: format!("/saga/{}", S::NAME),
+            metrics: None,
+        }
+    }
+
+    /// Records inputs and transitions in `metrics`.
+    pub fn metrics(mut self, metrics: SagaMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn record(&self, outcome: Result<Outcome, SagaError>) -> Result<Outcome, SagaError> {
+        if let (Some(metrics), Ok(outcome)) = (&self.metrics, &outcome) {
+            metrics.record(S::NAME, outcome);
+        }
+        outcome
+    }
+
+    /// Sets the CloudEvents `source` of the commands it sends.
+    pub fn source(mut self, source: impl Into<String>) -> Self {
+        self.source = source.into();
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &St {
+        &self.store
+    }
+
+    /// Starts instance `id` with the state and commands of `start`. A second
+    /// start of the same id (a redelivered trigger) writes nothing and
+    /// returns [`Outcome::AlreadyStarted`]; so does an ignoring transition.
+    pub async fn start(&self, id: &str, start: Transition<S::State>) -> Result<Outcome, SagaError> {
+        let outcome = self.start_inner(id, start).await;
+        self.record(outcome)
+    }
+
+    async fn start_inner(
+        &self,
+        id: &str,
+        start: Transition<S::State>,
+    ) -> Result<Outcome, SagaError> {
+        if self.store.load(S::NAME, id).await?.is_some() {
+            return Ok(Outcome::AlreadyStarted);
+        }
+        let now = Utc::now();
+        let Some(write) = self.prepare(id, 0, None, start, None, now)? else {
+            return Ok(Outcome::AlreadyStarted);
+        };
+        let outcome = outcome_of(&write);
+        match self.store.write(write).await {
+            Ok(()) => Ok(outcome),
+            Err(StoreError::Conflict { .. }) => Ok(Outcome::AlreadyStarted),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Applies `input` to instance `id`, reloading and re-applying when
+    /// another writer got there first.
+    pub async fn handle(&self, id: &str, input: Input<S::Message>) -> Result<Outcome, SagaError> {
+        self.apply_input(id, input, None, Utc::now()).await
+    }
+
+    /// Fires the timers of this saga due at `now` (at most `limit`), each as
+    /// an [`Input::Timeout`] to its instance. Returns the outcomes, in due
+    /// order. Call it on an interval from a background task.
+    pub async fn fire_due_timers(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Outcome>, SagaError> {
+        let due = self.store.due_timers(S::NAME, now, limit).await?;
+        let mut outcomes = Vec::with_capacity(due.len());
+        for timer in due {
+            outcomes.push(self.fire_timer(timer, now).await?);
+        }
+        Ok(outcomes)
+    }
+
+    /// Fires one polled timer as an [`Input::Timeout`] at `now`. A timer
+    /// cancelled or reset since it was polled gives [`Outcome::TimerStale`]
+    /// and writes nothing.
+    pub async fn fire_timer(
+        &self,
+        timer: TimerRecord,
+        now: DateTime<Utc>,
+    ) -> Result<Outcome, SagaError> {
+        let input = Input::Timeout {
+            name: timer.name.clone(),
+        };
+        let id = timer.id.clone();
+        self.apply_input(&id, input, Some(timer), now).await
+    }
+
+    /// The instance's current state, decoded.
+    pub async fn state(&self, id: &str) -> Result<Option<S::State>, SagaError> {
+        match self.store.load(S::NAME, id).await? {
+            None => Ok(None),
+            Some(record) => decode_state::<S>(&record).map(Some),
+        }
+    }
+
+    /// The instance's recorded history: the start state and the inputs
+    /// applied since, oldest first. Feed them to [`replay`](crate::replay)
+    /// to recompute the state.
+    pub async fn history(
+        &self,
+        id: &str,
+    ) -> Result<Option<(S::State, Vec<Input<S::Message>>)>, SagaError> {
+        let rows = self.store.history(S::NAME, id).await?;
+        let mut rows = rows.into_iter();
+        let Some(first) = rows.next() else {
+            return Ok(None);
+        };
+        let decode_error = |source| SagaError::Decode {
+            saga: S::NAME.to_owned(),
+            id: id.to_owned(),
+            source,
+        };
+        let initial = serde_json::from_value(first.state).map_err(decode_error)?;
+        let mut inputs = Vec::new();
+        for row in rows {
+            if let Some(input) = row.input {
+                inputs.push(serde_json::from_value(input).map_err(decode_error)?);
+            }
+        }
+        Ok(Some((initial, inputs)))
+    }
+
+    async fn apply_input(
+        &self,
+        id: &str,
+        input: Input<S::Message>,
+        fired: Option<TimerRecord>,
+        now: DateTime<Utc>,
+    ) -> Result<Outcome, SagaError> {
+        let outcome = self.apply_inner(id, input, fired, now).await;
+        self.record(outcome)
+    }
+
+    async fn apply_inner(
+        &self,
+        id: &str,
+        input: Input<S::Message>,
+        fired: Option<TimerRecord>,
+        now: DateTime<Utc>,
+    ) -> Result<Outcome, SagaError> {
+        let mut conflicts = 0;
+        loop {
+            let Some(record) = self.store.load(S::NAME, id).await? else {
+                return Ok(Outcome::Unknown);
+            };
+            if record.finished {
+                return Ok(Outcome::Finished);
+            }
+            let state = decode_state::<S>(&record)?;
+            let transition = self.saga.apply(&state, &input);
+            let Some(write) = self.prepare(
+                id,
+                record.version,
+                Some(&input),
+                transition,
+                fired.clone(),
+                now,
+            )?
+            else {
+                return Ok(Outcome::Ignored);
+            };
+            let outcome = outcome_of(&write);
+            match self.store.write(write).await {
+                Ok(()) => return Ok(outcome),
+                Err(StoreError::TimerGone { .. }) => return Ok(Outcome::TimerStale),
+                Err(StoreError::Conflict { .. }) if conflicts < MAX_CONFLICT_RETRIES => {
+                    conflicts += 1;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    fn prepare(
+        &self,
+        id: &str,
+        loaded_version: u64,
+        input: Option<&Input<S::Message>>,
+        transition: Transition<S::State>,
+        fired_timer: Option<TimerRecord>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Write>, SagaError> {
+        let Transition {
+            state,
+            commands,
+            set_timers,
+            cancel_timers,
+        } = transition;
+        let Some(state) = state else {
+            return Ok(None);
+        };
+        let encode_error = |source| SagaError::Encode {
+            saga: S::NAME.to_owned(),
+            id: id.to_owned(),
+            source,
+        };
+        let version = loaded_version + 1;
+        let state_json = serde_json::to_value(&state).map_err(encode_error)?;
+        let input_json = input
+            .map(serde_json::to_value)
+            .transpose()
+            .map_err(encode_error)?;
+        let state_name = S::state_name(&state).to_owned();
+        let mut envelopes = Vec::with_capacity(commands.len());
+        for (index, command) in commands.into_iter().enumerate() {
+            let envelope = Envelope::builder(self.source.clone(), command.message_type)
+                .id(format!("{}:{id}:{version}:{index}", S::NAME))
+                .time(now)
+                .correlation_id(id)
+                .partition_key(id)
+                .json(&command.payload)
+                .map_err(encode_error)?
+                .build();
+            envelopes.push((command.topic, envelope));
+        }
+        let set_timers = set_timers
+            .into_iter()
+            .map(|(name, after)| {
+                let after = chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
+                (
+                    name,
+                    now.checked_add_signed(after)
+                        .unwrap_or(DateTime::<Utc>::MAX_UTC),
+                )
+            })
+            .collect();
+        Ok(Some(Write {
+            instance: InstanceRecord {
+                saga: S::NAME.to_owned(),
+                id: id.to_owned(),
+                state: state_json.clone(),
+                state_name: state_name.clone(),
+                version,
+                finished: S::is_finished(&state),
+            },
+            history: HistoryRecord {
+                version,
+                input: input_json,
+                state: state_json,
+                state_name,
+                at: now,
+            },
+            commands: envelopes,
+            set_timers,
+            cancel_timers,
+            fired_timer,
+        }))
+    }
+}
+
+fn outcome_of(write: &Write) -> Outcome {
+    Outcome::Applied {
+        version: write.instance.version,
+        state_name: write.instance.state_name.clone(),
+        finished: write.instance.finished,
+        commands: write.commands.len(),
+    }
+}
+
+fn decode_state<S: Saga>(record: &InstanceRecord) -> Result<S::State, SagaError> {
+    serde_json::from_value(record.state.clone()).map_err(|source| SagaError::Decode {
+        saga: record.saga.clone(),
+        id: record.id.clone(),
+        source,
+    })
+}

@@ -1,0 +1,296 @@
+//! Where saga instances live: the [`SagaStore`] port and the in-memory
+//! [`MemoryStore`].
+//!
+//! One [`Write`] stores the new state (checked against the version the
+//! orchestrator loaded), a history row, the outgoing commands and the timer
+//! changes, all or nothing.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use chrono::{DateTime, Utc};
+use surety_core::{BoxError, Classify, Envelope, ErrorClass};
+
+/// A stored saga instance.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct InstanceRecord {
+    /// The saga's [`NAME`](crate::Saga::NAME).
+    pub saga: String,
+    /// The saga id (the correlation id of its messages).
+    pub id: String,
+    /// The state, as JSON.
+    pub state: serde_json::Value,
+    /// The name of the state's step.
+    pub state_name: String,
+    /// Bumped by every stored transition; 1 after the start.
+    pub version: u64,
+    /// Whether the state is final.
+    pub finished: bool,
+}
+
+/// One row of an instance's history: the input applied and where it led.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct HistoryRecord {
+    /// The instance version this row produced.
+    pub version: u64,
+    /// The input, as JSON (an [`Input`](crate::Input)); `None` for the start.
+    pub input: Option<serde_json::Value>,
+    /// The state after the input, as JSON.
+    pub state: serde_json::Value,
+    /// The name of the step after the input.
+    pub state_name: String,
+    /// When the row was written.
+    pub at: DateTime<Utc>,
+}
+
+/// A pending timer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TimerRecord {
+    /// The saga's name.
+    pub saga: String,
+    /// The saga id.
+    pub id: String,
+    /// The timer's name.
+    pub name: String,
+    /// When it falls due.
+    pub due: DateTime<Utc>,
+}
+
+/// Everything one applied input changes, written in one transaction.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Write {
+    /// The instance after the input; its `version` is the new version.
+    pub instance: InstanceRecord,
+    /// The history row for the input.
+    pub history: HistoryRecord,
+    /// The commands to relay, with their destination.
+    pub commands: Vec<(String, Envelope)>,
+    /// Timers to set or reset, by name.
+    pub set_timers: Vec<(String, DateTime<Utc>)>,
+    /// Timers to cancel, by name (applied before `set_timers`).
+    pub cancel_timers: Vec<String>,
+    /// The timer whose firing this write records: the write fails with
+    /// [`StoreError::TimerGone`] unless that exact timer is still pending.
+    pub fired_timer: Option<TimerRecord>,
+}
+
+/// Why a store could not load or write.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The instance changed since it was loaded (or, on a start, exists).
+    #[error("saga {saga} {id} changed concurrently (expected version {expected})")]
+    Conflict {
+        /// The saga's name.
+        saga: String,
+        /// The saga id.
+        id: String,
+        /// The version the writer loaded.
+        expected: u64,
+    },
+    /// The fired timer was cancelled or reset meanwhile.
+    #[error("timer {name} of saga {id} is no longer pending as fired")]
+    TimerGone {
+        /// The saga id.
+        id: String,
+        /// The timer's name.
+        name: String,
+    },
+    /// The backend failed.
+    #[error("saga store failed: {0}")]
+    Backend(#[source] BoxError),
+}
+
+impl Classify for StoreError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            StoreError::Conflict { .. } | StoreError::TimerGone { .. } => {
+                ErrorClass::Transient { retry_after: None }
+            }
+            StoreError::Backend(_) => ErrorClass::Transient { retry_after: None },
+        }
+    }
+}
+
+/// Storage for saga instances, their history, timers and outgoing commands.
+///
+/// A SQL implementation writes [`Write`] in one transaction, with the
+/// commands going into the outbox table so the outbox relay sends them.
+pub trait SagaStore: Send + Sync {
+    /// Loads an instance, if it exists.
+    fn load(
+        &self,
+        saga: &str,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<InstanceRecord>, StoreError>> + Send;
+
+    /// Writes `write` atomically. The stored version must be
+    /// `write.instance.version - 1` (no row at all when that is 0), else
+    /// [`StoreError::Conflict`].
+    fn write(&self, write: Write) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Timers of `saga` due at `now`, earliest first, at most `limit`.
+    fn due_timers(
+        &self,
+        saga: &str,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<TimerRecord>, StoreError>> + Send;
+
+    /// An instance's history, oldest first.
+    fn history(
+        &self,
+        saga: &str,
+        id: &str,
+    ) -> impl Future<Output = Result<Vec<HistoryRecord>, StoreError>> + Send;
+}
+
+type Key = (String, String);
+
+#[derive(Debug, Default)]
+struct Inner {
+    instances: BTreeMap<Key, InstanceRecord>,
+    history: BTreeMap<Key, Vec<HistoryRecord>>,
+    timers: BTreeMap<(String, String, String), DateTime<Utc>>,
+    outbox: Vec<(String, Envelope)>,
+}
+
+/// An in-memory [`SagaStore`] for tests and examples. Clones share the data.
+///
+/// Its outbox is a list: [`MemoryStore::take_commands`] hands over what the
+/// stored transitions sent.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryStore {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent data (every write
+        // is checked before it mutates), so a poisoned lock is still usable.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Removes and returns the commands written so far, in write order, with
+    /// their destination.
+    pub fn take_commands(&self) -> Vec<(String, Envelope)> {
+        std::mem::take(&mut self.lock().outbox)
+    }
+
+    /// The pending timers of every saga.
+    pub fn timers(&self) -> Vec<TimerRecord> {
+        self.lock()
+            .timers
+            .iter()
+            .map(|((saga, id, name), due)| TimerRecord {
+                saga: saga.clone(),
+                id: id.clone(),
+                name: name.clone(),
+                due: *due,
+            })
+            .collect()
+    }
+}
+
+impl SagaStore for MemoryStore {
+    async fn load(&self, saga: &str, id: &str) -> Result<Option<InstanceRecord>, StoreError> {
+        Ok(self
+            .lock()
+            .instances
+            .get(&(saga.to_owned(), id.to_owned()))
+            .cloned())
+    }
+
+    async fn write(&self, write: Write) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let instance = write.instance;
+        let key = (instance.saga.clone(), instance.id.clone());
+        let expected = instance.version.saturating_sub(1);
+        let current = inner.instances.get(&key).map_or(0, |i| i.version);
+        if current != expected {
+            return Err(StoreError::Conflict {
+                saga: instance.saga,
+                id: instance.id,
+                expected,
+            });
+        }
+        if let Some(fired) = &write.fired_timer {
+            let timer_key = (fired.saga.clone(), fired.id.clone(), fired.name.clone());
+            if inner.timers.get(&timer_key) != Some(&fired.due) {
+                return Err(StoreError::TimerGone {
+                    id: fired.id.clone(),
+                    name: fired.name.clone(),
+                });
+            }
+            inner.timers.remove(&timer_key);
+        }
+        for name in &write.cancel_timers {
+            inner
+                .timers
+                .remove(&(key.0.clone(), key.1.clone(), name.clone()));
+        }
+        if instance.finished {
+            inner
+                .timers
+                .retain(|(saga, id, _), _| (saga, id) != (&key.0, &key.1));
+        } else {
+            for (name, due) in write.set_timers {
+                inner
+                    .timers
+                    .insert((key.0.clone(), key.1.clone(), name), due);
+            }
+        }
+        inner
+            .history
+            .entry(key.clone())
+            .or_default()
+            .push(write.history);
+        inner.outbox.extend(write.commands);
+        inner.instances.insert(key, instance);
+        Ok(())
+    }
+
+    async fn due_timers(
+        &self,
+        saga: &str,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<TimerRecord>, StoreError> {
+        let mut due: Vec<TimerRecord> = self
+            .lock()
+            .timers
+            .iter()
+            .filter(|((s, _, _), at)| s == saga && **at <= now)
+            .map(|((saga, id, name), at)| TimerRecord {
+                saga: saga.clone(),
+                id: id.clone(),
+                name: name.clone(),
+                due: *at,
+            })
+            .collect();
+        due.sort_by_key(|timer| timer.due);
+        due.truncate(limit);
+        Ok(due)
+    }
+
+    async fn history(&self, saga: &str, id: &str) -> Result<Vec<HistoryRecord>, StoreError> {
+        Ok(self
+            .lock()
+            .history
+            .get(&(saga.to_owned(), id.to_owned()))
+            .cloned()
+            .unwrap_or_default())
+    }
+}

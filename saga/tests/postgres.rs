@@ -1,0 +1,196 @@
+//! The PostgreSQL store on the real server: transitions, history, timers
+//! and the commands in the outbox table, written together; concurrent
+//! writers to one instance.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::PgPool;
+use surety_saga::postgres::{self, PostgresSagaStore};
+use surety_saga::store::SagaStore;
+use surety_saga::{
+    Command, Input, OperatorAction, Orchestrator, Outcome, Saga, Transition, replay,
+};
+use surety_testkit::db::TempSchema;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum Step {
+    Paying,
+    Refunding,
+    Done,
+    Cancelled,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum Reply {
+    Paid,
+    Refunded,
+}
+
+struct Pay;
+
+impl Saga for Pay {
+    type State = Step;
+    type Message = Reply;
+    const NAME: &'static str = "pay";
+
+    fn state_name(state: &Step) -> &'static str {
+        match state {
+            Step::Paying => "paying",
+            Step::Refunding => "refunding",
+            Step::Done => "done",
+            Step::Cancelled => "cancelled",
+        }
+    }
+
+    fn is_finished(state: &Step) -> bool {
+        matches!(state, Step::Done | Step::Cancelled)
+    }
+
+    fn apply(&self, state: &Step, input: &Input<Reply>) -> Transition<Step> {
+        match (state, input) {
+            (Step::Paying, Input::Message(Reply::Paid)) => Transition::to(Step::Done),
+            (Step::Paying, Input::Timeout { .. }) => Transition::to(Step::Refunding).command(
+                Command::new("payments", "payment.refund", serde_json::json!({})),
+            ),
+            (Step::Refunding, Input::Message(Reply::Refunded)) => Transition::to(Step::Cancelled),
+            (_, Input::Operator(action)) if action.action == "abort" => {
+                Transition::to(Step::Cancelled)
+            }
+            _ => Transition::ignore(),
+        }
+    }
+}
+
+fn begin() -> Transition<Step> {
+    Transition::to(Step::Paying)
+        .command(Command::new(
+            "payments",
+            "payment.charge",
+            serde_json::json!({ "cents": 4200 }),
+        ))
+        .set_timer("payment", Duration::from_secs(30))
+}
+
+async fn schema() -> Option<TempSchema> {
+    let db = TempSchema::new("surety_saga", 4).await?;
+    postgres::migrate(&db.pool).await.unwrap();
+    postgres::migrate(&db.pool).await.unwrap();
+    Some(db)
+}
+
+async fn outbox(pool: &PgPool) -> Vec<(String, String)> {
+    sqlx::query_as("SELECT topic, message_id FROM surety_outbox ORDER BY seq")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn transitions_timers_and_commands_are_stored_together() {
+    let Some(db) = schema().await else { return };
+    let store = PostgresSagaStore::new(db.pool.clone());
+    let saga = Orchestrator::new(Pay, store.clone());
+    saga.start("slow", begin()).await.unwrap();
+    saga.start("paid", begin()).await.unwrap();
+    assert_eq!(
+        saga.start("paid", begin()).await.unwrap(),
+        Outcome::AlreadyStarted
+    );
+    let later = Utc::now() + chrono::Duration::seconds(31);
+    let polled = store.due_timers("pay", later, 10).await.unwrap();
+    assert_eq!(polled.len(), 2);
+
+    let paid = saga
+        .handle("paid", Input::Message(Reply::Paid))
+        .await
+        .unwrap();
+    assert!(
+        matches!(paid, Outcome::Applied { finished: true, .. }),
+        "{paid:?}"
+    );
+    for timer in polled {
+        saga.fire_timer(timer, later).await.unwrap();
+    }
+    assert_eq!(saga.state("slow").await.unwrap(), Some(Step::Refunding));
+    assert_eq!(saga.state("paid").await.unwrap(), Some(Step::Done));
+    let sent: Vec<_> = outbox(&db.pool)
+        .await
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect();
+    assert_eq!(sent, ["pay:slow:1:0", "pay:paid:1:0", "pay:slow:2:0"]);
+    assert!(saga.fire_due_timers(later, 10).await.unwrap().is_empty());
+
+    let abort = OperatorAction::new("abort", "alice", "duplicate order");
+    saga.handle("slow", Input::Operator(abort.clone()))
+        .await
+        .unwrap();
+    let (initial, inputs) = saga.history("slow").await.unwrap().unwrap();
+    assert_eq!(
+        inputs,
+        vec![
+            Input::Timeout {
+                name: "payment".into()
+            },
+            Input::Operator(abort)
+        ]
+    );
+    assert_eq!(
+        Some(replay(&Pay, initial, inputs)),
+        saga.state("slow").await.unwrap()
+    );
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn concurrent_writers_to_one_instance_apply_one_input_at_a_time() {
+    let Some(db) = schema().await else { return };
+    let saga = std::sync::Arc::new(Orchestrator::new(
+        Pay,
+        PostgresSagaStore::new(db.pool.clone()),
+    ));
+    // Concurrent starts of one id: exactly one writes.
+    let starts: Vec<_> = (0..4)
+        .map(|_| {
+            let saga = saga.clone();
+            tokio::spawn(async move { saga.start("o-1", begin()).await.unwrap() })
+        })
+        .collect();
+    let mut applied = 0;
+    for start in starts {
+        if matches!(start.await.unwrap(), Outcome::Applied { .. }) {
+            applied += 1;
+        }
+    }
+    assert_eq!(applied, 1);
+    assert_eq!(outbox(&db.pool).await.len(), 1);
+
+    // The same reply four times at once: one transition, the rest see a
+    // finished saga (or decide again after a conflict).
+    let replies: Vec<_> = (0..4)
+        .map(|_| {
+            let saga = saga.clone();
+            tokio::spawn(async move {
+                saga.handle("o-1", Input::Message(Reply::Paid))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut applied = 0;
+    for reply in replies {
+        if matches!(reply.await.unwrap(), Outcome::Applied { .. }) {
+            applied += 1;
+        }
+    }
+    assert_eq!(applied, 1);
+    let (initial, inputs) = saga.history("o-1").await.unwrap().unwrap();
+    assert_eq!(inputs.len(), 1);
+    assert_eq!(
+        Some(replay(&Pay, initial, inputs)),
+        saga.state("o-1").await.unwrap()
+    );
+    db.drop_schema().await;
+}

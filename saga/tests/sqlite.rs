@@ -1,0 +1,247 @@
+//! The SQLite store: transitions, history, timers and the commands in the
+//! outbox table, written together.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
+use surety_saga::sqlite::{self, SqliteSagaStore};
+use surety_saga::store::{SagaStore, StoreError};
+use surety_saga::{
+    Command, Input, OperatorAction, Orchestrator, Outcome, Saga, Transition, replay,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum Step {
+    Paying,
+    Refunding,
+    Done,
+    Cancelled,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum Reply {
+    Paid,
+    Refunded,
+}
+
+struct Pay;
+
+impl Saga for Pay {
+    type State = Step;
+    type Message = Reply;
+    const NAME: &'static str = "pay";
+
+    fn state_name(state: &Step) -> &'static str {
+        match state {
+            Step::Paying => "paying",
+            Step::Refunding => "refunding",
+            Step::Done => "done",
+            Step::Cancelled => "cancelled",
+        }
+    }
+
+    fn is_finished(state: &Step) -> bool {
+        matches!(state, Step::Done | Step::Cancelled)
+    }
+
+    fn apply(&self, state: &Step, input: &Input<Reply>) -> Transition<Step> {
+        match (state, input) {
+            (Step::Paying, Input::Message(Reply::Paid)) => Transition::to(Step::Done),
+            (Step::Paying, Input::Timeout { .. }) => Transition::to(Step::Refunding).command(
+                Command::new("payments", "payment.refund", serde_json::json!({})),
+            ),
+            (Step::Refunding, Input::Message(Reply::Refunded)) => Transition::to(Step::Cancelled),
+            (_, Input::Operator(action)) if action.action == "abort" => {
+                Transition::to(Step::Cancelled)
+            }
+            _ => Transition::ignore(),
+        }
+    }
+}
+
+fn begin() -> Transition<Step> {
+    Transition::to(Step::Paying)
+        .command(Command::new(
+            "payments",
+            "payment.charge",
+            serde_json::json!({ "cents": 4200 }),
+        ))
+        .set_timer("payment", Duration::from_secs(30))
+}
+
+async fn pool() -> SqlitePool {
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect("sqlite::memory:")
+        .await
+        .unwrap();
+    sqlite::migrate(&pool).await.unwrap();
+    // Migrating twice is harmless.
+    sqlite::migrate(&pool).await.unwrap();
+    pool
+}
+
+async fn outbox(pool: &SqlitePool) -> Vec<(String, String)> {
+    sqlx::query_as("SELECT topic, message_id FROM surety_outbox ORDER BY seq")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+async fn timers(pool: &SqlitePool) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM surety_saga_timer")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn commands_land_in_the_outbox_with_the_transition() {
+    let pool = pool().await;
+    let saga = Orchestrator::new(Pay, SqliteSagaStore::new(pool.clone()));
+    saga.start("o-1", begin()).await.unwrap();
+    assert_eq!(
+        outbox(&pool).await,
+        vec![("payments".to_owned(), "pay:o-1:1:0".to_owned())]
+    );
+    assert_eq!(
+        saga.start("o-1", begin()).await.unwrap(),
+        Outcome::AlreadyStarted
+    );
+    assert_eq!(outbox(&pool).await.len(), 1);
+
+    let outcome = saga
+        .handle("o-1", Input::Message(Reply::Paid))
+        .await
+        .unwrap();
+    assert!(matches!(
+        outcome,
+        Outcome::Applied {
+            version: 2,
+            finished: true,
+            ..
+        }
+    ));
+    assert_eq!(saga.state("o-1").await.unwrap(), Some(Step::Done));
+    assert_eq!(timers(&pool).await, 0, "a finished saga holds no timers");
+}
+
+#[tokio::test]
+async fn a_due_timer_fires_once_and_a_stale_one_not_at_all() {
+    let pool = pool().await;
+    let store = SqliteSagaStore::new(pool.clone());
+    let saga = Orchestrator::new(Pay, store.clone());
+    saga.start("slow", begin()).await.unwrap();
+    saga.start("paid", begin()).await.unwrap();
+    let later = Utc::now() + chrono::Duration::seconds(31);
+    let polled = store.due_timers("pay", later, 10).await.unwrap();
+    assert_eq!(polled.len(), 2);
+
+    // "paid" answers after its timer was polled: its firing is stale.
+    saga.handle("paid", Input::Message(Reply::Paid))
+        .await
+        .unwrap();
+    let mut outcomes = Vec::new();
+    for timer in polled {
+        outcomes.push(saga.fire_timer(timer, later).await.unwrap());
+    }
+    let stale = outcomes
+        .iter()
+        .filter(|o| **o == Outcome::Finished || **o == Outcome::TimerStale)
+        .count();
+    assert_eq!(stale, 1, "{outcomes:?}");
+    assert_eq!(saga.state("slow").await.unwrap(), Some(Step::Refunding));
+    assert_eq!(saga.state("paid").await.unwrap(), Some(Step::Done));
+    let sent: Vec<_> = outbox(&pool).await.into_iter().map(|(_, id)| id).collect();
+    assert_eq!(sent, ["pay:slow:1:0", "pay:paid:1:0", "pay:slow:2:0"]);
+    assert!(saga.fire_due_timers(later, 10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_timer_fired_twice_writes_once() {
+    let pool = pool().await;
+    let store = SqliteSagaStore::new(pool.clone());
+    let saga = Orchestrator::new(Pay, store.clone());
+    saga.start("o-2", begin()).await.unwrap();
+    let later = Utc::now() + chrono::Duration::seconds(31);
+    let timer = store.due_timers("pay", later, 1).await.unwrap().remove(0);
+    saga.fire_timer(timer.clone(), later).await.unwrap();
+    let before = outbox(&pool).await;
+
+    // The same firing again (another poller) writes and sends nothing.
+    let again = saga.fire_timer(timer, later).await.unwrap();
+    assert!(!matches!(again, Outcome::Applied { .. }), "{again:?}");
+    assert_eq!(outbox(&pool).await, before);
+    assert_eq!(store.history("pay", "o-2").await.unwrap().len(), 2);
+    assert_eq!(store.load("pay", "o-2").await.unwrap().unwrap().version, 2);
+}
+
+#[tokio::test]
+async fn the_history_replays_to_the_stored_state() {
+    let pool = pool().await;
+    let saga = Orchestrator::new(Pay, SqliteSagaStore::new(pool.clone()));
+    saga.start("o-3", begin()).await.unwrap();
+    let abort = OperatorAction::new("abort", "alice", "duplicate order");
+    saga.handle("o-3", Input::Operator(abort.clone()))
+        .await
+        .unwrap();
+    let (initial, inputs) = saga.history("o-3").await.unwrap().unwrap();
+    assert_eq!(initial, Step::Paying);
+    assert_eq!(inputs, vec![Input::Operator(abort)]);
+    assert_eq!(
+        Some(replay(&Pay, initial, inputs)),
+        saga.state("o-3").await.unwrap()
+    );
+}
+
+#[tokio::test]
+async fn a_store_error_is_transient() {
+    use surety_core::Classify;
+    let pool = pool().await;
+    let store = SqliteSagaStore::new(pool.clone());
+    pool.close().await;
+    let error = store.load("pay", "x").await.unwrap_err();
+    assert!(matches!(error, StoreError::Backend(_)));
+    assert!(error.class().is_retryable());
+}
+
+#[tokio::test]
+async fn the_outbox_relay_sends_the_commands_to_the_broker() {
+    use futures::StreamExt;
+    use surety_core::Subscriber;
+    use surety_core::memory::MemoryTransport;
+    use surety_outbox::{Relay, SqliteOutbox};
+
+    let pool = pool().await;
+    let transport = MemoryTransport::new();
+    let mut payments = transport
+        .subscribe("payments", "payment-service")
+        .await
+        .unwrap();
+    let saga = Orchestrator::new(Pay, SqliteSagaStore::new(pool.clone())).source("/checkout");
+    saga.start("o-4", begin()).await.unwrap();
+
+    let relay = Relay::new(SqliteOutbox::new(pool.clone()), transport.clone());
+    let cycle = relay.run_once().await.unwrap();
+    assert_eq!(cycle.sent, 1, "{cycle:?}");
+    let delivery = tokio::time::timeout(Duration::from_secs(10), payments.next())
+        .await
+        .expect("the charge command arrives")
+        .unwrap()
+        .unwrap();
+    let charge = delivery.envelope().clone();
+    delivery.ack().await.unwrap();
+    assert_eq!(charge.id, "pay:o-4:1:0");
+    assert_eq!(charge.event_type, "payment.charge");
+    assert_eq!(charge.source, "/checkout");
+    assert_eq!(charge.correlation_id.as_deref(), Some("o-4"));
+    let body: serde_json::Value = charge.decode().unwrap();
+    assert_eq!(body, serde_json::json!({ "cents": 4200 }));
+
+    // The payment service's reply correlates back to the instance.
+    let id = charge.correlation_id.unwrap();
+    saga.handle(&id, Input::Message(Reply::Paid)).await.unwrap();
+    assert_eq!(saga.state("o-4").await.unwrap(), Some(Step::Done));
+}
