@@ -66,7 +66,7 @@ pub use relay::{Cycle, Relay};
 pub use store::postgres::{self, PostgresOutbox};
 #[cfg(feature = "sqlite")]
 pub use store::sqlite::{self, SqliteOutbox};
-pub use store::{Backlog, OutboxRow, OutboxStore};
+pub use store::{Backlog, Lease, OutboxRow, OutboxStore};
 
 /// The guide chapter's program, compiled and run as a doctest.
 #[cfg(doctest)]

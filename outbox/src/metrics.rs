@@ -8,6 +8,7 @@
 //! | `surety_outbox_parked` | gauge | `relay` | parked rows, waiting for an operator |
 //! | `surety_outbox_oldest_pending_age_seconds` | gauge | `relay` | age of the oldest pending row (0 when none) |
 //! | `surety_outbox_relay_leader` | gauge | `relay` | 1 while this instance holds the relay's lease |
+//! | `surety_outbox_lease_wait_seconds` | gauge | `relay` | how long this instance last waited before it took the lease (0: at once) |
 //!
 //! The gauges are refreshed by [`Relay::run`](crate::Relay::run) about once
 //! a second.
@@ -54,6 +55,7 @@ pub struct OutboxMetrics {
     parked: Family<RelayLabels, Gauge>,
     oldest: Family<RelayLabels, Gauge<f64, AtomicU64>>,
     leader: Family<RelayLabels, Gauge>,
+    lease_wait: Family<RelayLabels, Gauge<f64, AtomicU64>>,
 }
 
 impl OutboxMetrics {
@@ -82,6 +84,11 @@ impl OutboxMetrics {
             "relay_leader",
             "1 while this instance holds the relay's lease",
             metrics.leader.clone(),
+        );
+        registry.register(
+            "lease_wait_seconds",
+            "How long this instance last waited before it took the relay's lease",
+            metrics.lease_wait.clone(),
         );
         metrics
     }
@@ -119,6 +126,25 @@ impl OutboxMetrics {
                 relay: relay.into(),
             })
             .set(i64::from(leader));
+    }
+
+    /// Records how long this instance waited (as a standby, or for a dead
+    /// holder's lease to run out) before it took relay `relay`'s lease.
+    pub fn set_lease_wait(&self, relay: &str, waited: std::time::Duration) {
+        self.lease_wait
+            .get_or_create(&RelayLabels {
+                relay: relay.into(),
+            })
+            .set(waited.as_secs_f64());
+    }
+
+    /// The last lease wait of relay `relay`, in seconds.
+    pub fn lease_wait(&self, relay: &str) -> f64 {
+        self.lease_wait
+            .get_or_create(&RelayLabels {
+                relay: relay.into(),
+            })
+            .get()
     }
 
     /// The count of rows of relay `relay` finished with `outcome`.

@@ -57,7 +57,7 @@ use tokio::time::Instant;
 
 use crate::error::OutboxError;
 use crate::metrics::OutboxMetrics;
-use crate::store::{OutboxRow, OutboxStore};
+use crate::store::{Lease, OutboxRow, OutboxStore};
 
 /// What one [`Relay::run_once`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -111,6 +111,10 @@ pub struct Relay<S, P> {
     publisher: P,
     name: String,
     holder: String,
+    /// Whether `holder` is the default identity (host and relay name),
+    /// which follows the name.
+    default_holder: bool,
+    clock: fn() -> SystemTime,
     batch_size: usize,
     poll_interval: Duration,
     lease: Duration,
@@ -119,9 +123,29 @@ pub struct Relay<S, P> {
     max_retry_delay: Duration,
     max_attempts: Option<u32>,
     metrics: Option<OutboxMetrics>,
-    /// When this instance last took or renewed the lease (`None`: it does
-    /// not hold it).
-    renewed: Mutex<Option<Instant>>,
+    /// The lease this instance holds, and the epoch it last held.
+    state: Mutex<LeaseState>,
+}
+
+/// What an instance knows of its lease.
+#[derive(Debug, Default)]
+struct LeaseState {
+    /// The lease it holds (`None`: it does not).
+    held: Option<Held>,
+    /// The epoch it last held, even after losing it: an instance whose
+    /// epoch has moved on never retakes a running lease, even under its
+    /// own holder identity.
+    epoch: Option<i64>,
+}
+
+/// A lease held, with when it was last renewed and until when it is known
+/// to run (by this process's monotonic clock, from before the statement
+/// that granted it, less a margin).
+#[derive(Debug, Clone)]
+struct Held {
+    lease: Lease,
+    renewed: Instant,
+    valid_until: Instant,
 }
 
 impl<S: Clone, P: Clone> Clone for Relay<S, P> {
@@ -131,6 +155,8 @@ impl<S: Clone, P: Clone> Clone for Relay<S, P> {
             publisher: self.publisher.clone(),
             name: self.name.clone(),
             holder: uuid::Uuid::now_v7().to_string(),
+            default_holder: false,
+            clock: self.clock,
             batch_size: self.batch_size,
             poll_interval: self.poll_interval,
             lease: self.lease,
@@ -139,7 +165,7 @@ impl<S: Clone, P: Clone> Clone for Relay<S, P> {
             max_retry_delay: self.max_retry_delay,
             max_attempts: self.max_attempts,
             metrics: self.metrics.clone(),
-            renewed: Mutex::new(None),
+            state: Mutex::new(LeaseState::default()),
         }
     }
 }
@@ -148,13 +174,16 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
     /// A relay named `default` over `store`, publishing through `publisher`:
     /// batches of 1024 rows, a 100 ms poll, a 60 s lease, one row in flight
     /// per key, retries from 100 ms doubling to 30 s without an attempt
-    /// bound.
+    /// bound. Its holder identity is this host's name and the relay's
+    /// name (see [`holder`](Self::holder)).
     pub fn new(store: S, publisher: P) -> Self {
         Self {
             store,
             publisher,
             name: "default".into(),
-            holder: uuid::Uuid::now_v7().to_string(),
+            holder: default_holder("default"),
+            default_holder: true,
+            clock: SystemTime::now,
             batch_size: 1024,
             poll_interval: Duration::from_millis(100),
             lease: Duration::from_secs(60),
@@ -163,21 +192,39 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
             max_retry_delay: Duration::from_secs(30),
             max_attempts: None,
             metrics: None,
-            renewed: Mutex::new(None),
+            state: Mutex::new(LeaseState::default()),
         }
     }
 
     /// The relay's name: the instances sharing a name share one lease.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
+        if self.default_holder {
+            self.holder = default_holder(&self.name);
+        }
         self
     }
 
-    /// This instance's identity in the lease (a fresh UUID by default).
-    /// Every running instance needs its own: two instances with the same
-    /// holder would both lead.
+    /// This instance's identity in the lease. By default it is stable:
+    /// this host's name and the relay's name (`host/name`), so a relay
+    /// that restarts after a crash retakes its own lease at once (its dead
+    /// predecessor is fenced off by the new epoch) instead of waiting for
+    /// it to expire. Run two instances of one relay name on the same host
+    /// with holders of their own: the one started last would otherwise
+    /// take the lease from the other. (A clone of a relay gets a fresh
+    /// UUID.)
     pub fn holder(mut self, holder: impl Into<String>) -> Self {
         self.holder = holder.into();
+        self.default_holder = false;
+        self
+    }
+
+    /// The wall clock the relay schedules retries and reads due rows with
+    /// (default [`SystemTime::now`]; for tests). The lease does not use
+    /// it: it runs on the database's clock, so relays whose clocks
+    /// disagree still agree on who holds it.
+    pub fn clock(mut self, clock: fn() -> SystemTime) -> Self {
+        self.clock = clock;
         self
     }
 
@@ -243,13 +290,17 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
     /// the transport's confirmation timeout) and marks those rows sent.
     /// Abort the task to stop at once: rows confirmed but not yet marked
     /// are then published again, and a standby waits for the lease to run
-    /// out before it takes over. Store failures are logged and retried
-    /// after the poll interval; they do not end the relay.
+    /// out before it takes over (a restart of the same relay, with the same
+    /// holder identity, takes it at once). Store failures are logged and
+    /// retried after the poll interval; they do not end the relay.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let mut shutdown = std::pin::pin!(shutdown);
         let stopping = AtomicBool::new(false);
         let mut stopped = false;
         let mut last_refresh: Option<Instant> = None;
+        // Since when this instance waits for the lease (`None` while it
+        // leads).
+        let mut waiting_since = Some(Instant::now());
         loop {
             if stopped || (&mut shutdown).now_or_never().is_some() {
                 break;
@@ -267,6 +318,18 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
                     }
                 }
             };
+            match (&cycle, waiting_since) {
+                (Ok(cycle), Some(since)) if cycle.leader => {
+                    let waited = since.elapsed();
+                    tracing::info!(relay = %self.name, holder = %self.holder, ?waited, "took the outbox lease");
+                    if let Some(metrics) = &self.metrics {
+                        metrics.set_lease_wait(&self.name, waited);
+                    }
+                    waiting_since = None;
+                }
+                (Ok(cycle), None) if !cycle.leader => waiting_since = Some(Instant::now()),
+                _ => {}
+            }
             let wait = match cycle {
                 // A standby tries the lease every second (a read, unless
                 // the lease is free), so a released lease is taken over
@@ -298,8 +361,10 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
                 () = tokio::time::sleep(wait) => {}
             }
         }
-        self.set_renewed(None);
-        if let Err(err) = self.store.release_lease(&self.name, &self.holder).await {
+        let held = self.take_held();
+        if let Some(held) = held
+            && let Err(err) = self.store.release_lease(&held.lease).await
+        {
             tracing::warn!(relay = %self.name, error = %err, "could not release the outbox lease");
         }
         if let Some(metrics) = &self.metrics {
@@ -318,6 +383,10 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
     }
 
     async fn cycle(&self, stopping: &AtomicBool) -> Result<Cycle, OutboxError> {
+        // Every cycle starts by asking the database, so an instance that
+        // stalled, or whose lease a restart under its identity took over,
+        // finds out before it reads a batch.
+        self.expire_local();
         let leader = self.still_leading().await;
         if let Some(metrics) = &self.metrics {
             metrics.set_leader(&self.name, matches!(leader, Ok(true)));
@@ -326,33 +395,35 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
             leader: leader?,
             ..Cycle::default()
         };
+        // The lease this cycle's writes are fenced with: renewals keep its
+        // epoch; once another instance took over, they change nothing.
+        let Some(fence) = self.held().map(|held| held.lease) else {
+            cycle.leader = false;
+            return Ok(cycle);
+        };
         if !cycle.leader {
             return Ok(cycle);
         }
         let rows = self.store.pending(self.batch_size).await?;
         cycle.fetched = rows.len();
         let mut groups = Vec::new();
-        for row in plan(rows, SystemTime::now()) {
+        for row in plan(rows, (self.clock)()) {
             match row {
                 Planned::Group(group) => groups.push(group),
                 Planned::Corrupt(seq, reason) => {
-                    self.store.park(seq, &reason).await?;
+                    self.store.park(&fence, seq, &reason).await?;
                     tracing::error!(relay = %self.name, seq, reason = %reason, "parked an outbox row that does not decode");
                     self.count("parked", 1);
                     cycle.parked += 1;
                 }
             }
         }
-        let mut sent = Vec::new();
+        let mut marks = Marks::default();
         let result = self
-            .publish_batch(groups, &mut cycle, &mut sent, stopping)
+            .publish_batch(groups, &fence, &mut cycle, &mut marks, stopping)
             .await;
         // Whatever happened, what the broker confirmed is marked sent.
-        if !sent.is_empty() {
-            self.store.mark_sent(&sent).await?;
-            cycle.sent = sent.len();
-            self.count("sent", sent.len() as u64);
-        }
+        self.flush(&fence, &mut marks, &mut cycle).await?;
         if let Some(metrics) = &self.metrics {
             metrics.set_leader(&self.name, cycle.leader);
         }
@@ -362,14 +433,18 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
     /// Publishes the planned groups: up to `in_flight_per_key` rows of
     /// every key at once, and the next row of a key as soon as one of its
     /// rows is confirmed. A failed row takes the rest of its key out of the
-    /// batch. Sending stops (what is in flight is still awaited) when the
-    /// lease is lost, when `stopping` is set, or when a send finds the
-    /// broker unreachable.
+    /// batch. Confirmed rows are marked sent as they confirm, in groups
+    /// (every [`MARK_EVERY`] rows, or [`MARK_AFTER`] after the first
+    /// unmarked one), so a relay killed in a crash loop still makes
+    /// progress. Sending stops (what is in flight is still awaited) when
+    /// the lease is lost or a mark finds it fenced, when `stopping` is set,
+    /// or when a send finds the broker unreachable.
     async fn publish_batch(
         &self,
         groups: Vec<Vec<Ready>>,
+        fence: &Lease,
         cycle: &mut Cycle,
-        sent: &mut Vec<i64>,
+        marks: &mut Marks,
         stopping: &AtomicBool,
     ) -> Result<(), OutboxError> {
         let mut queues: Vec<VecDeque<Ready>> = groups.into_iter().map(VecDeque::from).collect();
@@ -391,7 +466,7 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
                     Err((seq, attempts, err)) => {
                         queue.clear();
                         sending = !is_unreachable(&err);
-                        self.failed(seq, attempts + 1, &err, cycle).await?;
+                        self.failed(fence, seq, attempts + 1, &err, cycle).await?;
                         if !sending {
                             break 'first;
                         }
@@ -404,6 +479,7 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
         // reset after each renewal (sends renew as well; an early wake-up
         // finds nothing to do).
         let mut renewal = std::pin::pin!(tokio::time::sleep_until(self.renew_at()));
+        let mut mark_timer = std::pin::pin!(tokio::time::sleep(MARK_AFTER));
         loop {
             let next = tokio::select! {
                 next = in_flight.next() => next,
@@ -412,13 +488,23 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
                     renewal.as_mut().reset(self.renew_at());
                     continue;
                 }
+                () = &mut mark_timer, if !marks.seqs.is_empty() => {
+                    self.flush(fence, marks, cycle).await?;
+                    continue;
+                }
             };
             let Some((g, seq, attempts, outcome)) = next else {
                 return Ok(());
             };
             match outcome {
                 Ok(()) => {
-                    sent.push(seq);
+                    if marks.seqs.is_empty() {
+                        mark_timer.as_mut().reset(Instant::now() + MARK_AFTER);
+                    }
+                    marks.seqs.push(seq);
+                    if marks.seqs.len() >= MARK_EVERY {
+                        self.flush(fence, marks, cycle).await?;
+                    }
                     if !sending {
                         continue;
                     }
@@ -434,21 +520,53 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
                         Err((seq, attempts, err)) => {
                             queues[g].clear();
                             sending = !is_unreachable(&err);
-                            self.failed(seq, attempts + 1, &err, cycle).await?;
+                            self.failed(fence, seq, attempts + 1, &err, cycle).await?;
                         }
                     }
                 }
                 Err(err) => {
                     // The rest of this key waits for the failed row.
                     queues[g].clear();
-                    self.failed(seq, attempts + 1, &err, cycle).await?;
+                    self.failed(fence, seq, attempts + 1, &err, cycle).await?;
                 }
             }
         }
     }
 
+    /// Marks the confirmed rows in `marks` sent, in one statement fenced
+    /// by the cycle's lease. Fewer rows marked than confirmed means another
+    /// instance took the lease over: this one sends nothing more.
+    async fn flush(
+        &self,
+        fence: &Lease,
+        marks: &mut Marks,
+        cycle: &mut Cycle,
+    ) -> Result<(), OutboxError> {
+        if marks.seqs.is_empty() {
+            return Ok(());
+        }
+        let marked = self.store.mark_sent(fence, &marks.seqs).await?;
+        let marked_rows = usize::try_from(marked).unwrap_or(usize::MAX);
+        cycle.sent += marked_rows;
+        self.count("sent", marked);
+        if marked_rows < marks.seqs.len() {
+            tracing::warn!(
+                relay = %self.name,
+                epoch = fence.epoch,
+                confirmed = marks.seqs.len(),
+                marked,
+                "the outbox lease was taken over; marking and sending no more"
+            );
+            cycle.leader = false;
+            self.lose_lease();
+        }
+        marks.seqs.clear();
+        Ok(())
+    }
+
     /// Whether another row may be sent: the relay is not stopping and
-    /// still holds the lease (renewed when due).
+    /// still holds the lease (renewed when due; known to run by the
+    /// database's clock, with a margin).
     async fn may_send(
         &self,
         stopping: &AtomicBool,
@@ -463,39 +581,74 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
 
     /// When the lease is next due for renewal.
     fn renew_at(&self) -> Instant {
-        self.renewed()
-            .map_or_else(Instant::now, |at| at + self.lease / 3)
+        self.held()
+            .map_or_else(Instant::now, |held| held.renewed + self.lease / 3)
     }
 
     /// Whether this instance holds the lease, renewing it once a third of
-    /// it has passed since the last renewal (and taking it when it is
-    /// free).
+    /// it has passed since the last renewal, or when it is no longer known
+    /// to run (and taking it when it is free).
     async fn still_leading(&self) -> Result<bool, OutboxError> {
-        if self
-            .renewed()
-            .is_some_and(|at| at.elapsed() < self.lease / 3)
+        let held = self.held();
+        let now = Instant::now();
+        if held
+            .as_ref()
+            .is_some_and(|held| now < held.renewed + self.lease / 3 && now < held.valid_until)
         {
             return Ok(true);
         }
-        let was_leading = self.renewed().is_some();
-        let leading = self
+        let was_leading = held.is_some();
+        let epoch = self.lock_state().epoch;
+        let asked = Instant::now();
+        let granted = self
             .store
-            .acquire_lease(&self.name, &self.holder, self.lease)
+            .acquire_lease(&self.name, &self.holder, epoch, self.lease)
             .await
-            .inspect_err(|_| self.set_renewed(None))?;
-        self.set_renewed(leading.then(Instant::now));
+            .inspect_err(|_| self.lock_state().held = None)?;
+        let leading = granted.is_some();
+        {
+            let mut state = self.lock_state();
+            state.held = granted.map(|lease| {
+                state.epoch = Some(lease.epoch);
+                // Known to run from when the statement was sent (the
+                // database counted from later), less a margin for clock
+                // rates.
+                let runs = lease.remaining.min(self.lease);
+                Held {
+                    valid_until: asked + runs.saturating_sub(self.lease / 10),
+                    renewed: asked,
+                    lease,
+                }
+            });
+        }
         if was_leading && !leading {
             tracing::warn!(relay = %self.name, "lost the outbox lease; sending no more");
         }
         Ok(leading)
     }
 
-    fn renewed(&self) -> Option<Instant> {
-        *self.renewed.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, LeaseState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn set_renewed(&self, at: Option<Instant>) {
-        *self.renewed.lock().unwrap_or_else(PoisonError::into_inner) = at;
+    fn held(&self) -> Option<Held> {
+        self.lock_state().held.clone()
+    }
+
+    fn take_held(&self) -> Option<Held> {
+        self.lock_state().held.take()
+    }
+
+    /// Forgets when the held lease was renewed, so the next check asks the
+    /// database (and renews it).
+    fn expire_local(&self) {
+        if let Some(held) = self.lock_state().held.as_mut() {
+            held.valid_until = Instant::now();
+        }
+    }
+
+    fn lose_lease(&self) {
+        self.lock_state().held = None;
     }
 
     /// Sends one row of group `g`. On success, the future yields its
@@ -523,6 +676,7 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
     /// holder owns the row).
     async fn failed(
         &self,
+        fence: &Lease,
         seq: i64,
         attempts: u32,
         err: &TransportError,
@@ -533,15 +687,17 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
         }
         let exhausted = self.max_attempts.is_some_and(|max| attempts >= max);
         if err.kind() == TransportErrorKind::Rejected || exhausted {
-            self.store.park(seq, &err.to_string()).await?;
+            self.store.park(fence, seq, &err.to_string()).await?;
             tracing::error!(relay = %self.name, seq, attempts, error = %err, "parked an outbox row");
             self.count("parked", 1);
             cycle.parked += 1;
         } else {
             let delay = retry_delay(self.min_retry_delay, self.max_retry_delay, attempts);
-            let now = SystemTime::now();
+            let now = (self.clock)();
             let at = now.checked_add(delay).unwrap_or(now);
-            self.store.retry_later(seq, &err.to_string(), at).await?;
+            self.store
+                .retry_later(fence, seq, &err.to_string(), at)
+                .await?;
             tracing::warn!(relay = %self.name, seq, attempts, ?delay, error = %err, "outbox publish failed; retrying later");
             self.count("retried", 1);
             cycle.retried += 1;
@@ -573,6 +729,43 @@ fn is_unreachable(err: &TransportError) -> bool {
         err.kind(),
         TransportErrorKind::Connection | TransportErrorKind::Closed | TransportErrorKind::Timeout
     )
+}
+
+/// Confirmed rows marked sent in one statement, at most.
+const MARK_EVERY: usize = 64;
+
+/// How long a confirmed row waits at most to be marked sent (with the
+/// others confirmed meanwhile).
+const MARK_AFTER: Duration = Duration::from_millis(20);
+
+/// Confirmed rows not yet marked sent.
+#[derive(Debug, Default)]
+struct Marks {
+    seqs: Vec<i64>,
+}
+
+/// The default holder identity: this host's name and the relay's name.
+fn default_holder(relay: &str) -> String {
+    let host = ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|path| {
+            std::fs::read_to_string(path)
+                .ok()
+                .map(|name| name.trim().to_owned())
+                .filter(|name| !name.is_empty())
+        })
+        .or_else(|| {
+            std::env::var("HOSTNAME")
+                .ok()
+                .filter(|name| !name.is_empty())
+        })
+        .or_else(|| {
+            std::env::var("COMPUTERNAME")
+                .ok()
+                .filter(|name| !name.is_empty())
+        })
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("{host}/{relay}")
 }
 
 /// How often a standby [`Relay::run`] tries to take the lease (at least).

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use surety_core::memory::MemoryTransport;
 use surety_core::{Envelope, Publisher, Subscriber};
 use surety_outbox::metrics::OutboxMetrics;
-use surety_outbox::{Backlog, OutboxError, OutboxRow, OutboxStore, Relay};
+use surety_outbox::{Backlog, Lease, OutboxError, OutboxRow, OutboxStore, Relay};
 use surety_testkit::wait::eventually_every;
 
 use common::{
@@ -344,9 +344,10 @@ async fn a_slow_cycle_keeps_its_lease(fixture: impl Fixture) {
     assert!(
         fixture
             .store()
-            .acquire_lease("default", "a", Duration::from_secs(1))
+            .acquire_lease("default", "a", None, Duration::from_secs(1))
             .await
             .unwrap()
+            .is_some()
     );
     let cycle = a.run_once();
     let standby = async {
@@ -618,32 +619,41 @@ impl<S: OutboxStore> OutboxStore for MarkFailsOnce<S> {
         self.inner.pending(limit).await
     }
 
-    async fn mark_sent(&self, seqs: &[i64]) -> Result<(), OutboxError> {
+    async fn mark_sent(&self, lease: &Lease, seqs: &[i64]) -> Result<u64, OutboxError> {
         if !self.failed.swap(true, Ordering::SeqCst) {
             return Err(OutboxError::store("the connection was lost"));
         }
-        self.inner.mark_sent(seqs).await
+        self.inner.mark_sent(lease, seqs).await
     }
 
-    async fn retry_later(&self, seq: i64, error: &str, at: SystemTime) -> Result<(), OutboxError> {
-        self.inner.retry_later(seq, error, at).await
+    async fn retry_later(
+        &self,
+        lease: &Lease,
+        seq: i64,
+        error: &str,
+        at: SystemTime,
+    ) -> Result<(), OutboxError> {
+        self.inner.retry_later(lease, seq, error, at).await
     }
 
-    async fn park(&self, seq: i64, error: &str) -> Result<(), OutboxError> {
-        self.inner.park(seq, error).await
+    async fn park(&self, lease: &Lease, seq: i64, error: &str) -> Result<(), OutboxError> {
+        self.inner.park(lease, seq, error).await
     }
 
     async fn acquire_lease(
         &self,
         relay: &str,
         holder: &str,
+        held_epoch: Option<i64>,
         lease: Duration,
-    ) -> Result<bool, OutboxError> {
-        self.inner.acquire_lease(relay, holder, lease).await
+    ) -> Result<Option<Lease>, OutboxError> {
+        self.inner
+            .acquire_lease(relay, holder, held_epoch, lease)
+            .await
     }
 
-    async fn release_lease(&self, relay: &str, holder: &str) -> Result<(), OutboxError> {
-        self.inner.release_lease(relay, holder).await
+    async fn release_lease(&self, lease: &Lease) -> Result<(), OutboxError> {
+        self.inner.release_lease(lease).await
     }
 
     async fn backlog(&self) -> Result<Backlog, OutboxError> {

@@ -2,8 +2,9 @@
 //! and its SQLite and PostgreSQL implementations.
 //!
 //! Both backends share one schema (`surety_outbox`, `surety_outbox_relay`,
-//! created by their `migrate`) and the same statements. Times are Unix
-//! milliseconds from the clock of the process that writes them.
+//! created by their `migrate`) and the same statements. Row times are Unix
+//! milliseconds from the clock of the process that writes them; the lease
+//! runs on the database's clock (see [`Lease`]).
 
 use std::future::Future;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
@@ -80,6 +81,48 @@ pub struct Backlog {
     pub oldest_pending: Option<Duration>,
 }
 
+/// A relay instance's lease, as the database granted it.
+///
+/// The lease of a relay name is one row: holder, expiry and *epoch*. The
+/// expiry is computed with the database's clock (PostgreSQL's
+/// `clock_timestamp()`, the clock of the machine that runs SQLite), so
+/// relays whose own clocks disagree still agree on when it runs out. Every
+/// takeover raises the epoch, and the relay's writes
+/// ([`mark_sent`](OutboxStore::mark_sent), [`retry_later`](OutboxStore::retry_later),
+/// [`park`](OutboxStore::park)) carry the lease they were made under: the
+/// statement changes nothing unless the lease row still names that holder
+/// at that epoch. A holder that stalled past its lease, or whose clock is
+/// wrong, can no longer mark anything once another instance took over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Lease {
+    /// The relay name the lease is for.
+    pub relay: String,
+    /// The holder identity that has it.
+    pub holder: String,
+    /// Raised by every takeover; writes under an older epoch are fenced.
+    pub epoch: i64,
+    /// How long the lease runs from when the database granted it.
+    pub remaining: Duration,
+}
+
+impl Lease {
+    /// A lease as a store granted it (for stores outside this crate).
+    pub fn new(relay: String, holder: String, epoch: i64, remaining: Duration) -> Self {
+        Self {
+            relay,
+            holder,
+            epoch,
+            remaining,
+        }
+    }
+}
+
+/// Rows one mark statement covers at most (the relay marks in smaller
+/// groups as confirmations arrive).
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) const MARK_CHUNK: usize = 1000;
+
 /// The storage port of the outbox relay.
 ///
 /// Implemented by [`SqliteOutbox`](crate::SqliteOutbox) and
@@ -94,35 +137,57 @@ pub trait OutboxStore: Clone + Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<OutboxRow>, OutboxError>> + Send;
 
-    /// Marks the rows `seqs` sent (the broker confirmed them).
-    fn mark_sent(&self, seqs: &[i64]) -> impl Future<Output = Result<(), OutboxError>> + Send;
+    /// Marks the rows `seqs` sent (the broker confirmed them), if `lease`
+    /// is still the relay's current lease; returns how many rows it marked.
+    /// Fenced (the lease row names another holder or a later epoch), it
+    /// marks nothing and returns 0.
+    fn mark_sent(
+        &self,
+        lease: &Lease,
+        seqs: &[i64],
+    ) -> impl Future<Output = Result<u64, OutboxError>> + Send;
 
-    /// Records a failed attempt of row `seq` and when to try it again.
+    /// Records a failed attempt of row `seq` and when to try it again
+    /// (nothing when `lease` is fenced).
     fn retry_later(
         &self,
+        lease: &Lease,
         seq: i64,
         error: &str,
         at: SystemTime,
     ) -> impl Future<Output = Result<(), OutboxError>> + Send;
 
-    /// Sets row `seq` aside after a failure that retrying cannot fix.
-    fn park(&self, seq: i64, error: &str) -> impl Future<Output = Result<(), OutboxError>> + Send;
+    /// Sets row `seq` aside after a failure that retrying cannot fix
+    /// (nothing when `lease` is fenced).
+    fn park(
+        &self,
+        lease: &Lease,
+        seq: i64,
+        error: &str,
+    ) -> impl Future<Output = Result<(), OutboxError>> + Send;
 
-    /// Takes or extends the lease of relay `relay` for `holder`; `false`
-    /// when another holder's lease still runs.
+    /// Takes or renews the lease of relay `relay` for `holder`, for `lease`
+    /// from now by the database's clock; `None` while another holder's
+    /// lease runs.
+    ///
+    /// `held_epoch` is the epoch this instance last held (`None` for an
+    /// instance that never held the lease). With the same holder and epoch
+    /// the lease is renewed and keeps its epoch. A fresh instance
+    /// (`held_epoch` `None`) with the holder identity of the current lease
+    /// takes it at once: it is the same relay restarted, and its dead
+    /// predecessor is fenced. An instance whose epoch has moved on takes it
+    /// only once it has expired. Every takeover raises the epoch.
     fn acquire_lease(
         &self,
         relay: &str,
         holder: &str,
+        held_epoch: Option<i64>,
         lease: Duration,
-    ) -> impl Future<Output = Result<bool, OutboxError>> + Send;
+    ) -> impl Future<Output = Result<Option<Lease>, OutboxError>> + Send;
 
-    /// Gives the lease up, if `holder` has it.
-    fn release_lease(
-        &self,
-        relay: &str,
-        holder: &str,
-    ) -> impl Future<Output = Result<(), OutboxError>> + Send;
+    /// Gives the lease up at once, if it is still `lease` (the epoch is
+    /// kept, so the next holder's is higher).
+    fn release_lease(&self, lease: &Lease) -> impl Future<Output = Result<(), OutboxError>> + Send;
 
     /// Pending and parked counts, and the oldest pending row's age.
     fn backlog(&self) -> impl Future<Output = Result<Backlog, OutboxError>> + Send;

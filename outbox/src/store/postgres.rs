@@ -30,13 +30,24 @@ use crate::error::OutboxError;
 
 pub use super::sql::MIGRATIONS_TABLE;
 
+/// The database's clock in Unix milliseconds: the lease runs on it, so
+/// relays whose own clocks disagree still agree on who holds it.
+const NOW: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::int8";
+
 /// The migrations, embedded from `migrations/postgres/` (version,
 /// description, SQL).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "create surety outbox",
-    include_str!("../../migrations/postgres/0001_init.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "create surety outbox",
+        include_str!("../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "outbox lease epoch",
+        include_str!("../../migrations/postgres/0002_lease_epoch.sql"),
+    ),
+];
 
 /// Creates or upgrades the outbox tables in the current schema. Safe to
 /// call from every instance at start-up: migrations run under a database
@@ -59,4 +70,4 @@ pub struct PostgresOutbox {
     pool: PgPool,
 }
 
-sql_outbox!(PostgresOutbox, Postgres, PgPool, "PostgreSQL");
+sql_outbox!(PostgresOutbox, Postgres, PgPool, "PostgreSQL", NOW);

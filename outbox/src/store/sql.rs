@@ -26,24 +26,44 @@ ORDER BY o.seq LIMIT $1";
 
 pub(super) const MARK_SENT_HEAD: &str = "UPDATE surety_outbox SET status = 'sent', sent_at = ";
 
+/// The fencing condition the relay's writes carry (after `MARK_SENT_HEAD`'s
+/// time, then name, holder and epoch are bound): the write changes nothing
+/// unless the lease row still names this holder at this epoch.
+pub(super) const MARK_SENT_FENCE: &str = " WHERE status = 'pending' AND EXISTS (
+    SELECT 1 FROM surety_outbox_relay l WHERE l.name = ";
+
 pub(super) const RETRY_LATER: &str = "\
 UPDATE surety_outbox SET attempts = attempts + 1, last_error = $2, next_attempt_at = $3
-WHERE seq = $1 AND status = 'pending'";
+WHERE seq = $1 AND status = 'pending' AND EXISTS (
+    SELECT 1 FROM surety_outbox_relay l WHERE l.name = $4 AND l.holder = $5 AND l.epoch = $6)";
 
 pub(super) const PARK: &str = "\
 UPDATE surety_outbox SET status = 'parked', attempts = attempts + 1, last_error = $2
-WHERE seq = $1 AND status = 'pending'";
+WHERE seq = $1 AND status = 'pending' AND EXISTS (
+    SELECT 1 FROM surety_outbox_relay l WHERE l.name = $3 AND l.holder = $4 AND l.epoch = $5)";
 
+/// Takes or renews the lease of relay `$1` for holder `$2` for `$3` ms by
+/// the database's clock (`{now}`, replaced per backend). `$4` is the epoch
+/// the caller last held (NULL for a fresh instance). A renewal (same
+/// holder, same epoch) keeps the epoch; anything else that succeeds (an
+/// expired lease, or a fresh instance of the same holder identity) raises
+/// it, fencing off every earlier holder. Returns the epoch and the
+/// milliseconds the lease runs from now.
 pub(super) const ACQUIRE: &str = "\
-INSERT INTO surety_outbox_relay (name, holder, lease_until) VALUES ($1, $2, $3)
-ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, lease_until = excluded.lease_until
-WHERE surety_outbox_relay.holder = excluded.holder OR surety_outbox_relay.lease_until <= $4
-RETURNING holder";
+INSERT INTO surety_outbox_relay (name, holder, lease_until, epoch) VALUES ($1, $2, {now} + $3, 1)
+ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, lease_until = excluded.lease_until,
+    epoch = CASE WHEN surety_outbox_relay.holder = excluded.holder AND surety_outbox_relay.epoch = $4
+                 THEN surety_outbox_relay.epoch ELSE surety_outbox_relay.epoch + 1 END
+WHERE (surety_outbox_relay.holder = excluded.holder AND ($4 IS NULL OR surety_outbox_relay.epoch = $4))
+   OR surety_outbox_relay.lease_until <= {now}
+RETURNING epoch, lease_until - {now}";
 
 pub(super) const LEASE: &str =
-    "SELECT holder, lease_until FROM surety_outbox_relay WHERE name = $1";
+    "SELECT holder, lease_until, epoch, {now} FROM surety_outbox_relay WHERE name = $1";
 
-pub(super) const RELEASE: &str = "DELETE FROM surety_outbox_relay WHERE name = $1 AND holder = $2";
+/// Ends the lease at once but keeps the row, so its epoch keeps rising.
+pub(super) const RELEASE: &str = "\
+UPDATE surety_outbox_relay SET lease_until = 0 WHERE name = $1 AND holder = $2 AND epoch = $3";
 
 pub(super) const PENDING_STATS: &str =
     "SELECT COUNT(*), MIN(created_at) FROM surety_outbox WHERE status = 'pending'";
@@ -62,7 +82,7 @@ DELETE FROM surety_outbox WHERE seq IN (
 /// Writes the store type `$store` over pool `$pool` of database `$db`:
 /// `new`, `pool`, `enqueue` and [`OutboxStore`](super::OutboxStore).
 macro_rules! sql_outbox {
-    ($store:ident, $db:ty, $pool:ty, $backend:literal) => {
+    ($store:ident, $db:ty, $pool:ty, $backend:literal, $now:expr) => {
         impl $store {
             /// A store on `pool`. Run `migrate` first.
             pub fn new(pool: $pool) -> Self {
@@ -172,23 +192,40 @@ macro_rules! sql_outbox {
                     .map_err(OutboxError::from)
             }
 
-            async fn mark_sent(&self, seqs: &[i64]) -> Result<(), OutboxError> {
-                for chunk in seqs.chunks(500) {
+            async fn mark_sent(
+                &self,
+                lease: &super::Lease,
+                seqs: &[i64],
+            ) -> Result<u64, OutboxError> {
+                let mut marked = 0;
+                for chunk in seqs.chunks(super::MARK_CHUNK) {
                     let mut query = sqlx::QueryBuilder::<$db>::new(super::sql::MARK_SENT_HEAD);
                     query.push_bind(super::to_millis(std::time::SystemTime::now()));
-                    query.push(" WHERE status = 'pending' AND seq IN (");
+                    query.push(super::sql::MARK_SENT_FENCE);
+                    query.push_bind(lease.relay.clone());
+                    query.push(" AND l.holder = ");
+                    query.push_bind(lease.holder.clone());
+                    query.push(" AND l.epoch = ");
+                    query.push_bind(lease.epoch);
+                    query.push(") AND seq IN (");
                     let mut list = query.separated(", ");
                     for seq in chunk {
                         list.push_bind(*seq);
                     }
                     query.push(")");
-                    query.build().execute(&self.pool).await?;
+                    let done = query.build().execute(&self.pool).await?;
+                    if done.rows_affected() == 0 {
+                        // Fenced: a later chunk would be too.
+                        break;
+                    }
+                    marked += done.rows_affected();
                 }
-                Ok(())
+                Ok(marked)
             }
 
             async fn retry_later(
                 &self,
+                lease: &super::Lease,
                 seq: i64,
                 error: &str,
                 at: std::time::SystemTime,
@@ -197,15 +234,26 @@ macro_rules! sql_outbox {
                     .bind(seq)
                     .bind(error)
                     .bind(super::to_millis(at))
+                    .bind(&lease.relay)
+                    .bind(&lease.holder)
+                    .bind(lease.epoch)
                     .execute(&self.pool)
                     .await?;
                 Ok(())
             }
 
-            async fn park(&self, seq: i64, error: &str) -> Result<(), OutboxError> {
+            async fn park(
+                &self,
+                lease: &super::Lease,
+                seq: i64,
+                error: &str,
+            ) -> Result<(), OutboxError> {
                 sqlx::query(super::sql::PARK)
                     .bind(seq)
                     .bind(error)
+                    .bind(&lease.relay)
+                    .bind(&lease.holder)
+                    .bind(lease.epoch)
                     .execute(&self.pool)
                     .await?;
                 Ok(())
@@ -215,34 +263,46 @@ macro_rules! sql_outbox {
                 &self,
                 relay: &str,
                 holder: &str,
+                held_epoch: Option<i64>,
                 lease: std::time::Duration,
-            ) -> Result<bool, OutboxError> {
-                let now = super::to_millis(std::time::SystemTime::now());
+            ) -> Result<Option<super::Lease>, OutboxError> {
                 // Read first: a standby writes nothing while another
                 // holder's lease runs (on SQLite every write, even one that
                 // changes nothing, takes the database's write lock).
-                let current: Option<(String, i64)> = sqlx::query_as(super::sql::LEASE)
-                    .bind(relay)
-                    .fetch_optional(&self.pool)
-                    .await?;
-                if current.is_some_and(|(other, until)| other != holder && until > now) {
-                    return Ok(false);
+                let current: Option<(String, i64, i64, i64)> =
+                    sqlx::query_as(sqlx::AssertSqlSafe(super::sql::LEASE.replace("{now}", $now)))
+                        .bind(relay)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                if let Some((other, until, epoch, now)) = current {
+                    let mine = other == holder && held_epoch.is_none_or(|held| held == epoch);
+                    if !mine && until > now {
+                        return Ok(None);
+                    }
                 }
-                let until = now.saturating_add(super::duration_millis(lease));
-                let got: Option<String> = sqlx::query_scalar(super::sql::ACQUIRE)
-                    .bind(relay)
-                    .bind(holder)
-                    .bind(until)
-                    .bind(now)
-                    .fetch_optional(&self.pool)
-                    .await?;
-                Ok(got.is_some())
+                let got: Option<(i64, i64)> =
+                    sqlx::query_as(sqlx::AssertSqlSafe(super::sql::ACQUIRE.replace("{now}", $now)))
+                        .bind(relay)
+                        .bind(holder)
+                        .bind(super::duration_millis(lease))
+                        .bind(held_epoch)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                Ok(got.map(|(epoch, remaining)| super::Lease {
+                    relay: relay.to_owned(),
+                    holder: holder.to_owned(),
+                    epoch,
+                    remaining: std::time::Duration::from_millis(
+                        u64::try_from(remaining).unwrap_or(0),
+                    ),
+                }))
             }
 
-            async fn release_lease(&self, relay: &str, holder: &str) -> Result<(), OutboxError> {
+            async fn release_lease(&self, lease: &super::Lease) -> Result<(), OutboxError> {
                 sqlx::query(super::sql::RELEASE)
-                    .bind(relay)
-                    .bind(holder)
+                    .bind(&lease.relay)
+                    .bind(&lease.holder)
+                    .bind(lease.epoch)
                     .execute(&self.pool)
                     .await?;
                 Ok(())

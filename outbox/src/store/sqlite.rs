@@ -47,13 +47,24 @@ use crate::error::OutboxError;
 
 pub use super::sql::MIGRATIONS_TABLE;
 
+/// The database's clock in Unix milliseconds: the lease runs on it, so
+/// relays whose own clocks disagree still agree on who holds it.
+const NOW: &str = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
+
 /// The migrations, embedded from `migrations/sqlite/` (version,
 /// description, SQL).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "create surety outbox",
-    include_str!("../../migrations/sqlite/0001_init.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "create surety outbox",
+        include_str!("../../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "outbox lease epoch",
+        include_str!("../../migrations/sqlite/0002_lease_epoch.sql"),
+    ),
+];
 
 /// Creates or upgrades the outbox tables. Safe to call on every start-up:
 /// migrations run once.
@@ -75,4 +86,4 @@ pub struct SqliteOutbox {
     pool: SqlitePool,
 }
 
-sql_outbox!(SqliteOutbox, Sqlite, SqlitePool, "SQLite");
+sql_outbox!(SqliteOutbox, Sqlite, SqlitePool, "SQLite", NOW);
