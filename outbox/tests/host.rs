@@ -179,3 +179,65 @@ async fn three_handlers_on_two_topics_and_a_relay_stop_together() {
         0
     );
 }
+
+/// A handler's outputs written with its own transaction are relayed in
+/// order; rolled back, they are not.
+#[tokio::test]
+async fn outputs_enqueued_in_the_handler_s_transaction_are_relayed() {
+    use futures::StreamExt;
+    use surety_core::Subscriber;
+    use surety_core::consumer::Output;
+
+    let db = TempSqlite::new(4, Duration::from_secs(10)).await;
+    surety_outbox::sqlite::migrate(&db.pool).await.unwrap();
+    let outbox = SqliteOutbox::new(db.pool.clone());
+    let transport = MemoryTransport::new();
+    let mut replies = transport
+        .subscribe("checkout.replies", "checkout")
+        .await
+        .unwrap();
+
+    let request = Envelope::builder("/checkout", "payment.capture")
+        .reply_to("checkout.replies")
+        .build();
+    let reply = request
+        .reply(
+            "/payments",
+            &PaymentCaptured {
+                order_id: "o-1".into(),
+            },
+        )
+        .unwrap();
+    let audit = Output::new(
+        "audit",
+        request.caused_by("/payments", "payment.audited").build(),
+    );
+    let mut tx = db.pool.begin().await.unwrap();
+    SqliteOutbox::enqueue_outputs(&mut tx, &[reply.clone(), audit.clone()])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let mut rolled_back = db.pool.begin().await.unwrap();
+    SqliteOutbox::enqueue_outputs(&mut rolled_back, &[audit])
+        .await
+        .unwrap();
+    rolled_back.rollback().await.unwrap();
+
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM surety_outbox")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 2, "the rolled-back transaction wrote nothing");
+
+    let relay = Relay::new(outbox.clone(), transport.clone()).name("outputs");
+    relay.run_once().await.unwrap();
+    let delivered = replies.next().await.unwrap().unwrap();
+    assert_eq!(delivered.envelope().id, reply.envelope.id);
+    assert_eq!(
+        surety_outbox::OutboxStore::backlog(&outbox)
+            .await
+            .unwrap()
+            .pending,
+        0
+    );
+}

@@ -124,6 +124,22 @@ macro_rules! sql_outbox {
                     .await?;
                 Ok(seq)
             }
+
+            #[doc = concat!("Writes a handler's outputs (replies, commands, events: a [`Response`](surety_core::consumer::Response)'s `outputs`) into the outbox within `tx`, the caller's ", $backend, " transaction, in order.")]
+            ///
+            /// The outbox way to emit from a handler: the outputs commit with
+            /// the handler's own writes, the relay publishes them, and the
+            /// handler answers without outputs (the worker has nothing left
+            /// to send). See [`enqueue`](Self::enqueue) for the errors.
+            pub async fn enqueue_outputs(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                outputs: &[surety_core::consumer::Output],
+            ) -> Result<(), OutboxError> {
+                for output in outputs {
+                    Self::enqueue(tx, &output.destination, &output.envelope).await?;
+                }
+                Ok(())
+            }
         }
 
         impl super::OutboxStore for $store {
