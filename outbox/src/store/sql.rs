@@ -285,6 +285,8 @@ macro_rules! sql_outbox {
                 // Read first: a standby writes nothing while another
                 // holder's lease runs (on SQLite every write, even one that
                 // changes nothing, takes the database's write lock).
+                // The statements are constants with the backend's constant
+                // clock expression put in: nothing from outside.
                 let current: Option<(String, i64, i64, i64)> =
                     sqlx::query_as(sqlx::AssertSqlSafe(super::sql::LEASE.replace("{now}", $now)))
                         .bind(relay)
