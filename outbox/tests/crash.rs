@@ -187,7 +187,11 @@ async fn read_all(stream: &mut DeliveryStream, expected: &HashSet<String>) -> Ve
     }
 }
 
-async fn crash_loop(broker: &str, stream: &mut DeliveryStream, topic: &str) {
+async fn crash_loop<F, Fut>(broker: &str, topic: &str, read: F)
+where
+    F: FnOnce(HashSet<String>) -> Fut,
+    Fut: std::future::Future<Output = Vec<Envelope>>,
+{
     let seed = std::env::var(SEED)
         .ok()
         .and_then(|seed| seed.parse().ok())
@@ -229,7 +233,7 @@ async fn crash_loop(broker: &str, stream: &mut DeliveryStream, topic: &str) {
     child.start_kill().expect("SIGKILL");
     child.wait().await.unwrap();
 
-    let seen = read_all(stream, &expected).await;
+    let seen = read(expected.clone()).await;
     let strangers = seen.iter().filter(|e| !expected.contains(&e.id)).count();
     assert_eq!(strangers, 0, "messages that were never written");
     let mut copies: HashMap<&str, usize> = HashMap::new();
@@ -276,14 +280,16 @@ async fn rabbitmq_relay_killed_twenty_times_loses_nothing() {
         .await
         .expect("connects to RabbitMQ");
     let topic = unique("crash");
+    // The group's queue exists before anything is published.
     let mut stream = transport.subscribe(&topic, "billing").await.unwrap();
-    crash_loop("rabbitmq", &mut stream, &topic).await;
-    drop(stream);
+    crash_loop("rabbitmq", &topic, |expected| async move {
+        read_all(&mut stream, &expected).await
+    })
+    .await;
     transport.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open: one run against tansu saw 23 of 10,000 rows never arrive at the consumer; under investigation"]
 async fn kafka_relay_killed_twenty_times_loses_nothing() {
     if std::env::var(DB).is_ok() {
         return;
@@ -295,12 +301,62 @@ async fn kafka_relay_killed_twenty_times_loses_nothing() {
         .await
         .expect("connects to Kafka");
     let topic = unique("crash");
-    // Creates the topic with its partitions and joins the group first.
+    // Creates the topic with its partitions; what the relay published is
+    // read back afterwards from the start of the log, with positions kept
+    // here (the log subscription repairs a broker fetch that skips past a
+    // requested offset, which tansu does when a fetch starts inside a batch).
+    drop(transport.subscribe(&topic, &unique("setup")).await.unwrap());
+    let reader = transport.clone();
+    let log_topic = topic.clone();
+    crash_loop("kafka", &topic, |expected| async move {
+        read_log(&reader, &log_topic, &expected).await
+    })
+    .await;
+    transport.close().await.unwrap();
+}
+
+/// Reads `topic` from the earliest offset of every partition until every id
+/// in `expected` arrived and every partition caught up; returns every
+/// record, in arrival order per partition.
+async fn read_log(
+    transport: &KafkaTransport,
+    topic: &str,
+    expected: &HashSet<String>,
+) -> Vec<Envelope> {
+    use surety_core::log::{LogEvent, LogOptions, LogSubscriber, StartPosition};
+
     let mut stream = transport
-        .subscribe(&topic, &unique("billing"))
+        .subscribe_log(
+            topic,
+            &unique("check"),
+            LogOptions::start(StartPosition::Earliest),
+        )
         .await
         .unwrap();
-    crash_loop("kafka", &mut stream, &topic).await;
-    drop(stream);
-    transport.close().await.unwrap();
+    let mut missing = expected.clone();
+    let mut seen = Vec::new();
+    let mut behind: HashSet<i32> = HashSet::new();
+    let mut assigned = false;
+    while !(assigned && behind.is_empty() && missing.is_empty()) {
+        let event = tokio::time::timeout(Duration::from_secs(60), stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("{} rows never arrived", missing.len()))
+            .expect("the stream is open")
+            .expect("an event");
+        match event {
+            LogEvent::Assigned(assignment) => {
+                assigned = true;
+                behind.extend(assignment.partition_numbers());
+            }
+            LogEvent::Record(record) => {
+                missing.remove(&record.envelope().id);
+                seen.push(record.envelope().clone());
+            }
+            LogEvent::CaughtUp { partition, .. } => {
+                behind.remove(&partition);
+            }
+            _ => {}
+        }
+    }
+    seen
 }
