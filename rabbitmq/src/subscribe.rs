@@ -54,6 +54,10 @@ impl fmt::Debug for SubscriptionShared {
 }
 
 /// The `x-*` arguments of a queue of `queue_type`.
+/// How long a settlement (an ack, a nack, a requeue with its republish)
+/// may take before it is given up as failed.
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub(crate) fn queue_arguments(queue_type: QueueType, single_active: bool) -> FieldTable {
     let mut args = FieldTable::default();
     if single_active {
@@ -526,18 +530,32 @@ impl RabbitSettle {
         let Some(acker) = self.acker.take() else {
             return Err(settle_failed("delivery already settled"));
         };
-        let result = match action {
-            Action::Ack => acker.ack(BasicAckOptions::default()).await,
-            Action::Nack { requeue: true } => requeue(acker, shared, self.counted.take()).await,
-            Action::Nack { requeue: false } => {
-                acker
-                    .nack(BasicNackOptions {
-                        multiple: false,
-                        requeue: false,
-                    })
-                    .await
+        let counted = self.counted.take();
+        let settle = async {
+            match action {
+                Action::Ack => acker.ack(BasicAckOptions::default()).await,
+                Action::Nack { requeue: true } => requeue(acker, shared, counted).await,
+                Action::Nack { requeue: false } => {
+                    acker
+                        .nack(BasicNackOptions {
+                            multiple: false,
+                            requeue: false,
+                        })
+                        .await
+                }
+                Action::Reject => acker.reject(BasicRejectOptions { requeue: false }).await,
             }
-            Action::Reject => acker.reject(BasicRejectOptions { requeue: false }).await,
+        };
+        // A settlement on a channel that is going away can wait for a frame
+        // that is never sent: it must not hold the worker for ever. What
+        // was not settled in time is redelivered by the broker.
+        let Ok(result) = tokio::time::timeout(SETTLE_TIMEOUT, settle).await else {
+            shared
+                .metrics
+                .delivery(&shared.topic, &shared.group, DeliveryOutcome::SettleFailed);
+            return Err(settle_failed(
+                "the settlement was not sent in time (the channel is going away)",
+            ));
         };
         let outcome = match action {
             Action::Ack => DeliveryOutcome::Acked,
