@@ -21,46 +21,19 @@
 use std::time::Duration;
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use futures::{FutureExt, StreamExt};
-use surety_benches::envelopes;
+use futures::FutureExt;
+use surety_benches::{envelopes, ready_deliveries};
 use surety_core::consumer::{AckAll, Handler, Incoming, Router, Worker};
-use surety_core::{Delivery, DeliveryInfo, DeliveryStream, Envelope, Settle};
+use surety_core::{DeliveryInfo, Envelope};
 
 const MESSAGES: usize = 10_000;
 const KEYS: usize = 64;
-
-/// A settler that does nothing: the transport is not what is measured.
-#[derive(Debug)]
-struct Noop;
-
-#[async_trait::async_trait]
-impl Settle for Noop {
-    async fn ack(self: Box<Self>) -> surety_core::Result<()> {
-        Ok(())
-    }
-    async fn nack(self: Box<Self>, _requeue: bool) -> surety_core::Result<()> {
-        Ok(())
-    }
-    async fn reject(self: Box<Self>) -> surety_core::Result<()> {
-        Ok(())
-    }
-}
-
-fn stream(batch: Vec<Envelope>) -> DeliveryStream {
-    let info = DeliveryInfo::new("memory", "orders", "fulfilment");
-    futures::stream::iter(
-        batch
-            .into_iter()
-            .map(move |env| Ok(Delivery::new(env, info.clone(), Box::new(Noop)))),
-    )
-    .boxed()
-}
 
 async fn run<H: Handler>(handler: H, batch: Vec<Envelope>) {
     let n = batch.len() as u64;
     let report = Worker::new(handler)
         .concurrency(8)
-        .run(stream(batch), std::future::pending())
+        .run(ready_deliveries(batch), std::future::pending())
         .await;
     assert_eq!(report.handled, n, "{report:?}");
 }

@@ -13,40 +13,12 @@
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use surety_benches::envelopes;
+use surety_benches::{envelopes, ready_deliveries};
+use surety_core::Envelope;
 use surety_core::consumer::{AckAll, Handler, Router, Worker};
-use surety_core::{Delivery, DeliveryInfo, DeliveryStream, Envelope, Settle};
 
 const MESSAGES: usize = 10_000;
 const KEYS: usize = 64;
-
-/// A settler that does nothing: the transport is not what is measured.
-#[derive(Debug)]
-struct Noop;
-
-#[async_trait::async_trait]
-impl Settle for Noop {
-    async fn ack(self: Box<Self>) -> surety_core::Result<()> {
-        Ok(())
-    }
-    async fn nack(self: Box<Self>, _requeue: bool) -> surety_core::Result<()> {
-        Ok(())
-    }
-    async fn reject(self: Box<Self>) -> surety_core::Result<()> {
-        Ok(())
-    }
-}
-
-fn stream(batch: Vec<Envelope>) -> DeliveryStream {
-    let info = DeliveryInfo::new("memory", "orders", "fulfilment");
-    futures::stream::iter(
-        batch
-            .into_iter()
-            .map(move |env| Ok(Delivery::new(env, info.clone(), Box::new(Noop)))),
-    )
-    .boxed()
-}
 
 /// Runs `batch` through a worker at concurrency 8; the time per message.
 fn time<H: Handler>(rt: &tokio::runtime::Runtime, handler: H, batch: Vec<Envelope>) -> Duration {
@@ -55,7 +27,7 @@ fn time<H: Handler>(rt: &tokio::runtime::Runtime, handler: H, batch: Vec<Envelop
     let report = rt.block_on(
         Worker::new(handler)
             .concurrency(8)
-            .run(stream(batch), std::future::pending()),
+            .run(ready_deliveries(batch), std::future::pending()),
     );
     let elapsed = started.elapsed();
     assert_eq!(report.handled, u64::from(n), "{report:?}");

@@ -143,3 +143,36 @@ pub fn envelopes(n: usize, keys: usize) -> Vec<Envelope> {
         })
         .collect()
 }
+
+/// A settler that does nothing, for benches that measure the consumer
+/// pipeline without a transport.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoopSettle;
+
+#[async_trait::async_trait]
+impl surety_core::Settle for NoopSettle {
+    async fn ack(self: Box<Self>) -> surety_core::Result<()> {
+        Ok(())
+    }
+    async fn nack(self: Box<Self>, _requeue: bool) -> surety_core::Result<()> {
+        Ok(())
+    }
+    async fn reject(self: Box<Self>) -> surety_core::Result<()> {
+        Ok(())
+    }
+}
+
+/// `batch` as a stream of ready deliveries from `orders`/`fulfilment`,
+/// settled by [`NoopSettle`].
+pub fn ready_deliveries(batch: Vec<Envelope>) -> surety_core::DeliveryStream {
+    use futures::StreamExt;
+    let info = surety_core::DeliveryInfo::new("memory", "orders", "fulfilment");
+    futures::stream::iter(batch.into_iter().map(move |env| {
+        Ok(surety_core::Delivery::new(
+            env,
+            info.clone(),
+            Box::new(NoopSettle),
+        ))
+    }))
+    .boxed()
+}
