@@ -233,13 +233,7 @@ impl Default for Host {
 
 /// Delays between subscribe attempts: 100 ms doubling to 10 s, with jitter.
 fn subscribe_backoff() -> impl Iterator<Item = Duration> {
-    use backon::BackoffBuilder as _;
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times()
-        .build()
+    crate::retry::Backoff::exponential(Duration::from_millis(100), Duration::from_secs(10)).delays()
 }
 
 impl Host {

@@ -86,6 +86,7 @@ mod memory_log;
 pub mod metrics;
 mod port;
 mod publish;
+pub mod retry;
 pub mod trace;
 pub mod upcast;
 

@@ -15,7 +15,7 @@
 //!   acknowledged. If a sink is down, the original goes back to the broker;
 //!   it is never dropped.
 //! - [`policy`] holds the pure retry decision: attempts, exponential
-//!   backoff with jitter (computed by `backon`), per-class schedules.
+//!   backoff with jitter (`surety_core::retry::Backoff`), per-class schedules.
 //! - [`DeadLetter`] is the versioned dead-letter envelope: the original
 //!   message, the failure and its source chain, attempts and times, source,
 //!   handler, host, trace id, fingerprint, replay count and history. It maps

@@ -30,8 +30,8 @@
 
 use std::time::Duration;
 
-use backon::BackoffBuilder as _;
 use surety_core::ErrorClass;
+pub use surety_core::retry::Backoff;
 
 /// Where a retry waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -59,101 +59,10 @@ impl RetryMode {
     }
 }
 
-/// Exponential backoff with optional jitter, computed by [`backon`].
-///
-/// The delay before retry `n` (from 1) is `min_delay * factor^(n-1)`, capped
-/// at `max_delay`; with jitter a random extra of up to 100 % is added (the
-/// delay stays in `[d, 2d)`), and the result is capped at `max_delay` again.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Backoff {
-    min_delay: Duration,
-    max_delay: Duration,
-    factor: f32,
-    jitter: bool,
-}
-
-impl Backoff {
-    /// Doubling from `min_delay` up to `max_delay`, with jitter.
-    pub fn exponential(min_delay: Duration, max_delay: Duration) -> Self {
-        Self {
-            min_delay,
-            max_delay: max_delay.max(min_delay),
-            factor: 2.0,
-            jitter: true,
-        }
-    }
-
-    /// The same delay every time, without jitter.
-    pub fn constant(delay: Duration) -> Self {
-        Self {
-            min_delay: delay,
-            max_delay: delay,
-            factor: 1.0,
-            jitter: false,
-        }
-    }
-
-    /// Sets the growth factor (values below 1 are taken as 1).
-    pub fn factor(mut self, factor: f32) -> Self {
-        self.factor = if factor.is_finite() {
-            factor.max(1.0)
-        } else {
-            2.0
-        };
-        self
-    }
-
-    /// Disables jitter: delays are exact.
-    pub fn without_jitter(mut self) -> Self {
-        self.jitter = false;
-        self
-    }
-
-    /// Enables jitter.
-    pub fn with_jitter(mut self) -> Self {
-        self.jitter = true;
-        self
-    }
-
-    /// The largest delay.
-    pub fn max_delay(&self) -> Duration {
-        self.max_delay
-    }
-
-    /// The delay before retry `retry` (from 1; 0 is taken as 1).
-    pub fn delay(&self, retry: u32) -> Duration {
-        let mut builder = backon::ExponentialBuilder::default()
-            .with_min_delay(self.min_delay)
-            .with_max_delay(self.max_delay)
-            .with_factor(self.factor)
-            .without_max_times();
-        if self.jitter {
-            builder = builder.with_jitter();
-        }
-        let index = retry.max(1) as usize - 1;
-        // Past the point where the delay reached the cap, further steps
-        // change nothing: stop iterating there.
-        let steps = index.min(64);
-        builder
-            .build()
-            .nth(steps)
-            .unwrap_or(self.max_delay)
-            .min(self.max_delay)
-    }
-}
-
-impl Default for Backoff {
-    /// 1 s doubling to 5 min, with jitter.
-    fn default() -> Self {
-        Self::exponential(Duration::from_secs(1), Duration::from_secs(300))
-    }
-}
-
-/// How one error class is retried: the attempt bound, the backoff and the
-/// mode.
+/// How one error class is retried: a [`Backoff`] whose attempt bound is the
+/// class's bound, and where retries wait.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Schedule {
-    max_attempts: u32,
     backoff: Backoff,
     mode: RetryMode,
 }
@@ -163,8 +72,7 @@ impl Schedule {
     /// taken as 1), default backoff, delayed through the broker.
     pub fn new(max_attempts: u32) -> Self {
         Self {
-            max_attempts: max_attempts.max(1),
-            backoff: Backoff::default(),
+            backoff: Backoff::default().max_attempts(max_attempts),
             mode: RetryMode::Delayed,
         }
     }
@@ -176,13 +84,15 @@ impl Schedule {
 
     /// Sets the attempt bound (0 is taken as 1).
     pub fn max_attempts(mut self, max_attempts: u32) -> Self {
-        self.max_attempts = max_attempts.max(1);
+        self.backoff = self.backoff.max_attempts(max_attempts);
         self
     }
 
-    /// Sets the backoff.
+    /// Sets the backoff. Its attempt bound, if it has one, becomes the
+    /// schedule's; without one the schedule keeps its bound.
     pub fn backoff(mut self, backoff: Backoff) -> Self {
-        self.backoff = backoff;
+        let attempts = backoff.attempts().or(self.backoff.attempts()).unwrap_or(1);
+        self.backoff = backoff.max_attempts(attempts);
         self
     }
 
@@ -192,18 +102,18 @@ impl Schedule {
         self
     }
 
-    /// The attempt bound.
+    /// The attempt bound, the first attempt included.
     pub fn attempts(&self) -> u32 {
-        self.max_attempts
+        self.backoff.attempts().unwrap_or(1)
     }
 
-    /// The backoff.
-    pub fn get_backoff(&self) -> &Backoff {
+    /// The backoff, bounded by [`attempts`](Self::attempts).
+    pub fn retry_backoff(&self) -> &Backoff {
         &self.backoff
     }
 
-    /// The mode.
-    pub fn get_mode(&self) -> RetryMode {
+    /// Where retries wait.
+    pub fn retry_mode(&self) -> RetryMode {
         self.mode
     }
 }
@@ -371,8 +281,8 @@ impl RetryPolicy {
     pub fn decide(&self, class: ErrorClass, attempt: u32) -> Decision {
         let schedule = self.schedule(class);
         let attempt = attempt.max(1);
-        if attempt >= schedule.max_attempts {
-            return Decision::DeadLetter(if schedule.max_attempts <= 1 && !class.is_retryable() {
+        if attempt >= schedule.attempts() {
+            return Decision::DeadLetter(if schedule.attempts() <= 1 && !class.is_retryable() {
                 DeadLetterReason::NotRetryable
             } else {
                 DeadLetterReason::AttemptsExhausted
@@ -396,31 +306,6 @@ impl RetryPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn delays_grow_and_stay_capped() {
-        let backoff = Backoff::exponential(Duration::from_millis(10), Duration::from_millis(200))
-            .without_jitter();
-        // backon computes in f32: compare rounded milliseconds.
-        let delays: Vec<_> = (1..=8)
-            .map(|n| (backoff.delay(n).as_secs_f64() * 1000.0).round() as u64)
-            .collect();
-        assert_eq!(delays, [10, 20, 40, 80, 160, 200, 200, 200]);
-        assert_eq!(backoff.delay(u32::MAX), Duration::from_millis(200));
-    }
-
-    #[test]
-    fn jitter_stays_within_one_step_and_the_cap() {
-        let backoff = Backoff::exponential(Duration::from_millis(10), Duration::from_millis(100));
-        for _ in 0..200 {
-            let d = backoff.delay(2);
-            assert!(
-                d >= Duration::from_micros(19_900) && d < Duration::from_millis(40),
-                "{d:?}"
-            );
-            assert!(backoff.delay(10) <= Duration::from_millis(100));
-        }
-    }
 
     #[test]
     fn retry_after_is_a_minimum_under_the_cap() {

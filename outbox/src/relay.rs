@@ -58,11 +58,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use backon::BackoffBuilder;
 use futures::FutureExt;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use surety_core::{Envelope, Publisher, TransportError, TransportErrorKind};
+use surety_core::retry::Backoff;
+use surety_core::{Classify as _, Envelope, Publisher, TransportError, TransportErrorKind};
 use tokio::time::Instant;
 
 use crate::error::OutboxError;
@@ -129,9 +129,7 @@ pub struct Relay<S, P> {
     poll_interval: Duration,
     lease: Duration,
     in_flight_per_key: usize,
-    min_retry_delay: Duration,
-    max_retry_delay: Duration,
-    max_attempts: Option<u32>,
+    backoff: Backoff,
     metrics: Option<OutboxMetrics>,
     /// The lease this instance holds, and the epoch it last held.
     state: Mutex<LeaseState>,
@@ -171,9 +169,7 @@ impl<S: Clone, P: Clone> Clone for Relay<S, P> {
             poll_interval: self.poll_interval,
             lease: self.lease,
             in_flight_per_key: self.in_flight_per_key,
-            min_retry_delay: self.min_retry_delay,
-            max_retry_delay: self.max_retry_delay,
-            max_attempts: self.max_attempts,
+            backoff: self.backoff,
             metrics: self.metrics.clone(),
             state: Mutex::new(LeaseState::default()),
         }
@@ -198,9 +194,7 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
             poll_interval: Duration::from_millis(100),
             lease: Duration::from_secs(60),
             in_flight_per_key: 1,
-            min_retry_delay: Duration::from_millis(100),
-            max_retry_delay: Duration::from_secs(30),
-            max_attempts: None,
+            backoff: Backoff::exponential(Duration::from_millis(100), Duration::from_secs(30)),
             metrics: None,
             state: Mutex::new(LeaseState::default()),
         }
@@ -267,18 +261,23 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
         self
     }
 
-    /// The backoff of failed rows: from `min` doubling to `max`, with
-    /// jitter.
-    pub fn retry_backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.min_retry_delay = min;
-        self.max_retry_delay = max.max(min);
+    /// The backoff of failed rows (default: 100 ms doubling to 30 s, with
+    /// jitter, without an attempt bound). A bound on the backoff parks a row
+    /// after that many failed publishes; a backoff without one keeps the
+    /// bound set before (by [`max_attempts`](Self::max_attempts)).
+    pub fn retry_backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = match (backoff.attempts(), self.backoff.attempts()) {
+            (None, Some(bound)) => backoff.max_attempts(bound),
+            _ => backoff,
+        };
         self
     }
 
     /// Parks a row after `attempts` failed publishes (default: retry
-    /// transient failures without bound).
+    /// transient failures without bound); the same as a bound on
+    /// [`retry_backoff`](Self::retry_backoff).
     pub fn max_attempts(mut self, attempts: u32) -> Self {
-        self.max_attempts = Some(attempts.max(1));
+        self.backoff = self.backoff.max_attempts(attempts);
         self
     }
 
@@ -695,14 +694,18 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
         if !cycle.leader {
             return Ok(());
         }
-        let exhausted = self.max_attempts.is_some_and(|max| attempts >= max);
-        if err.kind() == TransportErrorKind::Rejected || exhausted {
+        let exhausted = !self.backoff.allows_retry_after(attempts);
+        // A permanent error (the broker refused the message itself, a bad
+        // configuration) does not go away by waiting. An unroutable message
+        // is the exception: its binding may be declared later, so it waits.
+        let hopeless = !err.class().is_retryable() && err.kind() != TransportErrorKind::Unroutable;
+        if hopeless || exhausted {
             self.store.park(fence, seq, &err.to_string()).await?;
             tracing::error!(relay = %self.name, seq, attempts, error = %err, "parked an outbox row");
             self.count("parked", 1);
             cycle.parked += 1;
         } else {
-            let delay = retry_delay(self.min_retry_delay, self.max_retry_delay, attempts);
+            let delay = self.backoff.delay(attempts);
             let now = (self.clock)();
             let at = now.checked_add(delay).unwrap_or(now);
             self.store
@@ -783,20 +786,6 @@ const STANDBY_POLL: Duration = Duration::from_secs(1);
 
 /// How often [`Relay::run`] refreshes the backlog gauges while busy.
 const REFRESH: Duration = Duration::from_secs(1);
-
-/// The delay before the next attempt of a row that failed `attempts` times.
-fn retry_delay(min: Duration, max: Duration, attempts: u32) -> Duration {
-    let steps = (attempts.max(1) as usize - 1).min(64);
-    backon::ExponentialBuilder::default()
-        .with_min_delay(min)
-        .with_max_delay(max)
-        .with_jitter()
-        .without_max_times()
-        .build()
-        .nth(steps)
-        .unwrap_or(max)
-        .min(max)
-}
 
 /// A row ready to be published.
 #[derive(Debug)]
@@ -916,15 +905,5 @@ mod tests {
         bad.message = Err("stored headers: eof".into());
         let planned = plan(vec![bad, row(2, Some("a"), true)], SystemTime::now());
         assert_eq!(seqs(&planned), vec![vec![-1], vec![2]]);
-    }
-
-    #[test]
-    fn retry_delays_grow_and_stay_within_the_cap() {
-        let (min, max) = (Duration::from_millis(100), Duration::from_secs(30));
-        for attempts in 1..100 {
-            let delay = retry_delay(min, max, attempts);
-            assert!(delay >= min && delay <= max, "{attempts}: {delay:?}");
-        }
-        assert!(retry_delay(min, max, 8) >= Duration::from_millis(100 * 64));
     }
 }

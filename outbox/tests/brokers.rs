@@ -9,6 +9,7 @@ use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use surety_core::retry::Backoff;
 use surety_core::{Close, DeliveryInfo, Envelope, Publisher, Subscriber};
 use surety_kafka::{KafkaConfig, KafkaTransport};
 use surety_outbox::metrics::OutboxMetrics;
@@ -149,7 +150,10 @@ async fn rabbitmq_relays_in_key_order_and_holds_a_key_behind_an_unroutable_row()
     let metrics = OutboxMetrics::default();
     let relay = Relay::new(fixture.store(), transport.clone())
         .batch_size(64)
-        .retry_backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .retry_backoff(Backoff::exponential(
+            Duration::from_millis(10),
+            Duration::from_millis(50),
+        ))
         .metrics(metrics.clone());
 
     // Until a queue is bound, only the key of the unroutable row waits:

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use surety_core::memory::MemoryTransport;
+use surety_core::retry::Backoff;
 use surety_core::{Envelope, Publisher, Subscriber};
 use surety_outbox::metrics::OutboxMetrics;
 use surety_outbox::{Backlog, Lease, OutboxError, OutboxRow, OutboxStore, Relay};
@@ -106,7 +107,10 @@ async fn per_key_order_survives_failed_publishes(fixture: impl Fixture) {
     });
     let relay = Relay::new(fixture.store(), publisher.clone())
         .batch_size(16)
-        .retry_backoff(Duration::from_millis(1), Duration::from_millis(4));
+        .retry_backoff(Backoff::exponential(
+            Duration::from_millis(1),
+            Duration::from_millis(4),
+        ));
     drain(&fixture, &relay).await;
 
     let seen = published_before_marker(&transport, "orders", &mut orders).await;
@@ -196,7 +200,10 @@ async fn retries_are_bounded_when_asked(fixture: impl Fixture) {
     fixture.write(&[("orders", event("k", 1))], true).await;
     let relay = Relay::new(fixture.store(), publisher.clone())
         .max_attempts(3)
-        .retry_backoff(Duration::from_millis(1), Duration::from_millis(2));
+        .retry_backoff(Backoff::exponential(
+            Duration::from_millis(1),
+            Duration::from_millis(2),
+        ));
     let store = fixture.store();
     eventually_every(
         WAIT,
@@ -307,7 +314,10 @@ async fn a_failing_key_does_not_hold_back_the_others(fixture: impl Fixture) {
     fixture.write(&[("orders", other.clone())], true).await;
     let relay = Relay::new(fixture.store(), publisher)
         .batch_size(8)
-        .retry_backoff(Duration::from_secs(60), Duration::from_secs(60));
+        .retry_backoff(Backoff::exponential(
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+        ));
     let mut cycles = Vec::new();
     for _ in 0..3 {
         cycles.push(relay.run_once().await.unwrap());
@@ -405,8 +415,10 @@ async fn an_unroutable_row_holds_its_key_until_routable(fixture: impl Fixture) {
             true,
         )
         .await;
-    let relay = Relay::new(fixture.store(), publisher)
-        .retry_backoff(Duration::from_millis(1), Duration::from_millis(2));
+    let relay = Relay::new(fixture.store(), publisher).retry_backoff(Backoff::exponential(
+        Duration::from_millis(1),
+        Duration::from_millis(2),
+    ));
     let store = fixture.store();
     eventually_every(WAIT, Duration::from_millis(2), "two retries", || async {
         relay.run_once().await.unwrap();

@@ -4,13 +4,12 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
-use backon::BackoffBuilder;
-
 use futures::StreamExt;
 use lapin::options::{BasicCancelOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties, Event, ExchangeKind};
+use surety_core::retry::Backoff;
 use surety_core::{Close, Result, TransportError, TransportErrorKind};
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
@@ -398,11 +397,11 @@ async fn supervise(inner: Weak<Inner>) {
             }
             Err(err) => {
                 let delays = delays.get_or_insert_with(|| {
-                    backon::ExponentialBuilder::default()
-                        .with_min_delay(Duration::from_millis(500))
-                        .with_max_delay(config.reconnect_max_delay.max(Duration::from_secs(1)))
-                        .without_max_times()
-                        .build()
+                    Backoff::exponential(
+                        Duration::from_millis(500),
+                        config.reconnect_max_delay.max(Duration::from_secs(1)),
+                    )
+                    .delays()
                 });
                 let delay = delays.next().unwrap_or(config.reconnect_max_delay);
                 tracing::debug!(error = %err, ?delay, "replacing the RabbitMQ connection failed");

@@ -415,13 +415,7 @@ const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Delays after consecutive subscription errors: 50 ms doubling to 5 s, with jitter.
 fn new_error_backoff() -> impl Iterator<Item = Duration> {
-    use backon::BackoffBuilder as _;
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(MAX_ERROR_BACKOFF)
-        .with_jitter()
-        .without_max_times()
-        .build()
+    crate::retry::Backoff::exponential(Duration::from_millis(50), MAX_ERROR_BACKOFF).delays()
 }
 
 async fn process<S: Handler>(
