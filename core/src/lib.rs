@@ -87,6 +87,7 @@ pub mod metrics;
 mod port;
 mod publish;
 pub mod retry;
+pub mod store;
 pub mod trace;
 pub mod upcast;
 

@@ -40,15 +40,20 @@ pub enum StoreError {
     /// A stored value could not be read back (a reply that does not decode).
     #[error("the dedup store holds a value that cannot be read: {0}")]
     Corrupt(String),
-    /// The backend failed (a database error, a pool timeout).
+    /// The backend failed; its [kind](surety_core::store::StoreErrorKind)
+    /// decides the class (a lost connection or a pool timeout is transient,
+    /// a constraint violation permanent).
     #[error("the dedup store failed: {0}")]
-    Backend(#[source] BoxError),
+    Backend(#[source] surety_core::store::StoreError),
 }
 
 impl StoreError {
-    /// Wraps a backend error.
+    /// Wraps a backend error of an unknown kind (transient).
     pub fn backend(error: impl Into<BoxError>) -> Self {
-        Self::Backend(error.into())
+        Self::Backend(surety_core::store::StoreError::new(
+            surety_core::store::StoreErrorKind::Other,
+            error,
+        ))
     }
 
     /// Whether this is [`LeaseLost`](Self::LeaseLost).
@@ -64,7 +69,8 @@ impl Classify for StoreError {
             Self::Full { .. } => ErrorClass::Transient {
                 retry_after: Some(Duration::from_secs(1)),
             },
-            Self::LeaseLost { .. } | Self::Backend(_) => ErrorClass::TRANSIENT,
+            Self::LeaseLost { .. } => ErrorClass::TRANSIENT,
+            Self::Backend(error) => error.class(),
         }
     }
 }
@@ -72,13 +78,13 @@ impl Classify for StoreError {
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
-        Self::Backend(Box::new(error))
+        Self::Backend(error.into())
     }
 }
 
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 impl From<sqlx::migrate::MigrateError> for StoreError {
     fn from(error: sqlx::migrate::MigrateError) -> Self {
-        Self::Backend(Box::new(error))
+        Self::Backend(error.into())
     }
 }

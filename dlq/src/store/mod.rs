@@ -45,9 +45,11 @@ pub const MAX_PAGE_SIZE: u32 = 1000;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// The database failed (connection, timeout, constraint). Transient.
+    /// The database failed; its [kind](surety_core::store::StoreErrorKind)
+    /// decides the class (a lost connection is transient, a constraint
+    /// violation permanent).
     #[error("DLQ store backend failed: {0}")]
-    Backend(#[source] BoxError),
+    Backend(#[source] surety_core::store::StoreError),
     /// A stored record could not be read back. Permanent.
     #[error("DLQ store record is corrupt: {0}")]
     Corrupt(String),
@@ -57,16 +59,19 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// A backend failure.
+    /// A backend failure of an unknown kind (transient).
     pub fn backend(err: impl Into<BoxError>) -> Self {
-        Self::Backend(err.into())
+        Self::Backend(surety_core::store::StoreError::new(
+            surety_core::store::StoreErrorKind::Other,
+            err,
+        ))
     }
 }
 
 impl Classify for StoreError {
     fn class(&self) -> ErrorClass {
         match self {
-            Self::Backend(_) => ErrorClass::TRANSIENT,
+            Self::Backend(err) => err.class(),
             Self::Corrupt(_) | Self::InvalidCursor(_) => ErrorClass::Permanent,
         }
     }

@@ -16,7 +16,7 @@ pub(crate) const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS surety_dlq
 )";
 
 pub(crate) fn backend(err: sqlx::Error) -> StoreError {
-    StoreError::backend(err)
+    StoreError::Backend(err.into())
 }
 
 pub(crate) fn micros(t: DateTime<Utc>) -> i64 {
