@@ -80,6 +80,7 @@
 //!   version is the loaded one).
 //!
 //! Without features the crate ships the in-memory [`store::MemoryStore`].
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod definition;

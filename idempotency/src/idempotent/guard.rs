@@ -188,6 +188,7 @@ where
 
     /// Finishes a message whose transaction committed with its mark:
     /// counts it and answers with its outputs.
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     pub(crate) fn committed(&self, series: &Series<'_>, outputs: Vec<Output>) -> Response {
         series.processed();
         Response::from(outputs)
