@@ -7,7 +7,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use surety_core::consumer::{Outcome, Output, Response};
+use surety_core::consumer::{Outcome, Response};
 use surety_core::{ErrorClass, HandlerError};
 use tokio::time::Instant;
 
@@ -189,7 +189,11 @@ where
     /// Finishes a message whose transaction committed with its mark:
     /// counts it and answers with its outputs.
     #[cfg(any(feature = "sqlite", feature = "postgres"))]
-    pub(crate) fn committed(&self, series: &Series<'_>, outputs: Vec<Output>) -> Response {
+    pub(crate) fn committed(
+        &self,
+        series: &Series<'_>,
+        outputs: Vec<surety_core::consumer::Output>,
+    ) -> Response {
         series.processed();
         Response::from(outputs)
     }
