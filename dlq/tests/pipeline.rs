@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::{eventually, spawn_worker};
 use futures::StreamExt;
 use proptest::prelude::*;
-use surety_core::consumer::{Handler, Incoming, Worker, WorkerReport, handler_fn};
+use surety_core::consumer::{Handler, Incoming, Outcome, Worker, WorkerReport, handler_fn};
 use surety_core::memory::MemoryTransport;
 use surety_core::tower::Layer;
 use surety_core::{
@@ -25,6 +25,7 @@ use surety_dlq::policy::DeadLetterReason;
 use surety_dlq::sink::{DeadLetterSink, SinkError};
 use surety_dlq::store::{DlqStore, Filter, MemoryStore};
 use surety_dlq::{Backoff, DeadLetter, DlqLayer, RetryMode, RetryPolicy};
+use surety_testkit::handler::{HandlerTest, Recorder};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -439,7 +440,6 @@ async fn competing_consumers_keep_the_attempt_count_exact() {
 /// to the route) and in place (as measured between calls).
 #[tokio::test]
 async fn retry_delays_grow() {
-    let transport = MemoryTransport::new();
     let store = MemoryStore::new();
     let routed: Arc<Mutex<Vec<(u32, Duration)>>> = Arc::default();
     let log = routed.clone();
@@ -449,10 +449,11 @@ async fn retry_delays_grow() {
             Duration::from_millis(10),
             Duration::from_secs(10),
         ));
+    let recorder = Recorder::new();
     let layer = DlqLayer::new("h")
         .policy(policy.clone())
         .retry_via(
-            transport.clone(),
+            recorder.clone(),
             move |_: &Incoming, attempt: u32, delay: Duration| {
                 log.lock().unwrap().push((attempt, delay));
                 "work".to_owned()
@@ -462,14 +463,20 @@ async fn retry_delays_grow() {
     let handler = layer.layer(handler_fn(|_msg: Incoming| async {
         Err::<(), _>(HandlerError::transient("down"))
     }));
-    let (stop, worker) = run_on_one_message(&transport, handler).await;
-    eventually(DEADLINE, "dead-lettered", || {
-        let store = store.clone();
-        async move { store.count(&Filter::new()).await.unwrap() == 1 }
-    })
-    .await;
-    stop.send(()).ok();
-    worker.await.unwrap();
+    // Each delayed copy is delivered back in turn, as the broker would.
+    let mut test = HandlerTest::new(handler).topic("work").group("g");
+    let mut next = Envelope::builder("/t", "t").build();
+    for attempt in 1..=5 {
+        let then = test.deliver(next.clone()).await;
+        assert_eq!(then.attempt(), attempt);
+        if attempt < 5 {
+            assert_eq!(then.outcome(), Some(Outcome::RetryScheduled));
+            next = recorder.published("work").pop().expect("a retry copy");
+        } else {
+            assert_eq!(then.outcome(), Some(Outcome::DeadLettered));
+        }
+    }
+    assert_eq!(store.count(&Filter::new()).await.unwrap(), 1);
     let routed = routed.lock().unwrap().clone();
     assert_eq!(
         routed.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
@@ -510,11 +517,11 @@ async fn retry_delays_grow() {
 /// failure time, and keeps the message's id and key.
 #[tokio::test]
 async fn retry_copies_carry_their_bookkeeping() {
-    let transport = MemoryTransport::new();
+    let recorder = Recorder::new();
     let layer = DlqLayer::new("h")
         .policy(RetryPolicy::new().max_attempts(3))
         .retry_via(
-            transport.clone(),
+            recorder.clone(),
             |msg: &Incoming, attempt: u32, _: Duration| {
                 format!("{}.retry.{attempt}", msg.info.topic)
             },
@@ -523,24 +530,23 @@ async fn retry_copies_carry_their_bookkeeping() {
     let service = layer.layer(handler_fn(|_msg: Incoming| async {
         Err::<(), _>(HandlerError::transient("lock timeout"))
     }));
-    let mut retries = transport.subscribe("work.retry.2", "g").await.unwrap();
     let env = Envelope::builder("/t", "t").partition_key("k").build();
-    let msg = Incoming::new(
-        env.clone(),
-        surety_core::DeliveryInfo::new("memory", "work", "g"),
+    let then = HandlerTest::new(service)
+        .topic("work")
+        .deliver(env.clone())
+        .await;
+    assert_eq!(then.outcome(), Some(Outcome::RetryScheduled));
+    let copies = recorder.published("work.retry.2");
+    assert_eq!(copies.len(), 1, "{:?}", recorder.all());
+    let copy = Incoming::new(
+        copies[0].clone(),
+        DeliveryInfo::new("memory", "work.retry.2", "g"),
     );
-    use surety_core::tower::ServiceExt;
-    let outcome = service.oneshot(msg).await.unwrap();
-    assert_eq!(
-        outcome.outcome,
-        surety_core::consumer::Outcome::RetryScheduled
-    );
-    let copy = retries.next().await.unwrap().unwrap();
-    let h = &copy.envelope().headers;
-    assert_eq!(copy.envelope().id, env.id);
-    assert_eq!(copy.envelope().partition_key.as_deref(), Some("k"));
+    let h = &copy.envelope.headers;
+    assert_eq!(copy.envelope.id, env.id);
+    assert_eq!(copy.envelope.partition_key.as_deref(), Some("k"));
     assert_eq!(h.attempt().unwrap(), Some(2));
-    assert_eq!(copy.attempt(), 2);
+    assert_eq!(copy.attempt, 2);
     assert_eq!(h.get(keys::ERROR_CLASS), Some("transient"));
     assert_eq!(h.get(keys::ERROR_MESSAGE), Some("lock timeout"));
     assert!(h.contains(keys::FIRST_FAILED_AT));
@@ -620,14 +626,13 @@ fn assert_unavailable(err: &HandlerError, cause: &str) {
 /// redelivery delay, and the message of the failed sink or publish.
 #[tokio::test]
 async fn an_unwritable_dead_letter_or_retry_is_unavailable() {
-    use surety_core::tower::ServiceExt;
     let outage = Outage::down();
     let failing =
         || handler_fn(|_msg: Incoming| async { Err::<(), _>(HandlerError::transient("down")) });
     let msg = |attempt: u32| {
         let mut env = Envelope::builder("/t", "t").build();
         env.headers.set_attempt(attempt);
-        Incoming::new(env, DeliveryInfo::new("memory", "work", "g"))
+        env
     };
     let policy = RetryPolicy::new()
         .max_attempts(3)
@@ -638,19 +643,20 @@ async fn an_unwritable_dead_letter_or_retry_is_unavailable() {
         .mode(RetryMode::Delayed);
 
     // The dead-letter write fails (the last attempt).
-    let err = DlqLayer::new("h")
+    let layered = DlqLayer::new("h")
         .policy(policy.clone())
         .sink(OutageSink(outage.clone()))
         .redeliver_after(REDELIVER_AFTER)
-        .layer(failing())
-        .oneshot(msg(3))
-        .await
-        .unwrap_err();
-    assert_unavailable(&err, "DLQ unavailable");
+        .layer(failing());
+    let then = HandlerTest::new(layered)
+        .topic("work")
+        .deliver(msg(3))
+        .await;
+    assert_unavailable(then.error().expect("failed"), "DLQ unavailable");
 
     // The delayed-retry publish fails (an earlier attempt).
     let transport = MemoryTransport::new();
-    let err = DlqLayer::new("h")
+    let layered = DlqLayer::new("h")
         .policy(policy)
         .retry_via(
             OutagePublisher {
@@ -661,11 +667,12 @@ async fn an_unwritable_dead_letter_or_retry_is_unavailable() {
         )
         .store(MemoryStore::new())
         .redeliver_after(REDELIVER_AFTER)
-        .layer(failing())
-        .oneshot(msg(1))
-        .await
-        .unwrap_err();
-    assert_unavailable(&err, "retry topic unavailable");
+        .layer(failing());
+    let then = HandlerTest::new(layered)
+        .topic("work")
+        .deliver(msg(1))
+        .await;
+    assert_unavailable(then.error().expect("failed"), "retry topic unavailable");
 }
 
 /// A DLQ outage that lasts longer than the worker's default delivery bound

@@ -17,6 +17,11 @@
 //!   reorders and delays messages and fails publishes and acks, seeded and
 //!   reproducible, so that handlers, workers and pattern crates can be
 //!   tested against the unhappy path without a broker.
+//! - [`handler`] tests a handler, with its layers, without a broker:
+//!   [`HandlerTest`](handler::HandlerTest) delivers envelopes straight to it
+//!   and returns the outcome, the emitted messages and the error;
+//!   [`Recorder`](handler::Recorder) keeps what a layer publishes (dead
+//!   letters, delayed retries). No worker, no transport, no polling.
 //! - [`services`] finds RabbitMQ, Kafka and PostgreSQL for integration
 //!   tests and checks that they answer; [`rabbitmqctl`] acts on the
 //!   RabbitMQ broker (closes a connection, reads a queue's depth).
@@ -64,6 +69,7 @@ pub mod db;
 #[cfg(feature = "dlq")]
 pub mod dlq_store;
 pub mod fault;
+pub mod handler;
 #[cfg(feature = "idempotency")]
 pub mod idempotency_store;
 #[cfg(feature = "rabbitmq")]
