@@ -15,6 +15,11 @@ use crate::envelope::Message;
 use crate::error::{Classify, HandlerError};
 
 /// What a [`Router`] does with a message whose type has no route.
+///
+/// A message the transport could not decode (see
+/// [`Envelope::undecodable`](crate::Envelope::undecodable)) is
+/// [poison](crate::ErrorClass::Poison) either way: it is dead-lettered with
+/// its raw payload, never ignored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum UnknownType {
@@ -153,6 +158,16 @@ impl Service<Incoming> for Router {
     fn call(&mut self, msg: Incoming) -> Self::Future {
         if let Some(route) = self.routes.get(msg.envelope.event_type.as_str()) {
             return route(msg);
+        }
+        // A message the transport could not read has no trustworthy type:
+        // it is poison, to be dead-lettered with its raw payload, never
+        // ignored.
+        if let Some(reason) = msg.envelope.decode_error() {
+            let err = HandlerError::poison(format!(
+                "message {} could not be decoded: {reason}",
+                msg.envelope.id
+            ));
+            return Box::pin(std::future::ready(Err(err)));
         }
         let result = match self.unknown {
             UnknownType::Ignore => {
