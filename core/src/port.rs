@@ -442,6 +442,32 @@ impl BoxPublisher {
             inner: std::sync::Arc::new(publisher),
         }
     }
+
+    /// Erases the type of a publisher this box does not own: closing the
+    /// box does nothing, the publisher's owner closes it. For layers and
+    /// tools that publish through a transport the application holds.
+    pub fn borrowed(publisher: impl Publisher + 'static) -> Self {
+        Self::new(Unclosed(publisher))
+    }
+}
+
+/// A publisher whose [`Close`] is left to its owner.
+struct Unclosed<P>(P);
+
+impl<P: Publisher> Publisher for Unclosed<P> {
+    fn send(
+        &self,
+        topic: &str,
+        envelope: Envelope,
+    ) -> impl Future<Output = Result<Confirmation>> + Send {
+        self.0.send(topic, envelope)
+    }
+}
+
+impl<P: Send + Sync> Close for Unclosed<P> {
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl fmt::Debug for BoxPublisher {

@@ -17,8 +17,9 @@ use crate::keys;
 use crate::letter::{self, DeadLetter, Event, Status};
 use crate::metrics::DlqMetrics;
 use crate::policy::{DeadLetterReason, Decision, RetryMode, RetryPolicy};
-use crate::sink::{DeadLetterSink, DynPublisher, SinkError, StoreSink, TopicSink};
+use crate::sink::{DeadLetterSink, SinkError, StoreSink, TopicSink};
 use crate::store::{DlqStore, Transition};
+use surety_core::BoxPublisher;
 
 /// Longest error message written into retry headers.
 const RETRY_MESSAGE_LEN: usize = 1024;
@@ -64,7 +65,7 @@ struct Config {
     handler: String,
     host: String,
     policy: RetryPolicy,
-    retry: Option<(DynPublisher, Arc<dyn RetryRoute>)>,
+    retry: Option<(BoxPublisher, Arc<dyn RetryRoute>)>,
     sinks: Vec<Arc<dyn DeadLetterSink>>,
     store: Option<Arc<dyn DlqStore>>,
     park_after_replays: u32,
@@ -187,7 +188,7 @@ impl DlqLayer {
         publisher: impl Publisher + 'static,
         route: impl RetryRoute,
     ) -> Self {
-        self.config.retry = Some((DynPublisher::new(publisher), Arc::new(route)));
+        self.config.retry = Some((BoxPublisher::borrowed(publisher), Arc::new(route)));
         self
     }
 

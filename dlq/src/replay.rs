@@ -24,8 +24,8 @@ use crate::job::{Job, JobKind};
 use crate::keys;
 use crate::letter::{DeadLetter, Event, Status};
 use crate::metrics::DlqMetrics;
-use crate::sink::DynPublisher;
 use crate::store::{DlqStore, Filter, PageRequest, StoreError, Transition};
+use surety_core::BoxPublisher;
 
 /// The most dead letters one replay or discard acts on, by default.
 pub const DEFAULT_MAX_BATCH: usize = 1000;
@@ -440,7 +440,7 @@ type RouteFn = dyn Fn(&DeadLetter) -> String + Send + Sync;
 #[derive(Clone)]
 pub struct Replayer {
     store: Arc<dyn DlqStore>,
-    publisher: DynPublisher,
+    publisher: BoxPublisher,
     route: Arc<RouteFn>,
     per_second: Option<u32>,
     max_batch: usize,
@@ -465,7 +465,7 @@ impl Replayer {
     pub fn new(store: Arc<dyn DlqStore>, publisher: impl Publisher + 'static) -> Self {
         Self {
             store,
-            publisher: DynPublisher::new(publisher),
+            publisher: BoxPublisher::borrowed(publisher),
             route: Arc::new(|letter: &DeadLetter| letter.source.topic.clone()),
             per_second: None,
             max_batch: DEFAULT_MAX_BATCH,

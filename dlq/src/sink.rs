@@ -9,8 +9,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use futures::future::BoxFuture;
-use surety_core::{BoxError, Envelope, Publisher, Receipt};
+use surety_core::{BoxError, BoxPublisher, Publisher};
 
 use crate::letter::DeadLetter;
 use crate::store::DlqStore;
@@ -70,50 +69,6 @@ pub trait DeadLetterSink: Send + Sync + fmt::Debug + 'static {
     async fn write(&self, letter: &DeadLetter) -> Result<(), SinkError>;
 }
 
-/// Object-safe publishing, so layers and the replayer take any publisher
-/// without a type parameter.
-pub(crate) trait ErasedPublish: Send + Sync {
-    fn publish_boxed<'a>(
-        &'a self,
-        topic: &'a str,
-        envelope: Envelope,
-    ) -> BoxFuture<'a, surety_core::Result<Receipt>>;
-}
-
-impl<P: Publisher> ErasedPublish for P {
-    fn publish_boxed<'a>(
-        &'a self,
-        topic: &'a str,
-        envelope: Envelope,
-    ) -> BoxFuture<'a, surety_core::Result<Receipt>> {
-        Box::pin(self.publish(topic, envelope))
-    }
-}
-
-/// A cheaply cloned, type-erased publisher.
-#[derive(Clone)]
-pub(crate) struct DynPublisher(Arc<dyn ErasedPublish>);
-
-impl DynPublisher {
-    pub(crate) fn new(publisher: impl Publisher + 'static) -> Self {
-        Self(Arc::new(publisher))
-    }
-
-    pub(crate) async fn publish(
-        &self,
-        topic: &str,
-        envelope: Envelope,
-    ) -> surety_core::Result<Receipt> {
-        self.0.publish_boxed(topic, envelope).await
-    }
-}
-
-impl fmt::Debug for DynPublisher {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DynPublisher").finish_non_exhaustive()
-    }
-}
-
 type TopicFn = dyn Fn(&DeadLetter) -> String + Send + Sync;
 
 /// Publishes dead letters to a DLQ topic (or queue) and waits for the
@@ -123,7 +78,7 @@ type TopicFn = dyn Fn(&DeadLetter) -> String + Send + Sync;
 /// id, key and payload, with the `surety-dlq-*` headers.
 #[derive(Clone)]
 pub struct TopicSink {
-    publisher: DynPublisher,
+    publisher: BoxPublisher,
     topic: Arc<TopicFn>,
 }
 
@@ -141,7 +96,7 @@ impl TopicSink {
         route: impl Fn(&DeadLetter) -> String + Send + Sync + 'static,
     ) -> Self {
         Self {
-            publisher: DynPublisher::new(publisher),
+            publisher: BoxPublisher::borrowed(publisher),
             topic: Arc::new(route),
         }
     }
