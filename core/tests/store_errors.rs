@@ -16,6 +16,36 @@ fn classify(error: sqlx::Error) -> (StoreErrorKind, ErrorClass) {
     (error.kind(), error.class())
 }
 
+/// Statements that violate a constraint of [`TABLE`] once row 1 exists,
+/// and the kind each must map to.
+const VIOLATIONS: [(&str, StoreErrorKind); 3] = [
+    (
+        "INSERT INTO items VALUES (1, 'b')",
+        StoreErrorKind::UniqueViolation,
+    ),
+    (
+        "INSERT INTO items VALUES (2, '')",
+        StoreErrorKind::CheckViolation,
+    ),
+    (
+        "INSERT INTO items VALUES (3, NULL)",
+        StoreErrorKind::NotNullViolation,
+    ),
+];
+
+fn assert_permanent(
+    statement: &str,
+    result: Result<impl std::fmt::Debug, sqlx::Error>,
+    kind: StoreErrorKind,
+) {
+    let error = result.expect_err(statement);
+    assert_eq!(
+        classify(error),
+        (kind, ErrorClass::Permanent),
+        "{statement}"
+    );
+}
+
 #[tokio::test]
 async fn sqlite_constraint_violations_are_permanent() {
     let db = TempSqlite::new(2, Duration::from_secs(5)).await;
@@ -24,33 +54,9 @@ async fn sqlite_constraint_violations_are_permanent() {
         .execute("INSERT INTO items VALUES (1, 'a')")
         .await
         .expect("first row");
-    let duplicate = db
-        .pool
-        .execute("INSERT INTO items VALUES (1, 'b')")
-        .await
-        .expect_err("a duplicate key");
-    assert_eq!(
-        classify(duplicate),
-        (StoreErrorKind::UniqueViolation, ErrorClass::Permanent)
-    );
-    let empty = db
-        .pool
-        .execute("INSERT INTO items VALUES (2, '')")
-        .await
-        .expect_err("a failed check");
-    assert_eq!(
-        classify(empty),
-        (StoreErrorKind::CheckViolation, ErrorClass::Permanent)
-    );
-    let null = db
-        .pool
-        .execute("INSERT INTO items VALUES (3, NULL)")
-        .await
-        .expect_err("a null");
-    assert_eq!(
-        classify(null),
-        (StoreErrorKind::NotNullViolation, ErrorClass::Permanent)
-    );
+    for (statement, kind) in VIOLATIONS {
+        assert_permanent(statement, db.pool.execute(statement).await, kind);
+    }
 }
 
 #[tokio::test]
@@ -96,32 +102,14 @@ async fn postgres_constraint_violations_are_permanent() {
         .execute("INSERT INTO items VALUES (1, 'a')")
         .await
         .expect("first row");
-    let duplicate = schema
-        .pool
-        .execute("INSERT INTO items VALUES (1, 'b')")
-        .await
-        .expect_err("a duplicate key");
-    assert_eq!(
-        classify(duplicate),
-        (StoreErrorKind::UniqueViolation, ErrorClass::Permanent)
-    );
-    let empty = schema
-        .pool
-        .execute("INSERT INTO items VALUES (2, '')")
-        .await
-        .expect_err("a failed check");
-    assert_eq!(
-        classify(empty),
-        (StoreErrorKind::CheckViolation, ErrorClass::Permanent)
-    );
-    let bad = schema
-        .pool
-        .execute("SELECT 'x'::bigint")
-        .await
-        .expect_err("not a number");
-    assert_eq!(
-        classify(bad),
-        (StoreErrorKind::Decode, ErrorClass::Permanent)
+    for (statement, kind) in VIOLATIONS {
+        assert_permanent(statement, schema.pool.execute(statement).await, kind);
+    }
+    let statement = "SELECT 'x'::bigint";
+    assert_permanent(
+        statement,
+        schema.pool.execute(statement).await,
+        StoreErrorKind::Decode,
     );
     schema.drop_schema().await;
 }
