@@ -89,6 +89,7 @@ mod publish;
 pub mod retry;
 pub mod store;
 pub mod trace;
+pub mod transport;
 pub mod upcast;
 
 pub use codec::DecodeError;
@@ -100,7 +101,7 @@ pub use error::{
 pub use headers::Headers;
 pub use port::{
     BoxPublisher, BoxSubscriber, Close, Confirmation, Delivery, DeliveryInfo, DeliveryStream,
-    Publisher, Receipt, Settle, Subscriber, attempt_of, require_name, settle_failed,
+    Publisher, Receipt, Settle, Subscriber,
 };
 pub use publish::Instrumented;
 

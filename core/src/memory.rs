@@ -43,8 +43,9 @@ use crate::envelope::Envelope;
 use crate::error::{Result, TransportError};
 use crate::port::{
     Close, Confirmation, Delivery, DeliveryInfo, DeliveryStream, Publisher, Receipt, Settle,
-    Subscriber, require_name, settle_failed,
+    Subscriber,
 };
+use crate::transport::{require_name, settle_failed};
 
 /// The `messaging.system` name of the in-memory transport.
 pub const SYSTEM: &str = "memory";

@@ -14,7 +14,8 @@ use crate::log::{
     StartPosition,
 };
 use crate::memory::SYSTEM;
-use crate::port::{Close, Confirmation, DeliveryInfo, Publisher, Receipt, require_name};
+use crate::port::{Close, Confirmation, DeliveryInfo, Publisher, Receipt};
+use crate::transport::require_name;
 
 /// Default number of partitions of each topic of a [`MemoryLog`].
 pub const DEFAULT_PARTITIONS: usize = 4;

@@ -27,7 +27,7 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
 use crate::envelope::Envelope;
-use crate::error::{Result, TransportError};
+use crate::error::Result;
 
 /// Where a published message was stored, as far as the broker tells.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -289,7 +289,7 @@ impl Delivery {
     /// count grows on every redelivery whatever the header says. A header
     /// that is too high only makes the message reach the bound sooner.
     pub fn attempt(&self) -> u32 {
-        attempt_of(&self.envelope, &self.info)
+        crate::transport::attempt_of(&self.envelope, &self.info)
     }
 
     /// Splits into the envelope, the info and the settler, so that the
@@ -311,61 +311,6 @@ impl Delivery {
     /// Rejects: the message is not delivered again.
     pub async fn reject(self) -> Result<()> {
         self.settle.reject().await
-    }
-}
-
-/// The attempt number of a delivery; see [`Delivery::attempt`].
-///
-/// ```
-/// use surety_core::{DeliveryInfo, Envelope, attempt_of};
-///
-/// let mut envelope = Envelope::builder("/shop", "order.placed").build();
-/// envelope.headers.set_attempt(1);
-/// let mut info = DeliveryInfo::new("rabbitmq", "orders", "billing");
-/// info.delivery_count = Some(4);
-/// // A producer's `surety-attempt: 1` does not pin the attempt.
-/// assert_eq!(attempt_of(&envelope, &info), 4);
-/// envelope.headers.set_attempt(7);
-/// assert_eq!(attempt_of(&envelope, &info), 7);
-/// ```
-pub fn attempt_of(envelope: &Envelope, info: &DeliveryInfo) -> u32 {
-    let from_header = envelope.headers.attempt().ok().flatten().unwrap_or(0);
-    let from_transport = info
-        .delivery_count
-        .unwrap_or(if info.redelivered { 2 } else { 1 });
-    from_header.max(from_transport).max(1)
-}
-
-/// The error for a settle operation that failed because the delivery's
-/// channel or subscription is gone.
-pub fn settle_failed(what: &str) -> TransportError {
-    TransportError::new(
-        crate::TransportErrorKind::Ack,
-        format!("{what}: the delivery can no longer be settled and will be redelivered"),
-    )
-}
-
-/// Checks that a topic or consumer group name is not empty: transports call
-/// it before they use a name, and get a
-/// [`Config`](crate::TransportErrorKind::Config) error naming `what`
-/// (`"topic"`, `"group"`) otherwise.
-///
-/// ```
-/// use surety_core::{TransportErrorKind, require_name};
-///
-/// assert!(require_name("topic", "orders").is_ok());
-/// let err = require_name("group", "").unwrap_err();
-/// assert_eq!(err.kind(), TransportErrorKind::Config);
-/// assert!(err.to_string().contains("group name must not be empty"));
-/// ```
-pub fn require_name(what: &str, name: &str) -> Result<()> {
-    if name.is_empty() {
-        Err(TransportError::new(
-            crate::TransportErrorKind::Config,
-            format!("{what} name must not be empty"),
-        ))
-    } else {
-        Ok(())
     }
 }
 

@@ -590,7 +590,7 @@ fn from_x_death(env: &Envelope, x_death: &str) -> Result<DeadLetter, LetterError
 }
 
 /// The envelope without Surety's retry and dead-letter bookkeeping headers.
-pub fn strip_bookkeeping(env: &Envelope) -> Envelope {
+pub(crate) fn strip_bookkeeping(env: &Envelope) -> Envelope {
     let mut env = env.clone();
     let keys_to_remove: Vec<String> = env
         .headers
@@ -643,8 +643,9 @@ pub fn trace_id(traceparent: &str) -> Option<String> {
 }
 
 /// The grouping fingerprint of a failure: the first 16 hex digits of a
-/// SHA-256 over the handler, the class and the [normalized](normalize)
-/// message, so failures that differ only in ids and numbers group together.
+/// SHA-256 over the handler, the class and the normalized message (lower
+/// case, every number, UUID or hash replaced by `#`), so failures that
+/// differ only in ids and numbers group together.
 pub fn fingerprint(handler: &str, class: &str, message: &str) -> String {
     let mut hash = Sha256::new();
     for part in [handler, class, &normalize(message)] {
@@ -656,7 +657,7 @@ pub fn fingerprint(handler: &str, class: &str, message: &str) -> String {
 
 /// Lower-cases `message` and replaces every run of hex digits and dashes
 /// that contains a decimal digit (numbers, UUIDs, hashes) with `#`.
-pub fn normalize(message: &str) -> String {
+pub(crate) fn normalize(message: &str) -> String {
     let lower = message.to_lowercase();
     let mut out = String::with_capacity(lower.len());
     let mut run = String::new();
@@ -700,7 +701,7 @@ pub(crate) fn truncate(mut s: String, max_len: usize) -> String {
 }
 
 /// The host name: `HOSTNAME`, else the kernel's host name, else `unknown`.
-pub fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())

@@ -6,7 +6,6 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 use rdkafka::config::RDKafkaLogLevel;
 use surety_core::{TransportError, TransportErrorKind};
-use tokio::time::Instant;
 
 use crate::metrics::KafkaMetrics;
 
@@ -347,20 +346,7 @@ pub(crate) fn config_error(message: impl Into<String>) -> TransportError {
     TransportError::new(TransportErrorKind::Config, message)
 }
 
-/// The instant `after` from now, or one decades away when that does not
-/// fit in an `Instant`: a timeout of `Duration::MAX` means "no timeout",
-/// never a panic (the configuration's fields are public, so no setter can
-/// rule it out).
-pub(crate) fn deadline_after(after: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(after)
-        .or_else(|| now.checked_add(FAR_FUTURE))
-        .unwrap_or(now)
-}
-
-/// What [`deadline_after`] falls back to: about 30 years, as tokio's own
-/// timers do.
-const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+pub(crate) use surety_core::transport::deadline_after;
 
 #[cfg(test)]
 mod tests {
@@ -405,8 +391,8 @@ mod tests {
             Some("2147483647")
         );
         // The consumer's drain and pause deadlines are taken this way.
-        assert!(deadline_after(config.drain_timeout) > Instant::now());
-        assert!(deadline_after(config.pause_after) > Instant::now());
+        assert!(deadline_after(config.drain_timeout) > tokio::time::Instant::now());
+        assert!(deadline_after(config.pause_after) > tokio::time::Instant::now());
 
         let mut direct = KafkaConfig::new("localhost:9092");
         direct.connect_timeout = Duration::MAX;

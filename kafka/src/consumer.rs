@@ -16,9 +16,10 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
 use rdkafka::topic_partition_list::Offset;
+use surety_core::transport::settle_failed;
 use surety_core::{
     Delivery, DeliveryInfo, DeliveryStream, Envelope, Headers, Result, Settle, TransportError,
-    TransportErrorKind, settle_failed,
+    TransportErrorKind,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;

@@ -33,7 +33,8 @@ use surety_core::log::{
     AssignedPartition, Assignment, LogEvent, LogOptions, LogRecord, LogStream, LogSubscriber,
     StartPosition,
 };
-use surety_core::{DeliveryInfo, Result, TransportError, TransportErrorKind, require_name};
+use surety_core::transport::require_name;
+use surety_core::{DeliveryInfo, Result, TransportError, TransportErrorKind};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 

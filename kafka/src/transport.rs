@@ -12,9 +12,10 @@ use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use surety_core::transport::require_name;
 use surety_core::{
     Close, Confirmation, DeliveryStream, Envelope, Publisher, Receipt, Result, Subscriber,
-    TransportError, TransportErrorKind, require_name,
+    TransportError, TransportErrorKind,
 };
 use tokio::task::JoinHandle;
 use tokio::time::Instant;

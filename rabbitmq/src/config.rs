@@ -2,8 +2,6 @@
 
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use crate::metrics::RabbitMetrics;
 
 /// The default exchange name.
@@ -218,17 +216,4 @@ impl RabbitConfig {
     }
 }
 
-/// The instant `after` from now, or one decades away when that does not
-/// fit in an `Instant`: a timeout of `Duration::MAX` means "no timeout",
-/// never a panic (the configuration's fields are public, so no setter can
-/// rule it out).
-pub(crate) fn deadline_after(after: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(after)
-        .or_else(|| now.checked_add(FAR_FUTURE))
-        .unwrap_or(now)
-}
-
-/// What [`deadline_after`] falls back to: about 30 years, as tokio's own
-/// timers do.
-const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+pub(crate) use surety_core::transport::deadline_after;

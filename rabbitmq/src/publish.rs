@@ -34,9 +34,9 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{Channel, PublisherConfirm};
+use surety_core::transport::require_name;
 use surety_core::{
     Confirmation, Envelope, Publisher, Receipt, Result, TransportError, TransportErrorKind,
-    require_name,
 };
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;

@@ -14,9 +14,10 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Acker, BasicProperties, Channel, Consumer};
+use surety_core::transport::{require_name, settle_failed};
 use surety_core::{
     Delivery, DeliveryInfo, DeliveryStream, Result, Settle, Subscriber, TransportError,
-    TransportErrorKind, require_name, settle_failed,
+    TransportErrorKind,
 };
 use tokio::sync::watch;
 

@@ -46,7 +46,8 @@ use tower::Service;
 
 use crate::envelope::Envelope;
 use crate::error::HandlerError;
-use crate::port::{DeliveryInfo, attempt_of};
+use crate::port::DeliveryInfo;
+use crate::transport::attempt_of;
 
 pub use handler::{AckAll, HandlerFn, Typed, handler_fn, typed};
 pub use router::{Router, UnknownType};
