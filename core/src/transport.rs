@@ -11,7 +11,7 @@ use crate::envelope::Envelope;
 use crate::error::{Result, TransportError};
 use crate::port::DeliveryInfo;
 
-/// The attempt number of a delivery; see [`Delivery::attempt`].
+/// The attempt number of a delivery; see [`Delivery::attempt`](crate::Delivery::attempt).
 ///
 /// ```
 /// use surety_core::transport::attempt_of;

@@ -230,7 +230,7 @@ impl<S: Handler> Worker<S> {
 
     /// After this many deliveries of one message (the higher of the
     /// transport's delivery count and the `surety-attempt` header; see
-    /// [`attempt_of`](crate::attempt_of)), a transient failure rejects the
+    /// [`attempt_of`](crate::transport::attempt_of)), a transient failure rejects the
     /// message instead of requeueing it (default 5).
     pub fn max_deliveries(mut self, n: u32) -> Self {
         self.max_deliveries = n.max(1);
