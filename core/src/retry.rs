@@ -16,8 +16,8 @@
 //!     .without_jitter()
 //!     .max_attempts(4);
 //! // Retry 1 waits the minimum; each next one twice as long, up to the cap.
-//! assert_eq!(backoff.delay(1), Duration::from_millis(100));
-//! assert_eq!(backoff.delay(3), Duration::from_millis(400));
+//! assert_eq!(backoff.delay(1).as_millis(), 100);
+//! assert_eq!(backoff.delay(3).as_millis(), 400);
 //! assert_eq!(backoff.delay(100), Duration::from_secs(2));
 //! // Four attempts in all: three waits between them.
 //! assert_eq!(backoff.delays().count(), 3);
