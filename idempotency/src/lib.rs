@@ -106,9 +106,15 @@ mod policy;
 mod reply;
 pub mod store;
 
+/// The future of an [`Idempotent`] handler: the `tower::Service::Future`
+/// type, named here for code that must spell it out.
+pub mod future {
+    pub use crate::idempotent::IdempotentFuture;
+}
+
 pub use cleanup::Cleanup;
 pub use error::StoreError;
-pub use idempotent::{IdempotencyLayer, Idempotent, IdempotentFuture};
+pub use idempotent::{IdempotencyLayer, Idempotent};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use inbox::{
     Committed, Inbox, InboxGuard, InboxHandler, InboxLayer, InboxTransaction, InboxTx, Marked,

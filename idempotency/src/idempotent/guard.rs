@@ -79,7 +79,7 @@ where
 {
     /// Claims the message's key: run, skip as a duplicate (with the stored
     /// outputs to emit again), or fail as busy. `first` is the answer to a first
-    /// claim made already ([`DedupStore::claim_now`]), if there was one.
+    /// claim made already ([`Immediate::claim_now`](crate::store::Immediate::claim_now)), if there was one.
     pub(crate) async fn claim(
         &self,
         series: &Series<'_>,
@@ -94,7 +94,7 @@ where
                     self.metrics
                         .timed(
                             Op::Claim,
-                            !self.store.in_memory(),
+                            self.store.immediate().is_none(),
                             self.store.claim(key, self.policy.lease()),
                         )
                         .await
@@ -231,7 +231,7 @@ where
                 .metrics
                 .timed(
                     Op::Extend,
-                    !self.store.in_memory(),
+                    self.store.immediate().is_none(),
                     self.store.extend(key, token, self.policy.lease()),
                 )
                 .await;
@@ -253,7 +253,7 @@ where
 
     /// Completes or releases the claim from the handler's result (storing
     /// its outputs with the key), and counts. `completed` is the answer to a first
-    /// `complete` made already ([`DedupStore::complete_now`]), if there was
+    /// `complete` made already ([`Immediate::complete_now`](crate::store::Immediate::complete_now)), if there was
     /// one.
     pub(crate) async fn finish(
         &self,
@@ -299,7 +299,7 @@ where
                     self.metrics
                         .timed(
                             Op::Complete,
-                            !self.store.in_memory(),
+                            self.store.immediate().is_none(),
                             self.store.complete(key, &lease.token, reply),
                         )
                         .await
@@ -329,7 +329,7 @@ where
             .metrics
             .timed(
                 Op::Release,
-                !self.store.in_memory(),
+                self.store.immediate().is_none(),
                 self.store.release(key, &lease.token),
             )
             .await;

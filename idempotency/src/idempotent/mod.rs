@@ -89,7 +89,10 @@ where
         // first delivery needs no boxed future: the claimed handler runs in
         // `IdempotentFuture` itself, and the service that was driven to
         // readiness is called without a clone.
-        let claimed = guard.store.claim_now(&key, guard.policy.lease());
+        let claimed = guard
+            .store
+            .immediate()
+            .map(|s| s.claim_now(&key, guard.policy.lease()));
         if let Some(claimed) = &claimed {
             guard.metrics.observe(Op::Claim, claimed.is_ok(), 0.0);
         }
@@ -155,7 +158,7 @@ where
 
 /// The future of an [`Idempotent`] handler, for one delivery.
 ///
-/// With a store that answers at once ([`DedupStore::claim_now`], such as
+/// With a store that answers at once ([`Immediate::claim_now`](crate::store::Immediate::claim_now), such as
 /// [`MemoryStore`](crate::MemoryStore)), a first delivery claims its key
 /// when the handler is called, and this future runs the inner handler's
 /// future and completes the key, without a boxed future of its own (outputs,
@@ -303,7 +306,10 @@ where
                 if response.outputs.is_empty()
                     && matches!(response.outcome, Outcome::Handled | Outcome::Duplicate) =>
             {
-                guard.store.complete_now(&key, &lease.token, None)
+                guard
+                    .store
+                    .immediate()
+                    .map(|s| s.complete_now(&key, &lease.token, None))
             }
             _ => None,
         };

@@ -173,14 +173,18 @@ where
     loop {
         let mut tx = guard
             .metrics
-            .timed(Op::Begin, !guard.store.in_memory(), guard.store.begin())
+            .timed(
+                Op::Begin,
+                guard.store.immediate().is_none(),
+                guard.store.begin(),
+            )
             .await
             .map_err(HandlerError::new)?;
         let claim = guard
             .metrics
             .timed(
                 Op::Claim,
-                !guard.store.in_memory(),
+                guard.store.immediate().is_none(),
                 guard.store.claim_in(&mut tx, key),
             )
             .await

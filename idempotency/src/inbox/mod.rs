@@ -213,13 +213,13 @@ impl<St: TransactionalStore> InboxTx<St> {
             metrics
                 .timed(
                     Op::Complete,
-                    !store.in_memory(),
+                    store.immediate().is_none(),
                     store.complete_in(&mut tx, &key, &token, Some(&stored)),
                 )
                 .await?;
         }
         metrics
-            .timed(Op::Commit, !store.in_memory(), async {
+            .timed(Op::Commit, store.immediate().is_none(), async {
                 tx.commit().await.map_err(StoreError::from)
             })
             .await?;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::{Claim, DedupStore, Lease, LeaseToken};
+use super::{Claim, DedupStore, Immediate, Lease, LeaseToken};
 use crate::error::StoreError;
 use crate::metrics::IdempotencyMetrics;
 
@@ -591,12 +591,14 @@ impl DedupStore for MemoryStore {
         Ok(self.lock().len() as u64)
     }
 
-    fn in_memory(&self) -> bool {
-        true
+    fn immediate(&self) -> Option<&dyn Immediate> {
+        Some(self)
     }
+}
 
-    fn claim_now(&self, key: &str, lease: Duration) -> Option<Result<Claim, StoreError>> {
-        Some(self.claim_sync(key, lease))
+impl Immediate for MemoryStore {
+    fn claim_now(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
+        self.claim_sync(key, lease)
     }
 
     fn complete_now(
@@ -604,8 +606,8 @@ impl DedupStore for MemoryStore {
         key: &str,
         token: &LeaseToken,
         reply: Option<&[u8]>,
-    ) -> Option<Result<(), StoreError>> {
-        Some(self.complete_sync(key, token, reply))
+    ) -> Result<(), StoreError> {
+        self.complete_sync(key, token, reply)
     }
 }
 

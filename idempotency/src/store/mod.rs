@@ -210,6 +210,23 @@ pub enum Claim {
     },
 }
 
+/// The fast path of a [`DedupStore`] that answers at once, from this
+/// process's memory: the same claims and completions as the store's
+/// `claim` and `complete`, made without waiting. A store offers it through
+/// [`DedupStore::immediate`].
+pub trait Immediate: Send + Sync {
+    /// [`DedupStore::claim`], answered at once.
+    fn claim_now(&self, key: &str, lease: Duration) -> Result<Claim, StoreError>;
+
+    /// [`DedupStore::complete`], answered at once.
+    fn complete_now(
+        &self,
+        key: &str,
+        token: &LeaseToken,
+        reply: Option<&[u8]>,
+    ) -> Result<(), StoreError>;
+}
+
 /// Remembers which messages were handled, with leases for the ones being
 /// handled now.
 ///
@@ -290,43 +307,18 @@ pub trait DedupStore: Send + Sync + 'static {
     /// How many keys the store holds (claimed and done).
     fn size(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
-    /// Whether the store answers from this process's memory, without I/O
-    /// (default `false`). The layer does not read the clock around such a
-    /// store's per-message operations (`claim`, `extend`, `complete`,
-    /// `release`): they are recorded in
+    /// The store's immediate form, when it answers from this process's
+    /// memory without waiting (like [`MemoryStore`](crate::MemoryStore));
+    /// `None` (the default) for stores that do I/O.
+    ///
+    /// The layer then claims and completes through [`Immediate`] without a
+    /// boxed future per delivery, and does not read the clock around the
+    /// store's per-message operations: they are recorded in
     /// `surety_idempotency_store_duration_seconds` with a duration of zero
     /// (they take well under its first bucket, 0.1 ms; the counts by
-    /// operation and outcome stay exact), which saves four clock reads per
-    /// message. [`Cleanup`](crate::Cleanup) times `purge` and `size` for
-    /// every store.
-    fn in_memory(&self) -> bool {
-        false
-    }
-
-    /// [`claim`](Self::claim) answered at once, by a store that can answer
-    /// without waiting (one in this process's memory, like
-    /// [`MemoryStore`](crate::MemoryStore)): `None` (the default) when the
-    /// caller must await `claim` instead. `Some` means the claim was made,
-    /// exactly as `claim` would have made it. The layer tries it first and
-    /// then does without a boxed future per delivery; it records such
-    /// answers in `surety_idempotency_store_duration_seconds` with a
-    /// duration of zero, like the operations of an
-    /// [`in_memory`](Self::in_memory) store.
-    fn claim_now(&self, key: &str, lease: Duration) -> Option<Result<Claim, StoreError>> {
-        let _ = (key, lease);
-        None
-    }
-
-    /// [`complete`](Self::complete) answered at once, like
-    /// [`claim_now`](Self::claim_now): `None` (the default) when the caller
-    /// must await `complete` instead.
-    fn complete_now(
-        &self,
-        key: &str,
-        token: &LeaseToken,
-        reply: Option<&[u8]>,
-    ) -> Option<Result<(), StoreError>> {
-        let _ = (key, token, reply);
+    /// operation and outcome stay exact). [`Cleanup`](crate::Cleanup) times
+    /// `purge` and `size` for every store.
+    fn immediate(&self) -> Option<&dyn Immediate> {
         None
     }
 }
@@ -378,21 +370,8 @@ impl<S: DedupStore> DedupStore for Arc<S> {
         (**self).size()
     }
 
-    fn in_memory(&self) -> bool {
-        (**self).in_memory()
-    }
-
-    fn claim_now(&self, key: &str, lease: Duration) -> Option<Result<Claim, StoreError>> {
-        (**self).claim_now(key, lease)
-    }
-
-    fn complete_now(
-        &self,
-        key: &str,
-        token: &LeaseToken,
-        reply: Option<&[u8]>,
-    ) -> Option<Result<(), StoreError>> {
-        (**self).complete_now(key, token, reply)
+    fn immediate(&self) -> Option<&dyn Immediate> {
+        (**self).immediate()
     }
 }
 
