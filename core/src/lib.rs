@@ -71,6 +71,7 @@
 //!
 //! surety-core has no optional features; it always includes the in-memory
 //! transport, JSON codec, tracing and metrics glue.
+#![doc(test(attr(deny(warnings), allow(dead_code))))]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

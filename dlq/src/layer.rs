@@ -100,7 +100,6 @@ struct Config {
 /// poison before it runs, and its panics are permanent failures.
 ///
 /// ```
-/// use std::sync::Arc;
 /// use surety_core::consumer::{handler_fn, Incoming, Worker};
 /// use surety_core::memory::MemoryTransport;
 /// use surety_core::{Envelope, Permanent, Publisher, Subscriber};

@@ -43,7 +43,6 @@
 //! dead letters go to a DLQ topic and a SQLite store:
 //!
 //! ```
-//! use std::sync::Arc;
 //! use surety_core::consumer::{typed, Incoming, Worker};
 //! use surety_core::memory::MemoryTransport;
 //! use surety_core::tower::Layer;
@@ -90,6 +89,7 @@
 //!
 //! Without them the crate still has the layer, the policy, the dead-letter
 //! format, the topic sink, the in-memory store, replay and metrics.
+#![doc(test(attr(deny(warnings), allow(dead_code))))]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

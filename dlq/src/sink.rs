@@ -40,7 +40,7 @@ impl SinkError {
 /// the original message is acknowledged right after.
 ///
 /// ```
-/// use std::sync::{Arc, Mutex};
+/// use std::sync::Mutex;
 /// use surety_dlq::sink::{DeadLetterSink, SinkError};
 /// use surety_dlq::DeadLetter;
 ///

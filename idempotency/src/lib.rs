@@ -92,6 +92,7 @@
 //!
 //! The in-memory store, the layer, the metrics and the cleanup task are
 //! always available.
+#![doc(test(attr(deny(warnings), allow(dead_code))))]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

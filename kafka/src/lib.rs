@@ -138,6 +138,7 @@
 //!
 //! surety-kafka has no optional features. It builds librdkafka from source
 //! (rdkafka's default `libz` feature), which needs a C compiler and `make`.
+#![doc(test(attr(deny(warnings), allow(dead_code))))]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

@@ -55,6 +55,7 @@
 //! # Ok(()) }
 //! ```
 
+#![doc(test(attr(deny(warnings), allow(dead_code))))]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod error;

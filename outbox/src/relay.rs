@@ -88,7 +88,6 @@ pub struct Cycle {
 /// Publishes the rows of an [`OutboxStore`] through a [`Publisher`].
 ///
 /// ```
-/// use std::time::Duration;
 /// use sqlx::sqlite::SqlitePoolOptions;
 /// use surety_core::{Envelope, Subscriber, memory::MemoryTransport};
 /// use surety_outbox::{Relay, SqliteOutbox};

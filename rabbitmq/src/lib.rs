@@ -81,6 +81,7 @@
 //! runtime and without TLS (`amqp://` URLs); the transport must be created
 //! and used inside a Tokio runtime. Design decisions are recorded in
 //! `docs/adr/0004-rabbitmq-adapter.md`.
+#![doc(test(attr(deny(warnings), allow(dead_code))))]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

@@ -61,6 +61,7 @@
 //! - `trace`: the `trace` module, which captures spans in memory and runs the
 //!   publish → consume round trip that checks a transport propagates trace
 //!   context.
+#![doc(test(attr(deny(warnings), allow(dead_code))))]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod conformance;

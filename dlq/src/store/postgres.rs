@@ -32,9 +32,10 @@ const MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_lock(7355608001)";
 /// ```no_run
 /// use surety_dlq::store::PostgresStore;
 ///
-/// # async fn run() -> Result<(), surety_dlq::store::StoreError> {
+/// # async fn run() -> Result<PostgresStore, surety_dlq::store::StoreError> {
 /// let store = PostgresStore::connect("postgres://surety:surety@127.0.0.1:5432/surety").await?;
-/// # Ok(()) }
+/// # Ok(store) }
+/// # let _ = run;
 /// ```
 #[derive(Debug, Clone)]
 pub struct PostgresStore {

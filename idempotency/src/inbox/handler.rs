@@ -64,7 +64,7 @@ where
     /// use surety_core::consumer::{Incoming, Outcome};
     /// use surety_core::{DeliveryInfo, Envelope};
     /// use surety_core::tower::ServiceExt;
-    /// use surety_idempotency::{IdempotencyLayer, InboxTx, SqliteStore, StoreError};
+    /// use surety_idempotency::{IdempotencyLayer, InboxTx, SqliteStore};
     /// # use sqlx::sqlite::SqlitePoolOptions;
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {

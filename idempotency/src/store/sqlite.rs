@@ -11,7 +11,6 @@
 //! wait for the writer and concurrent writers queue instead of failing:
 //!
 //! ```
-//! use std::str::FromStr;
 //! use std::time::Duration;
 //! use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 //!

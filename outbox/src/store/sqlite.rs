@@ -10,7 +10,6 @@
 //! busy timeout.
 //!
 //! ```
-//! use std::str::FromStr;
 //! use std::time::Duration;
 //! use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 //! use surety_core::Envelope;
