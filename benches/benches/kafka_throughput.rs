@@ -2,19 +2,18 @@
 //! the same broker, in one process, in interleaved rounds (see
 //! `surety_benches::load` and `docs/benchmarks.md`).
 //!
+//! Every round runs each path three times with equal work and settings:
+//! raw, raw again (the control, whose spread is the noise) and the adapter.
+//!
 //! - **publish**: N envelopes with all confirmations in flight (librdkafka's
-//!   queue is the window). Raw: a `FutureProducer` with the adapter's
-//!   producer settings (`enable.idempotence=true`, `acks=all`,
-//!   `message.timeout.ms=30000`) building, per envelope on the clock, the
-//!   record the adapter writes (key, CloudEvents `ce_*` headers through
-//!   `Envelope::for_each_binary_header`, payload) and awaiting every
-//!   `DeliveryFuture`. Adapter: `KafkaTransport::send` per envelope, then
-//!   every `Confirmation`. Clock: first send to last confirm. The ratio is
-//!   the cost of the adapter's own plumbing; the target applies to it.
-//! - **publish, raw pre-encoded** (reference, no target): the same raw
-//!   producer sending records built before the clock started. No producer
-//!   has its records ready made; the row shows what building the record
-//!   (about a dozen header allocations in librdkafka) costs.
+//!   queue is the window, for both). Raw: a `FutureProducer` with the
+//!   adapter's producer settings (`enable.idempotence=true`, `acks=all`,
+//!   `message.timeout.ms=30000`) building, per message on the clock, the
+//!   record the adapter writes from plain bytes prepared before the clock
+//!   (the key, the `ce_*` header names and values, the payload: no Surety
+//!   code runs in the raw window), and awaiting every `DeliveryFuture`.
+//!   Adapter: `KafkaTransport::send` per envelope, then every
+//!   `Confirmation`. Clock: first send to last confirm.
 //! - **consume**: N records (in the adapter's format) pre-produced to a
 //!   fresh topic, then consumed by fresh groups with per-message offset
 //!   storage, one after the other. Raw: a `StreamConsumer` with the
@@ -22,7 +21,8 @@
 //!   `enable.auto.offset.store=false`, `auto.offset.reset=earliest`) calling
 //!   `store_offset_from_message` per message. Adapter: the `Subscriber`
 //!   stream with its defaults (`consumer_buffer` 256, far below N),
-//!   `Delivery::ack` per message. Clock: first message received to the last
+//!   `Delivery::ack` per message. Client CPU per message is the figure the
+//!   adapter owns here (tansu bounds the rate). Clock: first message received to the last
 //!   one settled (the group join is not measured).
 //!
 //! The consume topic is pre-produced one record per batch: tansu 0.6 answers
@@ -35,7 +35,6 @@
 //! `SURETY_KAFKA_BROKERS` (skipped without, unless `SURETY_REQUIRE_SERVICES`
 //! is set). Topics are deleted at the end.
 
-use std::convert::identity;
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -50,7 +49,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use surety_benches::load::{
-    Clock, Comparison, Report, Sample, Settings, Window, adapter_consume, adapter_publish,
+    Clock, Comparison, Report, Sample, Settings, Trial, Window, adapter_consume, adapter_publish,
     envelopes, measure_rounds, run_main, stalled, unique_suffix, within,
 };
 use surety_core::{Close, Envelope};
@@ -82,36 +81,34 @@ fn main() {
     );
 }
 
-/// A record as the adapter writes it, encoded before the clock starts.
-struct RawRecord {
+/// A record as plain bytes, prepared before the clock starts: what a raw
+/// producer of the same record would have in hand (its key, header names
+/// and values, payload). The raw client builds the librdkafka record from
+/// it on the clock, as it would build one from its own data.
+struct PlainRecord {
     key: Option<String>,
-    headers: OwnedHeaders,
+    headers: Vec<(String, Vec<u8>)>,
     payload: Bytes,
 }
 
-/// The adapter's wire format (`KafkaTransport::send`): partition key as the
-/// record key, the binary-mode headers (`Envelope::for_each_binary_header`,
-/// no intermediate map) as record headers.
-fn raw_record(envelope: Envelope) -> RawRecord {
-    let mut owned = Some(OwnedHeaders::new_with_capacity(envelope.headers.len() + 11));
+/// The adapter's wire format (`KafkaTransport::send`) as plain bytes:
+/// partition key as the record key, the binary-mode `ce_*` headers as
+/// name/value pairs. Runs before the clock.
+fn plain_record(envelope: Envelope) -> PlainRecord {
+    let mut headers = Vec::with_capacity(envelope.headers.len() + 11);
     envelope.for_each_binary_header(|key, value| {
-        owned = owned.take().map(|headers| {
-            headers.insert(Header {
-                key,
-                value: Some(value.as_bytes()),
-            })
-        });
+        headers.push((key.to_owned(), value.as_bytes().to_vec()));
     });
-    RawRecord {
+    PlainRecord {
         key: envelope.partition_key,
-        headers: owned.unwrap_or_default(),
+        headers,
         payload: envelope.payload,
     }
 }
 
-/// [`raw_record`] for each envelope.
-fn raw_records(envelopes: Vec<Envelope>) -> Vec<RawRecord> {
-    envelopes.into_iter().map(raw_record).collect()
+/// [`plain_record`] for each envelope.
+fn plain_records(envelopes: Vec<Envelope>) -> Vec<PlainRecord> {
+    envelopes.into_iter().map(plain_record).collect()
 }
 
 /// A producer with the adapter's producer settings plus `extra`.
@@ -183,14 +180,9 @@ async fn run(brokers: String, settings: Settings) -> Report {
         topics: Mutex::new(Vec::new()),
     };
 
-    // The publish round's pairs: the encoding raw client against the
-    // adapter, then the pre-encoded one (a reference row).
     let rows = measure_rounds(
         &settings,
-        [
-            Comparison::new("publish"),
-            Comparison::reference("publish, raw pre-encoded"),
-        ],
+        [Comparison::new("publish")],
         |round, n| bench.publish_round(round, n),
         |round, n| bench.consume_round(round, n),
     )
@@ -220,17 +212,15 @@ impl Bench {
         format!("surety-bench.{}.r{round}.{what}", self.run)
     }
 
-    /// Publishes `n` raw (pre-encoded records), `n` raw encoding each
-    /// envelope on the clock, and `n` through the adapter, each to a fresh
-    /// topic known to its producer before the clock starts. Odd rounds start
-    /// raw, even rounds end raw. Returns (encoding raw, adapter) and
-    /// (pre-encoded raw, adapter).
-    async fn publish_round(&self, round: usize, n: usize) -> [(Sample, Sample); 2] {
+    /// Publishes `n` raw, `n` raw again (the control) and `n` through the
+    /// adapter, each to a fresh topic known to its producer before the clock
+    /// starts.
+    async fn publish_round(&self, round: usize, n: usize) -> [Trial; 1] {
         let (payload, keys) = (self.settings.payload, self.settings.keys);
         let raw_topic = self.name("publish-raw", round);
-        let encoded_topic = self.name("publish-encoded", round);
+        let control_topic = self.name("publish-control", round);
         let adapter_topic = self.name("publish-adapter", round);
-        self.create_topics(&[&raw_topic, &encoded_topic, &adapter_topic])
+        self.create_topics(&[&raw_topic, &control_topic, &adapter_topic])
             .await;
         within(STEP_LIMIT, "checking the adapter's topic", async {
             self.adapter
@@ -239,84 +229,63 @@ impl Bench {
                 .expect("the adapter sees its topic");
         })
         .await;
-
-        let raw = async {
-            let records = raw_records(envelopes(n, payload, keys));
-            within(
-                STEP_LIMIT,
-                "raw publish",
-                raw_publish(&self.raw_producer, &raw_topic, records, identity, n),
-            )
-            .await
+        let raw = |topic: String| {
+            let records = plain_records(envelopes(n, payload, keys));
+            async move { raw_publish(&self.raw_producer, &topic, records, n).await }
         };
-        let encoded = async {
-            let batch = envelopes(n, payload, keys);
-            within(
+        let trial = self
+            .settings
+            .trial(
+                round % 2 == 1,
                 STEP_LIMIT,
-                "raw publish, encoding",
-                raw_publish(&self.raw_producer, &encoded_topic, batch, raw_record, n),
+                "publish",
+                || raw(raw_topic.clone()),
+                || raw(control_topic.clone()),
+                || {
+                    adapter_publish(
+                        &self.adapter,
+                        &adapter_topic,
+                        envelopes(n, payload, keys),
+                        n,
+                    )
+                },
             )
-            .await
-        };
-        let adapter = self.settings.adapter_slot(
-            STEP_LIMIT,
-            "publish",
-            || {
-                let records = raw_records(envelopes(n, payload, keys));
-                raw_publish(&self.raw_producer, &adapter_topic, records, identity, n)
-            },
-            || {
-                adapter_publish(
-                    &self.adapter,
-                    &adapter_topic,
-                    envelopes(n, payload, keys),
-                    n,
-                )
-            },
-        );
-        // Odd rounds: raw, encoded, adapter; even rounds: adapter, encoded,
-        // raw; with a pause between each.
-        let raw_first = round % 2 == 1;
-        let rest = self.settings.in_turn(raw_first, encoded, adapter);
-        let (raw, (encoded, adapter)) = self.settings.in_turn(raw_first, raw, rest).await;
+            .await;
         self.settings.pause().await;
-        [(encoded, adapter), (raw, adapter)]
+        [trial]
     }
 
-    /// Pre-produces `n` records to a fresh topic, then consumes them raw and
-    /// through the adapter, each as a fresh group. Odd rounds start raw,
-    /// even rounds end raw.
-    async fn consume_round(&self, round: usize, n: usize) -> (Sample, Sample) {
+    /// Pre-produces `n` records to a fresh topic, then consumes them raw,
+    /// raw again (the control) and through the adapter, each as a fresh
+    /// group.
+    async fn consume_round(&self, round: usize, n: usize) -> Trial {
         let (payload, keys) = (self.settings.payload, self.settings.keys);
         let topic = self.name("consume", round);
         self.create_topics(&[&topic]).await;
-        let records = raw_records(envelopes(n, payload, keys));
+        let records = plain_records(envelopes(n, payload, keys));
         within(
             STEP_LIMIT,
             "pre-producing for consume",
-            raw_publish(&self.filler, &topic, records, identity, n),
+            raw_publish(&self.filler, &topic, records, n),
         )
         .await;
 
         let raw_group = self.name("raw", round);
+        let control_group = self.name("control", round);
         let adapter_group = self.name("adapter", round);
-        let raw = async {
-            within(
+        let trial = self
+            .settings
+            .trial(
+                round % 2 == 1,
                 STEP_LIMIT,
-                "raw consume",
-                raw_consume(&self.brokers, &topic, &raw_group, n),
+                "consume",
+                || raw_consume(&self.brokers, &topic, &raw_group, n),
+                || raw_consume(&self.brokers, &topic, &control_group, n),
+                || adapter_consume(&self.adapter, &topic, &adapter_group, n),
             )
-            .await
-        };
-        let adapter = self.settings.adapter_slot(
-            STEP_LIMIT,
-            "consume",
-            || raw_consume(&self.brokers, &topic, &adapter_group, n),
-            || adapter_consume(&self.adapter, &topic, &adapter_group, n),
-        );
-        let consumed = self.settings.in_turn(round % 2 == 1, raw, adapter).await;
+            .await;
         self.settings.pause().await;
-        consumed
+        trial
     }
 
     /// Creates `topics` and waits until the raw producer sees their leaders.
@@ -419,16 +388,16 @@ impl Bench {
     }
 }
 
-/// Sends `items`, each turned into a record by `encode` (on the clock), with
-/// up to `window` deliveries in flight and awaits them.
-async fn raw_publish<T>(
+/// Sends `records`, each built into a librdkafka record from its plain
+/// bytes on the clock, with up to `window` deliveries in flight and awaits
+/// them.
+async fn raw_publish(
     producer: &FutureProducer,
     topic: &str,
-    items: Vec<T>,
-    encode: impl Fn(T) -> RawRecord,
+    records: Vec<PlainRecord>,
     window: usize,
 ) -> Sample {
-    let n = items.len();
+    let n = records.len();
     let mut in_flight = Window::new(window);
     let check = |delivered: <DeliveryFuture as Future>::Output| match delivered {
         Ok(Ok(_)) => {}
@@ -436,11 +405,17 @@ async fn raw_publish<T>(
         Err(_) => panic!("raw publish: the producer dropped the delivery"),
     };
     let clock = Clock::start();
-    for item in items {
-        let record = encode(item);
+    for record in records {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (key, value) in &record.headers {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
         let mut out = FutureRecord::<str, [u8]>::to(topic)
             .payload(record.payload.as_ref())
-            .headers(record.headers);
+            .headers(headers);
         if let Some(key) = &record.key {
             out = out.key(key.as_str());
         }

@@ -11,11 +11,14 @@
 //!   awaiting each `PublisherConfirm` and checking it is an ack with nothing
 //!   returned. Adapter: `RabbitTransport::send` per envelope, then every
 //!   `Confirmation`. Clock: first publish to last confirm.
-//! - **consume**: N messages pre-published to each of two durable queues,
-//!   one consumed raw and one by the adapter, both with prefetch 64 (the
+//! - **consume**: N messages pre-published to each of three durable queues,
+//!   one consumed raw, one raw again (the control) and one by the adapter, both with prefetch 64 (the
 //!   adapter's default) and a manual `basic.ack` per message. Raw:
 //!   `basic_consume` and `Acker::ack`. Adapter: the `Subscriber` stream and
 //!   `Delivery::ack`. Clock: first message received to the last one acked.
+//!
+//! Every round runs each path three times with equal work and settings:
+//! raw, raw again (the control, whose spread is the noise) and the adapter.
 //!
 //! `cargo bench -p surety-benches --bench rabbitmq_throughput` for the full
 //! run; `cargo test -p surety-benches --benches` for a smoke run. Needs
@@ -33,7 +36,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use surety_benches::load::{
-    Clock, Comparison, Report, Sample, Settings, Window, adapter_consume, adapter_publish,
+    Clock, Comparison, Report, Sample, Settings, Trial, Window, adapter_consume, adapter_publish,
     envelopes, measure_rounds, run_main, stalled, unique_suffix, within,
 };
 use surety_core::{Close, Envelope};
@@ -70,41 +73,68 @@ fn main() {
     );
 }
 
-/// The AMQP properties the adapter writes for `envelope`: every
-/// `Envelope::to_binary` header as a long string, persistent delivery mode,
-/// and `message_id`, `type`, `app_id`, `content_type`, `correlation_id`,
-/// `timestamp` from the attributes.
-fn properties(envelope: &Envelope) -> BasicProperties {
+/// A message as plain strings and bytes, prepared before the clock: what a
+/// raw lapin publisher of the same message would have in hand. The raw
+/// client builds its AMQP properties from it on the clock ([`properties`]).
+struct PlainMessage {
+    headers: Vec<(String, String)>,
+    id: String,
+    event_type: String,
+    source: String,
+    content_type: String,
+    correlation_id: Option<String>,
+    timestamp: Option<u64>,
+    payload: bytes::Bytes,
+}
+
+/// The adapter's wire format for `envelope` as plain data: every
+/// `Envelope::to_binary` header, and the attributes the adapter copies into
+/// AMQP properties. Runs before the clock.
+fn plain_message(envelope: Envelope) -> PlainMessage {
     let (headers, _) = envelope.to_binary();
+    PlainMessage {
+        headers: headers.into_iter().collect(),
+        timestamp: u64::try_from(envelope.time.timestamp()).ok(),
+        id: envelope.id,
+        event_type: envelope.event_type,
+        source: envelope.source,
+        content_type: envelope.content_type,
+        correlation_id: envelope.correlation_id,
+        payload: envelope.payload,
+    }
+}
+
+/// [`plain_message`] for each envelope.
+fn plain_messages(batch: Vec<Envelope>) -> Vec<PlainMessage> {
+    batch.into_iter().map(plain_message).collect()
+}
+
+/// The AMQP properties the adapter writes, built by raw lapin from plain
+/// data: every header as a long string, persistent delivery mode, and
+/// `message_id`, `type`, `app_id`, `content_type`, `correlation_id`,
+/// `timestamp`.
+fn properties(message: &PlainMessage) -> BasicProperties {
     let mut table = FieldTable::default();
-    for (key, value) in headers {
+    for (key, value) in &message.headers {
         table.insert(
-            ShortString::from(key),
-            AMQPValue::LongString(LongString::from(value)),
+            ShortString::from(key.as_str()),
+            AMQPValue::LongString(LongString::from(value.as_str())),
         );
     }
     let mut props = BasicProperties::default()
         .with_headers(table)
         .with_delivery_mode(2)
-        .with_message_id(ShortString::from(envelope.id.clone()))
-        .with_type(ShortString::from(envelope.event_type.clone()))
-        .with_app_id(ShortString::from(envelope.source.clone()))
-        .with_content_type(ShortString::from(envelope.content_type.clone()));
-    if let Some(correlation) = &envelope.correlation_id {
-        props = props.with_correlation_id(ShortString::from(correlation.clone()));
+        .with_message_id(ShortString::from(message.id.as_str()))
+        .with_type(ShortString::from(message.event_type.as_str()))
+        .with_app_id(ShortString::from(message.source.as_str()))
+        .with_content_type(ShortString::from(message.content_type.as_str()));
+    if let Some(correlation) = &message.correlation_id {
+        props = props.with_correlation_id(ShortString::from(correlation.as_str()));
     }
-    if let Ok(seconds) = u64::try_from(envelope.time.timestamp()) {
+    if let Some(seconds) = message.timestamp {
         props = props.with_timestamp(seconds);
     }
     props
-}
-
-/// Messages encoded before the clock starts.
-fn raw_messages(batch: Vec<Envelope>) -> Vec<(BasicProperties, bytes::Bytes)> {
-    batch
-        .into_iter()
-        .map(|envelope| (properties(&envelope), envelope.payload))
-        .collect()
 }
 
 struct Bench {
@@ -166,7 +196,7 @@ async fn run(url: String, settings: Settings) -> Report {
     let rows = measure_rounds(
         &settings,
         [Comparison::new("publish")],
-        |round, n| bench.publish_round(round, n).map(|pair| [pair]),
+        |round, n| bench.publish_round(round, n).map(|trial| [trial]),
         |round, n| bench.consume_round(round, n),
     )
     .await;
@@ -229,67 +259,68 @@ impl Bench {
         }
     }
 
-    /// Publishes `n` raw and `n` through the adapter, each to its own topic
-    /// and queue. Odd rounds start raw.
-    async fn publish_round(&self, round: usize, n: usize) -> (Sample, Sample) {
+    /// Publishes `n` raw, `n` raw again (the control) and `n` through the
+    /// adapter, each to its own topic and queue.
+    async fn publish_round(&self, round: usize, n: usize) -> Trial {
         let (payload, keys) = (self.settings.payload, self.settings.keys);
-        let raw_topic = self.name("publish-raw", round);
-        let adapter_topic = self.name("publish-adapter", round);
-        let raw_sink = queue_name(&raw_topic, "sink");
-        let adapter_sink = queue_name(&adapter_topic, "sink");
-        self.declare(&raw_sink, &raw_topic).await;
-        self.declare(&adapter_sink, &adapter_topic).await;
-        let raw = async {
-            let messages = raw_messages(envelopes(n, payload, keys));
-            within(
-                STEP_LIMIT,
-                "raw publish",
-                raw_publish(&self.publisher, &raw_topic, messages),
-            )
-            .await
+        let topics = ["publish-raw", "publish-control", "publish-adapter"]
+            .map(|what| self.name(what, round));
+        let sinks = topics.clone().map(|topic| queue_name(&topic, "sink"));
+        for (sink, topic) in sinks.iter().zip(&topics) {
+            self.declare(sink, topic).await;
+        }
+        let raw = |topic: &str| {
+            let messages = plain_messages(envelopes(n, payload, keys));
+            let topic = topic.to_owned();
+            async move { raw_publish(&self.publisher, &topic, messages).await }
         };
-        let adapter = self.settings.adapter_slot(
-            STEP_LIMIT,
-            "publish",
-            || {
-                let messages = raw_messages(envelopes(n, payload, keys));
-                raw_publish(&self.publisher, &adapter_topic, messages)
-            },
-            || {
-                let batch = envelopes(n, payload, keys);
-                adapter_publish(&self.adapter, &adapter_topic, batch, WINDOW)
-            },
-        );
-        let result = self.settings.in_turn(round % 2 == 1, raw, adapter).await;
-        self.delete(&raw_sink).await;
-        self.delete(&adapter_sink).await;
+        let trial = self
+            .settings
+            .trial(
+                round % 2 == 1,
+                STEP_LIMIT,
+                "publish",
+                || raw(&topics[0]),
+                || raw(&topics[1]),
+                || {
+                    let batch = envelopes(n, payload, keys);
+                    adapter_publish(&self.adapter, &topics[2], batch, WINDOW)
+                },
+            )
+            .await;
+        for sink in &sinks {
+            self.delete(sink).await;
+        }
         self.settings.pause().await;
-        result
+        trial
     }
 
-    /// Pre-publishes `n` messages to each of two queues (their own topics,
-    /// so that they share no message bodies in the broker's store), lets the
-    /// broker settle, then consumes one raw and the other through the
-    /// adapter. Odd rounds start raw.
-    async fn consume_round(&self, round: usize, n: usize) -> (Sample, Sample) {
+    /// Pre-publishes `n` messages to each of three queues (their own
+    /// topics, so that they share no message bodies in the broker's store),
+    /// lets the broker settle, then consumes one raw, one raw again (the
+    /// control) and the third through the adapter.
+    async fn consume_round(&self, round: usize, n: usize) -> Trial {
         let (payload, keys) = (self.settings.payload, self.settings.keys);
         let raw_topic = self.name("consume-raw", round);
+        let control_topic = self.name("consume-control", round);
         let topic = self.name("consume-adapter", round);
         let raw_queue = queue_name(&raw_topic, "raw");
+        let control_queue = queue_name(&control_topic, "raw");
         let adapter_queue = queue_name(&topic, ADAPTER_GROUP);
         self.declare(&raw_queue, &raw_topic).await;
+        self.declare(&control_queue, &control_topic).await;
         self.declare(&adapter_queue, &topic).await;
         // Filled in the order they are consumed, so that each queue is about
         // as old when its consumer starts (a queue consumed right after it
         // was filled is slower: the broker is still settling it).
         let raw_first = round % 2 == 1;
         let order = if raw_first {
-            [&raw_topic, &topic]
+            [&raw_topic, &control_topic, &topic]
         } else {
-            [&topic, &raw_topic]
+            [&topic, &control_topic, &raw_topic]
         };
         for target in order {
-            let messages = raw_messages(envelopes(n, payload, keys));
+            let messages = plain_messages(envelopes(n, payload, keys));
             within(
                 STEP_LIMIT,
                 "pre-publishing for consume",
@@ -300,25 +331,22 @@ impl Bench {
         for _ in 0..4 {
             self.settings.pause().await;
         }
-        let raw = async {
-            within(
+        let trial = self
+            .settings
+            .trial(
+                raw_first,
                 STEP_LIMIT,
-                "raw consume",
-                raw_consume(&self.raw, &raw_queue, n),
+                "consume",
+                || raw_consume(&self.raw, &raw_queue, n),
+                || raw_consume(&self.raw, &control_queue, n),
+                || adapter_consume(&self.adapter, &topic, ADAPTER_GROUP, n),
             )
-            .await
-        };
-        let adapter = self.settings.adapter_slot(
-            STEP_LIMIT,
-            "consume",
-            || raw_consume(&self.raw, &adapter_queue, n),
-            || adapter_consume(&self.adapter, &topic, ADAPTER_GROUP, n),
-        );
-        let result = self.settings.in_turn(raw_first, raw, adapter).await;
-        self.delete(&raw_queue).await;
-        self.delete(&adapter_queue).await;
+            .await;
+        for queue in [&raw_queue, &control_queue, &adapter_queue] {
+            self.delete(queue).await;
+        }
         self.settings.pause().await;
-        result
+        trial
     }
 
     async fn finish(self) {
@@ -333,11 +361,7 @@ impl Bench {
 
 /// Publishes `messages` to `topic` with up to [`WINDOW`] unconfirmed and
 /// awaits every confirm.
-async fn raw_publish(
-    channel: &Channel,
-    topic: &str,
-    messages: Vec<(BasicProperties, bytes::Bytes)>,
-) -> Sample {
+async fn raw_publish(channel: &Channel, topic: &str, messages: Vec<PlainMessage>) -> Sample {
     let n = messages.len();
     let mut in_flight = Window::new(WINDOW);
     let check = |confirmed: lapin::Result<lapin::Confirmation>| {
@@ -349,7 +373,8 @@ async fn raw_publish(
         );
     };
     let clock = Clock::start();
-    for (properties, payload) in messages {
+    for message in messages {
+        let properties = properties(&message);
         let confirm = channel
             .basic_publish(
                 EXCHANGE.into(),
@@ -358,7 +383,7 @@ async fn raw_publish(
                     mandatory: true,
                     immediate: false,
                 },
-                &payload,
+                &message.payload,
                 properties,
             )
             .await

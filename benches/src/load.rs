@@ -3,6 +3,14 @@
 //! run the same workload against the same broker in one process, in
 //! interleaved rounds, and the medians are printed as a ratio.
 //!
+//! Every round of every row runs three measurements of equal work with
+//! equal settings: the raw client, the raw client again (the *control*),
+//! and the adapter. The control's ratio to the first raw run is the noise
+//! of this machine at that moment; a row whose adapter/raw ratio falls
+//! inside the control's spread is printed as "within noise". Beside each
+//! rate the harness prints the client's CPU time per message (every thread
+//! of this process, measured around the timed window only).
+//!
 //! These are `harness = false` benchmarks that do not use criterion's
 //! sampling (a broker round trip is milliseconds and rounds are seconds), but
 //! they follow cargo's and criterion's convention: `cargo bench` passes
@@ -13,7 +21,7 @@
 //! What the two benchmarks share lives here: their `main` ([`run_main`]),
 //! the warm-up and the measured rounds ([`measure_rounds`]), the alternating
 //! order of raw and adapter runs ([`Settings::in_turn`]), the adapter's slot
-//! of a measurement ([`Settings::adapter_slot`]), the adapter's publish and
+//! of a measurement with its control ([`Settings::trial`]), the adapter's publish and
 //! consume loops ([`adapter_publish`], [`adapter_consume`]) and the report
 //! ([`Settings::report`]). Each benchmark keeps its broker's raw client, its
 //! set-up and its clean-up.
@@ -34,10 +42,6 @@ pub const TARGET: f64 = 0.9;
 pub const MESSAGES_VAR: &str = "SURETY_BENCH_MESSAGES";
 /// Environment variable overriding the number of measured rounds.
 pub const ROUNDS_VAR: &str = "SURETY_BENCH_ROUNDS";
-/// Environment variable that, set to `1`, turns a run into a control (A/A)
-/// run: the adapter's slot runs the raw client again, which shows how far
-/// two identical clients differ on this machine (the noise floor).
-pub const CONTROL_VAR: &str = "SURETY_BENCH_CONTROL";
 /// Environment variable restricting a run to one path: `publish` or
 /// `consume` (e.g. to profile it).
 pub const ONLY_VAR: &str = "SURETY_BENCH_ONLY";
@@ -97,8 +101,6 @@ pub struct Settings {
     pub keys: usize,
     /// Run only this path ([`ONLY_VAR`]); `None` runs every path.
     pub only: Option<String>,
-    /// A control run ([`CONTROL_VAR`]): raw against raw.
-    pub control: bool,
 }
 
 impl Settings {
@@ -129,7 +131,6 @@ impl Settings {
             only: std::env::var(ONLY_VAR)
                 .ok()
                 .filter(|v| !v.trim().is_empty()),
-            control: std::env::var(CONTROL_VAR).is_ok_and(|v| v.trim() == "1"),
         }
     }
 
@@ -167,27 +168,35 @@ impl Settings {
         }
     }
 
-    /// The adapter's slot of a `path` (`publish` or `consume`) measurement:
-    /// the future `adapter` makes, or in a [control](Self::control) run the
-    /// one `control` makes (the raw client again). Either is started here and
-    /// fails the run (as `adapter {path}` or `control {path}`) when it takes
-    /// longer than `limit`.
-    pub async fn adapter_slot<C, A>(
+    /// One [`Trial`]: the `raw` client, the raw client again (`control`)
+    /// and the `adapter`, each a future made by its closure and failing the
+    /// run when it takes longer than `limit`. Odd rounds (`raw_first`) run
+    /// raw, control, adapter; even rounds adapter, control, raw, so that
+    /// the control sits between the two it is compared with.
+    pub async fn trial<R, C, A>(
         &self,
+        raw_first: bool,
         limit: Duration,
         path: &str,
+        raw: impl FnOnce() -> R,
         control: impl FnOnce() -> C,
         adapter: impl FnOnce() -> A,
-    ) -> Sample
+    ) -> Trial
     where
+        R: Future<Output = Sample>,
         C: Future<Output = Sample>,
         A: Future<Output = Sample>,
     {
-        if self.control {
-            let control = control();
-            return within(limit, &format!("control {path}"), control).await;
+        let raw = async { within(limit, &format!("raw {path}"), raw()).await };
+        let control = async { within(limit, &format!("control {path}"), control()).await };
+        let adapter = async { within(limit, &format!("adapter {path}"), adapter()).await };
+        let rest = self.in_turn(raw_first, control, adapter);
+        let (raw, (control, adapter)) = self.in_turn(raw_first, raw, rest).await;
+        Trial {
+            raw,
+            control: Some(control),
+            adapter,
         }
-        within(limit, &format!("adapter {path}"), adapter()).await
     }
 
     /// The report of a run: `title`; a settings line with the sizes, the
@@ -205,7 +214,8 @@ impl Settings {
         )];
         settings.extend(lines);
         settings.push(format!(
-            "{} rounds, median; raw and adapter alternate which goes first",
+            "{} rounds, median; per round raw, control (raw again), adapter, the order \
+             reversed every other round",
             self.rounds
         ));
         Report {
@@ -213,7 +223,6 @@ impl Settings {
             settings,
             rows,
             mode: self.mode,
-            control: self.control,
         }
     }
 }
@@ -255,8 +264,8 @@ pub fn run_main<F>(
 /// the measured rounds `1..=rounds` of a broker benchmark, on the paths
 /// [`Settings::runs`] allows: per round, `publish_round(round, messages)`
 /// then `consume_round(round, messages)`. `publish_round` returns one
-/// (raw, adapter) pair per row of `publish_rows`, in order; the consume pair
-/// goes to the `consume` row. Returns the publish rows, then `consume`.
+/// [`Trial`] per row of `publish_rows`, in order; the consume trial goes to
+/// the `consume` row. Returns the publish rows, then `consume`.
 pub async fn measure_rounds<const N: usize, P, C>(
     settings: &Settings,
     mut publish_rows: [Comparison; N],
@@ -264,8 +273,8 @@ pub async fn measure_rounds<const N: usize, P, C>(
     consume_round: impl Fn(usize, usize) -> C,
 ) -> Vec<Comparison>
 where
-    P: Future<Output = [(Sample, Sample); N]>,
-    C: Future<Output = (Sample, Sample)>,
+    P: Future<Output = [Trial; N]>,
+    C: Future<Output = Trial>,
 {
     let mut consume = Comparison::new("consume");
     if settings.warmup > 0 {
@@ -282,16 +291,16 @@ where
     }
     for round in 1..=settings.rounds {
         if settings.runs("publish") {
-            let pairs = publish_round(round, settings.publish_messages).await;
-            for (row, (raw, adapter)) in publish_rows.iter_mut().zip(pairs) {
-                row.record(round, raw, adapter);
+            let trials = publish_round(round, settings.publish_messages).await;
+            for (row, trial) in publish_rows.iter_mut().zip(trials) {
+                row.record(round, trial);
             }
         }
         if !settings.runs("consume") {
             continue;
         }
-        let (raw, adapter) = consume_round(round, settings.consume_messages).await;
-        consume.record(round, raw, adapter);
+        let trial = consume_round(round, settings.consume_messages).await;
+        consume.record(round, trial);
     }
     publish_rows.into_iter().chain([consume]).collect()
 }
@@ -443,11 +452,32 @@ pub async fn stalled<T>(next: impl Future<Output = T>, who: &str, received: usiz
     }
 }
 
-/// CPU time (user + system) this process has used so far, from
-/// `/proc/self/stat` (in 10 ms ticks); `None` where that is not readable.
-/// It counts every thread, including librdkafka's and lapin's, and nothing of
-/// the broker, which runs in its own process.
+/// CPU time this process has used so far: the sum over its threads of the
+/// nanoseconds each has run (`/proc/self/task/*/schedstat`), or where that
+/// is not readable the user + system time of `/proc/self/stat` (10 ms
+/// ticks, too coarse for short windows); `None` where neither is. It counts
+/// every live thread, including librdkafka's and lapin's, and nothing of the
+/// broker, which runs in its own process. The clients under test start
+/// their threads before the clock and stop them after it, so a thread that
+/// ends inside the window (and takes its time with it) is not one of theirs.
 pub fn process_cpu() -> Option<Duration> {
+    threads_cpu().or_else(process_stat_cpu)
+}
+
+fn threads_cpu() -> Option<Duration> {
+    let mut total: u64 = 0;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let Ok(task) = task else { continue };
+        // A thread may end between the listing and the read: skip it.
+        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(total))
+}
+
+fn process_stat_cpu() -> Option<Duration> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // The command name may contain spaces; the fields after it do not.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
@@ -514,6 +544,26 @@ impl Sample {
     }
 }
 
+/// One round of one row: equal work by the raw client, by the raw client
+/// again (the control: how far two identical runs differ right now) and by
+/// the adapter.
+#[derive(Debug, Clone, Copy)]
+pub struct Trial {
+    /// The raw client.
+    pub raw: Sample,
+    /// The raw client again, `None` for a row without a control.
+    pub control: Option<Sample>,
+    /// The adapter (or the library's pipeline).
+    pub adapter: Sample,
+}
+
+/// The smallest and largest of `values` (infinities when empty).
+pub fn range(values: &[f64]) -> (f64, f64) {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (min, max)
+}
+
 /// The median of `values` (0 when empty).
 pub fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
@@ -538,8 +588,16 @@ pub struct Comparison {
     pub raw_cpu: Vec<f64>,
     /// Adapter CPU per message, one per round (µs).
     pub adapter_cpu: Vec<f64>,
+    /// Control CPU per message, one per round (µs).
+    pub control_cpu: Vec<f64>,
     /// Adapter rate over raw rate, one per round.
     pub ratios: Vec<f64>,
+    /// Control rate over raw rate, one per round: the noise.
+    pub control: Vec<f64>,
+    /// Adapter CPU per message over raw CPU per message, one per round.
+    pub cpu_ratios: Vec<f64>,
+    /// Control CPU per message over raw CPU per message, one per round.
+    pub control_cpu_ratios: Vec<f64>,
     /// A reference row: printed, not held to [`TARGET`].
     pub reference: bool,
 }
@@ -553,7 +611,11 @@ impl Comparison {
             adapter: Vec::new(),
             raw_cpu: Vec::new(),
             adapter_cpu: Vec::new(),
+            control_cpu: Vec::new(),
             ratios: Vec::new(),
+            control: Vec::new(),
+            cpu_ratios: Vec::new(),
+            control_cpu_ratios: Vec::new(),
             reference: false,
         }
     }
@@ -567,27 +629,52 @@ impl Comparison {
     }
 
     /// Records one round and prints it.
-    pub fn record(&mut self, round: usize, raw: Sample, adapter: Sample) {
+    pub fn record(&mut self, round: usize, trial: Trial) {
+        let Trial {
+            raw,
+            control,
+            adapter,
+        } = trial;
         let cpu = |sample: &Sample| {
             sample
                 .cpu_per_message()
-                .map_or_else(|| "?".to_owned(), |us| format!("{us:.1}"))
+                .map_or_else(|| "?".to_owned(), |us| format!("{us:.2}"))
         };
+        let ratio = |sample: &Sample| sample.rate() / raw.rate().max(1e-9);
+        let control_text = control.map_or_else(String::new, |control| {
+            format!(
+                "  control {:>9.0} msg/s ({:>6} µs CPU/msg, ratio {:.2})",
+                control.rate(),
+                cpu(&control),
+                ratio(&control)
+            )
+        });
         println!(
-            "  round {round}: {:<30} raw {:>9.0} msg/s ({:>5} µs CPU/msg)  adapter {:>9.0} msg/s \
-             ({:>5} µs CPU/msg)  ratio {:.2}",
+            "  round {round}: {:<30} raw {:>9.0} msg/s ({:>6} µs CPU/msg)  adapter {:>9.0} msg/s \
+             ({:>6} µs CPU/msg)  ratio {:.2}{control_text}",
             self.path,
             raw.rate(),
             cpu(&raw),
             adapter.rate(),
             cpu(&adapter),
-            adapter.rate() / raw.rate().max(1e-9)
+            ratio(&adapter),
         );
         self.raw.push(raw.rate());
         self.adapter.push(adapter.rate());
-        self.ratios.push(adapter.rate() / raw.rate().max(1e-9));
-        self.raw_cpu.extend(raw.cpu_per_message());
+        self.ratios.push(ratio(&adapter));
+        let raw_cpu = raw.cpu_per_message();
+        self.raw_cpu.extend(raw_cpu);
         self.adapter_cpu.extend(adapter.cpu_per_message());
+        if let (Some(base), Some(ours)) = (raw_cpu, adapter.cpu_per_message()) {
+            self.cpu_ratios.push(ours / base.max(1e-9));
+        }
+        if let Some(control) = control {
+            self.control.push(ratio(&control));
+            self.control_cpu.extend(control.cpu_per_message());
+            if let (Some(base), Some(again)) = (raw_cpu, control.cpu_per_message()) {
+                self.control_cpu_ratios.push(again / base.max(1e-9));
+            }
+        }
     }
 
     /// The median of the per-round ratios (each round pairs a raw and an
@@ -598,24 +685,42 @@ impl Comparison {
 
     /// The smallest and largest per-round ratio.
     pub fn ratio_range(&self) -> (f64, f64) {
-        let min = self.ratios.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = self
-            .ratios
-            .iter()
-            .copied()
-            .fold(f64::NEG_INFINITY, f64::max);
-        (min, max)
+        range(&self.ratios)
     }
 
-    /// `PASS` when the ratio reaches [`TARGET`], `BELOW` otherwise, `ref`
-    /// for a [reference](Self::reference) row.
-    pub fn verdict(&self) -> &'static str {
+    /// The noise band: the smallest and largest control/raw ratio of the
+    /// rounds, widened to include 1.0; `None` without a control.
+    pub fn noise(&self) -> Option<(f64, f64)> {
+        if self.control.is_empty() {
+            return None;
+        }
+        let (low, high) = range(&self.control);
+        Some((low.min(1.0), high.max(1.0)))
+    }
+
+    /// Whether the median adapter/raw ratio lies inside the [noise
+    /// band](Self::noise): the run cannot tell the two apart.
+    pub fn within_noise(&self) -> bool {
+        self.noise()
+            .is_some_and(|(low, high)| (low..=high).contains(&self.ratio()))
+    }
+
+    /// `ref` for a [reference](Self::reference) row; otherwise `PASS` when
+    /// the ratio reaches [`TARGET`], `BELOW` when not, with "(within noise)"
+    /// added when the ratio is inside the control's spread.
+    pub fn verdict(&self) -> String {
         if self.reference {
-            "ref"
-        } else if self.ratio() >= TARGET {
+            return "ref".to_owned();
+        }
+        let verdict = if self.ratio() >= TARGET {
             "PASS"
         } else {
             "BELOW"
+        };
+        if self.within_noise() {
+            format!("{verdict} (within noise)")
+        } else {
+            verdict.to_owned()
         }
     }
 }
@@ -631,8 +736,6 @@ pub struct Report {
     pub rows: Vec<Comparison>,
     /// Whether this was a smoke test (timings meaningless).
     pub mode: Mode,
-    /// Whether this was a control (A/A) run.
-    pub control: bool,
 }
 
 impl fmt::Display for Report {
@@ -641,12 +744,6 @@ impl fmt::Display for Report {
         writeln!(f, "== {} ==", self.title)?;
         for line in &self.settings {
             writeln!(f, "   {line}")?;
-        }
-        if self.control {
-            writeln!(
-                f,
-                "   CONTROL RUN ({CONTROL_VAR}=1): the adapter column is the raw client again"
-            )?;
         }
         if self.mode == Mode::Test {
             writeln!(
@@ -663,19 +760,25 @@ impl fmt::Display for Report {
             .unwrap_or(4);
         writeln!(
             f,
-            "| {:<width$} | {:>10} | {:>13} | {:>11} | {:>11} | {:>6} | {:>12} | {:>16} |",
+            "| {:<width$} | {:>10} | {:>13} | {:>11} | {:>11} | {:>13} | {:>20} | {:>11} | {:>15} | {:>11} | {:>13} |",
             "path",
             "raw msg/s",
             "adapter msg/s",
             "adapter/raw",
             "range",
-            "≥ 0.90",
+            "control/raw",
+            "verdict (≥ 0.90)",
             "raw CPU/msg",
-            "adapter CPU/msg"
+            "adapter CPU/msg",
+            "CPU ratio",
+            "control CPU"
         )?;
         writeln!(
             f,
-            "|{:-<w$}|{:->12}|{:->15}|{:->13}|{:->13}|{:->8}|{:->14}|{:->18}|",
+            "|{:-<w$}|{:->12}|{:->15}|{:->13}|{:->13}|{:->15}|{:->22}|{:->13}|{:->17}|{:->13}|{:->15}|",
+            "",
+            "",
+            "",
             "",
             "",
             "",
@@ -690,29 +793,49 @@ impl fmt::Display for Report {
             if values.is_empty() {
                 "?".to_owned()
             } else {
-                format!("{:.1} µs", median(values))
+                format!("{:.2} µs", median(values))
+            }
+        };
+        let spread = |values: &[f64]| {
+            if values.is_empty() {
+                "—".to_owned()
+            } else {
+                let (low, high) = range(values);
+                format!("{low:.2}–{high:.2}")
+            }
+        };
+        let ratio = |values: &[f64]| {
+            if values.is_empty() {
+                "?".to_owned()
+            } else {
+                format!("{:.2}", median(values))
             }
         };
         for row in self.rows.iter().filter(|row| !row.raw.is_empty()) {
-            let (low, high) = row.ratio_range();
             writeln!(
                 f,
-                "| {:<width$} | {:>10.0} | {:>13.0} | {:>11.2} | {:>11} | {:>6} | {:>12} | {:>16} |",
+                "| {:<width$} | {:>10.0} | {:>13.0} | {:>11.2} | {:>11} | {:>13} | {:>20} | {:>11} | {:>15} | {:>11} | {:>13} |",
                 row.path,
                 median(&row.raw),
                 median(&row.adapter),
                 row.ratio(),
-                format!("{low:.2}–{high:.2}"),
+                spread(&row.ratios),
+                spread(&row.control),
                 row.verdict(),
                 cpu(&row.raw_cpu),
-                cpu(&row.adapter_cpu)
+                cpu(&row.adapter_cpu),
+                ratio(&row.cpu_ratios),
+                spread(&row.control_cpu_ratios)
             )?;
         }
         writeln!(
             f,
             "   msg/s and CPU/msg: medians over the rounds; adapter/raw: median of the per-round \
-             ratios (range: lowest–highest); CPU: this process's (the client's) user + system \
-             time per message"
+             ratios (range: lowest–highest); control/raw: the raw client run again in the same \
+             round, its lowest–highest ratio is the noise (\"within noise\": adapter/raw inside \
+             it, widened to 1.00); CPU: this process's (the client's) CPU time per message, all \
+             threads, over the timed window; CPU ratio: median of adapter/raw per round; control \
+             CPU: the control's per-round CPU ratios"
         )?;
         Ok(())
     }
@@ -754,7 +877,6 @@ mod tests {
             payload: 8,
             keys: 2,
             only: None,
-            control: false,
         }
     }
 
@@ -764,6 +886,46 @@ mod tests {
             elapsed: Duration::from_secs(1),
             cpu: None,
         }
+    }
+
+    fn trial(raw: usize, adapter: usize) -> Trial {
+        Trial {
+            raw: sample(raw),
+            control: Some(sample(raw)),
+            adapter: sample(adapter),
+        }
+    }
+
+    #[test]
+    fn a_ratio_inside_the_controls_spread_is_within_noise() {
+        let mut row = Comparison::new("publish");
+        for (control, adapter) in [(90, 95), (110, 97), (100, 93)] {
+            row.record(
+                1,
+                Trial {
+                    raw: sample(100),
+                    control: Some(sample(control)),
+                    adapter: sample(adapter),
+                },
+            );
+        }
+        assert_eq!(row.noise(), Some((0.9, 1.1)));
+        assert!(row.within_noise());
+        assert_eq!(row.verdict(), "PASS (within noise)");
+
+        let mut slow = Comparison::new("consume");
+        for adapter in [50, 60, 55] {
+            slow.record(
+                1,
+                Trial {
+                    raw: sample(100),
+                    control: Some(sample(98)),
+                    adapter: sample(adapter),
+                },
+            );
+        }
+        assert!(!slow.within_noise());
+        assert_eq!(slow.verdict(), "BELOW");
     }
 
     #[tokio::test]
@@ -797,11 +959,11 @@ mod tests {
             [Comparison::new("publish"), Comparison::reference("ref")],
             |round, n| {
                 calls.lock().unwrap().push(("publish", round, n));
-                async move { [(sample(n), sample(2 * n)), (sample(n), sample(n))] }
+                async move { [trial(n, 2 * n), trial(n, n)] }
             },
             |round, n| {
                 calls.lock().unwrap().push(("consume", round, n));
-                async move { (sample(n), sample(n)) }
+                async move { trial(n, n) }
             },
         )
         .await;

@@ -10,8 +10,15 @@
 //! - `memory-json`: the same with a handler that decodes a 1 KB JSON order
 //!   (`surety_core::consumer::typed`) and does nothing else: the cheapest
 //!   handler that does real work, no I/O.
+//! - `memory-10us`: the same with a handler that works 10 µs on the CPU
+//!   (a spin on the clock): the measure for the in-memory target
+//!   (≥ 0.95 of bare with ≥ 10 µs of handler work).
 //! - `memory-io`: the same with a handler that waits 1 ms, as one doing
 //!   I/O would.
+//!
+//! Every ratio row also runs its bare pipeline twice in each round (the
+//! second run is the control); the control's per-round spread is printed
+//! beside the ratio, with "within noise" when the ratio lies inside it.
 //! - `sqlite` / `postgres`: a handler that writes its effect in a
 //!   transaction (`BEGIN; INSERT; COMMIT`), bare vs as an inbox handler
 //!   (claim, effect and mark in one transaction), and vs the plain layer
@@ -223,6 +230,26 @@ fn decoding(done: &Done) -> impl Handler + use<> {
     })
 }
 
+/// A handler that works [`WORK`] on the CPU (a spin on the clock), as one
+/// computing something would.
+fn working(done: &Done) -> impl Handler + use<> {
+    let done = done.clone();
+    handler_fn(move |_msg: Incoming| {
+        let done = done.clone();
+        async move {
+            let started = Instant::now();
+            while started.elapsed() < WORK {
+                std::hint::spin_loop();
+            }
+            done.one();
+            Ok::<_, std::convert::Infallible>(())
+        }
+    })
+}
+
+/// The CPU work of [`working`].
+const WORK: Duration = Duration::from_micros(10);
+
 /// A handler that waits 1 ms, as for a call to another service.
 fn waiting(done: &Done) -> impl Handler {
     let done = done.clone();
@@ -334,9 +361,10 @@ async fn postgres() -> Option<Postgres> {
     })
 }
 
-/// Median messages per second of `rounds` runs of each pipeline, run in
-/// turns so that drift hits all of them alike.
-async fn medians(pipelines: &[(&str, &Run)], n: usize, rounds: usize) -> Vec<f64> {
+/// Messages per second of `rounds` runs of each pipeline (one list per
+/// pipeline, one entry per round), run in turns so that drift hits all of
+/// them alike.
+async fn samples(pipelines: &[(&str, &Run)], n: usize, rounds: usize) -> Vec<Vec<f64>> {
     let mut samples = vec![Vec::new(); pipelines.len()];
     for _ in 0..rounds {
         for (i, (_, run)) in pipelines.iter().enumerate() {
@@ -345,18 +373,41 @@ async fn medians(pipelines: &[(&str, &Run)], n: usize, rounds: usize) -> Vec<f64
         }
     }
     samples
-        .into_iter()
-        .map(|mut s| {
-            s.sort_by(f64::total_cmp);
-            s[s.len() / 2]
-        })
-        .collect()
 }
 
-/// A report row: `name`, the median throughput of pipeline `i` over the
-/// bare one (the first of `medians`), and the bare one's.
-fn ratio(name: &'static str, medians: &[f64], i: usize) -> (&'static str, f64, f64) {
-    (name, medians[i] / medians[0], medians[0])
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// A report row.
+struct Row {
+    name: &'static str,
+    /// Median throughput of the pipeline over the bare one's.
+    ratio: f64,
+    /// The bare pipeline's median throughput.
+    bare: f64,
+    /// The control's (bare again) per-round ratios to bare: lowest, highest
+    /// (widened to 1.0).
+    noise: (f64, f64),
+}
+
+/// A report row: `name`, the median throughput of pipeline `i` of
+/// `samples` over the bare one (the first), and the noise from the control
+/// (the second: bare again).
+fn ratio(name: &'static str, samples: &[Vec<f64>], i: usize) -> Row {
+    let (bare, control) = (&samples[0], &samples[1]);
+    let controls: Vec<f64> = control.iter().zip(bare).map(|(c, b)| c / b).collect();
+    Row {
+        name,
+        ratio: median(&samples[i]) / median(bare),
+        bare: median(bare),
+        noise: (
+            controls.iter().copied().fold(1.0, f64::min),
+            controls.iter().copied().fold(1.0, f64::max),
+        ),
+    }
 }
 
 fn main() {
@@ -387,6 +438,8 @@ fn main() {
     let memory_dedup = fresh(&done, n_memory, "{}", |done| deduped(counting(done)));
     let json_bare = fresh(&done, n_memory, &ORDER_JSON, decoding);
     let json_dedup = fresh(&done, n_memory, &ORDER_JSON, |done| deduped(decoding(done)));
+    let work_bare = fresh(&done, n, "{}", working);
+    let work_dedup = fresh(&done, n, "{}", |done| deduped(working(done)));
     {
         let mut group = criterion.benchmark_group("consume");
         group.throughput(Throughput::Elements(n_memory as u64));
@@ -457,41 +510,74 @@ fn main() {
     let sqlite_inbox = pipeline!(on_sqlite::inbox(&sqlite.store, &done));
     let sqlite_layer = pipeline!(on_sqlite::layer(&sqlite.db.pool, &sqlite.store, &done));
     let mut report = Vec::new();
-    let m = rt.block_on(medians(
-        &[("bare", &memory_bare), ("dedup", &memory_dedup)],
+    let m = rt.block_on(samples(
+        &[
+            ("bare", &memory_bare),
+            ("control", &memory_bare),
+            ("dedup", &memory_dedup),
+        ],
         n_memory,
         rounds_memory,
     ));
     report.push(ratio(
-        "memory, no-op handler: layer + MemoryStore / bare (target >= 0.95)",
+        "memory, no-op handler: layer + MemoryStore / bare (reported; the layer's cost per message below is the measure)",
         &m,
-        1,
+        2,
     ));
     // What the layer adds to every message, in microseconds of wall time.
-    let layer_cost = 1e6 / m[1] - 1e6 / m[0];
-    let j = rt.block_on(medians(
-        &[("bare", &json_bare), ("dedup", &json_dedup)],
+    let (bare_us, dedup_us) = (1e6 / median(&m[0]), 1e6 / median(&m[2]));
+    let layer_cost = dedup_us - bare_us;
+    let control_cost: Vec<f64> = m[1]
+        .iter()
+        .zip(&m[0])
+        .map(|(c, b)| 1e6 / c - 1e6 / b)
+        .collect();
+    let j = rt.block_on(samples(
+        &[
+            ("bare", &json_bare),
+            ("control", &json_bare),
+            ("dedup", &json_dedup),
+        ],
         n_memory,
         rounds_memory,
     ));
     report.push(ratio(
-        "memory, handler decoding a 1 KB JSON order: layer + MemoryStore / bare (target >= 0.95)",
+        "memory, handler decoding a 1 KB JSON order: layer + MemoryStore / bare",
         &j,
-        1,
+        2,
     ));
-    let io = rt.block_on(medians(
-        &[("bare", &io_bare), ("dedup", &io_dedup)],
+    let w = rt.block_on(samples(
+        &[
+            ("bare", &work_bare),
+            ("control", &work_bare),
+            ("dedup", &work_dedup),
+        ],
+        n,
+        rounds_memory,
+    ));
+    report.push(ratio(
+        "memory, handler working 10 us: layer + MemoryStore / bare (target >= 0.95)",
+        &w,
+        2,
+    ));
+    let io = rt.block_on(samples(
+        &[
+            ("bare", &io_bare),
+            ("control", &io_bare),
+            ("dedup", &io_dedup),
+        ],
         n,
         rounds,
     ));
     report.push(ratio(
-        "memory, 1 ms handler: layer + MemoryStore / bare (target >= 0.95)",
+        "memory, 1 ms handler: layer + MemoryStore / bare",
         &io,
-        1,
+        2,
     ));
-    let s = rt.block_on(medians(
+    let s = rt.block_on(samples(
         &[
             ("bare", &sqlite_bare),
+            ("control", &sqlite_bare),
             ("inbox", &sqlite_inbox),
             ("layer", &sqlite_layer),
         ],
@@ -501,20 +587,21 @@ fn main() {
     report.push(ratio(
         "sqlite: inbox / bare transaction (target >= 0.7)",
         &s,
-        1,
+        2,
     ));
     report.push(ratio(
         "sqlite: layer + SqliteStore / bare transaction",
         &s,
-        2,
+        3,
     ));
     if let Some(pg) = &pg {
         let pg_bare = pipeline!(on_postgres::bare(&pg.db.pool, &done));
         let pg_inbox = pipeline!(on_postgres::inbox(&pg.store, &done));
         let pg_layer = pipeline!(on_postgres::layer(&pg.db.pool, &pg.store, &done));
-        let p = rt.block_on(medians(
+        let p = rt.block_on(samples(
             &[
                 ("bare", &pg_bare),
+                ("control", &pg_bare),
                 ("inbox", &pg_inbox),
                 ("layer", &pg_layer),
             ],
@@ -524,26 +611,37 @@ fn main() {
         report.push(ratio(
             "postgres: inbox / bare transaction (target >= 0.7)",
             &p,
-            1,
+            2,
         ));
         report.push(ratio(
             "postgres: layer + PostgresStore / bare transaction",
             &p,
-            2,
+            3,
         ));
     } else {
         println!("postgres: skipped (SURETY_POSTGRES_URL is not set)");
     }
     println!(
-        "\nconsume throughput with dedup / without (median of {rounds_memory} runs of {n_memory} messages for the no-op and JSON handlers, {rounds} runs of {n} otherwise):"
+        "\nconsume throughput with dedup / without (median of {rounds_memory} runs of {n_memory} messages for the no-op and JSON handlers, {rounds_memory} runs of {n} for the 10 us one, {rounds} runs of {n} otherwise; control: the bare pipeline again each round):"
     );
-    for (name, ratio, bare) in report {
-        println!("  {name}: {ratio:.2}  (bare: {bare:.0} msg/s)");
+    for row in report {
+        let (low, high) = row.noise;
+        let within = if (low..=high).contains(&row.ratio) {
+            ", within noise"
+        } else {
+            ""
+        };
+        println!(
+            "  {}: {:.2}  (bare: {:.0} msg/s; control {low:.2}–{high:.2}{within})",
+            row.name, row.ratio, row.bare
+        );
     }
+    let (cost_low, cost_high) = (
+        control_cost.iter().copied().fold(0.0, f64::min),
+        control_cost.iter().copied().fold(0.0, f64::max),
+    );
     println!(
-        "  the layer with MemoryStore adds {layer_cost:.2} us per message; the no-op bare pipeline takes {:.2} us, so 0.95 would leave the layer {:.2} us",
-        1e6 / m[0],
-        1e6 / m[0] / 0.95 - 1e6 / m[0]
+        "  the layer with MemoryStore adds {layer_cost:.2} us per message (A/B wall time on the no-op pipeline; target <= 0.5 us; the control's difference to bare spans {cost_low:+.2}..{cost_high:+.2} us); the no-op bare pipeline takes {bare_us:.2} us"
     );
 
     drop(sqlite);

@@ -6,20 +6,25 @@
 //! variant (on RabbitMQ with a queue bound, so that every publish is
 //! routed; a few untimed publishes first, so a Kafka topic exists):
 //!
-//! - **direct**: the adapter's `Publisher` sends all N with up to 256
-//!   confirmations outstanding, and the clock stops at the N-th
-//!   confirmation: what an application publishing without an outbox gets
-//!   (the adapter itself runs at 0.9 or more of the raw client, see
-//!   `docs/benchmarks.md`);
+//! - **direct**: the adapter's `Publisher` sends all N with up to 256 ×
+//!   `in_flight_per_key` confirmations outstanding (the relay's own window:
+//!   256 keys, that many rows of each in flight), and the clock stops at
+//!   the N-th confirmation: what an application publishing without an
+//!   outbox gets (the adapter itself is measured against the raw client by
+//!   `surety-benches`, see `docs/benchmarks.md`);
+//! - **control**: the direct variant again, on a topic of its own: its
+//!   ratio to the first is the noise of the round;
 //! - **relay**: the N messages are first enqueued into a fresh SQLite
 //!   outbox (not timed: that is the application's own transaction), then a
 //!   [`Relay`] with default settings runs cycles until the outbox is
 //!   empty: read a batch, publish it key-ordered with confirmation, mark
 //!   the confirmed rows sent.
 //!
-//! The variants alternate which goes first, after an unreported warm-up
-//! round. Printed: each round's rates and their ratio, and the median
-//! ratio. `cargo bench -p surety-outbox --bench relay` for the full run
+//! Per round direct, control, relay, the order reversed every other round,
+//! after an unreported warm-up round. Printed: each round's rates and
+//! ratios, the median relay/direct ratio against the target (**≥ 0.8**,
+//! issue 10), the control's spread and "within noise" when the ratio is
+//! inside it. `cargo bench -p surety-outbox --bench relay` for the full run
 //! (N = 10 000, 5 rounds; `SURETY_BENCH_MESSAGES` and `SURETY_BENCH_ROUNDS`
 //! override); `cargo test -p surety-outbox --benches` runs one tiny round
 //! per broker. A broker whose address variable is unset is skipped, unless
@@ -38,8 +43,11 @@ use surety_rabbitmq::{RabbitConfig, RabbitTransport, queue_name};
 use surety_testkit::db::TempSqlite;
 use surety_testkit::services;
 
-/// Confirmations the direct variant keeps outstanding.
-const WINDOW: usize = 256;
+/// Partition keys of the messages: with one row per key in flight (the
+/// relay's default), the relay's window.
+const KEYS: usize = 256;
+/// The relay's target: relay / direct.
+const TARGET: f64 = 0.8;
 /// Upper bound on one variant of one round.
 const STEP_LIMIT: Duration = Duration::from_secs(300);
 
@@ -87,7 +95,7 @@ fn envelopes(n: usize) -> Vec<Envelope> {
     (0..n)
         .map(|i| {
             Envelope::builder("/bench", "order.changed")
-                .partition_key(format!("order-{}", i % 256))
+                .partition_key(format!("order-{}", i % KEYS))
                 .payload(payload.clone())
                 .build()
         })
@@ -102,9 +110,10 @@ async fn rabbitmq(url: &str, settings: &Settings) {
     let channel = transport.channel().await.expect("a channel");
     let exchange = transport.config().exchange.clone();
     let mut ratios = Vec::new();
+    let mut controls = Vec::new();
     for round in 0..settings.rounds + usize::from(settings.warmup) {
         // A fresh queue per variant: neither publishes into the other's backlog.
-        let topics = [unique("rabbitmq"), unique("rabbitmq")];
+        let topics = [unique("rabbitmq"), unique("rabbitmq"), unique("rabbitmq")];
         for topic in &topics {
             WorkQueue::for_group(&exchange, topic, "bench")
                 .without_dead_letter()
@@ -112,9 +121,10 @@ async fn rabbitmq(url: &str, settings: &Settings) {
                 .await
                 .expect("declare a queue");
         }
-        let ratio = run_round(&transport, &topics, settings.messages, round).await;
+        let (ratio, control) = run_round(&transport, &topics, settings.messages, round).await;
         if !settings.warmup || round > 0 {
             ratios.push(ratio);
+            controls.push(control);
         }
         for topic in &topics {
             let queue = queue_name(topic, "bench");
@@ -124,7 +134,7 @@ async fn rabbitmq(url: &str, settings: &Settings) {
                 .ok();
         }
     }
-    report("rabbitmq", &mut ratios);
+    report("rabbitmq", &mut ratios, &controls);
     transport.close().await.ok();
 }
 
@@ -137,27 +147,30 @@ async fn kafka_run(brokers: &str, settings: &Settings) {
         .await
         .expect("connects to Kafka");
     let mut ratios = Vec::new();
+    let mut controls = Vec::new();
     for round in 0..settings.rounds + usize::from(settings.warmup) {
-        let topics = [unique("kafka"), unique("kafka")];
-        let ratio = run_round(&transport, &topics, settings.messages, round).await;
+        let topics = [unique("kafka"), unique("kafka"), unique("kafka")];
+        let (ratio, control) = run_round(&transport, &topics, settings.messages, round).await;
         if !settings.warmup || round > 0 {
             ratios.push(ratio);
+            controls.push(control);
         }
     }
-    report("kafka", &mut ratios);
+    report("kafka", &mut ratios, &controls);
     transport.close().await.ok();
 }
 
 /// One round: each variant on a topic of its own (`topics[0]` direct,
-/// `topics[1]` relay), which one message readied untimed (a Kafka topic is
-/// created, its partition leaders known), in an order that alternates.
-/// Returns relay rate / direct rate.
+/// `topics[1]` control, `topics[2]` relay), which eight messages readied
+/// untimed (a Kafka topic is created, its partition leaders known); direct,
+/// control, relay in even rounds, the reverse in odd ones. Returns relay
+/// rate / direct rate and control rate / direct rate.
 async fn run_round<P: Publisher + Clone + 'static>(
     publisher: &P,
-    topics: &[String; 2],
+    topics: &[String; 3],
     n: usize,
     round: usize,
-) -> f64 {
+) -> (f64, f64) {
     for topic in topics {
         for envelope in envelopes(8) {
             publisher
@@ -166,19 +179,33 @@ async fn run_round<P: Publisher + Clone + 'static>(
                 .expect("a warm-up publish");
         }
     }
-    let (direct, relay) = if round.is_multiple_of(2) {
-        let direct = direct(publisher, &topics[0], n).await;
-        (direct, relay(publisher, &topics[1], n).await)
+    let window = KEYS * per_key();
+    let (direct, control, relay) = if round.is_multiple_of(2) {
+        let direct = direct(publisher, &topics[0], n, window).await;
+        let control = self::direct(publisher, &topics[1], n, window).await;
+        (direct, control, relay(publisher, &topics[2], n).await)
     } else {
-        let relay = relay(publisher, &topics[1], n).await;
-        (direct(publisher, &topics[0], n).await, relay)
+        let relay = relay(publisher, &topics[2], n).await;
+        let control = direct(publisher, &topics[1], n, window).await;
+        (
+            direct(publisher, &topics[0], n, window).await,
+            control,
+            relay,
+        )
     };
-    let (direct_rate, relay_rate) = (rate(n, direct), rate(n, relay));
-    let ratio = relay_rate / direct_rate;
+    let (direct_rate, control_rate, relay_rate) =
+        (rate(n, direct), rate(n, control), rate(n, relay));
+    let (ratio, noise) = (relay_rate / direct_rate, control_rate / direct_rate);
     println!(
-        "round {round}: direct {direct_rate:.0} msg/s, relay {relay_rate:.0} msg/s, ratio {ratio:.2}"
+        "round {round}: direct {direct_rate:.0} msg/s, control {control_rate:.0} msg/s ({noise:.2}), \
+         relay {relay_rate:.0} msg/s, ratio {ratio:.2} (window {window})"
     );
-    ratio
+    (ratio, noise)
+}
+
+/// The relay's rows in flight per key (`SURETY_BENCH_PER_KEY`, default 1).
+fn per_key() -> usize {
+    env("SURETY_BENCH_PER_KEY").unwrap_or(1)
 }
 
 /// A positive number from the environment variable `name`.
@@ -193,13 +220,13 @@ fn rate(n: usize, took: Duration) -> f64 {
     n as f64 / took.as_secs_f64().max(1e-9)
 }
 
-async fn direct<P: Publisher>(publisher: &P, topic: &str, n: usize) -> Duration {
+async fn direct<P: Publisher>(publisher: &P, topic: &str, n: usize, window: usize) -> Duration {
     let messages = envelopes(n);
     let started = Instant::now();
     let mut pending: FuturesUnordered<surety_core::Confirmation> = FuturesUnordered::new();
     let work = async {
         for envelope in messages {
-            if pending.len() >= WINDOW
+            if pending.len() >= window
                 && let Some(result) = pending.next().await
             {
                 result.expect("confirmed");
@@ -235,9 +262,7 @@ async fn relay<P: Publisher + Clone + 'static>(publisher: &P, topic: &str, n: us
     if let Some(rows) = env("SURETY_BENCH_BATCH") {
         relay = relay.batch_size(rows);
     }
-    if let Some(rows) = env("SURETY_BENCH_PER_KEY") {
-        relay = relay.in_flight_per_key(rows);
-    }
+    relay = relay.in_flight_per_key(per_key());
     let started = Instant::now();
     let work = async {
         loop {
@@ -257,12 +282,23 @@ async fn relay<P: Publisher + Clone + 'static>(publisher: &P, topic: &str, n: us
     took
 }
 
-fn report(broker: &str, ratios: &mut [f64]) {
+fn report(broker: &str, ratios: &mut [f64], controls: &[f64]) {
     ratios.sort_by(f64::total_cmp);
-    if let Some(median) = ratios.get(ratios.len() / 2) {
-        println!(
-            "{broker}: relay / direct publish, median of {} rounds: {median:.2}",
-            ratios.len()
-        );
-    }
+    let Some(&median) = ratios.get(ratios.len() / 2) else {
+        return;
+    };
+    let low = controls.iter().copied().fold(1.0, f64::min);
+    let high = controls.iter().copied().fold(1.0, f64::max);
+    let noise = if (low..=high).contains(&median) {
+        " (within noise)"
+    } else {
+        ""
+    };
+    println!(
+        "{broker}: relay / direct publish (window {}), median of {} rounds: {median:.2} \
+         (control {low:.2}–{high:.2}; target ≥ {TARGET}: {}{noise})",
+        KEYS * per_key(),
+        ratios.len(),
+        if median >= TARGET { "PASS" } else { "BELOW" },
+    );
 }

@@ -11,6 +11,12 @@
 //! without a key, are in flight together, so many keys are published as
 //! fast as the broker confirms.
 //!
+//! A cycle reads the next batch while the tail of the current one is
+//! still being confirmed (up to 16 reads a cycle), so the broker is not
+//! left idle between batches; rows of a key read ahead wait behind that
+//! key's rows already in the cycle, and a key that failed in the cycle
+//! takes none.
+//!
 //! A failed row is retried with exponential backoff and jitter; until it is
 //! sent, the later rows of its key wait, and only they: the store reads
 //! only rows that are not behind a waiting row of their key. That includes
@@ -413,22 +419,9 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
             return Ok(cycle);
         }
         let rows = self.store.pending(self.batch_size).await?;
-        cycle.fetched = rows.len();
-        let mut groups = Vec::new();
-        for row in plan(rows, (self.clock)()) {
-            match row {
-                Planned::Group(group) => groups.push(group),
-                Planned::Corrupt(seq, reason) => {
-                    self.store.park(&fence, seq, &reason).await?;
-                    tracing::error!(relay = %self.name, seq, reason = %reason, "parked an outbox row that does not decode");
-                    self.count("parked", 1);
-                    cycle.parked += 1;
-                }
-            }
-        }
         let mut marks = Marks::default();
         let result = self
-            .publish_batch(groups, &fence, &mut cycle, &mut marks, stopping)
+            .publish_batch(rows, &fence, &mut cycle, &mut marks, stopping)
             .await;
         // Whatever happened, what the broker confirmed is marked sent.
         self.flush(&fence, &mut marks, &mut cycle).await?;
@@ -438,50 +431,49 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
         result.map(|()| cycle)
     }
 
-    /// Publishes the planned groups: up to `in_flight_per_key` rows of
+    /// Publishes the batch `rows` read: up to `in_flight_per_key` rows of
     /// every key at once, and the next row of a key as soon as one of its
     /// rows is confirmed. A failed row takes the rest of its key out of the
-    /// batch. Confirmed rows are marked sent as they confirm, in groups
+    /// cycle. Confirmed rows are marked sent as they confirm, in groups
     /// (every [`MARK_EVERY`] rows, or [`MARK_AFTER`] after the first
     /// unmarked one), so a relay killed in a crash loop still makes
-    /// progress. Sending stops (what is in flight is still awaited) when
-    /// the lease is lost or a mark finds it fenced, when `stopping` is set,
-    /// or when a send finds the broker unreachable.
+    /// progress.
+    ///
+    /// Reads overlap confirmations: once fewer rows of the batch wait to be
+    /// sent than are in flight, at most half a batch is outstanding (so
+    /// that a read brings at least half a batch of new rows) and the last
+    /// read was full, the next batch is read (up to [`MAX_READS`] per cycle) while the current one's
+    /// confirmations arrive. Its rows that this cycle already has are left
+    /// out; the others join their key's queue behind the rows of that key
+    /// still waiting or in flight, so each key stays in order, and a key
+    /// that failed in this cycle takes no more rows.
+    ///
+    /// Sending stops (what is in flight is still awaited) when the lease is
+    /// lost or a mark finds it fenced, when `stopping` is set, or when a
+    /// send finds the broker unreachable.
     async fn publish_batch(
         &self,
-        groups: Vec<Vec<Ready>>,
+        rows: Vec<OutboxRow>,
         fence: &Lease,
         cycle: &mut Cycle,
         marks: &mut Marks,
         stopping: &AtomicBool,
     ) -> Result<(), OutboxError> {
-        let mut queues: Vec<VecDeque<Ready>> = groups.into_iter().map(VecDeque::from).collect();
-        let mut in_flight = FuturesUnordered::new();
+        let mut batch = Batch::default();
+        let mut in_flight: FuturesUnordered<Confirming> = FuturesUnordered::new();
+        let mut more = rows.len() >= self.batch_size;
+        let mut reads = 1;
+        let touched = self.merge(rows, fence, cycle, &mut batch).await?;
         let mut sending = true;
         // Groups are in the order of their first row, so the first sends
         // follow the outbox's order.
-        'first: for (g, queue) in queues.iter_mut().enumerate() {
-            for _ in 0..self.in_flight_per_key {
-                let Some(row) = queue.pop_front() else {
-                    break;
-                };
-                if !self.may_send(stopping, cycle).await? {
-                    sending = false;
-                    break 'first;
-                }
-                match self.send(g, row).await {
-                    Ok(confirming) => in_flight.push(confirming),
-                    Err((seq, attempts, err)) => {
-                        queue.clear();
-                        sending = !is_unreachable(&err);
-                        self.failed(fence, seq, attempts + 1, &err, cycle).await?;
-                        if !sending {
-                            break 'first;
-                        }
-                        break;
-                    }
-                }
+        for g in touched {
+            if !sending {
+                break;
             }
+            sending = self
+                .fill(g, &mut batch, &mut in_flight, fence, cycle, stopping)
+                .await?;
         }
         // Renew the lease while confirmations are awaited, too. One timer,
         // reset after each renewal (sends renew as well; an early wake-up
@@ -489,6 +481,40 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
         let mut renewal = std::pin::pin!(tokio::time::sleep_until(self.renew_at()));
         let mut mark_timer = std::pin::pin!(tokio::time::sleep(MARK_AFTER));
         loop {
+            // The rows a read would return again: in flight and waiting
+            // (the confirmed ones are marked before it).
+            let outstanding = in_flight.len() + batch.queued;
+            if sending
+                && more
+                && reads < MAX_READS
+                && batch.queued <= in_flight.len()
+                && outstanding <= self.batch_size / 2
+            {
+                // The tail of this batch is in flight: read the next one
+                // now rather than after the last confirmation. Marking first
+                // keeps the confirmed rows out of the read.
+                self.flush(fence, marks, cycle).await?;
+                if !self.may_send(stopping, cycle).await? {
+                    sending = false;
+                    continue;
+                }
+                let rows = self.store.pending(self.batch_size).await?;
+                let (full, before) = (rows.len() >= self.batch_size, cycle.fetched);
+                reads += 1;
+                let touched = self.merge(rows, fence, cycle, &mut batch).await?;
+                // A read that found nothing new (only rows in flight) waits
+                // for the next cycle.
+                more = full && cycle.fetched > before;
+                for g in touched {
+                    if !sending {
+                        break;
+                    }
+                    sending = self
+                        .fill(g, &mut batch, &mut in_flight, fence, cycle, stopping)
+                        .await?;
+                }
+                continue;
+            }
             let next = tokio::select! {
                 next = in_flight.next() => next,
                 () = &mut renewal, if cycle.leader => {
@@ -504,6 +530,7 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
             let Some((g, seq, attempts, outcome)) = next else {
                 return Ok(());
             };
+            batch.in_flight_of[g] -= 1;
             match outcome {
                 Ok(()) => {
                     if marks.seqs.is_empty() {
@@ -513,32 +540,95 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
                     if marks.seqs.len() >= MARK_EVERY {
                         self.flush(fence, marks, cycle).await?;
                     }
-                    if !sending {
-                        continue;
-                    }
-                    let Some(row) = queues[g].pop_front() else {
-                        continue;
-                    };
-                    if !self.may_send(stopping, cycle).await? {
-                        sending = false;
-                        continue;
-                    }
-                    match self.send(g, row).await {
-                        Ok(confirming) => in_flight.push(confirming),
-                        Err((seq, attempts, err)) => {
-                            queues[g].clear();
-                            sending = !is_unreachable(&err);
-                            self.failed(fence, seq, attempts + 1, &err, cycle).await?;
-                        }
+                    if sending {
+                        sending = self
+                            .fill(g, &mut batch, &mut in_flight, fence, cycle, stopping)
+                            .await?;
                     }
                 }
                 Err(err) => {
                     // The rest of this key waits for the failed row.
-                    queues[g].clear();
+                    batch.block(g);
                     self.failed(fence, seq, attempts + 1, &err, cycle).await?;
                 }
             }
         }
+    }
+
+    /// Adds the rows of a read to `batch`: rows it already has are left
+    /// out, corrupt rows parked, the others appended to their key's group
+    /// (a new one for a new key or a keyless row) unless the key failed in
+    /// this cycle. Returns the groups that gained rows, in the order of
+    /// their first new row.
+    async fn merge(
+        &self,
+        rows: Vec<OutboxRow>,
+        fence: &Lease,
+        cycle: &mut Cycle,
+        batch: &mut Batch,
+    ) -> Result<Vec<usize>, OutboxError> {
+        let rows: Vec<OutboxRow> = rows
+            .into_iter()
+            .filter(|row| batch.seen.insert(row.seq))
+            .collect();
+        cycle.fetched += rows.len();
+        let mut touched = Vec::new();
+        for planned in plan(rows, (self.clock)()) {
+            match planned {
+                Planned::Corrupt(seq, reason) => {
+                    self.store.park(fence, seq, &reason).await?;
+                    tracing::error!(relay = %self.name, seq, reason = %reason, "parked an outbox row that does not decode");
+                    self.count("parked", 1);
+                    cycle.parked += 1;
+                }
+                Planned::Group { key, rows } => {
+                    if let Some(g) = batch.add(key, rows) {
+                        touched.push(g);
+                    }
+                }
+            }
+        }
+        Ok(touched)
+    }
+
+    /// Sends rows of group `g` until `in_flight_per_key` of them are in
+    /// flight or none is left. Returns whether sending goes on: `false`
+    /// when the lease is lost, the relay is stopping, or a send found the
+    /// broker unreachable. A send that fails takes the rest of the group
+    /// out of the cycle.
+    async fn fill(
+        &self,
+        g: usize,
+        batch: &mut Batch,
+        in_flight: &mut FuturesUnordered<Confirming>,
+        fence: &Lease,
+        cycle: &mut Cycle,
+        stopping: &AtomicBool,
+    ) -> Result<bool, OutboxError> {
+        while batch.in_flight_of[g] < self.in_flight_per_key {
+            if batch.queues[g].is_empty() {
+                break;
+            }
+            if !self.may_send(stopping, cycle).await? {
+                return Ok(false);
+            }
+            let Some(row) = batch.pop(g) else {
+                break;
+            };
+            match self.send(g, row).await {
+                Ok(confirming) => {
+                    batch.in_flight_of[g] += 1;
+                    in_flight.push(confirming);
+                }
+                Err((seq, attempts, err)) => {
+                    batch.block(g);
+                    let go_on = !is_unreachable(&err);
+                    self.failed(fence, seq, attempts + 1, &err, cycle).await?;
+                    return Ok(go_on);
+                }
+            }
+        }
+        Ok(true)
     }
 
     /// Marks the confirmed rows in `marks` sent, in one statement fenced
@@ -661,21 +751,14 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
 
     /// Sends one row of group `g`. On success, the future yields its
     /// outcome; a send that fails at once gives the row back.
-    async fn send(
-        &self,
-        g: usize,
-        row: Ready,
-    ) -> Result<
-        impl Future<Output = (usize, i64, u32, Result<(), TransportError>)> + use<S, P>,
-        (i64, u32, TransportError),
-    > {
+    async fn send(&self, g: usize, row: Ready) -> Result<Confirming, (i64, u32, TransportError)> {
         let (seq, attempts) = (row.seq, row.attempts);
         let confirmation = self
             .publisher
             .send(&row.topic, row.envelope)
             .await
             .map_err(|err| (seq, attempts, err))?;
-        Ok(async move { (g, seq, attempts, confirmation.await.map(|_| ())) })
+        Ok(async move { (g, seq, attempts, confirmation.await.map(|_| ())) }.boxed())
     }
 
     /// Records a failed attempt: the row is retried after its backoff, or
@@ -743,6 +826,77 @@ fn is_unreachable(err: &TransportError) -> bool {
     )
 }
 
+/// Reads per cycle, at most (the first and the overlapping ones): a cycle
+/// ends now and then, so that [`Relay::run`] refreshes its gauges.
+const MAX_READS: usize = 16;
+
+/// A sent row's confirmation: its group, seq, attempts and outcome.
+type Confirming =
+    futures::future::BoxFuture<'static, (usize, i64, u32, Result<(), TransportError>)>;
+
+/// The rows of one cycle, by group (one per key, one per keyless row).
+#[derive(Debug, Default)]
+struct Batch {
+    /// Rows of each group waiting to be sent, in seq order.
+    queues: Vec<VecDeque<Ready>>,
+    /// Rows of each group in flight.
+    in_flight_of: Vec<usize>,
+    /// Each group's key.
+    keys: Vec<Option<String>>,
+    /// The group of each key.
+    by_key: HashMap<String, usize>,
+    /// Keys that failed in this cycle: they take no more rows.
+    blocked: HashSet<String>,
+    /// Every row read in this cycle.
+    seen: HashSet<i64>,
+    /// Rows waiting to be sent, over every group.
+    queued: usize,
+}
+
+impl Batch {
+    /// Appends `rows` of `key` to its group (a new group for a new key or
+    /// no key); `None` when there are none or the key failed.
+    fn add(&mut self, key: Option<String>, rows: Vec<Ready>) -> Option<usize> {
+        if rows.is_empty() || key.as_ref().is_some_and(|k| self.blocked.contains(k)) {
+            return None;
+        }
+        let existing = key.as_ref().and_then(|k| self.by_key.get(k).copied());
+        let g = match existing {
+            Some(g) => g,
+            None => {
+                let g = self.queues.len();
+                if let Some(k) = &key {
+                    self.by_key.insert(k.clone(), g);
+                }
+                self.queues.push(VecDeque::new());
+                self.in_flight_of.push(0);
+                self.keys.push(key);
+                g
+            }
+        };
+        self.queued += rows.len();
+        self.queues[g].extend(rows);
+        Some(g)
+    }
+
+    /// The next row of group `g`.
+    fn pop(&mut self, g: usize) -> Option<Ready> {
+        let row = self.queues[g].pop_front()?;
+        self.queued -= 1;
+        Some(row)
+    }
+
+    /// Takes group `g` out of the cycle after a failure: its waiting rows
+    /// are dropped (they stay pending) and its key takes no more rows.
+    fn block(&mut self, g: usize) {
+        self.queued -= self.queues[g].len();
+        self.queues[g].clear();
+        if let Some(key) = &self.keys[g] {
+            self.blocked.insert(key.clone());
+        }
+    }
+}
+
 /// Confirmed rows marked sent in one statement, at most.
 const MARK_EVERY: usize = 64;
 
@@ -798,7 +952,12 @@ struct Ready {
 /// A batch, sorted into what the relay publishes.
 enum Planned {
     /// The due rows of one key (or one keyless row), in seq order.
-    Group(Vec<Ready>),
+    Group {
+        /// Their key.
+        key: Option<String>,
+        /// The rows.
+        rows: Vec<Ready>,
+    },
     /// A row whose message does not decode, with the reason.
     Corrupt(i64, String),
 }
@@ -838,16 +997,22 @@ fn plan(rows: Vec<OutboxRow>, now: SystemTime) -> Vec<Planned> {
         match row.partition_key {
             Some(key) => match by_key.get(&key) {
                 Some(&i) => {
-                    if let Planned::Group(group) = &mut planned[i] {
-                        group.push(entry);
+                    if let Planned::Group { rows, .. } = &mut planned[i] {
+                        rows.push(entry);
                     }
                 }
                 None => {
-                    by_key.insert(key, planned.len());
-                    planned.push(Planned::Group(vec![entry]));
+                    by_key.insert(key.clone(), planned.len());
+                    planned.push(Planned::Group {
+                        key: Some(key),
+                        rows: vec![entry],
+                    });
                 }
             },
-            None => planned.push(Planned::Group(vec![entry])),
+            None => planned.push(Planned::Group {
+                key: None,
+                rows: vec![entry],
+            }),
         }
     }
     planned
@@ -877,7 +1042,7 @@ mod tests {
         planned
             .iter()
             .map(|p| match p {
-                Planned::Group(g) => g.iter().map(|r| r.seq).collect(),
+                Planned::Group { rows, .. } => rows.iter().map(|r| r.seq).collect(),
                 Planned::Corrupt(s, _) => vec![-s],
             })
             .collect()

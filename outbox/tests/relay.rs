@@ -125,6 +125,30 @@ async fn per_key_order_survives_failed_publishes(fixture: impl Fixture) {
     );
 }
 
+/// One cycle reads the next batch while the current one's confirmations
+/// arrive: far more rows than a batch go out in one `run_once`, each once
+/// and each key in the order written.
+async fn a_cycle_reads_ahead_and_keeps_each_keys_order(fixture: impl Fixture) {
+    let transport = MemoryTransport::new();
+    let mut orders = transport.subscribe("orders", "billing").await.unwrap();
+    let keys = ["a", "b", "c", "d", "e"];
+    let batch: Vec<(&str, Envelope)> = (0..20)
+        .flat_map(|i| keys.iter().map(move |k| ("orders", event(k, i))))
+        .collect();
+    fixture.write(&batch, true).await;
+    let relay = Relay::new(fixture.store(), transport.clone()).batch_size(32);
+    let cycle = relay.run_once().await.unwrap();
+    assert!(cycle.fetched > 32, "one read only: {cycle:?}");
+    assert_eq!(cycle.sent, cycle.fetched, "{cycle:?}");
+    drain(&fixture, &relay).await;
+
+    let seen = published_before_marker(&transport, "orders", &mut orders).await;
+    assert_eq!(seen.len(), 100, "each row once");
+    for (key, numbers) in numbers_by_key(&seen) {
+        assert_eq!(numbers, (0..20).collect::<Vec<_>>(), "key {key}");
+    }
+}
+
 /// A row the broker cannot take is parked with the reason, and the rest of
 /// its key goes on; requeued after the fix, it is published.
 async fn a_rejected_row_is_parked_and_requeued(fixture: impl Fixture) {
@@ -499,6 +523,12 @@ macro_rules! suite {
             async fn per_key_order_survives_failed_publishes() {
                 let Some(fixture) = $fixture else { return };
                 super::per_key_order_survives_failed_publishes(fixture).await;
+            }
+
+            #[tokio::test]
+            async fn a_cycle_reads_ahead_and_keeps_each_keys_order() {
+                let Some(fixture) = $fixture else { return };
+                super::a_cycle_reads_ahead_and_keeps_each_keys_order(fixture).await;
             }
 
             #[tokio::test]
