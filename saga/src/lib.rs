@@ -40,11 +40,11 @@
 //! impl Saga for Checkout {
 //!     type State = Step;
 //!     type Message = Reply;
-//!     const NAME: &'static str = "checkout";
-//!     fn state_name(s: &Step) -> &'static str {
+//!     fn name(&self) -> &str { "checkout" }
+//!     fn state_name<'a>(&'a self, s: &'a Step) -> &'a str {
 //!         match s { Step::Paying => "paying", Step::Done => "done", Step::Cancelled => "cancelled" }
 //!     }
-//!     fn is_finished(s: &Step) -> bool { *s != Step::Paying }
+//!     fn is_finished(&self, s: &Step) -> bool { *s != Step::Paying }
 //!     fn apply(&self, s: &Step, input: &Input<Reply>) -> Transition<Step> {
 //!         match (s, input) {
 //!             (Step::Paying, Input::Message(Reply::Paid)) => Transition::to(Step::Done),
@@ -82,6 +82,7 @@
 //! Without features the crate ships the in-memory [`store::MemoryStore`].
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod checkout;
 mod definition;
 pub mod metrics;
 mod orchestrator;
@@ -89,6 +90,7 @@ mod orchestrator;
 pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+pub mod steps;
 pub mod store;
 
 pub use definition::{Command, Input, OperatorAction, Saga, Transition, replay};
