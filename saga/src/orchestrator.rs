@@ -159,7 +159,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             return Ok(Outcome::AlreadyStarted);
         }
         let now = Utc::now();
-        let Some(write) = self.prepare(id, 0, None, start, None, now)? else {
+        let Some(write) = self.prepare(id, 0, None, start, None, None, now)? else {
             return Ok(Outcome::AlreadyStarted);
         };
         let outcome = outcome_of(&write);
@@ -173,7 +173,19 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
     /// Applies `input` to instance `id`, reloading and re-applying when
     /// another writer got there first.
     pub async fn handle(&self, id: &str, input: Input<S::Message>) -> Result<Outcome, SagaError> {
-        self.apply_input(id, input, None, Utc::now()).await
+        self.apply_input(id, input, None, None, Utc::now()).await
+    }
+
+    /// [`handle`](Self::handle), recording `trace_id` (the trace the input
+    /// came with) in the history row.
+    pub async fn handle_traced(
+        &self,
+        id: &str,
+        input: Input<S::Message>,
+        trace_id: Option<&str>,
+    ) -> Result<Outcome, SagaError> {
+        self.apply_input(id, input, None, trace_id, Utc::now())
+            .await
     }
 
     /// Fires the timers of this saga due at `now` (at most `limit`), each as
@@ -204,7 +216,11 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             name: timer.name.clone(),
         };
         let id = timer.id.clone();
-        self.apply_input(&id, input, Some(timer), now).await
+        let outcome = self.apply_input(&id, input, Some(timer), None, now).await;
+        if let (Some(metrics), Ok(outcome)) = (&self.metrics, &outcome) {
+            metrics.timeout(self.saga.name(), outcome);
+        }
+        outcome
     }
 
     /// The instance's current state, decoded.
@@ -247,9 +263,10 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         id: &str,
         input: Input<S::Message>,
         fired: Option<TimerRecord>,
+        trace_id: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<Outcome, SagaError> {
-        let outcome = self.apply_inner(id, input, fired, now).await;
+        let outcome = self.apply_inner(id, input, fired, trace_id, now).await;
         self.record(outcome)
     }
 
@@ -258,6 +275,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         id: &str,
         input: Input<S::Message>,
         fired: Option<TimerRecord>,
+        trace_id: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<Outcome, SagaError> {
         let mut conflicts = 0;
@@ -276,6 +294,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 Some(&input),
                 transition,
                 fired.clone(),
+                trace_id,
                 now,
             )?
             else {
@@ -287,12 +306,17 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 Err(StoreError::TimerGone { .. }) => return Ok(Outcome::TimerStale),
                 Err(StoreError::Conflict { .. }) if conflicts < MAX_CONFLICT_RETRIES => {
                     conflicts += 1;
+                    if let Some(metrics) = &self.metrics {
+                        metrics.conflict(self.saga.name());
+                    }
                 }
                 Err(error) => return Err(error.into()),
             }
         }
     }
 
+    // Private: the arguments are the parts of one write, named.
+    #[allow(clippy::too_many_arguments)]
     fn prepare(
         &self,
         id: &str,
@@ -300,6 +324,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         input: Option<&Input<S::Message>>,
         transition: Transition<S::State>,
         fired_timer: Option<TimerRecord>,
+        trace_id: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<Option<Write>, SagaError> {
         let Transition {
@@ -369,6 +394,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 state: state_json,
                 state_name,
                 at: now,
+                trace_id: trace_id.map(str::to_owned),
             },
             commands: envelopes,
             set_timers,
