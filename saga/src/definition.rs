@@ -28,11 +28,11 @@ use serde::{Deserialize, Serialize};
 /// impl Saga for Pay {
 ///     type State = Payment;
 ///     type Message = Reply;
-///     const NAME: &'static str = "pay";
-///     fn state_name(state: &Payment) -> &'static str {
+///     fn name(&self) -> &str { "pay" }
+///     fn state_name<'a>(&'a self, state: &'a Payment) -> &'a str {
 ///         match state { Payment::Requested => "requested", Payment::Paid => "paid", Payment::Refunded => "refunded" }
 ///     }
-///     fn is_finished(state: &Payment) -> bool { !matches!(state, Payment::Requested) }
+///     fn is_finished(&self, state: &Payment) -> bool { !matches!(state, Payment::Requested) }
 ///     fn apply(&self, state: &Payment, input: &Input<Reply>) -> Transition<Payment> {
 ///         match (state, input) {
 ///             (Payment::Requested, Input::Message(Reply::Charged)) => Transition::to(Payment::Paid),
@@ -53,14 +53,14 @@ pub trait Saga: Send + Sync {
     /// The replies and events the saga reacts to, already decoded.
     type Message: Serialize + DeserializeOwned + Clone + Send + Sync;
     /// A stable name; instances are stored under it.
-    const NAME: &'static str;
+    fn name(&self) -> &str;
 
     /// The name of the step `state` is at (history rows and metrics).
-    fn state_name(state: &Self::State) -> &'static str;
+    fn state_name<'a>(&'a self, state: &'a Self::State) -> &'a str;
 
     /// Whether `state` is final: a finished saga takes no more inputs and its
     /// pending timers are dropped.
-    fn is_finished(state: &Self::State) -> bool;
+    fn is_finished(&self, state: &Self::State) -> bool;
 
     /// Decides what `input` does to an instance at `state`. Must be pure:
     /// the same state and input always give the same transition, so that a
@@ -123,6 +123,13 @@ pub struct Command {
     pub message_type: String,
     /// The payload, encoded as JSON.
     pub payload: serde_json::Value,
+    /// A stable key for the command within its saga instance: with one,
+    /// the message id is `<saga>:<saga id>:<key>`, so re-sending the
+    /// command (a retry after a deadline) keeps its id and the participant
+    /// deduplicates it. Without one, the id is
+    /// `<saga>:<saga id>:<version>:<index>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 impl Command {
@@ -136,7 +143,15 @@ impl Command {
             topic: topic.into(),
             message_type: message_type.into(),
             payload,
+            key: None,
         }
+    }
+
+    /// Gives the command a stable key (see [`Command::key`](Self#structfield.key)):
+    /// every send under the same key carries the same message id.
+    pub fn keyed(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
     }
 }
 
@@ -230,7 +245,7 @@ pub fn replay<S: Saga>(
 ) -> S::State {
     let mut state = initial;
     for input in inputs {
-        if S::is_finished(&state) {
+        if saga.is_finished(&state) {
             break;
         }
         if let Some(next) = saga.apply(&state, &input).state {

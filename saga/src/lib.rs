@@ -40,11 +40,11 @@
 //! impl Saga for Checkout {
 //!     type State = Step;
 //!     type Message = Reply;
-//!     const NAME: &'static str = "checkout";
-//!     fn state_name(s: &Step) -> &'static str {
+//!     fn name(&self) -> &str { "checkout" }
+//!     fn state_name<'a>(&'a self, s: &'a Step) -> &'a str {
 //!         match s { Step::Paying => "paying", Step::Done => "done", Step::Cancelled => "cancelled" }
 //!     }
-//!     fn is_finished(s: &Step) -> bool { *s != Step::Paying }
+//!     fn is_finished(&self, s: &Step) -> bool { *s != Step::Paying }
 //!     fn apply(&self, s: &Step, input: &Input<Reply>) -> Transition<Step> {
 //!         match (s, input) {
 //!             (Step::Paying, Input::Message(Reply::Paid)) => Transition::to(Step::Done),
@@ -83,13 +83,19 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod checkout;
+pub mod consumer;
 mod definition;
 pub mod metrics;
 mod orchestrator;
+pub mod participant;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod sql;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+pub mod steps;
 pub mod store;
 
 pub use definition::{Command, Input, OperatorAction, Saga, Transition, replay};

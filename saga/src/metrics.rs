@@ -6,6 +6,8 @@
 //! |---|---|---|---|
 //! | `surety_saga_inputs_total` | counter | `saga`, `outcome` (`applied`, `ignored`, `finished`, `unknown`, `already_started`, `timer_stale`) | inputs the orchestrator handled (starts included), by outcome |
 //! | `surety_saga_transitions_total` | counter | `saga`, `state` | stored transitions, by the step they led to (progress by state) |
+//! | `surety_saga_conflicts_total` | counter | `saga` | writes that lost to a concurrent writer and were decided again on the fresh state (not a delivery retry) |
+//! | `surety_saga_timeouts_total` | counter | `saga`, `outcome` (`fired`, `stale`) | timers fired as inputs, or found cancelled/fired by another orchestrator |
 //!
 //! ```
 //! use prometheus_client::registry::Registry;
@@ -32,6 +34,11 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SagaLabels {
+    saga: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     saga: String,
     state: String,
@@ -42,6 +49,8 @@ struct StateLabels {
 pub struct SagaMetrics {
     inputs: Family<OutcomeLabels, Counter>,
     transitions: Family<StateLabels, Counter>,
+    conflicts: Family<SagaLabels, Counter>,
+    timeouts: Family<OutcomeLabels, Counter>,
 }
 
 impl SagaMetrics {
@@ -60,7 +69,55 @@ impl SagaMetrics {
             "Stored saga transitions, by the step they led to",
             metrics.transitions.clone(),
         );
+        registry.register(
+            "conflicts",
+            "Saga writes that lost to a concurrent writer and were decided again",
+            metrics.conflicts.clone(),
+        );
+        registry.register(
+            "timeouts",
+            "Saga timers fired, or found stale when fired, by outcome",
+            metrics.timeouts.clone(),
+        );
         metrics
+    }
+
+    pub(crate) fn conflict(&self, saga: &str) {
+        self.conflicts
+            .get_or_create(&SagaLabels { saga: saga.into() })
+            .inc();
+    }
+
+    pub(crate) fn timeout(&self, saga: &str, outcome: &Outcome) {
+        let outcome = if matches!(outcome, Outcome::Applied { .. } | Outcome::Ignored) {
+            "fired"
+        } else {
+            "stale"
+        };
+        self.timeouts
+            .get_or_create(&OutcomeLabels {
+                saga: saga.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    /// The count of version conflicts of saga `saga` decided again.
+    pub fn conflicts_count(&self, saga: &str) -> u64 {
+        self.conflicts
+            .get_or_create(&SagaLabels { saga: saga.into() })
+            .get()
+    }
+
+    /// The count of timers of saga `saga` fired (`fired`) or found stale
+    /// (`stale`).
+    pub fn timeouts_count(&self, saga: &str, outcome: &str) -> u64 {
+        self.timeouts
+            .get_or_create(&OutcomeLabels {
+                saga: saga.into(),
+                outcome: outcome.into(),
+            })
+            .get()
     }
 
     pub(crate) fn record(&self, saga: &str, outcome: &Outcome) {

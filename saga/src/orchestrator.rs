@@ -88,6 +88,7 @@ pub struct Orchestrator<S, St> {
     saga: S,
     store: St,
     source: String,
+    reply_to: Option<String>,
     metrics: Option<SagaMetrics>,
 }
 
@@ -96,9 +97,10 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
     /// unless [`Orchestrator::source`] says otherwise.
     pub fn new(saga: S, store: St) -> Self {
         Self {
+            source: format!("/saga/{}", saga.name()),
             saga,
             store,
-            source: format!("/saga/{}", S::NAME),
+            reply_to: None,
             metrics: None,
         }
     }
@@ -111,7 +113,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
 
     fn record(&self, outcome: Result<Outcome, SagaError>) -> Result<Outcome, SagaError> {
         if let (Some(metrics), Ok(outcome)) = (&self.metrics, &outcome) {
-            metrics.record(S::NAME, outcome);
+            metrics.record(self.saga.name(), outcome);
         }
         outcome
     }
@@ -120,6 +122,19 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
     pub fn source(mut self, source: impl Into<String>) -> Self {
         self.source = source.into();
         self
+    }
+
+    /// Sets the reply-to topic of every command it sends: where the
+    /// participants reply (see [`Envelope::reply`]). Consume that topic with
+    /// [`reply_handler`](crate::consumer::reply_handler).
+    pub fn reply_to(mut self, topic: impl Into<String>) -> Self {
+        self.reply_to = Some(topic.into());
+        self
+    }
+
+    /// The saga definition.
+    pub fn saga(&self) -> &S {
+        &self.saga
     }
 
     /// The store.
@@ -140,11 +155,11 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         id: &str,
         start: Transition<S::State>,
     ) -> Result<Outcome, SagaError> {
-        if self.store.load(S::NAME, id).await?.is_some() {
+        if self.store.load(self.saga.name(), id).await?.is_some() {
             return Ok(Outcome::AlreadyStarted);
         }
         let now = Utc::now();
-        let Some(write) = self.prepare(id, 0, None, start, None, now)? else {
+        let Some(write) = self.prepare(id, 0, None, start, None, None, now)? else {
             return Ok(Outcome::AlreadyStarted);
         };
         let outcome = outcome_of(&write);
@@ -158,7 +173,19 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
     /// Applies `input` to instance `id`, reloading and re-applying when
     /// another writer got there first.
     pub async fn handle(&self, id: &str, input: Input<S::Message>) -> Result<Outcome, SagaError> {
-        self.apply_input(id, input, None, Utc::now()).await
+        self.apply_input(id, input, None, None, Utc::now()).await
+    }
+
+    /// [`handle`](Self::handle), recording `trace_id` (the trace the input
+    /// came with) in the history row.
+    pub async fn handle_traced(
+        &self,
+        id: &str,
+        input: Input<S::Message>,
+        trace_id: Option<&str>,
+    ) -> Result<Outcome, SagaError> {
+        self.apply_input(id, input, None, trace_id, Utc::now())
+            .await
     }
 
     /// Fires the timers of this saga due at `now` (at most `limit`), each as
@@ -169,7 +196,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         now: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<Outcome>, SagaError> {
-        let due = self.store.due_timers(S::NAME, now, limit).await?;
+        let due = self.store.due_timers(self.saga.name(), now, limit).await?;
         let mut outcomes = Vec::with_capacity(due.len());
         for timer in due {
             outcomes.push(self.fire_timer(timer, now).await?);
@@ -189,12 +216,16 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             name: timer.name.clone(),
         };
         let id = timer.id.clone();
-        self.apply_input(&id, input, Some(timer), now).await
+        let outcome = self.apply_input(&id, input, Some(timer), None, now).await;
+        if let (Some(metrics), Ok(outcome)) = (&self.metrics, &outcome) {
+            metrics.timeout(self.saga.name(), outcome);
+        }
+        outcome
     }
 
     /// The instance's current state, decoded.
     pub async fn state(&self, id: &str) -> Result<Option<S::State>, SagaError> {
-        match self.store.load(S::NAME, id).await? {
+        match self.store.load(self.saga.name(), id).await? {
             None => Ok(None),
             Some(record) => decode_state::<S>(&record).map(Some),
         }
@@ -207,13 +238,13 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         &self,
         id: &str,
     ) -> Result<Option<(S::State, Vec<Input<S::Message>>)>, SagaError> {
-        let rows = self.store.history(S::NAME, id).await?;
+        let rows = self.store.history(self.saga.name(), id).await?;
         let mut rows = rows.into_iter();
         let Some(first) = rows.next() else {
             return Ok(None);
         };
         let decode_error = |source| SagaError::Decode {
-            saga: S::NAME.to_owned(),
+            saga: self.saga.name().to_owned(),
             id: id.to_owned(),
             source,
         };
@@ -232,9 +263,10 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         id: &str,
         input: Input<S::Message>,
         fired: Option<TimerRecord>,
+        trace_id: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<Outcome, SagaError> {
-        let outcome = self.apply_inner(id, input, fired, now).await;
+        let outcome = self.apply_inner(id, input, fired, trace_id, now).await;
         self.record(outcome)
     }
 
@@ -243,11 +275,12 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         id: &str,
         input: Input<S::Message>,
         fired: Option<TimerRecord>,
+        trace_id: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<Outcome, SagaError> {
         let mut conflicts = 0;
         loop {
-            let Some(record) = self.store.load(S::NAME, id).await? else {
+            let Some(record) = self.store.load(self.saga.name(), id).await? else {
                 return Ok(Outcome::Unknown);
             };
             if record.finished {
@@ -261,6 +294,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 Some(&input),
                 transition,
                 fired.clone(),
+                trace_id,
                 now,
             )?
             else {
@@ -272,12 +306,17 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 Err(StoreError::TimerGone { .. }) => return Ok(Outcome::TimerStale),
                 Err(StoreError::Conflict { .. }) if conflicts < MAX_CONFLICT_RETRIES => {
                     conflicts += 1;
+                    if let Some(metrics) = &self.metrics {
+                        metrics.conflict(self.saga.name());
+                    }
                 }
                 Err(error) => return Err(error.into()),
             }
         }
     }
 
+    // Private: the arguments are the parts of one write, named.
+    #[allow(clippy::too_many_arguments)]
     fn prepare(
         &self,
         id: &str,
@@ -285,6 +324,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         input: Option<&Input<S::Message>>,
         transition: Transition<S::State>,
         fired_timer: Option<TimerRecord>,
+        trace_id: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<Option<Write>, SagaError> {
         let Transition {
@@ -297,7 +337,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             return Ok(None);
         };
         let encode_error = |source| SagaError::Encode {
-            saga: S::NAME.to_owned(),
+            saga: self.saga.name().to_owned(),
             id: id.to_owned(),
             source,
         };
@@ -307,14 +347,22 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             .map(serde_json::to_value)
             .transpose()
             .map_err(encode_error)?;
-        let state_name = S::state_name(&state).to_owned();
+        let state_name = self.saga.state_name(&state).to_owned();
         let mut envelopes = Vec::with_capacity(commands.len());
         for (index, command) in commands.into_iter().enumerate() {
-            let envelope = Envelope::builder(self.source.clone(), command.message_type)
-                .id(format!("{}:{id}:{version}:{index}", S::NAME))
+            let message_id = match &command.key {
+                Some(key) => format!("{}:{id}:{key}", self.saga.name()),
+                None => format!("{}:{id}:{version}:{index}", self.saga.name()),
+            };
+            let mut builder = Envelope::builder(self.source.clone(), command.message_type)
+                .id(message_id)
                 .time(now)
                 .correlation_id(id)
-                .partition_key(id)
+                .partition_key(id);
+            if let Some(reply_to) = &self.reply_to {
+                builder = builder.reply_to(reply_to.clone());
+            }
+            let envelope = builder
                 .json(&command.payload)
                 .map_err(encode_error)?
                 .build();
@@ -333,12 +381,12 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             .collect();
         Ok(Some(Write {
             instance: InstanceRecord {
-                saga: S::NAME.to_owned(),
+                saga: self.saga.name().to_owned(),
                 id: id.to_owned(),
                 state: state_json.clone(),
                 state_name: state_name.clone(),
                 version,
-                finished: S::is_finished(&state),
+                finished: self.saga.is_finished(&state),
             },
             history: HistoryRecord {
                 version,
@@ -346,6 +394,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 state: state_json,
                 state_name,
                 at: now,
+                trace_id: trace_id.map(str::to_owned),
             },
             commands: envelopes,
             set_timers,

@@ -7,17 +7,32 @@
 //! updated `WHERE version = <loaded>`; a concurrent writer makes it fail as
 //! [`StoreError::Conflict`] and the whole transaction rolls back.
 
-use chrono::{DateTime, Utc};
-use sqlx::Row;
 use sqlx::postgres::PgPool;
 use surety_outbox::PostgresOutbox;
 
-use crate::store::{HistoryRecord, InstanceRecord, SagaStore, StoreError, TimerRecord, Write};
+use crate::sql::{backend, migrator, sql_saga_store};
+use crate::store::StoreError;
 
-const SCHEMA: &str = include_str!("../migrations/postgres/0001_init.sql");
+pub use crate::sql::MIGRATIONS_TABLE;
 
-/// Creates the saga tables (and the outbox tables, through
-/// `surety_outbox::postgres::migrate`). Safe to call on every start-up.
+/// The migrations, embedded from `migrations/postgres/` (version, description,
+/// SQL).
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "create surety saga",
+        include_str!("../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "saga created_at and history trace id",
+        include_str!("../migrations/postgres/0002_created_at_and_trace.sql"),
+    ),
+];
+
+/// Creates or upgrades the saga tables (and the outbox tables, through
+/// `surety_outbox::postgres::migrate`). Safe to call on every start-up:
+/// migrations run once, recorded in [`MIGRATIONS_TABLE`].
 ///
 /// # Errors
 ///
@@ -26,7 +41,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     surety_outbox::postgres::migrate(pool)
         .await
         .map_err(backend)?;
-    sqlx::raw_sql(SCHEMA).execute(pool).await.map_err(backend)?;
+    migrator(MIGRATIONS).run(pool).await.map_err(backend)?;
     Ok(())
 }
 
@@ -41,228 +56,11 @@ impl PostgresSagaStore {
     pub fn new(pool: PgPool) -> Self {
         Self { pool }
     }
-}
 
-fn backend(error: impl Into<surety_core::BoxError>) -> StoreError {
-    StoreError::Backend(error.into())
-}
-
-fn millis(at: DateTime<Utc>) -> i64 {
-    at.timestamp_millis()
-}
-
-fn from_millis(at: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(at).unwrap_or(DateTime::<Utc>::MIN_UTC)
-}
-
-fn json(text: &str) -> Result<serde_json::Value, StoreError> {
-    serde_json::from_str(text).map_err(backend)
-}
-
-fn count(value: u64) -> Result<i64, StoreError> {
-    i64::try_from(value).map_err(backend)
-}
-
-impl SagaStore for PostgresSagaStore {
-    async fn load(&self, saga: &str, id: &str) -> Result<Option<InstanceRecord>, StoreError> {
-        let row = sqlx::query(
-            "SELECT state, state_name, version, finished FROM surety_saga_instance \
-             WHERE saga = $1 AND id = $2",
-        )
-        .bind(saga)
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(backend)?;
-        let Some(row) = row else { return Ok(None) };
-        let state: String = row.try_get("state").map_err(backend)?;
-        let version: i64 = row.try_get("version").map_err(backend)?;
-        Ok(Some(InstanceRecord {
-            saga: saga.to_owned(),
-            id: id.to_owned(),
-            state: json(&state)?,
-            state_name: row.try_get("state_name").map_err(backend)?,
-            version: u64::try_from(version).map_err(backend)?,
-            finished: row.try_get("finished").map_err(backend)?,
-        }))
-    }
-
-    async fn write(&self, write: Write) -> Result<(), StoreError> {
-        let instance = &write.instance;
-        let (saga, id) = (instance.saga.as_str(), instance.id.as_str());
-        let expected = instance.version.saturating_sub(1);
-        let mut tx = self.pool.begin().await.map_err(backend)?;
-        let conflict = || StoreError::Conflict {
-            saga: saga.to_owned(),
-            id: id.to_owned(),
-            expected,
-        };
-        let state = instance.state.to_string();
-        if expected == 0 {
-            let inserted = sqlx::query(
-                "INSERT INTO surety_saga_instance (saga, id, state, state_name, version, finished, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .bind(saga)
-            .bind(id)
-            .bind(&state)
-            .bind(&instance.state_name)
-            .bind(count(instance.version)?)
-            .bind(instance.finished)
-            .bind(millis(write.history.at))
-            .execute(&mut *tx)
-            .await;
-            match inserted {
-                Ok(_) => {}
-                Err(sqlx::Error::Database(error)) if error.is_unique_violation() => {
-                    return Err(conflict());
-                }
-                Err(error) => return Err(backend(error)),
-            }
-        } else {
-            let updated = sqlx::query(
-                "UPDATE surety_saga_instance SET state = $3, state_name = $4, version = $5, \
-                 finished = $6, updated_at = $7 WHERE saga = $1 AND id = $2 AND version = $8",
-            )
-            .bind(saga)
-            .bind(id)
-            .bind(&state)
-            .bind(&instance.state_name)
-            .bind(count(instance.version)?)
-            .bind(instance.finished)
-            .bind(millis(write.history.at))
-            .bind(count(expected)?)
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
-            if updated.rows_affected() == 0 {
-                return Err(conflict());
-            }
-        }
-        if let Some(fired) = &write.fired_timer {
-            let deleted = sqlx::query(
-                "DELETE FROM surety_saga_timer WHERE saga = $1 AND id = $2 AND name = $3 AND due = $4",
-            )
-            .bind(&fired.saga)
-            .bind(&fired.id)
-            .bind(&fired.name)
-            .bind(millis(fired.due))
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
-            if deleted.rows_affected() == 0 {
-                return Err(StoreError::TimerGone {
-                    id: fired.id.clone(),
-                    name: fired.name.clone(),
-                });
-            }
-        }
-        for name in &write.cancel_timers {
-            sqlx::query("DELETE FROM surety_saga_timer WHERE saga = $1 AND id = $2 AND name = $3")
-                .bind(saga)
-                .bind(id)
-                .bind(name)
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-        }
-        if instance.finished {
-            sqlx::query("DELETE FROM surety_saga_timer WHERE saga = $1 AND id = $2")
-                .bind(saga)
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-        } else {
-            for (name, due) in &write.set_timers {
-                sqlx::query(
-                    "INSERT INTO surety_saga_timer (saga, id, name, due) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (saga, id, name) DO UPDATE SET due = excluded.due",
-                )
-                .bind(saga)
-                .bind(id)
-                .bind(name)
-                .bind(millis(*due))
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-            }
-        }
-        let history = &write.history;
-        sqlx::query(
-            "INSERT INTO surety_saga_history (saga, id, version, input, state, state_name, at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(saga)
-        .bind(id)
-        .bind(count(history.version)?)
-        .bind(history.input.as_ref().map(serde_json::Value::to_string))
-        .bind(history.state.to_string())
-        .bind(&history.state_name)
-        .bind(millis(history.at))
-        .execute(&mut *tx)
-        .await
-        .map_err(backend)?;
-        for (topic, envelope) in &write.commands {
-            PostgresOutbox::enqueue(&mut tx, topic, envelope)
-                .await
-                .map_err(backend)?;
-        }
-        tx.commit().await.map_err(backend)?;
-        Ok(())
-    }
-
-    async fn due_timers(
-        &self,
-        saga: &str,
-        now: DateTime<Utc>,
-        limit: usize,
-    ) -> Result<Vec<TimerRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, name, due FROM surety_saga_timer WHERE saga = $1 AND due <= $2 \
-             ORDER BY due LIMIT $3",
-        )
-        .bind(saga)
-        .bind(millis(now))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(backend)?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(TimerRecord {
-                    saga: saga.to_owned(),
-                    id: row.try_get("id").map_err(backend)?,
-                    name: row.try_get("name").map_err(backend)?,
-                    due: from_millis(row.try_get("due").map_err(backend)?),
-                })
-            })
-            .collect()
-    }
-
-    async fn history(&self, saga: &str, id: &str) -> Result<Vec<HistoryRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT version, input, state, state_name, at FROM surety_saga_history \
-             WHERE saga = $1 AND id = $2 ORDER BY version",
-        )
-        .bind(saga)
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(backend)?;
-        rows.into_iter()
-            .map(|row| {
-                let version: i64 = row.try_get("version").map_err(backend)?;
-                let input: Option<String> = row.try_get("input").map_err(backend)?;
-                let state: String = row.try_get("state").map_err(backend)?;
-                Ok(HistoryRecord {
-                    version: u64::try_from(version).map_err(backend)?,
-                    input: input.as_deref().map(json).transpose()?,
-                    state: json(&state)?,
-                    state_name: row.try_get("state_name").map_err(backend)?,
-                    at: from_millis(row.try_get("at").map_err(backend)?),
-                })
-            })
-            .collect()
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
     }
 }
+
+sql_saga_store!(PostgresSagaStore, PgPool, PostgresOutbox, |p| p.begin());

@@ -44,6 +44,9 @@ pub struct HistoryRecord {
     pub state_name: String,
     /// When the row was written.
     pub at: DateTime<Utc>,
+    /// The trace of the input (the W3C trace id of its `traceparent`), when
+    /// it came with one.
+    pub trace_id: Option<String>,
 }
 
 /// A pending timer.

@@ -62,9 +62,11 @@ impl Checkout {
 impl Saga for Checkout {
     type State = State;
     type Message = Reply;
-    const NAME: &'static str = "checkout";
+    fn name(&self) -> &str {
+        "checkout"
+    }
 
-    fn state_name(state: &State) -> &'static str {
+    fn state_name<'a>(&'a self, state: &'a State) -> &'a str {
         match state.step {
             Step::Paying => "paying",
             Step::Reserving => "reserving",
@@ -76,7 +78,7 @@ impl Saga for Checkout {
         }
     }
 
-    fn is_finished(state: &State) -> bool {
+    fn is_finished(&self, state: &State) -> bool {
         matches!(state.step, Step::Completed | Step::Cancelled)
     }
 
@@ -409,7 +411,7 @@ proptest! {
             let (initial, recorded) = saga.history("p").await.unwrap().unwrap();
             prop_assert_eq!(&replay(&Checkout, initial.clone(), recorded), &stored);
             prop_assert_eq!(&replay(&Checkout, initial, inputs), &stored);
-            if Checkout::is_finished(&stored) {
+            if Checkout.is_finished(&stored) {
                 prop_assert!(store.timers().is_empty());
             }
             Ok(())

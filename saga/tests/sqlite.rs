@@ -31,9 +31,11 @@ struct Pay;
 impl Saga for Pay {
     type State = Step;
     type Message = Reply;
-    const NAME: &'static str = "pay";
+    fn name(&self) -> &str {
+        "pay"
+    }
 
-    fn state_name(state: &Step) -> &'static str {
+    fn state_name<'a>(&'a self, state: &'a Step) -> &'a str {
         match state {
             Step::Paying => "paying",
             Step::Refunding => "refunding",
@@ -42,7 +44,7 @@ impl Saga for Pay {
         }
     }
 
-    fn is_finished(state: &Step) -> bool {
+    fn is_finished(&self, state: &Step) -> bool {
         matches!(state, Step::Done | Step::Cancelled)
     }
 

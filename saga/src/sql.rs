@@ -1,0 +1,298 @@
+//! The SQL saga stores, written once for SQLite and PostgreSQL: the same
+//! tables and queries; only the pool type, the way a write transaction
+//! begins and the embedded migrations differ.
+
+/// The table that records which saga migrations ran: its own, so the
+/// versions never collide with another crate's or the application's.
+pub const MIGRATIONS_TABLE: &str = "_surety_saga_migrations";
+
+/// Builds the migrator of one backend from its embedded migrations,
+/// recording them in [`MIGRATIONS_TABLE`].
+pub(crate) fn migrator(
+    migrations: &[(i64, &'static str, &'static str)],
+) -> sqlx::migrate::Migrator {
+    use sqlx::migrate::{Migration, MigrationType, Migrator};
+    let migrations = migrations
+        .iter()
+        .map(|&(version, description, sql)| {
+            Migration::new(
+                version,
+                description.into(),
+                MigrationType::Simple,
+                sqlx::SqlStr::from_static(sql),
+                false,
+            )
+        })
+        .collect();
+    let mut migrator = Migrator::with_migrations(migrations);
+    migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+    migrator
+}
+
+pub(crate) fn backend(error: impl Into<surety_core::BoxError>) -> crate::store::StoreError {
+    crate::store::StoreError::Backend(error.into())
+}
+
+pub(crate) fn millis(at: chrono::DateTime<chrono::Utc>) -> i64 {
+    at.timestamp_millis()
+}
+
+pub(crate) fn from_millis(at: i64) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_millis(at).unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC)
+}
+
+pub(crate) fn json(text: &str) -> Result<serde_json::Value, crate::store::StoreError> {
+    serde_json::from_str(text).map_err(backend)
+}
+
+pub(crate) fn count(value: u64) -> Result<i64, crate::store::StoreError> {
+    i64::try_from(value).map_err(backend)
+}
+
+/// `impl SagaStore` for a SQL store: `$store` has a `pool: $pool` field,
+/// `$begin` opens a write transaction on it, `$outbox` enqueues commands.
+///
+/// A write is optimistic on both backends: the instance row is inserted (a
+/// new instance; a unique violation is a conflict) or updated `WHERE
+/// version = <loaded>` (no row updated is a conflict), first in the
+/// transaction, so a losing writer rolls back before it touches timers,
+/// history or the outbox.
+macro_rules! sql_saga_store {
+    ($store:ident, $pool:ty, $outbox:ty, |$p:ident| $begin:expr) => {
+        impl $crate::store::SagaStore for $store {
+            async fn load(
+                &self,
+                saga: &str,
+                id: &str,
+            ) -> Result<Option<$crate::store::InstanceRecord>, $crate::store::StoreError> {
+                use sqlx::Row as _;
+                use $crate::sql::{backend, json};
+                let row = sqlx::query(
+                    "SELECT state, state_name, version, finished FROM surety_saga_instance \
+                     WHERE saga = $1 AND id = $2",
+                )
+                .bind(saga)
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(backend)?;
+                let Some(row) = row else { return Ok(None) };
+                let state: String = row.try_get("state").map_err(backend)?;
+                let version: i64 = row.try_get("version").map_err(backend)?;
+                Ok(Some($crate::store::InstanceRecord {
+                    saga: saga.to_owned(),
+                    id: id.to_owned(),
+                    state: json(&state)?,
+                    state_name: row.try_get("state_name").map_err(backend)?,
+                    version: u64::try_from(version).map_err(backend)?,
+                    finished: row.try_get("finished").map_err(backend)?,
+                }))
+            }
+
+            async fn write(
+                &self,
+                write: $crate::store::Write,
+            ) -> Result<(), $crate::store::StoreError> {
+                use $crate::sql::{backend, count, millis};
+                use $crate::store::StoreError;
+                let instance = &write.instance;
+                let (saga, id) = (instance.saga.as_str(), instance.id.as_str());
+                let expected = instance.version.saturating_sub(1);
+                let $p = &self.pool;
+                let mut tx = $begin.await.map_err(backend)?;
+                let conflict = || StoreError::Conflict {
+                    saga: saga.to_owned(),
+                    id: id.to_owned(),
+                    expected,
+                };
+                let state = instance.state.to_string();
+                let at = millis(write.history.at);
+                if expected == 0 {
+                    let inserted = sqlx::query(
+                        "INSERT INTO surety_saga_instance \
+                         (saga, id, state, state_name, version, finished, created_at, updated_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+                    )
+                    .bind(saga)
+                    .bind(id)
+                    .bind(&state)
+                    .bind(&instance.state_name)
+                    .bind(count(instance.version)?)
+                    .bind(instance.finished)
+                    .bind(at)
+                    .execute(&mut *tx)
+                    .await;
+                    match inserted {
+                        Ok(_) => {}
+                        Err(sqlx::Error::Database(error)) if error.is_unique_violation() => {
+                            return Err(conflict());
+                        }
+                        Err(error) => return Err(backend(error)),
+                    }
+                } else {
+                    let updated = sqlx::query(
+                        "UPDATE surety_saga_instance SET state = $3, state_name = $4, \
+                         version = $5, finished = $6, updated_at = $7 \
+                         WHERE saga = $1 AND id = $2 AND version = $8",
+                    )
+                    .bind(saga)
+                    .bind(id)
+                    .bind(&state)
+                    .bind(&instance.state_name)
+                    .bind(count(instance.version)?)
+                    .bind(instance.finished)
+                    .bind(at)
+                    .bind(count(expected)?)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(backend)?;
+                    if updated.rows_affected() == 0 {
+                        return Err(conflict());
+                    }
+                }
+                if let Some(fired) = &write.fired_timer {
+                    let deleted = sqlx::query(
+                        "DELETE FROM surety_saga_timer \
+                         WHERE saga = $1 AND id = $2 AND name = $3 AND due = $4",
+                    )
+                    .bind(&fired.saga)
+                    .bind(&fired.id)
+                    .bind(&fired.name)
+                    .bind(millis(fired.due))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(backend)?;
+                    if deleted.rows_affected() == 0 {
+                        return Err(StoreError::TimerGone {
+                            id: fired.id.clone(),
+                            name: fired.name.clone(),
+                        });
+                    }
+                }
+                for name in &write.cancel_timers {
+                    sqlx::query(
+                        "DELETE FROM surety_saga_timer WHERE saga = $1 AND id = $2 AND name = $3",
+                    )
+                    .bind(saga)
+                    .bind(id)
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(backend)?;
+                }
+                if instance.finished {
+                    sqlx::query("DELETE FROM surety_saga_timer WHERE saga = $1 AND id = $2")
+                        .bind(saga)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(backend)?;
+                } else {
+                    for (name, due) in &write.set_timers {
+                        sqlx::query(
+                            "INSERT INTO surety_saga_timer (saga, id, name, due) \
+                             VALUES ($1, $2, $3, $4) \
+                             ON CONFLICT (saga, id, name) DO UPDATE SET due = excluded.due",
+                        )
+                        .bind(saga)
+                        .bind(id)
+                        .bind(name)
+                        .bind(millis(*due))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(backend)?;
+                    }
+                }
+                let history = &write.history;
+                sqlx::query(
+                    "INSERT INTO surety_saga_history \
+                     (saga, id, version, input, state, state_name, at, trace_id) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(saga)
+                .bind(id)
+                .bind(count(history.version)?)
+                .bind(history.input.as_ref().map(serde_json::Value::to_string))
+                .bind(history.state.to_string())
+                .bind(&history.state_name)
+                .bind(millis(history.at))
+                .bind(history.trace_id.as_deref())
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+                for (topic, envelope) in &write.commands {
+                    <$outbox>::enqueue(&mut tx, topic, envelope)
+                        .await
+                        .map_err(backend)?;
+                }
+                tx.commit().await.map_err(backend)?;
+                Ok(())
+            }
+
+            async fn due_timers(
+                &self,
+                saga: &str,
+                now: chrono::DateTime<chrono::Utc>,
+                limit: usize,
+            ) -> Result<Vec<$crate::store::TimerRecord>, $crate::store::StoreError> {
+                use sqlx::Row as _;
+                use $crate::sql::{backend, from_millis, millis};
+                let rows = sqlx::query(
+                    "SELECT id, name, due FROM surety_saga_timer WHERE saga = $1 AND due <= $2 \
+                     ORDER BY due LIMIT $3",
+                )
+                .bind(saga)
+                .bind(millis(now))
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(backend)?;
+                rows.into_iter()
+                    .map(|row| {
+                        Ok($crate::store::TimerRecord {
+                            saga: saga.to_owned(),
+                            id: row.try_get("id").map_err(backend)?,
+                            name: row.try_get("name").map_err(backend)?,
+                            due: from_millis(row.try_get("due").map_err(backend)?),
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn history(
+                &self,
+                saga: &str,
+                id: &str,
+            ) -> Result<Vec<$crate::store::HistoryRecord>, $crate::store::StoreError> {
+                use sqlx::Row as _;
+                use $crate::sql::{backend, from_millis, json};
+                let rows = sqlx::query(
+                    "SELECT version, input, state, state_name, at, trace_id \
+                     FROM surety_saga_history WHERE saga = $1 AND id = $2 ORDER BY version",
+                )
+                .bind(saga)
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(backend)?;
+                rows.into_iter()
+                    .map(|row| {
+                        let version: i64 = row.try_get("version").map_err(backend)?;
+                        let input: Option<String> = row.try_get("input").map_err(backend)?;
+                        let state: String = row.try_get("state").map_err(backend)?;
+                        Ok($crate::store::HistoryRecord {
+                            version: u64::try_from(version).map_err(backend)?,
+                            input: input.as_deref().map(json).transpose()?,
+                            state: json(&state)?,
+                            state_name: row.try_get("state_name").map_err(backend)?,
+                            at: from_millis(row.try_get("at").map_err(backend)?),
+                            trace_id: row.try_get("trace_id").map_err(backend)?,
+                        })
+                    })
+                    .collect()
+            }
+        }
+    };
+}
+
+pub(crate) use sql_saga_store;

@@ -1,0 +1,623 @@
+//! The checkout step-list definition, given/when/then, and a property test
+//! over reply orders, duplicates, late replies, lost messages, timeouts and
+//! crashes, driven through the orchestrator on the in-memory store.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use chrono::Utc;
+use proptest::prelude::*;
+use surety_saga::checkout::{self, Deadlines};
+use surety_saga::steps::{DEADLINE, Status, StepReply, StepState, Steps, actions};
+use surety_saga::store::MemoryStore;
+use surety_saga::{Command, Input, OperatorAction, Orchestrator, Saga, Transition};
+
+fn saga() -> Steps {
+    checkout::definition(Deadlines::default())
+}
+
+fn reply(kind: &str) -> Input<StepReply> {
+    Input::Message(StepReply::new(kind))
+}
+
+fn timeout() -> Input<StepReply> {
+    Input::Timeout {
+        name: DEADLINE.into(),
+    }
+}
+
+fn operator(action: &str) -> Input<StepReply> {
+    Input::Operator(OperatorAction::new(
+        action,
+        "alice",
+        "checked with the customer",
+    ))
+}
+
+/// Given the inputs so far (from the start), the instance's state.
+fn given(inputs: &[Input<StepReply>]) -> StepState {
+    let saga = saga();
+    let start = saga.begin(serde_json::json!({"order": "o-1", "cents": 4200}));
+    let mut state = start.state().cloned().expect("the start moves");
+    for input in inputs {
+        if let Some(next) = saga.apply(&state, input).state() {
+            state = next.clone();
+        }
+    }
+    state
+}
+
+fn when(state: &StepState, input: Input<StepReply>) -> Transition<StepState> {
+    saga().apply(state, &input)
+}
+
+fn sent(transition: &Transition<StepState>) -> Vec<(&str, &str)> {
+    transition
+        .commands()
+        .iter()
+        .map(|c| (c.topic.as_str(), c.message_type.as_str()))
+        .collect()
+}
+
+fn status(transition: &Transition<StepState>) -> Status {
+    transition.state().expect("a transition").status.clone()
+}
+
+#[test]
+fn the_start_charges_the_payment_with_a_deadline() {
+    let start = saga().begin(serde_json::json!({"order": "o-1"}));
+    assert_eq!(sent(&start), [("payments", "payment.charge")]);
+    assert_eq!(start.commands()[0].key.as_deref(), Some("do:payment:0"));
+    assert_eq!(start.commands()[0].payload["order"], "o-1");
+    assert_eq!(
+        start.timers_set(),
+        [(DEADLINE.to_owned(), Duration::from_secs(30))]
+    );
+}
+
+#[test]
+fn happy_path_moves_step_by_step_and_completes() {
+    let then = when(&given(&[]), reply("payment.charged"));
+    assert_eq!(sent(&then), [("inventory", "inventory.reserve")]);
+    let then = when(
+        &given(&[reply("payment.charged")]),
+        reply("inventory.reserved"),
+    );
+    assert_eq!(sent(&then), [("shipping", "shipping.book")]);
+    let state = given(&[reply("payment.charged"), reply("inventory.reserved")]);
+    let then = when(&state, reply("shipping.booked"));
+    assert_eq!(status(&then), Status::Completed);
+    assert!(then.commands().is_empty());
+    assert_eq!(then.timers_cancelled(), [DEADLINE.to_owned()]);
+    assert!(saga().is_finished(then.state().unwrap()));
+}
+
+#[test]
+fn payment_declined_ends_compensated_with_nothing_to_undo() {
+    let then = when(&given(&[]), reply("payment.declined"));
+    assert_eq!(status(&then), Status::Compensated);
+    assert!(then.commands().is_empty());
+    assert_eq!(
+        then.state().unwrap().failure.as_deref(),
+        Some("payment: payment.declined")
+    );
+}
+
+#[test]
+fn out_of_stock_refunds_the_payment() {
+    let state = given(&[reply("payment.charged")]);
+    let then = when(&state, reply("inventory.out-of-stock"));
+    assert_eq!(sent(&then), [("payments", "payment.refund")]);
+    assert_eq!(
+        status(&then),
+        Status::Compensating {
+            step: 0,
+            attempt: 1
+        }
+    );
+    let state = given(&[reply("payment.charged"), reply("inventory.out-of-stock")]);
+    assert_eq!(
+        status(&when(&state, reply("payment.refunded"))),
+        Status::Compensated
+    );
+}
+
+#[test]
+fn shipping_timeouts_retry_with_the_same_id_then_release_and_refund() {
+    let at_shipping = [reply("payment.charged"), reply("inventory.reserved")];
+    let retry = when(&given(&at_shipping), timeout());
+    assert_eq!(sent(&retry), [("shipping", "shipping.book")]);
+    assert_eq!(retry.commands()[0].key.as_deref(), Some("do:shipping:0"));
+
+    let mut inputs = at_shipping.to_vec();
+    inputs.extend([timeout(), timeout()]);
+    let then = when(&given(&inputs), timeout());
+    // The booking may have been made: cancel it (a no-op if not), then
+    // release and refund.
+    assert_eq!(sent(&then), [("shipping", "shipping.cancel")]);
+    inputs.extend([timeout(), reply("shipping.cancelled")]);
+    let then = when(
+        &given(&inputs[..inputs.len() - 1]),
+        reply("shipping.cancelled"),
+    );
+    assert_eq!(sent(&then), [("inventory", "inventory.release")]);
+    let then = when(&given(&inputs), reply("inventory.released"));
+    assert_eq!(sent(&then), [("payments", "payment.refund")]);
+    inputs.push(reply("inventory.released"));
+    assert_eq!(
+        status(&when(&given(&inputs), reply("payment.refunded"))),
+        Status::Compensated
+    );
+}
+
+#[test]
+fn a_payment_that_times_out_is_refunded_to_be_sure() {
+    let then = when(&given(&[timeout(), timeout()]), timeout());
+    assert_eq!(sent(&then), [("payments", "payment.refund")]);
+}
+
+#[test]
+fn error_replies_retry_then_compensate_what_was_done() {
+    let state = given(&[reply("payment.charged")]);
+    let then = when(&state, reply("inventory.reserve.error"));
+    assert_eq!(sent(&then), [("inventory", "inventory.reserve")]);
+    let inputs = [
+        reply("payment.charged"),
+        reply("inventory.reserve.error"),
+        reply("inventory.reserve.error"),
+    ];
+    let then = when(&given(&inputs), reply("inventory.reserve.error"));
+    // The reservation failed: only the payment is undone.
+    assert_eq!(sent(&then), [("payments", "payment.refund")]);
+}
+
+#[test]
+fn a_compensation_that_keeps_failing_waits_for_an_operator_whose_retry_completes_it() {
+    let mut inputs = vec![reply("payment.charged"), reply("inventory.out-of-stock")];
+    inputs.extend([reply("payment.refund.error"), timeout()]);
+    let then = when(&given(&inputs), reply("payment.refund.error"));
+    assert_eq!(status(&then), Status::CompensationFailed { step: 0 });
+    assert!(then.commands().is_empty());
+    inputs.push(reply("payment.refund.error"));
+    let stuck = given(&inputs);
+    assert!(!saga().is_finished(&stuck), "it waits for an operator");
+    assert!(when(&stuck, timeout()).is_ignored());
+    assert!(when(&stuck, reply("payment.refund.error")).is_ignored());
+    // A late confirmation of the refund finishes the compensation.
+    assert_eq!(
+        status(&when(&stuck, reply("payment.refunded"))),
+        Status::Compensated
+    );
+
+    let retry = when(&stuck, operator(actions::RETRY));
+    assert_eq!(sent(&retry), [("payments", "payment.refund")]);
+    assert_eq!(
+        retry.commands()[0].key.as_deref(),
+        Some("undo:payment:1"),
+        "an operator retry is a new command"
+    );
+    inputs.push(operator(actions::RETRY));
+    assert_eq!(
+        status(&when(&given(&inputs), reply("payment.refunded"))),
+        Status::Compensated
+    );
+}
+
+#[test]
+fn late_and_duplicate_replies_are_ignored() {
+    let state = given(&[reply("payment.charged")]);
+    assert!(when(&state, reply("payment.charged")).is_ignored());
+    assert!(when(&state, reply("shipping.booked")).is_ignored());
+    let compensating = given(&[reply("payment.charged"), reply("inventory.out-of-stock")]);
+    assert!(when(&compensating, reply("inventory.reserved")).is_ignored());
+    assert!(when(&compensating, reply("payment.charged")).is_ignored());
+}
+
+#[test]
+fn operators_force_compensation_or_resolve() {
+    let state = given(&[reply("payment.charged")]);
+    let then = when(&state, operator(actions::COMPENSATE));
+    // The reservation may have happened: it is released, then the payment refunded.
+    assert_eq!(sent(&then), [("inventory", "inventory.release")]);
+    let then = when(&state, operator(actions::RESOLVE));
+    assert_eq!(status(&then), Status::Resolved);
+    assert!(
+        then.state()
+            .unwrap()
+            .failure
+            .as_deref()
+            .unwrap()
+            .contains("checked with the customer")
+    );
+    assert!(when(&state, operator("dance")).is_ignored());
+}
+
+#[test]
+fn reply_types_cover_every_reply_once() {
+    let types = saga().reply_types();
+    for kind in [
+        "payment.charged",
+        "payment.declined",
+        "payment.charge.error",
+        "payment.refunded",
+        "payment.refund.error",
+        "inventory.out-of-stock",
+        "shipping.booked",
+    ] {
+        assert!(types.iter().any(|t| t == kind), "{kind} in {types:?}");
+    }
+    let unique: BTreeSet<_> = types.iter().collect();
+    assert_eq!(unique.len(), types.len());
+}
+
+#[test]
+fn mermaid_shows_steps_failures_and_compensations() {
+    let diagram = saga().mermaid();
+    assert!(diagram.starts_with("stateDiagram-v2\n"));
+    for line in [
+        "[*] --> payment",
+        "payment --> inventory : payment.charged",
+        "inventory --> compensating_payment : inventory.out-of-stock",
+        "shipping --> compensating_shipping : attempts spent",
+        "compensating_inventory --> compensating_payment : inventory.released",
+        "compensating_payment --> compensated : payment.refunded",
+        "compensating_payment --> compensation_failed : attempts spent",
+        "completed --> [*]",
+    ] {
+        assert!(diagram.contains(line), "{line:?} in\n{diagram}");
+    }
+}
+
+// ---- the property test ----------------------------------------------------
+
+/// How a participant answers a command type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    Success,
+    /// A business failure (declined, out of stock, unavailable).
+    Decline,
+    /// An error reply, every time.
+    Error,
+}
+
+fn answer() -> impl Strategy<Value = Answer> {
+    prop_oneof![
+        4 => Just(Answer::Success),
+        1 => Just(Answer::Decline),
+        1 => Just(Answer::Error),
+    ]
+}
+
+#[derive(Clone, Debug)]
+struct Scenario {
+    charge: Answer,
+    reserve: Answer,
+    book: Answer,
+    /// Whether refunds and releases fail every time.
+    compensation_fails: bool,
+    ops: Vec<Op>,
+}
+
+/// What the network and the orchestrator do next to the message at an
+/// index of the in-flight list.
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Deliver(usize),
+    /// Delivered twice (a redelivery).
+    Duplicate(usize),
+    /// Lost: never delivered.
+    Lose(usize),
+    /// Handled, then the process dies before the ack: handled again after
+    /// the restart.
+    Crash(usize),
+    /// Deadlines pass: every due timer fires (with no command in flight:
+    /// deadlines are longer than a command's delivery; replies may be late).
+    Fire,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => any::<usize>().prop_map(Op::Deliver),
+        1 => any::<usize>().prop_map(Op::Duplicate),
+        1 => any::<usize>().prop_map(Op::Lose),
+        1 => any::<usize>().prop_map(Op::Crash),
+        1 => Just(Op::Fire),
+    ]
+}
+
+fn scenario() -> impl Strategy<Value = Scenario> {
+    (
+        answer(),
+        answer(),
+        answer(),
+        prop::bool::weighted(0.2),
+        prop::collection::vec(op(), 0..60),
+    )
+        .prop_map(
+            |(charge, reserve, book, compensation_fails, ops)| Scenario {
+                charge,
+                reserve,
+                book,
+                compensation_fails,
+                ops,
+            },
+        )
+}
+
+#[derive(Clone, Debug)]
+enum Msg {
+    Command(Box<surety_core::Envelope>),
+    Reply(StepReply),
+}
+
+/// The participants: each applies a message id once and replays its reply
+/// to a duplicate (an idempotent consumer); error replies are not kept.
+#[derive(Debug, Default)]
+struct Participants {
+    replies: BTreeMap<String, StepReply>,
+    /// Effects applied, by command type, with the message ids.
+    applied: BTreeMap<String, Vec<String>>,
+    charged: bool,
+    reserved: bool,
+    booked: bool,
+}
+
+impl Participants {
+    fn handle(&mut self, scenario: &Scenario, envelope: &surety_core::Envelope) -> StepReply {
+        if let Some(reply) = self.replies.get(&envelope.id) {
+            return reply.clone();
+        }
+        let kind = envelope.event_type.as_str();
+        let (answer, ok, declined) = match kind {
+            "payment.charge" => (scenario.charge, "payment.charged", "payment.declined"),
+            "inventory.reserve" => (
+                scenario.reserve,
+                "inventory.reserved",
+                "inventory.out-of-stock",
+            ),
+            "shipping.book" => (scenario.book, "shipping.booked", "shipping.unavailable"),
+            "payment.refund" | "inventory.release" | "shipping.cancel"
+                if scenario.compensation_fails =>
+            {
+                (Answer::Error, "", "")
+            }
+            "payment.refund" => (Answer::Success, "payment.refunded", ""),
+            "inventory.release" => (Answer::Success, "inventory.released", ""),
+            "shipping.cancel" => (Answer::Success, "shipping.cancelled", ""),
+            other => panic!("unexpected command {other}"),
+        };
+        let reply = match answer {
+            Answer::Error => return StepReply::new(format!("{kind}.error")),
+            Answer::Decline => StepReply::new(declined),
+            Answer::Success => {
+                match kind {
+                    "payment.charge" => self.charged = true,
+                    "inventory.reserve" => self.reserved = true,
+                    "shipping.book" => self.booked = true,
+                    // A refund or release of nothing is a no-op.
+                    "payment.refund" => self.charged = false,
+                    "inventory.release" => self.reserved = false,
+                    "shipping.cancel" => self.booked = false,
+                    _ => {}
+                }
+                StepReply::new(ok)
+            }
+        };
+        self.applied
+            .entry(kind.to_owned())
+            .or_default()
+            .push(envelope.id.clone());
+        self.replies.insert(envelope.id.clone(), reply.clone());
+        reply
+    }
+}
+
+struct World {
+    orchestrator: Orchestrator<Steps, MemoryStore>,
+    store: MemoryStore,
+    in_flight: Vec<Msg>,
+    participants: Participants,
+    /// Every command sent, as (type, id).
+    sent: Vec<(String, String)>,
+    clock: chrono::DateTime<Utc>,
+}
+
+impl World {
+    fn collect(&mut self) {
+        for (topic, envelope) in self.store.take_commands() {
+            self.sent
+                .push((envelope.event_type.clone(), envelope.id.clone()));
+            let _ = topic;
+            self.in_flight.push(Msg::Command(Box::new(envelope)));
+        }
+    }
+
+    async fn deliver(&mut self, msg: Msg, scenario: &Scenario) {
+        match msg {
+            Msg::Command(envelope) => {
+                let reply = self.participants.handle(scenario, &envelope);
+                self.in_flight.push(Msg::Reply(reply));
+            }
+            Msg::Reply(reply) => {
+                self.orchestrator
+                    .handle("o-1", Input::Message(reply))
+                    .await
+                    .expect("the in-memory store does not fail");
+            }
+        }
+        self.collect();
+    }
+
+    async fn fire(&mut self) {
+        self.clock += chrono::Duration::days(1);
+        self.orchestrator
+            .fire_due_timers(self.clock, 100)
+            .await
+            .expect("the in-memory store does not fail");
+        self.collect();
+    }
+
+    /// The network settles: everything in flight arrives, deadlines pass
+    /// until nothing is pending.
+    async fn settle(&mut self, scenario: &Scenario) {
+        for _ in 0..1_000 {
+            if !self.in_flight.is_empty() {
+                let msg = self.in_flight.remove(0);
+                self.deliver(msg, scenario).await;
+            } else if !self.store.timers().is_empty() {
+                self.fire().await;
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn commands_in_flight(&self) -> bool {
+        self.in_flight.iter().any(|m| matches!(m, Msg::Command(..)))
+    }
+}
+
+async fn run(scenario: Scenario) -> (StepState, World) {
+    let store = MemoryStore::new();
+    let orchestrator = Orchestrator::new(saga(), store.clone());
+    let start = orchestrator
+        .saga()
+        .begin(serde_json::json!({"order": "o-1"}));
+    orchestrator.start("o-1", start).await.expect("starts");
+    let mut world = World {
+        orchestrator,
+        store,
+        in_flight: Vec::new(),
+        participants: Participants::default(),
+        sent: Vec::new(),
+        clock: Utc::now(),
+    };
+    world.collect();
+    for op in &scenario.ops {
+        let len = world.in_flight.len();
+        match *op {
+            Op::Fire => {
+                if !world.commands_in_flight() {
+                    world.fire().await;
+                }
+            }
+            _ if len == 0 => {}
+            Op::Deliver(i) => {
+                let msg = world.in_flight.remove(i % len);
+                world.deliver(msg, &scenario).await;
+            }
+            Op::Duplicate(i) | Op::Crash(i) => {
+                let msg = world.in_flight.remove(i % len);
+                world.deliver(msg.clone(), &scenario).await;
+                world.deliver(msg, &scenario).await;
+            }
+            Op::Lose(i) => {
+                world.in_flight.remove(i % len);
+            }
+        }
+    }
+    world.settle(&scenario).await;
+    let state = world
+        .orchestrator
+        .state("o-1")
+        .await
+        .expect("loads")
+        .expect("exists");
+    (state, world)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn every_checkout_ends_completed_or_fully_compensated(scenario in scenario()) {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let (state, world) = runtime.block_on(run(scenario.clone()));
+        let p = &world.participants;
+        prop_assert!(world.in_flight.is_empty() && world.store.timers().is_empty());
+
+        // No command was sent under two ids (every re-send is a retry the
+        // participant deduplicates), and no participant applied one twice.
+        let mut ids: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for (kind, id) in &world.sent {
+            ids.entry(kind).or_default().insert(id);
+        }
+        for (kind, ids) in &ids {
+            prop_assert_eq!(ids.len(), 1, "{} sent under {:?}", kind, ids);
+        }
+        for (kind, applied) in &p.applied {
+            prop_assert_eq!(applied.len(), 1, "{} applied {:?}", kind, applied);
+        }
+
+        match &state.status {
+            Status::Completed => {
+                // Never half, never both.
+                prop_assert!(p.charged && p.reserved && p.booked);
+                prop_assert!(!p.applied.contains_key("payment.refund"));
+                prop_assert!(!p.applied.contains_key("inventory.release"));
+                prop_assert_eq!(scenario.charge, Answer::Success);
+            }
+            Status::Compensated => {
+                prop_assert!(!p.charged && !p.reserved && !p.booked, "{:?}", p);
+                prop_assert!(state.failure.is_some());
+            }
+            Status::CompensationFailed { .. } => {
+                // Every send of a compensation failed or was lost; something
+                // taken is held until an operator acts.
+                prop_assert!(!state.undo.is_empty());
+                prop_assert!(!p.booked || state.undo.contains(&2));
+            }
+            other => prop_assert!(false, "ended {:?}", other),
+        }
+        // The stored state is the replay of the recorded inputs.
+        let (initial, inputs) = runtime
+            .block_on(world.orchestrator.history("o-1"))
+            .unwrap()
+            .unwrap();
+        prop_assert_eq!(surety_saga::replay(&saga(), initial, inputs), state.clone());
+
+        if let Status::CompensationFailed { .. } = state.status {
+            // An operator retries; with a participant that works again, the
+            // compensation completes and nothing stays taken.
+            let mut world = world;
+            let fixed = Scenario { compensation_fails: false, ..scenario };
+            let state = runtime.block_on(async {
+                world
+                    .orchestrator
+                    .handle("o-1", operator(actions::RETRY))
+                    .await
+                    .unwrap();
+                world.collect();
+                world.settle(&fixed).await;
+                world.orchestrator.state("o-1").await.unwrap().unwrap()
+            });
+            let p = &world.participants;
+            prop_assert_eq!(&state.status, &Status::Compensated);
+            prop_assert!(!p.charged && !p.reserved && !p.booked, "{:?}", p);
+        }
+    }
+}
+
+#[test]
+fn keyed_commands_keep_their_id_across_resends() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let store = MemoryStore::new();
+        let orchestrator = Orchestrator::new(saga(), store.clone()).reply_to("checkout.replies");
+        let start = orchestrator
+            .saga()
+            .begin(serde_json::json!({"order": "o-9"}));
+        orchestrator.start("o-9", start).await.unwrap();
+        let first = store.take_commands();
+        let later = Utc::now() + chrono::Duration::days(1);
+        orchestrator.fire_due_timers(later, 10).await.unwrap();
+        let second = store.take_commands();
+        assert_eq!(first[0].1.id, "checkout:o-9:do:payment:0");
+        assert_eq!(second[0].1.id, first[0].1.id);
+        assert_eq!(first[0].1.reply_to(), Some("checkout.replies"));
+        assert_eq!(first[0].1.correlation_id.as_deref(), Some("o-9"));
+        let _ = Command::new("x", "y", serde_json::Value::Null);
+    });
+}
