@@ -106,6 +106,10 @@ pub mod replay;
 pub mod sink;
 pub mod store;
 
+/// The `sqlx` this crate's API takes (pools and transactions), so callers
+/// use the same version.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use sqlx;
 pub use layer::{Dlq, DlqLayer, RetryRoute};
 pub use letter::{DeadLetter, Event, Failure, Source, Status};
 pub use metrics::DlqMetrics;

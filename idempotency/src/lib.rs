@@ -113,6 +113,10 @@ pub mod future {
     pub use crate::idempotent::IdempotentFuture;
 }
 
+/// The `sqlx` this crate's API takes (pools and transactions), so callers
+/// use the same version.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use sqlx;
 pub use cleanup::Cleanup;
 pub use error::StoreError;
 pub use idempotent::{IdempotencyLayer, Idempotent};
