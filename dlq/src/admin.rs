@@ -38,10 +38,10 @@
 //! use std::sync::Arc;
 //! use surety_core::memory::MemoryTransport;
 //! use surety_dlq::admin::AdminApi;
-//! use surety_dlq::store::MemoryStore;
+//! use surety_dlq::store::MemoryDlqStore;
 //! use surety_dlq::Replayer;
 //!
-//! let store = Arc::new(MemoryStore::new());
+//! let store = Arc::new(MemoryDlqStore::new());
 //! let replayer = Replayer::new(store, MemoryTransport::new()).rate_limit(50);
 //! let api = AdminApi::new(replayer).token("alice", "a-long-random-s3cret-token");
 //! let app: axum::Router = axum::Router::new().nest("/admin/dlq", api.router()?);

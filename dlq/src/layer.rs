@@ -104,12 +104,12 @@ struct Config {
 /// use surety_core::memory::MemoryTransport;
 /// use surety_core::{Envelope, Permanent, Publisher, Subscriber};
 /// use surety_core::tower::Layer;
-/// use surety_dlq::store::{DlqStore, Filter, MemoryStore};
+/// use surety_dlq::store::{DlqStore, Filter, MemoryDlqStore};
 /// use surety_dlq::{DlqLayer, RetryPolicy};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let transport = MemoryTransport::new();
-/// let store = MemoryStore::new();
+/// let store = MemoryDlqStore::new();
 /// let layer = DlqLayer::new("billing")
 ///     .policy(RetryPolicy::in_place(3))
 ///     .dead_letter_to(transport.clone(), "orders.dlq")

@@ -47,7 +47,7 @@
 //! use surety_core::memory::MemoryTransport;
 //! use surety_core::tower::Layer;
 //! use surety_core::{Envelope, Message, Publisher, Subscriber};
-//! use surety_dlq::store::{DlqStore, Filter, SqliteStore};
+//! use surety_dlq::store::{DlqStore, Filter, SqliteDlqStore};
 //! use surety_dlq::{DlqLayer, RetryPolicy};
 //!
 //! #[derive(serde::Serialize, serde::Deserialize)]
@@ -56,7 +56,7 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let transport = MemoryTransport::new();
-//! let store = SqliteStore::in_memory().await?;
+//! let store = SqliteDlqStore::in_memory().await?;
 //! let handler = typed(|order: OrderPlaced, _msg: Incoming| async move {
 //!     println!("ordering {}", order.quantity);
 //!     Ok::<_, std::convert::Infallible>(())
@@ -83,8 +83,8 @@
 //!
 //! # Feature flags
 //!
-//! - `sqlite` (default): [`store::SqliteStore`] (sqlx).
-//! - `postgres` (default): [`store::PostgresStore`] (sqlx).
+//! - `sqlite` (default): [`store::SqliteDlqStore`] (sqlx).
+//! - `postgres` (default): [`store::PostgresDlqStore`] (sqlx).
 //! - `admin` (default): the [`admin`] HTTP API (axum).
 //!
 //! Without them the crate still has the layer, the policy, the dead-letter
@@ -106,10 +106,6 @@ pub mod replay;
 pub mod sink;
 pub mod store;
 
-/// The `sqlx` this crate's API takes (pools and transactions), so callers
-/// use the same version.
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
-pub use sqlx;
 pub use layer::{Dlq, DlqLayer, RetryRoute};
 pub use letter::{DeadLetter, Event, Failure, Source, Status};
 pub use metrics::DlqMetrics;
@@ -117,3 +113,7 @@ pub use policy::{Backoff, Decision, RetryMode, RetryPolicy, Schedule};
 pub use replay::{
     ActionReport, DiscardRequest, Edit, ReplayError, ReplayRequest, Replayer, Selection, Started,
 };
+/// The `sqlx` this crate's API takes (pools and transactions), so callers
+/// use the same version.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use sqlx;

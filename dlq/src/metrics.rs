@@ -11,14 +11,14 @@
 //! use surety_core::{DeliveryInfo, Envelope, HandlerError};
 //! use surety_dlq::metrics::DlqMetrics;
 //! use surety_dlq::policy::DeadLetterReason;
-//! use surety_dlq::store::{DlqStore, MemoryStore};
+//! use surety_dlq::store::{DlqStore, MemoryDlqStore};
 //! use surety_dlq::DeadLetter;
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let mut registry = Registry::default();
 //! let metrics = DlqMetrics::register(&mut registry);
 //!
-//! let store = MemoryStore::new();
+//! let store = MemoryDlqStore::new();
 //! let info = DeliveryInfo::new("memory", "orders", "billing");
 //! let letter = DeadLetter::new(&Envelope::builder("/shop", "order.placed").build(), &info,
 //!     &HandlerError::poison("bad JSON"), DeadLetterReason::NotRetryable, 1, "billing", "host");
@@ -233,7 +233,7 @@ mod tests {
     use super::*;
     use crate::letter::{DeadLetter, Event, Status};
     use crate::policy::DeadLetterReason;
-    use crate::store::{MemoryStore, Transition};
+    use crate::store::{MemoryDlqStore, Transition};
     use surety_core::{Envelope, HandlerError};
 
     fn encode(registry: &Registry) -> String {
@@ -246,7 +246,7 @@ mod tests {
     async fn depth_drops_to_zero_when_a_source_empties_and_counters_get_total() {
         let mut registry = Registry::default();
         let metrics = DlqMetrics::register(&mut registry);
-        let store = MemoryStore::new();
+        let store = MemoryDlqStore::new();
         let info = DeliveryInfo::new("memory", "orders", "billing");
         let letter = DeadLetter::new(
             &Envelope::builder("/s", "t").build(),

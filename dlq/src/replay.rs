@@ -413,12 +413,12 @@ type RouteFn = dyn Fn(&DeadLetter) -> String + Send + Sync;
 /// use surety_core::{DeliveryInfo, Envelope, HandlerError, Subscriber};
 /// use surety_core::memory::MemoryTransport;
 /// use surety_dlq::policy::DeadLetterReason;
-/// use surety_dlq::store::{DlqStore, Filter, MemoryStore};
+/// use surety_dlq::store::{DlqStore, Filter, MemoryDlqStore};
 /// use surety_dlq::{DeadLetter, ReplayRequest, Replayer};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let transport = MemoryTransport::new();
-/// let store = Arc::new(MemoryStore::new());
+/// let store = Arc::new(MemoryDlqStore::new());
 /// let env = Envelope::builder("/shop", "order.placed").build();
 /// let letter = DeadLetter::new(&env, &DeliveryInfo::new("memory", "orders", "billing"),
 ///     &HandlerError::permanent("no such customer"), DeadLetterReason::NotRetryable, 1, "billing", "h");

@@ -14,13 +14,13 @@ use surety_core::tower::ServiceExt;
 use surety_core::{DeliveryInfo, Envelope, HandlerError};
 use surety_dlq::admin::AdminApi;
 use surety_dlq::policy::DeadLetterReason;
-use surety_dlq::store::{DlqStore, MemoryStore, PageRequest};
+use surety_dlq::store::{DlqStore, MemoryDlqStore, PageRequest};
 use surety_dlq::{DeadLetter, Replayer};
 
 const TOKEN: &str = "test-token-0123456789";
 
-async fn app() -> (Router, Arc<MemoryStore>, Vec<DeadLetter>) {
-    let store = Arc::new(MemoryStore::new());
+async fn app() -> (Router, Arc<MemoryDlqStore>, Vec<DeadLetter>) {
+    let store = Arc::new(MemoryDlqStore::new());
     let mut letters = Vec::new();
     for n in 0..5 {
         let env = Envelope::builder("/shop", "order.placed")
@@ -348,7 +348,7 @@ async fn replay_and_discard_through_the_api_are_audited() {
 
 #[tokio::test]
 async fn reads_can_be_opened_explicitly() {
-    let store = Arc::new(MemoryStore::new());
+    let store = Arc::new(MemoryDlqStore::new());
     let api = AdminApi::new(Replayer::new(store, MemoryTransport::new()))
         .token("alice", TOKEN)
         .open_reads();

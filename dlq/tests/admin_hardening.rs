@@ -13,7 +13,9 @@ use surety_core::tower::ServiceExt;
 use surety_core::{DeliveryInfo, Envelope, HandlerError};
 use surety_dlq::admin::{AdminApi, ConfigError};
 use surety_dlq::policy::DeadLetterReason;
-use surety_dlq::store::{DlqStore, Filter, MemoryStore, PageRequest, SqliteStore, StoreError};
+use surety_dlq::store::{
+    DlqStore, Filter, MemoryDlqStore, PageRequest, SqliteDlqStore, StoreError,
+};
 use surety_dlq::{DeadLetter, Replayer};
 
 const TOKEN: &str = "ops-token-0123456789abcdef";
@@ -90,7 +92,7 @@ async fn audit_len(store: &dyn DlqStore) -> usize {
 #[tokio::test]
 async fn tokens_shorter_than_16_bytes_are_refused_at_start_up() {
     let api = AdminApi::new(Replayer::new(
-        Arc::new(MemoryStore::new()),
+        Arc::new(MemoryDlqStore::new()),
         MemoryTransport::new(),
     ))
     .token("ops", TOKEN)
@@ -103,7 +105,7 @@ async fn tokens_shorter_than_16_bytes_are_refused_at_start_up() {
 
 #[tokio::test]
 async fn the_bearer_scheme_is_case_insensitive_and_tokens_must_match_exactly() {
-    let app = app_on(Arc::new(MemoryStore::new())).await;
+    let app = app_on(Arc::new(MemoryDlqStore::new())).await;
     for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
         let (status, _) = send(
             &app,
@@ -130,7 +132,7 @@ async fn the_bearer_scheme_is_case_insensitive_and_tokens_must_match_exactly() {
 
 /// A store that fails with text that must not reach clients.
 #[derive(Debug, Default)]
-struct Leaky(MemoryStore);
+struct Leaky(MemoryDlqStore);
 
 #[async_trait::async_trait]
 impl DlqStore for Leaky {
@@ -196,7 +198,7 @@ async fn store_errors_are_a_generic_503() {
 
 #[tokio::test]
 async fn a_bulk_action_needs_a_filter_or_all_true() {
-    let store = Arc::new(MemoryStore::new());
+    let store = Arc::new(MemoryDlqStore::new());
     for n in 0..3 {
         store.put(&letter(n)).await.expect("put");
     }
@@ -233,7 +235,7 @@ async fn a_bulk_action_needs_a_filter_or_all_true() {
 
 #[tokio::test]
 async fn invalid_edits_are_400_and_change_nothing() {
-    let store = Arc::new(MemoryStore::new());
+    let store = Arc::new(MemoryDlqStore::new());
     let l = letter(1);
     store.put(&l).await.expect("put");
     let app = app_on(store.clone()).await;
@@ -272,7 +274,7 @@ async fn invalid_edits_are_400_and_change_nothing() {
 
 #[tokio::test]
 async fn unknown_ids_are_404_with_no_audit_entry() {
-    let store = Arc::new(MemoryStore::new());
+    let store = Arc::new(MemoryDlqStore::new());
     let app = app_on(store.clone()).await;
     for (path, body) in [
         ("/dlq/messages/no-such-id/replay", json!({"reason": "r"})),
@@ -302,7 +304,7 @@ async fn unknown_ids_are_404_with_no_audit_entry() {
 
 #[tokio::test]
 async fn an_oversized_body_is_413() {
-    let app = app_on(Arc::new(MemoryStore::new())).await;
+    let app = app_on(Arc::new(MemoryDlqStore::new())).await;
     let body = json!({"reason": "r", "payload_base64": "A".repeat(100 * 1024)}).to_string();
     let (status, _) = send(
         &app,
@@ -317,7 +319,7 @@ async fn an_oversized_body_is_413() {
 
 #[tokio::test]
 async fn a_huge_status_list_is_400_and_stores_bound_their_variables() {
-    let store = Arc::new(SqliteStore::in_memory().await.expect("sqlite"));
+    let store = Arc::new(SqliteDlqStore::in_memory().await.expect("sqlite"));
     store.put(&letter(1)).await.expect("put");
     // The default body limit (1 MiB) lets the list through to validation.
     let replayer = Replayer::new(store.clone(), MemoryTransport::new());
@@ -350,7 +352,7 @@ async fn a_huge_status_list_is_400_and_stores_bound_their_variables() {
 
 #[tokio::test]
 async fn one_unreadable_record_does_not_fail_a_listing() {
-    let store = Arc::new(SqliteStore::in_memory().await.expect("sqlite"));
+    let store = Arc::new(SqliteDlqStore::in_memory().await.expect("sqlite"));
     for n in 0..3 {
         store.put(&letter(n)).await.expect("put");
     }
@@ -392,7 +394,7 @@ async fn one_unreadable_record_does_not_fail_a_listing() {
 
 #[tokio::test]
 async fn listings_count_only_on_request() {
-    let store = Arc::new(MemoryStore::new());
+    let store = Arc::new(MemoryDlqStore::new());
     store.put(&letter(1)).await.expect("put");
     let app = app_on(store).await;
     let (_, body) = send(&app, "GET", "/dlq/messages", bearer().as_deref(), None).await;
@@ -420,7 +422,7 @@ async fn listings_count_only_on_request() {
 /// A store whose listing waits until released, to hold requests open.
 #[derive(Debug, Default)]
 struct Slow {
-    inner: MemoryStore,
+    inner: MemoryDlqStore,
     release: tokio::sync::Notify,
 }
 
@@ -512,7 +514,7 @@ async fn requests_beyond_the_concurrency_limit_are_503() {
 #[tokio::test]
 async fn an_unfinished_job_can_be_resumed_through_the_api() {
     use surety_dlq::{ReplayRequest, Started};
-    let store = Arc::new(SqliteStore::in_memory().await.expect("sqlite"));
+    let store = Arc::new(SqliteDlqStore::in_memory().await.expect("sqlite"));
     let l = letter(1);
     store.put(&l).await.expect("put");
     let replayer = Replayer::new(store.clone(), MemoryTransport::new());

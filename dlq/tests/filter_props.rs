@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use surety_core::{DeliveryInfo, Envelope, HandlerError};
 use surety_dlq::policy::DeadLetterReason;
-use surety_dlq::store::{DlqStore, Filter, PageRequest, PostgresStore, SqliteStore};
+use surety_dlq::store::{DlqStore, Filter, PageRequest, PostgresDlqStore, SqliteDlqStore};
 use surety_dlq::{DeadLetter, Status};
 use surety_testkit::services;
 
@@ -118,7 +118,9 @@ fn runtime() -> tokio::runtime::Runtime {
 #[test]
 fn sqlite_selects_exactly_what_the_filter_matches() {
     let rt = runtime();
-    let store = rt.block_on(SqliteStore::in_memory()).expect("sqlite store");
+    let store = rt
+        .block_on(SqliteDlqStore::in_memory())
+        .expect("sqlite store");
     proptest!(ProptestConfig::with_cases(200), |(c in case(true))| {
         rt.block_on(check(&store, &c))?;
     });
@@ -150,9 +152,10 @@ fn postgres_selects_exactly_what_the_filter_matches() {
             .connect_with(options)
             .await
             .expect("postgres");
-        let store = PostgresStore::new(pool);
-        store.migrate().await.expect("migrate");
-        store
+        surety_dlq::store::postgres::migrate(&pool)
+            .await
+            .expect("migrate");
+        PostgresDlqStore::new(pool)
     });
     // PostgreSQL text cannot hold NUL: letters without it, filters with it.
     proptest!(ProptestConfig::with_cases(100), |(c in case(false))| {

@@ -15,7 +15,7 @@ use futures::StreamExt;
 use surety_core::memory::MemoryTransport;
 use surety_core::{DeliveryInfo, Envelope, HandlerError, Subscriber};
 use surety_dlq::policy::DeadLetterReason;
-use surety_dlq::store::{DlqStore, Filter, MemoryStore, PageRequest, PostgresStore, SqliteStore};
+use surety_dlq::store::{DlqStore, Filter, MemoryDlqStore, PageRequest, SqliteDlqStore};
 use surety_dlq::{DeadLetter, ReplayRequest, Replayer, Status};
 use surety_rabbitmq::lapin::options::QueueDeleteOptions;
 use surety_rabbitmq::topology::WorkQueue;
@@ -64,9 +64,9 @@ async fn replay_job_child_process() {
     let topic = std::env::var(CHILD_TOPIC).expect("topic");
     let url = services::amqp_url().expect("amqp url");
     let store: Arc<dyn DlqStore> = if db.starts_with("postgres") {
-        Arc::new(PostgresStore::connect(&db).await.expect("postgres"))
+        Arc::new(common::open_postgres(&db).await.expect("postgres"))
     } else {
-        Arc::new(SqliteStore::connect(&db).await.expect("sqlite"))
+        Arc::new(common::open_sqlite(&db).await.expect("sqlite"))
     };
     let transport = rabbit(&url, "surety-dlq-test-job-child").await;
     let replayer = Replayer::new(store, transport).rate_limit(25);
@@ -106,7 +106,7 @@ async fn a_replay_killed_mid_batch_is_finished_after_a_restart() {
     let dir = std::env::temp_dir().join(format!("surety-dlq-job-{}", uuid::Uuid::now_v7()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let db = format!("sqlite://{}", dir.join("dlq.db").display());
-    let store = Arc::new(SqliteStore::connect(&db).await.expect("sqlite"));
+    let store = Arc::new(common::open_sqlite(&db).await.expect("sqlite"));
     killed_and_resumed(&url, &db, store).await;
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -131,7 +131,7 @@ async fn a_replay_killed_mid_batch_is_finished_after_a_restart_on_postgres() {
         .expect("create schema");
     let sep = if pg.contains('?') { '&' } else { '?' };
     let db = format!("{pg}{sep}options[search_path]={schema}");
-    let store = Arc::new(PostgresStore::connect(&db).await.expect("postgres store"));
+    let store = Arc::new(common::open_postgres(&db).await.expect("postgres store"));
     killed_and_resumed(&url, &db, store.clone()).await;
     store.pool().close().await;
     sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
@@ -254,7 +254,7 @@ const TOKEN: &str = "ops-token-0123456789abcdef";
 async fn a_client_that_disconnects_mid_batch_does_not_stop_the_replay() {
     use tokio::io::AsyncWriteExt;
     const N: usize = 30;
-    let store = Arc::new(SqliteStore::in_memory().await.expect("sqlite"));
+    let store = Arc::new(SqliteDlqStore::in_memory().await.expect("sqlite"));
     let mut ids = Vec::new();
     for n in 0..N as u32 {
         let l = letter(n, "memory", "orders");
@@ -329,7 +329,7 @@ async fn a_client_that_disconnects_mid_batch_does_not_stop_the_replay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_concurrent_replays_of_one_letter_publish_once() {
-    let store = Arc::new(SqliteStore::in_memory().await.expect("sqlite"));
+    let store = Arc::new(SqliteDlqStore::in_memory().await.expect("sqlite"));
     let l = letter(1, "memory", "orders");
     store.put(&l).await.expect("put");
     let transport = MemoryTransport::new();
@@ -391,7 +391,7 @@ impl surety_core::Publisher for Down {
 
 #[tokio::test]
 async fn a_failed_publish_restores_the_status_and_the_count() {
-    let store = Arc::new(SqliteStore::in_memory().await.expect("sqlite"));
+    let store = Arc::new(SqliteDlqStore::in_memory().await.expect("sqlite"));
     let l = letter(1, "memory", "orders");
     store.put(&l).await.expect("put");
     let report = Replayer::new(store.clone(), Down)
@@ -413,7 +413,7 @@ async fn a_failed_publish_restores_the_status_and_the_count() {
 
 /// A store whose audit log cannot be written.
 #[derive(Debug, Default)]
-struct NoAudit(MemoryStore);
+struct NoAudit(MemoryDlqStore);
 
 #[async_trait::async_trait]
 impl DlqStore for NoAudit {
@@ -545,7 +545,7 @@ async fn audit_failure_changes_nothing(store: Arc<dyn DlqStore>, drop_audit: imp
 
 #[tokio::test]
 async fn an_unwritable_audit_log_changes_nothing_on_sqlite() {
-    let store = Arc::new(SqliteStore::in_memory().await.expect("sqlite"));
+    let store = Arc::new(SqliteDlqStore::in_memory().await.expect("sqlite"));
     let pool = store.pool().clone();
     audit_failure_changes_nothing(store, async move || {
         sqlx::query("DROP TABLE surety_dlq_audit")
@@ -573,7 +573,7 @@ async fn an_unwritable_audit_log_changes_nothing_on_postgres() {
         .expect("create schema");
     let sep = if pg.contains('?') { '&' } else { '?' };
     let store = Arc::new(
-        PostgresStore::connect(&format!("{pg}{sep}options[search_path]={schema}"))
+        common::open_postgres(&format!("{pg}{sep}options[search_path]={schema}"))
             .await
             .expect("postgres store"),
     );

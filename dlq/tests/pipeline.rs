@@ -23,7 +23,7 @@ use surety_core::{
 use surety_dlq::keys;
 use surety_dlq::policy::DeadLetterReason;
 use surety_dlq::sink::{DeadLetterSink, SinkError};
-use surety_dlq::store::{DlqStore, Filter, MemoryStore};
+use surety_dlq::store::{DlqStore, Filter, MemoryDlqStore};
 use surety_dlq::{Backoff, DeadLetter, DlqLayer, RetryMode, RetryPolicy};
 use surety_testkit::handler::{HandlerTest, Recorder};
 use tokio::sync::oneshot;
@@ -142,7 +142,7 @@ async fn run_pipeline(
     undecodable: bool,
 ) -> (Vec<String>, Run) {
     let transport = MemoryTransport::new();
-    let store = MemoryStore::new();
+    let store = MemoryDlqStore::new();
     let calls: Calls = Arc::default();
     let mut by_id = HashMap::new();
     let mut envelopes = Vec::new();
@@ -360,7 +360,7 @@ async fn panics_are_dead_lettered_with_their_message() {
 async fn competing_consumers_keep_the_attempt_count_exact() {
     const N: u32 = 5;
     let transport = MemoryTransport::new();
-    let store = MemoryStore::new();
+    let store = MemoryDlqStore::new();
     let calls: Calls = Arc::default();
     let scripts: HashMap<String, Vec<Step>> = HashMap::new();
     let scripts = Arc::new(scripts);
@@ -440,7 +440,7 @@ async fn competing_consumers_keep_the_attempt_count_exact() {
 /// to the route) and in place (as measured between calls).
 #[tokio::test]
 async fn retry_delays_grow() {
-    let store = MemoryStore::new();
+    let store = MemoryDlqStore::new();
     let routed: Arc<Mutex<Vec<(u32, Duration)>>> = Arc::default();
     let log = routed.clone();
     let policy = RetryPolicy::new()
@@ -491,7 +491,7 @@ async fn retry_delays_grow() {
     let t = times.clone();
     let in_place = DlqLayer::new("h2")
         .policy(policy.mode(RetryMode::InPlace))
-        .store(MemoryStore::new())
+        .store(MemoryDlqStore::new())
         .layer(handler_fn(move |_msg: Incoming| {
             t.lock().unwrap().push(Instant::now());
             async { Err::<(), _>(HandlerError::transient("down")) }
@@ -526,7 +526,7 @@ async fn retry_copies_carry_their_bookkeeping() {
                 format!("{}.retry.{attempt}", msg.info.topic)
             },
         )
-        .store(MemoryStore::new());
+        .store(MemoryDlqStore::new());
     let service = layer.layer(handler_fn(|_msg: Incoming| async {
         Err::<(), _>(HandlerError::transient("lock timeout"))
     }));
@@ -665,7 +665,7 @@ async fn an_unwritable_dead_letter_or_retry_is_unavailable() {
             },
             |_: &Incoming, _: u32, _: Duration| "work".to_owned(),
         )
-        .store(MemoryStore::new())
+        .store(MemoryDlqStore::new())
         .redeliver_after(REDELIVER_AFTER)
         .layer(failing());
     let then = HandlerTest::new(layered)
@@ -683,7 +683,7 @@ async fn an_unwritable_dead_letter_or_retry_is_unavailable() {
 async fn a_dlq_outage_longer_than_max_deliveries_ends_dead_lettered() {
     const DEFAULT_MAX_DELIVERIES: usize = 5;
     let transport = MemoryTransport::new();
-    let store = MemoryStore::new();
+    let store = MemoryDlqStore::new();
     let outage = Outage::down();
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = calls.clone();

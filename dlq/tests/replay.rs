@@ -17,7 +17,7 @@ use surety_core::memory::MemoryTransport;
 use surety_core::tower::Layer;
 use surety_core::{Envelope, Message, Permanent, Publisher, Subscriber};
 use surety_dlq::keys;
-use surety_dlq::store::{DlqStore, Filter, PageRequest, SqliteStore};
+use surety_dlq::store::{DlqStore, Filter, PageRequest, SqliteDlqStore};
 use surety_dlq::{
     DeadLetter, DiscardRequest, DlqLayer, Edit, ReplayRequest, Replayer, RetryPolicy, Selection,
     Status,
@@ -40,7 +40,7 @@ type Handled = Arc<Mutex<HashMap<String, (Order, Option<String>, Option<String>)
 
 struct Setup {
     transport: MemoryTransport,
-    store: Arc<SqliteStore>,
+    store: Arc<SqliteDlqStore>,
     fixed: Arc<AtomicBool>,
     handled: Handled,
     stop: tokio::sync::oneshot::Sender<()>,
@@ -51,7 +51,7 @@ struct Setup {
 /// `unknown-` until `fixed` is set, and those of `banned-` customers always.
 async fn setup() -> Setup {
     let transport = MemoryTransport::new();
-    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    let store = Arc::new(SqliteDlqStore::in_memory().await.unwrap());
     let fixed = Arc::new(AtomicBool::new(false));
     let handled: Handled = Arc::default();
     let (f, h) = (fixed.clone(), handled.clone());
@@ -109,7 +109,7 @@ async fn publish(transport: &MemoryTransport, n: u32, customer: &str) -> String 
     id
 }
 
-async fn letters(store: &SqliteStore, filter: Filter) -> Vec<DeadLetter> {
+async fn letters(store: &SqliteDlqStore, filter: Filter) -> Vec<DeadLetter> {
     store
         .list(&filter, &PageRequest::first(1000))
         .await

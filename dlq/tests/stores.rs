@@ -1,22 +1,24 @@
 //! Every DLQ store passes the shared suite in `surety_testkit::dlq_store`.
 
+mod common;
+
 use std::str::FromStr;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use surety_dlq::store::{DlqStore, Filter, MemoryStore, PostgresStore, SqliteStore};
+use surety_dlq::store::{DlqStore, Filter, MemoryDlqStore, PostgresDlqStore, SqliteDlqStore};
 use surety_testkit::dlq_store::{dlq_store_suite, sample_letter};
 use surety_testkit::services;
 
 #[tokio::test]
 async fn memory_store_passes_the_suite() {
-    dlq_store_suite(|| async { MemoryStore::new() })
+    dlq_store_suite(|| async { MemoryDlqStore::new() })
         .await
         .assert_ok();
 }
 
 #[tokio::test]
 async fn sqlite_in_memory_store_passes_the_suite() {
-    dlq_store_suite(|| async { SqliteStore::in_memory().await.expect("sqlite") })
+    dlq_store_suite(|| async { SqliteDlqStore::in_memory().await.expect("sqlite") })
         .await
         .assert_ok();
 }
@@ -31,7 +33,7 @@ async fn sqlite_file_store_passes_the_suite() {
     let report = dlq_store_suite(|| {
         let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let url = format!("sqlite://{}", dir.join(format!("dlq-{n}.db")).display());
-        async move { SqliteStore::connect(&url).await.expect("sqlite file") }
+        async move { common::open_sqlite(&url).await.expect("sqlite file") }
     })
     .await;
     std::fs::remove_dir_all(&dir).ok();
@@ -51,12 +53,14 @@ async fn sqlite_migrations_are_idempotent_and_data_survives_reopening() {
         "x",
     );
     {
-        let store = SqliteStore::connect(&url).await.expect("open");
-        store.migrate().await.expect("migrate twice");
+        let store = common::open_sqlite(&url).await.expect("open");
+        surety_dlq::store::sqlite::migrate(store.pool())
+            .await
+            .expect("migrate twice");
         store.put(&letter).await.expect("put");
         store.pool().close().await;
     }
-    let store = SqliteStore::connect(&url).await.expect("reopen");
+    let store = common::open_sqlite(&url).await.expect("reopen");
     assert_eq!(store.get(&letter.id).await.expect("get"), Some(letter));
     assert_eq!(store.count(&Filter::new()).await.expect("count"), 1);
     std::fs::remove_dir_all(&dir).ok();
@@ -64,7 +68,7 @@ async fn sqlite_migrations_are_idempotent_and_data_survives_reopening() {
 
 /// A PostgreSQL store in a schema of its own, so runs are isolated and can
 /// repeat and run in parallel.
-async fn postgres_store(url: &str) -> PostgresStore {
+async fn postgres_store(url: &str) -> PostgresDlqStore {
     let schema = format!("surety_dlq_test_{}", uuid::Uuid::now_v7().simple());
     let admin = PgPoolOptions::new()
         .max_connections(1)
@@ -84,9 +88,10 @@ async fn postgres_store(url: &str) -> PostgresStore {
         .connect_with(options)
         .await
         .expect("postgres");
-    let store = PostgresStore::new(pool);
-    store.migrate().await.expect("migrate");
-    store
+    surety_dlq::store::postgres::migrate(&pool)
+        .await
+        .expect("migrate");
+    PostgresDlqStore::new(pool)
 }
 
 #[tokio::test]
@@ -103,7 +108,10 @@ async fn postgres_migrations_are_idempotent_and_concurrent_safe() {
         return;
     };
     let store = postgres_store(&url).await;
-    let (a, b) = tokio::join!(store.migrate(), store.migrate());
+    let (a, b) = tokio::join!(
+        surety_dlq::store::postgres::migrate(store.pool()),
+        surety_dlq::store::postgres::migrate(store.pool())
+    );
     a.expect("first");
     b.expect("second");
     let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM surety_dlq_migrations")
@@ -122,7 +130,7 @@ async fn the_suite_catches_broken_stores() {
     use surety_dlq::store::{AuditEntry, Depth, Page, PageRequest, StoreError, Transition};
 
     #[derive(Debug, Default)]
-    struct Broken(MemoryStore);
+    struct Broken(MemoryDlqStore);
 
     #[async_trait::async_trait]
     impl DlqStore for Broken {

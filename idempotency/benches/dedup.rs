@@ -4,7 +4,7 @@
 //! Pipelines (in-memory transport, one worker, concurrency 8):
 //!
 //! - `memory`: a no-op handler, bare vs behind `IdempotencyLayer` with a
-//!   `MemoryStore` (the layer's whole cost, against a pipeline that does
+//!   `MemoryDedupStore` (the layer's whole cost, against a pipeline that does
 //!   nothing else). The report adds the layer's cost per message in
 //!   microseconds.
 //! - `memory-json`: the same with a handler that decodes a 1 KB JSON order
@@ -43,7 +43,7 @@ use surety_core::memory::MemoryTransport;
 use surety_core::tower::Layer;
 use surety_core::{Envelope, Publisher, Subscriber};
 use surety_idempotency::{
-    IdempotencyLayer, InboxTx, MemoryStore, PostgresStore, SqliteStore, StoreError,
+    IdempotencyLayer, InboxTx, MemoryDedupStore, PostgresDedupStore, SqliteDedupStore, StoreError,
 };
 use surety_testkit::services;
 use tokio::runtime::Runtime;
@@ -145,9 +145,9 @@ fn bench_runs(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, id: &str, 
     });
 }
 
-/// `handler` behind the dedup layer with a fresh `MemoryStore`.
+/// `handler` behind the dedup layer with a fresh `MemoryDedupStore`.
 fn deduped<H: Handler>(handler: H) -> impl Handler {
-    IdempotencyLayer::new(MemoryStore::new()).layer(handler)
+    IdempotencyLayer::new(MemoryDedupStore::new()).layer(handler)
 }
 
 fn counting(done: &Done) -> impl Handler + use<> {
@@ -316,13 +316,13 @@ macro_rules! sql_pipelines {
 
 sql_pipelines!(
     on_sqlite,
-    SqliteStore,
+    SqliteDedupStore,
     SqlitePool,
     "INSERT INTO bench_effects (message_id) VALUES (?1)"
 );
 sql_pipelines!(
     on_postgres,
-    PostgresStore,
+    PostgresDedupStore,
     PgPool,
     "INSERT INTO bench_effects (message_id) VALUES ($1)"
 );
@@ -332,7 +332,7 @@ const EFFECTS_TABLE: &str = "CREATE TABLE bench_effects (message_id TEXT NOT NUL
 
 struct Sqlite {
     db: db::TempSqlite,
-    store: SqliteStore,
+    store: SqliteDedupStore,
 }
 
 async fn sqlite() -> Sqlite {
@@ -340,14 +340,14 @@ async fn sqlite() -> Sqlite {
         db::TempSqlite::with_busy_timeout(CONCURRENCY as u32 + 2, Duration::from_secs(30)).await;
     sqlx::query(EFFECTS_TABLE).execute(&db.pool).await.unwrap();
     Sqlite {
-        store: SqliteStore::new(db.pool.clone()),
+        store: SqliteDedupStore::new(db.pool.clone()),
         db,
     }
 }
 
 struct Postgres {
     db: db::TempSchema,
-    store: PostgresStore,
+    store: PostgresDedupStore,
 }
 
 async fn postgres() -> Option<Postgres> {
@@ -356,7 +356,7 @@ async fn postgres() -> Option<Postgres> {
     let db = db::temp_schema_at(&url, CONCURRENCY as u32 + 2).await;
     sqlx::query(EFFECTS_TABLE).execute(&db.pool).await.unwrap();
     Some(Postgres {
-        store: PostgresStore::new(db.pool.clone()),
+        store: PostgresDedupStore::new(db.pool.clone()),
         db,
     })
 }
@@ -520,7 +520,7 @@ fn main() {
         rounds_memory,
     ));
     report.push(ratio(
-        "memory, no-op handler: layer + MemoryStore / bare (reported; the layer's cost per message below is the measure)",
+        "memory, no-op handler: layer + MemoryDedupStore / bare (reported; the layer's cost per message below is the measure)",
         &m,
         2,
     ));
@@ -542,7 +542,7 @@ fn main() {
         rounds_memory,
     ));
     report.push(ratio(
-        "memory, handler decoding a 1 KB JSON order: layer + MemoryStore / bare",
+        "memory, handler decoding a 1 KB JSON order: layer + MemoryDedupStore / bare",
         &j,
         2,
     ));
@@ -556,7 +556,7 @@ fn main() {
         rounds_memory,
     ));
     report.push(ratio(
-        "memory, handler working 10 us: layer + MemoryStore / bare (target >= 0.95)",
+        "memory, handler working 10 us: layer + MemoryDedupStore / bare (target >= 0.95)",
         &w,
         2,
     ));
@@ -570,7 +570,7 @@ fn main() {
         rounds,
     ));
     report.push(ratio(
-        "memory, 1 ms handler: layer + MemoryStore / bare",
+        "memory, 1 ms handler: layer + MemoryDedupStore / bare",
         &io,
         2,
     ));
@@ -590,7 +590,7 @@ fn main() {
         2,
     ));
     report.push(ratio(
-        "sqlite: layer + SqliteStore / bare transaction",
+        "sqlite: layer + SqliteDedupStore / bare transaction",
         &s,
         3,
     ));
@@ -614,7 +614,7 @@ fn main() {
             2,
         ));
         report.push(ratio(
-            "postgres: layer + PostgresStore / bare transaction",
+            "postgres: layer + PostgresDedupStore / bare transaction",
             &p,
             3,
         ));
@@ -641,7 +641,7 @@ fn main() {
         control_cost.iter().copied().fold(0.0, f64::max),
     );
     println!(
-        "  the layer with MemoryStore adds {layer_cost:.2} us per message (A/B wall time on the no-op pipeline; target <= 0.5 us; the control's difference to bare spans {cost_low:+.2}..{cost_high:+.2} us); the no-op bare pipeline takes {bare_us:.2} us"
+        "  the layer with MemoryDedupStore adds {layer_cost:.2} us per message (A/B wall time on the no-op pipeline; target <= 0.5 us; the control's difference to bare spans {cost_low:+.2}..{cost_high:+.2} us); the no-op bare pipeline takes {bare_us:.2} us"
     );
 
     drop(sqlite);

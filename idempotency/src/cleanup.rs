@@ -22,10 +22,10 @@ use crate::store::DedupStore;
 ///
 /// ```
 /// use std::time::Duration;
-/// use surety_idempotency::{Cleanup, Claim, DedupStore, MemoryStore};
+/// use surety_idempotency::{Cleanup, Claim, DedupStore, MemoryDedupStore};
 ///
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() -> Result<(), surety_idempotency::StoreError> {
-/// let store = MemoryStore::new();
+/// let store = MemoryDedupStore::new();
 /// let Claim::Acquired(lease) = store.claim("k", Duration::from_secs(5)).await? else { unreachable!() };
 /// store.complete("k", &lease.token, None).await?;
 ///

@@ -23,8 +23,8 @@
 //!   processed" happens in the transaction of your business write, so the
 //!   effect and the mark commit or roll back together. This is how an
 //!   effect stays exactly-once even when the handler crashes halfway.
-//! - Stores: [`MemoryStore`] (bounded, for tests and the embedded default),
-//!   [`SqliteStore`] and [`PostgresStore`] (migrations shipped, run with
+//! - Stores: [`MemoryDedupStore`] (bounded, for tests and the embedded default),
+//!   [`SqliteDedupStore`] and [`PostgresDedupStore`] (migrations shipped, run with
 //!   [`sqlite::migrate`] / [`postgres::migrate`]). [`Cleanup`] deletes old
 //!   keys in bounded batches and is safe to run on every instance.
 //! - [`IdempotencyMetrics`]: duplicates, first-time handling, lease
@@ -37,7 +37,7 @@
 //! use surety_core::consumer::{handler_fn, Incoming, Worker};
 //! use surety_core::{Envelope, Publisher, Subscriber, memory::MemoryTransport};
 //! use surety_core::tower::ServiceBuilder;
-//! use surety_idempotency::{IdempotencyLayer, MemoryStore};
+//! use surety_idempotency::{IdempotencyLayer, MemoryDedupStore};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let transport = MemoryTransport::new();
@@ -53,7 +53,7 @@
 //!     }
 //! });
 //! let handler = ServiceBuilder::new()
-//!     .layer(IdempotencyLayer::new(MemoryStore::new()))
+//!     .layer(IdempotencyLayer::new(MemoryDedupStore::new()))
 //!     .service(ship);
 //! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
 //! let worker = tokio::spawn(Worker::new(handler).run(deliveries, async { stopped.await.ok(); }));
@@ -85,9 +85,9 @@
 //!
 //! # Feature flags
 //!
-//! - `sqlite` (default): [`SqliteStore`], [`sqlite::migrate`] and the inbox
+//! - `sqlite` (default): [`SqliteDedupStore`], [`sqlite::migrate`] and the inbox
 //!   on SQLite, through `sqlx`.
-//! - `postgres` (default): [`PostgresStore`], [`postgres::migrate`] and the
+//! - `postgres` (default): [`PostgresDedupStore`], [`postgres::migrate`] and the
 //!   inbox on PostgreSQL, through `sqlx`.
 //!
 //! The in-memory store, the layer, the metrics and the cleanup task are
@@ -113,10 +113,6 @@ pub mod future {
     pub use crate::idempotent::IdempotentFuture;
 }
 
-/// The `sqlx` this crate's API takes (pools and transactions), so callers
-/// use the same version.
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
-pub use sqlx;
 pub use cleanup::Cleanup;
 pub use error::StoreError;
 pub use idempotent::{IdempotencyLayer, Idempotent};
@@ -128,9 +124,13 @@ pub use inbox::{
 pub use key::{EnvelopeKey, KeyFn};
 pub use metrics::IdempotencyMetrics;
 pub use policy::LeasePolicy;
-pub use store::memory::{self, MemoryStore};
+/// The `sqlx` this crate's API takes (pools and transactions), so callers
+/// use the same version.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use sqlx;
+pub use store::memory::{self, MemoryDedupStore};
 #[cfg(feature = "postgres")]
-pub use store::postgres::{self, PostgresStore};
+pub use store::postgres::{self, PostgresDedupStore};
 #[cfg(feature = "sqlite")]
-pub use store::sqlite::{self, SqliteStore};
+pub use store::sqlite::{self, SqliteDedupStore};
 pub use store::{Claim, DedupStore, Lease, LeaseToken};

@@ -366,7 +366,7 @@ impl IdempotencyMetrics {
     }
 
     /// Counts `keys` completed keys evicted from a full store.
-    /// [`MemoryStore::metrics`](crate::MemoryStore::metrics) does this
+    /// [`MemoryDedupStore::metrics`](crate::MemoryDedupStore::metrics) does this
     /// itself.
     pub fn store_evicted(&self, keys: u64) {
         self.store_evictions.inc_by(keys);

@@ -16,7 +16,7 @@ use surety_core::memory::MemoryTransport;
 use surety_core::tower::{Layer, ServiceExt, service_fn};
 use surety_core::{DeliveryInfo, Envelope, HandlerError, Publisher, Subscriber, Transient};
 use surety_idempotency::{
-    Claim, DedupStore, IdempotencyLayer, IdempotencyMetrics, LeasePolicy, MemoryStore,
+    Claim, DedupStore, IdempotencyLayer, IdempotencyMetrics, LeasePolicy, MemoryDedupStore,
 };
 use tokio::sync::Notify;
 
@@ -38,13 +38,13 @@ fn incoming(env: &Envelope) -> Incoming {
 
 #[tokio::test]
 async fn a_worker_killed_while_holding_a_lease_leads_to_one_effect_after_redelivery_memory() {
-    killed_while_holding_a_lease(MemoryStore::new()).await;
+    killed_while_holding_a_lease(MemoryDedupStore::new()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_while_holding_a_lease_leads_to_one_effect_after_redelivery_sqlite() {
     let db = common::TempSqlite::new(4).await;
-    killed_while_holding_a_lease(surety_idempotency::SqliteStore::new(db.pool.clone())).await;
+    killed_while_holding_a_lease(surety_idempotency::SqliteDedupStore::new(db.pool.clone())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,7 +52,8 @@ async fn a_worker_killed_while_holding_a_lease_leads_to_one_effect_after_redeliv
     let Some(db) = common::temp_schema(4).await else {
         return;
     };
-    killed_while_holding_a_lease(surety_idempotency::PostgresStore::new(db.pool.clone())).await;
+    killed_while_holding_a_lease(surety_idempotency::PostgresDedupStore::new(db.pool.clone()))
+        .await;
     db.drop_schema().await;
 }
 
@@ -155,7 +156,7 @@ async fn killed_while_holding_a_lease<St: DedupStore + Clone>(store: St) {
 async fn a_failed_handler_releases_its_claim_so_the_redelivery_runs_at_once() {
     let transport = MemoryTransport::new();
     // A lease far longer than the test: only a release lets the redelivery in.
-    let layer = IdempotencyLayer::new(MemoryStore::new())
+    let layer = IdempotencyLayer::new(MemoryDedupStore::new())
         .policy(LeasePolicy::new(Duration::from_secs(600)).busy_wait(Duration::ZERO));
     let effects = Arc::new(AtomicU32::new(0));
     let handler = {
@@ -198,7 +199,7 @@ async fn a_failed_handler_releases_its_claim_so_the_redelivery_runs_at_once() {
 
 #[tokio::test]
 async fn retry_scheduled_and_dead_lettered_outcomes_release_the_claim() {
-    let store = MemoryStore::new();
+    let store = MemoryDedupStore::new();
     for outcome in [Outcome::RetryScheduled, Outcome::DeadLettered] {
         let inner = service_fn(move |_msg: Incoming| async move {
             Ok::<_, HandlerError>(Response::outcome(outcome))
@@ -225,7 +226,7 @@ async fn retry_scheduled_and_dead_lettered_outcomes_release_the_claim() {
 #[tokio::test]
 async fn renewal_keeps_a_slow_handler_s_claim() {
     let lease = Duration::from_millis(300);
-    let store = MemoryStore::new();
+    let store = MemoryDedupStore::new();
     let effects = Arc::new(AtomicU32::new(0));
     let handler = {
         let effects = Arc::clone(&effects);
@@ -291,7 +292,7 @@ async fn a_custom_key_makes_different_envelopes_the_same_message() {
             .clone()
             .ok_or_else(|| HandlerError::permanent("no subject"))
     };
-    let handler = IdempotencyLayer::new(MemoryStore::new())
+    let handler = IdempotencyLayer::new(MemoryDedupStore::new())
         .key(by_subject)
         .layer(handler);
     for _ in 0..3 {
@@ -310,19 +311,19 @@ async fn a_custom_key_makes_different_envelopes_the_same_message() {
 #[test]
 fn public_types_are_send_and_sync() {
     fn check<T: Send + Sync>() {}
-    check::<MemoryStore>();
+    check::<MemoryDedupStore>();
     check::<IdempotencyMetrics>();
-    check::<IdempotencyLayer<MemoryStore>>();
+    check::<IdempotencyLayer<MemoryDedupStore>>();
     check::<
         surety_idempotency::Idempotent<
             surety_core::consumer::AckAll,
-            MemoryStore,
+            MemoryDedupStore,
             surety_idempotency::EnvelopeKey,
         >,
     >();
     check::<surety_idempotency::StoreError>();
-    check::<surety_idempotency::Cleanup<MemoryStore>>();
-    check::<surety_idempotency::SqliteStore>();
-    check::<surety_idempotency::PostgresStore>();
-    check::<surety_idempotency::InboxTx<surety_idempotency::PostgresStore>>();
+    check::<surety_idempotency::Cleanup<MemoryDedupStore>>();
+    check::<surety_idempotency::SqliteDedupStore>();
+    check::<surety_idempotency::PostgresDedupStore>();
+    check::<surety_idempotency::InboxTx<surety_idempotency::PostgresDedupStore>>();
 }

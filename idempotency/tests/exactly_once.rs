@@ -16,7 +16,7 @@ use surety_core::consumer::{Incoming, Outcome, Output, Worker, handler_fn};
 use surety_core::memory::MemoryTransport;
 use surety_core::tower::{Layer, ServiceExt, service_fn};
 use surety_core::{Envelope, Publisher, Subscriber, Transient};
-use surety_idempotency::{IdempotencyLayer, LeasePolicy, MemoryStore};
+use surety_idempotency::{IdempotencyLayer, LeasePolicy, MemoryDedupStore};
 use surety_testkit::fault::{FaultPlan, FaultyTransport};
 
 const TOPIC: &str = "work";
@@ -184,7 +184,7 @@ async fn run(s: Scenario) -> Result<(), TestCaseError> {
     };
     let policy =
         LeasePolicy::new(Duration::from_secs(30)).busy_wait(Duration::from_millis(s.busy_wait_ms));
-    let idempotent = IdempotencyLayer::new(MemoryStore::new())
+    let idempotent = IdempotencyLayer::new(MemoryDedupStore::new())
         .policy(policy)
         .layer(handler);
     let counted = {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use surety_core::consumer::{Incoming, Outcome, Output, handler_fn};
 use surety_core::tower::Layer;
 use surety_core::{Envelope, HandlerError};
-use surety_idempotency::{IdempotencyLayer, MemoryStore};
+use surety_idempotency::{IdempotencyLayer, MemoryDedupStore};
 use surety_testkit::handler::HandlerTest;
 use tokio::sync::{Notify, oneshot};
 
@@ -35,7 +35,7 @@ async fn a_duplicate_gets_the_stored_outputs_without_running_the_handler() {
             Ok::<_, HandlerError>(Output::new("orders.confirmed", confirmed))
         }
     });
-    let layered = IdempotencyLayer::new(MemoryStore::new()).layer(handler);
+    let layered = IdempotencyLayer::new(MemoryDedupStore::new()).layer(handler);
     let mut test = HandlerTest::new(layered).topic("orders");
 
     let first = test.deliver(order("o-1")).await;
@@ -71,7 +71,7 @@ async fn a_failure_releases_the_key_for_the_redelivery() {
             Ok(())
         }
     });
-    let mut test = HandlerTest::new(IdempotencyLayer::new(MemoryStore::new()).layer(handler));
+    let mut test = HandlerTest::new(IdempotencyLayer::new(MemoryDedupStore::new()).layer(handler));
     let failed = test.deliver(order("o-1")).await;
     assert!(failed.failure_class().is_some_and(|c| c.is_retryable()));
     let retried = test.redeliver(order("o-1"), 2).await;
@@ -97,7 +97,7 @@ async fn a_duplicate_of_a_delivery_in_progress_waits_instead_of_running() {
             Ok::<_, HandlerError>(())
         }
     });
-    let test = HandlerTest::new(IdempotencyLayer::new(MemoryStore::new()).layer(handler));
+    let test = HandlerTest::new(IdempotencyLayer::new(MemoryDedupStore::new()).layer(handler));
     let mut first = test.clone();
     let slow = tokio::spawn(async move { first.deliver(order("o-1")).await });
     started.notified().await;

@@ -21,8 +21,8 @@ use surety_core::memory::MemoryTransport;
 use surety_core::tower::ServiceExt;
 use surety_core::{Classify, DeliveryInfo, Envelope, Publisher, Subscriber};
 use surety_idempotency::{
-    Claim, IdempotencyLayer, IdempotencyMetrics, InboxTx, LeasePolicy, Marked, PostgresStore,
-    SqliteStore, StoreError, TransactionalStore,
+    Claim, IdempotencyLayer, IdempotencyMetrics, InboxTx, LeasePolicy, Marked, PostgresDedupStore,
+    SqliteDedupStore, StoreError, TransactionalStore,
 };
 use surety_testkit::fault::{FaultPlan, FaultyTransport};
 use surety_testkit::wait::eventually;
@@ -48,7 +48,7 @@ trait Business: TransactionalStore {
     fn waiting_on(&self, session: i32) -> impl Future<Output = i64> + Send;
 }
 
-impl Business for SqliteStore {
+impl Business for SqliteDedupStore {
     async fn create(&self) {
         sqlx::query("CREATE TABLE effects (message_id TEXT NOT NULL)")
             .execute(self.pool())
@@ -89,7 +89,7 @@ impl Business for SqliteStore {
     }
 }
 
-impl Business for PostgresStore {
+impl Business for PostgresDedupStore {
     async fn create(&self) {
         sqlx::query("CREATE TABLE effects (message_id TEXT NOT NULL)")
             .execute(self.pool())
@@ -161,7 +161,7 @@ macro_rules! on_both {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite() {
                 let db = common::TempSqlite::new(8).await;
-                let store = SqliteStore::new(db.pool.clone());
+                let store = SqliteDedupStore::new(db.pool.clone());
                 store.create().await;
                 super::$test(store).await;
             }
@@ -171,7 +171,7 @@ macro_rules! on_both {
                 let Some(db) = common::temp_schema(8).await else {
                     return;
                 };
-                let store = PostgresStore::new(db.pool.clone());
+                let store = PostgresDedupStore::new(db.pool.clone());
                 store.create().await;
                 super::$test(store).await;
                 db.drop_schema().await;
@@ -478,13 +478,13 @@ async fn postgres_concurrent_marks_commit_once() {
     let Some(db) = common::temp_schema(8).await else {
         return;
     };
-    let store = PostgresStore::new(db.pool.clone());
+    let store = PostgresDedupStore::new(db.pool.clone());
     store.create().await;
     for first_commits in [true, false] {
         let key = format!("race/{}", uuid::Uuid::now_v7());
         let mut first = store.begin().await.unwrap();
-        PostgresStore::apply(&mut first, &key).await.unwrap();
-        let first_session = PostgresStore::session(&mut first).await.unwrap();
+        PostgresDedupStore::apply(&mut first, &key).await.unwrap();
+        let first_session = PostgresDedupStore::session(&mut first).await.unwrap();
         assert_eq!(
             store.mark_processed(&mut first, &key).await.unwrap(),
             Marked::First
@@ -494,7 +494,7 @@ async fn postgres_concurrent_marks_commit_once() {
             let (store, key) = (store.clone(), key.clone());
             tokio::spawn(async move {
                 let mut tx = store.begin().await.unwrap();
-                PostgresStore::apply(&mut tx, &key).await.unwrap();
+                PostgresDedupStore::apply(&mut tx, &key).await.unwrap();
                 let marked = store.mark_processed(&mut tx, &key).await.unwrap();
                 match marked {
                     Marked::First => tx.commit().await.unwrap(),
@@ -674,7 +674,7 @@ async fn the_inbox_layer_commits_the_write_the_mark_and_the_outputs_together<S: 
         .layer(
             surety_dlq::DlqLayer::new("payments")
                 .policy(surety_dlq::RetryPolicy::in_place(3))
-                .store(surety_dlq::store::MemoryStore::new()),
+                .store(surety_dlq::store::MemoryDlqStore::new()),
         )
         .layer(IdempotencyLayer::new(store.clone()).transactional())
         .service(handler);

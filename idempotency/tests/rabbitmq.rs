@@ -19,7 +19,7 @@ use std::time::Duration;
 use surety_core::consumer::{Incoming, Outcome, Response, Worker};
 use surety_core::tower::ServiceBuilder;
 use surety_core::{Close, Envelope, Publisher, Subscriber};
-use surety_idempotency::{IdempotencyLayer, InboxTx, PostgresStore, StoreError};
+use surety_idempotency::{IdempotencyLayer, InboxTx, PostgresDedupStore, StoreError};
 use surety_rabbitmq::lapin::options::QueueDeleteOptions;
 use surety_rabbitmq::metrics::DeliveryOutcome;
 use surety_rabbitmq::{RabbitConfig, RabbitMetrics, RabbitTransport, queue_name};
@@ -60,7 +60,7 @@ async fn a_redelivery_after_a_lost_ack_is_not_applied_twice() {
     let Some(db) = common::temp_schema(8).await else {
         return;
     };
-    let store = PostgresStore::new(db.pool.clone());
+    let store = PostgresDedupStore::new(db.pool.clone());
     // No unique key: an effect applied twice shows as two rows.
     sqlx::query("CREATE TABLE effects (message_id TEXT NOT NULL)")
         .execute(&db.pool)
@@ -110,7 +110,7 @@ async fn a_redelivery_after_a_lost_ack_is_not_applied_twice() {
             release.clone(),
         );
         IdempotencyLayer::new(store.clone()).inbox(
-            move |msg: Incoming, mut tx: InboxTx<PostgresStore>| {
+            move |msg: Incoming, mut tx: InboxTx<PostgresDedupStore>| {
                 let (chosen, runs, committed_tx, release) = (
                     chosen.clone(),
                     runs.clone(),

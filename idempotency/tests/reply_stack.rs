@@ -20,8 +20,8 @@ use surety_core::{
     Close, Confirmation, DeliveryStream, Envelope, Message, Publisher, Subscriber, TransportError,
     TransportErrorKind,
 };
-use surety_dlq::{DlqLayer, RetryPolicy, store::MemoryStore as DlqMemory};
-use surety_idempotency::{IdempotencyLayer, MemoryStore};
+use surety_dlq::{DlqLayer, RetryPolicy, store::MemoryDlqStore as DlqMemory};
+use surety_idempotency::{IdempotencyLayer, MemoryDedupStore};
 use surety_rabbitmq::{RabbitConfig, RabbitTransport};
 use surety_testkit::services::{amqp_url, require};
 use surety_testkit::wait::eventually_every;
@@ -129,7 +129,7 @@ where
                 .policy(RetryPolicy::in_place(3))
                 .store(dead_letters.clone()),
         )
-        .layer(IdempotencyLayer::new(MemoryStore::new()))
+        .layer(IdempotencyLayer::new(MemoryDedupStore::new()))
         .service(capture);
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);

@@ -5,12 +5,16 @@ mod common;
 
 use std::time::Duration;
 
-use surety_idempotency::{MemoryStore, PostgresStore, SqliteStore};
+use surety_idempotency::{MemoryDedupStore, PostgresDedupStore, SqliteDedupStore};
 use surety_testkit::idempotency_store::{SuiteOptions, dedup_store_suite};
 
 #[tokio::test]
 async fn memory_store_passes_the_suite() {
-    let report = dedup_store_suite(|| async { MemoryStore::new() }, SuiteOptions::default()).await;
+    let report = dedup_store_suite(
+        || async { MemoryDedupStore::new() },
+        SuiteOptions::default(),
+    )
+    .await;
     report.assert_ok();
 }
 
@@ -18,7 +22,7 @@ async fn memory_store_passes_the_suite() {
 async fn sqlite_store_passes_the_suite() {
     let db = common::TempSqlite::new(4).await;
     let report = dedup_store_suite(
-        || async { SqliteStore::new(db.pool.clone()) },
+        || async { SqliteDedupStore::new(db.pool.clone()) },
         SuiteOptions::default(),
     )
     .await;
@@ -31,7 +35,7 @@ async fn postgres_store_passes_the_suite() {
         return;
     };
     let report = dedup_store_suite(
-        || async { PostgresStore::new(db.pool.clone()) },
+        || async { PostgresDedupStore::new(db.pool.clone()) },
         SuiteOptions::default().lease(Duration::from_millis(400)),
     )
     .await;
@@ -74,7 +78,7 @@ async fn migrations_run_again_without_harm_and_use_their_own_table() {
 
 /// A store that forgets fencing: a stale holder's complete succeeds.
 #[derive(Clone)]
-struct Unfenced(MemoryStore);
+struct Unfenced(MemoryDedupStore);
 
 impl surety_idempotency::DedupStore for Unfenced {
     async fn claim(
@@ -130,7 +134,7 @@ impl surety_idempotency::DedupStore for Unfenced {
 #[tokio::test]
 async fn the_suite_catches_a_store_without_fencing() {
     let report = dedup_store_suite(
-        || async { Unfenced(MemoryStore::new()) },
+        || async { Unfenced(MemoryDedupStore::new()) },
         SuiteOptions::default().lease(Duration::from_millis(50)),
     )
     .await;

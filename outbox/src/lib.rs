@@ -63,13 +63,13 @@ pub mod metrics;
 pub mod relay;
 pub mod store;
 
+pub use error::OutboxError;
+pub use metrics::OutboxMetrics;
+pub use relay::{Cycle, Relay};
 /// The `sqlx` this crate's API takes (pools and transactions), so callers
 /// use the same version.
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use sqlx;
-pub use error::OutboxError;
-pub use metrics::OutboxMetrics;
-pub use relay::{Cycle, Relay};
 #[cfg(feature = "postgres")]
 pub use store::postgres::{self, PostgresOutbox};
 #[cfg(feature = "sqlite")]

@@ -18,11 +18,11 @@
 //! | [`jobs`] | replay jobs read back equal and are listed until finished; an audit entry appended again with its id is replaced, not duplicated |
 //!
 //! ```
-//! use surety_dlq::store::MemoryStore;
+//! use surety_dlq::store::MemoryDlqStore;
 //! use surety_testkit::dlq_store::dlq_store_suite;
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
-//! dlq_store_suite(|| async { MemoryStore::new() }).await.assert_ok();
+//! dlq_store_suite(|| async { MemoryDlqStore::new() }).await.assert_ok();
 //! # }
 //! ```
 

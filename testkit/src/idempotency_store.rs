@@ -28,11 +28,11 @@
 //! every wait has a deadline.
 //!
 //! ```
-//! use surety_idempotency::MemoryStore;
+//! use surety_idempotency::MemoryDedupStore;
 //! use surety_testkit::idempotency_store::{dedup_store_suite, SuiteOptions};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
-//! let report = dedup_store_suite(|| async { MemoryStore::new() }, SuiteOptions::default()).await;
+//! let report = dedup_store_suite(|| async { MemoryDedupStore::new() }, SuiteOptions::default()).await;
 //! report.assert_ok();
 //! assert_eq!(report.passed().len(), 9);
 //! # }

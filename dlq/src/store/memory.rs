@@ -12,7 +12,7 @@ use crate::letter::DeadLetter;
 /// A [`DlqStore`] in memory. Cheap to clone; clones share the records.
 /// Nothing survives the process.
 #[derive(Debug, Clone, Default)]
-pub struct MemoryStore {
+pub struct MemoryDlqStore {
     inner: Arc<Mutex<State>>,
 }
 
@@ -25,7 +25,7 @@ struct State {
     jobs: BTreeMap<String, Job>,
 }
 
-impl MemoryStore {
+impl MemoryDlqStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
@@ -44,7 +44,7 @@ impl MemoryStore {
 }
 
 #[async_trait::async_trait]
-impl DlqStore for MemoryStore {
+impl DlqStore for MemoryDlqStore {
     async fn put(&self, letter: &DeadLetter) -> Result<(), StoreError> {
         let mut state = self.lock();
         if let Some(seq) = state.by_id.get(&letter.id).copied()

@@ -17,11 +17,11 @@
 
 mod memory;
 #[cfg(feature = "postgres")]
-mod postgres;
+pub mod postgres;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod sql;
 #[cfg(feature = "sqlite")]
-mod sqlite;
+pub mod sqlite;
 
 use std::fmt;
 
@@ -32,11 +32,11 @@ use surety_core::{BoxError, Classify, ErrorClass};
 use crate::job::Job;
 use crate::letter::{DeadLetter, Event, Status};
 
-pub use memory::MemoryStore;
+pub use memory::MemoryDlqStore;
 #[cfg(feature = "postgres")]
-pub use postgres::PostgresStore;
+pub use postgres::PostgresDlqStore;
 #[cfg(feature = "sqlite")]
-pub use sqlite::SqliteStore;
+pub use sqlite::SqliteDlqStore;
 
 /// The largest page a store returns.
 pub const MAX_PAGE_SIZE: u32 = 1000;
@@ -394,18 +394,18 @@ pub struct Depth {
 /// Keeps dead letters and the audit log.
 ///
 /// Used as `Arc<dyn DlqStore>` by the layer, the replayer and the admin API.
-/// Implementations: [`MemoryStore`], [`SqliteStore`]
-/// and [`PostgresStore`]; all pass the shared
+/// Implementations: [`MemoryDlqStore`], [`SqliteDlqStore`]
+/// and [`PostgresDlqStore`]; all pass the shared
 /// suite in `surety_testkit::dlq_store`.
 ///
 /// ```
 /// use surety_core::{DeliveryInfo, Envelope, HandlerError};
 /// use surety_dlq::policy::DeadLetterReason;
-/// use surety_dlq::store::{DlqStore, Filter, MemoryStore, PageRequest};
+/// use surety_dlq::store::{DlqStore, Filter, MemoryDlqStore, PageRequest};
 /// use surety_dlq::DeadLetter;
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), surety_dlq::store::StoreError> {
-/// let store = MemoryStore::new();
+/// let store = MemoryDlqStore::new();
 /// let env = Envelope::builder("/orders", "order.placed").build();
 /// let err = HandlerError::permanent("quantity must be positive");
 /// let letter = DeadLetter::new(&env, &DeliveryInfo::new("memory", "orders", "billing"), &err,

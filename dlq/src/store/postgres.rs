@@ -1,9 +1,9 @@
 //! The PostgreSQL store.
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::PgPool;
 
 use super::StoreError;
-use super::sql::{backend, sql_store};
+use super::sql::sql_store;
 
 /// Migrations shipped with the PostgreSQL store: (version, description, SQL).
 const MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -30,30 +30,26 @@ const MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_lock(7355608001)";
 /// schema of their own.
 ///
 /// ```no_run
-/// use surety_dlq::store::PostgresStore;
+/// use surety_dlq::store::PostgresDlqStore;
 ///
-/// # async fn run() -> Result<PostgresStore, surety_dlq::store::StoreError> {
-/// let store = PostgresStore::connect("postgres://surety:surety@127.0.0.1:5432/surety").await?;
+/// # async fn run() -> Result<PostgresDlqStore, surety_dlq::store::StoreError> {
+/// let pool = surety_dlq::sqlx::PgPool::connect("postgres://surety:surety@127.0.0.1:5432/surety")
+///     .await
+///     .map_err(surety_dlq::store::StoreError::backend)?;
+/// surety_dlq::store::postgres::migrate(&pool).await?;
+/// let store = PostgresDlqStore::new(pool);
 /// # Ok(store) }
 /// # let _ = run;
 /// ```
 #[derive(Debug, Clone)]
-pub struct PostgresStore {
+pub struct PostgresDlqStore {
     pool: PgPool,
 }
 
-impl PostgresStore {
-    /// A store on `pool`. Call [`migrate`](Self::migrate) once before use.
+impl PostgresDlqStore {
+    /// A store on `pool`. Run [`migrate`] on the pool once before use.
     pub fn new(pool: PgPool) -> Self {
         Self { pool }
-    }
-
-    /// Connects to `url` and migrates.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let pool = PgPoolOptions::new().connect(url).await.map_err(backend)?;
-        let store = Self::new(pool);
-        store.migrate().await?;
-        Ok(store)
     }
 
     /// The connection pool.
@@ -64,8 +60,16 @@ impl PostgresStore {
 
 // PostgreSQL text cannot hold a NUL byte (nor take one as a parameter): a
 // filter value with one matches no stored record.
+/// Creates or upgrades the DLQ tables on `pool` (`surety_dlq_letters`,
+/// `surety_dlq_audit`, `surety_dlq_jobs` and `surety_dlq_migrations`, which
+/// records the applied versions). Idempotent; safe to run from several
+/// processes at once (an advisory lock orders them).
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    PostgresDlqStore::new(pool.clone()).migrate().await
+}
+
 sql_store!(
-    PostgresStore,
+    PostgresDlqStore,
     sqlx::Postgres,
     MIGRATION_LOCK,
     MIGRATIONS,

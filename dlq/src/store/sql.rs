@@ -100,7 +100,7 @@ macro_rules! sql_store {
             /// `surety_dlq_audit`, and `surety_dlq_migrations`, which records
             /// the applied versions). Idempotent; safe to run from several
             /// processes at once.
-            pub async fn migrate(&self) -> Result<(), $crate::store::StoreError> {
+            pub(crate) async fn migrate(&self) -> Result<(), $crate::store::StoreError> {
                 use $crate::store::sql::backend;
                 let mut tx = self.pool.begin().await.map_err(backend)?;
                 let lock: &'static str = $lock;

@@ -1,9 +1,8 @@
 //! The SQLite store.
 
 use std::str::FromStr;
-use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 
 use super::StoreError;
 use super::sql::{backend, sql_store};
@@ -25,39 +24,22 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 /// A [`DlqStore`](super::DlqStore) in SQLite, the embedded default.
 ///
 /// ```
-/// use surety_dlq::store::{DlqStore, Filter, SqliteStore};
+/// use surety_dlq::store::{DlqStore, Filter, SqliteDlqStore};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), surety_dlq::store::StoreError> {
-/// let store = SqliteStore::in_memory().await?; // already migrated
+/// let store = SqliteDlqStore::in_memory().await?; // already migrated
 /// assert_eq!(store.count(&Filter::new()).await?, 0);
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
-pub struct SqliteStore {
+pub struct SqliteDlqStore {
     pool: SqlitePool,
 }
 
-impl SqliteStore {
-    /// A store on `pool`. Call [`migrate`](Self::migrate) once before use.
+impl SqliteDlqStore {
+    /// A store on `pool`. Run [`migrate`] on the pool once before use.
     pub fn new(pool: SqlitePool) -> Self {
         Self { pool }
-    }
-
-    /// Opens (creating if missing) the database at `url` (for example
-    /// `sqlite://dlq.db`) in WAL mode and migrates it.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::from_str(url)
-            .map_err(backend)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .connect_with(options)
-            .await
-            .map_err(backend)?;
-        let store = Self::new(pool);
-        store.migrate().await?;
-        Ok(store)
     }
 
     /// A migrated, private in-memory database (one connection, kept open for
@@ -72,9 +54,8 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(backend)?;
-        let store = Self::new(pool);
-        store.migrate().await?;
-        Ok(store)
+        migrate(&pool).await?;
+        Ok(Self::new(pool))
     }
 
     /// The connection pool.
@@ -83,6 +64,14 @@ impl SqliteStore {
     }
 }
 
+/// Creates or upgrades the DLQ tables on `pool` (`surety_dlq_letters`,
+/// `surety_dlq_audit`, `surety_dlq_jobs` and `surety_dlq_migrations`, which
+/// records the applied versions). Idempotent; safe to run from several
+/// processes at once.
+pub async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
+    SqliteDlqStore::new(pool.clone()).migrate().await
+}
+
 // SQLite stores text with NUL bytes; `instr` compares by length (LIKE
 // would stop at the first NUL).
-sql_store!(SqliteStore, sqlx::Sqlite, "", MIGRATIONS, "instr", false);
+sql_store!(SqliteDlqStore, sqlx::Sqlite, "", MIGRATIONS, "instr", false);

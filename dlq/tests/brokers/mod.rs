@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use surety_core::consumer::{Incoming, Worker, WorkerReport, typed};
 use surety_core::tower::Layer;
 use surety_core::{Envelope, HandlerError, Message, Publisher, Subscriber};
-use surety_dlq::store::{DlqStore, Filter, MemoryStore};
+use surety_dlq::store::{DlqStore, Filter, MemoryDlqStore};
 use surety_dlq::{Backoff, DeadLetter, DlqLayer, RetryMode, RetryPolicy};
 
 /// How long a scenario may take on a real broker.
@@ -95,7 +95,7 @@ where
     T: Publisher + Subscriber + Clone + 'static,
 {
     let publisher = broker.transports[0].clone();
-    let store = MemoryStore::new();
+    let store = MemoryDlqStore::new();
     let calls: Arc<Mutex<Calls>> = Arc::default();
     let retries = Arc::new(AtomicUsize::new(0));
     let route = broker.route.clone();
@@ -345,12 +345,12 @@ where
 {
     use std::sync::atomic::AtomicBool;
     use surety_core::Permanent;
-    use surety_dlq::store::{PageRequest, SqliteStore};
+    use surety_dlq::store::{PageRequest, SqliteDlqStore};
     use surety_dlq::{ReplayRequest, Replayer, RetryPolicy, Status};
 
     let transport = broker.transports[0].clone();
     let run_id = uuid::Uuid::now_v7();
-    let store = Arc::new(SqliteStore::in_memory().await.expect("a SQLite store"));
+    let store = Arc::new(SqliteDlqStore::in_memory().await.expect("a SQLite store"));
     let fixed = Arc::new(AtomicBool::new(false));
     let calls: ReplayCalls = Arc::default();
     let keys: Arc<Mutex<HashMap<String, Option<String>>>> = Arc::default();
@@ -701,13 +701,13 @@ where
 {
     use surety_core::Permanent;
     use surety_core::consumer::handler_fn;
-    use surety_dlq::store::SqliteStore;
+    use surety_dlq::store::SqliteDlqStore;
     use surety_dlq::{ReplayRequest, Replayer, Status};
 
     type Seen = Arc<Mutex<HashMap<(String, String), usize>>>;
     let transport = broker.transports[0].clone();
     let run_id = uuid::Uuid::now_v7();
-    let store = Arc::new(SqliteStore::in_memory().await.expect("a SQLite store"));
+    let store = Arc::new(SqliteDlqStore::in_memory().await.expect("a SQLite store"));
     let seen: Seen = Arc::default();
     let handled = |seen: &Seen, group: &str, id: &str| {
         *seen

@@ -350,13 +350,13 @@ mod tests {
     use tower::{Layer, ServiceExt};
 
     use super::*;
-    use crate::{IdempotencyLayer, MemoryStore};
+    use crate::{IdempotencyLayer, MemoryDedupStore};
 
     /// A busy wait of `Duration::MAX` waits for the holder's lease to run
     /// out, takes the key over and runs the handler.
     #[tokio::test(start_paused = true)]
     async fn a_busy_wait_of_duration_max_waits_instead_of_panicking() {
-        let store = MemoryStore::new();
+        let store = MemoryDedupStore::new();
         let env = Envelope::builder("/orders", "payment.requested").build();
         let lease = Duration::from_secs(1);
         // Another delivery of the same message holds the key, then dies.

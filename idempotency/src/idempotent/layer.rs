@@ -24,7 +24,7 @@ use crate::store::DedupStore;
 /// use surety_core::consumer::{handler_fn, Incoming, Outcome};
 /// use surety_core::{DeliveryInfo, Envelope};
 /// use surety_core::tower::{Layer, ServiceExt};
-/// use surety_idempotency::{IdempotencyLayer, MemoryStore};
+/// use surety_idempotency::{IdempotencyLayer, MemoryDedupStore};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let charged = Arc::new(AtomicU32::new(0));
@@ -36,7 +36,7 @@ use crate::store::DedupStore;
 ///         Ok::<_, std::convert::Infallible>(())
 ///     }
 /// });
-/// let handler = IdempotencyLayer::new(MemoryStore::new()).layer(charge);
+/// let handler = IdempotencyLayer::new(MemoryDedupStore::new()).layer(charge);
 ///
 /// let env = Envelope::builder("/orders", "payment.requested").build();
 /// let info = DeliveryInfo::new("memory", "payments", "billing");
@@ -61,7 +61,7 @@ use crate::store::DedupStore;
 /// use surety_core::consumer::{typed, Incoming, Worker};
 /// use surety_core::{Envelope, Message, Publisher, Subscriber, memory::MemoryTransport};
 /// use surety_core::tower::Layer;
-/// use surety_idempotency::{IdempotencyLayer, MemoryStore};
+/// use surety_idempotency::{IdempotencyLayer, MemoryDedupStore};
 ///
 /// #[derive(Serialize, Deserialize)]
 /// struct Capture { order_id: String }
@@ -78,7 +78,7 @@ use crate::store::DedupStore;
 /// let capture = typed(|cmd: Capture, msg: Incoming| async move {
 ///     msg.envelope.reply("/payments", &Captured { order_id: cmd.order_id })
 /// });
-/// let handler = IdempotencyLayer::new(MemoryStore::new()).layer(capture);
+/// let handler = IdempotencyLayer::new(MemoryDedupStore::new()).layer(capture);
 /// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
 /// let worker = Worker::new(handler).emit_to(transport.clone());
 /// let worker = tokio::spawn(worker.run(commands, async { stopped.await.ok(); }));

@@ -159,7 +159,7 @@ where
 /// The future of an [`Idempotent`] handler, for one delivery.
 ///
 /// With a store that answers at once ([`Immediate::claim_now`](crate::store::Immediate::claim_now), such as
-/// [`MemoryStore`](crate::MemoryStore)), a first delivery claims its key
+/// [`MemoryDedupStore`](crate::MemoryDedupStore)), a first delivery claims its key
 /// when the handler is called, and this future runs the inner handler's
 /// future and completes the key, without a boxed future of its own (outputs,
 /// a failure, a wait and the other stores take one).

@@ -64,16 +64,16 @@ where
     /// use surety_core::consumer::{Incoming, Outcome};
     /// use surety_core::{DeliveryInfo, Envelope};
     /// use surety_core::tower::ServiceExt;
-    /// use surety_idempotency::{IdempotencyLayer, InboxTx, SqliteStore};
+    /// use surety_idempotency::{IdempotencyLayer, InboxTx, SqliteDedupStore};
     /// # use sqlx::sqlite::SqlitePoolOptions;
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// # let pool = SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
     /// # surety_idempotency::sqlite::migrate(&pool).await?;
     /// # sqlx::query("CREATE TABLE payments (order_id TEXT)").execute(&pool).await?;
-    /// let store = SqliteStore::new(pool.clone());
+    /// let store = SqliteDedupStore::new(pool.clone());
     /// let handler = IdempotencyLayer::new(store).inbox(
-    ///     |msg: Incoming, mut tx: InboxTx<SqliteStore>| async move {
+    ///     |msg: Incoming, mut tx: InboxTx<SqliteDedupStore>| async move {
     ///         sqlx::query("INSERT INTO payments (order_id) VALUES (?1)")
     ///             .bind(msg.envelope.subject.clone())
     ///             .execute(&mut *tx)

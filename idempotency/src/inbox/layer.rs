@@ -40,7 +40,7 @@ where
     /// use surety_core::consumer::{handler_fn, Incoming, Outcome};
     /// use surety_core::{DeliveryInfo, Envelope, HandlerError};
     /// use surety_core::tower::{Layer, ServiceExt};
-    /// use surety_idempotency::{IdempotencyLayer, InboxTransaction, SqliteStore};
+    /// use surety_idempotency::{IdempotencyLayer, InboxTransaction, SqliteDedupStore};
     /// # use sqlx::sqlite::SqlitePoolOptions;
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -48,7 +48,7 @@ where
     /// # surety_idempotency::sqlite::migrate(&pool).await?;
     /// # sqlx::query("CREATE TABLE payments (order_id TEXT)").execute(&pool).await?;
     /// let pay = handler_fn(|msg: Incoming| async move {
-    ///     let inbox = InboxTransaction::<SqliteStore>::of(&msg)?;
+    ///     let inbox = InboxTransaction::<SqliteDedupStore>::of(&msg)?;
     ///     let mut tx = inbox.lock().await?;
     ///     sqlx::query("INSERT INTO payments (order_id) VALUES (?1)")
     ///         .bind(msg.envelope.subject.clone())
@@ -57,7 +57,7 @@ where
     ///         .map_err(HandlerError::transient)?;
     ///     Ok::<_, HandlerError>(())
     /// });
-    /// let handler = IdempotencyLayer::new(SqliteStore::new(pool.clone()))
+    /// let handler = IdempotencyLayer::new(SqliteDedupStore::new(pool.clone()))
     ///     .transactional()
     ///     .layer(pay);
     ///

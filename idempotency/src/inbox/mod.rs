@@ -73,14 +73,14 @@ impl From<Claim> for Marked {
 /// a caller's transaction. Implemented by the SQLite and PostgreSQL stores.
 ///
 /// ```
-/// use surety_idempotency::{Marked, SqliteStore, TransactionalStore};
+/// use surety_idempotency::{Marked, SqliteDedupStore, TransactionalStore};
 /// # use sqlx::sqlite::SqlitePoolOptions;
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// # let pool = SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
 /// # surety_idempotency::sqlite::migrate(&pool).await?;
 /// # sqlx::query("CREATE TABLE shipments (order_id TEXT)").execute(&pool).await?;
-/// let store = SqliteStore::new(pool);
+/// let store = SqliteDedupStore::new(pool);
 /// for _delivery in 0..2 {
 ///     let mut tx = store.begin().await?;
 ///     sqlx::query("INSERT INTO shipments (order_id) VALUES ('o-1')").execute(&mut *tx).await?;

@@ -1,4 +1,4 @@
-//! [`MemoryStore`]: a bounded in-memory dedup store for tests, examples and
+//! [`MemoryDedupStore`]: a bounded in-memory dedup store for tests, examples and
 //! single-process deployments.
 
 use std::collections::{HashMap, VecDeque, hash_map};
@@ -14,10 +14,10 @@ use super::{Claim, DedupStore, Immediate, Lease, LeaseToken};
 use crate::error::StoreError;
 use crate::metrics::IdempotencyMetrics;
 
-/// Default capacity of a [`MemoryStore`], in keys.
+/// Default capacity of a [`MemoryDedupStore`], in keys.
 pub const DEFAULT_CAPACITY: usize = 100_000;
 
-/// A [`MemoryStore`] that evicts completed keys logs a warning at most
+/// A [`MemoryDedupStore`] that evicts completed keys logs a warning at most
 /// once per this interval (the first eviction at once), with the number of
 /// keys evicted since the last warning.
 pub const EVICTION_WARNING_INTERVAL: Duration = Duration::from_secs(60);
@@ -51,10 +51,10 @@ pub const EVICTION_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 ///
 /// ```
 /// use std::time::Duration;
-/// use surety_idempotency::{Claim, DedupStore, MemoryStore};
+/// use surety_idempotency::{Claim, DedupStore, MemoryDedupStore};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), surety_idempotency::StoreError> {
-/// let store = MemoryStore::with_capacity(1);
+/// let store = MemoryDedupStore::with_capacity(1);
 /// let Claim::Acquired(lease) = store.claim("a", Duration::from_secs(5)).await? else { unreachable!() };
 /// store.complete("a", &lease.token, None).await?;
 /// // Full: "a" is evicted to make room for "b".
@@ -63,7 +63,7 @@ pub const EVICTION_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
-pub struct MemoryStore {
+pub struct MemoryDedupStore {
     shared: Arc<Shared>,
 }
 
@@ -182,7 +182,7 @@ enum State {
     },
 }
 
-impl MemoryStore {
+impl MemoryDedupStore {
     /// A store holding up to [`DEFAULT_CAPACITY`] keys.
     pub fn new() -> Self {
         Self::with_capacity(DEFAULT_CAPACITY)
@@ -336,16 +336,16 @@ impl MemoryStore {
     }
 }
 
-impl Default for MemoryStore {
+impl Default for MemoryDedupStore {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl fmt::Debug for MemoryStore {
+impl fmt::Debug for MemoryDedupStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let inner = self.lock();
-        f.debug_struct("MemoryStore")
+        f.debug_struct("MemoryDedupStore")
             .field("capacity", &inner.capacity)
             .field("keys", &inner.len())
             .field("evictions", &inner.evictions.total)
@@ -492,7 +492,7 @@ fn lease_lost(key: &str) -> StoreError {
     }
 }
 
-impl DedupStore for MemoryStore {
+impl DedupStore for MemoryDedupStore {
     async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
         self.claim_sync(key, lease)
     }
@@ -596,7 +596,7 @@ impl DedupStore for MemoryStore {
     }
 }
 
-impl Immediate for MemoryStore {
+impl Immediate for MemoryDedupStore {
     fn claim_now(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
         self.claim_sync(key, lease)
     }
@@ -640,19 +640,19 @@ mod tests {
 
     /// Stores to run each test on: an ordinary one, and one where every
     /// key has the same hash.
-    fn stores(capacity: usize) -> [MemoryStore; 2] {
-        let colliding = MemoryStore::with_capacity(capacity);
+    fn stores(capacity: usize) -> [MemoryDedupStore; 2] {
+        let colliding = MemoryDedupStore::with_capacity(capacity);
         let mut shared = Arc::into_inner(colliding.shared).unwrap();
         shared.collide = true;
         [
-            MemoryStore::with_capacity(capacity),
-            MemoryStore {
+            MemoryDedupStore::with_capacity(capacity),
+            MemoryDedupStore {
                 shared: Arc::new(shared),
             },
         ]
     }
 
-    async fn acquire(store: &MemoryStore, key: &str) -> Lease {
+    async fn acquire(store: &MemoryDedupStore, key: &str) -> Lease {
         match store.claim(key, LEASE).await.unwrap() {
             Claim::Acquired(lease) => lease,
             other => panic!("expected to acquire {key}, got {other:?}"),
@@ -663,7 +663,7 @@ mod tests {
     async fn evictions_are_counted_in_the_metric() {
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = IdempotencyMetrics::register(&mut registry);
-        let store = MemoryStore::with_capacity(2).metrics(&metrics);
+        let store = MemoryDedupStore::with_capacity(2).metrics(&metrics);
         for key in ["a", "b"] {
             let lease = acquire(&store, key).await;
             store.complete(key, &lease.token, None).await.unwrap();

@@ -233,16 +233,16 @@ pub trait Immediate: Send + Sync {
 /// Implementations must make [`claim`](Self::claim) atomic: of any number
 /// of concurrent claims on a key that is absent (or whose lease expired),
 /// exactly one is [`Acquired`](Claim::Acquired). The in-memory store
-/// ([`MemoryStore`](crate::MemoryStore)) and the SQL stores implement it;
+/// ([`MemoryDedupStore`](crate::MemoryDedupStore)) and the SQL stores implement it;
 /// `surety_testkit::idempotency_store` is the shared test suite every
 /// implementation passes.
 ///
 /// ```
 /// use std::time::Duration;
-/// use surety_idempotency::{Claim, DedupStore, MemoryStore};
+/// use surety_idempotency::{Claim, DedupStore, MemoryDedupStore};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), surety_idempotency::StoreError> {
-/// let store = MemoryStore::new();
+/// let store = MemoryDedupStore::new();
 /// let lease = Duration::from_secs(30);
 ///
 /// // The first delivery acquires the key and runs the handler...
@@ -308,7 +308,7 @@ pub trait DedupStore: Send + Sync + 'static {
     fn size(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// The store's immediate form, when it answers from this process's
-    /// memory without waiting (like [`MemoryStore`](crate::MemoryStore));
+    /// memory without waiting (like [`MemoryDedupStore`](crate::MemoryDedupStore));
     /// `None` (the default) for stores that do I/O.
     ///
     /// The layer then claims and completes through [`Immediate`] without a

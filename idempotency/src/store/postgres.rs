@@ -1,4 +1,4 @@
-//! [`PostgresStore`]: the production dedup store, and the transactional
+//! [`PostgresDedupStore`]: the production dedup store, and the transactional
 //! inbox on PostgreSQL.
 //!
 //! One table, `surety_idempotency`, created by [`migrate`]. Claims are one
@@ -40,7 +40,7 @@ pub use super::MIGRATIONS_TABLE;
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// let pool = sqlx::PgPool::connect("postgres://surety:surety@127.0.0.1:5432/surety").await?;
 /// surety_idempotency::postgres::migrate(&pool).await?;
-/// let store = surety_idempotency::PostgresStore::new(pool);
+/// let store = surety_idempotency::PostgresDedupStore::new(pool);
 /// # let _ = store; Ok(()) }
 /// ```
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
@@ -54,11 +54,11 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
 /// be completed inside the transaction of your business write (the inbox
 /// pattern), see [`inbox`](crate::inbox).
 #[derive(Debug, Clone)]
-pub struct PostgresStore {
+pub struct PostgresDedupStore {
     pool: PgPool,
 }
 
-impl PostgresStore {
+impl PostgresDedupStore {
     /// A store on `pool`. Run [`migrate`] first.
     pub fn new(pool: PgPool) -> Self {
         Self { pool }
@@ -161,4 +161,4 @@ WHERE t.key = doomed.key";
     }
 }
 
-sql_store!(DedupStore, TransactionalStore for PostgresStore on Postgres, PgConnection);
+sql_store!(DedupStore, TransactionalStore for PostgresDedupStore on Postgres, PgConnection);

@@ -1,4 +1,4 @@
-//! [`SqliteStore`]: the embedded dedup store, and the transactional inbox
+//! [`SqliteDedupStore`]: the embedded dedup store, and the transactional inbox
 //! on SQLite.
 //!
 //! One table, `surety_idempotency`, created by [`migrate`]. Claims are one
@@ -25,7 +25,7 @@
 //!     .busy_timeout(Duration::from_secs(5));
 //! let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
 //! surety_idempotency::sqlite::migrate(&pool).await?;
-//! let store = surety_idempotency::SqliteStore::new(pool);
+//! let store = surety_idempotency::SqliteDedupStore::new(pool);
 //! # drop(store); std::fs::remove_dir_all(&dir)?;
 //! # Ok(()) }
 //! ```
@@ -66,11 +66,11 @@ pub async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
 /// `BEGIN IMMEDIATE`, taking SQLite's write lock up front, so two of them
 /// queue rather than fail when the second tries to write.
 #[derive(Debug, Clone)]
-pub struct SqliteStore {
+pub struct SqliteDedupStore {
     pool: SqlitePool,
 }
 
-impl SqliteStore {
+impl SqliteDedupStore {
     /// A store on `pool`. Run [`migrate`] first.
     pub fn new(pool: SqlitePool) -> Self {
         Self { pool }
@@ -171,4 +171,4 @@ DELETE FROM surety_idempotency WHERE key IN (
     }
 }
 
-sql_store!(DedupStore, TransactionalStore for SqliteStore on Sqlite, SqliteConnection);
+sql_store!(DedupStore, TransactionalStore for SqliteDedupStore on Sqlite, SqliteConnection);

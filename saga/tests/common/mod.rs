@@ -170,7 +170,7 @@ pub fn participants_on(
     queues: &Queues,
     world: &World,
 ) -> Host {
-    let dedup = || IdempotencyLayer::new(surety_idempotency::MemoryStore::new());
+    let dedup = || IdempotencyLayer::new(surety_idempotency::MemoryDedupStore::new());
     let w = world.clone();
     let payments = participant("/payments", move |incoming: Incoming| {
         let w = w.clone();
