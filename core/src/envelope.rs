@@ -110,6 +110,13 @@ impl Classify for ReplyError {
     }
 }
 
+impl From<ReplyError> for crate::error::HandlerError {
+    /// A reply that cannot be made is a permanent failure of the request.
+    fn from(error: ReplyError) -> Self {
+        Self::new(error)
+    }
+}
+
 impl Envelope {
     /// A builder for a message of `event_type` from `source`.
     pub fn builder(source: impl Into<String>, event_type: impl Into<String>) -> EnvelopeBuilder {

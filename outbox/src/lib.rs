@@ -75,8 +75,3 @@ pub use store::postgres::{self, PostgresOutbox};
 #[cfg(feature = "sqlite")]
 pub use store::sqlite::{self, SqliteOutbox};
 pub use store::{Backlog, Lease, OutboxRow, OutboxStore};
-
-/// The guide chapter's program, compiled and run as a doctest.
-#[cfg(doctest)]
-#[doc = include_str!("../../docs/guide/04-outbox.md")]
-pub struct GuideOutbox;
