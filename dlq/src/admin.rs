@@ -421,7 +421,11 @@ fn filter_from_params(p: &BTreeMap<String, String>) -> Result<Filter, ApiError> 
     filter.system = text("system");
     filter.topic = text("topic");
     filter.group = text("group");
-    filter.class = text("class");
+    filter.class = p
+        .get("class")
+        .map(|name| name.parse::<crate::letter::FailureClass>())
+        .transpose()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     filter.fingerprint = text("fingerprint");
     filter.handler = text("handler");
     filter.text = text("q");
@@ -462,7 +466,6 @@ fn validate_filter(filter: &Filter) -> Result<(), ApiError> {
         ("system", &filter.system),
         ("topic", &filter.topic),
         ("group", &filter.group),
-        ("class", &filter.class),
         ("fingerprint", &filter.fingerprint),
         ("handler", &filter.handler),
         ("q", &filter.text),
@@ -489,14 +492,6 @@ fn validate_filter(filter: &Filter) -> Result<(), ApiError> {
             "`status` lists {} statuses; there are {}",
             filter.status.len(),
             Status::ALL.len()
-        )));
-    }
-    if let Some(class) = &filter.class
-        && !CLASSES.contains(&class.as_str())
-    {
-        return Err(ApiError::bad_request(format!(
-            "unknown class {class:?}; expected one of {}",
-            CLASSES.join(", ")
         )));
     }
     if let (Some(from), Some(to)) = (filter.from, filter.to)

@@ -462,7 +462,8 @@ impl Config {
                 return Err(self.redeliver(e));
             }
         }
-        self.metrics.dead_lettered(&msg.info, &letter.error.class);
+        self.metrics
+            .dead_lettered(&msg.info, letter.error.class.as_str());
         tracing::warn!(
             handler = %self.handler,
             dlq_id = %letter.id,

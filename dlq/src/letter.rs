@@ -81,13 +81,104 @@ impl Status {
     }
 }
 
+/// The class of the failure that dead-lettered a message: core's
+/// `ErrorClass` (from `surety_core`) without its retry hint, or
+/// `Unknown` for a message the broker dead-lettered on its own. Stored and
+/// shown by its lower-case name.
+///
+/// ```
+/// use surety_core::ErrorClass;
+/// use surety_dlq::FailureClass;
+///
+/// assert_eq!(FailureClass::from(ErrorClass::TRANSIENT), FailureClass::Transient);
+/// assert_eq!("poison".parse::<FailureClass>(), Ok(FailureClass::Poison));
+/// assert!("fatal".parse::<FailureClass>().is_err());
+/// assert_eq!(FailureClass::Permanent, "permanent");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureClass {
+    /// Retrying might have helped; the attempts ran out.
+    Transient,
+    /// The message can never be handled as it is.
+    Permanent,
+    /// The message could not be decoded.
+    Poison,
+    /// The broker dead-lettered the message (a delivery limit, a TTL); the
+    /// handler's verdict is not known.
+    Unknown,
+}
+
+impl FailureClass {
+    /// Every class, in order.
+    pub const ALL: [Self; 4] = [
+        Self::Transient,
+        Self::Permanent,
+        Self::Poison,
+        Self::Unknown,
+    ];
+
+    /// The lower-case name: `transient`, `permanent`, `poison`, `unknown`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Transient => "transient",
+            Self::Permanent => "permanent",
+            Self::Poison => "poison",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl From<surety_core::ErrorClass> for FailureClass {
+    fn from(class: surety_core::ErrorClass) -> Self {
+        match class {
+            surety_core::ErrorClass::Transient { .. } => Self::Transient,
+            surety_core::ErrorClass::Permanent => Self::Permanent,
+            surety_core::ErrorClass::Poison => Self::Poison,
+        }
+    }
+}
+
+impl std::fmt::Display for FailureClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A name that is not a [`FailureClass`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown class {0:?}; expected one of transient, permanent, poison, unknown")]
+pub struct UnknownClass(pub String);
+
+impl std::str::FromStr for FailureClass {
+    type Err = UnknownClass;
+
+    fn from_str(name: &str) -> Result<Self, UnknownClass> {
+        Self::ALL
+            .into_iter()
+            .find(|c| c.as_str() == name)
+            .ok_or_else(|| UnknownClass(name.to_owned()))
+    }
+}
+
+impl PartialEq<str> for FailureClass {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for FailureClass {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// The failure that dead-lettered a message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Failure {
-    /// `transient`, `permanent`, `poison` (core's class names), or
-    /// `unknown` for messages the broker dead-lettered.
-    pub class: String,
+    /// The class of the failure.
+    pub class: FailureClass,
     /// Why the message was dead-lettered.
     pub reason: DeadLetterReason,
     /// The error message with its source chain, bounded
@@ -111,16 +202,12 @@ impl Failure {
             next = err.source();
         }
         Self {
-            class: classify_name(error).to_owned(),
+            class: surety_core::Classify::class(error).into(),
             reason,
             message: error.chain_message(MAX_MESSAGE_LEN),
             chain,
         }
     }
-}
-
-fn classify_name(error: &HandlerError) -> &'static str {
-    surety_core::Classify::class(error).as_str()
 }
 
 /// Where the failed message was consumed.
@@ -321,7 +408,7 @@ impl DeadLetter {
             0
         };
         let failure = Failure::from_error(error, reason);
-        let fingerprint = fingerprint(handler, &failure.class, &failure.message);
+        let fingerprint = fingerprint(handler, failure.class.as_str(), &failure.message);
         let actor = format!("{handler}@{host}");
         let event =
             Event::new(actor, "dead_lettered", Status::Dead).reason(failure.message.clone());
@@ -360,7 +447,7 @@ impl DeadLetter {
         let mut h = Headers::new();
         h.set_parsed(keys::DLQ_VERSION, self.version);
         h.insert(keys::DLQ_ID, self.id.clone());
-        h.insert(keys::ERROR_CLASS, self.error.class.clone());
+        h.insert(keys::ERROR_CLASS, self.error.class.as_str());
         h.insert(keys::ERROR_MESSAGE, self.error.message.clone());
         h.insert(keys::DLQ_REASON, self.error.reason.as_str());
         h.insert(
@@ -506,7 +593,9 @@ fn from_dlq_headers(env: &Envelope) -> Result<DeadLetter, LetterError> {
         id: required(keys::DLQ_ID)?,
         envelope: strip_bookkeeping(env),
         error: Failure {
-            class: text(keys::ERROR_CLASS).unwrap_or_else(|| "unknown".to_owned()),
+            class: text(keys::ERROR_CLASS)
+                .and_then(|name| name.parse().ok())
+                .unwrap_or(FailureClass::Unknown),
             reason,
             message: text(keys::ERROR_MESSAGE).unwrap_or_default(),
             chain,
@@ -571,7 +660,7 @@ fn from_x_death(env: &Envelope, x_death: &str) -> Result<DeadLetter, LetterError
         envelope,
         fingerprint: fingerprint(&handler, "unknown", &message),
         error: Failure {
-            class: "unknown".to_owned(),
+            class: FailureClass::Unknown,
             reason: DeadLetterReason::Broker,
             chain: vec![message.clone()],
             message,
@@ -715,7 +804,7 @@ impl From<ErrorClass> for Failure {
     /// A failure of `class` with no message, for tests and imports.
     fn from(class: ErrorClass) -> Self {
         Self {
-            class: class.as_str().to_owned(),
+            class: class.into(),
             reason: if class.is_retryable() {
                 DeadLetterReason::AttemptsExhausted
             } else {

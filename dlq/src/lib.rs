@@ -48,7 +48,7 @@
 //! use surety_core::tower::Layer;
 //! use surety_core::{Envelope, Message, Publisher, Subscriber};
 //! use surety_dlq::store::{DlqStore, Filter, SqliteDlqStore};
-//! use surety_dlq::{DlqLayer, RetryPolicy};
+//! use surety_dlq::{DlqLayer, FailureClass, RetryPolicy};
 //!
 //! #[derive(serde::Serialize, serde::Deserialize)]
 //! struct OrderPlaced { quantity: u32 }
@@ -73,7 +73,7 @@
 //!
 //! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
 //! let worker = tokio::spawn(Worker::new(handler).run(deliveries, async { stopped.await.ok(); }));
-//! while store.count(&Filter::new().class("poison")).await? == 0 {
+//! while store.count(&Filter::new().class(FailureClass::Poison)).await? == 0 {
 //!     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
 //! }
 //! stop.send(()).ok();
@@ -107,7 +107,7 @@ pub mod sink;
 pub mod store;
 
 pub use layer::{Dlq, DlqLayer, RetryRoute};
-pub use letter::{DeadLetter, Event, Failure, Source, Status};
+pub use letter::{DeadLetter, Event, Failure, FailureClass, Source, Status, UnknownClass};
 pub use metrics::DlqMetrics;
 pub use policy::{Backoff, Decision, RetryMode, RetryPolicy, Schedule};
 pub use replay::{

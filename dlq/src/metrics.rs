@@ -188,7 +188,7 @@ impl DlqMetrics {
                 messaging_system: row.system.clone(),
                 messaging_destination_name: row.topic.clone(),
                 messaging_consumer_group_name: row.group.clone(),
-                error_class: row.class.clone(),
+                error_class: row.class.as_str().to_owned(),
             };
             self.depth
                 .get_or_create(&labels)

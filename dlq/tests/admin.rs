@@ -164,7 +164,7 @@ async fn bad_filters_and_bodies_are_400_with_a_reason() {
         (
             "/dlq/replay",
             r#"{"filter": {"class": "fatal"}}"#,
-            "unknown class",
+            "filter.class: unknown variant `fatal`, expected one of",
         ),
         (
             "/dlq/replay",

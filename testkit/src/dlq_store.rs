@@ -35,7 +35,7 @@ use surety_dlq::policy::DeadLetterReason;
 use surety_dlq::store::{
     AuditEntry, AuditSelection, DlqStore, Filter, PageRequest, StoreError, Transition,
 };
-use surety_dlq::{DeadLetter, Event, Status};
+use surety_dlq::{DeadLetter, Event, FailureClass, Status};
 
 use crate::conformance::{CheckFailure, CheckResult, Report};
 
@@ -327,9 +327,9 @@ pub async fn filters(store: Arc<dyn DlqStore>) -> CheckResult {
         Filter::new().system("kafka"),
         Filter::new().topic("orders"),
         Filter::new().group("billing"),
-        Filter::new().class("permanent"),
+        Filter::new().class(FailureClass::Permanent),
         Filter::new()
-            .class("transient")
+            .class(FailureClass::Transient)
             .topic("orders")
             .system("memory"),
         Filter::new().fingerprint(fingerprint),
@@ -348,7 +348,7 @@ pub async fn filters(store: Arc<dyn DlqStore>) -> CheckResult {
         Filter::new().text("no such text"),
         Filter::new()
             .group("billing")
-            .class("permanent")
+            .class(FailureClass::Permanent)
             .status([Status::Parked]),
     ];
     let mut expected_sizes = Vec::new();
@@ -419,7 +419,7 @@ pub async fn paging(store: Arc<dyn DlqStore>) -> CheckResult {
             ));
         }
     }
-    let poison = Filter::new().class("poison");
+    let poison = Filter::new().class(FailureClass::Poison);
     let got = ids(&list_all(CHECK, &*store, &poison, 4).await?);
     let expected: Vec<_> = letters
         .iter()
@@ -587,7 +587,7 @@ pub async fn audit_log(store: Arc<dyn DlqStore>) -> CheckResult {
         if n % 2 == 0 {
             selection.ids = vec![format!("id-{n}")];
         } else {
-            selection.filter = Some(Filter::new().class("poison").text("x"));
+            selection.filter = Some(Filter::new().class(FailureClass::Poison).text("x"));
         }
         entry.selection = selection;
         entry.succeeded = vec![format!("id-{n}")];
@@ -689,25 +689,25 @@ pub async fn depth(store: Arc<dyn DlqStore>) -> CheckResult {
         .map_err(|e| store_err(CHECK, "depth", e))?;
     let mut got: Vec<_> = rows
         .iter()
-        .map(|d| (d.system.clone(), d.class.clone(), d.count, d.oldest))
+        .map(|d| (d.system.clone(), d.class, d.count, d.oldest))
         .collect();
     got.sort();
     let mut expected = vec![
         (
             "kafka".to_owned(),
-            "permanent".to_owned(),
+            FailureClass::Permanent,
             2,
             letters[0].dead_lettered_at,
         ),
         (
             "kafka".to_owned(),
-            "poison".to_owned(),
+            FailureClass::Poison,
             1,
             letters[2].dead_lettered_at,
         ),
         (
             "rabbitmq".to_owned(),
-            "permanent".to_owned(),
+            FailureClass::Permanent,
             1,
             letters[3].dead_lettered_at,
         ),

@@ -7,7 +7,7 @@ use super::{
     AuditEntry, Depth, DlqStore, Filter, Page, PageRequest, StoreError, Transition, parse_cursor,
 };
 use crate::job::Job;
-use crate::letter::DeadLetter;
+use crate::letter::{DeadLetter, FailureClass};
 
 /// A [`DlqStore`] in memory. Cheap to clone; clones share the records.
 /// Nothing survives the process.
@@ -144,19 +144,19 @@ impl DlqStore for MemoryDlqStore {
 
     async fn depth(&self) -> Result<Vec<Depth>, StoreError> {
         let state = self.lock();
-        let mut groups: BTreeMap<(String, String, String, String), Depth> = BTreeMap::new();
+        let mut groups: BTreeMap<(String, String, String, FailureClass), Depth> = BTreeMap::new();
         for letter in state.letters.values().filter(|l| l.status.is_parked()) {
             let key = (
                 letter.source.system.clone(),
                 letter.source.topic.clone(),
                 letter.source.group.clone(),
-                letter.error.class.clone(),
+                letter.error.class,
             );
             let depth = groups.entry(key).or_insert_with(|| Depth {
                 system: letter.source.system.clone(),
                 topic: letter.source.topic.clone(),
                 group: letter.source.group.clone(),
-                class: letter.error.class.clone(),
+                class: letter.error.class,
                 count: 0,
                 oldest: letter.dead_lettered_at,
             });

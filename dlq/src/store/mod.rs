@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use surety_core::{BoxError, Classify, ErrorClass};
 
 use crate::job::Job;
-use crate::letter::{DeadLetter, Event, Status};
+use crate::letter::{DeadLetter, Event, FailureClass, Status};
 
 pub use memory::MemoryDlqStore;
 #[cfg(feature = "postgres")]
@@ -94,7 +94,7 @@ pub struct Filter {
     pub group: Option<String>,
     /// Error class (`transient`, `permanent`, `poison`, `unknown`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub class: Option<String>,
+    pub class: Option<FailureClass>,
     /// Fingerprint.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
@@ -140,8 +140,8 @@ impl Filter {
         self
     }
 
-    /// Only this error class.
-    pub fn class(mut self, class: impl Into<String>) -> Self {
+    /// Only this failure class.
+    pub fn class(mut self, class: impl Into<FailureClass>) -> Self {
         self.class = Some(class.into());
         self
     }
@@ -183,7 +183,7 @@ impl Filter {
         eq(&self.system, &letter.source.system)
             && eq(&self.topic, &letter.source.topic)
             && eq(&self.group, &letter.source.group)
-            && eq(&self.class, &letter.error.class)
+            && self.class.is_none_or(|class| class == letter.error.class)
             && eq(&self.fingerprint, &letter.fingerprint)
             && eq(&self.handler, &letter.handler)
             && (self.status.is_empty() || self.status.contains(&letter.status))
@@ -383,8 +383,8 @@ pub struct Depth {
     pub topic: String,
     /// Source group.
     pub group: String,
-    /// Error class.
-    pub class: String,
+    /// Failure class.
+    pub class: FailureClass,
     /// Dead letters with status `dead` or `parked`.
     pub count: u64,
     /// When the oldest of them was dead-lettered.
@@ -402,7 +402,7 @@ pub struct Depth {
 /// use surety_core::{DeliveryInfo, Envelope, HandlerError};
 /// use surety_dlq::policy::DeadLetterReason;
 /// use surety_dlq::store::{DlqStore, Filter, MemoryDlqStore, PageRequest};
-/// use surety_dlq::DeadLetter;
+/// use surety_dlq::{DeadLetter, FailureClass};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), surety_dlq::store::StoreError> {
 /// let store = MemoryDlqStore::new();
@@ -412,7 +412,7 @@ pub struct Depth {
 ///     DeadLetterReason::NotRetryable, 1, "billing", "host-1");
 /// store.put(&letter).await?;
 ///
-/// let page = store.list(&Filter::new().class("permanent").text("QUANTITY"), &PageRequest::first(50)).await?;
+/// let page = store.list(&Filter::new().class(FailureClass::Permanent).text("QUANTITY"), &PageRequest::first(50)).await?;
 /// assert_eq!(page.items.len(), 1);
 /// assert_eq!(store.get(&letter.id).await?.unwrap().envelope.id, env.id);
 /// # Ok(()) }

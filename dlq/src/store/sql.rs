@@ -143,7 +143,6 @@ macro_rules! sql_store {
                     ("messaging_system", &filter.system),
                     ("topic", &filter.topic),
                     ("consumer_group", &filter.group),
-                    ("error_class", &filter.class),
                     ("fingerprint", &filter.fingerprint),
                     ("handler", &filter.handler),
                 ];
@@ -162,6 +161,9 @@ macro_rules! sql_store {
                     if let Some(value) = value {
                         qb.push(" AND ").push(column).push(" = ").push_bind(value.clone());
                     }
+                }
+                if let Some(class) = filter.class {
+                    qb.push(" AND error_class = ").push_bind(class.as_str());
                 }
                 if !filter.status.is_empty() {
                     // At most one variable per distinct status, however long
@@ -210,7 +212,7 @@ macro_rules! sql_store {
                     .push(", consumer_group = ")
                     .push_bind(letter.source.group.clone())
                     .push(", error_class = ")
-                    .push_bind(letter.error.class.clone())
+                    .push_bind(letter.error.class.as_str())
                     .push(", fingerprint = ")
                     .push_bind(letter.fingerprint.clone())
                     .push(", handler = ")
@@ -268,7 +270,7 @@ macro_rules! sql_store {
                         .push_bind(l.source.system.clone())
                         .push_bind(l.source.topic.clone())
                         .push_bind(l.source.group.clone())
-                        .push_bind(l.error.class.clone())
+                        .push_bind(l.error.class.as_str())
                         .push_bind(l.fingerprint.clone())
                         .push_bind(l.handler.clone())
                         .push_bind(c.search_text.clone())
@@ -426,13 +428,17 @@ macro_rules! sql_store {
                 let rows = qb.build().fetch_all(&self.pool).await.map_err(backend)?;
                 let mut out = Vec::with_capacity(rows.len());
                 for row in rows {
+                    let class: String = row.try_get(3).map_err(backend)?;
+                    let class = class
+                        .parse()
+                        .map_err(|e: $crate::letter::UnknownClass| StoreError::Corrupt(e.to_string()))?;
                     let count: i64 = row.try_get(4).map_err(backend)?;
                     let oldest: i64 = row.try_get(5).map_err(backend)?;
                     out.push($crate::store::Depth {
                         system: row.try_get(0).map_err(backend)?,
                         topic: row.try_get(1).map_err(backend)?,
                         group: row.try_get(2).map_err(backend)?,
-                        class: row.try_get(3).map_err(backend)?,
+                        class,
                         count: u64::try_from(count).unwrap_or(0),
                         oldest: from_micros(oldest)?,
                     });
