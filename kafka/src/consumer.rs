@@ -30,6 +30,10 @@ use crate::context::{ConsumerCtx, Shared};
 use crate::error::transport_error;
 use crate::tracker::{Action, Registered, Token};
 
+/// How often the poll loop applies the offset stores that settlements left
+/// waiting (at most this long after an ack its offset is stored).
+const STORE_TICK: Duration = Duration::from_millis(100);
+
 /// The consumer type of a subscription.
 pub(crate) type KafkaConsumer = StreamConsumer<ConsumerCtx>;
 
@@ -99,6 +103,11 @@ impl Poller {
         let mut paused = false;
         let mut hold_until: Option<Instant> = None;
         let mut draining: Option<Instant> = None;
+        // Settlements wake the loop once per batch of stores (see
+        // `Tracker::finish`); this tick applies the stores that wait when
+        // no batch fills, e.g. behind a message the application holds.
+        let mut store_tick = tokio::time::interval(STORE_TICK);
+        store_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if draining.is_none() {
                 // Hand over what waited for room.
@@ -140,6 +149,7 @@ impl Poller {
                 biased;
                 () = cancel.cancelled() => Event::Shutdown,
                 () = shared.wake.notified() => Event::Wake,
+                _ = store_tick.tick() => Event::Wake,
                 () = tokio::time::sleep_until(deadline), if !open || (holding && hold_until.is_some()) => {
                     if open { Event::HoldTimeout } else { Event::DrainTimeout }
                 }
@@ -413,21 +423,22 @@ pub(crate) fn broker_timestamp(
 pub(crate) fn to_envelope(topic: &str, message: &BorrowedMessage<'_>) -> Envelope {
     let (headers, header_error) = read_headers(message);
     let payload = Bytes::copy_from_slice(message.payload().unwrap_or_default());
-    let undecodable = |headers, error: &dyn fmt::Display| {
+    let undecodable = |headers, payload, error: &dyn fmt::Display| {
         Envelope::undecodable(
             format!("kafka://{topic}"),
             format!("{topic}/{}/{}", message.partition(), message.offset()),
             headers,
-            payload.clone(),
+            payload,
             error,
         )
     };
     if let Some(error) = header_error {
-        return undecodable(headers, &error);
+        return undecodable(headers, payload, &error);
     }
-    match Envelope::from_binary(headers.clone(), payload.clone()) {
+    // No copy of the headers in case of failure: a failure hands them back.
+    match Envelope::from_binary_or_return(headers, payload) {
         Ok(envelope) => envelope,
-        Err(err) => undecodable(headers, &err),
+        Err((err, headers, payload)) => undecodable(headers, payload, &err),
     }
 }
 
