@@ -374,32 +374,43 @@ impl Envelope {
     /// `ce_type`) are a [`DecodeError`]: such a message is poison. Missing
     /// optional attributes take their defaults (time: now, content type:
     /// JSON, schema version: 1).
-    pub fn from_binary(mut headers: Headers, payload: Bytes) -> Result<Self, DecodeError> {
-        let mut required = |key: &'static str| {
-            headers
-                .remove(key)
-                .filter(|v| !v.is_empty())
-                .ok_or(DecodeError::MissingAttribute(key))
+    pub fn from_binary(headers: Headers, payload: Bytes) -> Result<Self, DecodeError> {
+        Self::from_binary_or_return(headers, payload).map_err(|failed| failed.0)
+    }
+
+    /// [`from_binary`](Self::from_binary), except that a failure hands the
+    /// headers and the payload back as they came, with the error: a
+    /// transport that turns an unreadable message into an
+    /// [undecodable](Self::undecodable) envelope needs no copy of them
+    /// beforehand.
+    ///
+    /// ```
+    /// use surety_core::{Envelope, Headers};
+    ///
+    /// let mut headers = Headers::new();
+    /// headers.insert("ce_id", "1");
+    /// let (error, headers, _payload) =
+    ///     Envelope::from_binary_or_return(headers, bytes::Bytes::new()).unwrap_err();
+    /// assert!(error.to_string().contains("ce_source"));
+    /// assert_eq!(headers.get("ce_id"), Some("1"));
+    /// ```
+    #[allow(clippy::result_large_err)]
+    pub fn from_binary_or_return(
+        mut headers: Headers,
+        payload: Bytes,
+    ) -> Result<Self, (DecodeError, Headers, Bytes)> {
+        // Everything that can fail is checked on the borrowed headers first,
+        // so that a failure returns them untouched.
+        let (time, schema_version) = match check_binary(&headers) {
+            Ok(parsed) => parsed,
+            Err(err) => return Err((err, headers, payload)),
         };
-        let id = required(keys::ce::ID)?;
-        let source = required(keys::ce::SOURCE)?;
-        let event_type = required(keys::ce::TYPE)?;
-        let time = match headers.remove(keys::ce::TIME) {
-            None => Utc::now(),
-            Some(t) => DateTime::parse_from_rfc3339(&t)
-                .map_err(|_| DecodeError::InvalidAttribute {
-                    key: keys::ce::TIME,
-                    value: t.clone(),
-                })?
-                .with_timezone(&Utc),
-        };
-        let schema_version = match headers.remove(keys::ce::SCHEMA_VERSION) {
-            None => 1,
-            Some(v) => v.parse().map_err(|_| DecodeError::InvalidAttribute {
-                key: keys::ce::SCHEMA_VERSION,
-                value: v.clone(),
-            })?,
-        };
+        let mut take = |key: &'static str| headers.remove(key).unwrap_or_default();
+        let id = take(keys::ce::ID);
+        let source = take(keys::ce::SOURCE);
+        let event_type = take(keys::ce::TYPE);
+        headers.remove(keys::ce::TIME);
+        headers.remove(keys::ce::SCHEMA_VERSION);
         headers.remove(keys::ce::SPECVERSION);
         Ok(Envelope {
             id,
@@ -418,6 +429,34 @@ impl Envelope {
             payload,
         })
     }
+}
+
+/// The checks of [`Envelope::from_binary`] on borrowed headers: the
+/// required attributes are present and not empty; the time (now when
+/// absent) and the schema version (1 when absent), parsed.
+fn check_binary(headers: &Headers) -> Result<(DateTime<Utc>, u32), DecodeError> {
+    for key in [keys::ce::ID, keys::ce::SOURCE, keys::ce::TYPE] {
+        if headers.get(key).is_none_or(str::is_empty) {
+            return Err(DecodeError::MissingAttribute(key));
+        }
+    }
+    let time = match headers.get(keys::ce::TIME) {
+        None => Utc::now(),
+        Some(t) => DateTime::parse_from_rfc3339(t)
+            .map_err(|_| DecodeError::InvalidAttribute {
+                key: keys::ce::TIME,
+                value: t.to_owned(),
+            })?
+            .with_timezone(&Utc),
+    };
+    let schema_version = match headers.get(keys::ce::SCHEMA_VERSION) {
+        None => 1,
+        Some(v) => v.parse().map_err(|_| DecodeError::InvalidAttribute {
+            key: keys::ce::SCHEMA_VERSION,
+            value: v.to_owned(),
+        })?,
+    };
+    Ok((time, schema_version))
 }
 
 /// A new message id: a UUIDv7, so ids sort by creation time.

@@ -13,6 +13,11 @@
 //!   the adapter's `Publisher` (`send`, then the confirmation) and acks,
 //!   with up to `C` deliveries between receipt and ack (the same bound as
 //!   the worker's concurrency);
+//! - **raw client**: the same loop written against raw lapin / raw
+//!   rdkafka, no Surety code: a consumer on the group's queue (prefetch
+//!   `C`) or as the group (offsets stored after each confirmation), a
+//!   publish of the delivery's body and headers as they came to the DLQ
+//!   topic, its confirmation, then the ack; up to `C` in flight;
 //! - **dlq**: a core `Worker` (concurrency `C`) running a `DlqLayer` whose
 //!   handler fails every message permanently, with a `TopicSink` to a DLQ
 //!   topic: classification, the retry decision, the dead letter built and
@@ -55,8 +60,11 @@ use surety_core::{
 };
 use surety_dlq::{DlqLayer, RetryPolicy};
 use surety_kafka::rdkafka::ClientConfig;
+use surety_kafka::rdkafka::Message as _;
 use surety_kafka::rdkafka::admin::{AdminClient, AdminOptions};
 use surety_kafka::rdkafka::client::DefaultClientContext;
+use surety_kafka::rdkafka::consumer::{Consumer, StreamConsumer};
+use surety_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use surety_kafka::{KafkaConfig, KafkaTransport};
 use surety_rabbitmq::lapin::options::QueueDeleteOptions;
 use surety_rabbitmq::topology::WorkQueue;
@@ -156,11 +164,22 @@ trait Topology {
     fn declare(&self, topic: &str, groups: &[String]) -> impl Future<Output = ()>;
     /// Deletes `topic` and the `groups`' queues.
     fn remove(&self, topic: &str, groups: &[String]) -> impl Future<Output = ()>;
+    /// The consume→publish loop on the raw client: `messages` of `topic`
+    /// read as `group`, each published to `out`, confirmed, then acked.
+    fn raw_client_loop(
+        &self,
+        topic: &str,
+        group: &str,
+        out: &str,
+        messages: usize,
+        settings: &Settings,
+    ) -> impl Future<Output = Sample>;
 }
 
 struct Rabbit {
     channel: surety_rabbitmq::lapin::Channel,
     exchange: String,
+    url: String,
 }
 
 impl Topology for Rabbit {
@@ -186,6 +205,89 @@ impl Topology for Rabbit {
             }
         }
     }
+
+    async fn raw_client_loop(
+        &self,
+        topic: &str,
+        group: &str,
+        out: &str,
+        messages: usize,
+        settings: &Settings,
+    ) -> Sample {
+        use surety_rabbitmq::lapin::options::{
+            BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+            ConfirmSelectOptions,
+        };
+        use surety_rabbitmq::lapin::types::FieldTable;
+        use surety_rabbitmq::lapin::{Connection, ConnectionProperties};
+
+        let connection = Connection::connect(&self.url, ConnectionProperties::default())
+            .await
+            .expect("raw lapin connects");
+        let consumer_channel = connection.create_channel().await.expect("a channel");
+        let concurrency = u16::try_from(settings.concurrency).unwrap_or(u16::MAX);
+        consumer_channel
+            .basic_qos(concurrency, BasicQosOptions::default())
+            .await
+            .expect("prefetch");
+        let publisher = connection.create_channel().await.expect("a channel");
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        let queue = queue_name(topic, group);
+        let mut deliveries = consumer_channel
+            .basic_consume(
+                queue.as_str().into(),
+                "surety-dlq-bench-raw".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("raw consume");
+        let mut pending = FuturesUnordered::new();
+        let (mut received, mut confirmed) = (0, 0);
+        let mut first = None;
+        let mut last = None;
+        let work = async {
+            while confirmed < messages {
+                tokio::select! {
+                    Some(at) = pending.next(), if !pending.is_empty() => {
+                        confirmed += 1;
+                        last = Some(at);
+                    }
+                    next = deliveries.next(), if received < messages && pending.len() < settings.concurrency => {
+                        let delivery = next.expect("the consumer is open").expect("a delivery");
+                        first.get_or_insert_with(Instant::now);
+                        received += 1;
+                        let confirm = publisher
+                            .basic_publish(
+                                self.exchange.as_str().into(),
+                                out.into(),
+                                BasicPublishOptions::default(),
+                                &delivery.data,
+                                delivery.properties.clone(),
+                            )
+                            .await
+                            .expect("raw publish");
+                        pending.push(async move {
+                            let confirmation = confirm.await.expect("a confirm");
+                            assert!(confirmation.is_ack(), "the broker nacked");
+                            let at = Instant::now();
+                            delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
+                            at
+                        });
+                    }
+                }
+            }
+        };
+        within("the raw client loop", work).await;
+        let _ = connection.close(200, "surety-dlq-bench: done".into()).await;
+        Sample {
+            messages,
+            elapsed: last.expect("a confirmation") - first.expect("a delivery"),
+        }
+    }
 }
 
 async fn rabbitmq(url: &str, settings: &Settings) -> Report {
@@ -196,6 +298,7 @@ async fn rabbitmq(url: &str, settings: &Settings) -> Report {
     let topology = Rabbit {
         channel: transport.channel().await.expect("a channel"),
         exchange: transport.config().exchange.clone(),
+        url: url.to_owned(),
     };
     let report = run("rabbitmq", &transport, &topology, settings).await;
     transport.close().await.ok();
@@ -204,6 +307,7 @@ async fn rabbitmq(url: &str, settings: &Settings) -> Report {
 
 struct Kafka {
     transport: KafkaTransport,
+    brokers: String,
     /// Topics to delete once the transport and its consumers are closed:
     /// librdkafka (against tansu) can crash when a topic disappears under a
     /// consumer that is still shutting down.
@@ -221,6 +325,76 @@ impl Topology for Kafka {
     async fn remove(&self, topic: &str, _groups: &[String]) {
         self.done_with.lock().unwrap().push(topic.to_owned());
     }
+
+    async fn raw_client_loop(
+        &self,
+        topic: &str,
+        group: &str,
+        out: &str,
+        messages: usize,
+        settings: &Settings,
+    ) -> Sample {
+        // The adapter's managed settings, on the raw clients.
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", group)
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .create()
+            .expect("a raw consumer");
+        consumer.subscribe(&[topic]).expect("raw subscribe");
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.timeout.ms", "30000")
+            .create()
+            .expect("a raw producer");
+        let mut pending = FuturesUnordered::new();
+        let (mut received, mut confirmed) = (0, 0);
+        let mut first = None;
+        let mut last = None;
+        let work = async {
+            while confirmed < messages {
+                tokio::select! {
+                    Some((partition, offset, at)) = pending.next(), if !pending.is_empty() => {
+                        confirmed += 1;
+                        last = Some(at);
+                        let _ = consumer.store_offset(topic, partition, offset + 1);
+                    }
+                    next = consumer.recv(), if received < messages && pending.len() < settings.concurrency => {
+                        let message = next.expect("a raw message");
+                        first.get_or_insert_with(Instant::now);
+                        received += 1;
+                        let mut record = FutureRecord::<[u8], [u8]>::to(out)
+                            .payload(message.payload().unwrap_or_default());
+                        if let Some(key) = message.key() {
+                            record = record.key(key);
+                        }
+                        if let Some(headers) = message.headers() {
+                            record = record.headers(headers.detach());
+                        }
+                        let delivery = producer.send_result(record).map_err(|(e, _)| e).expect("raw send");
+                        let (partition, offset) = (message.partition(), message.offset());
+                        pending.push(async move {
+                            delivery.await.expect("delivered").map_err(|(e, _)| e).expect("confirmed");
+                            (partition, offset, Instant::now())
+                        });
+                    }
+                }
+            }
+        };
+        within("the raw client loop", work).await;
+        tokio::task::spawn_blocking(move || drop((consumer, producer)))
+            .await
+            .expect("the raw clients close");
+        Sample {
+            messages,
+            elapsed: last.expect("a confirmation") - first.expect("a delivery"),
+        }
+    }
 }
 
 async fn kafka_run(brokers: &str, settings: &Settings) -> Report {
@@ -234,6 +408,7 @@ async fn kafka_run(brokers: &str, settings: &Settings) -> Report {
     .expect("connects to Kafka");
     let topology = Kafka {
         transport: transport.clone(),
+        brokers: brokers.to_owned(),
         done_with: Mutex::default(),
     };
     let report = run("kafka", &transport, &topology, settings).await;
@@ -270,7 +445,8 @@ impl Sample {
 struct Report {
     broker: &'static str,
     settings: Settings,
-    rounds: Vec<(Sample, Sample)>,
+    /// Per round: the adapter loop, the DLQ pipeline, the raw client loop.
+    rounds: Vec<(Sample, Sample, Sample)>,
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -307,25 +483,48 @@ impl std::fmt::Display for Report {
                 ""
             },
         )?;
-        for (n, (raw, dlq)) in self.rounds.iter().enumerate() {
+        for (n, (raw, dlq, client)) in self.rounds.iter().enumerate() {
             writeln!(
                 f,
-                "  round {}: adapter loop {:>8.0} msg/s, dlq {:>8.0} msg/s, ratio {:.2}",
+                "  round {}: adapter loop {:>8.0} msg/s, dlq {:>8.0} msg/s, ratio {:.2}; raw client loop {:>8.0} msg/s (dlq / raw client {:.2})",
                 n + 1,
                 raw.rate(),
                 dlq.rate(),
-                dlq.rate() / raw.rate()
+                dlq.rate() / raw.rate(),
+                client.rate(),
+                dlq.rate() / client.rate()
             )?;
         }
-        let raw = median(self.rounds.iter().map(|(r, _)| r.rate()).collect());
-        let dlq = median(self.rounds.iter().map(|(_, d)| d.rate()).collect());
+        let client_ratio = median(
+            self.rounds
+                .iter()
+                .map(|(_, d, c)| d.rate() / c.rate())
+                .collect(),
+        );
+        let loop_ratio = median(
+            self.rounds
+                .iter()
+                .map(|(r, _, c)| r.rate() / c.rate())
+                .collect(),
+        );
+        writeln!(
+            f,
+            "  against the raw client loop ({}): dlq / raw client {client_ratio:.2}, adapter loop / raw client {loop_ratio:.2} (medians of the rounds' ratios; reference, no target)",
+            if self.broker == "kafka" {
+                "rdkafka"
+            } else {
+                "lapin"
+            },
+        )?;
+        let raw = median(self.rounds.iter().map(|(r, _, _)| r.rate()).collect());
+        let dlq = median(self.rounds.iter().map(|(_, d, _)| d.rate()).collect());
         // Each round pairs the variants on the same messages and the same
         // broker state, one right after the other: the median of the
         // per-round ratios is robust to drift between rounds.
         let ratio = median(
             self.rounds
                 .iter()
-                .map(|(r, d)| d.rate() / r.rate())
+                .map(|(r, d, _)| d.rate() / r.rate())
                 .collect(),
         );
         writeln!(
@@ -394,14 +593,22 @@ async fn round<T, P>(
     run_id: &str,
     n: usize,
     messages: usize,
-) -> (Sample, Sample)
+) -> (Sample, Sample, Sample)
 where
     T: Publisher + Subscriber + Clone + 'static,
     P: Topology,
 {
     let topic = format!("surety-dlq-bench.{run_id}.{n}");
-    let groups = [format!("raw-{run_id}-{n}"), format!("dlq-{run_id}-{n}")];
-    let dlq_topics = [format!("{topic}.raw-out"), format!("{topic}.dlq-out")];
+    let groups = [
+        format!("loop-{run_id}-{n}"),
+        format!("dlq-{run_id}-{n}"),
+        format!("rawclient-{run_id}-{n}"),
+    ];
+    let dlq_topics = [
+        format!("{topic}.loop-out"),
+        format!("{topic}.dlq-out"),
+        format!("{topic}.rawclient-out"),
+    ];
     let sink = vec![format!("sink-{run_id}-{n}")];
     topology.declare(&topic, &groups).await;
     for t in &dlq_topics {
@@ -438,18 +645,22 @@ where
             settings,
         )
     };
-    let (raw, dlq) = if n.is_multiple_of(2) {
+    let raw_client =
+        || topology.raw_client_loop(&topic, &groups[2], &dlq_topics[2], messages, settings);
+    let (raw, dlq, raw_client) = if n.is_multiple_of(2) {
         let dlq = dlq().await;
-        (raw().await, dlq)
-    } else {
         let raw = raw().await;
-        (raw, dlq().await)
+        (raw, dlq, raw_client().await)
+    } else {
+        let raw_client = raw_client().await;
+        let raw = raw().await;
+        (raw, dlq().await, raw_client)
     };
     topology.remove(&topic, &groups).await;
     for t in &dlq_topics {
         topology.remove(t, &sink).await;
     }
-    (raw, dlq)
+    (raw, dlq, raw_client)
 }
 
 /// The baseline: receive, publish a copy, wait for its confirmation, ack;

@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
@@ -30,6 +30,10 @@ use crate::config::deadline_after;
 use crate::context::{ConsumerCtx, Shared};
 use crate::error::transport_error;
 use crate::tracker::{Action, Registered, Token};
+
+/// How often the poll loop applies the offset stores that settlements left
+/// waiting (at most this long after an ack its offset is stored).
+const STORE_TICK: Duration = Duration::from_millis(100);
 
 /// The consumer type of a subscription.
 pub(crate) type KafkaConsumer = StreamConsumer<ConsumerCtx>;
@@ -100,6 +104,11 @@ impl Poller {
         let mut paused = false;
         let mut hold_until: Option<Instant> = None;
         let mut draining: Option<Instant> = None;
+        // Settlements wake the loop once per batch of stores (see
+        // `Tracker::finish`); this tick applies the stores that wait when
+        // no batch fills, e.g. behind a message the application holds.
+        let mut store_tick = tokio::time::interval(STORE_TICK);
+        store_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if draining.is_none() {
                 // Hand over what waited for room.
@@ -141,6 +150,7 @@ impl Poller {
                 biased;
                 () = cancel.cancelled() => Event::Shutdown,
                 () = shared.wake.notified() => Event::Wake,
+                _ = store_tick.tick() => Event::Wake,
                 () = tokio::time::sleep_until(deadline), if !open || (holding && hold_until.is_some()) => {
                     if open { Event::HoldTimeout } else { Event::DrainTimeout }
                 }
@@ -160,57 +170,59 @@ impl Poller {
                 message = consumer.recv(), if !holding => {
                     match message {
                         Ok(message) if open => {
-                            let item = accept(&shared, &message);
-                            if shared.tracker().wants_actions() {
-                                // A message to be redelivered was fetched
-                                // past: seek again (or report the stall).
-                                shared.wake.notify_one();
-                            }
-                            if let Some(item) = item {
-                                if overflow.is_empty() {
-                                    match tx.try_send(item) {
-                                        Ok(()) => {}
-                                        Err(mpsc::error::TrySendError::Full(item)) => {
-                                            overflow.push_back(item);
+                            // Records librdkafka already holds are taken in
+                            // this turn too (up to a batch), so the loop's
+                            // select and the application's wake-up are paid
+                            // once per burst, not once per record.
+                            let mut next = Some(message);
+                            let mut taken = 0;
+                            let mut event = Event::Nothing;
+                            while let Some(message) = next.take() {
+                                taken += 1;
+                                let item = accept(&shared, &message);
+                                drop(message);
+                                if shared.tracker().wants_actions() {
+                                    // A message to be redelivered was fetched
+                                    // past: seek again (or report the stall).
+                                    shared.wake.notify_one();
+                                }
+                                if let Some(item) = item {
+                                    if overflow.is_empty() {
+                                        match tx.try_send(item) {
+                                            Ok(()) => {}
+                                            Err(mpsc::error::TrySendError::Full(item)) => {
+                                                overflow.push_back(item);
+                                            }
+                                            Err(mpsc::error::TrySendError::Closed(_)) => {}
                                         }
-                                        Err(mpsc::error::TrySendError::Closed(_)) => {}
+                                    } else {
+                                        overflow.push_back(item);
                                     }
-                                } else {
-                                    overflow.push_back(item);
+                                    if paused && !overflow.is_empty() {
+                                        // Fetched before the pause, or from a
+                                        // partition assigned since: pause all.
+                                        set_paused(&consumer, true);
+                                    } else if !overflow.is_empty() {
+                                        hold_until.get_or_insert_with(|| deadline_after(pause_after));
+                                    }
                                 }
-                                if paused && !overflow.is_empty() {
-                                    // Fetched before the pause, or from a
-                                    // partition assigned since: pause all.
-                                    set_paused(&consumer, true);
-                                } else if !overflow.is_empty() {
-                                    hold_until.get_or_insert_with(|| deadline_after(pause_after));
+                                if taken >= RECV_BATCH || !overflow.is_empty() || paused {
+                                    break;
+                                }
+                                match consumer.recv().now_or_never() {
+                                    Some(Ok(more)) => next = Some(more),
+                                    Some(Err(err)) => {
+                                        event = consumer_error(&shared, &tx, draining.is_none(), err);
+                                    }
+                                    None => {}
                                 }
                             }
-                            Event::Nothing
+                            event
                         }
                         // Draining: not registered, not stored; the next
                         // owner of the partition fetches it again.
                         Ok(_) => Event::Nothing,
-                        Err(err) => {
-                            let fatal = matches!(err, KafkaError::MessageConsumptionFatal(_));
-                            tracing::warn!(topic = %shared.topic, group = %shared.group, error = %err, "consuming failed");
-                            let err = transport_error(
-                                format!("consuming topic {} as group {}", shared.topic, shared.group),
-                                err,
-                            );
-                            // librdkafka recovers from transient errors by
-                            // itself (they are only logged); the application
-                            // hears of the ones it must act on.
-                            let forward = fatal || err.kind() == TransportErrorKind::Config;
-                            if forward && draining.is_none() && tx.try_send(Item::Error(err)).is_err() {
-                                tracing::debug!("subscription buffer full; error not forwarded");
-                            }
-                            if fatal {
-                                Event::Shutdown
-                            } else {
-                                Event::Nothing
-                            }
-                        }
+                        Err(err) => consumer_error(&shared, &tx, draining.is_none(), err),
                     }
                 }
             };
@@ -280,6 +292,32 @@ impl Poller {
         }
         shared.left.send_replace(true);
         tracing::debug!(topic = %shared.topic, group = %shared.group, "subscription closed");
+    }
+}
+
+/// Records taken from librdkafka in one turn of the poll loop, at most.
+const RECV_BATCH: usize = 64;
+
+/// Logs a consumer error and forwards the ones the application must act on
+/// (fatal, configuration) to the stream while it is `open`; a fatal error
+/// ends the subscription.
+fn consumer_error(shared: &Shared, tx: &mpsc::Sender<Item>, open: bool, err: KafkaError) -> Event {
+    let fatal = matches!(err, KafkaError::MessageConsumptionFatal(_));
+    tracing::warn!(topic = %shared.topic, group = %shared.group, error = %err, "consuming failed");
+    let err = transport_error(
+        format!("consuming topic {} as group {}", shared.topic, shared.group),
+        err,
+    );
+    // librdkafka recovers from transient errors by itself (they are only
+    // logged); the application hears of the ones it must act on.
+    let forward = fatal || err.kind() == TransportErrorKind::Config;
+    if forward && open && tx.try_send(Item::Error(err)).is_err() {
+        tracing::debug!("subscription buffer full; error not forwarded");
+    }
+    if fatal {
+        Event::Shutdown
+    } else {
+        Event::Nothing
     }
 }
 
@@ -414,21 +452,22 @@ pub(crate) fn broker_timestamp(
 pub(crate) fn to_envelope(topic: &str, message: &BorrowedMessage<'_>) -> Envelope {
     let (headers, header_error) = read_headers(message);
     let payload = Bytes::copy_from_slice(message.payload().unwrap_or_default());
-    let undecodable = |headers, error: &dyn fmt::Display| {
+    let undecodable = |headers, payload, error: &dyn fmt::Display| {
         Envelope::undecodable(
             format!("kafka://{topic}"),
             format!("{topic}/{}/{}", message.partition(), message.offset()),
             headers,
-            payload.clone(),
+            payload,
             error,
         )
     };
     if let Some(error) = header_error {
-        return undecodable(headers, &error);
+        return undecodable(headers, payload, &error);
     }
-    match Envelope::from_binary(headers.clone(), payload.clone()) {
+    // No copy of the headers in case of failure: a failure hands them back.
+    match Envelope::from_binary_or_return(headers, payload) {
         Ok(envelope) => envelope,
-        Err(err) => undecodable(headers, &err),
+        Err((err, headers, payload)) => undecodable(headers, payload, &err),
     }
 }
 

@@ -158,7 +158,13 @@ pub(crate) struct Tracker {
     next_generation: u64,
     next_delivery: u64,
     closed: bool,
+    /// Stores asked for since the last [`take_actions`](Self::take_actions).
+    unapplied_stores: usize,
 }
+
+/// Stores that wait for the poll loop before a settlement wakes it (see
+/// [`Tracker::finish`]).
+pub(crate) const STORE_BATCH: usize = 64;
 
 impl Tracker {
     pub(crate) fn new() -> Self {
@@ -324,11 +330,22 @@ impl Tracker {
     }
 
     /// The delivery's outcome is final (ack or reject). Returns whether the
-    /// loop has work to do.
+    /// loop should apply the stores now (it also does every 100 ms): once
+    /// [`STORE_BATCH`] stores wait,
+    /// or when nothing is open any more (the application caught up, or a
+    /// draining loop waits for the last settlement). Waking the loop for
+    /// every store cost a cross-task wake-up per message; a store that
+    /// waits is applied with the next batch, and an offset is never stored
+    /// past an unsettled message either way.
     pub(crate) fn finish(&mut self, token: &Token) -> Result<bool, Refused> {
         let track = self.track_for(token)?;
         track.open.remove(&token.offset);
-        Ok(track.advance())
+        if !track.advance() {
+            return Ok(false);
+        }
+        self.unapplied_stores += 1;
+        Ok(self.unapplied_stores >= STORE_BATCH
+            || self.partitions.values().all(|t| t.open.is_empty()))
     }
 
     /// The delivery must be delivered again (nack with requeue, or dropped).
@@ -344,6 +361,7 @@ impl Tracker {
 
     /// Stores and seeks for the loop to apply, in order.
     pub(crate) fn take_actions(&mut self) -> Vec<Action> {
+        self.unapplied_stores = 0;
         let mut actions = Vec::new();
         let mut partitions: Vec<_> = self.partitions.iter_mut().collect();
         partitions.sort_unstable_by_key(|(p, _)| **p);
@@ -425,6 +443,33 @@ mod tests {
                 Action::Seek { .. } | Action::Stalled { .. } => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn acks_wake_the_loop_once_per_batch_of_stores_or_when_nothing_is_open() {
+        let mut t = Tracker::new();
+        t.assign([0]);
+        let n = STORE_BATCH as i64 * 2 + 1;
+        let tokens: Vec<Token> = (0..n).map(|offset| deliver(&mut t, 0, offset)).collect();
+        let wakes: Vec<i64> = tokens
+            .iter()
+            .filter(|token| t.finish(token).unwrap())
+            .map(|token| token.offset)
+            .collect();
+        // Without take_actions in between, the count keeps rising: the
+        // batch boundary, then every ack after it, then the last (idle).
+        assert_eq!(wakes.first(), Some(&(STORE_BATCH as i64 - 1)));
+        assert_eq!(wakes.last(), Some(&(n - 1)));
+        assert_eq!(stores(&t.take_actions()), [n], "the latest store");
+
+        let a = deliver(&mut t, 0, n);
+        let b = deliver(&mut t, 0, n + 1);
+        assert!(
+            !t.finish(&a).unwrap(),
+            "one store, one still open: no wake-up"
+        );
+        assert!(t.finish(&b).unwrap(), "nothing open: wake up");
+        assert_eq!(stores(&t.take_actions()), [n + 2]);
     }
 
     #[test]
