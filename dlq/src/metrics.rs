@@ -3,8 +3,9 @@
 //!
 //! Counters are recorded by [`DlqLayer`](crate::DlqLayer) and
 //! [`Replayer`](crate::Replayer); the depth and age gauges come from a
-//! [`DlqStore`] and are refreshed by [`DlqMetrics::refresh`] (call it
-//! periodically, or before each scrape).
+//! [`DlqStore`]: run [`DlqMetrics::watch`] as a background task (a
+//! [`Host`](surety_core::host::Host) task) and they follow the store, whoever
+//! writes to it. [`DlqMetrics::refresh`] reads them once.
 //!
 //! ```
 //! use prometheus_client::registry::Registry;
@@ -32,6 +33,7 @@
 //! ```
 
 use std::collections::HashSet;
+use std::time::Duration;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -175,8 +177,49 @@ impl DlqMetrics {
             .inc();
     }
 
-    /// Sets the depth and oldest-age gauges from `store`. Series of sources
-    /// that emptied since the last refresh drop to 0.
+    /// Keeps the depth and oldest-age gauges current: refreshes them from
+    /// `store` every `every` (at least once a second) until `shutdown`
+    /// resolves. A failed read is logged and tried again at the next tick;
+    /// the gauges keep their last values meanwhile.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use surety_core::host::Host;
+    /// use surety_dlq::DlqMetrics;
+    /// use surety_dlq::store::MemoryDlqStore;
+    ///
+    /// let mut registry = prometheus_client::registry::Registry::default();
+    /// let metrics = DlqMetrics::register(&mut registry);
+    /// let store = MemoryDlqStore::new();
+    /// let host = Host::new().task("dlq-depth", move |shutdown| async move {
+    ///     metrics.watch(&store, Duration::from_secs(15), shutdown.wait()).await;
+    /// });
+    /// # let _ = host;
+    /// ```
+    pub async fn watch(
+        &self,
+        store: &dyn DlqStore,
+        every: Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        let every = every.max(Duration::from_secs(1));
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                _ = ticks.tick() => {
+                    if let Err(err) = self.refresh(store).await {
+                        tracing::warn!(error = %err, "reading the DLQ depth failed; trying again at the next tick");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sets the depth and oldest-age gauges from `store`, once. Series of
+    /// sources that emptied since the last refresh drop to 0.
     pub async fn refresh(&self, store: &dyn DlqStore) -> Result<(), StoreError> {
         let rows = store.depth().await?;
         let now = Utc::now();
