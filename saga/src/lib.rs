@@ -82,6 +82,8 @@
 //! Without features the crate ships the in-memory [`store::MemoryStore`].
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+#[cfg(feature = "admin")]
+pub mod admin;
 pub mod checkout;
 pub mod consumer;
 mod definition;

@@ -291,6 +291,99 @@ macro_rules! sql_saga_store {
                     })
                     .collect()
             }
+
+            async fn list(
+                &self,
+                filter: &$crate::store::ListFilter,
+            ) -> Result<Vec<$crate::store::InstanceSummary>, $crate::store::StoreError> {
+                use sqlx::Row as _;
+                use $crate::sql::{backend, from_millis, json, millis};
+                let rows = sqlx::query(
+                    "SELECT saga, id, state, state_name, version, finished, created_at, updated_at \
+                     FROM surety_saga_instance \
+                     WHERE ($1 IS NULL OR saga = $1) AND ($2 IS NULL OR state_name = $2) \
+                     AND ($3 IS NULL OR finished = $3) AND ($4 IS NULL OR created_at <= $4) \
+                     AND ($5 IS NULL OR (finished = FALSE AND updated_at <= $5)) \
+                     ORDER BY updated_at, id LIMIT $6",
+                )
+                .bind(filter.saga.as_deref())
+                .bind(filter.state_name.as_deref())
+                .bind(filter.finished)
+                .bind(filter.started_before.map(millis))
+                .bind(filter.idle_since.map(millis))
+                .bind(i64::try_from(filter.limit).unwrap_or(i64::MAX))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(backend)?;
+                rows.into_iter()
+                    .map(|row| {
+                        let version: i64 = row.try_get("version").map_err(backend)?;
+                        let state: String = row.try_get("state").map_err(backend)?;
+                        Ok($crate::store::InstanceSummary {
+                            saga: row.try_get("saga").map_err(backend)?,
+                            id: row.try_get("id").map_err(backend)?,
+                            state_name: row.try_get("state_name").map_err(backend)?,
+                            version: u64::try_from(version).map_err(backend)?,
+                            finished: row.try_get("finished").map_err(backend)?,
+                            created_at: from_millis(row.try_get("created_at").map_err(backend)?),
+                            updated_at: from_millis(row.try_get("updated_at").map_err(backend)?),
+                            state: json(&state)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn audit(
+                &self,
+                entry: $crate::store::AuditRecord,
+            ) -> Result<(), $crate::store::StoreError> {
+                use $crate::sql::{backend, millis};
+                sqlx::query(
+                    "INSERT INTO surety_saga_audit (saga, id, actor, action, reason, at) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(&entry.saga)
+                .bind(&entry.id)
+                .bind(&entry.actor)
+                .bind(&entry.action)
+                .bind(&entry.reason)
+                .bind(millis(entry.at))
+                .execute(&self.pool)
+                .await
+                .map_err(backend)?;
+                Ok(())
+            }
+
+            async fn audit_log(
+                &self,
+                saga: &str,
+                id: &str,
+            ) -> Result<Vec<$crate::store::AuditRecord>, $crate::store::StoreError> {
+                use sqlx::Row as _;
+                use $crate::sql::{backend, from_millis};
+                let rows = sqlx::query(
+                    "SELECT actor, action, reason, at FROM surety_saga_audit \
+                     WHERE saga = $1 AND id = $2 ORDER BY seq",
+                )
+                .bind(saga)
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(backend)?;
+                rows.into_iter()
+                    .map(|row| {
+                        let mut entry = $crate::store::AuditRecord::new(
+                            saga,
+                            id,
+                            row.try_get::<String, _>("actor").map_err(backend)?,
+                            row.try_get::<String, _>("action").map_err(backend)?,
+                            row.try_get::<String, _>("reason").map_err(backend)?,
+                        );
+                        entry.at = from_millis(row.try_get("at").map_err(backend)?);
+                        Ok(entry)
+                    })
+                    .collect()
+            }
         }
     };
 }

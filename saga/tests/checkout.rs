@@ -473,6 +473,28 @@ impl surety_saga::store::SagaStore for RacingStore {
     ) -> Result<Vec<surety_saga::store::HistoryRecord>, surety_saga::store::StoreError> {
         self.inner.history(saga, id).await
     }
+
+    async fn list(
+        &self,
+        filter: &surety_saga::store::ListFilter,
+    ) -> Result<Vec<surety_saga::store::InstanceSummary>, surety_saga::store::StoreError> {
+        self.inner.list(filter).await
+    }
+
+    async fn audit(
+        &self,
+        entry: surety_saga::store::AuditRecord,
+    ) -> Result<(), surety_saga::store::StoreError> {
+        self.inner.audit(entry).await
+    }
+
+    async fn audit_log(
+        &self,
+        saga: &str,
+        id: &str,
+    ) -> Result<Vec<surety_saga::store::AuditRecord>, surety_saga::store::StoreError> {
+        self.inner.audit_log(saga, id).await
+    }
 }
 
 #[tokio::test]
