@@ -93,7 +93,7 @@ pub struct Orchestrator<S, St> {
 }
 
 impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
-    /// Runs `saga` on `store`. Commands carry the source `/saga/<NAME>`
+    /// Runs `saga` on `store`. Commands carry the source `/saga/<name>`
     /// unless [`Orchestrator::source`] says otherwise.
     pub fn new(saga: S, store: St) -> Self {
         Self {

@@ -17,7 +17,7 @@ use surety_core::{BoxError, Classify, Envelope, ErrorClass};
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct InstanceRecord {
-    /// The saga's [`NAME`](crate::Saga::NAME).
+    /// The saga's [name](crate::Saga::name).
     pub saga: String,
     /// The saga id (the correlation id of its messages).
     pub id: String,
