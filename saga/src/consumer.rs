@@ -52,7 +52,7 @@ use surety_core::{ErrorClass, HandlerError};
 
 use crate::definition::{Input, Saga};
 use crate::orchestrator::{Orchestrator, Outcome as SagaOutcome};
-use crate::steps::{StepReply, Steps};
+use crate::steps::{ReplyTypes, StepReply};
 use crate::store::SagaStore;
 
 /// Applies `message`, a reply or event decoded from `incoming`, to the
@@ -103,11 +103,13 @@ where
     }))
 }
 
-/// The reply consumer of a step-list saga: a [`Router`] with a route for
-/// each of [`Steps::reply_types`]; other types are rejected (permanent).
+/// The reply consumer of a step-list saga ([`Steps`](crate::steps::Steps)
+/// or [`Versions`](crate::steps::Versions)): a [`Router`] with a route for
+/// each of its [`ReplyTypes`]; other types are rejected (permanent).
 /// See the [module docs](self).
-pub fn reply_handler<St>(orchestrator: Arc<Orchestrator<Steps, St>>) -> Router
+pub fn reply_handler<S, St>(orchestrator: Arc<Orchestrator<S, St>>) -> Router
 where
+    S: Saga<Message = StepReply> + ReplyTypes + 'static,
     St: SagaStore + 'static,
 {
     let types = orchestrator.saga().reply_types();

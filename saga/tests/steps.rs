@@ -621,3 +621,52 @@ fn keyed_commands_keep_their_id_across_resends() {
         let _ = Command::new("x", "y", serde_json::Value::Null);
     });
 }
+
+#[test]
+fn in_flight_instances_drain_on_the_version_they_started_on() {
+    use surety_saga::steps::{Step, Versions};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let v1 = saga();
+        // Version 2 checks for fraud first: step 0 means something else.
+        let v2 = Steps::new(checkout::NAME)
+            .version(2)
+            .step(Step::new("fraud", "fraud", "fraud.check").replies("fraud.cleared"))
+            .step(Step::new("payment", "payments", "payment.charge").replies("payment.charged"));
+        let store = MemoryStore::new();
+        let old = Orchestrator::new(v1.clone(), store.clone());
+        old.start("o-old", v1.begin(serde_json::json!({})))
+            .await
+            .unwrap();
+        store.take_commands();
+
+        // Deployed: new instances start on v2, o-old keeps running on v1.
+        let new = Orchestrator::new(Versions::new(v2.clone()).draining(v1), store.clone());
+        new.start("o-new", new.saga().begin(serde_json::json!({})))
+            .await
+            .unwrap();
+        assert_eq!(store.take_commands()[0].1.event_type, "fraud.check");
+        new.handle("o-old", reply("payment.charged")).await.unwrap();
+        assert_eq!(store.take_commands()[0].1.event_type, "inventory.reserve");
+        let state = new.state("o-old").await.unwrap().unwrap();
+        assert_eq!(state.definition, 1);
+        assert_eq!(new.saga().state_name(&state), "inventory");
+
+        // Without v1 loaded, its instances take no input rather than run on v2.
+        let only_v2 = Orchestrator::new(Versions::new(v2), store.clone());
+        assert_eq!(
+            only_v2
+                .handle("o-old", reply("inventory.reserved"))
+                .await
+                .unwrap(),
+            surety_saga::Outcome::Ignored
+        );
+    });
+    // A state stored before versions existed is version 1.
+    let mut stored = serde_json::to_value(given(&[])).unwrap();
+    stored.as_object_mut().unwrap().remove("definition");
+    let state: StepState = serde_json::from_value(stored).unwrap();
+    assert_eq!(state.definition, 1);
+}
