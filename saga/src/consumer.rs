@@ -181,3 +181,53 @@ where
         })
     }
 }
+
+/// A background task for [`Host::task`](surety_core::host::Host::task)
+/// that sets the gauges of `metrics` every `every`: unfinished instances of
+/// the saga by step, and how many have not moved for `stuck_after`
+/// ([`SagaMetrics::observe`](crate::metrics::SagaMetrics::observe)). It
+/// lists at most `limit` unfinished instances per run.
+pub fn gauge_task<S, St>(
+    orchestrator: Arc<Orchestrator<S, St>>,
+    metrics: crate::metrics::SagaMetrics,
+    every: Duration,
+    stuck_after: Duration,
+    limit: usize,
+) -> impl FnOnce(Shutdown) -> futures::future::BoxFuture<'static, ()> + Send + 'static
+where
+    S: Saga + 'static,
+    St: SagaStore + 'static,
+{
+    move |shutdown: Shutdown| {
+        Box::pin(async move {
+            let stop = shutdown.wait();
+            tokio::pin!(stop);
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let saga = orchestrator.saga().name().to_owned();
+            loop {
+                tokio::select! {
+                    () = &mut stop => break,
+                    _ = tick.tick() => {}
+                }
+                let mut filter = crate::store::ListFilter::new(limit);
+                filter.saga = Some(saga.clone());
+                filter.finished = Some(false);
+                match orchestrator.store().list(&filter).await {
+                    Ok(unfinished) => {
+                        let idle_since = chrono::Duration::from_std(stuck_after)
+                            .ok()
+                            .and_then(|d| Utc::now().checked_sub_signed(d))
+                            .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
+                        metrics.observe(&saga, &unfinished, idle_since);
+                    }
+                    Err(error) => tracing::warn!(
+                        saga,
+                        error = %error,
+                        "listing saga instances for the gauges failed"
+                    ),
+                }
+            }
+        })
+    }
+}

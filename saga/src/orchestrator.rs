@@ -164,7 +164,12 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         };
         let outcome = outcome_of(&write);
         match self.store.write(write).await {
-            Ok(()) => Ok(outcome),
+            Ok(()) => {
+                if let Some(metrics) = &self.metrics {
+                    metrics.started(self.saga.name());
+                }
+                Ok(outcome)
+            }
             Err(StoreError::Conflict { .. }) => Ok(Outcome::AlreadyStarted),
             Err(error) => Err(error.into()),
         }
@@ -302,7 +307,13 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             };
             let outcome = outcome_of(&write);
             match self.store.write(write).await {
-                Ok(()) => return Ok(outcome),
+                Ok(()) => {
+                    if let Some(metrics) = &self.metrics {
+                        let waited = (now - record.updated_at).to_std().unwrap_or_default();
+                        metrics.step(self.saga.name(), &record.state_name, waited);
+                    }
+                    return Ok(outcome);
+                }
                 Err(StoreError::TimerGone { .. }) => return Ok(Outcome::TimerStale),
                 Err(StoreError::Conflict { .. }) if conflicts < MAX_CONFLICT_RETRIES => {
                     conflicts += 1;
@@ -387,6 +398,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 state_name: state_name.clone(),
                 version,
                 finished: self.saga.is_finished(&state),
+                updated_at: now,
             },
             history: HistoryRecord {
                 version,

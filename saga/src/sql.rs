@@ -68,7 +68,7 @@ macro_rules! sql_saga_store {
                 use sqlx::Row as _;
                 use $crate::sql::{backend, json};
                 let row = sqlx::query(
-                    "SELECT state, state_name, version, finished FROM surety_saga_instance \
+                    "SELECT state, state_name, version, finished, updated_at FROM surety_saga_instance \
                      WHERE saga = $1 AND id = $2",
                 )
                 .bind(saga)
@@ -86,6 +86,9 @@ macro_rules! sql_saga_store {
                     state_name: row.try_get("state_name").map_err(backend)?,
                     version: u64::try_from(version).map_err(backend)?,
                     finished: row.try_get("finished").map_err(backend)?,
+                    updated_at: $crate::sql::from_millis(
+                        row.try_get("updated_at").map_err(backend)?,
+                    ),
                 }))
             }
 

@@ -29,6 +29,8 @@ pub struct InstanceRecord {
     pub version: u64,
     /// Whether the state is final.
     pub finished: bool,
+    /// When the instance last moved (the stored transition's time).
+    pub updated_at: DateTime<Utc>,
 }
 
 /// One row of an instance's history: the input applied and where it led.

@@ -670,3 +670,62 @@ fn in_flight_instances_drain_on_the_version_they_started_on() {
     let state: StepState = serde_json::from_value(stored).unwrap();
     assert_eq!(state.definition, 1);
 }
+
+#[test]
+fn metrics_count_starts_ends_steps_and_observe_stuck_instances() {
+    use prometheus_client::registry::Registry;
+    use surety_saga::metrics::SagaMetrics;
+    use surety_saga::store::{ListFilter, SagaStore};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut registry = Registry::default();
+        let metrics = SagaMetrics::register(&mut registry);
+        let store = MemoryStore::new();
+        let saga = Orchestrator::new(self::saga(), store.clone()).metrics(metrics.clone());
+        for id in ["a", "b", "c"] {
+            saga.start(id, saga.saga().begin(serde_json::json!({})))
+                .await
+                .unwrap();
+        }
+        saga.handle("a", reply("payment.declined")).await.unwrap();
+        saga.handle("b", reply("payment.charged")).await.unwrap();
+        saga.handle("b", reply("payment.charged")).await.unwrap();
+        assert_eq!(metrics.started_count("checkout"), 3);
+        assert_eq!(metrics.finished_count("checkout", "compensated"), 1);
+        assert_eq!(
+            metrics.inputs_count("checkout", "ignored"),
+            1,
+            "the duplicate"
+        );
+
+        let mut filter = ListFilter::new(100);
+        filter.finished = Some(false);
+        let unfinished = store.list(&filter).await.unwrap();
+        metrics.observe("checkout", &unfinished, Utc::now());
+        assert_eq!(metrics.instances_count("checkout", "payment"), 1);
+        assert_eq!(metrics.instances_count("checkout", "inventory"), 1);
+        assert_eq!(metrics.stuck_count("checkout"), 2);
+        // "c" moves on: its old step drops to 0.
+        saga.handle("c", reply("payment.charged")).await.unwrap();
+        let unfinished = store.list(&filter).await.unwrap();
+        metrics.observe(
+            "checkout",
+            &unfinished,
+            Utc::now() - chrono::Duration::hours(1),
+        );
+        assert_eq!(metrics.instances_count("checkout", "payment"), 0);
+        assert_eq!(metrics.instances_count("checkout", "inventory"), 2);
+        assert_eq!(metrics.stuck_count("checkout"), 0);
+
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(
+                "surety_saga_step_duration_seconds_count{saga=\"checkout\",state=\"payment\"} 3"
+            ),
+            "{text}"
+        );
+    });
+}
