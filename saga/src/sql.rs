@@ -336,6 +336,55 @@ macro_rules! sql_saga_store {
                     .collect()
             }
 
+            async fn purge_finished(
+                &self,
+                saga: &str,
+                before: chrono::DateTime<chrono::Utc>,
+                limit: usize,
+            ) -> Result<u64, $crate::store::StoreError> {
+                use $crate::sql::{backend, millis};
+                let ids: Vec<String> = sqlx::query_scalar(
+                    "SELECT id FROM surety_saga_instance \
+                     WHERE saga = $1 AND finished = TRUE AND updated_at < $2 LIMIT $3",
+                )
+                .bind(saga)
+                .bind(millis(before))
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(backend)?;
+                let mut deleted = 0;
+                for id in ids {
+                    let $p = &self.pool;
+                    let mut tx = $begin.await.map_err(backend)?;
+                    // Only if still finished: a finished instance takes no input.
+                    let gone = sqlx::query(
+                        "DELETE FROM surety_saga_instance \
+                         WHERE saga = $1 AND id = $2 AND finished = TRUE",
+                    )
+                    .bind(saga)
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(backend)?;
+                    if gone.rows_affected() == 0 {
+                        continue;
+                    }
+                    for table in ["DELETE FROM surety_saga_history WHERE saga = $1 AND id = $2",
+                                  "DELETE FROM surety_saga_timer WHERE saga = $1 AND id = $2"] {
+                        sqlx::query(table)
+                            .bind(saga)
+                            .bind(&id)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(backend)?;
+                    }
+                    tx.commit().await.map_err(backend)?;
+                    deleted += 1;
+                }
+                Ok(deleted)
+            }
+
             async fn audit(
                 &self,
                 entry: $crate::store::AuditRecord,

@@ -265,6 +265,17 @@ pub trait SagaStore: Send + Sync {
         filter: &ListFilter,
     ) -> impl Future<Output = Result<Vec<InstanceSummary>, StoreError>> + Send;
 
+    /// Deletes up to `limit` instances of `saga` that finished before
+    /// `before`, with their history and timers (the retention policy; the
+    /// audit trail stays). Unfinished instances are never deleted. Returns
+    /// how many were deleted.
+    fn purge_finished(
+        &self,
+        saga: &str,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
     /// Appends to the operator audit trail.
     fn audit(&self, entry: AuditRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
 
@@ -456,6 +467,35 @@ impl SagaStore for MemoryStore {
         found.sort_by(|a, b| a.updated_at.cmp(&b.updated_at).then(a.id.cmp(&b.id)));
         found.truncate(filter.limit);
         Ok(found)
+    }
+
+    async fn purge_finished(
+        &self,
+        saga: &str,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        let gone: Vec<Key> = inner
+            .instances
+            .iter()
+            .filter(|(key, i)| {
+                key.0 == saga
+                    && i.finished
+                    && inner
+                        .times
+                        .get(*key)
+                        .is_some_and(|(_, moved)| *moved < before)
+            })
+            .map(|(key, _)| key.clone())
+            .take(limit)
+            .collect();
+        for key in &gone {
+            inner.instances.remove(key);
+            inner.history.remove(key);
+            inner.times.remove(key);
+        }
+        Ok(gone.len() as u64)
     }
 
     async fn audit(&self, entry: AuditRecord) -> Result<(), StoreError> {

@@ -481,6 +481,15 @@ impl surety_saga::store::SagaStore for RacingStore {
         self.inner.list(filter).await
     }
 
+    async fn purge_finished(
+        &self,
+        saga: &str,
+        before: chrono::DateTime<Utc>,
+        limit: usize,
+    ) -> Result<u64, surety_saga::store::StoreError> {
+        self.inner.purge_finished(saga, before, limit).await
+    }
+
     async fn audit(
         &self,
         entry: surety_saga::store::AuditRecord,

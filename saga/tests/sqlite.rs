@@ -281,4 +281,12 @@ async fn instances_list_by_state_age_and_stuck_and_audits_are_kept() {
     let audit = store.audit_log("pay", "a").await.unwrap();
     assert_eq!(audit.len(), 1);
     assert_eq!(audit[0].reason, "by hand");
+
+    // Retention: finished instances go with their history; "a" runs on.
+    let later = Utc::now() + chrono::Duration::seconds(1);
+    assert_eq!(store.purge_finished("pay", later, 10).await.unwrap(), 1);
+    assert!(store.load("pay", "b").await.unwrap().is_none());
+    assert!(store.history("pay", "b").await.unwrap().is_empty());
+    assert!(store.load("pay", "a").await.unwrap().is_some());
+    assert_eq!(store.purge_finished("pay", later, 10).await.unwrap(), 0);
 }
