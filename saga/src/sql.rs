@@ -68,7 +68,8 @@ macro_rules! sql_saga_store {
                 use sqlx::Row as _;
                 use $crate::sql::{backend, json};
                 let row = sqlx::query(
-                    "SELECT state, state_name, version, finished, updated_at FROM surety_saga_instance \
+                    "SELECT state, state_name, version, finished, updated_at, state_version \
+                     FROM surety_saga_instance \
                      WHERE saga = $1 AND id = $2",
                 )
                 .bind(saga)
@@ -89,6 +90,10 @@ macro_rules! sql_saga_store {
                     updated_at: $crate::sql::from_millis(
                         row.try_get("updated_at").map_err(backend)?,
                     ),
+                    state_version: u32::try_from(
+                        row.try_get::<i64, _>("state_version").map_err(backend)?,
+                    )
+                    .map_err(backend)?,
                 }))
             }
 
@@ -113,8 +118,8 @@ macro_rules! sql_saga_store {
                 if expected == 0 {
                     let inserted = sqlx::query(
                         "INSERT INTO surety_saga_instance \
-                         (saga, id, state, state_name, version, finished, created_at, updated_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+                         (saga, id, state, state_name, version, finished, created_at, updated_at, \
+                         state_version) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8)",
                     )
                     .bind(saga)
                     .bind(id)
@@ -123,6 +128,7 @@ macro_rules! sql_saga_store {
                     .bind(count(instance.version)?)
                     .bind(instance.finished)
                     .bind(at)
+                    .bind(i64::from(instance.state_version))
                     .execute(&mut *tx)
                     .await;
                     match inserted {
@@ -135,7 +141,7 @@ macro_rules! sql_saga_store {
                 } else {
                     let updated = sqlx::query(
                         "UPDATE surety_saga_instance SET state = $3, state_name = $4, \
-                         version = $5, finished = $6, updated_at = $7 \
+                         version = $5, finished = $6, updated_at = $7, state_version = $9 \
                          WHERE saga = $1 AND id = $2 AND version = $8",
                     )
                     .bind(saga)
@@ -146,6 +152,7 @@ macro_rules! sql_saga_store {
                     .bind(instance.finished)
                     .bind(at)
                     .bind(count(expected)?)
+                    .bind(i64::from(instance.state_version))
                     .execute(&mut *tx)
                     .await
                     .map_err(backend)?;

@@ -31,6 +31,9 @@ pub struct InstanceRecord {
     pub finished: bool,
     /// When the instance last moved (the stored transition's time).
     pub updated_at: DateTime<Utc>,
+    /// The schema version `state` was written at (1 unless the saga's
+    /// state is upcast, see [`Orchestrator::upcast_state`](crate::Orchestrator::upcast_state)).
+    pub state_version: u32,
 }
 
 /// One row of an instance's history: the input applied and where it led.

@@ -729,3 +729,55 @@ fn metrics_count_starts_ends_steps_and_observe_stuck_instances() {
         );
     });
 }
+
+#[test]
+fn stored_states_of_an_older_schema_are_upcast_before_they_decode() {
+    use surety_core::upcast::Upcasters;
+    use surety_saga::store::SagaStore;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let store = MemoryStore::new();
+        let v1 = Orchestrator::new(saga(), store.clone());
+        v1.start("o-1", saga().begin(serde_json::json!({"total": 4200})))
+            .await
+            .unwrap();
+        store.take_commands();
+        let upcasters = || {
+            Upcasters::new().current_version("checkout.state", 2).step(
+                "checkout.state",
+                1,
+                |mut state| {
+                    state["data"]["cents"] = state["data"]["total"].take();
+                    state
+                },
+            )
+        };
+        let v2 = Orchestrator::new(saga(), store.clone()).upcast_state(upcasters());
+        assert_eq!(v2.state("o-1").await.unwrap().unwrap().data["cents"], 4200);
+        v2.handle("o-1", reply("payment.charged")).await.unwrap();
+        // The command carries the upcast data; the row is at version 2 now.
+        let sent = store.take_commands();
+        let payload: serde_json::Value = sent[0].1.decode().unwrap();
+        assert_eq!(payload["cents"], 4200);
+        assert_eq!(
+            store
+                .load("checkout", "o-1")
+                .await
+                .unwrap()
+                .unwrap()
+                .state_version,
+            2
+        );
+        // A state from a newer schema than this orchestrator knows is an
+        // error, never decoded as if it were current.
+        let old = Orchestrator::new(saga(), store.clone())
+            .upcast_state(Upcasters::new().current_version("checkout.state", 1));
+        let error = old.state("o-1").await.unwrap_err();
+        assert!(
+            matches!(error, surety_saga::SagaError::Upcast { .. }),
+            "{error}"
+        );
+    });
+}

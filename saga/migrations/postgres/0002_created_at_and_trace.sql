@@ -3,6 +3,8 @@
 -- before this migration), and the operator audit trail.
 ALTER TABLE surety_saga_instance ADD COLUMN created_at BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE surety_saga_history ADD COLUMN trace_id TEXT;
+-- The schema version of the stored state, for upcasting.
+ALTER TABLE surety_saga_instance ADD COLUMN state_version BIGINT NOT NULL DEFAULT 1;
 CREATE INDEX IF NOT EXISTS surety_saga_instance_listing ON surety_saga_instance (saga, finished, updated_at);
 
 -- The operator audit trail: written before the action it records.
