@@ -2,7 +2,7 @@
 //! task, both for the core [`Host`](surety_core::host::Host).
 //!
 //! - [`reply_handler`] is a core [`Router`] with one route per reply type of
-//!   a [`Steps`] definition. Each reply is applied to the instance named by
+//!   a [`Steps`](crate::steps::Steps) definition. Each reply is applied to the instance named by
 //!   its correlation id; a duplicate or late reply is a recorded no-op
 //!   (counted as `ignored`/`finished` inputs, settled as
 //!   [`Outcome::Duplicate`]). Run it in a

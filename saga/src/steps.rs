@@ -421,8 +421,7 @@ impl Steps {
             return Transition::ignore();
         };
         let key = self.step_key(&state, index, false);
-        let command =
-            Command::new(&step.topic, &step.command, state.data.clone()).keyed(key.clone());
+        let command = Command::new(&step.topic, &step.command, state.data.clone()).keyed(key);
         state.status = Status::Running {
             step: index,
             attempt,
