@@ -165,6 +165,9 @@ where
                 }
                 loop {
                     match orchestrator.fire_due_timers(Utc::now(), batch).await {
+                        // A full batch: more may be due. Every fired timer
+                        // is gone from the store (applied, stale or
+                        // ignored-and-dropped), so this ends.
                         Ok(fired) if fired.len() >= batch.max(1) => continue,
                         Ok(_) => break,
                         Err(error) => {

@@ -386,6 +386,11 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 now,
             )?
             else {
+                // A timer the definition ignores would fall due again on
+                // every poll: it is dropped (if it is still the one fired).
+                if let Some(timer) = &fired {
+                    self.store.delete_timer(timer).await?;
+                }
                 return Ok(Outcome::Ignored);
             };
             let outcome = outcome_of(&write);

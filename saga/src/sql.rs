@@ -343,6 +343,25 @@ macro_rules! sql_saga_store {
                     .collect()
             }
 
+            async fn delete_timer(
+                &self,
+                timer: &$crate::store::TimerRecord,
+            ) -> Result<bool, $crate::store::StoreError> {
+                use $crate::sql::{backend, millis};
+                let deleted = sqlx::query(
+                    "DELETE FROM surety_saga_timer \
+                     WHERE saga = $1 AND id = $2 AND name = $3 AND due = $4",
+                )
+                .bind(&timer.saga)
+                .bind(&timer.id)
+                .bind(&timer.name)
+                .bind(millis(timer.due))
+                .execute(&self.pool)
+                .await
+                .map_err(backend)?;
+                Ok(deleted.rows_affected() > 0)
+            }
+
             async fn purge_finished(
                 &self,
                 saga: &str,

@@ -255,6 +255,13 @@ pub trait SagaStore: Send + Sync {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<TimerRecord>, StoreError>> + Send;
 
+    /// Deletes `timer` if it is still pending with the same due time (a
+    /// fired timer the definition ignored). Returns whether it was.
+    fn delete_timer(
+        &self,
+        timer: &TimerRecord,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
     /// An instance's history, oldest first.
     fn history(
         &self,
@@ -470,6 +477,16 @@ impl SagaStore for MemoryStore {
         found.sort_by(|a, b| a.updated_at.cmp(&b.updated_at).then(a.id.cmp(&b.id)));
         found.truncate(filter.limit);
         Ok(found)
+    }
+
+    async fn delete_timer(&self, timer: &TimerRecord) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let key = (timer.saga.clone(), timer.id.clone(), timer.name.clone());
+        if inner.timers.get(&key) == Some(&timer.due) {
+            inner.timers.remove(&key);
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     async fn purge_finished(

@@ -481,6 +481,13 @@ impl surety_saga::store::SagaStore for RacingStore {
         self.inner.list(filter).await
     }
 
+    async fn delete_timer(
+        &self,
+        timer: &surety_saga::store::TimerRecord,
+    ) -> Result<bool, surety_saga::store::StoreError> {
+        self.inner.delete_timer(timer).await
+    }
+
     async fn purge_finished(
         &self,
         saga: &str,
@@ -573,4 +580,40 @@ async fn metrics_count_inputs_by_outcome_and_progress_by_state() {
         text.contains(r#"surety_saga_transitions_total{saga="checkout",state="paying"} 1"#),
         "{text}"
     );
+}
+
+/// A saga that ignores every input, timeouts included.
+struct Deaf;
+
+impl Saga for Deaf {
+    type State = u8;
+    type Message = ();
+    fn name(&self) -> &str {
+        "deaf"
+    }
+    fn state_name<'a>(&'a self, _state: &'a u8) -> &'a str {
+        "waiting"
+    }
+    fn is_finished(&self, _state: &u8) -> bool {
+        false
+    }
+    fn apply(&self, _state: &u8, _input: &Input<()>) -> Transition<u8> {
+        Transition::ignore()
+    }
+}
+
+#[tokio::test]
+async fn a_fired_timer_the_definition_ignores_is_dropped() {
+    let store = MemoryStore::new();
+    let saga = Orchestrator::new(Deaf, store.clone());
+    saga.start("d-1", Transition::to(0).set_timer("nap", Duration::ZERO))
+        .await
+        .unwrap();
+    let later = Utc::now() + chrono::Duration::seconds(1);
+    assert_eq!(
+        saga.fire_due_timers(later, 10).await.unwrap(),
+        vec![Outcome::Ignored]
+    );
+    assert!(store.timers().is_empty(), "it does not fall due again");
+    assert!(saga.fire_due_timers(later, 10).await.unwrap().is_empty());
 }
