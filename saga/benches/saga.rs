@@ -11,6 +11,14 @@
 //!   enqueue the command, set the timer, `COMMIT`) on the same file.
 //!   Throughput is in steps; the ratio saga/raw is the target (≥ 0.7).
 //!
+//! - `rabbitmq_checkout` (when `SURETY_AMQP_URL` is set): whole checkouts
+//!   over RabbitMQ with the SQLite store, outbox relay, reply consumer and
+//!   three participants under one `Host`, against `raw`: the same three
+//!   command/reply round trips on the same broker and the same pipeline,
+//!   chained by a stateless reply handler (no store, no outbox). Each
+//!   iteration runs a batch of checkouts concurrently; the ratio saga/raw
+//!   is the target (≥ 0.7).
+//!
 //! Under `cargo test --benches` every bench runs once.
 
 use std::time::{Duration, Instant};
@@ -173,9 +181,214 @@ fn durable_steps(c: &mut Criterion) {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Checkouts started per iteration of the RabbitMQ benches.
+const BATCH: u64 = 50;
+
+fn rabbitmq_checkout(c: &mut Criterion) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use surety_core::consumer::{Incoming, Output, Response, Worker, handler_fn};
+    use surety_core::host::Host;
+    use surety_core::{HandlerError, Permanent, Publisher};
+    use surety_outbox::Relay;
+    use surety_rabbitmq::{RabbitConfig, RabbitTransport};
+    use surety_saga::consumer;
+    use surety_saga::participant::{Answer, participant};
+
+    let Ok(url) = std::env::var("SURETY_AMQP_URL") else {
+        eprintln!("rabbitmq_checkout: SURETY_AMQP_URL is not set; skipped");
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let prefix = format!("surety-saga-bench.{}", uuid::Uuid::now_v7());
+    // Deletes the bench's queues when the bench ends.
+    let _cleanup = surety_testkit::rabbitmq::Cleanup::new(url.clone()).prefix(prefix.clone());
+    let q = |name: &str| format!("{prefix}.{name}");
+    let dir = std::env::temp_dir().join(format!("surety-saga-bench-rmq-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    let (transport, pool) = runtime.block_on(async {
+        let transport = RabbitTransport::connect(
+            RabbitConfig::new(url.clone()).connection_name(format!("{prefix}.bench")),
+        )
+        .await
+        .expect("connects to RabbitMQ");
+        let pool = open(&dir.join("bench.db")).await;
+        sqlite::migrate(&pool).await.expect("migrates");
+        (transport, pool)
+    });
+    let saga = checkout::definition_on(
+        Deadlines::default(),
+        &q("payments"),
+        &q("inventory"),
+        &q("shipping"),
+    );
+    let orchestrator = Arc::new(
+        Orchestrator::new(saga, SqliteSagaStore::new(pool.clone())).reply_to(q("replies")),
+    );
+    let answer = |reply: &'static str| {
+        participant("/bench", move |_command: Incoming| async move {
+            Ok::<_, Permanent>(Answer::done(reply, serde_json::json!({})))
+        })
+    };
+    // Raw: the next command for each reply, no state.
+    let done = Arc::new(AtomicU64::new(0));
+    let raw_done = Arc::clone(&done);
+    let raw_next = {
+        let (inventory, shipping) = (q("inventory"), q("shipping"));
+        let reply_to = q("raw-replies");
+        handler_fn(move |incoming: Incoming| {
+            let (inventory, shipping, reply_to) =
+                (inventory.clone(), shipping.clone(), reply_to.clone());
+            let done = Arc::clone(&raw_done);
+            async move {
+                let request = &incoming.envelope;
+                let (topic, kind) = match request.event_type.as_str() {
+                    "payment.charged" => (inventory, "inventory.reserve"),
+                    "inventory.reserved" => (shipping, "shipping.book"),
+                    _ => {
+                        done.fetch_add(1, Ordering::SeqCst);
+                        return Ok::<_, HandlerError>(Response::handled());
+                    }
+                };
+                let command = Envelope::builder("/raw", kind)
+                    .correlation_id(request.correlation_id.clone().unwrap_or_default())
+                    .partition_key(request.partition_key.clone().unwrap_or_default())
+                    .reply_to(reply_to)
+                    .json(&serde_json::json!({}))
+                    .map_err(HandlerError::permanent)?
+                    .build();
+                Ok(Response::handled().emit(Output::new(topic, command)))
+            }
+        })
+    };
+    let relay = Relay::new(SqliteOutbox::new(pool.clone()), transport.clone())
+        .poll_interval(Duration::from_millis(2));
+    let host = Host::new()
+        .consume(
+            transport.clone(),
+            q("replies"),
+            "checkout",
+            Worker::new(consumer::reply_handler(Arc::clone(&orchestrator))).concurrency(32),
+        )
+        .consume(
+            transport.clone(),
+            q("raw-replies"),
+            "raw",
+            Worker::new(raw_next)
+                .concurrency(32)
+                .emit_to(transport.clone()),
+        )
+        .task("relay", move |shutdown| relay.run(shutdown.wait()))
+        .consume(
+            transport.clone(),
+            q("payments"),
+            "payments",
+            Worker::new(answer("payment.charged"))
+                .concurrency(32)
+                .emit_to(transport.clone()),
+        )
+        .consume(
+            transport.clone(),
+            q("inventory"),
+            "inventory",
+            Worker::new(answer("inventory.reserved"))
+                .concurrency(32)
+                .emit_to(transport.clone()),
+        )
+        .consume(
+            transport.clone(),
+            q("shipping"),
+            "shipping",
+            Worker::new(answer("shipping.booked"))
+                .concurrency(32)
+                .emit_to(transport.clone()),
+        );
+    let health = host.health();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = runtime.spawn(host.run(async {
+        stopped.await.ok();
+    }));
+    runtime.block_on(async {
+        while !health.is_ready() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+
+    let mut group = c.benchmark_group("rabbitmq_checkout");
+    group.throughput(Throughput::Elements(BATCH));
+    group.sample_size(10);
+    let mut next = 0u64;
+    group.bench_function("saga", |b| {
+        b.iter_custom(|iters| {
+            let started = Instant::now();
+            runtime.block_on(async {
+                for _ in 0..iters {
+                    let ids: Vec<String> = (next..next + BATCH).map(|i| format!("c-{i}")).collect();
+                    next += BATCH;
+                    for id in &ids {
+                        let start = orchestrator.saga().begin(serde_json::json!({"order": id}));
+                        orchestrator.start(id, start).await.expect("starts");
+                    }
+                    for id in &ids {
+                        loop {
+                            let state = orchestrator.state(id).await.expect("loads");
+                            if state.is_some_and(|s| orchestrator.saga().is_finished(&s)) {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
+                }
+            });
+            started.elapsed()
+        });
+    });
+    group.bench_function("raw", |b| {
+        b.iter_custom(|iters| {
+            let started = Instant::now();
+            runtime.block_on(async {
+                for _ in 0..iters {
+                    let target = done.load(Ordering::SeqCst) + BATCH;
+                    for i in 0..BATCH {
+                        let key = format!("r-{next}-{i}");
+                        let command = Envelope::builder("/raw", "payment.charge")
+                            .correlation_id(key.clone())
+                            .partition_key(key)
+                            .reply_to(q("raw-replies"))
+                            .json(&serde_json::json!({}))
+                            .expect("encodes")
+                            .build();
+                        transport
+                            .publish(&q("payments"), command)
+                            .await
+                            .expect("publishes");
+                    }
+                    next += 1;
+                    while done.load(Ordering::SeqCst) < target {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            });
+            started.elapsed()
+        });
+    });
+    group.finish();
+    stop.send(()).ok();
+    runtime.block_on(async {
+        running.await.ok();
+        pool.close().await;
+    });
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     transition(&mut c);
     durable_steps(&mut c);
+    rabbitmq_checkout(&mut c);
     c.final_summary();
 }
