@@ -515,7 +515,7 @@ impl SagaStore for MemoryStore {
             inner.history.remove(key);
             inner.times.remove(key);
         }
-        Ok(gone.len() as u64)
+        Ok(u64::try_from(gone.len()).unwrap_or(u64::MAX))
     }
 
     async fn audit(&self, entry: AuditRecord) -> Result<(), StoreError> {

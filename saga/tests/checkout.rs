@@ -426,6 +426,17 @@ fn public_types_are_send_and_sync() {
     check::<MemoryStore>();
     check::<surety_saga::SagaError>();
     check::<Outcome>();
+    check::<surety_saga::steps::Steps>();
+    check::<surety_saga::steps::Versions>();
+    check::<surety_saga::steps::StepState>();
+    #[cfg(feature = "sqlite")]
+    check::<surety_saga::sqlite::SqliteSagaStore>();
+    #[cfg(feature = "postgres")]
+    check::<surety_saga::postgres::PostgresSagaStore>();
+    #[cfg(feature = "admin")]
+    check::<surety_saga::admin::AdminApi<surety_saga::steps::Steps, MemoryStore>>();
+    check::<surety_saga::metrics::SagaMetrics>();
+    check::<surety_saga::store::InstanceSummary>();
 }
 
 /// A store in which another writer applies `race` to the instance just
