@@ -2,7 +2,7 @@
 //! task, both for the core [`Host`](surety_core::host::Host).
 //!
 //! - [`reply_handler`] is a core [`Router`] with one route per reply type of
-//!   a [`Steps`] definition. Each reply is applied to the instance named by
+//!   a [`Steps`](crate::steps::Steps) definition. Each reply is applied to the instance named by
 //!   its correlation id; a duplicate or late reply is a recorded no-op
 //!   (counted as `ignored`/`finished` inputs, settled as
 //!   [`Outcome::Duplicate`]). Run it in a
@@ -52,7 +52,7 @@ use surety_core::{ErrorClass, HandlerError};
 
 use crate::definition::{Input, Saga};
 use crate::orchestrator::{Orchestrator, Outcome as SagaOutcome};
-use crate::steps::{StepReply, Steps};
+use crate::steps::{ReplyTypes, StepReply};
 use crate::store::SagaStore;
 
 /// Applies `message`, a reply or event decoded from `incoming`, to the
@@ -103,11 +103,13 @@ where
     }))
 }
 
-/// The reply consumer of a step-list saga: a [`Router`] with a route for
-/// each of [`Steps::reply_types`]; other types are rejected (permanent).
+/// The reply consumer of a step-list saga ([`Steps`](crate::steps::Steps)
+/// or [`Versions`](crate::steps::Versions)): a [`Router`] with a route for
+/// each of its [`ReplyTypes`]; other types are rejected (permanent).
 /// See the [module docs](self).
-pub fn reply_handler<St>(orchestrator: Arc<Orchestrator<Steps, St>>) -> Router
+pub fn reply_handler<S, St>(orchestrator: Arc<Orchestrator<S, St>>) -> Router
 where
+    S: Saga<Message = StepReply> + ReplyTypes + 'static,
     St: SagaStore + 'static,
 {
     let types = orchestrator.saga().reply_types();
@@ -163,6 +165,9 @@ where
                 }
                 loop {
                     match orchestrator.fire_due_timers(Utc::now(), batch).await {
+                        // A full batch: more may be due. Every fired timer
+                        // is gone from the store (applied, stale or
+                        // ignored-and-dropped), so this ends.
                         Ok(fired) if fired.len() >= batch.max(1) => continue,
                         Ok(_) => break,
                         Err(error) => {
@@ -174,6 +179,56 @@ where
                             break;
                         }
                     }
+                }
+            }
+        })
+    }
+}
+
+/// A background task for [`Host::task`](surety_core::host::Host::task)
+/// that sets the gauges of `metrics` every `every`: unfinished instances of
+/// the saga by step, and how many have not moved for `stuck_after`
+/// ([`SagaMetrics::observe`](crate::metrics::SagaMetrics::observe)). It
+/// lists at most `limit` unfinished instances per run.
+pub fn gauge_task<S, St>(
+    orchestrator: Arc<Orchestrator<S, St>>,
+    metrics: crate::metrics::SagaMetrics,
+    every: Duration,
+    stuck_after: Duration,
+    limit: usize,
+) -> impl FnOnce(Shutdown) -> futures::future::BoxFuture<'static, ()> + Send + 'static
+where
+    S: Saga + 'static,
+    St: SagaStore + 'static,
+{
+    move |shutdown: Shutdown| {
+        Box::pin(async move {
+            let stop = shutdown.wait();
+            tokio::pin!(stop);
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let saga = orchestrator.saga().name().to_owned();
+            loop {
+                tokio::select! {
+                    () = &mut stop => break,
+                    _ = tick.tick() => {}
+                }
+                let mut filter = crate::store::ListFilter::new(limit);
+                filter.saga = Some(saga.clone());
+                filter.finished = Some(false);
+                match orchestrator.store().list(&filter).await {
+                    Ok(unfinished) => {
+                        let idle_since = chrono::Duration::from_std(stuck_after)
+                            .ok()
+                            .and_then(|d| Utc::now().checked_sub_signed(d))
+                            .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
+                        metrics.observe(&saga, &unfinished, idle_since);
+                    }
+                    Err(error) => tracing::warn!(
+                        saga,
+                        error = %error,
+                        "listing saga instances for the gauges failed"
+                    ),
                 }
             }
         })

@@ -3,6 +3,10 @@
 //!
 //! # Overview
 //!
+//! - [`steps::Steps`] builds the common shape as data: step -> command to
+//!   a participant queue -> expected replies by type -> compensation, each
+//!   step with its retry policy and deadline. [`checkout::definition`] is
+//!   the reference checkout built with it.
 //! - A [`Saga`] is pure: `(state, input) -> transition`. The
 //!   [`Transition`] names the next state, the [`Command`]s to send and the
 //!   timers to set or cancel. Inputs ([`Input`]) are replies and events,
@@ -13,7 +17,8 @@
 //!   new state (checked against the loaded version), a history row, the
 //!   commands and the timer changes in one [`store::Write`]. A concurrent
 //!   writer makes it reload and apply again.
-//! - Commands get deterministic ids (`<saga>:<id>:<version>:<index>`), the
+//! - Commands get deterministic ids (`<saga>:<id>:<key>` for a keyed
+//!   command, else `<saga>:<id>:<version>:<index>`), the
 //!   saga id as correlation id and partition key, so a re-sent command is
 //!   deduplicated downstream and replies correlate back.
 //! - Timers are rows with a due time, fired by
@@ -23,6 +28,11 @@
 //!   step (saga progress by state).
 //! - Every input, operator actions included, is recorded:
 //!   [`Orchestrator::history`] and [`replay`] recompute the state.
+//! - [`consumer::reply_handler`] consumes a saga's reply queue through the
+//!   core `Router` and `Worker` (one input per instance in flight);
+//!   [`consumer::timer_task`] fires due timers under the core `Host`;
+//!   [`participant`] is the participant side (idempotent with
+//!   `surety-idempotency`, replying success, business failure or error).
 //!
 //! # Example
 //!
@@ -76,13 +86,19 @@
 //!   one SQLite transaction. It pulls in `sqlx` and `surety-outbox`.
 //!
 //! - `postgres` (on by default): `postgres::PostgresSagaStore`, the same
-//!   on PostgreSQL, writing optimistically (insert, or update where the
-//!   version is the loaded one).
+//!   on PostgreSQL. Both SQL stores write optimistically (insert, or update
+//!   where the version is the loaded one) and migrate with versioned
+//!   migrations recorded in `_surety_saga_migrations`.
+//!
+//! - `admin` (on by default): `admin::AdminApi`, the operator HTTP API
+//!   (an axum router, token-protected like the DLQ admin API).
 //!
 //! Without features the crate ships the in-memory [`store::MemoryStore`].
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+#[cfg(feature = "admin")]
+pub mod admin;
 pub mod checkout;
 pub mod consumer;
 mod definition;
@@ -100,3 +116,8 @@ pub mod store;
 
 pub use definition::{Command, Input, OperatorAction, Saga, Transition, replay};
 pub use orchestrator::{Orchestrator, Outcome, SagaError};
+
+/// The guide chapter's program, compiled and run as a doctest.
+#[cfg(all(doctest, feature = "sqlite"))]
+#[doc = include_str!("../../docs/guide/05-sagas.md")]
+pub struct GuideSagas;

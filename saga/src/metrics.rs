@@ -6,6 +6,11 @@
 //! |---|---|---|---|
 //! | `surety_saga_inputs_total` | counter | `saga`, `outcome` (`applied`, `ignored`, `finished`, `unknown`, `already_started`, `timer_stale`) | inputs the orchestrator handled (starts included), by outcome |
 //! | `surety_saga_transitions_total` | counter | `saga`, `state` | stored transitions, by the step they led to (progress by state) |
+//! | `surety_saga_started_total` | counter | `saga` | instances started |
+//! | `surety_saga_finished_total` | counter | `saga`, `state` | instances that reached a final step (`completed`, `compensated`, `resolved`, ...) |
+//! | `surety_saga_step_duration_seconds` | histogram | `saga`, `state` | how long an instance stayed at a step before an input moved it on |
+//! | `surety_saga_instances` | gauge | `saga`, `state` | unfinished instances by step, set by [`SagaMetrics::observe`] (the `consumer::gauge_task`) |
+//! | `surety_saga_stuck` | gauge | `saga` | unfinished instances that have not moved for the configured time, set the same way |
 //! | `surety_saga_conflicts_total` | counter | `saga` | writes that lost to a concurrent writer and were decided again on the fresh state (not a delivery retry) |
 //! | `surety_saga_timeouts_total` | counter | `saga`, `outcome` (`fired`, `stale`) | timers fired as inputs, or found cancelled/fired by another orchestrator |
 //!
@@ -22,6 +27,8 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use surety_core::metrics::PREFIX;
 
@@ -45,12 +52,39 @@ struct StateLabels {
 }
 
 /// The orchestrator's metrics. Cheap to clone (the families are shared).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct SagaMetrics {
     inputs: Family<OutcomeLabels, Counter>,
     transitions: Family<StateLabels, Counter>,
     conflicts: Family<SagaLabels, Counter>,
     timeouts: Family<OutcomeLabels, Counter>,
+    started: Family<SagaLabels, Counter>,
+    finished: Family<StateLabels, Counter>,
+    steps: Family<StateLabels, Histogram, fn() -> Histogram>,
+    instances: Family<StateLabels, Gauge>,
+    stuck: Family<SagaLabels, Gauge>,
+    seen: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<(String, String)>>>,
+}
+
+impl Default for SagaMetrics {
+    fn default() -> Self {
+        fn histogram() -> Histogram {
+            // 10 ms to about 2.8 hours.
+            Histogram::new(exponential_buckets(0.01, 4.0, 10))
+        }
+        Self {
+            inputs: Family::default(),
+            transitions: Family::default(),
+            conflicts: Family::default(),
+            timeouts: Family::default(),
+            started: Family::default(),
+            finished: Family::default(),
+            steps: Family::new_with_constructor(histogram),
+            instances: Family::default(),
+            stuck: Family::default(),
+            seen: std::sync::Arc::default(),
+        }
+    }
 }
 
 impl SagaMetrics {
@@ -79,7 +113,127 @@ impl SagaMetrics {
             "Saga timers fired, or found stale when fired, by outcome",
             metrics.timeouts.clone(),
         );
+        registry.register("started", "Saga instances started", metrics.started.clone());
+        registry.register(
+            "finished",
+            "Saga instances that reached a final step, by that step",
+            metrics.finished.clone(),
+        );
+        registry.register_with_unit(
+            "step_duration",
+            "How long a saga instance stayed at a step before an input moved it on",
+            prometheus_client::registry::Unit::Seconds,
+            metrics.steps.clone(),
+        );
+        registry.register(
+            "instances",
+            "Unfinished saga instances by step",
+            metrics.instances.clone(),
+        );
+        registry.register(
+            "stuck",
+            "Unfinished saga instances that have not moved for the configured time",
+            metrics.stuck.clone(),
+        );
         metrics
+    }
+
+    pub(crate) fn started(&self, saga: &str) {
+        self.started
+            .get_or_create(&SagaLabels { saga: saga.into() })
+            .inc();
+    }
+
+    pub(crate) fn step(&self, saga: &str, state: &str, waited: std::time::Duration) {
+        self.steps
+            .get_or_create(&StateLabels {
+                saga: saga.into(),
+                state: state.into(),
+            })
+            .observe(waited.as_secs_f64());
+    }
+
+    /// Sets the gauges of saga `saga` from a listing of its unfinished
+    /// instances: how many are at each step, and how many have not moved
+    /// since `idle_since`. Steps no longer listed drop to 0.
+    pub fn observe(
+        &self,
+        saga: &str,
+        unfinished: &[crate::store::InstanceSummary],
+        idle_since: chrono::DateTime<chrono::Utc>,
+    ) {
+        let mut by_state: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
+        for instance in unfinished {
+            *by_state.entry(instance.state_name.as_str()).or_default() += 1;
+        }
+        // prometheus-client cannot iterate a family: the steps set before
+        // are remembered, so a step that emptied drops to 0.
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (s, state) in seen.iter() {
+            if s == saga && !by_state.contains_key(state.as_str()) {
+                self.instances
+                    .get_or_create(&StateLabels {
+                        saga: saga.into(),
+                        state: state.clone(),
+                    })
+                    .set(0);
+            }
+        }
+        for (state, count) in by_state {
+            seen.insert((saga.to_owned(), state.to_owned()));
+            self.instances
+                .get_or_create(&StateLabels {
+                    saga: saga.into(),
+                    state: state.into(),
+                })
+                .set(count);
+        }
+        drop(seen);
+        let stuck = unfinished
+            .iter()
+            .filter(|i| i.updated_at <= idle_since)
+            .count();
+        self.stuck
+            .get_or_create(&SagaLabels { saga: saga.into() })
+            .set(i64::try_from(stuck).unwrap_or(i64::MAX));
+    }
+
+    /// The count of unfinished instances of saga `saga` at step `state`, as
+    /// last observed.
+    pub fn instances_count(&self, saga: &str, state: &str) -> i64 {
+        self.instances
+            .get_or_create(&StateLabels {
+                saga: saga.into(),
+                state: state.into(),
+            })
+            .get()
+    }
+
+    /// The stuck instances of saga `saga`, as last observed.
+    pub fn stuck_count(&self, saga: &str) -> i64 {
+        self.stuck
+            .get_or_create(&SagaLabels { saga: saga.into() })
+            .get()
+    }
+
+    /// The count of instances of saga `saga` started.
+    pub fn started_count(&self, saga: &str) -> u64 {
+        self.started
+            .get_or_create(&SagaLabels { saga: saga.into() })
+            .get()
+    }
+
+    /// The count of instances of saga `saga` that finished at `state`.
+    pub fn finished_count(&self, saga: &str, state: &str) -> u64 {
+        self.finished
+            .get_or_create(&StateLabels {
+                saga: saga.into(),
+                state: state.into(),
+            })
+            .get()
     }
 
     pub(crate) fn conflict(&self, saga: &str) {
@@ -122,7 +276,19 @@ impl SagaMetrics {
 
     pub(crate) fn record(&self, saga: &str, outcome: &Outcome) {
         let name = match outcome {
-            Outcome::Applied { state_name, .. } => {
+            Outcome::Applied {
+                state_name,
+                finished,
+                ..
+            } => {
+                if *finished {
+                    self.finished
+                        .get_or_create(&StateLabels {
+                            saga: saga.into(),
+                            state: state_name.clone(),
+                        })
+                        .inc();
+                }
                 self.transitions
                     .get_or_create(&StateLabels {
                         saga: saga.into(),

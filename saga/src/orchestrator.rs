@@ -30,6 +30,18 @@ pub enum SagaError {
         #[source]
         source: serde_json::Error,
     },
+    /// A stored state written at an older schema version could not be
+    /// brought up to the current one.
+    #[error("saga {saga} {id}: stored state does not upcast: {source}")]
+    Upcast {
+        /// The saga's name.
+        saga: String,
+        /// The saga id.
+        id: String,
+        /// The upcast error.
+        #[source]
+        source: surety_core::upcast::UpcastError,
+    },
     /// A state, input or command payload could not be encoded.
     #[error("saga {saga} {id}: cannot encode: {source}")]
     Encode {
@@ -47,7 +59,9 @@ impl Classify for SagaError {
     fn class(&self) -> ErrorClass {
         match self {
             SagaError::Store(error) => error.class(),
-            SagaError::Decode { .. } | SagaError::Encode { .. } => ErrorClass::Permanent,
+            SagaError::Decode { .. } | SagaError::Encode { .. } | SagaError::Upcast { .. } => {
+                ErrorClass::Permanent
+            }
         }
     }
 }
@@ -90,10 +104,11 @@ pub struct Orchestrator<S, St> {
     source: String,
     reply_to: Option<String>,
     metrics: Option<SagaMetrics>,
+    upcasters: Option<std::sync::Arc<surety_core::upcast::Upcasters>>,
 }
 
 impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
-    /// Runs `saga` on `store`. Commands carry the source `/saga/<NAME>`
+    /// Runs `saga` on `store`. Commands carry the source `/saga/<name>`
     /// unless [`Orchestrator::source`] says otherwise.
     pub fn new(saga: S, store: St) -> Self {
         Self {
@@ -102,6 +117,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             store,
             reply_to: None,
             metrics: None,
+            upcasters: None,
         }
     }
 
@@ -130,6 +146,73 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
     pub fn reply_to(mut self, topic: impl Into<String>) -> Self {
         self.reply_to = Some(topic.into());
         self
+    }
+
+    /// Upcasts stored states written at an older schema version before they
+    /// are decoded. The state's type in `upcasters` is `<saga name>.state`:
+    /// register its current version (`current_version`) and a step per
+    /// older version. Every write records the current version; a state
+    /// from a newer version, or with a missing step, is a permanent
+    /// [`SagaError::Upcast`].
+    ///
+    /// ```
+    /// use surety_core::upcast::Upcasters;
+    /// use surety_saga::{checkout, store::MemoryStore, Orchestrator};
+    ///
+    /// let saga = checkout::definition(checkout::Deadlines::default());
+    /// // Version 2 renamed the data's `total` to `cents`.
+    /// let upcasters = Upcasters::new()
+    ///     .current_version("checkout.state", 2)
+    ///     .step("checkout.state", 1, |mut state| {
+    ///         state["data"]["cents"] = state["data"]["total"].take();
+    ///         state
+    ///     });
+    /// let orchestrator = Orchestrator::new(saga, MemoryStore::new()).upcast_state(upcasters);
+    /// # let _ = orchestrator;
+    /// ```
+    pub fn upcast_state(mut self, upcasters: surety_core::upcast::Upcasters) -> Self {
+        self.upcasters = Some(std::sync::Arc::new(upcasters));
+        self
+    }
+
+    fn state_type(&self) -> String {
+        format!("{}.state", self.saga.name())
+    }
+
+    fn state_version(&self) -> u32 {
+        self.upcasters
+            .as_ref()
+            .and_then(|u| u.current_version_of(&self.state_type()))
+            .unwrap_or(1)
+    }
+
+    fn decode_state(&self, record: &InstanceRecord) -> Result<S::State, SagaError> {
+        let Some(upcasters) = &self.upcasters else {
+            return decode_state::<S>(record);
+        };
+        if record.state_version == self.state_version() {
+            return decode_state::<S>(record);
+        }
+        let upcast_error = |source| SagaError::Upcast {
+            saga: record.saga.clone(),
+            id: record.id.clone(),
+            source,
+        };
+        let mut envelope = Envelope::builder(self.source.clone(), self.state_type())
+            .schema_version(record.state_version)
+            .json(&record.state)
+            .map_err(|source| SagaError::Encode {
+                saga: record.saga.clone(),
+                id: record.id.clone(),
+                source,
+            })?
+            .build();
+        upcasters.upcast(&mut envelope).map_err(upcast_error)?;
+        serde_json::from_slice(&envelope.payload).map_err(|source| SagaError::Decode {
+            saga: record.saga.clone(),
+            id: record.id.clone(),
+            source,
+        })
     }
 
     /// The saga definition.
@@ -164,7 +247,12 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         };
         let outcome = outcome_of(&write);
         match self.store.write(write).await {
-            Ok(()) => Ok(outcome),
+            Ok(()) => {
+                if let Some(metrics) = &self.metrics {
+                    metrics.started(self.saga.name());
+                }
+                Ok(outcome)
+            }
             Err(StoreError::Conflict { .. }) => Ok(Outcome::AlreadyStarted),
             Err(error) => Err(error.into()),
         }
@@ -227,7 +315,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
     pub async fn state(&self, id: &str) -> Result<Option<S::State>, SagaError> {
         match self.store.load(self.saga.name(), id).await? {
             None => Ok(None),
-            Some(record) => decode_state::<S>(&record).map(Some),
+            Some(record) => self.decode_state(&record).map(Some),
         }
     }
 
@@ -286,7 +374,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             if record.finished {
                 return Ok(Outcome::Finished);
             }
-            let state = decode_state::<S>(&record)?;
+            let state = self.decode_state(&record)?;
             let transition = self.saga.apply(&state, &input);
             let Some(write) = self.prepare(
                 id,
@@ -298,11 +386,22 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 now,
             )?
             else {
+                // A timer the definition ignores would fall due again on
+                // every poll: it is dropped (if it is still the one fired).
+                if let Some(timer) = &fired {
+                    self.store.delete_timer(timer).await?;
+                }
                 return Ok(Outcome::Ignored);
             };
             let outcome = outcome_of(&write);
             match self.store.write(write).await {
-                Ok(()) => return Ok(outcome),
+                Ok(()) => {
+                    if let Some(metrics) = &self.metrics {
+                        let waited = (now - record.updated_at).to_std().unwrap_or_default();
+                        metrics.step(self.saga.name(), &record.state_name, waited);
+                    }
+                    return Ok(outcome);
+                }
                 Err(StoreError::TimerGone { .. }) => return Ok(Outcome::TimerStale),
                 Err(StoreError::Conflict { .. }) if conflicts < MAX_CONFLICT_RETRIES => {
                     conflicts += 1;
@@ -387,6 +486,8 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 state_name: state_name.clone(),
                 version,
                 finished: self.saga.is_finished(&state),
+                updated_at: now,
+                state_version: self.state_version(),
             },
             history: HistoryRecord {
                 version,

@@ -25,7 +25,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
     (
         2,
-        "saga created_at and history trace id",
+        "saga created_at, history trace id, audit",
         include_str!("../migrations/postgres/0002_created_at_and_trace.sql"),
     ),
 ];

@@ -68,7 +68,8 @@ macro_rules! sql_saga_store {
                 use sqlx::Row as _;
                 use $crate::sql::{backend, json};
                 let row = sqlx::query(
-                    "SELECT state, state_name, version, finished FROM surety_saga_instance \
+                    "SELECT state, state_name, version, finished, updated_at, state_version \
+                     FROM surety_saga_instance \
                      WHERE saga = $1 AND id = $2",
                 )
                 .bind(saga)
@@ -86,6 +87,13 @@ macro_rules! sql_saga_store {
                     state_name: row.try_get("state_name").map_err(backend)?,
                     version: u64::try_from(version).map_err(backend)?,
                     finished: row.try_get("finished").map_err(backend)?,
+                    updated_at: $crate::sql::from_millis(
+                        row.try_get("updated_at").map_err(backend)?,
+                    ),
+                    state_version: u32::try_from(
+                        row.try_get::<i64, _>("state_version").map_err(backend)?,
+                    )
+                    .map_err(backend)?,
                 }))
             }
 
@@ -110,8 +118,8 @@ macro_rules! sql_saga_store {
                 if expected == 0 {
                     let inserted = sqlx::query(
                         "INSERT INTO surety_saga_instance \
-                         (saga, id, state, state_name, version, finished, created_at, updated_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+                         (saga, id, state, state_name, version, finished, created_at, updated_at, \
+                         state_version) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8)",
                     )
                     .bind(saga)
                     .bind(id)
@@ -120,6 +128,7 @@ macro_rules! sql_saga_store {
                     .bind(count(instance.version)?)
                     .bind(instance.finished)
                     .bind(at)
+                    .bind(i64::from(instance.state_version))
                     .execute(&mut *tx)
                     .await;
                     match inserted {
@@ -132,7 +141,7 @@ macro_rules! sql_saga_store {
                 } else {
                     let updated = sqlx::query(
                         "UPDATE surety_saga_instance SET state = $3, state_name = $4, \
-                         version = $5, finished = $6, updated_at = $7 \
+                         version = $5, finished = $6, updated_at = $7, state_version = $9 \
                          WHERE saga = $1 AND id = $2 AND version = $8",
                     )
                     .bind(saga)
@@ -143,6 +152,7 @@ macro_rules! sql_saga_store {
                     .bind(instance.finished)
                     .bind(at)
                     .bind(count(expected)?)
+                    .bind(i64::from(instance.state_version))
                     .execute(&mut *tx)
                     .await
                     .map_err(backend)?;
@@ -288,6 +298,167 @@ macro_rules! sql_saga_store {
                             at: from_millis(row.try_get("at").map_err(backend)?),
                             trace_id: row.try_get("trace_id").map_err(backend)?,
                         })
+                    })
+                    .collect()
+            }
+
+            async fn list(
+                &self,
+                filter: &$crate::store::ListFilter,
+            ) -> Result<Vec<$crate::store::InstanceSummary>, $crate::store::StoreError> {
+                use sqlx::Row as _;
+                use $crate::sql::{backend, from_millis, json, millis};
+                let rows = sqlx::query(
+                    "SELECT saga, id, state, state_name, version, finished, created_at, updated_at \
+                     FROM surety_saga_instance \
+                     WHERE ($1 IS NULL OR saga = $1) AND ($2 IS NULL OR state_name = $2) \
+                     AND ($3 IS NULL OR finished = $3) AND ($4 IS NULL OR created_at <= $4) \
+                     AND ($5 IS NULL OR (finished = FALSE AND updated_at <= $5)) \
+                     ORDER BY updated_at, id LIMIT $6",
+                )
+                .bind(filter.saga.as_deref())
+                .bind(filter.state_name.as_deref())
+                .bind(filter.finished)
+                .bind(filter.started_before.map(millis))
+                .bind(filter.idle_since.map(millis))
+                .bind(i64::try_from(filter.limit).unwrap_or(i64::MAX))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(backend)?;
+                rows.into_iter()
+                    .map(|row| {
+                        let version: i64 = row.try_get("version").map_err(backend)?;
+                        let state: String = row.try_get("state").map_err(backend)?;
+                        Ok($crate::store::InstanceSummary {
+                            saga: row.try_get("saga").map_err(backend)?,
+                            id: row.try_get("id").map_err(backend)?,
+                            state_name: row.try_get("state_name").map_err(backend)?,
+                            version: u64::try_from(version).map_err(backend)?,
+                            finished: row.try_get("finished").map_err(backend)?,
+                            created_at: from_millis(row.try_get("created_at").map_err(backend)?),
+                            updated_at: from_millis(row.try_get("updated_at").map_err(backend)?),
+                            state: json(&state)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn delete_timer(
+                &self,
+                timer: &$crate::store::TimerRecord,
+            ) -> Result<bool, $crate::store::StoreError> {
+                use $crate::sql::{backend, millis};
+                let deleted = sqlx::query(
+                    "DELETE FROM surety_saga_timer \
+                     WHERE saga = $1 AND id = $2 AND name = $3 AND due = $4",
+                )
+                .bind(&timer.saga)
+                .bind(&timer.id)
+                .bind(&timer.name)
+                .bind(millis(timer.due))
+                .execute(&self.pool)
+                .await
+                .map_err(backend)?;
+                Ok(deleted.rows_affected() > 0)
+            }
+
+            async fn purge_finished(
+                &self,
+                saga: &str,
+                before: chrono::DateTime<chrono::Utc>,
+                limit: usize,
+            ) -> Result<u64, $crate::store::StoreError> {
+                use $crate::sql::{backend, millis};
+                let ids: Vec<String> = sqlx::query_scalar(
+                    "SELECT id FROM surety_saga_instance \
+                     WHERE saga = $1 AND finished = TRUE AND updated_at < $2 LIMIT $3",
+                )
+                .bind(saga)
+                .bind(millis(before))
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(backend)?;
+                let mut deleted = 0;
+                for id in ids {
+                    let $p = &self.pool;
+                    let mut tx = $begin.await.map_err(backend)?;
+                    // Only if still finished: a finished instance takes no input.
+                    let gone = sqlx::query(
+                        "DELETE FROM surety_saga_instance \
+                         WHERE saga = $1 AND id = $2 AND finished = TRUE",
+                    )
+                    .bind(saga)
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(backend)?;
+                    if gone.rows_affected() == 0 {
+                        continue;
+                    }
+                    for table in ["DELETE FROM surety_saga_history WHERE saga = $1 AND id = $2",
+                                  "DELETE FROM surety_saga_timer WHERE saga = $1 AND id = $2"] {
+                        sqlx::query(table)
+                            .bind(saga)
+                            .bind(&id)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(backend)?;
+                    }
+                    tx.commit().await.map_err(backend)?;
+                    deleted += 1;
+                }
+                Ok(deleted)
+            }
+
+            async fn audit(
+                &self,
+                entry: $crate::store::AuditRecord,
+            ) -> Result<(), $crate::store::StoreError> {
+                use $crate::sql::{backend, millis};
+                sqlx::query(
+                    "INSERT INTO surety_saga_audit (saga, id, actor, action, reason, at) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(&entry.saga)
+                .bind(&entry.id)
+                .bind(&entry.actor)
+                .bind(&entry.action)
+                .bind(&entry.reason)
+                .bind(millis(entry.at))
+                .execute(&self.pool)
+                .await
+                .map_err(backend)?;
+                Ok(())
+            }
+
+            async fn audit_log(
+                &self,
+                saga: &str,
+                id: &str,
+            ) -> Result<Vec<$crate::store::AuditRecord>, $crate::store::StoreError> {
+                use sqlx::Row as _;
+                use $crate::sql::{backend, from_millis};
+                let rows = sqlx::query(
+                    "SELECT actor, action, reason, at FROM surety_saga_audit \
+                     WHERE saga = $1 AND id = $2 ORDER BY seq",
+                )
+                .bind(saga)
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(backend)?;
+                rows.into_iter()
+                    .map(|row| {
+                        let mut entry = $crate::store::AuditRecord::new(
+                            saga,
+                            id,
+                            row.try_get::<String, _>("actor").map_err(backend)?,
+                            row.try_get::<String, _>("action").map_err(backend)?,
+                            row.try_get::<String, _>("reason").map_err(backend)?,
+                        );
+                        entry.at = from_millis(row.try_get("at").map_err(backend)?);
+                        Ok(entry)
                     })
                     .collect()
             }

@@ -306,6 +306,14 @@ pub struct StepState {
     /// Bumped by each operator retry: part of the command keys, so an
     /// operator retry is a new command.
     pub generation: u32,
+    /// The version of the definition the instance started on (see
+    /// [`Versions`]); 1 for states stored before versions existed.
+    #[serde(default = "first_version")]
+    pub definition: u32,
+}
+
+fn first_version() -> u32 {
+    1
 }
 
 /// A saga made of [`Step`]s; see the [module docs](self).
@@ -315,6 +323,7 @@ pub struct Steps {
     steps: Vec<Step>,
     /// State names, by step: `running`, then `compensating`.
     names: Vec<(String, String)>,
+    version: u32,
 }
 
 impl Steps {
@@ -325,6 +334,7 @@ impl Steps {
             name: name.into(),
             steps: Vec::new(),
             names: Vec::new(),
+            version: 1,
         }
     }
 
@@ -334,6 +344,20 @@ impl Steps {
             .push((step.name.clone(), format!("compensating-{}", step.name)));
         self.steps.push(step);
         self
+    }
+
+    /// The definition's version (default 1), recorded in every instance it
+    /// starts. Bump it when a change would give an in-flight instance's
+    /// step index another meaning, and keep the old definition draining
+    /// with [`Versions`].
+    pub fn version(mut self, version: u32) -> Self {
+        self.version = version;
+        self
+    }
+
+    /// The version set with [`version`](Self::version).
+    pub fn version_number(&self) -> u32 {
+        self.version
     }
 
     /// The steps, in order.
@@ -378,6 +402,7 @@ impl Steps {
             undo: Vec::new(),
             failure: None,
             generation: 0,
+            definition: self.version,
         };
         if self.steps.is_empty() {
             return Transition::to(state);
@@ -396,8 +421,7 @@ impl Steps {
             return Transition::ignore();
         };
         let key = self.step_key(&state, index, false);
-        let command =
-            Command::new(&step.topic, &step.command, state.data.clone()).keyed(key.clone());
+        let command = Command::new(&step.topic, &step.command, state.data.clone()).keyed(key);
         state.status = Status::Running {
             step: index,
             attempt,
@@ -687,6 +711,125 @@ impl Saga for Steps {
                 _ => Transition::ignore(),
             },
             Status::Completed | Status::Compensated | Status::Resolved => Transition::ignore(),
+        }
+    }
+}
+
+/// Several versions of one step-list saga: new instances start on the
+/// current one, and each stored instance keeps running on the version it
+/// started on ([`StepState::definition`]) until it finishes. That is how
+/// an old version drains: keep it here until the operator API lists no
+/// unfinished instance of it, then drop it. An input for an instance whose
+/// version is not loaded is ignored (and logged), so the instance shows up
+/// as stuck instead of running on a definition it did not start on.
+///
+/// ```
+/// use surety_saga::steps::{Step, Steps, Versions};
+/// use surety_saga::{Input, Saga};
+///
+/// let v1 = Steps::new("pay").step(Step::new("charge", "payments", "payment.charge").replies("payment.charged"));
+/// let v2 = Steps::new("pay").version(2)
+///     .step(Step::new("check", "fraud", "fraud.check").replies("fraud.cleared"))
+///     .step(Step::new("charge", "payments", "payment.charge").replies("payment.charged"));
+/// let old = v1.begin(serde_json::json!({})).state().cloned().unwrap();
+/// let saga = Versions::new(v2).draining(v1);
+///
+/// assert_eq!(saga.begin(serde_json::json!({})).commands()[0].message_type, "fraud.check");
+/// let reply = Input::Message(surety_saga::steps::StepReply::new("payment.charged"));
+/// assert!(saga.is_finished(saga.apply(&old, &reply).state().unwrap()), "v1 runs on v1");
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Versions {
+    current: Steps,
+    draining: Vec<Steps>,
+}
+
+impl Versions {
+    /// New instances start on `current`.
+    pub fn new(current: Steps) -> Self {
+        Self {
+            current,
+            draining: Vec::new(),
+        }
+    }
+
+    /// Keeps `old` running for the instances that started on it. Its name
+    /// must be the current one's (instances are stored under it).
+    pub fn draining(mut self, old: Steps) -> Self {
+        self.draining.push(old);
+        self
+    }
+
+    /// The definition new instances start on.
+    pub fn current(&self) -> &Steps {
+        &self.current
+    }
+
+    /// The start of an instance on the current version.
+    pub fn begin(&self, data: serde_json::Value) -> Transition<StepState> {
+        self.current.begin(data)
+    }
+
+    fn of(&self, state: &StepState) -> Option<&Steps> {
+        std::iter::once(&self.current)
+            .chain(&self.draining)
+            .find(|s| s.version == state.definition)
+    }
+}
+
+/// A saga whose replies are [`StepReply`]s of known types: what the
+/// [`reply_handler`](crate::consumer::reply_handler) routes.
+pub trait ReplyTypes {
+    /// Every reply type the saga reacts to, sorted, without duplicates.
+    fn reply_types(&self) -> Vec<String>;
+}
+
+impl ReplyTypes for Steps {
+    fn reply_types(&self) -> Vec<String> {
+        Steps::reply_types(self)
+    }
+}
+
+impl ReplyTypes for Versions {
+    fn reply_types(&self) -> Vec<String> {
+        let mut types: Vec<String> = std::iter::once(&self.current)
+            .chain(&self.draining)
+            .flat_map(Steps::reply_types)
+            .collect();
+        types.sort();
+        types.dedup();
+        types
+    }
+}
+
+impl Saga for Versions {
+    type State = StepState;
+    type Message = StepReply;
+
+    fn name(&self) -> &str {
+        &self.current.name
+    }
+
+    fn state_name<'a>(&'a self, state: &'a StepState) -> &'a str {
+        self.of(state)
+            .map_or("unknown-version", |s| s.state_name(state))
+    }
+
+    fn is_finished(&self, state: &StepState) -> bool {
+        self.current.is_finished(state)
+    }
+
+    fn apply(&self, state: &StepState, input: &Input<StepReply>) -> Transition<StepState> {
+        match self.of(state) {
+            Some(steps) => steps.apply(state, input),
+            None => {
+                tracing::warn!(
+                    saga = self.current.name,
+                    version = state.definition,
+                    "an instance of a definition version that is not loaded; input ignored"
+                );
+                Transition::ignore()
+            }
         }
     }
 }

@@ -10,13 +10,14 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
+use serde::Serialize;
 use surety_core::{BoxError, Classify, Envelope, ErrorClass};
 
 /// A stored saga instance.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct InstanceRecord {
-    /// The saga's [`NAME`](crate::Saga::NAME).
+    /// The saga's [name](crate::Saga::name).
     pub saga: String,
     /// The saga id (the correlation id of its messages).
     pub id: String,
@@ -28,10 +29,15 @@ pub struct InstanceRecord {
     pub version: u64,
     /// Whether the state is final.
     pub finished: bool,
+    /// When the instance last moved (the stored transition's time).
+    pub updated_at: DateTime<Utc>,
+    /// The schema version `state` was written at (1 unless the saga's
+    /// state is upcast, see [`Orchestrator::upcast_state`](crate::Orchestrator::upcast_state)).
+    pub state_version: u32,
 }
 
 /// One row of an instance's history: the input applied and where it led.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[non_exhaustive]
 pub struct HistoryRecord {
     /// The instance version this row produced.
@@ -61,6 +67,110 @@ pub struct TimerRecord {
     pub name: String,
     /// When it falls due.
     pub due: DateTime<Utc>,
+}
+
+/// An instance as an operator lists it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct InstanceSummary {
+    /// The saga's name.
+    pub saga: String,
+    /// The saga id.
+    pub id: String,
+    /// The name of the step it is at.
+    pub state_name: String,
+    /// Its version (stored transitions).
+    pub version: u64,
+    /// Whether it is finished.
+    pub finished: bool,
+    /// When it started.
+    pub created_at: DateTime<Utc>,
+    /// When it last moved.
+    pub updated_at: DateTime<Utc>,
+    /// Its state, as JSON.
+    pub state: serde_json::Value,
+}
+
+/// Which instances to list; every field that is set must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ListFilter {
+    /// Only this saga type.
+    pub saga: Option<String>,
+    /// Only instances at this step.
+    pub state_name: Option<String>,
+    /// Only finished (`true`) or unfinished (`false`) instances.
+    pub finished: Option<bool>,
+    /// Only instances started at or before this time (older ones).
+    pub started_before: Option<DateTime<Utc>>,
+    /// Only unfinished instances that have not moved since this time
+    /// ("stuck").
+    pub idle_since: Option<DateTime<Utc>>,
+    /// At most this many, least recently moved first.
+    pub limit: usize,
+}
+
+impl ListFilter {
+    /// No condition, at most `limit` instances.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            ..Self::default()
+        }
+    }
+
+    fn matches(&self, instance: &InstanceSummary) -> bool {
+        self.saga.as_ref().is_none_or(|s| *s == instance.saga)
+            && self
+                .state_name
+                .as_ref()
+                .is_none_or(|s| *s == instance.state_name)
+            && self.finished.is_none_or(|f| f == instance.finished)
+            && self
+                .started_before
+                .is_none_or(|at| instance.created_at <= at)
+            && self
+                .idle_since
+                .is_none_or(|at| !instance.finished && instance.updated_at <= at)
+    }
+}
+
+/// One entry of the operator audit trail.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct AuditRecord {
+    /// The saga's name.
+    pub saga: String,
+    /// The saga id.
+    pub id: String,
+    /// Who acted.
+    pub actor: String,
+    /// What they asked for.
+    pub action: String,
+    /// Why, in their words.
+    pub reason: String,
+    /// When.
+    pub at: DateTime<Utc>,
+}
+
+impl AuditRecord {
+    /// An entry for `action` by `actor` on instance `id` of `saga`, now.
+    pub fn new(
+        saga: impl Into<String>,
+        id: impl Into<String>,
+        actor: impl Into<String>,
+        action: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Self {
+            saga: saga.into(),
+            id: id.into(),
+            actor: actor.into(),
+            action: action.into(),
+            reason: reason.into(),
+            at: Utc::now(),
+        }
+    }
 }
 
 /// Everything one applied input changes, written in one transaction.
@@ -145,12 +255,46 @@ pub trait SagaStore: Send + Sync {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<TimerRecord>, StoreError>> + Send;
 
+    /// Deletes `timer` if it is still pending with the same due time (a
+    /// fired timer the definition ignored). Returns whether it was.
+    fn delete_timer(
+        &self,
+        timer: &TimerRecord,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
     /// An instance's history, oldest first.
     fn history(
         &self,
         saga: &str,
         id: &str,
     ) -> impl Future<Output = Result<Vec<HistoryRecord>, StoreError>> + Send;
+
+    /// Instances matching `filter`, least recently moved first.
+    fn list(
+        &self,
+        filter: &ListFilter,
+    ) -> impl Future<Output = Result<Vec<InstanceSummary>, StoreError>> + Send;
+
+    /// Deletes up to `limit` instances of `saga` that finished before
+    /// `before`, with their history and timers (the retention policy; the
+    /// audit trail stays). Unfinished instances are never deleted. Returns
+    /// how many were deleted.
+    fn purge_finished(
+        &self,
+        saga: &str,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Appends to the operator audit trail.
+    fn audit(&self, entry: AuditRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// An instance's audit trail, oldest first.
+    fn audit_log(
+        &self,
+        saga: &str,
+        id: &str,
+    ) -> impl Future<Output = Result<Vec<AuditRecord>, StoreError>> + Send;
 }
 
 type Key = (String, String);
@@ -161,6 +305,9 @@ struct Inner {
     history: BTreeMap<Key, Vec<HistoryRecord>>,
     timers: BTreeMap<(String, String, String), DateTime<Utc>>,
     outbox: Vec<(String, Envelope)>,
+    /// When each instance started and last moved.
+    times: BTreeMap<Key, (DateTime<Utc>, DateTime<Utc>)>,
+    audit: Vec<AuditRecord>,
 }
 
 /// An in-memory [`SagaStore`] for tests and examples. Clones share the data.
@@ -255,12 +402,18 @@ impl SagaStore for MemoryStore {
                     .insert((key.0.clone(), key.1.clone(), name), due);
             }
         }
+        let at = write.history.at;
         inner
             .history
             .entry(key.clone())
             .or_default()
             .push(write.history);
         inner.outbox.extend(write.commands);
+        inner
+            .times
+            .entry(key.clone())
+            .and_modify(|(_, updated)| *updated = at)
+            .or_insert((at, at));
         inner.instances.insert(key, instance);
         Ok(())
     }
@@ -295,5 +448,88 @@ impl SagaStore for MemoryStore {
             .get(&(saga.to_owned(), id.to_owned()))
             .cloned()
             .unwrap_or_default())
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<InstanceSummary>, StoreError> {
+        let inner = self.lock();
+        let mut found: Vec<InstanceSummary> = inner
+            .instances
+            .iter()
+            .map(|(key, i)| {
+                let (created_at, updated_at) = inner
+                    .times
+                    .get(key)
+                    .copied()
+                    .unwrap_or((DateTime::<Utc>::MIN_UTC, DateTime::<Utc>::MIN_UTC));
+                InstanceSummary {
+                    saga: i.saga.clone(),
+                    id: i.id.clone(),
+                    state_name: i.state_name.clone(),
+                    version: i.version,
+                    finished: i.finished,
+                    created_at,
+                    updated_at,
+                    state: i.state.clone(),
+                }
+            })
+            .filter(|i| filter.matches(i))
+            .collect();
+        found.sort_by(|a, b| a.updated_at.cmp(&b.updated_at).then(a.id.cmp(&b.id)));
+        found.truncate(filter.limit);
+        Ok(found)
+    }
+
+    async fn delete_timer(&self, timer: &TimerRecord) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let key = (timer.saga.clone(), timer.id.clone(), timer.name.clone());
+        if inner.timers.get(&key) == Some(&timer.due) {
+            inner.timers.remove(&key);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    async fn purge_finished(
+        &self,
+        saga: &str,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        let gone: Vec<Key> = inner
+            .instances
+            .iter()
+            .filter(|(key, i)| {
+                key.0 == saga
+                    && i.finished
+                    && inner
+                        .times
+                        .get(*key)
+                        .is_some_and(|(_, moved)| *moved < before)
+            })
+            .map(|(key, _)| key.clone())
+            .take(limit)
+            .collect();
+        for key in &gone {
+            inner.instances.remove(key);
+            inner.history.remove(key);
+            inner.times.remove(key);
+        }
+        Ok(u64::try_from(gone.len()).unwrap_or(u64::MAX))
+    }
+
+    async fn audit(&self, entry: AuditRecord) -> Result<(), StoreError> {
+        self.lock().audit.push(entry);
+        Ok(())
+    }
+
+    async fn audit_log(&self, saga: &str, id: &str) -> Result<Vec<AuditRecord>, StoreError> {
+        Ok(self
+            .lock()
+            .audit
+            .iter()
+            .filter(|a| a.saga == saga && a.id == id)
+            .cloned()
+            .collect())
     }
 }

@@ -426,6 +426,17 @@ fn public_types_are_send_and_sync() {
     check::<MemoryStore>();
     check::<surety_saga::SagaError>();
     check::<Outcome>();
+    check::<surety_saga::steps::Steps>();
+    check::<surety_saga::steps::Versions>();
+    check::<surety_saga::steps::StepState>();
+    #[cfg(feature = "sqlite")]
+    check::<surety_saga::sqlite::SqliteSagaStore>();
+    #[cfg(feature = "postgres")]
+    check::<surety_saga::postgres::PostgresSagaStore>();
+    #[cfg(feature = "admin")]
+    check::<surety_saga::admin::AdminApi<surety_saga::steps::Steps, MemoryStore>>();
+    check::<surety_saga::metrics::SagaMetrics>();
+    check::<surety_saga::store::InstanceSummary>();
 }
 
 /// A store in which another writer applies `race` to the instance just
@@ -472,6 +483,44 @@ impl surety_saga::store::SagaStore for RacingStore {
         id: &str,
     ) -> Result<Vec<surety_saga::store::HistoryRecord>, surety_saga::store::StoreError> {
         self.inner.history(saga, id).await
+    }
+
+    async fn list(
+        &self,
+        filter: &surety_saga::store::ListFilter,
+    ) -> Result<Vec<surety_saga::store::InstanceSummary>, surety_saga::store::StoreError> {
+        self.inner.list(filter).await
+    }
+
+    async fn delete_timer(
+        &self,
+        timer: &surety_saga::store::TimerRecord,
+    ) -> Result<bool, surety_saga::store::StoreError> {
+        self.inner.delete_timer(timer).await
+    }
+
+    async fn purge_finished(
+        &self,
+        saga: &str,
+        before: chrono::DateTime<Utc>,
+        limit: usize,
+    ) -> Result<u64, surety_saga::store::StoreError> {
+        self.inner.purge_finished(saga, before, limit).await
+    }
+
+    async fn audit(
+        &self,
+        entry: surety_saga::store::AuditRecord,
+    ) -> Result<(), surety_saga::store::StoreError> {
+        self.inner.audit(entry).await
+    }
+
+    async fn audit_log(
+        &self,
+        saga: &str,
+        id: &str,
+    ) -> Result<Vec<surety_saga::store::AuditRecord>, surety_saga::store::StoreError> {
+        self.inner.audit_log(saga, id).await
     }
 }
 
@@ -542,4 +591,40 @@ async fn metrics_count_inputs_by_outcome_and_progress_by_state() {
         text.contains(r#"surety_saga_transitions_total{saga="checkout",state="paying"} 1"#),
         "{text}"
     );
+}
+
+/// A saga that ignores every input, timeouts included.
+struct Deaf;
+
+impl Saga for Deaf {
+    type State = u8;
+    type Message = ();
+    fn name(&self) -> &str {
+        "deaf"
+    }
+    fn state_name<'a>(&'a self, _state: &'a u8) -> &'a str {
+        "waiting"
+    }
+    fn is_finished(&self, _state: &u8) -> bool {
+        false
+    }
+    fn apply(&self, _state: &u8, _input: &Input<()>) -> Transition<u8> {
+        Transition::ignore()
+    }
+}
+
+#[tokio::test]
+async fn a_fired_timer_the_definition_ignores_is_dropped() {
+    let store = MemoryStore::new();
+    let saga = Orchestrator::new(Deaf, store.clone());
+    saga.start("d-1", Transition::to(0).set_timer("nap", Duration::ZERO))
+        .await
+        .unwrap();
+    let later = Utc::now() + chrono::Duration::seconds(1);
+    assert_eq!(
+        saga.fire_due_timers(later, 10).await.unwrap(),
+        vec![Outcome::Ignored]
+    );
+    assert!(store.timers().is_empty(), "it does not fall due again");
+    assert!(saga.fire_due_timers(later, 10).await.unwrap().is_empty());
 }

@@ -247,3 +247,46 @@ async fn the_outbox_relay_sends_the_commands_to_the_broker() {
     saga.handle(&id, Input::Message(Reply::Paid)).await.unwrap();
     assert_eq!(saga.state("o-4").await.unwrap(), Some(Step::Done));
 }
+
+#[tokio::test]
+async fn instances_list_by_state_age_and_stuck_and_audits_are_kept() {
+    use surety_saga::store::{AuditRecord, ListFilter, SagaStore};
+    let pool = pool().await;
+    let store = SqliteSagaStore::new(pool.clone());
+    let saga = Orchestrator::new(Pay, store.clone());
+    saga.start("a", begin()).await.unwrap();
+    saga.start("b", begin()).await.unwrap();
+    saga.handle("b", Input::Message(Reply::Paid)).await.unwrap();
+
+    let all = store.list(&ListFilter::new(10)).await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert!(all.iter().all(|i| i.created_at <= i.updated_at));
+    let mut stuck = ListFilter::new(10);
+    stuck.idle_since = Some(Utc::now());
+    let stuck = store.list(&stuck).await.unwrap();
+    assert_eq!(stuck.len(), 1);
+    assert_eq!(stuck[0].id, "a");
+    let mut finished = ListFilter::new(10);
+    finished.finished = Some(true);
+    finished.saga = Some("pay".into());
+    assert_eq!(store.list(&finished).await.unwrap()[0].id, "b");
+    let mut old = ListFilter::new(10);
+    old.started_before = Some(Utc::now() - chrono::Duration::hours(1));
+    assert!(store.list(&old).await.unwrap().is_empty());
+
+    store
+        .audit(AuditRecord::new("pay", "a", "alice", "resolve", "by hand"))
+        .await
+        .unwrap();
+    let audit = store.audit_log("pay", "a").await.unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].reason, "by hand");
+
+    // Retention: finished instances go with their history; "a" runs on.
+    let later = Utc::now() + chrono::Duration::seconds(1);
+    assert_eq!(store.purge_finished("pay", later, 10).await.unwrap(), 1);
+    assert!(store.load("pay", "b").await.unwrap().is_none());
+    assert!(store.history("pay", "b").await.unwrap().is_empty());
+    assert!(store.load("pay", "a").await.unwrap().is_some());
+    assert_eq!(store.purge_finished("pay", later, 10).await.unwrap(), 0);
+}

@@ -621,3 +621,163 @@ fn keyed_commands_keep_their_id_across_resends() {
         let _ = Command::new("x", "y", serde_json::Value::Null);
     });
 }
+
+#[test]
+fn in_flight_instances_drain_on_the_version_they_started_on() {
+    use surety_saga::steps::{Step, Versions};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let v1 = saga();
+        // Version 2 checks for fraud first: step 0 means something else.
+        let v2 = Steps::new(checkout::NAME)
+            .version(2)
+            .step(Step::new("fraud", "fraud", "fraud.check").replies("fraud.cleared"))
+            .step(Step::new("payment", "payments", "payment.charge").replies("payment.charged"));
+        let store = MemoryStore::new();
+        let old = Orchestrator::new(v1.clone(), store.clone());
+        old.start("o-old", v1.begin(serde_json::json!({})))
+            .await
+            .unwrap();
+        store.take_commands();
+
+        // Deployed: new instances start on v2, o-old keeps running on v1.
+        let new = Orchestrator::new(Versions::new(v2.clone()).draining(v1), store.clone());
+        new.start("o-new", new.saga().begin(serde_json::json!({})))
+            .await
+            .unwrap();
+        assert_eq!(store.take_commands()[0].1.event_type, "fraud.check");
+        new.handle("o-old", reply("payment.charged")).await.unwrap();
+        assert_eq!(store.take_commands()[0].1.event_type, "inventory.reserve");
+        let state = new.state("o-old").await.unwrap().unwrap();
+        assert_eq!(state.definition, 1);
+        assert_eq!(new.saga().state_name(&state), "inventory");
+
+        // Without v1 loaded, its instances take no input rather than run on v2.
+        let only_v2 = Orchestrator::new(Versions::new(v2), store.clone());
+        assert_eq!(
+            only_v2
+                .handle("o-old", reply("inventory.reserved"))
+                .await
+                .unwrap(),
+            surety_saga::Outcome::Ignored
+        );
+    });
+    // A state stored before versions existed is version 1.
+    let mut stored = serde_json::to_value(given(&[])).unwrap();
+    stored.as_object_mut().unwrap().remove("definition");
+    let state: StepState = serde_json::from_value(stored).unwrap();
+    assert_eq!(state.definition, 1);
+}
+
+#[test]
+fn metrics_count_starts_ends_steps_and_observe_stuck_instances() {
+    use prometheus_client::registry::Registry;
+    use surety_saga::metrics::SagaMetrics;
+    use surety_saga::store::{ListFilter, SagaStore};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut registry = Registry::default();
+        let metrics = SagaMetrics::register(&mut registry);
+        let store = MemoryStore::new();
+        let saga = Orchestrator::new(self::saga(), store.clone()).metrics(metrics.clone());
+        for id in ["a", "b", "c"] {
+            saga.start(id, saga.saga().begin(serde_json::json!({})))
+                .await
+                .unwrap();
+        }
+        saga.handle("a", reply("payment.declined")).await.unwrap();
+        saga.handle("b", reply("payment.charged")).await.unwrap();
+        saga.handle("b", reply("payment.charged")).await.unwrap();
+        assert_eq!(metrics.started_count("checkout"), 3);
+        assert_eq!(metrics.finished_count("checkout", "compensated"), 1);
+        assert_eq!(
+            metrics.inputs_count("checkout", "ignored"),
+            1,
+            "the duplicate"
+        );
+
+        let mut filter = ListFilter::new(100);
+        filter.finished = Some(false);
+        let unfinished = store.list(&filter).await.unwrap();
+        metrics.observe("checkout", &unfinished, Utc::now());
+        assert_eq!(metrics.instances_count("checkout", "payment"), 1);
+        assert_eq!(metrics.instances_count("checkout", "inventory"), 1);
+        assert_eq!(metrics.stuck_count("checkout"), 2);
+        // "c" moves on: its old step drops to 0.
+        saga.handle("c", reply("payment.charged")).await.unwrap();
+        let unfinished = store.list(&filter).await.unwrap();
+        metrics.observe(
+            "checkout",
+            &unfinished,
+            Utc::now() - chrono::Duration::hours(1),
+        );
+        assert_eq!(metrics.instances_count("checkout", "payment"), 0);
+        assert_eq!(metrics.instances_count("checkout", "inventory"), 2);
+        assert_eq!(metrics.stuck_count("checkout"), 0);
+
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(
+                "surety_saga_step_duration_seconds_count{saga=\"checkout\",state=\"payment\"} 3"
+            ),
+            "{text}"
+        );
+    });
+}
+
+#[test]
+fn stored_states_of_an_older_schema_are_upcast_before_they_decode() {
+    use surety_core::upcast::Upcasters;
+    use surety_saga::store::SagaStore;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let store = MemoryStore::new();
+        let v1 = Orchestrator::new(saga(), store.clone());
+        v1.start("o-1", saga().begin(serde_json::json!({"total": 4200})))
+            .await
+            .unwrap();
+        store.take_commands();
+        let upcasters = || {
+            Upcasters::new().current_version("checkout.state", 2).step(
+                "checkout.state",
+                1,
+                |mut state| {
+                    state["data"]["cents"] = state["data"]["total"].take();
+                    state
+                },
+            )
+        };
+        let v2 = Orchestrator::new(saga(), store.clone()).upcast_state(upcasters());
+        assert_eq!(v2.state("o-1").await.unwrap().unwrap().data["cents"], 4200);
+        v2.handle("o-1", reply("payment.charged")).await.unwrap();
+        // The command carries the upcast data; the row is at version 2 now.
+        let sent = store.take_commands();
+        let payload: serde_json::Value = sent[0].1.decode().unwrap();
+        assert_eq!(payload["cents"], 4200);
+        assert_eq!(
+            store
+                .load("checkout", "o-1")
+                .await
+                .unwrap()
+                .unwrap()
+                .state_version,
+            2
+        );
+        // A state from a newer schema than this orchestrator knows is an
+        // error, never decoded as if it were current.
+        let old = Orchestrator::new(saga(), store.clone())
+            .upcast_state(Upcasters::new().current_version("checkout.state", 1));
+        let error = old.state("o-1").await.unwrap_err();
+        assert!(
+            matches!(error, surety_saga::SagaError::Upcast { .. }),
+            "{error}"
+        );
+    });
+}

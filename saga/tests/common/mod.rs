@@ -36,7 +36,10 @@ pub struct Queues {
 
 impl Queues {
     pub fn unique() -> Self {
-        let prefix = format!("surety-saga-test.{}", uuid::Uuid::now_v7());
+        Self::with_prefix(format!("surety-saga-test.{}", uuid::Uuid::now_v7()))
+    }
+
+    pub fn with_prefix(prefix: String) -> Self {
         Self {
             payments: format!("{prefix}.payments"),
             inventory: format!("{prefix}.inventory"),
@@ -69,8 +72,12 @@ pub fn deadlines() -> Deadlines {
 }
 
 pub fn definition(queues: &Queues) -> Steps {
+    definition_with(queues, deadlines())
+}
+
+pub fn definition_with(queues: &Queues, deadlines: Deadlines) -> Steps {
     checkout::definition_on(
-        deadlines(),
+        deadlines,
         &queues.payments,
         &queues.inventory,
         &queues.shipping,
