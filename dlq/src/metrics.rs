@@ -33,9 +33,9 @@
 //! ```
 
 use std::collections::HashSet;
-use std::time::Duration;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use chrono::Utc;
 use prometheus_client::encoding::EncodeLabelSet;

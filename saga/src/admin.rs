@@ -30,11 +30,11 @@
 //! ```
 //! use std::sync::Arc;
 //! use surety_saga::admin::AdminApi;
-//! use surety_saga::{checkout, store::MemoryStore, Orchestrator};
+//! use surety_saga::{checkout, store::MemorySagaStore, Orchestrator};
 //!
 //! let saga = checkout::definition(checkout::Deadlines::default());
 //! let diagram = saga.mermaid();
-//! let orchestrator = Arc::new(Orchestrator::new(saga, MemoryStore::new()));
+//! let orchestrator = Arc::new(Orchestrator::new(saga, MemorySagaStore::new()));
 //! let api = AdminApi::new(orchestrator)
 //!     .token("alice", "a-long-random-s3cret-token")
 //!     .diagram(diagram);

@@ -24,11 +24,11 @@
 //! use surety_core::consumer::Worker;
 //! use surety_core::host::Host;
 //! use surety_core::memory::MemoryTransport;
-//! use surety_saga::{checkout, consumer, Orchestrator, store::MemoryStore};
+//! use surety_saga::{checkout, consumer, Orchestrator, store::MemorySagaStore};
 //!
 //! let saga = checkout::definition(checkout::Deadlines::default());
 //! let orchestrator = Arc::new(
-//!     Orchestrator::new(saga, MemoryStore::new()).reply_to("checkout.replies"),
+//!     Orchestrator::new(saga, MemorySagaStore::new()).reply_to("checkout.replies"),
 //! );
 //! let transport = MemoryTransport::new();
 //! let host = Host::new()

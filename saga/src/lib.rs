@@ -39,7 +39,7 @@
 //! ```
 //! use serde::{Deserialize, Serialize};
 //! use std::time::Duration;
-//! use surety_saga::{Command, Input, Orchestrator, Outcome, Saga, Transition, store::MemoryStore};
+//! use surety_saga::{Command, Input, Orchestrator, Outcome, Saga, Transition, store::MemorySagaStore};
 //!
 //! #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 //! enum Step { Paying, Done, Cancelled }
@@ -66,7 +66,7 @@
 //! }
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let store = MemoryStore::new();
+//! let store = MemorySagaStore::new();
 //! let saga = Orchestrator::new(Checkout, store.clone());
 //! saga.start("order-1", Transition::to(Step::Paying)
 //!     .command(Command::new("payments", "payment.charge", serde_json::json!({"cents": 4200})))
@@ -93,7 +93,7 @@
 //! - `admin` (on by default): `admin::AdminApi`, the operator HTTP API
 //!   (an axum router, token-protected like the DLQ admin API).
 //!
-//! Without features the crate ships the in-memory [`store::MemoryStore`].
+//! Without features the crate ships the in-memory [`store::MemorySagaStore`].
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 

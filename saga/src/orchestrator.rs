@@ -157,7 +157,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
     ///
     /// ```
     /// use surety_core::upcast::Upcasters;
-    /// use surety_saga::{checkout, store::MemoryStore, Orchestrator};
+    /// use surety_saga::{checkout, store::MemorySagaStore, Orchestrator};
     ///
     /// let saga = checkout::definition(checkout::Deadlines::default());
     /// // Version 2 renamed the data's `total` to `cents`.
@@ -167,7 +167,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
     ///         state["data"]["cents"] = state["data"]["total"].take();
     ///         state
     ///     });
-    /// let orchestrator = Orchestrator::new(saga, MemoryStore::new()).upcast_state(upcasters);
+    /// let orchestrator = Orchestrator::new(saga, MemorySagaStore::new()).upcast_state(upcasters);
     /// # let _ = orchestrator;
     /// ```
     pub fn upcast_state(mut self, upcasters: surety_core::upcast::Upcasters) -> Self {

@@ -29,8 +29,58 @@ pub(crate) fn migrator(
     migrator
 }
 
-pub(crate) fn backend(error: impl Into<surety_core::BoxError>) -> crate::store::StoreError {
-    crate::store::StoreError::Backend(error.into())
+/// What a database-side failure of the saga store can come from, each
+/// given its store error kind once.
+pub(crate) trait BackendError {
+    fn into_store_error(self) -> surety_core::store::StoreError;
+}
+
+impl BackendError for sqlx::Error {
+    fn into_store_error(self) -> surety_core::store::StoreError {
+        self.into()
+    }
+}
+
+impl BackendError for sqlx::migrate::MigrateError {
+    fn into_store_error(self) -> surety_core::store::StoreError {
+        self.into()
+    }
+}
+
+impl BackendError for serde_json::Error {
+    fn into_store_error(self) -> surety_core::store::StoreError {
+        surety_core::store::StoreError::decode(self)
+    }
+}
+
+impl BackendError for std::num::TryFromIntError {
+    fn into_store_error(self) -> surety_core::store::StoreError {
+        surety_core::store::StoreError::decode(self)
+    }
+}
+
+impl BackendError for surety_outbox::OutboxError {
+    fn into_store_error(self) -> surety_core::store::StoreError {
+        use surety_core::Classify as _;
+        use surety_core::store::{StoreError, StoreErrorKind};
+        match self {
+            Self::Store(error) | Self::Migration(error) => error,
+            // A command the outbox refuses (an empty topic): not the
+            // database's fault, and no retry changes it.
+            other => {
+                let kind = if other.class().is_retryable() {
+                    StoreErrorKind::Other
+                } else {
+                    StoreErrorKind::Config
+                };
+                StoreError::new(kind, other)
+            }
+        }
+    }
+}
+
+pub(crate) fn backend(error: impl BackendError) -> crate::store::StoreError {
+    crate::store::StoreError::Backend(error.into_store_error())
 }
 
 pub(crate) fn millis(at: chrono::DateTime<chrono::Utc>) -> i64 {

@@ -1,5 +1,5 @@
 //! Where saga instances live: the [`SagaStore`] port and the in-memory
-//! [`MemoryStore`].
+//! [`MemorySagaStore`].
 //!
 //! One [`Write`] stores the new state (checked against the version the
 //! orchestrator loaded), a history row, the outgoing commands and the timer
@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use surety_core::{BoxError, Classify, Envelope, ErrorClass};
+use surety_core::{Classify, Envelope, ErrorClass};
 
 /// A stored saga instance.
 #[derive(Clone, Debug, PartialEq)]
@@ -214,9 +214,11 @@ pub enum StoreError {
         /// The timer's name.
         name: String,
     },
-    /// The backend failed.
+    /// The database failed; its [kind](surety_core::store::StoreErrorKind)
+    /// decides the class (a lost connection is transient, a constraint
+    /// violation permanent).
     #[error("saga store failed: {0}")]
-    Backend(#[source] BoxError),
+    Backend(#[source] surety_core::store::StoreError),
 }
 
 impl Classify for StoreError {
@@ -225,7 +227,7 @@ impl Classify for StoreError {
             StoreError::Conflict { .. } | StoreError::TimerGone { .. } => {
                 ErrorClass::Transient { retry_after: None }
             }
-            StoreError::Backend(_) => ErrorClass::Transient { retry_after: None },
+            StoreError::Backend(error) => error.class(),
         }
     }
 }
@@ -312,14 +314,14 @@ struct Inner {
 
 /// An in-memory [`SagaStore`] for tests and examples. Clones share the data.
 ///
-/// Its outbox is a list: [`MemoryStore::take_commands`] hands over what the
+/// Its outbox is a list: [`MemorySagaStore::take_commands`] hands over what the
 /// stored transitions sent.
 #[derive(Clone, Debug, Default)]
-pub struct MemoryStore {
+pub struct MemorySagaStore {
     inner: Arc<Mutex<Inner>>,
 }
 
-impl MemoryStore {
+impl MemorySagaStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
@@ -354,7 +356,7 @@ impl MemoryStore {
     }
 }
 
-impl SagaStore for MemoryStore {
+impl SagaStore for MemorySagaStore {
     async fn load(&self, saga: &str, id: &str) -> Result<Option<InstanceRecord>, StoreError> {
         Ok(self
             .lock()

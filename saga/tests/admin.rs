@@ -10,16 +10,16 @@ use serde_json::{Value, json};
 use surety_saga::admin::AdminApi;
 use surety_saga::checkout::{self, Deadlines};
 use surety_saga::steps::{StepReply, Steps};
-use surety_saga::store::{MemoryStore, SagaStore};
+use surety_saga::store::{MemorySagaStore, SagaStore};
 use surety_saga::{Input, Orchestrator};
 use tower::ServiceExt;
 
 const TOKEN: &str = "a-long-random-s3cret-token";
 
-async fn setup() -> (axum::Router, Arc<Orchestrator<Steps, MemoryStore>>) {
+async fn setup() -> (axum::Router, Arc<Orchestrator<Steps, MemorySagaStore>>) {
     let saga = checkout::definition(Deadlines::default());
     let diagram = saga.mermaid();
-    let orchestrator = Arc::new(Orchestrator::new(saga, MemoryStore::new()));
+    let orchestrator = Arc::new(Orchestrator::new(saga, MemorySagaStore::new()));
     for order in ["o-1", "o-2", "o-3"] {
         let start = orchestrator.saga().begin(json!({ "order": order }));
         orchestrator.start(order, start).await.unwrap();

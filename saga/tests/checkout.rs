@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::Utc;
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
-use surety_saga::store::MemoryStore;
+use surety_saga::store::MemorySagaStore;
 use surety_saga::{
     Command, Input, OperatorAction, Orchestrator, Outcome, Saga, Transition, replay,
 };
@@ -141,7 +141,7 @@ impl Saga for Checkout {
     }
 }
 
-fn sent(store: &MemoryStore) -> Vec<(String, String)> {
+fn sent(store: &MemorySagaStore) -> Vec<(String, String)> {
     store
         .take_commands()
         .into_iter()
@@ -155,7 +155,7 @@ fn pair(topic: &str, kind: &str) -> (String, String) {
 
 #[tokio::test]
 async fn happy_path_sends_each_step_and_finishes_without_pending_timers() {
-    let store = MemoryStore::new();
+    let store = MemorySagaStore::new();
     let saga = Orchestrator::new(Checkout, store.clone());
     saga.start("o-1", Checkout::begin("o-1")).await.unwrap();
     assert_eq!(sent(&store), vec![pair("payments", "payment.charge")]);
@@ -195,7 +195,7 @@ async fn happy_path_sends_each_step_and_finishes_without_pending_timers() {
 
 #[tokio::test]
 async fn shipping_failure_compensates_in_reverse_order() {
-    let store = MemoryStore::new();
+    let store = MemorySagaStore::new();
     let saga = Orchestrator::new(Checkout, store.clone());
     saga.start("o-2", Checkout::begin("o-2")).await.unwrap();
     for reply in [
@@ -225,7 +225,7 @@ async fn shipping_failure_compensates_in_reverse_order() {
 
 #[tokio::test]
 async fn commands_carry_deterministic_ids_and_the_saga_id_as_correlation() {
-    let store = MemoryStore::new();
+    let store = MemorySagaStore::new();
     let saga = Orchestrator::new(Checkout, store.clone()).source("/checkout");
     saga.start("o-3", Checkout::begin("o-3")).await.unwrap();
     let (_, charge) = store.take_commands().remove(0);
@@ -246,7 +246,7 @@ async fn commands_carry_deterministic_ids_and_the_saga_id_as_correlation() {
 
 #[tokio::test]
 async fn a_due_timer_fires_once_and_a_cancelled_one_never() {
-    let store = MemoryStore::new();
+    let store = MemorySagaStore::new();
     let saga = Orchestrator::new(Checkout, store.clone());
     saga.start("slow", Checkout::begin("slow")).await.unwrap();
     saga.start("fast", Checkout::begin("fast")).await.unwrap();
@@ -283,7 +283,7 @@ async fn a_due_timer_fires_once_and_a_cancelled_one_never() {
 
 #[tokio::test]
 async fn a_timer_reset_after_polling_is_stale_when_fired() {
-    let store = MemoryStore::new();
+    let store = MemorySagaStore::new();
     let saga = Orchestrator::new(Checkout, store.clone());
     saga.start("o-4", Checkout::begin("o-4")).await.unwrap();
     let later = Utc::now() + chrono::Duration::seconds(31);
@@ -314,7 +314,7 @@ async fn a_timer_reset_after_polling_is_stale_when_fired() {
 
 #[tokio::test]
 async fn operator_abort_is_recorded_and_replays() {
-    let store = MemoryStore::new();
+    let store = MemorySagaStore::new();
     let saga = Orchestrator::new(Checkout, store.clone());
     saga.start("o-5", Checkout::begin("o-5")).await.unwrap();
     saga.handle("o-5", Input::Message(Reply::Paid))
@@ -337,7 +337,7 @@ async fn operator_abort_is_recorded_and_replays() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_delivered_twice_at_once_applies_once() {
-    let store = MemoryStore::new();
+    let store = MemorySagaStore::new();
     let saga = std::sync::Arc::new(Orchestrator::new(Checkout, store.clone()));
     saga.start("o-6", Checkout::begin("o-6")).await.unwrap();
     // The same reply delivered twice at once: exactly one applies.
@@ -361,7 +361,7 @@ async fn a_reply_delivered_twice_at_once_applies_once() {
 
 #[tokio::test]
 async fn an_unknown_saga_id_writes_nothing() {
-    let store = MemoryStore::new();
+    let store = MemorySagaStore::new();
     let saga = Orchestrator::new(Checkout, store.clone());
     assert_eq!(
         saga.handle("nope", Input::Message(Reply::Paid))
@@ -401,7 +401,7 @@ proptest! {
     fn stored_state_is_the_replay_of_its_history(inputs in prop::collection::vec(any_input(), 0..12)) {
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         runtime.block_on(async {
-            let store = MemoryStore::new();
+            let store = MemorySagaStore::new();
             let saga = Orchestrator::new(Checkout, store.clone());
             saga.start("p", Checkout::begin("p")).await.unwrap();
             for input in &inputs {
@@ -422,8 +422,8 @@ proptest! {
 #[test]
 fn public_types_are_send_and_sync() {
     fn check<T: Send + Sync>() {}
-    check::<Orchestrator<Checkout, MemoryStore>>();
-    check::<MemoryStore>();
+    check::<Orchestrator<Checkout, MemorySagaStore>>();
+    check::<MemorySagaStore>();
     check::<surety_saga::SagaError>();
     check::<Outcome>();
     check::<surety_saga::steps::Steps>();
@@ -434,7 +434,7 @@ fn public_types_are_send_and_sync() {
     #[cfg(feature = "postgres")]
     check::<surety_saga::postgres::PostgresSagaStore>();
     #[cfg(feature = "admin")]
-    check::<surety_saga::admin::AdminApi<surety_saga::steps::Steps, MemoryStore>>();
+    check::<surety_saga::admin::AdminApi<surety_saga::steps::Steps, MemorySagaStore>>();
     check::<surety_saga::metrics::SagaMetrics>();
     check::<surety_saga::store::InstanceSummary>();
 }
@@ -442,7 +442,7 @@ fn public_types_are_send_and_sync() {
 /// A store in which another writer applies `race` to the instance just
 /// before the first write lands.
 struct RacingStore {
-    inner: MemoryStore,
+    inner: MemorySagaStore,
     race: std::sync::Mutex<Option<Reply>>,
 }
 
@@ -527,7 +527,7 @@ impl surety_saga::store::SagaStore for RacingStore {
 #[tokio::test]
 async fn a_concurrent_write_makes_the_input_decide_again_on_the_fresh_state() {
     use surety_saga::store::SagaStore;
-    let memory = MemoryStore::new();
+    let memory = MemorySagaStore::new();
     let setup = Orchestrator::new(Checkout, memory.clone());
     setup.start("o-7", Checkout::begin("o-7")).await.unwrap();
     setup
@@ -560,7 +560,7 @@ async fn a_concurrent_write_makes_the_input_decide_again_on_the_fresh_state() {
 async fn metrics_count_inputs_by_outcome_and_progress_by_state() {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = surety_saga::metrics::SagaMetrics::register(&mut registry);
-    let saga = Orchestrator::new(Checkout, MemoryStore::new()).metrics(metrics.clone());
+    let saga = Orchestrator::new(Checkout, MemorySagaStore::new()).metrics(metrics.clone());
     saga.start("m-1", Checkout::begin("m-1")).await.unwrap();
     saga.start("m-1", Checkout::begin("m-1")).await.unwrap();
     saga.handle("m-1", Input::Message(Reply::Paid))
@@ -615,7 +615,7 @@ impl Saga for Deaf {
 
 #[tokio::test]
 async fn a_fired_timer_the_definition_ignores_is_dropped() {
-    let store = MemoryStore::new();
+    let store = MemorySagaStore::new();
     let saga = Orchestrator::new(Deaf, store.clone());
     saga.start("d-1", Transition::to(0).set_timer("nap", Duration::ZERO))
         .await

@@ -9,7 +9,7 @@ use chrono::Utc;
 use proptest::prelude::*;
 use surety_saga::checkout::{self, Deadlines};
 use surety_saga::steps::{DEADLINE, Status, StepReply, StepState, Steps, actions};
-use surety_saga::store::MemoryStore;
+use surety_saga::store::MemorySagaStore;
 use surety_saga::{Command, Input, OperatorAction, Orchestrator, Saga, Transition};
 
 fn saga() -> Steps {
@@ -413,8 +413,8 @@ impl Participants {
 }
 
 struct World {
-    orchestrator: Orchestrator<Steps, MemoryStore>,
-    store: MemoryStore,
+    orchestrator: Orchestrator<Steps, MemorySagaStore>,
+    store: MemorySagaStore,
     in_flight: Vec<Msg>,
     participants: Participants,
     /// Every command sent, as (type, id).
@@ -478,7 +478,7 @@ impl World {
 }
 
 async fn run(scenario: Scenario) -> (StepState, World) {
-    let store = MemoryStore::new();
+    let store = MemorySagaStore::new();
     let orchestrator = Orchestrator::new(saga(), store.clone());
     let start = orchestrator
         .saga()
@@ -604,7 +604,7 @@ fn keyed_commands_keep_their_id_across_resends() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let store = MemoryStore::new();
+        let store = MemorySagaStore::new();
         let orchestrator = Orchestrator::new(saga(), store.clone()).reply_to("checkout.replies");
         let start = orchestrator
             .saga()
@@ -635,7 +635,7 @@ fn in_flight_instances_drain_on_the_version_they_started_on() {
             .version(2)
             .step(Step::new("fraud", "fraud", "fraud.check").replies("fraud.cleared"))
             .step(Step::new("payment", "payments", "payment.charge").replies("payment.charged"));
-        let store = MemoryStore::new();
+        let store = MemorySagaStore::new();
         let old = Orchestrator::new(v1.clone(), store.clone());
         old.start("o-old", v1.begin(serde_json::json!({})))
             .await
@@ -682,7 +682,7 @@ fn metrics_count_starts_ends_steps_and_observe_stuck_instances() {
     runtime.block_on(async {
         let mut registry = Registry::default();
         let metrics = SagaMetrics::register(&mut registry);
-        let store = MemoryStore::new();
+        let store = MemorySagaStore::new();
         let saga = Orchestrator::new(self::saga(), store.clone()).metrics(metrics.clone());
         for id in ["a", "b", "c"] {
             saga.start(id, saga.saga().begin(serde_json::json!({})))
@@ -738,7 +738,7 @@ fn stored_states_of_an_older_schema_are_upcast_before_they_decode() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let store = MemoryStore::new();
+        let store = MemorySagaStore::new();
         let v1 = Orchestrator::new(saga(), store.clone());
         v1.start("o-1", saga().begin(serde_json::json!({"total": 4200})))
             .await
