@@ -222,10 +222,13 @@ mod sqlx_errors {
         code_kind(&code)
     }
 
-    /// PostgreSQL SQLSTATEs are five characters; SQLite's (extended) result
-    /// codes are numbers whose low byte is the primary code.
+    /// PostgreSQL SQLSTATEs are five characters (often all digits);
+    /// SQLite's (extended) result codes are shorter numbers whose low byte is
+    /// the primary code.
     pub(super) fn code_kind(code: &str) -> StoreErrorKind {
-        if let Ok(number) = code.parse::<u32>() {
+        if code.len() < 5
+            && let Ok(number) = code.parse::<u32>()
+        {
             return match number & 0xff {
                 5 => StoreErrorKind::Serialization,    // SQLITE_BUSY
                 6 => StoreErrorKind::Deadlock,         // SQLITE_LOCKED
