@@ -279,6 +279,16 @@ impl IdempotencyMetrics {
             "Time spent in dedup store operations, by operation and outcome (ok, error)",
             metrics.store_duration.clone(),
         );
+        // Every operation and outcome is a series from the start, so a
+        // dashboard or an alert on errors sees a zero, not a missing series.
+        for op in Op::ALL {
+            for ok in [true, false] {
+                let _ = metrics.store_duration.get_or_create(&StoreLabels {
+                    operation: op.as_str(),
+                    outcome: outcome(ok),
+                });
+            }
+        }
         registry.register(
             "store_size",
             "Keys held by the dedup store (claimed and done), as of the last cleanup run",
@@ -483,6 +493,9 @@ mod tests {
         assert!(text.contains(
             "surety_idempotency_store_duration_seconds_count{operation=\"complete\",outcome=\"error\"} 1"
         ));
-        assert!(!text.contains("operation=\"release\""));
+        // Operations not run yet are there from registration, at zero.
+        assert!(text.contains(
+            "surety_idempotency_store_duration_seconds_count{operation=\"release\",outcome=\"error\"} 0"
+        ));
     }
 }

@@ -211,6 +211,9 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
         if self.default_holder {
             self.holder = default_holder(&self.name);
         }
+        if let Some(metrics) = self.metrics.take() {
+            return self.metrics(metrics);
+        }
         self
     }
 
@@ -286,8 +289,12 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
         self
     }
 
-    /// Records relay outcomes and the backlog in `metrics`.
+    /// Records relay outcomes and the backlog in `metrics`. Every outcome
+    /// of this relay is a series from now on (at zero until it happens).
     pub fn metrics(mut self, metrics: OutboxMetrics) -> Self {
+        for outcome in ["sent", "retried", "parked"] {
+            metrics.relayed(&self.name, outcome, 0);
+        }
         self.metrics = Some(metrics);
         self
     }

@@ -58,8 +58,16 @@ async fn commit_publishes_and_rollback_does_not(fixture: impl Fixture) {
     let phantom = event("o-2", 1);
     fixture.write(&[("orders", phantom.clone())], false).await;
 
-    let metrics = OutboxMetrics::default();
+    let mut registry = surety_core::prometheus_client::registry::Registry::default();
+    let metrics = OutboxMetrics::register(&mut registry);
     let relay = Relay::new(fixture.store(), transport.clone()).metrics(metrics.clone());
+    // Every outcome is a series before anything happens.
+    let mut text = String::new();
+    surety_core::prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains(r#"surety_outbox_relayed_total{relay="default",outcome="parked"} 0"#),
+        "{text}"
+    );
     let cycle = relay.run_once().await.unwrap();
     assert!(cycle.leader);
     assert_eq!((cycle.fetched, cycle.sent), (2, 2), "{cycle:?}");
