@@ -277,8 +277,14 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
     }
 
     /// Fires the timers of this saga due at `now` (at most `limit`), each as
-    /// an [`Input::Timeout`] to its instance. Returns the outcomes, in due
-    /// order. Call it on an interval from a background task.
+    /// an [`Input::Timeout`] to its instance. Returns the outcomes of the
+    /// timers that fired, in due order. Call it on an interval from a
+    /// background task.
+    ///
+    /// A timer whose instance cannot be handled for good (its stored state
+    /// does not decode or upcast) is logged and left in place for an
+    /// operator; the other timers of the batch still fire. A store failure
+    /// (transient) ends the batch with the error: the next call retries.
     pub async fn fire_due_timers(
         &self,
         now: DateTime<Utc>,
@@ -287,7 +293,20 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         let due = self.store.due_timers(self.saga.name(), now, limit).await?;
         let mut outcomes = Vec::with_capacity(due.len());
         for timer in due {
-            outcomes.push(self.fire_timer(timer, now).await?);
+            let (id, name) = (timer.id.clone(), timer.name.clone());
+            match self.fire_timer(timer, now).await {
+                Ok(outcome) => outcomes.push(outcome),
+                Err(error) if !error.class().is_retryable() => {
+                    tracing::error!(
+                        saga = self.saga.name(),
+                        id,
+                        timer = name,
+                        error = %error,
+                        "a due timer cannot fire: its instance cannot be handled; the other timers go on"
+                    );
+                }
+                Err(error) => return Err(error),
+            }
         }
         Ok(outcomes)
     }

@@ -290,3 +290,23 @@ async fn instances_list_by_state_age_and_stuck_and_audits_are_kept() {
     assert!(store.load("pay", "a").await.unwrap().is_some());
     assert_eq!(store.purge_finished("pay", later, 10).await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn an_instance_that_cannot_be_read_does_not_hold_up_the_other_timers() {
+    let pool = pool().await;
+    let saga = Orchestrator::new(Pay, SqliteSagaStore::new(pool.clone()));
+    saga.start("broken", begin()).await.unwrap();
+    saga.start("fine", begin()).await.unwrap();
+    // A state written by some other code: it no longer decodes.
+    sqlx::query("UPDATE surety_saga_instance SET state = '\"Shipped\"' WHERE id = 'broken'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let later = Utc::now() + chrono::Duration::seconds(31);
+    let fired = saga.fire_due_timers(later, 10).await.unwrap();
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    assert_eq!(saga.state("fine").await.unwrap(), Some(Step::Refunding));
+    // The broken one's timer waits for an operator, and does not loop.
+    assert_eq!(timers(&pool).await, 1);
+    assert!(saga.fire_due_timers(later, 10).await.unwrap().is_empty());
+}
