@@ -524,7 +524,15 @@ where
             ));
         }
     };
-    let Json(body) = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    // A body that is not the expected JSON is a bad request (415 and 413
+    // keep their meaning), as on the DLQ admin API.
+    let Json(body) = body.map_err(|e| {
+        let status = match e.status() {
+            s @ (StatusCode::UNSUPPORTED_MEDIA_TYPE | StatusCode::PAYLOAD_TOO_LARGE) => s,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError::new(status, e.body_text())
+    })?;
     let reason = body.reason.trim();
     if reason.is_empty() || reason.len() > MAX_REASON_LEN {
         return Err(ApiError::bad_request(format!(

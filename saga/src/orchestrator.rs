@@ -53,15 +53,32 @@ pub enum SagaError {
         #[source]
         source: serde_json::Error,
     },
+    /// The stored state was written at a schema version this orchestrator
+    /// has no upcaster for (a newer one, during a rolling deploy): reading
+    /// it as the current version and writing it back would corrupt it.
+    #[error(
+        "saga {saga} {id}: stored state is at schema version {found}; this orchestrator reads version {known} and has no upcaster for it"
+    )]
+    UnknownStateVersion {
+        /// The saga's name.
+        saga: String,
+        /// The saga id.
+        id: String,
+        /// The version stored.
+        found: u32,
+        /// The version this orchestrator reads.
+        known: u32,
+    },
 }
 
 impl Classify for SagaError {
     fn class(&self) -> ErrorClass {
         match self {
             SagaError::Store(error) => error.class(),
-            SagaError::Decode { .. } | SagaError::Encode { .. } | SagaError::Upcast { .. } => {
-                ErrorClass::Permanent
-            }
+            SagaError::Decode { .. }
+            | SagaError::Encode { .. }
+            | SagaError::Upcast { .. }
+            | SagaError::UnknownStateVersion { .. } => ErrorClass::Permanent,
         }
     }
 }
@@ -188,6 +205,14 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
 
     fn decode_state(&self, record: &InstanceRecord) -> Result<S::State, SagaError> {
         let Some(upcasters) = &self.upcasters else {
+            if record.state_version != 1 {
+                return Err(SagaError::UnknownStateVersion {
+                    saga: record.saga.clone(),
+                    id: record.id.clone(),
+                    found: record.state_version,
+                    known: 1,
+                });
+            }
             return decode_state::<S>(record);
         };
         if record.state_version == self.state_version() {

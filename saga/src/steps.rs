@@ -624,7 +624,19 @@ impl Steps {
                     step.declined.join(" / ")
                 );
             }
-            let _ = writeln!(out, "    {here} --> {} : attempts spent", undo_from(true));
+            // Error replies say the command did not take effect: undo the
+            // steps before. Silence may hide an effect: undo this one too.
+            let _ = writeln!(
+                out,
+                "    {here} --> {} : {} on every attempt",
+                undo_from(false),
+                step.error
+            );
+            let _ = writeln!(
+                out,
+                "    {here} --> {} : no reply, attempts spent",
+                undo_from(true)
+            );
             if let Some(comp) = &step.compensation {
                 let undo = format!("compensating_{here}");
                 let before = (0..index)

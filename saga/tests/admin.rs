@@ -229,6 +229,17 @@ async fn actions_are_audited_then_applied_as_recorded_inputs() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, _, _) = call(&router, "POST", "/instances/o-1/resolve", None, Some(TOKEN)).await;
     assert!(status.is_client_error(), "{status}");
+    // A body without the reason field: a bad request that says what is missing.
+    let (status, body, _) = call(
+        &router,
+        "POST",
+        "/instances/o-1/resolve",
+        Some(json!({"why": "refunded by hand"})),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.to_string().contains("reason"), "{body}");
 
     let (status, body, _) = call(
         &router,

@@ -310,3 +310,36 @@ async fn an_instance_that_cannot_be_read_does_not_hold_up_the_other_timers() {
     assert_eq!(timers(&pool).await, 1);
     assert!(saga.fire_due_timers(later, 10).await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_state_from_a_newer_schema_is_refused_not_overwritten() {
+    let pool = pool().await;
+    let saga = Orchestrator::new(Pay, SqliteSagaStore::new(pool.clone()));
+    saga.start("o-1", begin()).await.unwrap();
+    // A newer orchestrator, deployed alongside, wrote schema version 2.
+    sqlx::query("UPDATE surety_saga_instance SET state_version = 2 WHERE id = 'o-1'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let err = saga
+        .handle("o-1", Input::Message(Reply::Paid))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            surety_saga::SagaError::UnknownStateVersion {
+                found: 2,
+                known: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let version: i64 =
+        sqlx::query_scalar("SELECT state_version FROM surety_saga_instance WHERE id = 'o-1'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(version, 2, "the row is left as the newer version wrote it");
+}
