@@ -187,8 +187,21 @@ async fn two_orchestrator_processes_share_the_work_without_conflicting_transitio
         },
     )
     .await;
-    // Let each child write its counts once more, then stop them.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait until each child has written its counts since then, then stop
+    // them.
+    let at_rest = std::time::SystemTime::now();
+    eventually(
+        Duration::from_secs(30),
+        "each child wrote its counts after every checkout came to rest",
+        || async {
+            files.iter().all(|file| {
+                std::fs::metadata(file)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|written| written > at_rest)
+            })
+        },
+    )
+    .await;
     for child in &mut children {
         child.start_kill().expect("SIGKILL");
         child.wait().await.unwrap();
