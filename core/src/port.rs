@@ -347,6 +347,11 @@ trait ErasedPublisher: Send + Sync {
         topic: &'a str,
         envelope: Envelope,
     ) -> BoxFuture<'a, Result<Confirmation>>;
+    fn publish_boxed<'a>(
+        &'a self,
+        topic: &'a str,
+        envelope: Envelope,
+    ) -> BoxFuture<'a, Result<Receipt>>;
     fn close_boxed(&self) -> BoxFuture<'_, Result<()>>;
 }
 
@@ -357,6 +362,16 @@ impl<P: Publisher + Close> ErasedPublisher for P {
         envelope: Envelope,
     ) -> BoxFuture<'a, Result<Confirmation>> {
         Box::pin(self.send(topic, envelope))
+    }
+
+    // A publisher's own `publish` (it may do more than send and wait) is
+    // kept behind the box.
+    fn publish_boxed<'a>(
+        &'a self,
+        topic: &'a str,
+        envelope: Envelope,
+    ) -> BoxFuture<'a, Result<Receipt>> {
+        Box::pin(self.publish(topic, envelope))
     }
 
     fn close_boxed(&self) -> BoxFuture<'_, Result<()>> {
@@ -407,6 +422,14 @@ impl<P: Publisher> Publisher for Unclosed<P> {
     ) -> impl Future<Output = Result<Confirmation>> + Send {
         self.0.send(topic, envelope)
     }
+
+    fn publish(
+        &self,
+        topic: &str,
+        envelope: Envelope,
+    ) -> impl Future<Output = Result<Receipt>> + Send {
+        self.0.publish(topic, envelope)
+    }
 }
 
 impl<P: Send + Sync> Close for Unclosed<P> {
@@ -424,6 +447,10 @@ impl fmt::Debug for BoxPublisher {
 impl Publisher for BoxPublisher {
     async fn send(&self, topic: &str, envelope: Envelope) -> Result<Confirmation> {
         self.inner.send_boxed(topic, envelope).await
+    }
+
+    async fn publish(&self, topic: &str, envelope: Envelope) -> Result<Receipt> {
+        self.inner.publish_boxed(topic, envelope).await
     }
 }
 
@@ -487,5 +514,57 @@ impl Subscriber for BoxSubscriber {
 impl Close for BoxSubscriber {
     fn close(&self) -> impl Future<Output = Result<()>> + Send {
         self.inner.close_boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::memory::MemoryTransport;
+
+    /// Counts what goes through its own `publish`.
+    #[derive(Clone)]
+    struct Counting {
+        inner: MemoryTransport,
+        published: Arc<AtomicUsize>,
+    }
+
+    impl Publisher for Counting {
+        async fn send(&self, topic: &str, envelope: Envelope) -> Result<Confirmation> {
+            self.inner.send(topic, envelope).await
+        }
+
+        async fn publish(&self, topic: &str, envelope: Envelope) -> Result<Receipt> {
+            let receipt = self.inner.publish(topic, envelope).await?;
+            self.published.fetch_add(1, Ordering::SeqCst);
+            Ok(receipt)
+        }
+    }
+
+    impl Close for Counting {
+        async fn close(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_boxed_publisher_keeps_its_own_publish() {
+        let counting = Counting {
+            inner: MemoryTransport::new(),
+            published: Arc::default(),
+        };
+        for boxed in [
+            BoxPublisher::new(counting.clone()),
+            BoxPublisher::borrowed(counting.clone()),
+        ] {
+            boxed
+                .publish("orders", Envelope::builder("/t", "t").build())
+                .await
+                .expect("published");
+        }
+        assert_eq!(counting.published.load(Ordering::SeqCst), 2);
     }
 }
