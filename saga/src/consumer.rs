@@ -188,14 +188,13 @@ where
 /// A background task for [`Host::task`](surety_core::host::Host::task)
 /// that sets the gauges of `metrics` every `every`: unfinished instances of
 /// the saga by step, and how many have not moved for `stuck_after`
-/// ([`SagaMetrics::observe`](crate::metrics::SagaMetrics::observe)). It
-/// lists at most `limit` unfinished instances per run.
+/// ([`SagaMetrics::observe`](crate::metrics::SagaMetrics::observe)),
+/// counted by the store, however many there are.
 pub fn gauge_task<S, St>(
     orchestrator: Arc<Orchestrator<S, St>>,
     metrics: crate::metrics::SagaMetrics,
     every: Duration,
     stuck_after: Duration,
-    limit: usize,
 ) -> impl FnOnce(Shutdown) -> futures::future::BoxFuture<'static, ()> + Send + 'static
 where
     S: Saga + 'static,
@@ -213,21 +212,20 @@ where
                     () = &mut stop => break,
                     _ = tick.tick() => {}
                 }
-                let mut filter = crate::store::ListFilter::new(limit);
-                filter.saga = Some(saga.clone());
-                filter.finished = Some(false);
-                match orchestrator.store().list(&filter).await {
-                    Ok(unfinished) => {
-                        let idle_since = chrono::Duration::from_std(stuck_after)
-                            .ok()
-                            .and_then(|d| Utc::now().checked_sub_signed(d))
-                            .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
-                        metrics.observe(&saga, &unfinished, idle_since);
-                    }
+                let idle_since = chrono::Duration::from_std(stuck_after)
+                    .ok()
+                    .and_then(|d| Utc::now().checked_sub_signed(d))
+                    .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
+                match orchestrator
+                    .store()
+                    .unfinished_counts(&saga, idle_since)
+                    .await
+                {
+                    Ok(counts) => metrics.observe(&saga, &counts),
                     Err(error) => tracing::warn!(
                         saga,
                         error = %error,
-                        "listing saga instances for the gauges failed"
+                        "counting saga instances for the gauges failed"
                     ),
                 }
             }

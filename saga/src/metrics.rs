@@ -153,19 +153,11 @@ impl SagaMetrics {
             .observe(waited.as_secs_f64());
     }
 
-    /// Sets the gauges of saga `saga` from a listing of its unfinished
-    /// instances: how many are at each step, and how many have not moved
-    /// since `idle_since`. Steps no longer listed drop to 0.
-    pub fn observe(
-        &self,
-        saga: &str,
-        unfinished: &[crate::store::InstanceSummary],
-        idle_since: chrono::DateTime<chrono::Utc>,
-    ) {
-        let mut by_state: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
-        for instance in unfinished {
-            *by_state.entry(instance.state_name.as_str()).or_default() += 1;
-        }
+    /// Sets the gauges of saga `saga` from the counts of its unfinished
+    /// instances by step, `(step, all, idle)` as
+    /// [`SagaStore::unfinished_counts`](crate::store::SagaStore::unfinished_counts)
+    /// returns them. Steps no longer counted drop to 0.
+    pub fn observe(&self, saga: &str, counts: &[(String, u64, u64)]) {
         // prometheus-client cannot iterate a family: the steps set before
         // are remembered, so a step that emptied drops to 0.
         let mut seen = self
@@ -173,7 +165,7 @@ impl SagaMetrics {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (s, state) in seen.iter() {
-            if s == saga && !by_state.contains_key(state.as_str()) {
+            if s == saga && !counts.iter().any(|(c, _, _)| c == state) {
                 self.instances
                     .get_or_create(&StateLabels {
                         saga: saga.into(),
@@ -182,20 +174,18 @@ impl SagaMetrics {
                     .set(0);
             }
         }
-        for (state, count) in by_state {
-            seen.insert((saga.to_owned(), state.to_owned()));
+        let mut stuck = 0u64;
+        for (state, all, idle) in counts {
+            seen.insert((saga.to_owned(), state.clone()));
             self.instances
                 .get_or_create(&StateLabels {
                     saga: saga.into(),
-                    state: state.into(),
+                    state: state.clone(),
                 })
-                .set(count);
+                .set(i64::try_from(*all).unwrap_or(i64::MAX));
+            stuck = stuck.saturating_add(*idle);
         }
         drop(seen);
-        let stuck = unfinished
-            .iter()
-            .filter(|i| i.updated_at <= idle_since)
-            .count();
         self.stuck
             .get_or_create(&SagaLabels { saga: saga.into() })
             .set(i64::try_from(stuck).unwrap_or(i64::MAX));

@@ -352,6 +352,37 @@ macro_rules! sql_saga_store {
                     .collect()
             }
 
+            async fn unfinished_counts(
+                &self,
+                saga: &str,
+                idle_since: chrono::DateTime<chrono::Utc>,
+            ) -> Result<Vec<(String, u64, u64)>, $crate::store::StoreError> {
+                use sqlx::Row as _;
+                use $crate::sql::{backend, millis};
+                let rows = sqlx::query(
+                    "SELECT state_name, COUNT(*) AS all_count, \
+                     SUM(CASE WHEN updated_at <= $2 THEN 1 ELSE 0 END) AS idle_count \
+                     FROM surety_saga_instance WHERE saga = $1 AND finished = FALSE \
+                     GROUP BY state_name ORDER BY state_name",
+                )
+                .bind(saga)
+                .bind(millis(idle_since))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(backend)?;
+                rows.into_iter()
+                    .map(|row| {
+                        let all: i64 = row.try_get("all_count").map_err(backend)?;
+                        let idle: i64 = row.try_get("idle_count").map_err(backend)?;
+                        Ok((
+                            row.try_get("state_name").map_err(backend)?,
+                            u64::try_from(all).map_err(backend)?,
+                            u64::try_from(idle).map_err(backend)?,
+                        ))
+                    })
+                    .collect()
+            }
+
             async fn list(
                 &self,
                 filter: &$crate::store::ListFilter,

@@ -277,6 +277,15 @@ pub trait SagaStore: Send + Sync {
         filter: &ListFilter,
     ) -> impl Future<Output = Result<Vec<InstanceSummary>, StoreError>> + Send;
 
+    /// The unfinished instances of `saga` counted by step: `(step, all,
+    /// idle)`, where `idle` counts those that have not moved since
+    /// `idle_since` (the stuck ones). Counts every instance, however many.
+    fn unfinished_counts(
+        &self,
+        saga: &str,
+        idle_since: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Vec<(String, u64, u64)>, StoreError>> + Send;
+
     /// Deletes up to `limit` instances of `saga` that finished before
     /// `before`, with their history and timers (the retention policy; the
     /// audit trail stays). Unfinished instances are never deleted. Returns
@@ -450,6 +459,34 @@ impl SagaStore for MemorySagaStore {
             .get(&(saga.to_owned(), id.to_owned()))
             .cloned()
             .unwrap_or_default())
+    }
+
+    async fn unfinished_counts(
+        &self,
+        saga: &str,
+        idle_since: DateTime<Utc>,
+    ) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        let inner = self.lock();
+        let mut counts: std::collections::BTreeMap<String, (u64, u64)> =
+            std::collections::BTreeMap::new();
+        for (key, instance) in &inner.instances {
+            if instance.saga != saga || instance.finished {
+                continue;
+            }
+            let updated_at = inner
+                .times
+                .get(key)
+                .map_or(DateTime::<Utc>::MIN_UTC, |t| t.1);
+            let entry = counts.entry(instance.state_name.clone()).or_default();
+            entry.0 += 1;
+            if updated_at <= idle_since {
+                entry.1 += 1;
+            }
+        }
+        Ok(counts
+            .into_iter()
+            .map(|(s, (all, idle))| (s, all, idle))
+            .collect())
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<InstanceSummary>, StoreError> {

@@ -499,6 +499,14 @@ impl surety_saga::store::SagaStore for RacingStore {
         self.inner.delete_timer(timer).await
     }
 
+    async fn unfinished_counts(
+        &self,
+        saga: &str,
+        idle_since: chrono::DateTime<Utc>,
+    ) -> Result<Vec<(String, u64, u64)>, surety_saga::store::StoreError> {
+        self.inner.unfinished_counts(saga, idle_since).await
+    }
+
     async fn purge_finished(
         &self,
         saga: &str,

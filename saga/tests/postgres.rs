@@ -240,3 +240,33 @@ async fn instances_list_by_state_age_and_stuck_and_audits_are_kept() {
     assert_eq!(store.purge_finished("pay", later, 10).await.unwrap(), 0);
     db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn unfinished_instances_are_counted_by_step_however_many() {
+    let Some(db) = schema().await else { return };
+    let store = PostgresSagaStore::new(db.pool.clone());
+    let saga = Orchestrator::new(Pay, store.clone());
+    for id in ["a", "b", "c"] {
+        saga.start(id, begin()).await.unwrap();
+    }
+    saga.handle("c", Input::Message(Reply::Paid)).await.unwrap();
+    let before = Utc::now() - chrono::Duration::hours(1);
+    assert_eq!(
+        store.unfinished_counts("pay", before).await.unwrap(),
+        vec![("paying".to_owned(), 2, 0)]
+    );
+    let after = Utc::now() + chrono::Duration::seconds(1);
+    assert_eq!(
+        store.unfinished_counts("pay", after).await.unwrap(),
+        vec![("paying".to_owned(), 2, 2)],
+        "both have not moved since"
+    );
+    assert!(
+        store
+            .unfinished_counts("other", after)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    db.drop_schema().await;
+}

@@ -343,3 +343,24 @@ async fn a_state_from_a_newer_schema_is_refused_not_overwritten() {
             .unwrap();
     assert_eq!(version, 2, "the row is left as the newer version wrote it");
 }
+
+#[tokio::test]
+async fn unfinished_instances_are_counted_by_step_however_many() {
+    let pool = pool().await;
+    let store = SqliteSagaStore::new(pool.clone());
+    let saga = Orchestrator::new(Pay, store.clone());
+    for id in ["a", "b", "c"] {
+        saga.start(id, begin()).await.unwrap();
+    }
+    saga.handle("c", Input::Message(Reply::Paid)).await.unwrap();
+    let before = Utc::now() - chrono::Duration::hours(1);
+    assert_eq!(
+        store.unfinished_counts("pay", before).await.unwrap(),
+        vec![("paying".to_owned(), 2, 0)]
+    );
+    let after = Utc::now() + chrono::Duration::seconds(1);
+    assert_eq!(
+        store.unfinished_counts("pay", after).await.unwrap(),
+        vec![("paying".to_owned(), 2, 2)]
+    );
+}

@@ -676,7 +676,7 @@ fn in_flight_instances_drain_on_the_version_they_started_on() {
 fn metrics_count_starts_ends_steps_and_observe_stuck_instances() {
     use prometheus_client::registry::Registry;
     use surety_saga::metrics::SagaMetrics;
-    use surety_saga::store::{ListFilter, SagaStore};
+    use surety_saga::store::SagaStore;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
@@ -701,21 +701,21 @@ fn metrics_count_starts_ends_steps_and_observe_stuck_instances() {
             "the duplicate"
         );
 
-        let mut filter = ListFilter::new(100);
-        filter.finished = Some(false);
-        let unfinished = store.list(&filter).await.unwrap();
-        metrics.observe("checkout", &unfinished, Utc::now());
+        let counts = store
+            .unfinished_counts("checkout", Utc::now())
+            .await
+            .unwrap();
+        metrics.observe("checkout", &counts);
         assert_eq!(metrics.instances_count("checkout", "payment"), 1);
         assert_eq!(metrics.instances_count("checkout", "inventory"), 1);
         assert_eq!(metrics.stuck_count("checkout"), 2);
         // "c" moves on: its old step drops to 0.
         saga.handle("c", reply("payment.charged")).await.unwrap();
-        let unfinished = store.list(&filter).await.unwrap();
-        metrics.observe(
-            "checkout",
-            &unfinished,
-            Utc::now() - chrono::Duration::hours(1),
-        );
+        let counts = store
+            .unfinished_counts("checkout", Utc::now() - chrono::Duration::hours(1))
+            .await
+            .unwrap();
+        metrics.observe("checkout", &counts);
         assert_eq!(metrics.instances_count("checkout", "payment"), 0);
         assert_eq!(metrics.instances_count("checkout", "inventory"), 2);
         assert_eq!(metrics.stuck_count("checkout"), 0);
