@@ -290,6 +290,10 @@ pub trait SagaStore: Send + Sync {
     /// `before`, with their history and timers (the retention policy; the
     /// audit trail stays). Unfinished instances are never deleted. Returns
     /// how many were deleted.
+    ///
+    /// Choose `before` well past the time a start message can still be
+    /// delivered again: a start that arrives after its instance was purged
+    /// starts a new one.
     fn purge_finished(
         &self,
         saga: &str,
