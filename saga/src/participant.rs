@@ -13,8 +13,10 @@
 //! Make it idempotent by wrapping it in `surety-idempotency`'s
 //! `IdempotencyLayer`: the saga re-sends a command that missed its deadline
 //! with the same message id, the layer drops the duplicate and sends the
-//! stored reply again. Transient errors are not stored, so a retry runs the
-//! handler again.
+//! stored reply again, error replies included (an error reply is final for
+//! that command; an operator's retry sends a new one). Transient errors are
+//! not stored: the broker redelivers the command and the handler runs
+//! again.
 //!
 //! ```
 //! use surety_core::consumer::Incoming;

@@ -64,6 +64,14 @@ pub mod actions {
 /// How often a step's command (or a compensation) is sent before the saga
 /// gives up on it: after an error reply or a missed deadline it is sent
 /// again, with the same message id, until `max_attempts` sends were made.
+///
+/// The same id is what makes a re-send safe, and it also means that a
+/// participant behind `surety-idempotency` answers a re-sent command with
+/// the reply it stored: its error reply again. An error reply is the
+/// participant's permanent failure (transient ones are retried on the
+/// participant's side, without a reply); the attempts cover commands and
+/// replies that were lost. To try again after fixing the cause, use the
+/// operator's `retry`, which sends a new command.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RetryPolicy {
     /// Sends in all, the first included (at least 1).
