@@ -59,6 +59,24 @@ use crate::consumer::{Handler, Worker, WorkerReport};
 use crate::error::TransportErrorKind;
 use crate::port::Subscriber;
 
+/// This machine's name, for records that say where something happened
+/// (a dead letter's host, a relay's lease holder): the kernel's host name,
+/// else `HOSTNAME` or `COMPUTERNAME`, else `localhost`.
+///
+/// ```
+/// assert!(!surety_core::host::host_name().is_empty());
+/// ```
+pub fn host_name() -> String {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|path| std::fs::read_to_string(path).ok())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .or_else(|| std::env::var("COMPUTERNAME").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
 /// A shutdown signal handed to every part of a [`Host`]: cheap to clone,
 /// resolves once the host is asked to stop.
 #[derive(Debug, Clone)]

@@ -161,7 +161,7 @@ impl DlqLayer {
         Self {
             config: Config {
                 handler: handler.into(),
-                host: letter::host_name(),
+                host: surety_core::host::host_name(),
                 policy: RetryPolicy::default(),
                 retry: None,
                 sinks: Vec::new(),

@@ -919,26 +919,7 @@ struct Marks {
 
 /// The default holder identity: this host's name and the relay's name.
 fn default_holder(relay: &str) -> String {
-    let host = ["/proc/sys/kernel/hostname", "/etc/hostname"]
-        .iter()
-        .find_map(|path| {
-            std::fs::read_to_string(path)
-                .ok()
-                .map(|name| name.trim().to_owned())
-                .filter(|name| !name.is_empty())
-        })
-        .or_else(|| {
-            std::env::var("HOSTNAME")
-                .ok()
-                .filter(|name| !name.is_empty())
-        })
-        .or_else(|| {
-            std::env::var("COMPUTERNAME")
-                .ok()
-                .filter(|name| !name.is_empty())
-        })
-        .unwrap_or_else(|| "localhost".to_owned());
-    format!("{host}/{relay}")
+    format!("{}/{relay}", surety_core::host::host_name())
 }
 
 /// How often a standby [`Relay::run`] tries to take the lease (at least).

@@ -180,14 +180,3 @@ pub fn trace_id(traceparent: &str) -> Option<String> {
         && trace.bytes().any(|b| b != b'0');
     valid.then(|| trace.to_ascii_lowercase())
 }
-
-/// The host name: `HOSTNAME`, else the kernel's host name, else `unknown`.
-pub(crate) fn host_name() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "unknown".to_owned())
-}

@@ -85,7 +85,7 @@ mod headers;
 pub(crate) use failure::hex;
 pub use failure::{Failure, FailureClass, UnknownClass, fingerprint};
 pub use headers::trace_id;
-pub(crate) use headers::{first_failed_at, host_name, replay_count, rfc3339, strip_bookkeeping};
+pub(crate) use headers::{first_failed_at, replay_count, rfc3339, strip_bookkeeping};
 use headers::{from_dlq_headers, from_x_death};
 
 /// Where the failed message was consumed.
