@@ -36,3 +36,8 @@ pub use store::postgres::{self, PostgresCheckpoints};
 #[cfg(feature = "sqlite")]
 pub use store::sqlite::{self, SqliteCheckpoints};
 pub use store::{Checkpoint, CheckpointStore};
+
+/// The guide chapter's program, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/guide/06-projections.md")]
+pub struct GuideProjections;
