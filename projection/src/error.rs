@@ -35,6 +35,10 @@ pub enum ProjectionError {
         /// The partition.
         partition: i32,
     },
+    /// A version change of a read model was refused (promoting a version
+    /// that is not the shadow, rolling back with no previous version).
+    #[error("{0}")]
+    Version(String),
     /// An event could not be applied and retrying cannot help (a permanent
     /// or poison failure, or a transient one past its attempts). The
     /// runner stops at it; its position is not passed.
@@ -78,7 +82,7 @@ impl Classify for ProjectionError {
         match self {
             Self::Store(_) => ErrorClass::TRANSIENT,
             Self::Source(e) => e.class(),
-            Self::Migration(_) | Self::Fenced { .. } => ErrorClass::Permanent,
+            Self::Migration(_) | Self::Fenced { .. } | Self::Version(_) => ErrorClass::Permanent,
             Self::Apply { source, .. } => source.class(),
         }
     }

@@ -151,6 +151,16 @@ impl RunnerStatus {
         })
     }
 
+    /// Whether every partition this runner holds reached the end of its
+    /// partition once, and the lag left in all of them together is at most
+    /// `events`.
+    pub fn caught_up_within(&self, events: u64) -> bool {
+        let lag: i64 = self.lag().values().sum();
+        self.with(|s| {
+            !s.positions.is_empty() && s.positions.keys().all(|p| s.caught_up.contains(p))
+        }) && u64::try_from(lag).unwrap_or(0) <= events
+    }
+
     /// The lag in events of each partition this runner holds: the end the
     /// log last reported minus the committed position.
     pub fn lag(&self) -> HashMap<i32, i64> {

@@ -99,3 +99,79 @@ pub trait CheckpointStore: Clone + Send + Sync + 'static {
         topic: &str,
     ) -> impl Future<Output = Result<Vec<(i32, i64)>, ProjectionError>> + Send;
 }
+
+/// Which versions of a projection's read model exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Versions {
+    /// The version that serves reads. 1 before any rebuild.
+    pub live: u32,
+    /// The version that served before the last promotion (a rollback
+    /// target).
+    pub previous: Option<u32>,
+    /// The version being rebuilt, if any.
+    pub shadow: Option<u32>,
+}
+
+impl Default for Versions {
+    fn default() -> Self {
+        Self {
+            live: 1,
+            previous: None,
+            shadow: None,
+        }
+    }
+}
+
+/// Where the versions of each projection's read model are kept: which
+/// serves, which is being rebuilt, which to roll back to. Each change is
+/// one statement, so readers see the old version or the new one, never a
+/// mix.
+pub trait VersionStore: Send + Sync {
+    /// The versions of `projection` (live 1, nothing else, when none were
+    /// stored).
+    fn versions(
+        &self,
+        projection: &str,
+    ) -> impl Future<Output = Result<Versions, ProjectionError>> + Send;
+
+    /// The shadow version of `projection`: the one a rebuild already
+    /// started (a rebuild resumed after a crash), or a new one above every
+    /// version used so far.
+    fn start_shadow(
+        &self,
+        projection: &str,
+    ) -> impl Future<Output = Result<u32, ProjectionError>> + Send;
+
+    /// Makes `shadow` the live version and the live one the previous.
+    ///
+    /// # Errors
+    ///
+    /// [`ProjectionError::Version`] when `shadow` is not the shadow version.
+    fn promote(
+        &self,
+        projection: &str,
+        shadow: u32,
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+
+    /// Swaps the live and the previous version back; returns the live one.
+    ///
+    /// # Errors
+    ///
+    /// [`ProjectionError::Version`] when there is no previous version.
+    fn rollback(
+        &self,
+        projection: &str,
+    ) -> impl Future<Output = Result<u32, ProjectionError>> + Send;
+
+    /// Forgets the shadow version (the next rebuild takes a new one).
+    fn abandon_shadow(
+        &self,
+        projection: &str,
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+}
+
+/// The checkpoint name of `version` of `projection`: `name@v{version}`.
+pub fn versioned_name(projection: &str, version: u32) -> String {
+    format!("{projection}@v{version}")
+}

@@ -29,6 +29,27 @@ WHERE projection = $1 AND topic = $2 AND partition = $3 AND next_offset > $4";
 pub(super) const ALL: &str = "SELECT partition, next_offset FROM surety_projection_checkpoint \
 WHERE projection = $1 AND topic = $2 ORDER BY partition";
 
+pub(super) const VERSIONS: &str = "SELECT live, previous, shadow FROM surety_projection_version \
+WHERE projection = $1";
+
+pub(super) const ENSURE_VERSION: &str = "INSERT INTO surety_projection_version \
+(projection, live, previous, shadow, updated_at) VALUES ($1, 1, NULL, NULL, $2) \
+ON CONFLICT (projection) DO NOTHING";
+
+pub(super) const SET_SHADOW: &str = "UPDATE surety_projection_version SET shadow = $2, updated_at = $3 \
+WHERE projection = $1 AND shadow IS NULL";
+
+pub(super) const PROMOTE: &str = "UPDATE surety_projection_version \
+SET previous = live, live = shadow, shadow = NULL, updated_at = $3 \
+WHERE projection = $1 AND shadow = $2";
+
+pub(super) const ROLLBACK: &str = "UPDATE surety_projection_version \
+SET live = previous, previous = live, updated_at = $2 \
+WHERE projection = $1 AND previous IS NOT NULL";
+
+pub(super) const ABANDON: &str = "UPDATE surety_projection_version SET shadow = NULL, updated_at = $2 \
+WHERE projection = $1";
+
 /// Unix milliseconds now.
 pub(super) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -73,6 +94,112 @@ macro_rules! sql_checkpoints {
             /// A store on `pool` (run [`migrate`] first).
             pub fn new(pool: $pool) -> Self {
                 Self { pool }
+            }
+        }
+
+        impl $crate::store::VersionStore for $store {
+            async fn versions(
+                &self,
+                projection: &str,
+            ) -> Result<$crate::store::Versions, $crate::error::ProjectionError> {
+                let row: Option<(i64, Option<i64>, Option<i64>)> =
+                    sqlx::query_as($crate::store::sql::VERSIONS)
+                        .bind(projection)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                let to_u32 = |v: i64| u32::try_from(v).unwrap_or_default();
+                Ok(match row {
+                    None => $crate::store::Versions::default(),
+                    Some((live, previous, shadow)) => $crate::store::Versions {
+                        live: to_u32(live),
+                        previous: previous.map(to_u32),
+                        shadow: shadow.map(to_u32),
+                    },
+                })
+            }
+
+            async fn start_shadow(
+                &self,
+                projection: &str,
+            ) -> Result<u32, $crate::error::ProjectionError> {
+                use $crate::store::sql;
+                let mut tx = self.pool.begin_with($begin).await?;
+                sqlx::query(sql::ENSURE_VERSION)
+                    .bind(projection)
+                    .bind(sql::now_ms())
+                    .execute(&mut *tx)
+                    .await?;
+                let (live, previous, shadow): (i64, Option<i64>, Option<i64>) =
+                    sqlx::query_as(sql::VERSIONS)
+                        .bind(projection)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                let version = match shadow {
+                    Some(shadow) => shadow,
+                    None => {
+                        let next = live.max(previous.unwrap_or(0)) + 1;
+                        sqlx::query(sql::SET_SHADOW)
+                            .bind(projection)
+                            .bind(next)
+                            .bind(sql::now_ms())
+                            .execute(&mut *tx)
+                            .await?;
+                        next
+                    }
+                };
+                tx.commit().await?;
+                Ok(u32::try_from(version).unwrap_or_default())
+            }
+
+            async fn promote(
+                &self,
+                projection: &str,
+                shadow: u32,
+            ) -> Result<(), $crate::error::ProjectionError> {
+                let done = sqlx::query($crate::store::sql::PROMOTE)
+                    .bind(projection)
+                    .bind(i64::from(shadow))
+                    .bind($crate::store::sql::now_ms())
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+                if done == 1 {
+                    Ok(())
+                } else {
+                    Err($crate::error::ProjectionError::Version(format!(
+                        "version {shadow} of {projection} is not its shadow"
+                    )))
+                }
+            }
+
+            async fn rollback(
+                &self,
+                projection: &str,
+            ) -> Result<u32, $crate::error::ProjectionError> {
+                let done = sqlx::query($crate::store::sql::ROLLBACK)
+                    .bind(projection)
+                    .bind($crate::store::sql::now_ms())
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+                if done != 1 {
+                    return Err($crate::error::ProjectionError::Version(format!(
+                        "{projection} has no previous version to roll back to"
+                    )));
+                }
+                Ok(self.versions(projection).await?.live)
+            }
+
+            async fn abandon_shadow(
+                &self,
+                projection: &str,
+            ) -> Result<(), $crate::error::ProjectionError> {
+                sqlx::query($crate::store::sql::ABANDON)
+                    .bind(projection)
+                    .bind($crate::store::sql::now_ms())
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
             }
         }
 

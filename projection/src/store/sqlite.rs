@@ -11,11 +11,18 @@ use super::sql::{migrator, sql_checkpoints};
 use crate::error::ProjectionError;
 
 /// The migrations, embedded from `migrations/sqlite/`.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "create surety projection checkpoints",
-    include_str!("../../migrations/sqlite/0001_init.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "create surety projection checkpoints",
+        include_str!("../../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "surety projection versions",
+        include_str!("../../migrations/sqlite/0002_versions.sql"),
+    ),
+];
 
 /// Creates or upgrades the checkpoint tables. Safe to call on every
 /// start-up: migrations run once.
