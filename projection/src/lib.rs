@@ -32,12 +32,12 @@ pub mod store;
 pub use error::ProjectionError;
 pub use projection::{Applied, EventSet, Mode, Projection};
 pub use rebuild::{Rebuild, RebuildProgress};
-pub use runner::{Runner, RunnerOptions, RunnerStatus};
+pub use runner::{Runner, RunnerOptions, RunnerStatus, replay_parked};
 #[cfg(feature = "postgres")]
 pub use store::postgres::{self, PostgresCheckpoints};
 #[cfg(feature = "sqlite")]
 pub use store::sqlite::{self, SqliteCheckpoints};
-pub use store::{Checkpoint, CheckpointStore, VersionStore, Versions, versioned_name};
+pub use store::{Checkpoint, CheckpointStore, Parked, VersionStore, Versions, versioned_name};
 
 /// The guide chapter's program, compiled and run as a doctest.
 #[cfg(doctest)]

@@ -1,7 +1,7 @@
 //! [`Runner`]: reads a positioned log and applies its events to a
 //! [`Projection`] in batches, with the positions in the same transaction.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -15,7 +15,12 @@ use tokio::time::Instant;
 
 use crate::error::ProjectionError;
 use crate::projection::{Applied, EventSet, Mode, Projection};
-use crate::store::CheckpointStore;
+use crate::store::{CheckpointStore, Parked};
+use surety_core::DeliveryInfo;
+use surety_core::Envelope;
+use surety_dlq::DeadLetter;
+use surety_dlq::policy::DeadLetterReason;
+use surety_dlq::store::DlqStore;
 
 /// How a [`Runner`] batches, parallelises and retries.
 #[derive(Debug, Clone)]
@@ -271,6 +276,7 @@ pub struct Runner<L, P, S> {
     upcasters: Arc<Upcasters>,
     options: RunnerOptions,
     status: RunnerStatus,
+    dlq: Option<Arc<dyn DlqStore>>,
 }
 
 impl<L, P, S> std::fmt::Debug for Runner<L, P, S> {
@@ -307,7 +313,20 @@ where
             upcasters: Arc::new(Upcasters::new()),
             options: RunnerOptions::default(),
             status: RunnerStatus::default(),
+            dlq: None,
         }
+    }
+
+    /// Parks events that cannot be applied instead of stopping: an event
+    /// whose failure is permanent or poison (or transient past its
+    /// attempts) is written to `dlq` as a dead letter and parked under its
+    /// key with the failure, in the transaction that moves past it; later
+    /// events of the same key are parked behind it (in order) while every
+    /// other key goes on. [`replay_parked`] applies a key's parked events
+    /// once the cause is fixed.
+    pub fn park_to(mut self, dlq: Arc<dyn DlqStore>) -> Self {
+        self.dlq = Some(dlq);
+        self
     }
 
     /// Decodes through `upcasters` (default: none, every event at its
@@ -490,21 +509,47 @@ where
         let records = std::mem::take(pending);
         let count = records.len() as u64;
         let lanes = self.options.parallelism.max(1);
+        let name = self.checkpoint_name();
+        let mut parked_keys = match &self.dlq {
+            Some(_) => self.store.parked_keys(name, &self.topic).await?,
+            None => HashSet::new(),
+        };
+        // Keys parked before this batch: an event the decoding below parks
+        // holds back the later events of its key, not the earlier ones
+        // still in the lanes.
+        let parked_before = parked_keys.clone();
+        let mut parks: Vec<Parked> = Vec::new();
         let mut by_lane: Vec<Lane<P::Event>> = (0..lanes).map(|_| Lane::default()).collect();
         for record in records {
             let partition = record.partition();
             let offset = record.offset();
-            let key = record.envelope().partition_key.clone();
+            let key = key_of(record.envelope());
             let event_type = record.envelope().event_type.clone();
-            let applied = self.decode(record)?;
+            if self.dlq.is_some() && parked_keys.contains(&key) {
+                let (envelope, info) = record.into_parts();
+                parks.push(self.parked(&envelope, &info, key, &behind()));
+                continue;
+            }
+            let backup = self
+                .dlq
+                .is_some()
+                .then(|| (record.envelope().clone(), record.info().clone()));
+            let applied = match (self.decode(record), backup) {
+                (Ok(applied), _) => applied,
+                (Err(ProjectionError::Apply { source, .. }), Some((envelope, info))) => {
+                    let park = self.parked(&envelope, &info, key.clone(), &source);
+                    self.dead_letter(&park).await?;
+                    parks.push(park);
+                    parked_keys.insert(key);
+                    continue;
+                }
+                (Err(error), _) => return Err(error),
+            };
             let lane = if lanes == 1 {
                 0
             } else {
                 let mut hasher = DefaultHasher::new();
-                match &key {
-                    Some(key) => key.hash(&mut hasher),
-                    None => (partition, offset).hash(&mut hasher),
-                }
+                key.hash(&mut hasher);
                 (hasher.finish() % lanes as u64) as usize
             };
             let lane = &mut by_lane[lane];
@@ -515,15 +560,33 @@ where
 
         if lanes == 1 {
             let lane = by_lane.pop().unwrap_or_default();
-            self.retrying(|| self.apply_lane(&lane, Some(&moves)))
-                .await?;
+            match self
+                .retrying(|| self.apply_lane(&lane, Some(&moves), &parks))
+                .await
+            {
+                Ok(()) => {}
+                Err(error) if self.parks(&error) => {
+                    self.one_by_one(&lane, parked_before).await?;
+                    let empty = Lane::default();
+                    self.retrying(|| self.apply_lane(&empty, Some(&moves), &parks))
+                        .await?;
+                }
+                Err(error) => return Err(error),
+            }
         } else {
+            let parked_before = &parked_before;
             let results = futures::future::join_all(
                 by_lane
                     .iter()
                     .filter(|lane| !lane.offsets.is_empty())
                     .map(|lane| async move {
-                        let result = self.retrying(|| self.apply_lane(lane, None)).await;
+                        let result = match self.retrying(|| self.apply_lane(lane, None, &[])).await
+                        {
+                            Err(error) if self.parks(&error) => {
+                                self.one_by_one(lane, parked_before.clone()).await
+                            }
+                            other => other,
+                        };
                         (lane, result)
                     }),
             )
@@ -545,7 +608,7 @@ where
                 return Err(error);
             }
             let empty = Lane::default();
-            self.retrying(|| self.apply_lane(&empty, Some(&moves)))
+            self.retrying(|| self.apply_lane(&empty, Some(&moves), &parks))
                 .await?;
         }
         for (partition, _, next) in &moves {
@@ -595,9 +658,13 @@ where
         &self,
         lane: &Lane<P::Event>,
         moves: Option<&[(i32, Option<i64>, i64)]>,
+        parks: &[Parked],
     ) -> Result<(), ProjectionError> {
         let name = self.checkpoint_name();
         let mut tx = self.store.begin().await?;
+        for park in parks {
+            S::park(&mut tx, name, &self.topic, park).await?;
+        }
         if !lane.events.is_empty()
             && let Err(source) = self.projection.apply_batch(&mut tx, &lane.events).await
         {
@@ -630,6 +697,122 @@ where
         Ok(())
     }
 
+    /// Whether `error` parks the event rather than stopping the runner.
+    fn parks(&self, error: &ProjectionError) -> bool {
+        self.dlq.is_some() && matches!(error, ProjectionError::Apply { .. })
+    }
+
+    fn parked(
+        &self,
+        envelope: &Envelope,
+        info: &DeliveryInfo,
+        key: String,
+        error: &HandlerError,
+    ) -> Parked {
+        let letter = DeadLetter::new(
+            envelope,
+            info,
+            error,
+            DeadLetterReason::NotRetryable,
+            1,
+            self.checkpoint_name(),
+            &surety_dlq::letter::host_name(),
+        );
+        Parked {
+            key,
+            partition: info.partition.unwrap_or_default(),
+            offset: info.offset.unwrap_or_default(),
+            letter,
+        }
+    }
+
+    /// Writes the dead letter of the event that failed (not of those parked
+    /// behind it).
+    async fn dead_letter(&self, park: &Parked) -> Result<(), ProjectionError> {
+        if let Some(dlq) = &self.dlq {
+            dlq.put(&park.letter)
+                .await
+                .map_err(ProjectionError::store)?;
+        }
+        Ok(())
+    }
+
+    /// Applies a lane that failed event by event, each in its own
+    /// transaction with its offset marked applied, parking the one that
+    /// fails and every later event of its key.
+    async fn one_by_one(
+        &self,
+        lane: &Lane<P::Event>,
+        mut parked_keys: HashSet<String>,
+    ) -> Result<(), ProjectionError> {
+        let name = self.checkpoint_name();
+        for event in &lane.events {
+            let key = key_of(&event.envelope);
+            let info = info_of(event, &self.group);
+            let park = if parked_keys.contains(&key) {
+                Some(self.parked(&event.envelope, &info, key, &behind()))
+            } else {
+                let result = self
+                    .retrying(|| async {
+                        let mut tx = self.store.begin().await?;
+                        if let Err(source) = self
+                            .projection
+                            .apply_batch(&mut tx, std::slice::from_ref(event))
+                            .await
+                        {
+                            return Err(ProjectionError::Apply {
+                                topic: self.topic.clone(),
+                                partition: event.partition,
+                                offset: event.offset,
+                                event_type: event.envelope.event_type.clone(),
+                                source,
+                            });
+                        }
+                        S::mark_applied(
+                            &mut tx,
+                            name,
+                            &self.topic,
+                            event.partition,
+                            &[event.offset],
+                        )
+                        .await?;
+                        tx.commit().await?;
+                        Ok(())
+                    })
+                    .await;
+                match result {
+                    Ok(()) => None,
+                    Err(ProjectionError::Apply { source, .. }) => {
+                        let park = self.parked(&event.envelope, &info, key.clone(), &source);
+                        self.dead_letter(&park).await?;
+                        parked_keys.insert(key);
+                        Some(park)
+                    }
+                    Err(error) => return Err(error),
+                }
+            };
+            if let Some(park) = park {
+                tracing::warn!(
+                    topic = %self.topic,
+                    partition = park.partition,
+                    offset = park.offset,
+                    key = %park.key,
+                    "projection event parked"
+                );
+                self.retrying(|| async {
+                    let mut tx = self.store.begin().await?;
+                    S::park(&mut tx, name, &self.topic, &park).await?;
+                    S::mark_applied(&mut tx, name, &self.topic, park.partition, &[park.offset])
+                        .await?;
+                    tx.commit().await?;
+                    Ok(())
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn retrying<'a, F, Fut>(&'a self, mut attempt: F) -> Result<(), ProjectionError>
     where
         F: FnMut() -> Fut,
@@ -657,4 +840,82 @@ where
             }
         }
     }
+}
+
+/// The key events are ordered and parked by: the partition key, or the
+/// envelope id when there is none (such an event holds back nothing).
+fn key_of(envelope: &Envelope) -> String {
+    envelope
+        .partition_key
+        .clone()
+        .unwrap_or_else(|| envelope.id.clone())
+}
+
+/// The failure recorded for an event parked behind an earlier one.
+fn behind() -> HandlerError {
+    HandlerError::permanent("an earlier event of this key is parked")
+}
+
+fn info_of<E>(event: &Applied<E>, group: &str) -> DeliveryInfo {
+    let mut info = DeliveryInfo::new("log", event.topic.clone(), group.to_owned());
+    info.partition = Some(event.partition);
+    info.offset = Some(event.offset);
+    info.timestamp = event.timestamp;
+    info
+}
+
+/// Applies the parked events of `key` in order, in one transaction that
+/// also removes them from the parked set, once the cause of the failure is
+/// fixed; returns how many were applied. The runner parks later events of
+/// the key while any of its events is parked, so replaying the key again
+/// after a runner parked more of them keeps their order.
+///
+/// # Errors
+///
+/// When an event still fails (nothing is applied or removed then) or the
+/// store fails.
+pub async fn replay_parked<P, S>(
+    projection: &P,
+    store: &S,
+    upcasters: &Upcasters,
+    topic: &str,
+    checkpoint_name: &str,
+    key: &str,
+) -> Result<usize, ProjectionError>
+where
+    S: CheckpointStore,
+    P: Projection<S::Db>,
+{
+    let parked = store.parked(checkpoint_name, topic, key).await?;
+    let mut tx = store.begin().await?;
+    for park in &parked {
+        let envelope = park.letter.envelope.clone();
+        let fail = |source: HandlerError| ProjectionError::Apply {
+            topic: topic.to_owned(),
+            partition: park.partition,
+            offset: park.offset,
+            event_type: envelope.event_type.clone(),
+            source,
+        };
+        let event = P::Event::decode(upcasters, &envelope)
+            .map_err(|error| fail(HandlerError::with_class(error.class(), error)))?;
+        if let Some(event) = event {
+            let applied = Applied {
+                event,
+                envelope: envelope.clone(),
+                topic: topic.to_owned(),
+                partition: park.partition,
+                offset: park.offset,
+                timestamp: None,
+                mode: Mode::Live,
+            };
+            projection
+                .apply_batch(&mut tx, std::slice::from_ref(&applied))
+                .await
+                .map_err(fail)?;
+        }
+        S::unpark(&mut tx, checkpoint_name, topic, park.partition, park.offset).await?;
+    }
+    tx.commit().await?;
+    Ok(parked.len())
 }

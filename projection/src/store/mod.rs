@@ -38,6 +38,21 @@ pub struct Checkpoint {
     pub applied: BTreeSet<i64>,
 }
 
+/// An event parked because it could not be applied (or because an earlier
+/// event of its key is parked).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Parked {
+    /// Its partition key (the envelope id when it has none).
+    pub key: String,
+    /// The partition.
+    pub partition: i32,
+    /// The offset.
+    pub offset: i64,
+    /// The event and the failure, as surety-dlq records them.
+    pub letter: surety_dlq::DeadLetter,
+}
+
 /// Where a projection runner keeps its positions; see the [module](self).
 pub trait CheckpointStore: Clone + Send + Sync + 'static {
     /// The database of the read model and the checkpoints.
@@ -90,6 +105,39 @@ pub trait CheckpointStore: Clone + Send + Sync + 'static {
         partition: i32,
         offsets: &[i64],
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+
+    /// Parks an event inside `tx` (the runner marks its offset applied in
+    /// the same transaction).
+    fn park(
+        tx: &mut Transaction<'static, Self::Db>,
+        projection: &str,
+        topic: &str,
+        parked: &Parked,
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+
+    /// Removes a parked event inside `tx` (after it was applied on replay).
+    fn unpark(
+        tx: &mut Transaction<'static, Self::Db>,
+        projection: &str,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+
+    /// The keys with parked events.
+    fn parked_keys(
+        &self,
+        projection: &str,
+        topic: &str,
+    ) -> impl Future<Output = Result<std::collections::HashSet<String>, ProjectionError>> + Send;
+
+    /// The parked events of `key`, in partition and offset order.
+    fn parked(
+        &self,
+        projection: &str,
+        topic: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<Vec<Parked>, ProjectionError>> + Send;
 
     /// Every checkpoint of `projection` in `topic`, by partition (for lag
     /// and progress reporting, and for comparing versions).

@@ -50,6 +50,20 @@ WHERE projection = $1 AND previous IS NOT NULL";
 pub(super) const ABANDON: &str = "UPDATE surety_projection_version SET shadow = NULL, updated_at = $2 \
 WHERE projection = $1";
 
+pub(super) const PARK: &str = "INSERT INTO surety_projection_parked \
+(projection, topic, partition, parked_offset, partition_key, dead_letter, parked_at) \
+VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING";
+
+pub(super) const PARKED_KEYS: &str = "SELECT DISTINCT partition_key FROM surety_projection_parked \
+WHERE projection = $1 AND topic = $2";
+
+pub(super) const PARKED_OF_KEY: &str = "SELECT partition, parked_offset, dead_letter \
+FROM surety_projection_parked WHERE projection = $1 AND topic = $2 AND partition_key = $3 \
+ORDER BY partition, parked_offset";
+
+pub(super) const UNPARK: &str = "DELETE FROM surety_projection_parked \
+WHERE projection = $1 AND topic = $2 AND partition = $3 AND parked_offset = $4";
+
 /// Unix milliseconds now.
 pub(super) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -329,6 +343,83 @@ macro_rules! sql_checkpoints {
                     }
                 }
                 Ok(())
+            }
+
+            async fn park(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                projection: &str,
+                topic: &str,
+                parked: &$crate::store::Parked,
+            ) -> Result<(), $crate::error::ProjectionError> {
+                let letter = serde_json::to_string(&parked.letter)
+                    .map_err($crate::error::ProjectionError::store)?;
+                sqlx::query($crate::store::sql::PARK)
+                    .bind(projection)
+                    .bind(topic)
+                    .bind(parked.partition)
+                    .bind(parked.offset)
+                    .bind(&parked.key)
+                    .bind(letter)
+                    .bind($crate::store::sql::now_ms())
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(())
+            }
+
+            async fn unpark(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                projection: &str,
+                topic: &str,
+                partition: i32,
+                offset: i64,
+            ) -> Result<(), $crate::error::ProjectionError> {
+                sqlx::query($crate::store::sql::UNPARK)
+                    .bind(projection)
+                    .bind(topic)
+                    .bind(partition)
+                    .bind(offset)
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(())
+            }
+
+            async fn parked_keys(
+                &self,
+                projection: &str,
+                topic: &str,
+            ) -> Result<std::collections::HashSet<String>, $crate::error::ProjectionError> {
+                let keys: Vec<String> = sqlx::query_scalar($crate::store::sql::PARKED_KEYS)
+                    .bind(projection)
+                    .bind(topic)
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok(keys.into_iter().collect())
+            }
+
+            async fn parked(
+                &self,
+                projection: &str,
+                topic: &str,
+                key: &str,
+            ) -> Result<Vec<$crate::store::Parked>, $crate::error::ProjectionError> {
+                let rows: Vec<(i32, i64, String)> =
+                    sqlx::query_as($crate::store::sql::PARKED_OF_KEY)
+                        .bind(projection)
+                        .bind(topic)
+                        .bind(key)
+                        .fetch_all(&self.pool)
+                        .await?;
+                rows.into_iter()
+                    .map(|(partition, offset, letter)| {
+                        Ok($crate::store::Parked {
+                            key: key.to_owned(),
+                            partition,
+                            offset,
+                            letter: serde_json::from_str(&letter)
+                                .map_err($crate::error::ProjectionError::store)?,
+                        })
+                    })
+                    .collect()
             }
 
             async fn checkpoints(

@@ -22,6 +22,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "surety projection versions",
         include_str!("../../migrations/sqlite/0002_versions.sql"),
     ),
+    (
+        3,
+        "surety projection parked events",
+        include_str!("../../migrations/sqlite/0003_parked.sql"),
+    ),
 ];
 
 /// Creates or upgrades the checkpoint tables. Safe to call on every
