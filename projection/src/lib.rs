@@ -28,6 +28,7 @@ pub mod projection;
 pub mod rebuild;
 pub mod runner;
 pub mod store;
+pub mod windows;
 
 pub use error::ProjectionError;
 pub use projection::{Applied, EventSet, Mode, Projection};
