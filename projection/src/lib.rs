@@ -24,6 +24,7 @@
 //! - `postgres` (default): [`PostgresCheckpoints`].
 
 pub mod error;
+pub mod metrics;
 pub mod projection;
 pub mod rebuild;
 pub mod runner;

@@ -8,6 +8,7 @@ use surety_core::upcast::Upcasters;
 use tokio::time::Instant;
 
 use crate::error::ProjectionError;
+use crate::metrics::ProjectionMetrics;
 use crate::projection::{Mode, Projection};
 use crate::runner::{Runner, RunnerOptions};
 use crate::store::{CheckpointStore, VersionStore, versioned_name};
@@ -52,6 +53,7 @@ pub struct Rebuild<L, S> {
     options: RunnerOptions,
     lag_threshold: u64,
     report_every: Duration,
+    metrics: Option<ProjectionMetrics>,
 }
 
 impl<L, S> std::fmt::Debug for Rebuild<L, S> {
@@ -80,7 +82,15 @@ where
             options: RunnerOptions::default().batch(1000, Duration::from_millis(100)),
             lag_threshold: 0,
             report_every: Duration::from_secs(1),
+            metrics: None,
         }
+    }
+
+    /// Reports the shadow runner's metrics and the rebuild's progress to
+    /// `metrics` (labelled `name@v{version}`).
+    pub fn metrics(mut self, metrics: ProjectionMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Decodes through `upcasters`.
@@ -126,7 +136,8 @@ where
         P: Projection<S::Db>,
     {
         let version = self.store.start_shadow(name).await?;
-        let runner = Runner::new(
+        let label = versioned_name(name, version);
+        let mut runner = Runner::new(
             self.log,
             self.topic,
             format!("{}@v{version}", self.group),
@@ -138,8 +149,11 @@ where
             self.options
                 .start(surety_core::log::StartPosition::Earliest)
                 .mode(Mode::Rebuild)
-                .checkpoint_name(versioned_name(name, version)),
+                .checkpoint_name(label.clone()),
         );
+        if let Some(metrics) = &self.metrics {
+            runner = runner.metrics(metrics.clone());
+        }
         let status = runner.status();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let run = runner.run_until(async {
@@ -170,6 +184,11 @@ where
                     let elapsed = started.elapsed().as_secs_f64();
                     let rate = if elapsed > 0.0 { applied as f64 / elapsed } else { 0.0 };
                     let now = Instant::now();
+                    if let Some(metrics) = &self.metrics {
+                        let total = applied + remaining;
+                        let ratio = if total == 0 { 0.0 } else { applied as f64 / total as f64 };
+                        metrics.set_rebuild(&label, ratio, rate);
+                    }
                     if now.duration_since(last_report) >= self.report_every {
                         last_report = now;
                         progress(RebuildProgress {

@@ -14,6 +14,7 @@ use surety_core::{Classify, HandlerError};
 use tokio::time::Instant;
 
 use crate::error::ProjectionError;
+use crate::metrics::ProjectionMetrics;
 use crate::projection::{Applied, EventSet, Mode, Projection};
 use crate::store::{CheckpointStore, Parked};
 use surety_core::DeliveryInfo;
@@ -187,6 +188,10 @@ struct Partition {
     applied: BTreeSet<i64>,
     /// One past the last offset taken in (buffered or skipped).
     seen_next: Option<i64>,
+    /// When the checkpoint last moved (or the partition was assigned).
+    moved_at: Option<Instant>,
+    /// The log timestamp of the last committed record.
+    committed_time: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// What one lane applies in one transaction.
@@ -277,6 +282,7 @@ pub struct Runner<L, P, S> {
     options: RunnerOptions,
     status: RunnerStatus,
     dlq: Option<Arc<dyn DlqStore>>,
+    metrics: Option<ProjectionMetrics>,
 }
 
 impl<L, P, S> std::fmt::Debug for Runner<L, P, S> {
@@ -314,7 +320,14 @@ where
             options: RunnerOptions::default(),
             status: RunnerStatus::default(),
             dlq: None,
+            metrics: None,
         }
+    }
+
+    /// Reports to `metrics` (labelled with the checkpoint name).
+    pub fn metrics(mut self, metrics: ProjectionMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Parks events that cannot be applied instead of stopping: an event
@@ -376,6 +389,27 @@ where
         self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ProjectionError> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            match self.session(shutdown.as_mut()).await {
+                Err(ProjectionError::Fenced { topic, partition }) => {
+                    // Another runner applied events of a partition this one
+                    // held (it lost the partition without noticing, or read
+                    // its checkpoint just before the other's commit). Leave
+                    // the group and join again, reloading every checkpoint.
+                    tracing::warn!(%topic, partition, "projection checkpoint moved by another runner; rejoining");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One membership of the group: from joining to the end of the stream,
+    /// the shutdown or an error.
+    async fn session(
+        &self,
+        mut shutdown: std::pin::Pin<&mut (impl Future<Output = ()> + Send)>,
+    ) -> Result<(), ProjectionError> {
         let mut stream = self
             .log
             .subscribe_log(
@@ -387,7 +421,8 @@ where
         let mut parts: HashMap<i32, Partition> = HashMap::new();
         let mut pending: Vec<LogRecord> = Vec::new();
         let mut deadline: Option<Instant> = None;
-        let mut shutdown = std::pin::pin!(shutdown);
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let timer = async {
                 match deadline {
@@ -399,6 +434,9 @@ where
                 biased;
                 () = &mut shutdown => {
                     return self.flush(&mut parts, &mut pending).await;
+                }
+                _ = heartbeat.tick() => {
+                    self.refresh_metrics(&parts);
                 }
                 () = timer => {
                     deadline = None;
@@ -435,6 +473,8 @@ where
                                     stored: checkpoint.next_offset,
                                     seen_next: checkpoint.next_offset,
                                     applied: checkpoint.applied,
+                                    moved_at: Some(Instant::now()),
+                                    committed_time: None,
                                 },
                             );
                         }
@@ -472,7 +512,10 @@ where
                             *end = (*end).max(offset + 1);
                         });
                         if part.applied.contains(&offset) {
-                            continue; // applied by a lane before a restart
+                            // Applied by a lane before a restart: nothing to
+                            // apply, but the checkpoint must still pass it.
+                            deadline.get_or_insert_with(|| Instant::now() + self.options.batch_time);
+                            continue;
                         }
                         pending.push(record);
                         if pending.len() == 1 {
@@ -496,13 +539,7 @@ where
         parts: &mut HashMap<i32, Partition>,
         pending: &mut Vec<LogRecord>,
     ) -> Result<(), ProjectionError> {
-        let moves: Vec<(i32, Option<i64>, i64)> = parts
-            .iter()
-            .filter_map(|(p, part)| {
-                let next = part.seen_next?;
-                (part.stored != Some(next)).then_some((*p, part.stored, next))
-            })
-            .collect();
+        let mut moves = moves_of(parts);
         if moves.is_empty() && pending.is_empty() {
             return Ok(());
         }
@@ -520,9 +557,13 @@ where
         let parked_before = parked_keys.clone();
         let mut parks: Vec<Parked> = Vec::new();
         let mut by_lane: Vec<Lane<P::Event>> = (0..lanes).map(|_| Lane::default()).collect();
+        let mut times: HashMap<i32, chrono::DateTime<chrono::Utc>> = HashMap::new();
         for record in records {
             let partition = record.partition();
             let offset = record.offset();
+            if let Some(time) = record.timestamp() {
+                times.insert(partition, time);
+            }
             let key = key_of(record.envelope());
             let event_type = record.envelope().event_type.clone();
             if self.dlq.is_some() && parked_keys.contains(&key) {
@@ -558,6 +599,7 @@ where
             lane.events.extend(applied);
         }
 
+        let mut parked = parks.len();
         if lanes == 1 {
             let lane = by_lane.pop().unwrap_or_default();
             match self
@@ -566,7 +608,7 @@ where
             {
                 Ok(()) => {}
                 Err(error) if self.parks(&error) => {
-                    self.one_by_one(&lane, parked_before).await?;
+                    parked += self.one_by_one(&lane, parked_before).await?;
                     let empty = Lane::default();
                     self.retrying(|| self.apply_lane(&empty, Some(&moves), &parks))
                         .await?;
@@ -585,7 +627,7 @@ where
                             Err(error) if self.parks(&error) => {
                                 self.one_by_one(lane, parked_before.clone()).await
                             }
-                            other => other,
+                            other => other.map(|()| 0),
                         };
                         (lane, result)
                     }),
@@ -594,7 +636,8 @@ where
             let mut failure = None;
             for (lane, result) in results {
                 match result {
-                    Ok(()) => {
+                    Ok(n) => {
+                        parked += n;
                         for (partition, offset) in &lane.offsets {
                             if let Some(part) = parts.get_mut(partition) {
                                 part.applied.insert(*offset);
@@ -607,24 +650,59 @@ where
             if let Some(error) = failure {
                 return Err(error);
             }
+            moves = moves_of(parts);
             let empty = Lane::default();
             self.retrying(|| self.apply_lane(&empty, Some(&moves), &parks))
                 .await?;
         }
-        for (partition, _, next) in &moves {
+        for (partition, _, next, _) in &moves {
             if let Some(part) = parts.get_mut(partition) {
                 part.stored = Some(*next);
                 part.applied = part.applied.split_off(next);
+                part.moved_at = Some(Instant::now());
+                if let Some(time) = times.get(partition) {
+                    part.committed_time = Some(*time);
+                }
             }
         }
         self.status.with(|s| {
             s.applied += count;
             s.batches += 1;
-            for (partition, _, next) in &moves {
+            for (partition, _, next, _) in &moves {
                 s.positions.insert(*partition, *next);
             }
         });
+        if let Some(metrics) = &self.metrics {
+            let name = self.checkpoint_name();
+            metrics.applied(name, count);
+            metrics.batch(name, count as usize);
+            if parked > 0 {
+                metrics.parked(name, parked as u64);
+            }
+        }
+        self.refresh_metrics(parts);
         Ok(())
+    }
+
+    /// Sets the lag, checkpoint age and heartbeat gauges.
+    fn refresh_metrics(&self, parts: &HashMap<i32, Partition>) {
+        let Some(metrics) = &self.metrics else {
+            return;
+        };
+        let name = self.checkpoint_name();
+        metrics.heartbeat(name);
+        let lags = self.status.lag();
+        let now = chrono::Utc::now();
+        for (partition, part) in parts {
+            let lag = lags.get(partition).copied().unwrap_or(0);
+            let seconds = match (lag > 0, part.committed_time) {
+                (true, Some(time)) => (now - time).num_milliseconds().max(0) as f64 / 1000.0,
+                _ => 0.0,
+            };
+            metrics.set_lag(name, &self.topic, *partition, lag, seconds);
+            let age = part.moved_at.map_or(0.0, |at| at.elapsed().as_secs_f64());
+            metrics.set_checkpoint_age(name, &self.topic, *partition, age);
+        }
     }
 
     fn decode(&self, record: LogRecord) -> Result<Option<Applied<P::Event>>, ProjectionError> {
@@ -657,7 +735,7 @@ where
     async fn apply_lane(
         &self,
         lane: &Lane<P::Event>,
-        moves: Option<&[(i32, Option<i64>, i64)]>,
+        moves: Option<&[Move]>,
         parks: &[Parked],
     ) -> Result<(), ProjectionError> {
         let name = self.checkpoint_name();
@@ -679,8 +757,17 @@ where
         }
         match moves {
             Some(moves) => {
-                for (partition, expected, next) in moves {
-                    S::save(&mut tx, name, &self.topic, *partition, *expected, *next).await?;
+                for (partition, expected, next, known) in moves {
+                    S::save(
+                        &mut tx,
+                        name,
+                        &self.topic,
+                        *partition,
+                        *expected,
+                        *next,
+                        *known,
+                    )
+                    .await?;
                 }
             }
             None => {
@@ -744,8 +831,9 @@ where
         &self,
         lane: &Lane<P::Event>,
         mut parked_keys: HashSet<String>,
-    ) -> Result<(), ProjectionError> {
+    ) -> Result<usize, ProjectionError> {
         let name = self.checkpoint_name();
+        let mut parked = 0;
         for event in &lane.events {
             let key = key_of(&event.envelope);
             let info = info_of(event, &self.group);
@@ -792,6 +880,7 @@ where
                 }
             };
             if let Some(park) = park {
+                parked += 1;
                 tracing::warn!(
                     topic = %self.topic,
                     partition = park.partition,
@@ -810,7 +899,7 @@ where
                 .await?;
             }
         }
-        Ok(())
+        Ok(parked)
     }
 
     async fn retrying<'a, F, Fut>(&'a self, mut attempt: F) -> Result<(), ProjectionError>
@@ -840,6 +929,25 @@ where
             }
         }
     }
+}
+
+/// A checkpoint move: partition, the stored offset expected, the new one,
+/// and how many offsets below the new one this runner knows applied by
+/// lanes.
+type Move = (i32, Option<i64>, i64, u64);
+
+/// The checkpoint moves up to what each partition took in.
+fn moves_of(parts: &HashMap<i32, Partition>) -> Vec<Move> {
+    parts
+        .iter()
+        .filter_map(|(p, part)| {
+            let next = part.seen_next?;
+            (part.stored != Some(next)).then(|| {
+                let known = part.applied.range(..next).count() as u64;
+                (*p, part.stored, next, known)
+            })
+        })
+        .collect()
 }
 
 /// The key events are ordered and parked by: the partition key, or the

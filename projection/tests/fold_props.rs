@@ -241,12 +241,33 @@ async fn check(ops: Vec<Op>) {
     if runners.is_empty() {
         runners.push(start(&log, &db.pool, 2, 4, 3));
     }
-    eventually(
-        Duration::from_secs(30),
-        "the read model to equal the fold",
-        || async { read_model(&db.pool).await == expected },
-    )
-    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let model = read_model(&db.pool).await;
+        if model == expected {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let stopped: Vec<bool> = runners.iter().map(JoinHandle::is_finished).collect();
+            let checkpoints: Vec<(i32, i64)> = sqlx::query_as(
+                "SELECT partition, next_offset FROM surety_projection_checkpoint ORDER BY partition",
+            )
+            .fetch_all(&db.pool)
+            .await
+            .expect("the checkpoints");
+            let applied: Vec<(i32, i64)> = sqlx::query_as(
+                "SELECT partition, applied_offset FROM surety_projection_applied ORDER BY 1, 2",
+            )
+            .fetch_all(&db.pool)
+            .await
+            .expect("the applied offsets");
+            panic!(
+                "the read model is not the fold of the log\nmodel    {model:?}\nexpected {expected:?}\nends {:?} checkpoints {checkpoints:?} applied {applied:?} runners stopped {stopped:?}",
+                log.end_offsets(TOPIC)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let total: i64 = log.end_offsets(TOPIC).iter().sum();
     eventually(Duration::from_secs(30), "the checkpoints to reach the end", || async {
         let stored: i64 = sqlx::query_scalar(

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::{Sqlite, SqlitePool, Transaction};
 use surety_core::memory::MemoryLog;
 use surety_core::{Envelope, HandlerError, Message, Publisher};
+use surety_projection::metrics::ProjectionMetrics;
 use surety_projection::{
     Applied, Mode, Projection, Rebuild, RebuildProgress, Runner, RunnerOptions, SqliteCheckpoints,
     VersionStore, versioned_name,
@@ -195,10 +196,12 @@ async fn a_shadow_is_rebuilt_while_the_live_version_serves_then_promoted_and_rol
     assert_eq!(notified_live, 3000);
 
     let reports = Arc::new(std::sync::Mutex::new(Vec::<RebuildProgress>::new()));
+    let metrics =
+        ProjectionMetrics::register(&mut prometheus_client::registry::Registry::default());
     let rebuild = {
         let reports = reports.clone();
         let projection = f.projection(2);
-        tokio::spawn(f.rebuild().run(
+        tokio::spawn(f.rebuild().metrics(metrics.clone()).run(
             NAME,
             move |_| projection,
             move |p| {
@@ -239,6 +242,10 @@ async fn a_shadow_is_rebuilt_while_the_live_version_serves_then_promoted_and_rol
     })
     .await;
     live2.abort();
+
+    assert!(metrics.applied_count("totals@v2") >= 3000);
+    assert!(metrics.rebuild_progress("totals@v2") > 0.0);
+    assert!(metrics.last_heartbeat("totals@v2") > 0.0);
 
     let reports = reports.lock().expect("reports").clone();
     assert!(!reports.is_empty(), "progress was reported");

@@ -77,12 +77,15 @@ pub trait CheckpointStore: Clone + Send + Sync + 'static {
 
     /// Moves the checkpoint from `expected` (what was loaded; `None` when
     /// there was none) to `next_offset` inside `tx`, and forgets the
-    /// applied rows below `next_offset`.
+    /// applied rows below `next_offset`, of which the caller knows
+    /// `known_applied`.
     ///
     /// # Errors
     ///
     /// [`ProjectionError::Fenced`] when the stored checkpoint is not
-    /// `expected`.
+    /// `expected`, or when more offsets below `next_offset` are recorded as
+    /// applied than the caller knows of (another runner's lane applied
+    /// them since the caller loaded the checkpoint).
     fn save(
         tx: &mut Transaction<'static, Self::Db>,
         projection: &str,
@@ -90,6 +93,7 @@ pub trait CheckpointStore: Clone + Send + Sync + 'static {
         partition: i32,
         expected: Option<i64>,
         next_offset: i64,
+        known_applied: u64,
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 
     /// Records `offsets` of a partition as applied, inside `tx`.

@@ -22,6 +22,9 @@ WHERE projection = $1 AND topic = $2 AND partition = $3 AND applied_offset < $4"
 pub(super) const MARK: &str = "INSERT INTO surety_projection_applied \
 (projection, topic, partition, applied_offset) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
 
+pub(super) const COUNT_APPLIED: &str = "SELECT COUNT(*) FROM surety_projection_applied \
+WHERE projection = $1 AND topic = $2 AND partition = $3 AND applied_offset < $4";
+
 /// Whether the stored watermark already passed `$4`.
 pub(super) const PASSED: &str = "SELECT COUNT(*) FROM surety_projection_checkpoint \
 WHERE projection = $1 AND topic = $2 AND partition = $3 AND next_offset > $4";
@@ -265,8 +268,22 @@ macro_rules! sql_checkpoints {
                 partition: i32,
                 expected: Option<i64>,
                 next_offset: i64,
+                known_applied: u64,
             ) -> Result<(), $crate::error::ProjectionError> {
                 use $crate::store::sql;
+                let recorded: i64 = sqlx::query_scalar(sql::COUNT_APPLIED)
+                    .bind(projection)
+                    .bind(topic)
+                    .bind(partition)
+                    .bind(next_offset)
+                    .fetch_one(&mut **tx)
+                    .await?;
+                if u64::try_from(recorded).unwrap_or(0) > known_applied {
+                    return Err($crate::error::ProjectionError::Fenced {
+                        topic: topic.to_owned(),
+                        partition,
+                    });
+                }
                 let done = match expected {
                     None => sqlx::query(sql::INSERT)
                         .bind(projection)
