@@ -3,8 +3,8 @@
 -- (shadow).
 CREATE TABLE IF NOT EXISTS surety_projection_version (
     projection TEXT    PRIMARY KEY,
-    live       INTEGER NOT NULL,
-    previous   INTEGER,
-    shadow     INTEGER,
+    live       BIGINT  NOT NULL,
+    previous   BIGINT,
+    shadow     BIGINT,
     updated_at BIGINT  NOT NULL
 );
