@@ -1,18 +1,18 @@
 //! Turns each guide chapter into a doctest source: every ```rust block that
-//! is a fragment (no `fn main`) is compiled inside an async function whose
-//! hidden preamble declares what the chapter's prose assumes (a transport,
-//! a pool, a handler). The blocks are compiled, not run (`no_run`): they
-//! name brokers and databases. Blocks with their own `fn main` run as they
-//! are.
+//! is a fragment (no `fn main`) is compiled as the body of a hidden async
+//! function whose parameters are what the chapter's prose assumes (a
+//! transport, a pool, a handler). The blocks are compiled, not run
+//! (`no_run`): they name brokers and databases. Blocks with their own
+//! `fn main` run as they are.
 
 use std::fs;
 use std::path::Path;
 
-/// The hidden declarations of every fragment: `surety_guide::prelude`
-/// brings the names; each chapter's `let`s live in `prelude::chapter_NN`.
-const OPEN: &str = "# #![allow(unused, unreachable_code)]\n\
-# use surety_guide::prelude::*;\n\
-# async fn __guide_example() -> Result<(), surety_guide::prelude::Error> {\n";
+/// The hidden lines around every fragment: `surety_guide::prelude` brings
+/// the names, the chapter's parameters (`src/preamble/<chapter>.rs`) the
+/// values.
+const OPEN: &str = "# #![allow(unused)]\n# use surety_guide::prelude::*;\n# async fn __guide_example(\n";
+const RETURNS: &str = "# ) -> Result<(), surety_guide::prelude::Error> {\n";
 const CLOSE: &str = "# Ok(())\n# }\n";
 
 fn main() {
@@ -39,7 +39,7 @@ fn main() {
     }
 }
 
-/// `let` lines for the chapter, from `src/preamble/<chapter>.rs` if any.
+/// The chapter's parameter lines, from `src/preamble/<chapter>.rs` if any.
 fn preamble_of(chapter: &str) -> String {
     let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
     let file = Path::new(&manifest)
@@ -77,6 +77,7 @@ fn transform(text: &str, preamble: &str) -> String {
                     out.push_str("```rust,no_run\n");
                     out.push_str(OPEN);
                     out.push_str(preamble);
+                    out.push_str(RETURNS);
                     out.push_str(&code);
                     out.push('\n');
                     out.push_str(CLOSE);

@@ -1,8 +1,8 @@
 //! The Surety guide (`docs/guide/*.md`), compiled.
 //!
 //! Every Rust example in the guide is a doctest of this crate: fragments are
-//! type-checked inside a hidden async function whose preamble declares what
-//! the chapter's prose assumes (`src/preamble/<chapter>.rs`), and the
+//! type-checked as the body of a hidden async function whose parameters are
+//! what the chapter's prose assumes (`src/preamble/<chapter>.rs`), and the
 //! examples with a `main` run. `build.rs` prepares the chapters; nothing in
 //! the markdown itself is hidden.
 //!
@@ -38,12 +38,6 @@ pub mod prelude {
 
     /// The error the examples' `?` converts into.
     pub type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    /// A value of any type, for the examples' preambles: they are
-    /// compiled, never run.
-    pub fn any<T>() -> T {
-        unimplemented!("the guide's examples are type-checked, not run")
-    }
 
     /// Resolves when the service should stop (Ctrl-C, SIGTERM).
     pub async fn shutdown_signal() {

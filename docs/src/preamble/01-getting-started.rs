@@ -1,14 +1,15 @@
-// What chapter 1's examples assume.
-let order: OrderPlaced = any();
-let orders: Vec<OrderPlaced> = any();
-let envelope: Envelope = any();
-let publisher = MemoryTransport::new();
-let transport = MemoryTransport::new();
-let handler = AckAll;
-let fulfilment = AckAll;
-let replies = AckAll;
-let inventory = Inventory;
-let payments = Payments;
-let pool: sqlx::SqlitePool = any();
-let metrics: surety_core::metrics::Metrics = any();
-let relay: surety_outbox::Relay<surety_outbox::SqliteOutbox, MemoryTransport> = any();
+// What chapter 1's examples assume: the parameters of the function each
+// example is compiled in.
+order: OrderPlaced,
+orders: Vec<OrderPlaced>,
+envelope: Envelope,
+publisher: MemoryTransport,
+transport: MemoryTransport,
+handler: AckAll,
+fulfilment: AckAll,
+replies: AckAll,
+inventory: Inventory,
+payments: Payments,
+pool: sqlx::SqlitePool,
+metrics: surety_core::metrics::Metrics,
+relay: surety_outbox::Relay<surety_outbox::SqliteOutbox, MemoryTransport>,

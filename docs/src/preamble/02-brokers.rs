@@ -1,11 +1,12 @@
-// What chapter 2's examples assume.
-let mut registry = Registry::default();
-let rabbit: RabbitTransport = any();
-let kafka: KafkaTransport = any();
-let log = surety_core::memory::MemoryLog::new();
-let checkpoints = Checkpoints;
-let view = View;
-let progress = Progress;
-let worker = Worker::new(AckAll);
-let deliveries: DeliveryStream = any();
-let shutdown = shutdown_signal();
+// What chapter 2's examples assume: the parameters of the function each
+// example is compiled in.
+mut registry: Registry,
+rabbit: RabbitTransport,
+kafka: KafkaTransport,
+log: surety_core::memory::MemoryLog,
+checkpoints: Checkpoints,
+view: View,
+progress: Progress,
+worker: Worker<AckAll>,
+deliveries: DeliveryStream,
+shutdown: impl std::future::Future<Output = ()> + Send,
