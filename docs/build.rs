@@ -11,7 +11,8 @@ use std::path::Path;
 /// The hidden lines around every fragment: `surety_guide::prelude` brings
 /// the names, the chapter's parameters (`src/preamble/<chapter>.rs`) the
 /// values.
-const OPEN: &str = "# #![allow(unused)]\n# use surety_guide::prelude::*;\n# async fn __guide_example(\n";
+const OPEN: &str =
+    "# #![allow(unused)]\n# use surety_guide::prelude::*;\n# async fn __guide_example(\n";
 const RETURNS: &str = "# ) -> Result<(), surety_guide::prelude::Error> {\n";
 const CLOSE: &str = "# Ok(())\n# }\n";
 
