@@ -215,11 +215,11 @@ async fn two_orchestrator_processes_share_the_work_without_conflicting_transitio
         conflicts += parts.next().unwrap();
         stale += parts.next().unwrap();
     }
+    // How often the two met depends on scheduling (a quiet run can see
+    // none): reported, not asserted. Concurrent writers to one instance are
+    // tested in tests/postgres.rs; here what counts is that every checkout
+    // below ended as its scenario says, with a history that replays.
     println!("{conflicts} version conflicts decided again, {stale} timers found already fired");
-    assert!(
-        conflicts + stale > 0,
-        "two processes on the same timers and replies meet at least once"
-    );
 
     for i in 0..CHECKOUTS {
         let id = format!("o-{i}");
