@@ -160,6 +160,33 @@ impl Classify for StoreError {
     }
 }
 
+/// A migrator for one store's embedded migrations, `(version, description,
+/// SQL)`, that records what ran in `table`: a table of the store's own, so
+/// its versions never collide with another store's or the application's
+/// (`_sqlx_migrations`). Every SQL store in the family migrates this way.
+#[cfg(feature = "sqlx")]
+pub fn migrator(
+    table: &'static str,
+    migrations: &[(i64, &'static str, &'static str)],
+) -> sqlx::migrate::Migrator {
+    use sqlx::migrate::{Migration, MigrationType, Migrator};
+    let migrations = migrations
+        .iter()
+        .map(|&(version, description, sql)| {
+            Migration::new(
+                version,
+                description.into(),
+                MigrationType::Simple,
+                sqlx::SqlStr::from_static(sql),
+                false,
+            )
+        })
+        .collect();
+    let mut migrator = Migrator::with_migrations(migrations);
+    migrator.dangerous_set_table_name(table);
+    migrator
+}
+
 #[cfg(feature = "sqlx")]
 mod sqlx_errors {
     use super::{StoreError, StoreErrorKind};

@@ -11,22 +11,7 @@ pub const MIGRATIONS_TABLE: &str = "_surety_saga_migrations";
 pub(crate) fn migrator(
     migrations: &[(i64, &'static str, &'static str)],
 ) -> sqlx::migrate::Migrator {
-    use sqlx::migrate::{Migration, MigrationType, Migrator};
-    let migrations = migrations
-        .iter()
-        .map(|&(version, description, sql)| {
-            Migration::new(
-                version,
-                description.into(),
-                MigrationType::Simple,
-                sqlx::SqlStr::from_static(sql),
-                false,
-            )
-        })
-        .collect();
-    let mut migrator = Migrator::with_migrations(migrations);
-    migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
-    migrator
+    surety_core::store::migrator(MIGRATIONS_TABLE, migrations)
 }
 
 /// What a database-side failure of the saga store can come from, each
