@@ -565,17 +565,17 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
                     renewal.as_mut().reset(self.renew_at());
                 }
                 Event::MarkDue => self.start_mark(fence, marks),
-                Event::Marked((rows, result)) => {
+                Event::Marked(done) => {
                     marks.writing = None;
-                    self.marked(fence, rows, result?, cycle);
+                    self.written(fence, marks, done, cycle)?;
                     if marks.seqs.len() >= MARK_EVERY {
                         self.start_mark(fence, marks);
                     }
                 }
                 Event::Read((marked, rows)) => {
                     reading = None;
-                    if let Some((confirmed, marked)) = marked {
-                        self.marked(fence, confirmed, marked?, cycle);
+                    if let Some(done) = marked {
+                        self.written(fence, marks, done, cycle)?;
                     }
                     let rows = rows?;
                     let (full, before) = (rows.len() >= self.batch_size, cycle.fetched);
@@ -710,7 +710,7 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
         marks.writing = Some(
             async move {
                 let marked = store.mark_sent(&fence, &seqs).await;
-                (seqs.len(), marked)
+                (seqs, marked)
             }
             .boxed(),
         );
@@ -736,6 +736,28 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
         }
     }
 
+    /// Accounts for a mark statement that ran beside the sends. When it
+    /// failed, its rows go back to `marks` (the end of the cycle tries
+    /// them again) and the error ends the cycle.
+    fn written(
+        &self,
+        fence: &Lease,
+        marks: &mut Marks,
+        (seqs, marked): Written,
+        cycle: &mut Cycle,
+    ) -> Result<(), OutboxError> {
+        match marked {
+            Ok(marked) => {
+                self.marked(fence, seqs.len(), marked, cycle);
+                Ok(())
+            }
+            Err(err) => {
+                marks.seqs.extend(seqs);
+                Err(err)
+            }
+        }
+    }
+
     /// Marks every confirmed row in `marks` sent: waits for the statement
     /// under way, then marks the rest in one more.
     async fn flush(
@@ -745,8 +767,8 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
         cycle: &mut Cycle,
     ) -> Result<(), OutboxError> {
         if let Some(writing) = marks.writing.take() {
-            let (confirmed, marked) = writing.await;
-            self.marked(fence, confirmed, marked?, cycle);
+            let done = writing.await;
+            self.written(fence, marks, done, cycle)?;
         }
         if marks.seqs.is_empty() {
             return Ok(());
@@ -1012,7 +1034,10 @@ struct Marks {
 }
 
 /// A mark statement under way: the rows it marks and what it marked.
-type Writing = futures::future::BoxFuture<'static, (usize, Result<u64, OutboxError>)>;
+type Writing = futures::future::BoxFuture<'static, Written>;
+
+/// A mark statement's rows and what it marked.
+type Written = (Vec<i64>, Result<u64, OutboxError>);
 
 /// A read of pending rows under way, after the mark statement that was
 /// under way when it started (the read's output carries that one's).
@@ -1020,10 +1045,7 @@ type Reading = futures::future::BoxFuture<'static, ReadOutput>;
 
 /// What a read brings: the outcome of the mark statement it followed, if
 /// any, and the rows.
-type ReadOutput = (
-    Option<(usize, Result<u64, OutboxError>)>,
-    Result<Vec<OutboxRow>, OutboxError>,
-);
+type ReadOutput = (Option<Written>, Result<Vec<OutboxRow>, OutboxError>);
 
 /// What the publishing loop woke up for.
 enum Event {
@@ -1032,7 +1054,7 @@ enum Event {
     /// The read under way returned (with the mark it followed).
     Read(ReadOutput),
     /// The mark statement under way finished.
-    Marked((usize, Result<u64, OutboxError>)),
+    Marked(Written),
     /// The lease is due for renewal.
     Renew,
     /// The oldest unmarked confirmation waited [`MARK_AFTER`].
