@@ -14,16 +14,23 @@
 //!   `surety-benches`, see `docs/benchmarks.md`);
 //! - **control**: the direct variant again, on a topic of its own: its
 //!   ratio to the first is the noise of the round;
+//! - **direct per key**: the direct publisher under the relay's per-key
+//!   rule (the next message of a key sent once its previous one
+//!   confirmed, `in_flight_per_key` of a key at most): the direct
+//!   publisher above keeps its window full with any message, so when one
+//!   partition lags it runs ahead on the others with several messages of
+//!   a key in flight, which the relay never does; relay / direct per key
+//!   separates the relay's own cost from the cost of the order it keeps;
 //! - **relay**: the N messages are first enqueued into a fresh SQLite
 //!   outbox (not timed: that is the application's own transaction), then a
 //!   [`Relay`] with default settings runs cycles until the outbox is
 //!   empty: read a batch, publish it key-ordered with confirmation, mark
 //!   the confirmed rows sent.
 //!
-//! Per round direct, control, relay, the order reversed every other round,
+//! Per round direct, control, direct per key, relay, the order reversed every other round,
 //! after an unreported warm-up round. Printed: each round's rates and
 //! ratios, the median relay/direct ratio against the target (**≥ 0.8**,
-//! issue 10), the control's spread and "within noise" when the ratio is
+//! issue 10) and the median relay / direct per key, the control's spread and "within noise" when the ratio is
 //! inside it. `cargo bench -p surety-outbox --bench relay` for the full run
 //! (N = 10 000, 5 rounds; `SURETY_BENCH_MESSAGES` and `SURETY_BENCH_ROUNDS`
 //! override); `cargo test -p surety-outbox --benches` runs one tiny round
@@ -111,9 +118,15 @@ async fn rabbitmq(url: &str, settings: &Settings) {
     let exchange = transport.config().exchange.clone();
     let mut ratios = Vec::new();
     let mut controls = Vec::new();
+    let mut keyed = Vec::new();
     for round in 0..settings.rounds + usize::from(settings.warmup) {
         // A fresh queue per variant: neither publishes into the other's backlog.
-        let topics = [unique("rabbitmq"), unique("rabbitmq"), unique("rabbitmq")];
+        let topics = [
+            unique("rabbitmq"),
+            unique("rabbitmq"),
+            unique("rabbitmq"),
+            unique("rabbitmq"),
+        ];
         for topic in &topics {
             WorkQueue::for_group(&exchange, topic, "bench")
                 .without_dead_letter()
@@ -121,10 +134,12 @@ async fn rabbitmq(url: &str, settings: &Settings) {
                 .await
                 .expect("declare a queue");
         }
-        let (ratio, control) = run_round(&transport, &topics, settings.messages, round).await;
+        let (ratio, control, to_keyed) =
+            run_round(&transport, &topics, settings.messages, round).await;
         if !settings.warmup || round > 0 {
             ratios.push(ratio);
             controls.push(control);
+            keyed.push(to_keyed);
         }
         for topic in &topics {
             let queue = queue_name(topic, "bench");
@@ -134,7 +149,7 @@ async fn rabbitmq(url: &str, settings: &Settings) {
                 .ok();
         }
     }
-    report("rabbitmq", &mut ratios, &controls);
+    report("rabbitmq", &mut ratios, &controls, &mut keyed);
     transport.close().await.ok();
 }
 
@@ -148,29 +163,38 @@ async fn kafka_run(brokers: &str, settings: &Settings) {
         .expect("connects to Kafka");
     let mut ratios = Vec::new();
     let mut controls = Vec::new();
+    let mut keyed = Vec::new();
     for round in 0..settings.rounds + usize::from(settings.warmup) {
-        let topics = [unique("kafka"), unique("kafka"), unique("kafka")];
-        let (ratio, control) = run_round(&transport, &topics, settings.messages, round).await;
+        let topics = [
+            unique("kafka"),
+            unique("kafka"),
+            unique("kafka"),
+            unique("kafka"),
+        ];
+        let (ratio, control, to_keyed) =
+            run_round(&transport, &topics, settings.messages, round).await;
         if !settings.warmup || round > 0 {
             ratios.push(ratio);
             controls.push(control);
+            keyed.push(to_keyed);
         }
     }
-    report("kafka", &mut ratios, &controls);
+    report("kafka", &mut ratios, &controls, &mut keyed);
     transport.close().await.ok();
 }
 
 /// One round: each variant on a topic of its own (`topics[0]` direct,
-/// `topics[1]` control, `topics[2]` relay), which eight messages readied
-/// untimed (a Kafka topic is created, its partition leaders known); direct,
-/// control, relay in even rounds, the reverse in odd ones. Returns relay
-/// rate / direct rate and control rate / direct rate.
+/// `topics[1]` control, `topics[2]` relay, `topics[3]` direct per key),
+/// which eight messages readied untimed (a Kafka topic is created, its
+/// partition leaders known); direct, control, direct per key, relay in
+/// even rounds, the reverse in odd ones. Returns relay rate / direct rate,
+/// control rate / direct rate and relay rate / direct-per-key rate.
 async fn run_round<P: Publisher + Clone + 'static>(
     publisher: &P,
-    topics: &[String; 3],
+    topics: &[String; 4],
     n: usize,
     round: usize,
-) -> (f64, f64) {
+) -> (f64, f64, f64) {
     for topic in topics {
         for envelope in envelopes(8) {
             publisher
@@ -180,27 +204,84 @@ async fn run_round<P: Publisher + Clone + 'static>(
         }
     }
     let window = KEYS * per_key();
-    let (direct, control, relay) = if round.is_multiple_of(2) {
+    let (direct, control, keyed, relay) = if round.is_multiple_of(2) {
         let direct = direct(publisher, &topics[0], n, window).await;
         let control = self::direct(publisher, &topics[1], n, window).await;
-        (direct, control, relay(publisher, &topics[2], n).await)
+        let keyed = direct_per_key(publisher, &topics[3], n).await;
+        (
+            direct,
+            control,
+            keyed,
+            relay(publisher, &topics[2], n).await,
+        )
     } else {
         let relay = relay(publisher, &topics[2], n).await;
+        let keyed = direct_per_key(publisher, &topics[3], n).await;
         let control = direct(publisher, &topics[1], n, window).await;
         (
             direct(publisher, &topics[0], n, window).await,
             control,
+            keyed,
             relay,
         )
     };
-    let (direct_rate, control_rate, relay_rate) =
-        (rate(n, direct), rate(n, control), rate(n, relay));
+    let (direct_rate, control_rate, keyed_rate, relay_rate) = (
+        rate(n, direct),
+        rate(n, control),
+        rate(n, keyed),
+        rate(n, relay),
+    );
     let (ratio, noise) = (relay_rate / direct_rate, control_rate / direct_rate);
     println!(
         "round {round}: direct {direct_rate:.0} msg/s, control {control_rate:.0} msg/s ({noise:.2}), \
-         relay {relay_rate:.0} msg/s, ratio {ratio:.2} (window {window})"
+         direct per key {keyed_rate:.0} msg/s ({:.2}), relay {relay_rate:.0} msg/s, ratio {ratio:.2}, \
+         to direct per key {:.2} (window {window})",
+        keyed_rate / direct_rate,
+        relay_rate / keyed_rate,
     );
-    (ratio, noise)
+    (ratio, noise, relay_rate / keyed_rate)
+}
+
+/// The direct publisher under the relay's per-key rule: at most
+/// `in_flight_per_key` messages of a key unconfirmed, the next one of a
+/// key sent when one of its own confirms (so at most 256 ×
+/// `in_flight_per_key` in flight, like the relay). It shows what the rule
+/// itself costs on the broker, apart from the relay's own work.
+async fn direct_per_key<P: Publisher>(publisher: &P, topic: &str, n: usize) -> Duration {
+    let messages = envelopes(n);
+    let limit = per_key();
+    let started = Instant::now();
+    let work = async {
+        let mut queues: Vec<std::collections::VecDeque<Envelope>> = (0..KEYS)
+            .map(|_| std::collections::VecDeque::new())
+            .collect();
+        for (i, envelope) in messages.into_iter().enumerate() {
+            queues[i % KEYS].push_back(envelope);
+        }
+        let mut pending = FuturesUnordered::new();
+        let confirming = |key: usize, confirmation: surety_core::Confirmation| async move {
+            (key, confirmation.await)
+        };
+        for _ in 0..limit {
+            for (key, queue) in queues.iter_mut().enumerate() {
+                if let Some(envelope) = queue.pop_front() {
+                    let confirmation = publisher.send(topic, envelope).await.expect("sent");
+                    pending.push(confirming(key, confirmation));
+                }
+            }
+        }
+        while let Some((key, result)) = pending.next().await {
+            result.expect("confirmed");
+            if let Some(envelope) = queues[key].pop_front() {
+                let confirmation = publisher.send(topic, envelope).await.expect("sent");
+                pending.push(confirming(key, confirmation));
+            }
+        }
+    };
+    tokio::time::timeout(STEP_LIMIT, work)
+        .await
+        .expect("the per-key direct publishes finish in time");
+    started.elapsed()
 }
 
 /// The relay's rows in flight per key (`SURETY_BENCH_PER_KEY`, default 1).
@@ -282,7 +363,7 @@ async fn relay<P: Publisher + Clone + 'static>(publisher: &P, topic: &str, n: us
     took
 }
 
-fn report(broker: &str, ratios: &mut [f64], controls: &[f64]) {
+fn report(broker: &str, ratios: &mut [f64], controls: &[f64], keyed: &mut [f64]) {
     ratios.sort_by(f64::total_cmp);
     let Some(&median) = ratios.get(ratios.len() / 2) else {
         return;
@@ -301,4 +382,10 @@ fn report(broker: &str, ratios: &mut [f64], controls: &[f64]) {
         ratios.len(),
         if median >= TARGET { "PASS" } else { "BELOW" },
     );
+    keyed.sort_by(f64::total_cmp);
+    if let Some(&to_keyed) = keyed.get(keyed.len() / 2) {
+        println!(
+            "{broker}: relay / direct publish under the same per-key rule, median: {to_keyed:.2}"
+        );
+    }
 }

@@ -15,7 +15,10 @@
 //! still being confirmed (up to 16 reads a cycle), so the broker is not
 //! left idle between batches; rows of a key read ahead wait behind that
 //! key's rows already in the cycle, and a key that failed in the cycle
-//! takes none.
+//! takes none. The reads and the statements marking rows sent run beside
+//! the sends: a confirmation that arrives meanwhile sends its key's next
+//! row at once, so the window of rows in flight stays full while the
+//! store answers.
 //!
 //! A failed row is retried with exponential backoff and jitter; until it is
 //! sent, the later rows of its key wait, and only they: the store reads
@@ -55,8 +58,10 @@
 //! before marking it sent publishes it again. Confirmed rows are marked as
 //! they confirm, in groups (every 64 rows, or 20 ms after the first), so a
 //! relay killed over and over still makes progress, and each kill
-//! republishes at most the rows in flight and one group. The message keeps its id, so
-//! consumers deduplicate (surety-idempotency).
+//! republishes at most the rows in flight and those confirmed but not yet
+//! marked: the group being written and the one gathering behind it (about
+//! two groups; more only while the store is slow to answer). The message
+//! keeps its id, so consumers deduplicate (surety-idempotency).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -444,16 +449,19 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
     /// cycle. Confirmed rows are marked sent as they confirm, in groups
     /// (every [`MARK_EVERY`] rows, or [`MARK_AFTER`] after the first
     /// unmarked one), so a relay killed in a crash loop still makes
-    /// progress.
+    /// progress. One mark statement runs at a time, beside the sends: the
+    /// rows confirmed meanwhile go into the next one.
     ///
     /// Reads overlap confirmations: once fewer rows of the batch wait to be
     /// sent than are in flight, at most half a batch is outstanding (so
     /// that a read brings at least half a batch of new rows) and the last
-    /// read was full, the next batch is read (up to [`MAX_READS`] per cycle) while the current one's
-    /// confirmations arrive. Its rows that this cycle already has are left
-    /// out; the others join their key's queue behind the rows of that key
-    /// still waiting or in flight, so each key stays in order, and a key
-    /// that failed in this cycle takes no more rows.
+    /// read was full, the next batch is read (up to [`MAX_READS`] per
+    /// cycle) while the current one's confirmations arrive and refill the
+    /// window. Its rows that this cycle already has are left out (by seq:
+    /// rows confirmed but not marked yet too); the others join their key's
+    /// queue behind the rows of that key still waiting or in flight, so
+    /// each key stays in order, and a key that failed in this cycle, even
+    /// while the read was under way, takes no more rows.
     ///
     /// Sending stops (what is in flight is still awaited) when the lease is
     /// lost or a mark finds it fenced, when `stopping` is set, or when a
@@ -487,76 +495,126 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
         // finds nothing to do).
         let mut renewal = std::pin::pin!(tokio::time::sleep_until(self.renew_at()));
         let mut mark_timer = std::pin::pin!(tokio::time::sleep(MARK_AFTER));
+        // The read of the next batch under way, if any: it runs beside the
+        // confirmations, which go on refilling the window meanwhile.
+        let mut reading: Option<Reading> = None;
         loop {
             // The rows a read would return again: in flight and waiting
-            // (the confirmed ones are marked before it).
+            // (the confirmed ones are being marked beside it).
             let outstanding = in_flight.len() + batch.queued;
-            if sending
+            if reading.is_none()
+                && sending
                 && more
                 && reads < MAX_READS
                 && batch.queued <= in_flight.len()
                 && outstanding <= self.batch_size / 2
             {
                 // The tail of this batch is in flight: read the next one
-                // now rather than after the last confirmation. Marking first
-                // keeps the confirmed rows out of the read.
-                self.flush(fence, marks, cycle).await?;
+                // now rather than after the last confirmation. The read
+                // follows the marking of the rows confirmed so far, which
+                // keeps them out of it (rows it returns that the cycle
+                // already has are left out by seq in any case).
                 if !self.may_send(stopping, cycle).await? {
                     sending = false;
                     continue;
                 }
-                let rows = self.store.pending(self.batch_size).await?;
-                let (full, before) = (rows.len() >= self.batch_size, cycle.fetched);
+                self.start_mark(fence, marks);
+                let marking = marks.writing.take();
                 reads += 1;
-                let touched = self.merge(rows, fence, cycle, &mut batch).await?;
-                // A read that found nothing new (only rows in flight) waits
-                // for the next cycle.
-                more = full && cycle.fetched > before;
-                for g in touched {
-                    if !sending {
-                        break;
+                let store = self.store.clone();
+                let limit = self.batch_size;
+                reading = Some(
+                    async move {
+                        let marked = match marking {
+                            Some(marking) => Some(marking.await),
+                            None => None,
+                        };
+                        (marked, store.pending(limit).await)
                     }
-                    sending = self
-                        .fill(g, &mut batch, &mut in_flight, fence, cycle, stopping)
-                        .await?;
-                }
-                continue;
+                    .boxed(),
+                );
             }
-            let next = tokio::select! {
-                next = in_flight.next() => next,
-                () = &mut renewal, if cycle.leader => {
+            if in_flight.is_empty() && reading.is_none() {
+                return Ok(());
+            }
+            let event = tokio::select! {
+                next = in_flight.next(), if !in_flight.is_empty() => match next {
+                    Some(confirmed) => Event::Confirmed(confirmed),
+                    None => continue,
+                },
+                rows = async {
+                    match reading.as_mut() {
+                        Some(read) => read.await,
+                        None => std::future::pending().await,
+                    }
+                }, if reading.is_some() => Event::Read(rows),
+                done = async {
+                    match marks.writing.as_mut() {
+                        Some(write) => write.await,
+                        None => std::future::pending().await,
+                    }
+                }, if marks.writing.is_some() => Event::Marked(done),
+                () = &mut renewal, if cycle.leader => Event::Renew,
+                () = &mut mark_timer, if !marks.seqs.is_empty() && marks.writing.is_none() => {
+                    Event::MarkDue
+                }
+            };
+            match event {
+                Event::Renew => {
                     cycle.leader = self.still_leading().await?;
                     renewal.as_mut().reset(self.renew_at());
-                    continue;
                 }
-                () = &mut mark_timer, if !marks.seqs.is_empty() => {
-                    self.flush(fence, marks, cycle).await?;
-                    continue;
-                }
-            };
-            let Some((g, seq, attempts, outcome)) = next else {
-                return Ok(());
-            };
-            batch.in_flight_of[g] -= 1;
-            match outcome {
-                Ok(()) => {
-                    if marks.seqs.is_empty() {
-                        mark_timer.as_mut().reset(Instant::now() + MARK_AFTER);
-                    }
-                    marks.seqs.push(seq);
+                Event::MarkDue => self.start_mark(fence, marks),
+                Event::Marked(done) => {
+                    marks.writing = None;
+                    self.written(fence, marks, done, cycle)?;
                     if marks.seqs.len() >= MARK_EVERY {
-                        self.flush(fence, marks, cycle).await?;
+                        self.start_mark(fence, marks);
                     }
-                    if sending {
+                }
+                Event::Read((marked, rows)) => {
+                    reading = None;
+                    if let Some(done) = marked {
+                        self.written(fence, marks, done, cycle)?;
+                    }
+                    let rows = rows?;
+                    let (full, before) = (rows.len() >= self.batch_size, cycle.fetched);
+                    let touched = self.merge(rows, fence, cycle, &mut batch).await?;
+                    // A read that found nothing new (only rows in flight)
+                    // waits for the next cycle.
+                    more = full && cycle.fetched > before;
+                    for g in touched {
+                        if !sending {
+                            break;
+                        }
                         sending = self
                             .fill(g, &mut batch, &mut in_flight, fence, cycle, stopping)
                             .await?;
                     }
                 }
-                Err(err) => {
-                    // The rest of this key waits for the failed row.
-                    batch.block(g);
-                    self.failed(fence, seq, attempts + 1, &err, cycle).await?;
+                Event::Confirmed((g, seq, attempts, outcome)) => {
+                    batch.in_flight_of[g] -= 1;
+                    match outcome {
+                        Ok(()) => {
+                            if marks.seqs.is_empty() {
+                                mark_timer.as_mut().reset(Instant::now() + MARK_AFTER);
+                            }
+                            marks.seqs.push(seq);
+                            if marks.seqs.len() >= MARK_EVERY {
+                                self.start_mark(fence, marks);
+                            }
+                            if sending {
+                                sending = self
+                                    .fill(g, &mut batch, &mut in_flight, fence, cycle, stopping)
+                                    .await?;
+                            }
+                        }
+                        Err(err) => {
+                            // The rest of this key waits for the failed row.
+                            batch.block(g);
+                            self.failed(fence, seq, attempts + 1, &err, cycle).await?;
+                        }
+                    }
                 }
             }
         }
@@ -638,34 +696,86 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
         Ok(true)
     }
 
-    /// Marks the confirmed rows in `marks` sent, in one statement fenced
-    /// by the cycle's lease. Fewer rows marked than confirmed means another
-    /// instance took the lease over: this one sends nothing more.
-    async fn flush(
-        &self,
-        fence: &Lease,
-        marks: &mut Marks,
-        cycle: &mut Cycle,
-    ) -> Result<(), OutboxError> {
-        if marks.seqs.is_empty() {
-            return Ok(());
+    /// Starts marking the confirmed rows in `marks` sent, in one
+    /// statement fenced by the cycle's lease, unless one is under way (the
+    /// rows confirmed meanwhile wait for the next one). The statement runs
+    /// beside the sends and confirmations.
+    fn start_mark(&self, fence: &Lease, marks: &mut Marks) {
+        if marks.writing.is_some() || marks.seqs.is_empty() {
+            return;
         }
-        let marked = self.store.mark_sent(fence, &marks.seqs).await?;
+        let seqs = std::mem::take(&mut marks.seqs);
+        let store = self.store.clone();
+        let fence = fence.clone();
+        marks.writing = Some(
+            async move {
+                let marked = store.mark_sent(&fence, &seqs).await;
+                (seqs, marked)
+            }
+            .boxed(),
+        );
+    }
+
+    /// Accounts for a mark statement over `confirmed` rows that marked
+    /// `marked`. Fewer rows marked than confirmed means another instance
+    /// took the lease over: this one sends nothing more.
+    fn marked(&self, fence: &Lease, confirmed: usize, marked: u64, cycle: &mut Cycle) {
         let marked_rows = usize::try_from(marked).unwrap_or(usize::MAX);
         cycle.sent += marked_rows;
         self.count("sent", marked);
-        if marked_rows < marks.seqs.len() {
+        if marked_rows < confirmed {
             tracing::warn!(
                 relay = %self.name,
                 epoch = fence.epoch,
-                confirmed = marks.seqs.len(),
+                confirmed,
                 marked,
                 "the outbox lease was taken over; marking and sending no more"
             );
             cycle.leader = false;
             self.lose_lease();
         }
-        marks.seqs.clear();
+    }
+
+    /// Accounts for a mark statement that ran beside the sends. When it
+    /// failed, its rows go back to `marks` (the end of the cycle tries
+    /// them again) and the error ends the cycle.
+    fn written(
+        &self,
+        fence: &Lease,
+        marks: &mut Marks,
+        (seqs, marked): Written,
+        cycle: &mut Cycle,
+    ) -> Result<(), OutboxError> {
+        match marked {
+            Ok(marked) => {
+                self.marked(fence, seqs.len(), marked, cycle);
+                Ok(())
+            }
+            Err(err) => {
+                marks.seqs.extend(seqs);
+                Err(err)
+            }
+        }
+    }
+
+    /// Marks every confirmed row in `marks` sent: waits for the statement
+    /// under way, then marks the rest in one more.
+    async fn flush(
+        &self,
+        fence: &Lease,
+        marks: &mut Marks,
+        cycle: &mut Cycle,
+    ) -> Result<(), OutboxError> {
+        if let Some(writing) = marks.writing.take() {
+            let done = writing.await;
+            self.written(fence, marks, done, cycle)?;
+        }
+        if marks.seqs.is_empty() {
+            return Ok(());
+        }
+        let seqs = std::mem::take(&mut marks.seqs);
+        let marked = self.store.mark_sent(fence, &seqs).await?;
+        self.marked(fence, seqs.len(), marked, cycle);
         Ok(())
     }
 
@@ -694,16 +804,19 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
     /// it has passed since the last renewal, or when it is no longer known
     /// to run (and taking it when it is free).
     async fn still_leading(&self) -> Result<bool, OutboxError> {
-        let held = self.held();
         let now = Instant::now();
-        if held
-            .as_ref()
-            .is_some_and(|held| now < held.renewed + self.lease / 3 && now < held.valid_until)
-        {
-            return Ok(true);
-        }
-        let was_leading = held.is_some();
-        let epoch = self.lock_state().epoch;
+        let (was_leading, epoch) =
+            {
+                // Checked under the lock, without copying the lease: this runs
+                // before every send.
+                let state = self.lock_state();
+                if state.held.as_ref().is_some_and(|held| {
+                    now < held.renewed + self.lease / 3 && now < held.valid_until
+                }) {
+                    return Ok(true);
+                }
+                (state.held.is_some(), state.epoch)
+            };
         let asked = Instant::now();
         let granted = self
             .store
@@ -912,9 +1025,40 @@ const MARK_EVERY: usize = 64;
 const MARK_AFTER: Duration = Duration::from_millis(20);
 
 /// Confirmed rows not yet marked sent.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Marks {
+    /// Confirmed rows no statement marks yet.
     seqs: Vec<i64>,
+    /// The mark statement under way, if any.
+    writing: Option<Writing>,
+}
+
+/// A mark statement under way: the rows it marks and what it marked.
+type Writing = futures::future::BoxFuture<'static, Written>;
+
+/// A mark statement's rows and what it marked.
+type Written = (Vec<i64>, Result<u64, OutboxError>);
+
+/// A read of pending rows under way, after the mark statement that was
+/// under way when it started (the read's output carries that one's).
+type Reading = futures::future::BoxFuture<'static, ReadOutput>;
+
+/// What a read brings: the outcome of the mark statement it followed, if
+/// any, and the rows.
+type ReadOutput = (Option<Written>, Result<Vec<OutboxRow>, OutboxError>);
+
+/// What the publishing loop woke up for.
+enum Event {
+    /// A sent row's confirmation (or failure) came in.
+    Confirmed((usize, i64, u32, Result<(), TransportError>)),
+    /// The read under way returned (with the mark it followed).
+    Read(ReadOutput),
+    /// The mark statement under way finished.
+    Marked(Written),
+    /// The lease is due for renewal.
+    Renew,
+    /// The oldest unmarked confirmation waited [`MARK_AFTER`].
+    MarkDue,
 }
 
 /// The default holder identity: this host's name and the relay's name.
