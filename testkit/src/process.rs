@@ -14,8 +14,8 @@
 //!
 //! const ROLE: &str = "MYCRATE_CRASH_DB";
 //!
-//! // The child: does nothing unless the parent started it.
-//! #[test]
+//! // The child, in the test binary: `#[test] fn child_worker()` doing
+//! // nothing unless the parent started it.
 //! fn child_worker() {
 //!     let Some(path) = role(ROLE) else { return };
 //!     // ... work on `path` until killed
@@ -23,10 +23,14 @@
 //! }
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> std::io::Result<()> {
+//! # child_worker();
 //! // The parent:
 //! let mut child = TestProcess::new("child_worker").env(ROLE, "/tmp/db").spawn()?;
 //! // ... once it is mid-work:
 //! child.kill().await?;
+//! // A last child left to finish on its own:
+//! let mut last = TestProcess::new("child_worker").env(ROLE, "/tmp/db").spawn()?;
+//! assert!(last.wait_for(Duration::from_secs(60)).await?.success());
 //! # Ok(()) }
 //! ```
 
