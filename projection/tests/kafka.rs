@@ -13,6 +13,11 @@
 //!
 //! `SURETY_PROJECTION_KAFKA_EVENTS` sets the size of the log (default
 //! 100,000).
+//!
+//! On tansu 0.6 this test is not reliable yet: a restarted member that joins
+//! before the killed one expired can leave a partition assigned to the dead
+//! member for good (ADR 0017). `SURETY_PROJECTION_KAFKA_SHOW_CHILDREN=1`
+//! shows the runner processes' logs (assignments, revocations).
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -212,6 +217,13 @@ fn runner_of(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn child_runner() {
     let Some(path) = role(CHILD_DB) else { return };
+    // Shown with SURETY_PROJECTION_KAFKA_SHOW_CHILDREN (RUST_LOG filters).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
     let topic = std::env::var(CHILD_TOPIC).expect("the parent names the topic");
     let name = std::env::var(CHILD_NAME).expect("the parent names the runner");
     let brokers = services::kafka_brokers().expect("the parent found Kafka");
