@@ -1,17 +1,30 @@
-//! The runner on the real Kafka-protocol broker: two runners (each with
-//! its own connection) share a topic's partitions, one is killed mid-batch,
-//! and the read model equals the fold of the log; then the read model is
-//! rebuilt into a shadow version while new events arrive, promoted, and the
-//! promoted version equals the from-scratch fold.
+//! The runner on the real Kafka-protocol broker: two runner processes
+//! share a topic's partitions as one consumer group, one is killed with
+//! SIGKILL while it applies, and the read model equals the fold of the log;
+//! then the read model is rebuilt into a shadow version while new events
+//! arrive, promoted, and the promoted version equals the from-scratch fold.
+//!
+//! The killed process is then restarted, as a supervisor would; the group
+//! rebalances and the read model equals the fold of the log.
+//!
+//! The runner processes are this test binary again, running only
+//! [`child_runner`], which works when `SURETY_PROJECTION_KAFKA_CHILD_DB`
+//! names the database (see `surety_testkit::process`).
 //!
 //! `SURETY_PROJECTION_KAFKA_EVENTS` sets the size of the log (default
 //! 100,000).
+//!
+//! On tansu 0.6 this test is not reliable yet: a restarted member that joins
+//! before the killed one expired can leave a partition assigned to the dead
+//! member for good (ADR 0017). `SURETY_PROJECTION_KAFKA_SHOW_CHILDREN=1`
+//! shows the runner processes' logs (assignments, revocations).
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{Sqlite, SqlitePool, Transaction};
 use surety_core::{Close, Envelope, HandlerError, Message, Publisher, Subscriber};
 use surety_kafka::{KafkaConfig, KafkaTransport};
@@ -20,10 +33,17 @@ use surety_projection::{
     versioned_name,
 };
 use surety_testkit::db::TempSqlite;
+use surety_testkit::process::{TestProcess, role};
 use surety_testkit::services;
 use surety_testkit::wait::eventually;
 
-const DEADLINE: Duration = Duration::from_secs(240);
+const DEADLINE: Duration = Duration::from_secs(120);
+/// The database a child runner works on (set by the parent only).
+const CHILD_DB: &str = "SURETY_PROJECTION_KAFKA_CHILD_DB";
+/// The topic a child runner reads.
+const CHILD_TOPIC: &str = "SURETY_PROJECTION_KAFKA_CHILD_TOPIC";
+/// The child's name in the `progress` table.
+const CHILD_NAME: &str = "SURETY_PROJECTION_KAFKA_CHILD_NAME";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Added {
@@ -36,9 +56,21 @@ impl Message for Added {
     const TYPE: &'static str = "test.order.added";
 }
 
-/// Totals per order, with the count of events, in `totals_v{version}`.
+/// Totals per order, with the count of events, in `totals_v{version}`;
+/// with a `runner` name, also the events each runner applied, in
+/// `progress`.
 struct Totals {
     table: String,
+    runner: Option<String>,
+}
+
+impl Totals {
+    fn new(version: u32) -> Self {
+        Self {
+            table: format!("totals_v{version}"),
+            runner: None,
+        }
+    }
 }
 
 impl Projection<Sqlite> for Totals {
@@ -65,6 +97,28 @@ impl Projection<Sqlite> for Totals {
         .execute(&mut **tx)
         .await
         .map_err(HandlerError::transient)?;
+        Ok(())
+    }
+
+    async fn apply_batch(
+        &self,
+        tx: &mut Transaction<'static, Sqlite>,
+        events: &[Applied<Added>],
+    ) -> Result<(), HandlerError> {
+        for event in events {
+            self.apply(tx, event).await?;
+        }
+        if let Some(runner) = &self.runner {
+            sqlx::query(
+                "INSERT INTO progress (runner, events) VALUES ($1, $2)
+                 ON CONFLICT (runner) DO UPDATE SET events = events + excluded.events",
+            )
+            .bind(runner)
+            .bind(events.len() as i64)
+            .execute(&mut **tx)
+            .await
+            .map_err(HandlerError::transient)?;
+        }
         Ok(())
     }
 }
@@ -134,13 +188,21 @@ fn runner(
     version: u32,
     store: &SqliteCheckpoints,
 ) -> Runner<KafkaTransport, Totals, SqliteCheckpoints> {
+    runner_of(transport, topic, version, Totals::new(version), store)
+}
+
+fn runner_of(
+    transport: KafkaTransport,
+    topic: &str,
+    version: u32,
+    projection: Totals,
+    store: &SqliteCheckpoints,
+) -> Runner<KafkaTransport, Totals, SqliteCheckpoints> {
     Runner::new(
         transport,
         topic,
         format!("{topic}.totals@v{version}"),
-        Totals {
-            table: format!("totals_v{version}"),
-        },
+        projection,
         store.clone(),
     )
     .options(
@@ -150,8 +212,91 @@ fn runner(
     )
 }
 
+/// A runner process of version 1: does nothing unless the parent started
+/// it; then runs until it is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_runner() {
+    let Some(path) = role(CHILD_DB) else { return };
+    // Shown with SURETY_PROJECTION_KAFKA_SHOW_CHILDREN (RUST_LOG filters).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
+    let topic = std::env::var(CHILD_TOPIC).expect("the parent names the topic");
+    let name = std::env::var(CHILD_NAME).expect("the parent names the runner");
+    let brokers = services::kafka_brokers().expect("the parent found Kafka");
+    let options = SqliteConnectOptions::new()
+        .filename(&path)
+        .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(30));
+    let pool = SqlitePoolOptions::new()
+        .max_connections(2)
+        .connect_with(options)
+        .await
+        .expect("the parent's database");
+    let store = SqliteCheckpoints::new(pool);
+    let transport = KafkaTransport::connect(config(&brokers))
+        .await
+        .expect("connects");
+    let projection = Totals {
+        runner: Some(name),
+        ..Totals::new(1)
+    };
+    runner_of(transport, &topic, 1, projection, &store)
+        .run()
+        .await
+        .expect("the runner runs until it is killed");
+}
+
+/// What each runner process applied, by name.
+async fn progress(pool: &SqlitePool) -> BTreeMap<String, i64> {
+    sqlx::query_as::<_, (String, i64)>("SELECT runner, events FROM progress")
+        .fetch_all(pool)
+        .await
+        .expect("the progress")
+        .into_iter()
+        .collect()
+}
+
+/// Each partition's checkpoint of `projection`, for a failure message.
+async fn checkpoints(pool: &SqlitePool, projection: &str) -> Vec<(i64, i64)> {
+    sqlx::query_as(
+        "SELECT partition, next_offset FROM surety_projection_checkpoint
+         WHERE projection = $1 ORDER BY partition",
+    )
+    .bind(projection)
+    .fetch_all(pool)
+    .await
+    .expect("the checkpoints")
+}
+
+/// Waits until version `version` equals `expected`; on the deadline, fails
+/// naming each partition's checkpoint and what each runner applied.
+async fn await_fold(pool: &SqlitePool, version: u32, expected: &Model, what: &str) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if table(pool, version).await == *expected {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!(
+                "{what}: version {version} is not the fold after {DEADLINE:?}; \
+                 checkpoints (partition, next offset) {:?}, applied by runner {:?}",
+                checkpoints(pool, &versioned_name("totals", version)).await,
+                progress(pool).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runners_share_partitions_survive_a_kill_and_rebuild_a_large_log_on_kafka() {
+    if role(CHILD_DB).is_some() {
+        return;
+    }
     let Some(brokers) = services::require(services::kafka_brokers()) else {
         return;
     };
@@ -173,6 +318,10 @@ async fn runners_share_partitions_survive_a_kill_and_rebuild_a_large_log_on_kafk
         .await
         .expect("a read model table");
     }
+    sqlx::query("CREATE TABLE progress (runner TEXT PRIMARY KEY, events INTEGER NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .expect("the progress table");
     let store = SqliteCheckpoints::new(db.pool.clone());
     let producer = KafkaTransport::connect(config(&brokers))
         .await
@@ -187,31 +336,51 @@ async fn runners_share_partitions_survive_a_kill_and_rebuild_a_large_log_on_kafk
     );
     publish(&producer, &topic, 0..events, &mut expected).await;
 
-    // Two runners of version 1 share the partitions; one is killed while
-    // it applies.
-    let first = KafkaTransport::connect(config(&brokers))
-        .await
-        .expect("connects");
-    let second = KafkaTransport::connect(config(&brokers))
-        .await
-        .expect("connects");
-    let killed = runner(first.clone(), &topic, 1, &store);
-    let killed_status = killed.status();
-    let killed = tokio::spawn(killed.run());
-    let survivor = tokio::spawn(runner(second.clone(), &topic, 1, &store).run());
-    eventually(DEADLINE, "the first runner to apply a batch", || async {
-        killed_status.batches() > 0
+    // Two runner processes of version 1 share the partitions; once both
+    // apply, one is killed (SIGKILL) while the log is far from applied.
+    let path = db.path();
+    let child = |name: &str| {
+        TestProcess::new("child_runner")
+            .env(CHILD_DB, &path)
+            .env(CHILD_TOPIC, &topic)
+            .env(CHILD_NAME, name)
+            .show_output(std::env::var_os("SURETY_PROJECTION_KAFKA_SHOW_CHILDREN").is_some())
+            .spawn()
+            .expect("starts a runner process")
+    };
+    let mut killed = child("killed");
+    let mut survivor = child("survivor");
+    let applied = eventually(DEADLINE, "both runner processes to apply", || async {
+        let progress = progress(&db.pool).await;
+        (progress.len() == 2).then(|| progress.values().sum::<i64>())
     })
     .await;
-    killed.abort();
-    let _ = killed.await;
-    first.close().await.expect("closed");
-    eventually(DEADLINE, "version 1 to equal the fold", || async {
-        table(&db.pool, 1).await == expected
-    })
-    .await;
+    killed.kill().await.expect("killed");
+    println!(
+        "killed a runner process after {applied} of {events} events were applied: {:?}",
+        progress(&db.pool).await
+    );
+    assert!(
+        applied < events,
+        "the runner was killed after the whole log was applied"
+    );
+    // The killed process is restarted, as its supervisor would: it joins
+    // the group as a new member, the group rebalances, and the partitions
+    // the killed one held resume from their checkpoints (what it applied
+    // without committing is applied again, once). Waiting for the session
+    // timeout alone is not enough on tansu 0.6: its coordinator drops the
+    // expired member but keeps the old assignment for the survivor, so the
+    // dead member's partitions stay unassigned until a member joins (see
+    // ADR 0017).
+    let mut restarted = child("restarted");
+    await_fold(&db.pool, 1, &expected, "after the kill").await;
+    assert!(
+        !survivor.exited() && !restarted.exited(),
+        "a runner process stopped"
+    );
 
-    // Rebuild version 2 while new events arrive and version 1 serves them.
+    // Rebuild version 2 while new events arrive and version 1 (the
+    // surviving process) serves them.
     let rebuild = {
         let transport = KafkaTransport::connect(config(&brokers))
             .await
@@ -222,18 +391,12 @@ async fn runners_share_partitions_survive_a_kill_and_rebuild_a_large_log_on_kafk
             let version = Rebuild::new(transport.clone(), topic, "totals", store)
                 .options(RunnerOptions::default().batch(2000, Duration::from_millis(100)))
                 .lag_threshold(500)
-                .run(
-                    "totals",
-                    |v| Totals {
-                        table: format!("totals_v{v}"),
-                    },
-                    |p| {
-                        println!(
-                            "rebuild v{}: {} applied, {} left, {:.0} events/s, eta {:?}",
-                            p.version, p.applied, p.remaining, p.events_per_second, p.eta
-                        );
-                    },
-                )
+                .run("totals", Totals::new, |p| {
+                    println!(
+                        "rebuild v{}: {} applied, {} left, {:.0} events/s, eta {:?}",
+                        p.version, p.applied, p.remaining, p.events_per_second, p.eta
+                    );
+                })
                 .await;
             transport.close().await.expect("closed");
             version
@@ -254,21 +417,22 @@ async fn runners_share_partitions_survive_a_kill_and_rebuild_a_large_log_on_kafk
         .await
         .expect("connects");
     let promoted = tokio::spawn(runner(live.clone(), &topic, 2, &store).run());
-    eventually(
-        DEADLINE,
-        "version 2 to equal the from-scratch fold",
-        || async { table(&db.pool, 2).await == expected },
+    await_fold(&db.pool, 2, &expected, "after the promotion").await;
+    await_fold(
+        &db.pool,
+        1,
+        &expected,
+        "the old version, served by the survivor",
     )
     .await;
-    assert_eq!(table(&db.pool, 1).await, expected);
     assert!(
-        !survivor.is_finished() && !promoted.is_finished(),
+        !survivor.exited() && !restarted.exited() && !promoted.is_finished(),
         "a runner stopped"
     );
-    survivor.abort();
+    survivor.kill().await.expect("stopped");
+    restarted.kill().await.expect("stopped");
     promoted.abort();
-    let _ = (survivor.await, promoted.await);
-    second.close().await.expect("closed");
+    let _ = promoted.await;
     live.close().await.expect("closed");
     producer.close().await.expect("closed");
     delete_topic(&brokers, &topic).await;

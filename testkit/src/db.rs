@@ -45,6 +45,11 @@ impl TempSqlite {
             .expect("a SQLite database in a temporary directory");
         Self { pool, dir }
     }
+
+    /// The database file, for another process to open.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join("test.db")
+    }
 }
 
 impl Drop for TempSqlite {

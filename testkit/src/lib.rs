@@ -25,6 +25,9 @@
 //! - [`services`] finds RabbitMQ, Kafka and PostgreSQL for integration
 //!   tests and checks that they answer; [`rabbitmqctl`] acts on the
 //!   RabbitMQ broker (closes a connection, reads a queue's depth).
+//! - [`process`] runs the test binary again as a child running one named
+//!   test (selected by an environment variable) and kills it with SIGKILL,
+//!   for crash tests: [`TestProcess`](process::TestProcess).
 //! - [`wait`] polls a condition until it holds or a deadline passes:
 //!   [`eventually`](wait::eventually).
 //!
@@ -73,6 +76,7 @@ pub mod fault;
 pub mod handler;
 #[cfg(feature = "idempotency")]
 pub mod idempotency_store;
+pub mod process;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 pub mod rabbitmqctl;
