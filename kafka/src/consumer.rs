@@ -86,7 +86,7 @@ pub(crate) fn broker_timestamp(
 /// [undecodable](Envelope::undecodable) envelope, which the pipeline treats
 /// as poison.
 pub(crate) fn to_envelope(topic: &str, message: &BorrowedMessage<'_>) -> Envelope {
-    let (headers, header_error) = read_headers(message);
+    let (pairs, header_error) = read_headers(message);
     let payload = Bytes::copy_from_slice(message.payload().unwrap_or_default());
     let undecodable = |headers, payload, error: &dyn fmt::Display| {
         Envelope::undecodable(
@@ -98,41 +98,45 @@ pub(crate) fn to_envelope(topic: &str, message: &BorrowedMessage<'_>) -> Envelop
         )
     };
     if let Some(error) = header_error {
+        let mut headers = Headers::new();
+        for (key, value) in pairs {
+            headers.insert(key, value);
+        }
         return undecodable(headers, payload, &error);
     }
-    // No copy of the headers in case of failure: a failure hands them back.
-    match Envelope::from_binary_or_return(headers, payload) {
+    // The attributes go straight to the envelope's fields; a failure hands
+    // every header back.
+    match Envelope::from_binary_pairs(pairs, payload) {
         Ok(envelope) => envelope,
         Err((err, headers, payload)) => undecodable(headers, payload, &err),
     }
 }
 
-/// The record's headers as strings, and why they are not an envelope's
-/// headers if they are not (a value or a key that is not UTF-8).
-fn read_headers(message: &BorrowedMessage<'_>) -> (Headers, Option<String>) {
-    let mut headers = Headers::new();
+/// The record's headers as (name, value) pairs in order, names borrowed
+/// from the record; the first header that is not UTF-8, if any.
+fn read_headers<'m>(message: &'m BorrowedMessage<'_>) -> (Vec<(&'m str, String)>, Option<String>) {
     let Some(raw) = message.headers() else {
-        return (headers, None);
+        return (Vec::new(), None);
     };
+    let mut pairs = Vec::with_capacity(raw.count());
     let mut error = None;
     for index in 0..raw.count() {
         // rdkafka panics on a header key that is not UTF-8; that is outside
         // data and must not take the consumer down.
         let header = std::panic::catch_unwind(AssertUnwindSafe(|| {
             raw.try_get(index)
-                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                .map(|h| (h.key, h.value.unwrap_or_default()))
         }));
         match header {
             Ok(Some((key, value))) => {
-                let value = value.unwrap_or_default();
-                let value = match String::from_utf8(value) {
-                    Ok(value) => value,
-                    Err(err) => {
+                let value = match std::str::from_utf8(value) {
+                    Ok(value) => value.to_owned(),
+                    Err(_) => {
                         error.get_or_insert_with(|| format!("header {key:?} is not UTF-8"));
-                        String::from_utf8_lossy(err.as_bytes()).into_owned()
+                        String::from_utf8_lossy(value).into_owned()
                     }
                 };
-                headers.insert(key, value);
+                pairs.push((key, value));
             }
             Ok(None) => {}
             Err(_) => {
@@ -140,7 +144,7 @@ fn read_headers(message: &BorrowedMessage<'_>) -> (Headers, Option<String>) {
             }
         }
     }
-    (headers, error)
+    (pairs, error)
 }
 
 /// Settles one delivery by recording its outcome in the tracker; the poll
