@@ -429,12 +429,89 @@ impl Envelope {
             payload,
         })
     }
+
+    /// [`from_binary_or_return`](Self::from_binary_or_return) from the
+    /// headers as a transport reads them off a record, name and value, in
+    /// order: the same result as inserting the pairs into [`Headers`] (a
+    /// later pair with the same name wins) and decoding those, but the
+    /// CloudEvents attributes go straight to the envelope's fields, so only
+    /// the other headers' names are allocated and no attribute is inserted
+    /// into the map to be removed again. A failure hands back every header.
+    ///
+    /// ```
+    /// use surety_core::Envelope;
+    ///
+    /// let pairs = [("ce_id", "1"), ("ce_source", "s"), ("ce_type", "t"), ("x", "y")];
+    /// let envelope = Envelope::from_binary_pairs(
+    ///     pairs.map(|(k, v)| (k, v.to_owned())),
+    ///     bytes::Bytes::new(),
+    /// )
+    /// .unwrap();
+    /// assert_eq!(envelope.id, "1");
+    /// assert_eq!(envelope.headers.get("x"), Some("y"));
+    /// assert_eq!(envelope.headers.get("ce_id"), None);
+    /// ```
+    #[allow(clippy::result_large_err)]
+    pub fn from_binary_pairs<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, String)>,
+        payload: Bytes,
+    ) -> Result<Self, (DecodeError, Headers, Bytes)> {
+        let mut attributes: [Option<String>; keys::ce::ALL.len()] = Default::default();
+        let mut headers = Headers::new();
+        for (key, value) in pairs {
+            match attribute_slot(key) {
+                Some(slot) => attributes[slot] = Some(value),
+                None => {
+                    headers.insert(key, value);
+                }
+            }
+        }
+        let checked = check_attributes(|key| {
+            attribute_slot(key).and_then(|slot| attributes[slot].as_deref())
+        });
+        let (time, schema_version) = match checked {
+            Ok(parsed) => parsed,
+            Err(err) => {
+                for (key, value) in keys::ce::ALL.iter().zip(attributes) {
+                    if let Some(value) = value {
+                        headers.insert(*key, value);
+                    }
+                }
+                return Err((err, headers, payload));
+            }
+        };
+        let mut take =
+            |key: &'static str| attribute_slot(key).and_then(|slot| attributes[slot].take());
+        Ok(Envelope {
+            id: take(keys::ce::ID).unwrap_or_default(),
+            source: take(keys::ce::SOURCE).unwrap_or_default(),
+            event_type: take(keys::ce::TYPE).unwrap_or_default(),
+            time,
+            content_type: take(keys::ce::CONTENT_TYPE)
+                .unwrap_or_else(|| CONTENT_TYPE_JSON.to_owned()),
+            schema_version,
+            subject: take(keys::ce::SUBJECT),
+            partition_key: take(keys::ce::PARTITION_KEY),
+            correlation_id: take(keys::ce::CORRELATION_ID),
+            causation_id: take(keys::ce::CAUSATION_ID),
+            headers,
+            payload,
+        })
+    }
 }
 
 /// The checks of [`Envelope::from_binary`] on borrowed headers: the
 /// required attributes are present and not empty; the time (now when
 /// absent) and the schema version (1 when absent), parsed.
 fn check_binary(headers: &Headers) -> Result<(DateTime<Utc>, u32), DecodeError> {
+    check_attributes(|key| headers.get(key))
+}
+
+/// [`check_binary`] with the attributes read through `get`.
+fn check_attributes<'h>(
+    get: impl Fn(&'static str) -> Option<&'h str>,
+) -> Result<(DateTime<Utc>, u32), DecodeError> {
+    let headers = Getter(get);
     for key in [keys::ce::ID, keys::ce::SOURCE, keys::ce::TYPE] {
         if headers.get(key).is_none_or(str::is_empty) {
             return Err(DecodeError::MissingAttribute(key));
@@ -457,6 +534,24 @@ fn check_binary(headers: &Headers) -> Result<(DateTime<Utc>, u32), DecodeError> 
         })?,
     };
     Ok((time, schema_version))
+}
+
+/// Reads attributes by key (lets [`check_attributes`] read like
+/// [`check_binary`] did on [`Headers`]).
+struct Getter<F>(F);
+
+impl<'h, F: Fn(&'static str) -> Option<&'h str>> Getter<F> {
+    fn get(&self, key: &'static str) -> Option<&'h str> {
+        (self.0)(key)
+    }
+}
+
+/// Where each key of [`keys::ce::ALL`] is, `None` for any other key.
+fn attribute_slot(key: &str) -> Option<usize> {
+    if !key.starts_with("ce_") && key != keys::ce::CONTENT_TYPE {
+        return None;
+    }
+    keys::ce::ALL.iter().position(|k| *k == key)
 }
 
 /// A new message id: a UUIDv7, so ids sort by creation time.
@@ -600,6 +695,43 @@ mod tests {
         let (headers, payload) = env.to_binary();
         assert_eq!(headers.get(keys::ce::ID), Some(env.id.as_str()));
         assert_eq!(Envelope::from_binary(headers, payload).unwrap(), env);
+    }
+
+    #[test]
+    fn decoding_from_pairs_matches_decoding_the_header_map() {
+        let envelope = Envelope::builder("/orders", "order.placed")
+            .subject("o-1")
+            .partition_key("k")
+            .header("trace", "t-1")
+            .payload(Bytes::from_static(b"{}"))
+            .build();
+        let (headers, payload) = envelope.to_binary();
+        let mut pairs: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        // A later header with the same name wins, as in the map.
+        pairs.push(("ce_subject".to_owned(), "o-2".to_owned()));
+        pairs.push(("trace".to_owned(), "t-2".to_owned()));
+        let mut map = Headers::new();
+        for (k, v) in &pairs {
+            map.insert(k.clone(), v.clone());
+        }
+        let borrowed = || pairs.iter().map(|(k, v)| (k.as_str(), v.clone()));
+        let from_pairs = Envelope::from_binary_pairs(borrowed(), payload.clone()).unwrap();
+        let from_map = Envelope::from_binary(map.clone(), payload.clone()).unwrap();
+        assert_eq!(from_pairs, from_map);
+        assert_eq!(from_pairs.subject.as_deref(), Some("o-2"));
+        assert_eq!(from_pairs.headers.get("trace"), Some("t-2"));
+
+        // A failure hands back every header, attributes included.
+        let without_source = || borrowed().filter(|(k, _)| *k != keys::ce::SOURCE);
+        let (error, returned, _) =
+            Envelope::from_binary_pairs(without_source(), payload.clone()).unwrap_err();
+        let mut expected = map;
+        expected.remove(keys::ce::SOURCE);
+        assert!(matches!(error, DecodeError::MissingAttribute(key) if key == keys::ce::SOURCE));
+        assert_eq!(returned, expected);
     }
 
     #[test]

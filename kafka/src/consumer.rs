@@ -1,412 +1,48 @@
-//! One subscription: a `StreamConsumer` polled by a task, a bounded buffer
-//! to the [`DeliveryStream`], and the settlers that record outcomes.
+//! What a subscription hands to the application: a record from librdkafka
+//! turned into a delivery, the [`DeliveryStream`] that yields it from the
+//! poll loop's buffer (see `poller`), and the settler that records its
+//! outcome.
+//!
+//! [`DeliveryStream`]: surety_core::DeliveryStream
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{FutureExt, Stream, StreamExt};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use futures::Stream;
+use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
-use rdkafka::topic_partition_list::Offset;
 use surety_core::transport::settle_failed;
-use surety_core::{
-    Delivery, DeliveryInfo, DeliveryStream, Envelope, Headers, Result, Settle, TransportError,
-    TransportErrorKind,
-};
+use surety_core::{Delivery, DeliveryInfo, Envelope, Headers, Result, Settle, TransportError};
 use tokio::sync::mpsc;
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::SYSTEM;
-use crate::config::deadline_after;
 use crate::context::{ConsumerCtx, Shared};
-use crate::error::transport_error;
-use crate::tracker::{Action, Registered, Token};
-
-/// How often the poll loop applies the offset stores that settlements left
-/// waiting (at most this long after an ack its offset is stored).
-const STORE_TICK: Duration = Duration::from_millis(100);
+use crate::tracker::{Registered, Token};
 
 /// The consumer type of a subscription.
 pub(crate) type KafkaConsumer = StreamConsumer<ConsumerCtx>;
 
-enum Item {
+/// What the poll loop hands to the stream.
+pub(crate) enum Item {
     Delivery(Box<Pending>),
     Error(TransportError),
 }
 
 /// A delivery on its way to the application.
-struct Pending {
+pub(crate) struct Pending {
     envelope: Envelope,
     info: DeliveryInfo,
     settle: KafkaSettle,
 }
 
-/// Runs a subscription's poll loop until the transport closes it or its
-/// stream is dropped (and in-flight deliveries are settled or the drain
-/// timeout passes), then commits and closes the consumer.
-pub(crate) struct Poller {
-    pub(crate) consumer: KafkaConsumer,
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) cancel: CancellationToken,
-    pub(crate) drain_timeout: Duration,
-    pub(crate) pause_after: Duration,
-}
-
-enum Event {
-    Shutdown,
-    Wake,
-    DrainTimeout,
-    HoldTimeout,
-    StreamGone,
-    Sent,
-    Nothing,
-}
-
-impl Poller {
-    /// Starts polling; returns the stream of deliveries and the task.
-    pub(crate) fn spawn(self, buffer: usize) -> (DeliveryStream, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(buffer.max(1));
-        let stream = Deliveries {
-            rx,
-            shared: self.shared.clone(),
-        };
-        let task = tokio::spawn(self.run(tx));
-        (stream.boxed(), task)
-    }
-
-    async fn run(self, tx: mpsc::Sender<Item>) {
-        let Self {
-            consumer,
-            shared,
-            cancel,
-            drain_timeout,
-            pause_after,
-        } = self;
-        // Backpressure. While the buffer is full the loop stops taking
-        // messages from librdkafka, whose own queue then fills and stops
-        // fetching: nothing is dropped or fetched twice. Only when the
-        // application takes nothing for `pause_after` are the partitions
-        // paused, so that the loop can poll again (rebalances, statistics,
-        // `max.poll.interval.ms`) without taking more. A pause throws away
-        // what librdkafka had fetched, so it lasts until the buffer has
-        // drained to half, not until one slot is free.
-        let low_water = (tx.max_capacity() / 2).max(1);
-        let mut overflow: VecDeque<Item> = VecDeque::new();
-        let mut paused = false;
-        let mut hold_until: Option<Instant> = None;
-        let mut draining: Option<Instant> = None;
-        // Settlements wake the loop once per batch of stores (see
-        // `Tracker::finish`); this tick applies the stores that wait when
-        // no batch fills, e.g. behind a message the application holds.
-        let mut store_tick = tokio::time::interval(STORE_TICK);
-        store_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            if draining.is_none() {
-                // Hand over what waited for room.
-                while let Some(item) = overflow.pop_front() {
-                    match tx.try_send(item) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(item)) => {
-                            overflow.push_front(item);
-                            break;
-                        }
-                        Err(mpsc::error::TrySendError::Closed(_)) => break,
-                    }
-                }
-                if overflow.is_empty() {
-                    hold_until = None;
-                }
-                if paused && overflow.is_empty() && tx.capacity() >= low_water {
-                    set_paused(&consumer, false);
-                    paused = false;
-                }
-                if tx.is_closed() {
-                    tracing::debug!(topic = %shared.topic, group = %shared.group, "stream dropped; draining");
-                    draining = Some(deadline_after(drain_timeout));
-                    overflow.clear();
-                    hold_until = None;
-                    set_paused(&consumer, true);
-                    paused = true;
-                }
-            }
-            if draining.is_some() && shared.tracker().in_flight() == 0 {
-                break;
-            }
-            let open = draining.is_none();
-            let has_overflow = !overflow.is_empty();
-            // Holding: the buffer is full and the partitions still fetch.
-            let holding = open && has_overflow && !paused;
-            let deadline = draining.or(hold_until).unwrap_or_else(Instant::now);
-            let event = tokio::select! {
-                biased;
-                () = cancel.cancelled() => Event::Shutdown,
-                () = shared.wake.notified() => Event::Wake,
-                _ = store_tick.tick() => Event::Wake,
-                () = tokio::time::sleep_until(deadline), if !open || (holding && hold_until.is_some()) => {
-                    if open { Event::HoldTimeout } else { Event::DrainTimeout }
-                }
-                () = tx.closed(), if open => Event::StreamGone,
-                permit = tx.reserve(), if open && has_overflow => match (permit, overflow.pop_front()) {
-                    (Ok(permit), Some(item)) => {
-                        permit.send(item);
-                        Event::Sent
-                    }
-                    _ => Event::Nothing,
-                },
-                // Paused: wake up once the buffer has drained to half.
-                drained = tx.reserve_many(low_water), if open && paused && !has_overflow => {
-                    drop(drained);
-                    Event::Nothing
-                }
-                message = consumer.recv(), if !holding => {
-                    match message {
-                        Ok(message) if open => {
-                            // Records librdkafka already holds are taken in
-                            // this turn too (up to a batch), so the loop's
-                            // select and the application's wake-up are paid
-                            // once per burst, not once per record.
-                            let mut next = Some(message);
-                            let mut taken = 0;
-                            let mut event = Event::Nothing;
-                            while let Some(message) = next.take() {
-                                taken += 1;
-                                let item = accept(&shared, &message);
-                                drop(message);
-                                if shared.tracker().wants_actions() {
-                                    // A message to be redelivered was fetched
-                                    // past: seek again (or report the stall).
-                                    shared.wake.notify_one();
-                                }
-                                if let Some(item) = item {
-                                    if overflow.is_empty() {
-                                        match tx.try_send(item) {
-                                            Ok(()) => {}
-                                            Err(mpsc::error::TrySendError::Full(item)) => {
-                                                overflow.push_back(item);
-                                            }
-                                            Err(mpsc::error::TrySendError::Closed(_)) => {}
-                                        }
-                                    } else {
-                                        overflow.push_back(item);
-                                    }
-                                    if paused && !overflow.is_empty() {
-                                        // Fetched before the pause, or from a
-                                        // partition assigned since: pause all.
-                                        set_paused(&consumer, true);
-                                    } else if !overflow.is_empty() {
-                                        hold_until.get_or_insert_with(|| deadline_after(pause_after));
-                                    }
-                                }
-                                if taken >= RECV_BATCH || !overflow.is_empty() || paused {
-                                    break;
-                                }
-                                match consumer.recv().now_or_never() {
-                                    Some(Ok(more)) => next = Some(more),
-                                    Some(Err(err)) => {
-                                        event = consumer_error(&shared, &tx, draining.is_none(), err);
-                                    }
-                                    None => {}
-                                }
-                            }
-                            event
-                        }
-                        // Draining: not registered, not stored; the next
-                        // owner of the partition fetches it again.
-                        Ok(_) => Event::Nothing,
-                        Err(err) => consumer_error(&shared, &tx, draining.is_none(), err),
-                    }
-                }
-            };
-            match event {
-                Event::Shutdown => break,
-                Event::Wake => {
-                    let actions = shared.tracker().take_actions();
-                    apply(&consumer, &shared, &actions);
-                    for stall in actions.iter().filter_map(|a| stalled(&shared, a)) {
-                        if draining.is_some() {
-                            continue;
-                        }
-                        match tx.try_send(stall) {
-                            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-                            Err(mpsc::error::TrySendError::Full(stall)) => {
-                                overflow.push_back(stall);
-                            }
-                        }
-                    }
-                }
-                Event::DrainTimeout => {
-                    tracing::warn!(
-                        topic = %shared.topic,
-                        group = %shared.group,
-                        in_flight = shared.tracker().in_flight(),
-                        "drain timeout: closing with deliveries unsettled; they will be redelivered"
-                    );
-                    break;
-                }
-                Event::HoldTimeout => {
-                    // The application took nothing for `pause_after`: pause
-                    // and poll again, so that the group is served.
-                    tracing::debug!(topic = %shared.topic, group = %shared.group, "buffer full; pausing partitions");
-                    set_paused(&consumer, true);
-                    paused = true;
-                    hold_until = None;
-                    shared.metrics.pause(&shared.topic, &shared.group);
-                }
-                Event::StreamGone | Event::Sent | Event::Nothing => {}
-            }
-        }
-        // Final: no more settlements, store what they allowed, commit, leave.
-        let stores = shared.tracker().close();
-        apply(&consumer, &shared, &stores);
-        drop(overflow);
-        drop(tx);
-        let assigned = shared.tracker().assigned();
-        for partition in assigned {
-            shared
-                .metrics
-                .forget_partition(&shared.topic, &shared.group, partition);
-        }
-        let (topic, group) = (shared.topic.clone(), shared.group.clone());
-        let closing = tokio::task::spawn_blocking(move || {
-            match consumer.commit_consumer_state(CommitMode::Sync) {
-                Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-                Err(err) => {
-                    tracing::warn!(%topic, %group, error = %err, "final offset commit failed")
-                }
-            }
-            // Dropping closes the consumer: it leaves the group after
-            // librdkafka's own commit of the revoked partitions.
-            drop(consumer);
-        });
-        if let Err(err) = closing.await {
-            tracing::warn!(error = %err, "closing the Kafka consumer failed");
-        }
-        shared.left.send_replace(true);
-        tracing::debug!(topic = %shared.topic, group = %shared.group, "subscription closed");
-    }
-}
-
-/// Records taken from librdkafka in one turn of the poll loop, at most.
-const RECV_BATCH: usize = 64;
-
-/// Logs a consumer error and forwards the ones the application must act on
-/// (fatal, configuration) to the stream while it is `open`; a fatal error
-/// ends the subscription.
-fn consumer_error(shared: &Shared, tx: &mpsc::Sender<Item>, open: bool, err: KafkaError) -> Event {
-    let fatal = matches!(err, KafkaError::MessageConsumptionFatal(_));
-    tracing::warn!(topic = %shared.topic, group = %shared.group, error = %err, "consuming failed");
-    let err = transport_error(
-        format!("consuming topic {} as group {}", shared.topic, shared.group),
-        err,
-    );
-    // librdkafka recovers from transient errors by itself (they are only
-    // logged); the application hears of the ones it must act on.
-    let forward = fatal || err.kind() == TransportErrorKind::Config;
-    if forward && open && tx.try_send(Item::Error(err)).is_err() {
-        tracing::debug!("subscription buffer full; error not forwarded");
-    }
-    if fatal {
-        Event::Shutdown
-    } else {
-        Event::Nothing
-    }
-}
-
-fn set_paused(consumer: &KafkaConsumer, pause: bool) {
-    let assignment = match consumer.assignment() {
-        Ok(assignment) if assignment.count() > 0 => assignment,
-        Ok(_) => return,
-        Err(err) => {
-            tracing::warn!(error = %err, "reading the assignment failed");
-            return;
-        }
-    };
-    let result = if pause {
-        consumer.pause(&assignment)
-    } else {
-        consumer.resume(&assignment)
-    };
-    if let Err(err) = result {
-        tracing::warn!(error = %err, pause, "pausing or resuming partitions failed");
-    }
-}
-
-/// For a stall reported by the tracker: logs it, counts it and returns the
-/// error to yield on the stream.
-fn stalled(shared: &Shared, action: &Action) -> Option<Item> {
-    let Action::Stalled { partition, offset } = *action else {
-        return None;
-    };
-    tracing::error!(
-        topic = %shared.topic,
-        group = %shared.group,
-        partition,
-        offset,
-        "a message to be redelivered could not be fetched again; the partition's \
-         offset is held below it until it is delivered and settled"
-    );
-    shared
-        .metrics
-        .stall(&shared.topic, &shared.group, partition);
-    Some(Item::Error(TransportError::new(
-        TransportErrorKind::Other,
-        format!(
-            "topic {} partition {partition}: the message at offset {offset} was not fetched \
-             again after {} seeks (seeks failing, or the message deleted by retention); \
-             the group's offset stays below it until it is delivered and settled",
-            shared.topic,
-            crate::tracker::MAX_MISSED_REDELIVERIES + 1,
-        ),
-    )))
-}
-
-/// Applies stores and seeks asked for by the tracker.
-fn apply(consumer: &KafkaConsumer, shared: &Shared, actions: &[Action]) {
-    if actions.is_empty() {
-        return;
-    }
-    let stores = shared.stores(actions);
-    if stores.count() > 0
-        && let Err(err) = consumer.store_offsets(&stores)
-    {
-        // Only fails for partitions no longer assigned; their next owner
-        // starts from the last commit, which is never past an unsettled one.
-        tracing::debug!(error = %err, "storing offsets failed");
-    }
-    for action in actions {
-        if let Action::Seek { partition, offset } = *action {
-            tracing::debug!(topic = %shared.topic, partition, offset, "seeking back to redeliver");
-            #[cfg(test)]
-            if faults::seek_fails(&shared.topic) {
-                tracing::warn!(partition, offset, "seek failed (injected fault)");
-                continue;
-            }
-            // Asynchronous: the version barrier is set before `seek`
-            // returns, so nothing fetched before it is returned after it.
-            if let Err(err) = consumer.seek(
-                &shared.topic,
-                partition,
-                Offset::Offset(offset),
-                Duration::ZERO,
-            ) {
-                tracing::warn!(error = %err, partition, offset, "seek failed; retried when the fetcher skips the message");
-            }
-        }
-    }
-}
-
 /// Registers a fetched message and builds its delivery, unless it is not
 /// to be delivered (already handled, or still being handled).
-fn accept(shared: &Arc<Shared>, message: &BorrowedMessage<'_>) -> Option<Item> {
+pub(crate) fn accept(shared: &Arc<Shared>, message: &BorrowedMessage<'_>) -> Option<Item> {
     let (partition, offset) = (message.partition(), message.offset());
     let registered = shared.tracker().register(partition, offset);
     let Registered::Deliver {
@@ -450,7 +86,7 @@ pub(crate) fn broker_timestamp(
 /// [undecodable](Envelope::undecodable) envelope, which the pipeline treats
 /// as poison.
 pub(crate) fn to_envelope(topic: &str, message: &BorrowedMessage<'_>) -> Envelope {
-    let (headers, header_error) = read_headers(message);
+    let (pairs, header_error) = read_headers(message);
     let payload = Bytes::copy_from_slice(message.payload().unwrap_or_default());
     let undecodable = |headers, payload, error: &dyn fmt::Display| {
         Envelope::undecodable(
@@ -462,41 +98,45 @@ pub(crate) fn to_envelope(topic: &str, message: &BorrowedMessage<'_>) -> Envelop
         )
     };
     if let Some(error) = header_error {
+        let mut headers = Headers::new();
+        for (key, value) in pairs {
+            headers.insert(key, value);
+        }
         return undecodable(headers, payload, &error);
     }
-    // No copy of the headers in case of failure: a failure hands them back.
-    match Envelope::from_binary_or_return(headers, payload) {
+    // The attributes go straight to the envelope's fields; a failure hands
+    // every header back.
+    match Envelope::from_binary_pairs(pairs, payload) {
         Ok(envelope) => envelope,
         Err((err, headers, payload)) => undecodable(headers, payload, &err),
     }
 }
 
-/// The record's headers as strings, and why they are not an envelope's
-/// headers if they are not (a value or a key that is not UTF-8).
-fn read_headers(message: &BorrowedMessage<'_>) -> (Headers, Option<String>) {
-    let mut headers = Headers::new();
+/// The record's headers as (name, value) pairs in order, names borrowed
+/// from the record; the first header that is not UTF-8, if any.
+fn read_headers<'m>(message: &'m BorrowedMessage<'_>) -> (Vec<(&'m str, String)>, Option<String>) {
     let Some(raw) = message.headers() else {
-        return (headers, None);
+        return (Vec::new(), None);
     };
+    let mut pairs = Vec::with_capacity(raw.count());
     let mut error = None;
     for index in 0..raw.count() {
         // rdkafka panics on a header key that is not UTF-8; that is outside
         // data and must not take the consumer down.
         let header = std::panic::catch_unwind(AssertUnwindSafe(|| {
             raw.try_get(index)
-                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                .map(|h| (h.key, h.value.unwrap_or_default()))
         }));
         match header {
             Ok(Some((key, value))) => {
-                let value = value.unwrap_or_default();
-                let value = match String::from_utf8(value) {
-                    Ok(value) => value,
-                    Err(err) => {
+                let value = match std::str::from_utf8(value) {
+                    Ok(value) => value.to_owned(),
+                    Err(_) => {
                         error.get_or_insert_with(|| format!("header {key:?} is not UTF-8"));
-                        String::from_utf8_lossy(err.as_bytes()).into_owned()
+                        String::from_utf8_lossy(value).into_owned()
                     }
                 };
-                headers.insert(key, value);
+                pairs.push((key, value));
             }
             Ok(None) => {}
             Err(_) => {
@@ -504,7 +144,7 @@ fn read_headers(message: &BorrowedMessage<'_>) -> (Headers, Option<String>) {
             }
         }
     }
-    (headers, error)
+    (pairs, error)
 }
 
 /// Settles one delivery by recording its outcome in the tracker; the poll
@@ -615,9 +255,16 @@ impl Drop for KafkaSettle {
 
 /// The stream handed to the application. Deliveries that stopped being
 /// current while buffered (their partition was revoked) are left out.
-struct Deliveries {
+pub(crate) struct Deliveries {
     rx: mpsc::Receiver<Item>,
     shared: Arc<Shared>,
+}
+
+impl Deliveries {
+    /// The stream of what the poll loop sends on `rx`'s channel.
+    pub(crate) fn new(rx: mpsc::Receiver<Item>, shared: Arc<Shared>) -> Self {
+        Self { rx, shared }
+    }
 }
 
 impl Drop for Deliveries {
@@ -677,7 +324,7 @@ pub(crate) mod faults {
         }
     }
 
-    pub(super) fn seek_fails(topic: &str) -> bool {
+    pub(crate) fn seek_fails(topic: &str) -> bool {
         FAILING_SEEKS
             .lock()
             .unwrap_or_else(|e| e.into_inner())

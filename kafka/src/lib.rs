@@ -148,6 +148,7 @@ mod context;
 mod error;
 mod log;
 mod metrics;
+mod poller;
 mod tracker;
 mod transport;
 

@@ -121,6 +121,10 @@ struct Track {
     /// The offset the fetcher returns next.
     position: Option<i64>,
     open: BTreeMap<i64, Open>,
+    /// How many of `open` are in [`State::Redeliver`]: when none, a fetched
+    /// message has nothing below it to check (the common case, and a scan
+    /// of every open offset per message otherwise).
+    redelivering: usize,
     /// The last offset handed to [`Action::Store`].
     stored: Option<i64>,
     pending_store: Option<i64>,
@@ -227,21 +231,23 @@ impl Tracker {
         // misses), so a message that is gone for good does not keep the
         // fetcher replaying the partition.
         let position = track.position;
-        for (&missed_offset, open) in track.open.range_mut(..offset) {
-            let State::Redeliver { missed } = &mut open.state else {
-                continue;
-            };
-            let passed_after_seek =
-                position.is_some_and(|position| offset > position && missed_offset >= position);
-            if !passed_after_seek && *missed <= MAX_MISSED_REDELIVERIES {
-                continue;
-            }
-            *missed = missed.saturating_add(1);
-            if *missed <= MAX_MISSED_REDELIVERIES || missed.is_power_of_two() {
-                track.seek_wanted = true;
-            }
-            if *missed == MAX_MISSED_REDELIVERIES + 1 {
-                track.stalled.push(missed_offset);
+        if track.redelivering > 0 {
+            for (&missed_offset, open) in track.open.range_mut(..offset) {
+                let State::Redeliver { missed } = &mut open.state else {
+                    continue;
+                };
+                let passed_after_seek =
+                    position.is_some_and(|position| offset > position && missed_offset >= position);
+                if !passed_after_seek && *missed <= MAX_MISSED_REDELIVERIES {
+                    continue;
+                }
+                *missed = missed.saturating_add(1);
+                if *missed <= MAX_MISSED_REDELIVERIES || missed.is_power_of_two() {
+                    track.seek_wanted = true;
+                }
+                if *missed == MAX_MISSED_REDELIVERIES + 1 {
+                    track.stalled.push(missed_offset);
+                }
             }
         }
         track.position = Some(offset + 1);
@@ -284,6 +290,7 @@ impl Tracker {
                 }
                 self.next_delivery += 1;
                 open.state = State::InFlight;
+                track.redelivering = track.redelivering.saturating_sub(1);
                 open.deliveries += 1;
                 open.delivery = self.next_delivery;
                 Registered::Deliver {
@@ -339,7 +346,11 @@ impl Tracker {
     /// past an unsettled message either way.
     pub(crate) fn finish(&mut self, token: &Token) -> Result<bool, Refused> {
         let track = self.track_for(token)?;
-        track.open.remove(&token.offset);
+        if let Some(open) = track.open.remove(&token.offset)
+            && matches!(open.state, State::Redeliver { .. })
+        {
+            track.redelivering = track.redelivering.saturating_sub(1);
+        }
         if !track.advance() {
             return Ok(false);
         }
@@ -353,6 +364,9 @@ impl Tracker {
     pub(crate) fn redeliver(&mut self, token: &Token) -> Result<bool, Refused> {
         let track = self.track_for(token)?;
         if let Some(open) = track.open.get_mut(&token.offset) {
+            if !matches!(open.state, State::Redeliver { .. }) {
+                track.redelivering += 1;
+            }
             open.state = State::Redeliver { missed: 0 };
         }
         track.seek_wanted = true;

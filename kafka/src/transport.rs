@@ -22,10 +22,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{KafkaConfig, config_error};
-use crate::consumer::{KafkaConsumer, Poller};
+use crate::consumer::KafkaConsumer;
 use crate::context::{ClientCtx, ConsumerCtx, Shared};
 use crate::error::{kind_of, kind_of_code, transport_error};
 use crate::metrics::KafkaMetrics;
+use crate::poller::Poller;
 
 /// How long to wait between looks at a topic being created.
 const TOPIC_POLL: Duration = Duration::from_millis(100);
