@@ -293,6 +293,7 @@ async fn await_fold(pool: &SqlitePool, version: u32, expected: &Model, what: &st
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "tansu 0.6 leaves a SIGKILLed member's partitions unassigned about half the time (ADR 0017); run with --ignored"]
 async fn runners_share_partitions_survive_a_kill_and_rebuild_a_large_log_on_kafka() {
     if role(CHILD_DB).is_some() {
         return;
