@@ -502,6 +502,9 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 .time(now)
                 .correlation_id(id)
                 .partition_key(id);
+            if let Some(key) = command.key {
+                builder = builder.header(crate::definition::COMMAND_KEY_HEADER, key);
+            }
             if let Some(reply_to) = &self.reply_to {
                 builder = builder.reply_to(reply_to.clone());
             }

@@ -529,6 +529,49 @@ macro_rules! sql_saga_store {
                     .collect()
             }
         }
+
+        impl $crate::participant::Tombstones for $store {
+            async fn record(
+                &self,
+                saga: &str,
+                id: &str,
+                step: &str,
+            ) -> Result<(), $crate::store::StoreError> {
+                use $crate::sql::{backend, millis};
+                sqlx::query(
+                    "INSERT INTO surety_saga_tombstone (saga, id, step, at) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (saga, id, step) DO NOTHING",
+                )
+                .bind(saga)
+                .bind(id)
+                .bind(step)
+                .bind(millis(chrono::Utc::now()))
+                .execute(&self.pool)
+                .await
+                .map_err(backend)?;
+                Ok(())
+            }
+
+            async fn contains(
+                &self,
+                saga: &str,
+                id: &str,
+                step: &str,
+            ) -> Result<bool, $crate::store::StoreError> {
+                use $crate::sql::backend;
+                let found: Option<i64> = sqlx::query_scalar(
+                    "SELECT at FROM surety_saga_tombstone \
+                     WHERE saga = $1 AND id = $2 AND step = $3",
+                )
+                .bind(saga)
+                .bind(id)
+                .bind(step)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(backend)?;
+                Ok(found.is_some())
+            }
+        }
     };
 }
 

@@ -364,3 +364,75 @@ async fn unfinished_instances_are_counted_by_step_however_many() {
         vec![("paying".to_owned(), 2, 2)]
     );
 }
+
+/// A step's command that reaches the participant after the step's
+/// compensation is not applied: the compensation left a tombstone in the
+/// participant's database.
+#[tokio::test]
+async fn a_command_after_its_compensation_is_not_applied_by_the_participant() {
+    use std::sync::{Arc, Mutex};
+    use surety_core::Envelope;
+    use surety_core::consumer::{Incoming, Response};
+    use surety_core::tower::Service as _;
+    use surety_saga::COMMAND_KEY_HEADER;
+    use surety_saga::participant::{Answer, participant};
+
+    let pool = pool().await;
+    let applied = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&applied);
+    let mut payments = participant("/payments", move |incoming: Incoming| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let kind = incoming.envelope.event_type.clone();
+            seen.lock().unwrap().push(kind.clone());
+            let reply = if kind == "payment.charge" {
+                "payment.charged"
+            } else {
+                "payment.refunded"
+            };
+            Ok::<_, surety_core::Permanent>(Answer::done(reply, serde_json::Value::Null))
+        }
+    })
+    .tombstones(SqliteSagaStore::new(pool.clone()));
+    let command = |kind: &str, key: &str| {
+        Incoming::new(
+            Envelope::builder("/saga/checkout", kind)
+                .id(format!("checkout:o-1:{key}"))
+                .correlation_id("o-1")
+                .reply_to("checkout.replies")
+                .header(COMMAND_KEY_HEADER, key)
+                .build(),
+            Default::default(),
+        )
+    };
+
+    // Another instance's command runs as usual.
+    let mut other = command("payment.charge", "do:payment:0");
+    other.envelope.correlation_id = Some("o-2".to_owned());
+    let response = payments.call(other).await.unwrap();
+    assert_eq!(response.outputs.len(), 1);
+
+    let refund = payments
+        .call(command("payment.refund", "undo:payment:0"))
+        .await
+        .unwrap();
+    assert_eq!(refund.outputs[0].envelope.event_type, "payment.refunded");
+    // The late charge, seen by a participant restarted on the same database.
+    let mut restarted = participant("/payments", |_: Incoming| async {
+        Err::<Answer, _>(surety_core::Permanent::new("must not run"))
+    })
+    .tombstones(SqliteSagaStore::new(pool.clone()));
+    let late = restarted
+        .call(command("payment.charge", "do:payment:1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        late,
+        Response::handled(),
+        "answered as already compensated, no reply"
+    );
+    assert_eq!(
+        *applied.lock().unwrap(),
+        ["payment.charge", "payment.refund"]
+    );
+}
