@@ -6,7 +6,10 @@ use surety_core::{Classify, Envelope, ErrorClass};
 
 use crate::definition::{Input, Saga, Transition};
 use crate::metrics::SagaMetrics;
-use crate::store::{HistoryRecord, InstanceRecord, SagaStore, StoreError, TimerRecord, Write};
+use crate::store::{
+    HistoryRecord, InstanceRecord, NoopRecord, SagaStore, SentCommand, StoreError, TimerRecord,
+    Write,
+};
 
 /// How often [`Orchestrator::handle`] reloads and re-applies an input after
 /// a concurrent write to the same instance before giving up.
@@ -267,7 +270,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             return Ok(Outcome::AlreadyStarted);
         }
         let now = Utc::now();
-        let Some(write) = self.prepare(id, 0, None, start, None, None, now)? else {
+        let Some(write) = self.prepare(id, 0, None, None, start, None, None, now)? else {
             return Ok(Outcome::AlreadyStarted);
         };
         let outcome = outcome_of(&write);
@@ -416,6 +419,8 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 return Ok(Outcome::Unknown);
             };
             if record.finished {
+                self.noop(&record, &input, "finished", trace_id, now)
+                    .await?;
                 return Ok(Outcome::Finished);
             }
             let state = self.decode_state(&record)?;
@@ -423,6 +428,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             let Some(write) = self.prepare(
                 id,
                 record.version,
+                Some(&record.state_name),
                 Some(&input),
                 transition,
                 fired.clone(),
@@ -435,6 +441,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 if let Some(timer) = &fired {
                     self.store.delete_timer(timer).await?;
                 }
+                self.noop(&record, &input, "ignored", trace_id, now).await?;
                 return Ok(Outcome::Ignored);
             };
             let outcome = outcome_of(&write);
@@ -458,12 +465,39 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         }
     }
 
+    /// Records an input that changed nothing (bounded: one counted record
+    /// per version, input and outcome) and counts a duplicate or late reply.
+    async fn noop(
+        &self,
+        record: &InstanceRecord,
+        input: &Input<S::Message>,
+        outcome: &str,
+        trace_id: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<(), SagaError> {
+        if let (Some(metrics), Input::Message(_)) = (&self.metrics, input) {
+            metrics.duplicate_reply(self.saga.name());
+        }
+        let noop = NoopRecord::new(
+            record.version,
+            input_label(input),
+            outcome,
+            now,
+            trace_id.map(str::to_owned),
+        );
+        self.store
+            .record_noop(&record.saga, &record.id, noop)
+            .await?;
+        Ok(())
+    }
+
     // Private: the arguments are the parts of one write, named.
     #[allow(clippy::too_many_arguments)]
     fn prepare(
         &self,
         id: &str,
         loaded_version: u64,
+        from_state: Option<&str>,
         input: Option<&Input<S::Message>>,
         transition: Transition<S::State>,
         fired_timer: Option<TimerRecord>,
@@ -514,6 +548,16 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 .build();
             envelopes.push((command.topic, envelope));
         }
+        let sent = envelopes
+            .iter()
+            .map(|(topic, envelope)| {
+                SentCommand::new(
+                    topic.clone(),
+                    envelope.event_type.clone(),
+                    envelope.id.clone(),
+                )
+            })
+            .collect();
         let set_timers = set_timers
             .into_iter()
             .map(|(name, after)| {
@@ -543,6 +587,8 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 state_name,
                 at: now,
                 trace_id: trace_id.map(str::to_owned),
+                from_state: from_state.map(str::to_owned),
+                commands: sent,
             },
             commands: envelopes,
             set_timers,
@@ -550,6 +596,34 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             fired_timer,
         }))
     }
+}
+
+/// How a no-op record names an input: a reply by its type (a
+/// [`StepReply`](crate::steps::StepReply)'s `message_type`, a unit enum
+/// variant, or the variant of an enum with data), else `message`; a timer
+/// or an operator action by its name. At most 200 bytes.
+fn input_label<M: serde::Serialize>(input: &Input<M>) -> String {
+    let mut label = match input {
+        Input::Message(message) => match serde_json::to_value(message) {
+            Ok(serde_json::Value::String(kind)) => kind,
+            Ok(serde_json::Value::Object(fields)) => match fields.get("message_type") {
+                Some(serde_json::Value::String(kind)) => kind.clone(),
+                _ if fields.len() == 1 => fields.keys().next().cloned().unwrap_or_default(),
+                _ => "message".to_owned(),
+            },
+            _ => "message".to_owned(),
+        },
+        Input::Timeout { name } => format!("timeout {name}"),
+        Input::Operator(action) => format!("operator {}", action.action),
+    };
+    if label.len() > 200 {
+        let mut end = 200;
+        while !label.is_char_boundary(end) {
+            end -= 1;
+        }
+        label.truncate(end);
+    }
+    label
 }
 
 fn outcome_of(write: &Write) -> Outcome {

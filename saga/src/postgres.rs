@@ -33,6 +33,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "saga tombstones",
         include_str!("../migrations/postgres/0003_tombstones.sql"),
     ),
+    (
+        4,
+        "saga history commands and from-state, no-op records",
+        include_str!("../migrations/postgres/0004_history_commands_and_noops.sql"),
+    ),
 ];
 
 /// Creates or upgrades the saga tables (and the outbox tables, through

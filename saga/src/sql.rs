@@ -251,8 +251,8 @@ macro_rules! sql_saga_store {
                 let history = &write.history;
                 sqlx::query(
                     "INSERT INTO surety_saga_history \
-                     (saga, id, version, input, state, state_name, at, trace_id) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                     (saga, id, version, input, state, state_name, at, trace_id, from_state, \
+                     commands) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 )
                 .bind(saga)
                 .bind(id)
@@ -262,6 +262,8 @@ macro_rules! sql_saga_store {
                 .bind(&history.state_name)
                 .bind(millis(history.at))
                 .bind(history.trace_id.as_deref())
+                .bind(history.from_state.as_deref())
+                .bind(serde_json::to_string(&history.commands).map_err(backend)?)
                 .execute(&mut *tx)
                 .await
                 .map_err(backend)?;
@@ -312,7 +314,7 @@ macro_rules! sql_saga_store {
                 use sqlx::Row as _;
                 use $crate::sql::{backend, from_millis, json};
                 let rows = sqlx::query(
-                    "SELECT version, input, state, state_name, at, trace_id \
+                    "SELECT version, input, state, state_name, at, trace_id, from_state, commands \
                      FROM surety_saga_history WHERE saga = $1 AND id = $2 ORDER BY version",
                 )
                 .bind(saga)
@@ -325,6 +327,7 @@ macro_rules! sql_saga_store {
                         let version: i64 = row.try_get("version").map_err(backend)?;
                         let input: Option<String> = row.try_get("input").map_err(backend)?;
                         let state: String = row.try_get("state").map_err(backend)?;
+                        let commands: String = row.try_get("commands").map_err(backend)?;
                         Ok($crate::store::HistoryRecord {
                             version: u64::try_from(version).map_err(backend)?,
                             input: input.as_deref().map(json).transpose()?,
@@ -332,7 +335,74 @@ macro_rules! sql_saga_store {
                             state_name: row.try_get("state_name").map_err(backend)?,
                             at: from_millis(row.try_get("at").map_err(backend)?),
                             trace_id: row.try_get("trace_id").map_err(backend)?,
+                            from_state: row.try_get("from_state").map_err(backend)?,
+                            commands: serde_json::from_str(&commands).map_err(backend)?,
                         })
+                    })
+                    .collect()
+            }
+
+            async fn record_noop(
+                &self,
+                saga: &str,
+                id: &str,
+                noop: $crate::store::NoopRecord,
+            ) -> Result<(), $crate::store::StoreError> {
+                use $crate::sql::{backend, count, millis};
+                sqlx::query(
+                    "INSERT INTO surety_saga_noop \
+                     (saga, id, version, input, outcome, count, first_at, last_at, trace_id) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                     ON CONFLICT (saga, id, version, input, outcome) DO UPDATE SET \
+                     count = surety_saga_noop.count + excluded.count, \
+                     last_at = excluded.last_at, trace_id = excluded.trace_id",
+                )
+                .bind(saga)
+                .bind(id)
+                .bind(count(noop.version)?)
+                .bind(&noop.input)
+                .bind(&noop.outcome)
+                .bind(count(noop.count)?)
+                .bind(millis(noop.first_at))
+                .bind(millis(noop.last_at))
+                .bind(noop.trace_id.as_deref())
+                .execute(&self.pool)
+                .await
+                .map_err(backend)?;
+                Ok(())
+            }
+
+            async fn noops(
+                &self,
+                saga: &str,
+                id: &str,
+            ) -> Result<Vec<$crate::store::NoopRecord>, $crate::store::StoreError> {
+                use sqlx::Row as _;
+                use $crate::sql::{backend, from_millis};
+                let rows = sqlx::query(
+                    "SELECT version, input, outcome, count, first_at, last_at, trace_id \
+                     FROM surety_saga_noop WHERE saga = $1 AND id = $2 \
+                     ORDER BY version, input, outcome",
+                )
+                .bind(saga)
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(backend)?;
+                rows.into_iter()
+                    .map(|row| {
+                        let version: i64 = row.try_get("version").map_err(backend)?;
+                        let seen: i64 = row.try_get("count").map_err(backend)?;
+                        let mut noop = $crate::store::NoopRecord::new(
+                            u64::try_from(version).map_err(backend)?,
+                            row.try_get::<String, _>("input").map_err(backend)?,
+                            row.try_get::<String, _>("outcome").map_err(backend)?,
+                            from_millis(row.try_get("first_at").map_err(backend)?),
+                            row.try_get("trace_id").map_err(backend)?,
+                        );
+                        noop.count = u64::try_from(seen).map_err(backend)?;
+                        noop.last_at = from_millis(row.try_get("last_at").map_err(backend)?);
+                        Ok(noop)
                     })
                     .collect()
             }
@@ -463,6 +533,7 @@ macro_rules! sql_saga_store {
                         continue;
                     }
                     for table in ["DELETE FROM surety_saga_history WHERE saga = $1 AND id = $2",
+                                  "DELETE FROM surety_saga_noop WHERE saga = $1 AND id = $2",
                                   "DELETE FROM surety_saga_timer WHERE saga = $1 AND id = $2"] {
                         sqlx::query(table)
                             .bind(saga)

@@ -270,3 +270,39 @@ async fn unfinished_instances_are_counted_by_step_however_many() {
     );
     db.drop_schema().await;
 }
+
+/// History rows name the step they left and the commands they sent; a
+/// reply storm after the end is one counted no-op, not a row each.
+#[tokio::test]
+async fn history_names_from_state_and_commands_and_duplicates_are_counted() {
+    let Some(db) = schema().await else { return };
+    let store = PostgresSagaStore::new(db.pool.clone());
+    let saga = Orchestrator::new(Pay, store.clone());
+    saga.start("dup", begin()).await.unwrap();
+    saga.handle("dup", Input::Message(Reply::Paid))
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        let outcome = saga
+            .handle("dup", Input::Message(Reply::Paid))
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Finished);
+    }
+    let history = store.history("pay", "dup").await.unwrap();
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[0].from_state, None);
+    assert_eq!(history[0].commands.len(), 1);
+    assert_eq!(history[0].commands[0].message_type, "payment.charge");
+    assert_eq!(history[0].commands[0].id, "pay:dup:1:0");
+    assert_eq!(history[1].from_state.as_deref(), Some("paying"));
+    assert!(history[1].commands.is_empty());
+    let noops = store.noops("pay", "dup").await.unwrap();
+    assert_eq!(noops.len(), 1, "{noops:?}");
+    assert_eq!((noops[0].version, noops[0].count), (2, 20));
+    assert_eq!(
+        (noops[0].input.as_str(), noops[0].outcome.as_str()),
+        ("Paid", "finished")
+    );
+    assert!(noops[0].first_at <= noops[0].last_at);
+}

@@ -730,6 +730,13 @@ fn metrics_count_starts_ends_steps_and_observe_stuck_instances() {
             1,
             "the duplicate"
         );
+        assert_eq!(metrics.duplicate_replies_count("checkout"), 1);
+        saga.handle("a", reply("payment.declined")).await.unwrap();
+        assert_eq!(
+            metrics.duplicate_replies_count("checkout"),
+            2,
+            "late, finished"
+        );
 
         let counts = store
             .unfinished_counts("checkout", Utc::now())
