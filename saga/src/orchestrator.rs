@@ -589,6 +589,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 trace_id: trace_id.map(str::to_owned),
                 from_state: from_state.map(str::to_owned),
                 commands: sent,
+                timer_due: fired_timer.as_ref().map(|timer| timer.due),
             },
             commands: envelopes,
             set_timers,

@@ -252,7 +252,8 @@ macro_rules! sql_saga_store {
                 sqlx::query(
                     "INSERT INTO surety_saga_history \
                      (saga, id, version, input, state, state_name, at, trace_id, from_state, \
-                     commands) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                     commands, timer_due) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                 )
                 .bind(saga)
                 .bind(id)
@@ -264,6 +265,7 @@ macro_rules! sql_saga_store {
                 .bind(history.trace_id.as_deref())
                 .bind(history.from_state.as_deref())
                 .bind(serde_json::to_string(&history.commands).map_err(backend)?)
+                .bind(history.timer_due.map(millis))
                 .execute(&mut *tx)
                 .await
                 .map_err(backend)?;
@@ -314,7 +316,8 @@ macro_rules! sql_saga_store {
                 use sqlx::Row as _;
                 use $crate::sql::{backend, from_millis, json};
                 let rows = sqlx::query(
-                    "SELECT version, input, state, state_name, at, trace_id, from_state, commands \
+                    "SELECT version, input, state, state_name, at, trace_id, from_state, commands, \
+                     timer_due \
                      FROM surety_saga_history WHERE saga = $1 AND id = $2 ORDER BY version",
                 )
                 .bind(saga)
@@ -337,6 +340,10 @@ macro_rules! sql_saga_store {
                             trace_id: row.try_get("trace_id").map_err(backend)?,
                             from_state: row.try_get("from_state").map_err(backend)?,
                             commands: serde_json::from_str(&commands).map_err(backend)?,
+                            timer_due: row
+                                .try_get::<Option<i64>, _>("timer_due")
+                                .map_err(backend)?
+                                .map(from_millis),
                         })
                     })
                     .collect()

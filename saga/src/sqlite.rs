@@ -42,8 +42,8 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
     (
         4,
-        "saga history commands and from-state, no-op records",
-        include_str!("../migrations/sqlite/0004_history_commands_and_noops.sql"),
+        "saga history from-state, commands and timer due, no-op records",
+        include_str!("../migrations/sqlite/0004_history_detail_and_noops.sql"),
     ),
 ];
 

@@ -57,6 +57,9 @@ pub struct HistoryRecord {
     pub from_state: Option<String>,
     /// The commands the transition sent, in order.
     pub commands: Vec<SentCommand>,
+    /// For a fired timer, the due time it had been set to: a timer fires
+    /// once, so no two rows of an instance share a timer name and due time.
+    pub timer_due: Option<DateTime<Utc>>,
 }
 
 /// A command a transition sent, as its history row names it.
