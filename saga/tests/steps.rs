@@ -160,24 +160,33 @@ fn a_payment_that_times_out_is_refunded_to_be_sure() {
 }
 
 #[test]
-fn error_replies_retry_then_compensate_what_was_done() {
+fn an_error_reply_ends_the_step_at_once_and_compensates_what_was_done() {
+    // The participant's idempotency layer stored the error for this
+    // command id: sending the same id again would only get it again.
     let state = given(&[reply("payment.charged")]);
     let then = when(&state, reply("inventory.reserve.error"));
-    assert_eq!(sent(&then), [("inventory", "inventory.reserve")]);
-    let inputs = [
-        reply("payment.charged"),
-        reply("inventory.reserve.error"),
-        reply("inventory.reserve.error"),
-    ];
-    let then = when(&given(&inputs), reply("inventory.reserve.error"));
     // The reservation failed: only the payment is undone.
+    assert_eq!(sent(&then), [("payments", "payment.refund")]);
+    assert_eq!(
+        then.state().unwrap().failure.as_deref(),
+        Some("inventory: inventory.reserve.error (final for this command)")
+    );
+    // Also when it answers a re-send after a deadline.
+    let inputs = [reply("payment.charged"), timeout()];
+    let then = when(&given(&inputs), reply("inventory.reserve.error"));
     assert_eq!(sent(&then), [("payments", "payment.refund")]);
 }
 
 #[test]
-fn a_compensation_that_keeps_failing_waits_for_an_operator_whose_retry_completes_it() {
+fn a_compensation_that_fails_waits_for_an_operator_whose_retry_completes_it() {
     let mut inputs = vec![reply("payment.charged"), reply("inventory.out-of-stock")];
-    inputs.extend([reply("payment.refund.error"), timeout()]);
+    // No reply: the refund is sent again, same id.
+    assert_eq!(
+        sent(&when(&given(&inputs), timeout())),
+        [("payments", "payment.refund")]
+    );
+    inputs.push(timeout());
+    // An error reply is final for that command: no more automatic sends.
     let then = when(&given(&inputs), reply("payment.refund.error"));
     assert_eq!(status(&then), Status::CompensationFailed { step: 0 });
     assert!(then.commands().is_empty());
@@ -203,6 +212,28 @@ fn a_compensation_that_keeps_failing_waits_for_an_operator_whose_retry_completes
     assert_eq!(
         status(&when(&given(&inputs), reply("payment.refunded"))),
         Status::Compensated
+    );
+}
+
+#[test]
+fn a_compensation_without_replies_fails_when_its_attempts_are_spent() {
+    // Three attempts by default: two deadlines re-send, the third gives up.
+    let inputs = [
+        reply("payment.charged"),
+        reply("inventory.out-of-stock"),
+        timeout(),
+    ];
+    assert_eq!(
+        status(&when(&given(&inputs), timeout())),
+        Status::Compensating {
+            step: 0,
+            attempt: 3
+        }
+    );
+    let inputs = [inputs.as_slice(), &[timeout()]].concat();
+    assert_eq!(
+        status(&when(&given(&inputs), timeout())),
+        Status::CompensationFailed { step: 0 }
     );
 }
 
@@ -262,10 +293,10 @@ fn mermaid_shows_steps_failures_and_compensations() {
         "payment --> inventory : payment.charged",
         "inventory --> compensating_payment : inventory.out-of-stock",
         "shipping --> compensating_shipping : no reply, attempts spent",
-        "shipping --> compensating_inventory : shipping.book.error on every attempt",
+        "shipping --> compensating_inventory : shipping.book.error",
         "compensating_inventory --> compensating_payment : inventory.released",
         "compensating_payment --> compensated : payment.refunded",
-        "compensating_payment --> compensation_failed : attempts spent",
+        "compensating_payment --> compensation_failed : payment.refund.error / no reply, attempts spent",
         "completed --> [*]",
     ] {
         assert!(diagram.contains(line), "{line:?} in\n{diagram}");
@@ -359,7 +390,7 @@ enum Msg {
 }
 
 /// The participants: each applies a message id once and replays its reply
-/// to a duplicate (an idempotent consumer); error replies are not kept. A
+/// to a duplicate, error replies included (an idempotent consumer). A
 /// compensation records a tombstone first (the participant helper's
 /// [`participant::check`]), and a step's command after its compensation is
 /// a recorded no-op: no reply, nothing applied.
@@ -413,7 +444,12 @@ impl Participants {
             other => panic!("unexpected command {other}"),
         };
         let reply = match answer {
-            Answer::Error => return Some(StepReply::new(format!("{kind}.error"))),
+            Answer::Error => {
+                let error = StepReply::new(format!("{kind}.error"));
+                self.replies
+                    .insert(envelope.id.clone(), Some(error.clone()));
+                return Some(error);
+            }
             Answer::Decline => StepReply::new(declined),
             Answer::Success => {
                 match kind {
