@@ -255,7 +255,9 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
 
     /// Starts instance `id` with the state and commands of `start`. A second
     /// start of the same id (a redelivered trigger) writes nothing and
-    /// returns [`Outcome::AlreadyStarted`]; so does an ignoring transition.
+    /// returns [`Outcome::AlreadyStarted`], also after the instance finished
+    /// and was purged (see [`SagaStore::purge_finished`]); so does an
+    /// ignoring transition.
     pub async fn start(&self, id: &str, start: Transition<S::State>) -> Result<Outcome, SagaError> {
         let outcome = self.start_inner(id, start).await;
         self.record(outcome)
@@ -282,6 +284,14 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 Ok(outcome)
             }
             Err(StoreError::Conflict { .. }) => Ok(Outcome::AlreadyStarted),
+            Err(StoreError::Purged { .. }) => {
+                tracing::info!(
+                    saga = self.saga.name(),
+                    id,
+                    "a start of an instance that finished and was purged: not started again"
+                );
+                Ok(Outcome::AlreadyStarted)
+            }
             Err(error) => Err(error.into()),
         }
     }

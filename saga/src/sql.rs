@@ -173,6 +173,24 @@ macro_rules! sql_saga_store {
                         }
                         Err(error) => return Err(backend(error)),
                     }
+                    // Checked after the insert: an insert racing a purge of
+                    // the same id waits for the purge to commit, and this
+                    // read then sees its tombstone.
+                    let purged: Option<i64> = sqlx::query_scalar(
+                        "SELECT at FROM surety_saga_tombstone \
+                         WHERE saga = $1 AND id = $2 AND step = ''",
+                    )
+                    .bind(saga)
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(backend)?;
+                    if purged.is_some() {
+                        return Err(StoreError::Purged {
+                            saga: saga.to_owned(),
+                            id: id.to_owned(),
+                        });
+                    }
                 } else {
                     let updated = sqlx::query(
                         "UPDATE surety_saga_instance SET state = $3, state_name = $4, \
@@ -549,6 +567,16 @@ macro_rules! sql_saga_store {
                             .await
                             .map_err(backend)?;
                     }
+                    sqlx::query(
+                        "INSERT INTO surety_saga_tombstone (saga, id, step, at) \
+                         VALUES ($1, $2, '', $3) ON CONFLICT (saga, id, step) DO NOTHING",
+                    )
+                    .bind(saga)
+                    .bind(&id)
+                    .bind(millis(chrono::Utc::now()))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(backend)?;
                     tx.commit().await.map_err(backend)?;
                     deleted += 1;
                 }

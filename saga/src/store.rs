@@ -295,6 +295,15 @@ pub enum StoreError {
         /// The timer's name.
         name: String,
     },
+    /// A start of an instance that finished and was purged (a start
+    /// delivered again after the retention period): nothing was written.
+    #[error("saga {saga} {id} finished and was purged; it is not started again")]
+    Purged {
+        /// The saga's name.
+        saga: String,
+        /// The saga id.
+        id: String,
+    },
     /// The database failed; its [kind](surety_core::store::StoreErrorKind)
     /// decides the class (a lost connection is transient, a constraint
     /// violation permanent).
@@ -308,6 +317,7 @@ impl Classify for StoreError {
             StoreError::Conflict { .. } | StoreError::TimerGone { .. } => {
                 ErrorClass::Transient { retry_after: None }
             }
+            StoreError::Purged { .. } => ErrorClass::Permanent,
             StoreError::Backend(error) => error.class(),
         }
     }
@@ -389,9 +399,11 @@ pub trait SagaStore: Send + Sync {
     /// audit trail stays). Unfinished instances are never deleted. Returns
     /// how many were deleted.
     ///
-    /// Choose `before` well past the time a start message can still be
-    /// delivered again: a start that arrives after its instance was purged
-    /// starts a new one.
+    /// Each purged instance leaves a tombstone of its id: a start written
+    /// for it later (a start message delivered again) fails with
+    /// [`StoreError::Purged`] and the orchestrator answers
+    /// [`Outcome::AlreadyStarted`](crate::Outcome::AlreadyStarted).
+    /// Tombstones are kept (a saga name and id each).
     fn purge_finished(
         &self,
         saga: &str,
@@ -417,6 +429,8 @@ struct Inner {
     instances: BTreeMap<Key, InstanceRecord>,
     history: BTreeMap<Key, Vec<HistoryRecord>>,
     noops: BTreeMap<Key, BTreeMap<(u64, String, String), NoopRecord>>,
+    /// The ids of purged instances.
+    purged: std::collections::BTreeSet<Key>,
     timers: BTreeMap<(String, String, String), DateTime<Utc>>,
     outbox: Vec<(String, Envelope)>,
     /// When each instance started and last moved.
@@ -483,6 +497,12 @@ impl SagaStore for MemorySagaStore {
         let key = (instance.saga.clone(), instance.id.clone());
         let expected = instance.version.saturating_sub(1);
         let current = inner.instances.get(&key).map_or(0, |i| i.version);
+        if expected == 0 && inner.purged.contains(&key) {
+            return Err(StoreError::Purged {
+                saga: instance.saga,
+                id: instance.id,
+            });
+        }
         if current != expected {
             return Err(StoreError::Conflict {
                 saga: instance.saga,
@@ -683,6 +703,7 @@ impl SagaStore for MemorySagaStore {
             inner.history.remove(key);
             inner.noops.remove(key);
             inner.times.remove(key);
+            inner.purged.insert(key.clone());
         }
         Ok(u64::try_from(gone.len()).unwrap_or(u64::MAX))
     }

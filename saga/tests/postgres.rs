@@ -496,3 +496,33 @@ async fn a_version_conflict_is_decided_again_on_the_fresh_state_without_a_delive
     );
     db.drop_schema().await;
 }
+
+/// A start delivered again after its instance was purged is a no-op: the
+/// purge left a tombstone of the saga id.
+#[tokio::test]
+async fn a_start_redelivered_after_the_purge_does_not_recreate_the_instance() {
+    let Some(db) = schema().await else { return };
+    let store = PostgresSagaStore::new(db.pool.clone());
+    let saga = Orchestrator::new(Pay, store.clone());
+    saga.start("gone", begin()).await.unwrap();
+    saga.handle("gone", Input::Message(Reply::Paid))
+        .await
+        .unwrap();
+    let later = Utc::now() + chrono::Duration::seconds(1);
+    assert_eq!(store.purge_finished("pay", later, 10).await.unwrap(), 1);
+    assert!(store.load("pay", "gone").await.unwrap().is_none());
+
+    assert_eq!(
+        saga.start("gone", begin()).await.unwrap(),
+        Outcome::AlreadyStarted
+    );
+    assert!(store.load("pay", "gone").await.unwrap().is_none());
+    assert!(store.history("pay", "gone").await.unwrap().is_empty());
+    assert_eq!(outbox(&db.pool).await.len(), 1, "the charge, sent once");
+    // Another id starts as usual.
+    assert!(matches!(
+        saga.start("new", begin()).await.unwrap(),
+        Outcome::Applied { .. }
+    ));
+    db.drop_schema().await;
+}
