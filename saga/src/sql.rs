@@ -84,6 +84,172 @@ pub(crate) fn count(value: u64) -> Result<i64, crate::store::StoreError> {
     i64::try_from(value).map_err(backend)
 }
 
+/// Every row the SQL saga stores read, decoded in one place for both
+/// backends: the queries name their columns, these functions turn a row
+/// into its record.
+pub(crate) mod rows {
+    use crate::store::{
+        AuditRecord, HistoryRecord, InstanceRecord, InstanceSummary, NoopRecord, StoreError,
+        TimerRecord,
+    };
+
+    use super::{backend, from_millis, json};
+
+    /// Typed column reads of a row of either backend, failing with the
+    /// store's error.
+    pub(crate) trait Columns {
+        fn text(&self, column: &str) -> Result<String, StoreError>;
+        fn maybe_text(&self, column: &str) -> Result<Option<String>, StoreError>;
+        fn int(&self, column: &str) -> Result<i64, StoreError>;
+        fn maybe_int(&self, column: &str) -> Result<Option<i64>, StoreError>;
+        fn flag(&self, column: &str) -> Result<bool, StoreError>;
+
+        fn count(&self, column: &str) -> Result<u64, StoreError> {
+            u64::try_from(self.int(column)?).map_err(backend)
+        }
+
+        fn time(&self, column: &str) -> Result<chrono::DateTime<chrono::Utc>, StoreError> {
+            self.int(column).map(from_millis)
+        }
+
+        fn json(&self, column: &str) -> Result<serde_json::Value, StoreError> {
+            json(&self.text(column)?)
+        }
+    }
+
+    macro_rules! columns {
+        ($row:ty) => {
+            impl Columns for $row {
+                fn text(&self, column: &str) -> Result<String, StoreError> {
+                    sqlx::Row::try_get(self, column).map_err(backend)
+                }
+
+                fn maybe_text(&self, column: &str) -> Result<Option<String>, StoreError> {
+                    sqlx::Row::try_get(self, column).map_err(backend)
+                }
+
+                fn int(&self, column: &str) -> Result<i64, StoreError> {
+                    sqlx::Row::try_get(self, column).map_err(backend)
+                }
+
+                fn maybe_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
+                    sqlx::Row::try_get(self, column).map_err(backend)
+                }
+
+                fn flag(&self, column: &str) -> Result<bool, StoreError> {
+                    sqlx::Row::try_get(self, column).map_err(backend)
+                }
+            }
+        };
+    }
+
+    #[cfg(feature = "sqlite")]
+    columns!(sqlx::sqlite::SqliteRow);
+    #[cfg(feature = "postgres")]
+    columns!(sqlx::postgres::PgRow);
+
+    /// `state, state_name, version, finished, updated_at, state_version`
+    /// of instance `id` of `saga`.
+    pub(crate) fn instance(
+        saga: &str,
+        id: &str,
+        row: &impl Columns,
+    ) -> Result<InstanceRecord, StoreError> {
+        Ok(InstanceRecord {
+            saga: saga.to_owned(),
+            id: id.to_owned(),
+            state: row.json("state")?,
+            state_name: row.text("state_name")?,
+            version: row.count("version")?,
+            finished: row.flag("finished")?,
+            updated_at: row.time("updated_at")?,
+            state_version: u32::try_from(row.int("state_version")?).map_err(backend)?,
+        })
+    }
+
+    /// `saga, id, state, state_name, version, finished, created_at,
+    /// updated_at`.
+    pub(crate) fn summary(row: &impl Columns) -> Result<InstanceSummary, StoreError> {
+        Ok(InstanceSummary {
+            saga: row.text("saga")?,
+            id: row.text("id")?,
+            state_name: row.text("state_name")?,
+            version: row.count("version")?,
+            finished: row.flag("finished")?,
+            created_at: row.time("created_at")?,
+            updated_at: row.time("updated_at")?,
+            state: row.json("state")?,
+        })
+    }
+
+    /// `version, input, state, state_name, at, trace_id, from_state,
+    /// commands, timer_due`.
+    pub(crate) fn history(row: &impl Columns) -> Result<HistoryRecord, StoreError> {
+        Ok(HistoryRecord {
+            version: row.count("version")?,
+            input: row.maybe_text("input")?.as_deref().map(json).transpose()?,
+            state: row.json("state")?,
+            state_name: row.text("state_name")?,
+            at: row.time("at")?,
+            trace_id: row.maybe_text("trace_id")?,
+            from_state: row.maybe_text("from_state")?,
+            commands: serde_json::from_str(&row.text("commands")?).map_err(backend)?,
+            timer_due: row.maybe_int("timer_due")?.map(from_millis),
+        })
+    }
+
+    /// `id, name, due` of a timer of `saga`.
+    pub(crate) fn timer(saga: &str, row: &impl Columns) -> Result<TimerRecord, StoreError> {
+        Ok(TimerRecord {
+            saga: saga.to_owned(),
+            id: row.text("id")?,
+            name: row.text("name")?,
+            due: row.time("due")?,
+        })
+    }
+
+    /// `version, input, outcome, count, first_at, last_at, trace_id`.
+    pub(crate) fn noop(row: &impl Columns) -> Result<NoopRecord, StoreError> {
+        let mut noop = NoopRecord::new(
+            row.count("version")?,
+            row.text("input")?,
+            row.text("outcome")?,
+            row.time("first_at")?,
+            row.maybe_text("trace_id")?,
+        );
+        noop.count = row.count("count")?;
+        noop.last_at = row.time("last_at")?;
+        Ok(noop)
+    }
+
+    /// `actor, action, reason, at` of an audit entry on instance `id` of
+    /// `saga`.
+    pub(crate) fn audit(
+        saga: &str,
+        id: &str,
+        row: &impl Columns,
+    ) -> Result<AuditRecord, StoreError> {
+        let mut entry = AuditRecord::new(
+            saga,
+            id,
+            row.text("actor")?,
+            row.text("action")?,
+            row.text("reason")?,
+        );
+        entry.at = row.time("at")?;
+        Ok(entry)
+    }
+
+    /// `state_name, all_count, idle_count`.
+    pub(crate) fn step_count(row: &impl Columns) -> Result<(String, u64, u64), StoreError> {
+        Ok((
+            row.text("state_name")?,
+            row.count("all_count")?,
+            row.count("idle_count")?,
+        ))
+    }
+}
+
 /// `impl SagaStore` for a SQL store: `$store` has a `pool: $pool` field,
 /// `$begin` opens a write transaction on it, `$outbox` enqueues commands.
 ///
@@ -100,8 +266,7 @@ macro_rules! sql_saga_store {
                 saga: &str,
                 id: &str,
             ) -> Result<Option<$crate::store::InstanceRecord>, $crate::store::StoreError> {
-                use sqlx::Row as _;
-                use $crate::sql::{backend, json};
+                use $crate::sql::backend;
                 let row = sqlx::query(
                     "SELECT state, state_name, version, finished, updated_at, state_version \
                      FROM surety_saga_instance \
@@ -112,24 +277,8 @@ macro_rules! sql_saga_store {
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(backend)?;
-                let Some(row) = row else { return Ok(None) };
-                let state: String = row.try_get("state").map_err(backend)?;
-                let version: i64 = row.try_get("version").map_err(backend)?;
-                Ok(Some($crate::store::InstanceRecord {
-                    saga: saga.to_owned(),
-                    id: id.to_owned(),
-                    state: json(&state)?,
-                    state_name: row.try_get("state_name").map_err(backend)?,
-                    version: u64::try_from(version).map_err(backend)?,
-                    finished: row.try_get("finished").map_err(backend)?,
-                    updated_at: $crate::sql::from_millis(
-                        row.try_get("updated_at").map_err(backend)?,
-                    ),
-                    state_version: u32::try_from(
-                        row.try_get::<i64, _>("state_version").map_err(backend)?,
-                    )
-                    .map_err(backend)?,
-                }))
+                row.map(|row| $crate::sql::rows::instance(saga, id, &row))
+                    .transpose()
             }
 
             async fn write(
@@ -302,8 +451,7 @@ macro_rules! sql_saga_store {
                 now: chrono::DateTime<chrono::Utc>,
                 limit: usize,
             ) -> Result<Vec<$crate::store::TimerRecord>, $crate::store::StoreError> {
-                use sqlx::Row as _;
-                use $crate::sql::{backend, from_millis, millis};
+                use $crate::sql::{backend, millis};
                 let rows = sqlx::query(
                     "SELECT id, name, due FROM surety_saga_timer WHERE saga = $1 AND due <= $2 \
                      ORDER BY due LIMIT $3",
@@ -314,15 +462,8 @@ macro_rules! sql_saga_store {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(backend)?;
-                rows.into_iter()
-                    .map(|row| {
-                        Ok($crate::store::TimerRecord {
-                            saga: saga.to_owned(),
-                            id: row.try_get("id").map_err(backend)?,
-                            name: row.try_get("name").map_err(backend)?,
-                            due: from_millis(row.try_get("due").map_err(backend)?),
-                        })
-                    })
+                rows.iter()
+                    .map(|row| $crate::sql::rows::timer(saga, row))
                     .collect()
             }
 
@@ -331,8 +472,7 @@ macro_rules! sql_saga_store {
                 saga: &str,
                 id: &str,
             ) -> Result<Vec<$crate::store::HistoryRecord>, $crate::store::StoreError> {
-                use sqlx::Row as _;
-                use $crate::sql::{backend, from_millis, json};
+                use $crate::sql::backend;
                 let rows = sqlx::query(
                     "SELECT version, input, state, state_name, at, trace_id, from_state, commands, \
                      timer_due \
@@ -343,28 +483,7 @@ macro_rules! sql_saga_store {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(backend)?;
-                rows.into_iter()
-                    .map(|row| {
-                        let version: i64 = row.try_get("version").map_err(backend)?;
-                        let input: Option<String> = row.try_get("input").map_err(backend)?;
-                        let state: String = row.try_get("state").map_err(backend)?;
-                        let commands: String = row.try_get("commands").map_err(backend)?;
-                        Ok($crate::store::HistoryRecord {
-                            version: u64::try_from(version).map_err(backend)?,
-                            input: input.as_deref().map(json).transpose()?,
-                            state: json(&state)?,
-                            state_name: row.try_get("state_name").map_err(backend)?,
-                            at: from_millis(row.try_get("at").map_err(backend)?),
-                            trace_id: row.try_get("trace_id").map_err(backend)?,
-                            from_state: row.try_get("from_state").map_err(backend)?,
-                            commands: serde_json::from_str(&commands).map_err(backend)?,
-                            timer_due: row
-                                .try_get::<Option<i64>, _>("timer_due")
-                                .map_err(backend)?
-                                .map(from_millis),
-                        })
-                    })
-                    .collect()
+                rows.iter().map($crate::sql::rows::history).collect()
             }
 
             async fn record_noop(
@@ -402,8 +521,7 @@ macro_rules! sql_saga_store {
                 saga: &str,
                 id: &str,
             ) -> Result<Vec<$crate::store::NoopRecord>, $crate::store::StoreError> {
-                use sqlx::Row as _;
-                use $crate::sql::{backend, from_millis};
+                use $crate::sql::backend;
                 let rows = sqlx::query(
                     "SELECT version, input, outcome, count, first_at, last_at, trace_id \
                      FROM surety_saga_noop WHERE saga = $1 AND id = $2 \
@@ -414,22 +532,7 @@ macro_rules! sql_saga_store {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(backend)?;
-                rows.into_iter()
-                    .map(|row| {
-                        let version: i64 = row.try_get("version").map_err(backend)?;
-                        let seen: i64 = row.try_get("count").map_err(backend)?;
-                        let mut noop = $crate::store::NoopRecord::new(
-                            u64::try_from(version).map_err(backend)?,
-                            row.try_get::<String, _>("input").map_err(backend)?,
-                            row.try_get::<String, _>("outcome").map_err(backend)?,
-                            from_millis(row.try_get("first_at").map_err(backend)?),
-                            row.try_get("trace_id").map_err(backend)?,
-                        );
-                        noop.count = u64::try_from(seen).map_err(backend)?;
-                        noop.last_at = from_millis(row.try_get("last_at").map_err(backend)?);
-                        Ok(noop)
-                    })
-                    .collect()
+                rows.iter().map($crate::sql::rows::noop).collect()
             }
 
             async fn unfinished_counts(
@@ -437,7 +540,6 @@ macro_rules! sql_saga_store {
                 saga: &str,
                 idle_since: chrono::DateTime<chrono::Utc>,
             ) -> Result<Vec<(String, u64, u64)>, $crate::store::StoreError> {
-                use sqlx::Row as _;
                 use $crate::sql::{backend, millis};
                 let rows = sqlx::query(
                     "SELECT state_name, COUNT(*) AS all_count, \
@@ -450,25 +552,14 @@ macro_rules! sql_saga_store {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(backend)?;
-                rows.into_iter()
-                    .map(|row| {
-                        let all: i64 = row.try_get("all_count").map_err(backend)?;
-                        let idle: i64 = row.try_get("idle_count").map_err(backend)?;
-                        Ok((
-                            row.try_get("state_name").map_err(backend)?,
-                            u64::try_from(all).map_err(backend)?,
-                            u64::try_from(idle).map_err(backend)?,
-                        ))
-                    })
-                    .collect()
+                rows.iter().map($crate::sql::rows::step_count).collect()
             }
 
             async fn list(
                 &self,
                 filter: &$crate::store::ListFilter,
             ) -> Result<Vec<$crate::store::InstanceSummary>, $crate::store::StoreError> {
-                use sqlx::Row as _;
-                use $crate::sql::{backend, from_millis, json, millis};
+                use $crate::sql::{backend, millis};
                 let rows = sqlx::query(
                     "SELECT saga, id, state, state_name, version, finished, created_at, updated_at \
                      FROM surety_saga_instance \
@@ -486,22 +577,7 @@ macro_rules! sql_saga_store {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(backend)?;
-                rows.into_iter()
-                    .map(|row| {
-                        let version: i64 = row.try_get("version").map_err(backend)?;
-                        let state: String = row.try_get("state").map_err(backend)?;
-                        Ok($crate::store::InstanceSummary {
-                            saga: row.try_get("saga").map_err(backend)?,
-                            id: row.try_get("id").map_err(backend)?,
-                            state_name: row.try_get("state_name").map_err(backend)?,
-                            version: u64::try_from(version).map_err(backend)?,
-                            finished: row.try_get("finished").map_err(backend)?,
-                            created_at: from_millis(row.try_get("created_at").map_err(backend)?),
-                            updated_at: from_millis(row.try_get("updated_at").map_err(backend)?),
-                            state: json(&state)?,
-                        })
-                    })
-                    .collect()
+                rows.iter().map($crate::sql::rows::summary).collect()
             }
 
             async fn delete_timer(
@@ -609,8 +685,7 @@ macro_rules! sql_saga_store {
                 saga: &str,
                 id: &str,
             ) -> Result<Vec<$crate::store::AuditRecord>, $crate::store::StoreError> {
-                use sqlx::Row as _;
-                use $crate::sql::{backend, from_millis};
+                use $crate::sql::backend;
                 let rows = sqlx::query(
                     "SELECT actor, action, reason, at FROM surety_saga_audit \
                      WHERE saga = $1 AND id = $2 ORDER BY seq",
@@ -620,18 +695,8 @@ macro_rules! sql_saga_store {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(backend)?;
-                rows.into_iter()
-                    .map(|row| {
-                        let mut entry = $crate::store::AuditRecord::new(
-                            saga,
-                            id,
-                            row.try_get::<String, _>("actor").map_err(backend)?,
-                            row.try_get::<String, _>("action").map_err(backend)?,
-                            row.try_get::<String, _>("reason").map_err(backend)?,
-                        );
-                        entry.at = from_millis(row.try_get("at").map_err(backend)?);
-                        Ok(entry)
-                    })
+                rows.iter()
+                    .map(|row| $crate::sql::rows::audit(saga, id, row))
                     .collect()
             }
         }

@@ -1,6 +1,7 @@
-//! The PostgreSQL store on the real server: transitions, history, timers
-//! and the commands in the outbox table, written together; concurrent
-//! writers to one instance.
+//! The PostgreSQL store on the real server under concurrency: writers
+//! racing on one instance, and a version conflict forced between two
+//! orchestrators. The behaviour every store shares is the suite in
+//! `stores.rs`.
 
 use std::time::Duration;
 
@@ -9,9 +10,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgPool;
 use surety_saga::postgres::{self, PostgresSagaStore};
 use surety_saga::store::{SagaStore, StoreError};
-use surety_saga::{
-    Command, Input, OperatorAction, Orchestrator, Outcome, Saga, Transition, replay,
-};
+use surety_saga::{Command, Input, Orchestrator, Outcome, Saga, Transition, replay};
 use surety_testkit::db::TempSchema;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,63 +89,6 @@ async fn outbox(pool: &PgPool) -> Vec<(String, String)> {
 }
 
 #[tokio::test]
-async fn transitions_timers_and_commands_are_stored_together() {
-    let Some(db) = schema().await else { return };
-    let store = PostgresSagaStore::new(db.pool.clone());
-    let saga = Orchestrator::new(Pay, store.clone());
-    saga.start("slow", begin()).await.unwrap();
-    saga.start("paid", begin()).await.unwrap();
-    assert_eq!(
-        saga.start("paid", begin()).await.unwrap(),
-        Outcome::AlreadyStarted
-    );
-    let later = Utc::now() + chrono::Duration::seconds(31);
-    let polled = store.due_timers("pay", later, 10).await.unwrap();
-    assert_eq!(polled.len(), 2);
-
-    let paid = saga
-        .handle("paid", Input::Message(Reply::Paid))
-        .await
-        .unwrap();
-    assert!(
-        matches!(paid, Outcome::Applied { finished: true, .. }),
-        "{paid:?}"
-    );
-    for timer in polled {
-        saga.fire_timer(timer, later).await.unwrap();
-    }
-    assert_eq!(saga.state("slow").await.unwrap(), Some(Step::Refunding));
-    assert_eq!(saga.state("paid").await.unwrap(), Some(Step::Done));
-    let sent: Vec<_> = outbox(&db.pool)
-        .await
-        .into_iter()
-        .map(|(_, id)| id)
-        .collect();
-    assert_eq!(sent, ["pay:slow:1:0", "pay:paid:1:0", "pay:slow:2:0"]);
-    assert!(saga.fire_due_timers(later, 10).await.unwrap().is_empty());
-
-    let abort = OperatorAction::new("abort", "alice", "duplicate order");
-    saga.handle("slow", Input::Operator(abort.clone()))
-        .await
-        .unwrap();
-    let (initial, inputs) = saga.history("slow").await.unwrap().unwrap();
-    assert_eq!(
-        inputs,
-        vec![
-            Input::Timeout {
-                name: "payment".into()
-            },
-            Input::Operator(abort)
-        ]
-    );
-    assert_eq!(
-        Some(replay(&Pay, initial, inputs)),
-        saga.state("slow").await.unwrap()
-    );
-    db.drop_schema().await;
-}
-
-#[tokio::test]
 async fn concurrent_writers_to_one_instance_apply_one_input_at_a_time() {
     let Some(db) = schema().await else { return };
     let saga = std::sync::Arc::new(Orchestrator::new(
@@ -195,116 +137,6 @@ async fn concurrent_writers_to_one_instance_apply_one_input_at_a_time() {
         saga.state("o-1").await.unwrap()
     );
     db.drop_schema().await;
-}
-
-#[tokio::test]
-async fn instances_list_by_state_age_and_stuck_and_audits_are_kept() {
-    use surety_saga::store::{AuditRecord, ListFilter, SagaStore};
-    let Some(db) = schema().await else { return };
-    let store = PostgresSagaStore::new(db.pool.clone());
-    let saga = Orchestrator::new(Pay, store.clone());
-    saga.start("a", begin()).await.unwrap();
-    saga.start("b", begin()).await.unwrap();
-    saga.handle("b", Input::Message(Reply::Paid)).await.unwrap();
-
-    let all = store.list(&ListFilter::new(10)).await.unwrap();
-    assert_eq!(all.len(), 2);
-    assert!(all.iter().all(|i| i.created_at <= i.updated_at));
-    let mut stuck = ListFilter::new(10);
-    stuck.idle_since = Some(Utc::now());
-    let stuck = store.list(&stuck).await.unwrap();
-    assert_eq!(stuck.len(), 1);
-    assert_eq!(stuck[0].id, "a");
-    let mut finished = ListFilter::new(10);
-    finished.finished = Some(true);
-    finished.saga = Some("pay".into());
-    assert_eq!(store.list(&finished).await.unwrap()[0].id, "b");
-    let mut old = ListFilter::new(10);
-    old.started_before = Some(Utc::now() - chrono::Duration::hours(1));
-    assert!(store.list(&old).await.unwrap().is_empty());
-
-    store
-        .audit(AuditRecord::new("pay", "a", "alice", "resolve", "by hand"))
-        .await
-        .unwrap();
-    let audit = store.audit_log("pay", "a").await.unwrap();
-    assert_eq!(audit.len(), 1);
-    assert_eq!(audit[0].reason, "by hand");
-
-    // Retention: finished instances go with their history; "a" runs on.
-    let later = Utc::now() + chrono::Duration::seconds(1);
-    assert_eq!(store.purge_finished("pay", later, 10).await.unwrap(), 1);
-    assert!(store.load("pay", "b").await.unwrap().is_none());
-    assert!(store.history("pay", "b").await.unwrap().is_empty());
-    assert!(store.load("pay", "a").await.unwrap().is_some());
-    assert_eq!(store.purge_finished("pay", later, 10).await.unwrap(), 0);
-    db.drop_schema().await;
-}
-
-#[tokio::test]
-async fn unfinished_instances_are_counted_by_step_however_many() {
-    let Some(db) = schema().await else { return };
-    let store = PostgresSagaStore::new(db.pool.clone());
-    let saga = Orchestrator::new(Pay, store.clone());
-    for id in ["a", "b", "c"] {
-        saga.start(id, begin()).await.unwrap();
-    }
-    saga.handle("c", Input::Message(Reply::Paid)).await.unwrap();
-    let before = Utc::now() - chrono::Duration::hours(1);
-    assert_eq!(
-        store.unfinished_counts("pay", before).await.unwrap(),
-        vec![("paying".to_owned(), 2, 0)]
-    );
-    let after = Utc::now() + chrono::Duration::seconds(1);
-    assert_eq!(
-        store.unfinished_counts("pay", after).await.unwrap(),
-        vec![("paying".to_owned(), 2, 2)],
-        "both have not moved since"
-    );
-    assert!(
-        store
-            .unfinished_counts("other", after)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    db.drop_schema().await;
-}
-
-/// History rows name the step they left and the commands they sent; a
-/// reply storm after the end is one counted no-op, not a row each.
-#[tokio::test]
-async fn history_names_from_state_and_commands_and_duplicates_are_counted() {
-    let Some(db) = schema().await else { return };
-    let store = PostgresSagaStore::new(db.pool.clone());
-    let saga = Orchestrator::new(Pay, store.clone());
-    saga.start("dup", begin()).await.unwrap();
-    saga.handle("dup", Input::Message(Reply::Paid))
-        .await
-        .unwrap();
-    for _ in 0..20 {
-        let outcome = saga
-            .handle("dup", Input::Message(Reply::Paid))
-            .await
-            .unwrap();
-        assert_eq!(outcome, Outcome::Finished);
-    }
-    let history = store.history("pay", "dup").await.unwrap();
-    assert_eq!(history.len(), 2);
-    assert_eq!(history[0].from_state, None);
-    assert_eq!(history[0].commands.len(), 1);
-    assert_eq!(history[0].commands[0].message_type, "payment.charge");
-    assert_eq!(history[0].commands[0].id, "pay:dup:1:0");
-    assert_eq!(history[1].from_state.as_deref(), Some("paying"));
-    assert!(history[1].commands.is_empty());
-    let noops = store.noops("pay", "dup").await.unwrap();
-    assert_eq!(noops.len(), 1, "{noops:?}");
-    assert_eq!((noops[0].version, noops[0].count), (2, 20));
-    assert_eq!(
-        (noops[0].input.as_str(), noops[0].outcome.as_str()),
-        ("Paid", "finished")
-    );
-    assert!(noops[0].first_at <= noops[0].last_at);
 }
 
 /// A store whose first write waits, after the orchestrator loaded and
@@ -494,35 +326,5 @@ async fn a_version_conflict_is_decided_again_on_the_fresh_state_without_a_delive
         ["pay:race:1:0", "pay:race:2:0"],
         "the charge, then the refund"
     );
-    db.drop_schema().await;
-}
-
-/// A start delivered again after its instance was purged is a no-op: the
-/// purge left a tombstone of the saga id.
-#[tokio::test]
-async fn a_start_redelivered_after_the_purge_does_not_recreate_the_instance() {
-    let Some(db) = schema().await else { return };
-    let store = PostgresSagaStore::new(db.pool.clone());
-    let saga = Orchestrator::new(Pay, store.clone());
-    saga.start("gone", begin()).await.unwrap();
-    saga.handle("gone", Input::Message(Reply::Paid))
-        .await
-        .unwrap();
-    let later = Utc::now() + chrono::Duration::seconds(1);
-    assert_eq!(store.purge_finished("pay", later, 10).await.unwrap(), 1);
-    assert!(store.load("pay", "gone").await.unwrap().is_none());
-
-    assert_eq!(
-        saga.start("gone", begin()).await.unwrap(),
-        Outcome::AlreadyStarted
-    );
-    assert!(store.load("pay", "gone").await.unwrap().is_none());
-    assert!(store.history("pay", "gone").await.unwrap().is_empty());
-    assert_eq!(outbox(&db.pool).await.len(), 1, "the charge, sent once");
-    // Another id starts as usual.
-    assert!(matches!(
-        saga.start("new", begin()).await.unwrap(),
-        Outcome::Applied { .. }
-    ));
     db.drop_schema().await;
 }

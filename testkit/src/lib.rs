@@ -58,6 +58,8 @@
 //! - `idempotency`: the `idempotency_store` module, the shared test suite for
 //!   `surety-idempotency` dedup stores.
 //! - `dlq`: the `dlq_store` module, the shared test suite for `surety-dlq` stores.
+//! - `saga`: the `saga_store` module, the shared test suite for `surety-saga`
+//!   stores.
 //! - `trace`: the `trace` module, which captures spans in memory and runs the
 //!   publish → consume round trip that checks a transport propagates trace
 //!   context.
@@ -76,6 +78,8 @@ pub mod idempotency_store;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 pub mod rabbitmqctl;
+#[cfg(feature = "saga")]
+pub mod saga_store;
 pub mod services;
 #[cfg(feature = "trace")]
 pub mod trace;
