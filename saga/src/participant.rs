@@ -25,7 +25,7 @@
 //! before the step's own command, still queued or redelivered. Give the
 //! handler [`Tombstones`] with [`Participant::tombstones`]: the
 //! compensation of a step (its command carries the
-//! [`COMMAND_KEY_HEADER`](crate::COMMAND_KEY_HEADER) `undo:<step>:..`)
+//! [`COMMAND_KEY_HEADER`] `undo:<step>:..`)
 //! records a tombstone for (saga id, step) before your function runs, and
 //! a later command for that step (`do:<step>:..`) is answered as already
 //! compensated: your function does not run, no reply is sent (the saga
