@@ -52,13 +52,11 @@
 //! # let _ = payments;
 //! ```
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-
-use std::collections::BTreeSet;
-use std::sync::Mutex;
 
 use futures::future::BoxFuture;
 use surety_core::consumer::{Incoming, Output, Response};
