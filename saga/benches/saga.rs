@@ -1,25 +1,29 @@
 //! Saga benchmarks.
 //!
-//! - `transition`: one pure step of the checkout definition
+//! - `transition` (criterion): one pure step of the checkout definition
 //!   (`Steps::apply`: a success reply moves to the next step and builds
 //!   its command). Target: ≤ 1 µs.
-//! - `durable_steps/sqlite`: checkouts through the orchestrator on a SQLite
-//!   file (start, then three replies: four stored transitions, each with
-//!   its history row, outbox command and timer change, in one
-//!   transaction), against `raw`: the same four transactions written by
-//!   hand (`BEGIN IMMEDIATE`, update the row, insert the history row,
-//!   enqueue the command, set the timer, `COMMIT`) on the same file.
-//!   Throughput is in steps; the ratio saga/raw is the target (≥ 0.7).
-//!
+//! - `durable_steps`: checkouts through the orchestrator on a SQLite file
+//!   (start, then three replies: four stored transitions, each loading the
+//!   instance and writing it with its history row, outbox command and timer
+//!   change in one transaction), against `raw`: the same four transactions
+//!   written by hand with sqlx on the same file (`BEGIN IMMEDIATE`, read the
+//!   row, write it, insert the history row, insert the command's
+//!   pre-encoded bytes into an outbox table, set the timer, `COMMIT`; no
+//!   Surety code). Throughput in steps; target saga/raw ≥ 0.7.
 //! - `rabbitmq_checkout` (when `SURETY_AMQP_URL` is set): whole checkouts
 //!   over RabbitMQ with the SQLite store, outbox relay, reply consumer and
 //!   three participants under one `Host`, against `raw`: the same three
-//!   command/reply round trips on the same broker and the same pipeline,
-//!   chained by a stateless reply handler (no store, no outbox). Each
-//!   iteration runs a batch of checkouts concurrently; the ratio saga/raw
-//!   is the target (≥ 0.7).
+//!   command/reply round trips on the same broker in plain lapin (durable
+//!   queues, persistent messages, publisher confirms, manual acks, 32
+//!   deliveries handled at once per consumer like the workers; a stateless
+//!   reply consumer publishes the next command). Target saga/raw ≥ 0.7.
 //!
-//! Under `cargo test --benches` every bench runs once.
+//! The two ratio rows follow ADR 0018: every round measures raw, raw again
+//! (the control) and saga, the order reversed every other round; the
+//! control's ratios to raw, widened to include 1.00, are the noise band.
+//! `cargo bench -p surety-saga --bench saga` for the full run; under
+//! `cargo test --benches` each runs one small round.
 
 use std::time::{Duration, Instant};
 
@@ -76,12 +80,21 @@ async fn saga_checkouts(orchestrator: &Orchestrator<Steps, SqliteSagaStore>, fro
     }
 }
 
-/// The same four transactions per checkout, written by hand.
-async fn raw_checkouts(pool: &SqlitePool, from: u64, n: u64) {
+/// The same four transactions per checkout, written by hand with sqlx:
+/// read the row, write it under its version, a history row, the command's
+/// bytes (encoded before the clock starts) into an outbox table, the timer.
+async fn raw_checkouts(pool: &SqlitePool, command: &[u8], from: u64, n: u64) {
     for i in from..from + n {
         let id = format!("o-{i}");
         for version in 1..=4i64 {
             let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.expect("begins");
+            let loaded: Option<(String, i64)> =
+                sqlx::query_as("SELECT state, version FROM raw_instance WHERE id = $1")
+                    .bind(&id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .expect("reads the row");
+            assert_eq!(loaded.map_or(0, |(_, v)| v), version - 1);
             let state = serde_json::json!({"step": version, "order": id}).to_string();
             sqlx::query(
                 "INSERT INTO raw_instance (id, state, version) VALUES ($1, $2, $3) \
@@ -102,14 +115,15 @@ async fn raw_checkouts(pool: &SqlitePool, from: u64, n: u64) {
                 .await
                 .expect("writes history");
             if version < 4 {
-                let command = Envelope::builder("/raw", "step.command")
-                    .partition_key(id.clone())
-                    .json(&serde_json::json!({"order": id}))
-                    .expect("encodes")
-                    .build();
-                SqliteOutbox::enqueue(&mut tx, "raw", &command)
-                    .await
-                    .expect("enqueues");
+                sqlx::query(
+                    "INSERT INTO raw_outbox (message_id, topic, payload) VALUES ($1, $2, $3)",
+                )
+                .bind(format!("raw:{id}:{version}"))
+                .bind("raw")
+                .bind(command)
+                .execute(&mut *tx)
+                .await
+                .expect("enqueues");
                 sqlx::query(
                     "INSERT INTO raw_timer (id, due) VALUES ($1, $2) \
                      ON CONFLICT (id) DO UPDATE SET due = excluded.due",
@@ -131,7 +145,96 @@ async fn raw_checkouts(pool: &SqlitePool, from: u64, n: u64) {
     }
 }
 
-fn durable_steps(c: &mut Criterion) {
+/// Whether this is a full run (`cargo bench`) rather than the smoke run of
+/// `cargo test --benches`.
+fn full_run() -> bool {
+    std::env::args().any(|arg| arg == "--bench")
+}
+
+/// One round's rates (per second): raw, raw again (the control), saga.
+#[derive(Clone, Copy, Debug)]
+struct Round {
+    raw: f64,
+    control: f64,
+    saga: f64,
+}
+
+/// Runs `rounds` rounds of raw, control and saga (the order reversed every
+/// other round), each measurement returning how many units it did, and
+/// prints the rates, the ratio and the noise band (ADR 0018).
+async fn rounds<R, RF, S, SF>(name: &str, unit: &str, rounds: usize, mut raw: R, mut saga: S)
+where
+    R: FnMut() -> RF,
+    RF: std::future::Future<Output = u64>,
+    S: FnMut() -> SF,
+    SF: std::future::Future<Output = u64>,
+{
+    let rate = |units: u64, started: Instant| units as f64 / started.elapsed().as_secs_f64();
+    let mut results = Vec::new();
+    // A warm-up round, not counted.
+    for round in 0..=rounds {
+        let (r, c, s);
+        if round % 2 == 0 {
+            let t = Instant::now();
+            r = rate(raw().await, t);
+            let t = Instant::now();
+            c = rate(raw().await, t);
+            let t = Instant::now();
+            s = rate(saga().await, t);
+        } else {
+            let t = Instant::now();
+            s = rate(saga().await, t);
+            let t = Instant::now();
+            c = rate(raw().await, t);
+            let t = Instant::now();
+            r = rate(raw().await, t);
+        }
+        if round > 0 {
+            results.push(Round {
+                raw: r,
+                control: c,
+                saga: s,
+            });
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    };
+    let ratios: Vec<f64> = results.iter().map(|r| r.saga / r.raw).collect();
+    let noise: Vec<f64> = results.iter().map(|r| r.control / r.raw).collect();
+    let low = noise.iter().copied().fold(1.0, f64::min);
+    let high = noise.iter().copied().fold(1.0, f64::max);
+    let ratio = median(ratios.clone());
+    for (i, r) in results.iter().enumerate() {
+        println!(
+            "{name} round {}: raw {:.0} {unit}/s, control {:.0}, saga {:.0}, saga/raw {:.2}",
+            i + 1,
+            r.raw,
+            r.control,
+            r.saga,
+            r.saga / r.raw
+        );
+    }
+    let verdict = if (low..=high).contains(&ratio) {
+        " (within noise)"
+    } else {
+        ""
+    };
+    println!(
+        "{name}: raw {:.0} {unit}/s, saga {:.0} {unit}/s, saga/raw {ratio:.2}{verdict}, noise band {low:.2}..{high:.2} over {} rounds",
+        median(results.iter().map(|r| r.raw).collect()),
+        median(results.iter().map(|r| r.saga).collect()),
+        results.len()
+    );
+}
+
+fn durable_steps() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -146,6 +249,7 @@ fn durable_steps(c: &mut Criterion) {
             "CREATE TABLE IF NOT EXISTS raw_instance (id TEXT PRIMARY KEY, state TEXT NOT NULL, version INTEGER NOT NULL)",
             "CREATE TABLE IF NOT EXISTS raw_history (id TEXT NOT NULL, version INTEGER NOT NULL, state TEXT NOT NULL, PRIMARY KEY (id, version))",
             "CREATE TABLE IF NOT EXISTS raw_timer (id TEXT PRIMARY KEY, due INTEGER NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS raw_outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL)",
         ] {
             sqlx::query(ddl).execute(&pool).await.expect("creates");
         }
@@ -155,41 +259,233 @@ fn durable_steps(c: &mut Criterion) {
         checkout::definition(Deadlines::default()),
         SqliteSagaStore::new(pool.clone()),
     );
-    let mut group = c.benchmark_group("durable_steps");
-    group.throughput(Throughput::Elements(4));
-    group.sample_size(10);
-    let mut next = 0u64;
-    group.bench_function("sqlite/saga", |b| {
-        b.iter_custom(|iters| {
-            let started = Instant::now();
-            runtime.block_on(saga_checkouts(&orchestrator, next, iters));
-            next += iters;
-            started.elapsed()
-        });
-    });
-    let mut next = 0u64;
-    group.bench_function("sqlite/raw", |b| {
-        b.iter_custom(|iters| {
-            let started = Instant::now();
-            runtime.block_on(raw_checkouts(&pool, next, iters));
-            next += iters;
-            started.elapsed()
-        });
-    });
-    group.finish();
+    // The command as the outbox stores it: encoded before the clock starts.
+    let command = serde_json::to_vec(
+        &Envelope::builder("/raw", "step.command")
+            .json(&serde_json::json!({"order": "o-0", "cents": 4200}))
+            .expect("encodes")
+            .build(),
+    )
+    .expect("encodes");
+    let (n, count) = if full_run() { (250u64, 6) } else { (5, 1) };
+    let next = std::cell::Cell::new(0u64);
+    let take = |n: u64| {
+        let from = next.get();
+        next.set(from + n);
+        from
+    };
+    runtime.block_on(rounds(
+        "durable_steps/sqlite",
+        "steps",
+        count,
+        || {
+            let from = take(n);
+            let (pool, command) = (&pool, &command);
+            async move {
+                raw_checkouts(pool, command, from, n).await;
+                4 * n
+            }
+        },
+        || {
+            let from = take(n);
+            let orchestrator = &orchestrator;
+            async move {
+                saga_checkouts(orchestrator, from, n).await;
+                4 * n
+            }
+        },
+    ));
     runtime.block_on(pool.close());
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// Checkouts started per iteration of the RabbitMQ benches.
-const BATCH: u64 = 50;
+/// Checkouts started per measurement of the RabbitMQ rows.
+fn batch() -> u64 {
+    if full_run() { 200 } else { 10 }
+}
 
-fn rabbitmq_checkout(c: &mut Criterion) {
+/// Deliveries each consumer handles at once, on both sides.
+const CONCURRENCY: usize = 32;
+
+/// The raw side: plain lapin, no Surety code. Three participants answer
+/// each command with its reply; a stateless reply consumer sends the next
+/// command and counts finished checkouts.
+mod raw {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
-    use surety_core::consumer::{Incoming, Output, Response, Worker, handler_fn};
+
+    use futures::StreamExt;
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions, QueueDeclareOptions,
+    };
+    use lapin::types::{FieldTable, ShortString};
+    use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+    /// What a consumer sends for a delivery of a type: the queue and the
+    /// message type, or nothing.
+    type Next = Arc<dyn Fn(&str, &BasicProperties) -> Option<(String, String)> + Send + Sync>;
+
+    /// A running raw checkout: its queues and the count of finished ones.
+    pub(crate) struct Raw {
+        pub(crate) done: Arc<AtomicU64>,
+        pub(crate) publisher: Channel,
+        pub(crate) payments: String,
+        pub(crate) replies: String,
+        _connection: Connection,
+    }
+
+    pub(crate) async fn publish(
+        channel: &Channel,
+        queue: &str,
+        kind: &str,
+        correlation: &str,
+        reply_to: Option<&str>,
+    ) {
+        let mut properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_type(ShortString::from(kind))
+            .with_correlation_id(ShortString::from(correlation))
+            .with_content_type(ShortString::from("application/json"));
+        if let Some(reply_to) = reply_to {
+            properties = properties.with_reply_to(ShortString::from(reply_to));
+        }
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                b"{}",
+                properties,
+            )
+            .await
+            .expect("raw publish");
+        let confirmation = confirm.await.expect("a raw confirm");
+        assert!(confirmation.is_ack(), "the broker nacked a raw publish");
+    }
+
+    async fn confirming(connection: &Connection) -> Channel {
+        let channel = connection.create_channel().await.expect("a channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm mode");
+        channel
+    }
+
+    /// Consumes `queue`, `CONCURRENCY` deliveries at once: `answer` names
+    /// the message to send for a delivery of a type (queue and type), the
+    /// delivery is acked once that is confirmed.
+    async fn consume(
+        connection: &Connection,
+        queue: String,
+        answer: Next,
+        reply_to: Option<String>,
+    ) {
+        let channel = connection.create_channel().await.expect("a channel");
+        channel
+            .basic_qos(64, BasicQosOptions::default())
+            .await
+            .expect("prefetch");
+        let publisher = confirming(connection).await;
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                ShortString::from(format!("{queue}-raw")),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("raw consume");
+        let permits = Arc::new(tokio::sync::Semaphore::new(super::CONCURRENCY));
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let permit = Arc::clone(&permits).acquire_owned().await.expect("open");
+                let (answer, publisher, reply_to) =
+                    (Arc::clone(&answer), publisher.clone(), reply_to.clone());
+                tokio::spawn(async move {
+                    let properties = &delivery.properties;
+                    let kind = properties.kind().as_ref().map_or("", |k| k.as_str());
+                    let correlation = properties
+                        .correlation_id()
+                        .as_ref()
+                        .map_or("", |c| c.as_str())
+                        .to_owned();
+                    if let Some((to, next)) = answer(kind, properties) {
+                        publish(&publisher, &to, &next, &correlation, reply_to.as_deref()).await;
+                    }
+                    delivery
+                        .acker
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .expect("raw ack");
+                    drop(permit);
+                });
+            }
+        });
+    }
+
+    /// Declares the queues `<prefix>.raw.*` and starts the consumers.
+    pub(crate) async fn start(url: &str, prefix: &str) -> Raw {
+        let connection = Connection::connect(url, ConnectionProperties::default())
+            .await
+            .expect("raw lapin connects");
+        let setup = connection.create_channel().await.expect("a channel");
+        let q = |name: &str| format!("{prefix}.raw.{name}");
+        for name in ["payments", "inventory", "shipping", "replies"] {
+            setup
+                .queue_declare(
+                    q(name).as_str().into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .expect("declares");
+        }
+        // Participants reply to the command's reply-to queue.
+        for (name, reply) in [
+            ("payments", "payment.charged"),
+            ("inventory", "inventory.reserved"),
+            ("shipping", "shipping.booked"),
+        ] {
+            let answer: Next = Arc::new(move |_kind, properties| {
+                let to = properties.reply_to().as_ref()?.as_str().to_owned();
+                Some((to, reply.to_owned()))
+            });
+            consume(&connection, q(name), answer, None).await;
+        }
+        // The reply consumer: the next command, or one more checkout done.
+        let done = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&done);
+        let (inventory, shipping) = (q("inventory"), q("shipping"));
+        let next: Next = Arc::new(move |kind, _| match kind {
+            "payment.charged" => Some((inventory.clone(), "inventory.reserve".to_owned())),
+            "inventory.reserved" => Some((shipping.clone(), "shipping.book".to_owned())),
+            _ => {
+                counted.fetch_add(1, Ordering::SeqCst);
+                None
+            }
+        });
+        consume(&connection, q("replies"), next, Some(q("replies"))).await;
+        Raw {
+            done,
+            publisher: confirming(&connection).await,
+            payments: q("payments"),
+            replies: q("replies"),
+            _connection: connection,
+        }
+    }
+}
+
+fn rabbitmq_checkout() {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    use surety_core::Permanent;
+    use surety_core::consumer::{Incoming, Worker};
     use surety_core::host::Host;
-    use surety_core::{HandlerError, Permanent, Publisher};
     use surety_outbox::Relay;
     use surety_rabbitmq::{RabbitConfig, RabbitTransport};
     use surety_saga::consumer;
@@ -210,7 +506,7 @@ fn rabbitmq_checkout(c: &mut Criterion) {
     let q = |name: &str| format!("{prefix}.{name}");
     let dir = std::env::temp_dir().join(format!("surety-saga-bench-rmq-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a temporary directory");
-    let (transport, pool) = runtime.block_on(async {
+    let (transport, pool, raw) = runtime.block_on(async {
         let transport = RabbitTransport::connect(
             RabbitConfig::new(url.clone()).connection_name(format!("{prefix}.bench")),
         )
@@ -218,7 +514,8 @@ fn rabbitmq_checkout(c: &mut Criterion) {
         .expect("connects to RabbitMQ");
         let pool = open(&dir.join("bench.db")).await;
         sqlite::migrate(&pool).await.expect("migrates");
-        (transport, pool)
+        let raw = raw::start(&url, &prefix).await;
+        (transport, pool, raw)
     });
     let saga = checkout::definition_on(
         Deadlines::default(),
@@ -234,78 +531,35 @@ fn rabbitmq_checkout(c: &mut Criterion) {
             Ok::<_, Permanent>(Answer::done(reply, serde_json::json!({})))
         })
     };
-    // Raw: the next command for each reply, no state.
-    let done = Arc::new(AtomicU64::new(0));
-    let raw_done = Arc::clone(&done);
-    let raw_next = {
-        let (inventory, shipping) = (q("inventory"), q("shipping"));
-        let reply_to = q("raw-replies");
-        handler_fn(move |incoming: Incoming| {
-            let (inventory, shipping, reply_to) =
-                (inventory.clone(), shipping.clone(), reply_to.clone());
-            let done = Arc::clone(&raw_done);
-            async move {
-                let request = &incoming.envelope;
-                let (topic, kind) = match request.event_type.as_str() {
-                    "payment.charged" => (inventory, "inventory.reserve"),
-                    "inventory.reserved" => (shipping, "shipping.book"),
-                    _ => {
-                        done.fetch_add(1, Ordering::SeqCst);
-                        return Ok::<_, HandlerError>(Response::handled());
-                    }
-                };
-                let command = Envelope::builder("/raw", kind)
-                    .correlation_id(request.correlation_id.clone().unwrap_or_default())
-                    .partition_key(request.partition_key.clone().unwrap_or_default())
-                    .reply_to(reply_to)
-                    .json(&serde_json::json!({}))
-                    .map_err(HandlerError::permanent)?
-                    .build();
-                Ok(Response::handled().emit(Output::new(topic, command)))
-            }
-        })
-    };
     let relay = Relay::new(SqliteOutbox::new(pool.clone()), transport.clone())
         .poll_interval(Duration::from_millis(2));
+    let worker = |handler| Worker::new(handler).concurrency(CONCURRENCY);
     let host = Host::new()
         .consume(
             transport.clone(),
             q("replies"),
             "checkout",
-            Worker::new(consumer::reply_handler(Arc::clone(&orchestrator))).concurrency(32),
-        )
-        .consume(
-            transport.clone(),
-            q("raw-replies"),
-            "raw",
-            Worker::new(raw_next)
-                .concurrency(32)
-                .emit_to(transport.clone()),
+            Worker::new(consumer::reply_handler(Arc::clone(&orchestrator)))
+                .concurrency(CONCURRENCY),
         )
         .task("relay", move |shutdown| relay.run(shutdown.wait()))
         .consume(
             transport.clone(),
             q("payments"),
             "payments",
-            Worker::new(answer("payment.charged"))
-                .concurrency(32)
-                .emit_to(transport.clone()),
+            worker(answer("payment.charged")).emit_to(transport.clone()),
         )
         .consume(
             transport.clone(),
             q("inventory"),
             "inventory",
-            Worker::new(answer("inventory.reserved"))
-                .concurrency(32)
-                .emit_to(transport.clone()),
+            worker(answer("inventory.reserved")).emit_to(transport.clone()),
         )
         .consume(
             transport.clone(),
             q("shipping"),
             "shipping",
-            Worker::new(answer("shipping.booked"))
-                .concurrency(32)
-                .emit_to(transport.clone()),
+            worker(answer("shipping.booked")).emit_to(transport.clone()),
         );
     let health = host.health();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -318,65 +572,61 @@ fn rabbitmq_checkout(c: &mut Criterion) {
         }
     });
 
-    let mut group = c.benchmark_group("rabbitmq_checkout");
-    group.throughput(Throughput::Elements(BATCH));
-    group.sample_size(10);
-    let mut next = 0u64;
-    group.bench_function("saga", |b| {
-        b.iter_custom(|iters| {
-            let started = Instant::now();
-            runtime.block_on(async {
-                for _ in 0..iters {
-                    let ids: Vec<String> = (next..next + BATCH).map(|i| format!("c-{i}")).collect();
-                    next += BATCH;
-                    for id in &ids {
-                        let start = orchestrator.saga().begin(serde_json::json!({"order": id}));
-                        orchestrator.start(id, start).await.expect("starts");
-                    }
-                    for id in &ids {
-                        loop {
-                            let state = orchestrator.state(id).await.expect("loads");
-                            if state.is_some_and(|s| orchestrator.saga().is_finished(&s)) {
-                                break;
-                            }
-                            tokio::time::sleep(Duration::from_millis(1)).await;
-                        }
-                    }
+    let n = batch();
+    let count = if full_run() { 6 } else { 1 };
+    let next = std::cell::Cell::new(0u64);
+    let take = || {
+        let from = next.get();
+        next.set(from + n);
+        from
+    };
+    let (orchestrator, raw) = (&orchestrator, &raw);
+    runtime.block_on(rounds(
+        "rabbitmq_checkout",
+        "checkouts",
+        count,
+        || {
+            let from = take();
+            async move {
+                let target = raw.done.load(Ordering::SeqCst) + n;
+                for i in from..from + n {
+                    let id = format!("r-{i}");
+                    raw::publish(
+                        &raw.publisher,
+                        &raw.payments,
+                        "payment.charge",
+                        &id,
+                        Some(&raw.replies),
+                    )
+                    .await;
                 }
-            });
-            started.elapsed()
-        });
-    });
-    group.bench_function("raw", |b| {
-        b.iter_custom(|iters| {
-            let started = Instant::now();
-            runtime.block_on(async {
-                for _ in 0..iters {
-                    let target = done.load(Ordering::SeqCst) + BATCH;
-                    for i in 0..BATCH {
-                        let key = format!("r-{next}-{i}");
-                        let command = Envelope::builder("/raw", "payment.charge")
-                            .correlation_id(key.clone())
-                            .partition_key(key)
-                            .reply_to(q("raw-replies"))
-                            .json(&serde_json::json!({}))
-                            .expect("encodes")
-                            .build();
-                        transport
-                            .publish(&q("payments"), command)
-                            .await
-                            .expect("publishes");
-                    }
-                    next += 1;
-                    while done.load(Ordering::SeqCst) < target {
+                while raw.done.load(Ordering::SeqCst) < target {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                n
+            }
+        },
+        || {
+            let from = take();
+            async move {
+                let ids: Vec<String> = (from..from + n).map(|i| format!("c-{i}")).collect();
+                for id in &ids {
+                    let start = orchestrator.saga().begin(serde_json::json!({"order": id}));
+                    orchestrator.start(id, start).await.expect("starts");
+                }
+                for id in &ids {
+                    loop {
+                        let state = orchestrator.state(id).await.expect("loads");
+                        if state.is_some_and(|s| orchestrator.saga().is_finished(&s)) {
+                            break;
+                        }
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
                 }
-            });
-            started.elapsed()
-        });
-    });
-    group.finish();
+                n
+            }
+        },
+    ));
     stop.send(()).ok();
     runtime.block_on(async {
         running.await.ok();
@@ -388,7 +638,7 @@ fn rabbitmq_checkout(c: &mut Criterion) {
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     transition(&mut c);
-    durable_steps(&mut c);
-    rabbitmq_checkout(&mut c);
     c.final_summary();
+    durable_steps();
+    rabbitmq_checkout();
 }

@@ -5,7 +5,7 @@
 //! | method and path | what | auth |
 //! |---|---|---|
 //! | `GET /instances` | list: `saga` (type), `state` (step name), `finished` (`true`/`false`), `min_age_secs` (started at least that long ago), `stuck_secs` (unfinished and not moved for that long), `limit` (1–500, default 50); least recently moved first | read |
-//! | `GET /instances/{id}` | one instance of this API's saga: its state, its history (every input, with the step it led to, time and trace id) and its audit trail | read |
+//! | `GET /instances/{id}` | one instance of this API's saga: its state, its history (every input, with the step it left and the one it led to, the commands it sent by type and id, time and trace id), its no-op records (duplicate and late replies, counted per version and input) and its audit trail | read |
 //! | `POST /instances/{id}/retry` | re-send the current step (or the failed compensation) | write |
 //! | `POST /instances/{id}/compensate` | stop and undo what was done | write |
 //! | `POST /instances/{id}/resolve` | end the instance as resolved | write |
@@ -63,7 +63,7 @@ use crate::definition::{Input, OperatorAction, Saga};
 use crate::orchestrator::{Orchestrator, Outcome, SagaError};
 use crate::steps::actions;
 use crate::store::{
-    AuditRecord, HistoryRecord, InstanceSummary, ListFilter, SagaStore, StoreError,
+    AuditRecord, HistoryRecord, InstanceSummary, ListFilter, NoopRecord, SagaStore, StoreError,
 };
 
 /// Default page size of listings.
@@ -415,6 +415,7 @@ where
 struct Shown {
     instance: InstanceSummary,
     history: Vec<HistoryRecord>,
+    noops: Vec<NoopRecord>,
     audit: Vec<AuditRecord>,
 }
 
@@ -446,6 +447,7 @@ where
         return Err(not_found(&id));
     };
     let history = store.history(saga, &id).await?;
+    let noops = store.noops(saga, &id).await?;
     let audit = store.audit_log(saga, &id).await?;
     let started = history
         .first()
@@ -464,6 +466,7 @@ where
     Ok(Json(Shown {
         instance,
         history,
+        noops,
         audit,
     })
     .into_response())

@@ -4,7 +4,8 @@
 //! - [`reply_handler`] is a core [`Router`] with one route per reply type of
 //!   a [`Steps`](crate::steps::Steps) definition. Each reply is applied to the instance named by
 //!   its correlation id; a duplicate or late reply is a recorded no-op
-//!   (counted as `ignored`/`finished` inputs, settled as
+//!   (a counted [`NoopRecord`](crate::store::NoopRecord) in the store,
+//!   `surety_saga_duplicate_replies_total`, `ignored`/`finished` inputs; settled as
 //!   [`Outcome::Duplicate`]). Run it in a
 //!   [`Worker`](surety_core::consumer::Worker) on the saga's reply queue:
 //!   replies carry the saga id as partition key, so the worker keeps one

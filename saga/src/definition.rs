@@ -132,6 +132,12 @@ pub struct Command {
     pub key: Option<String>,
 }
 
+/// The header that carries a keyed command's [key](Command#structfield.key)
+/// (for a [`Steps`](crate::steps::Steps) definition `do:<step>:<generation>`
+/// or `undo:<step>:<generation>`), so a participant can tell a step's
+/// command from its compensation; see [`participant`](crate::participant).
+pub const COMMAND_KEY_HEADER: &str = "surety-saga-command-key";
+
 impl Command {
     /// A command of `message_type` with a JSON `payload` to `topic`.
     pub fn new(

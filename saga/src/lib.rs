@@ -114,7 +114,9 @@ pub mod sqlite;
 pub mod steps;
 pub mod store;
 
-pub use definition::{Command, Input, OperatorAction, Saga, Transition, replay};
+pub use definition::{
+    COMMAND_KEY_HEADER, Command, Input, OperatorAction, Saga, Transition, replay,
+};
 pub use orchestrator::{Orchestrator, Outcome, SagaError};
 
 /// The guide chapter's program, compiled and run as a doctest.

@@ -12,6 +12,7 @@
 //! | `surety_saga_instances` | gauge | `saga`, `state` | unfinished instances by step, set by [`SagaMetrics::observe`] (the `consumer::gauge_task`) |
 //! | `surety_saga_stuck` | gauge | `saga` | unfinished instances that have not moved for the configured time, set the same way |
 //! | `surety_saga_conflicts_total` | counter | `saga` | writes that lost to a concurrent writer and were decided again on the fresh state (not a delivery retry) |
+//! | `surety_saga_duplicate_replies_total` | counter | `saga` | replies that changed nothing (a duplicate, or late for the step or the finished instance), each also a recorded no-op |
 //! | `surety_saga_timeouts_total` | counter | `saga`, `outcome` (`fired`, `stale`) | timers fired as inputs, or found cancelled/fired by another orchestrator |
 //!
 //! ```
@@ -57,6 +58,7 @@ pub struct SagaMetrics {
     inputs: Family<OutcomeLabels, Counter>,
     transitions: Family<StateLabels, Counter>,
     conflicts: Family<SagaLabels, Counter>,
+    duplicate_replies: Family<SagaLabels, Counter>,
     timeouts: Family<OutcomeLabels, Counter>,
     started: Family<SagaLabels, Counter>,
     finished: Family<StateLabels, Counter>,
@@ -76,6 +78,7 @@ impl Default for SagaMetrics {
             inputs: Family::default(),
             transitions: Family::default(),
             conflicts: Family::default(),
+            duplicate_replies: Family::default(),
             timeouts: Family::default(),
             started: Family::default(),
             finished: Family::default(),
@@ -109,6 +112,11 @@ impl SagaMetrics {
             metrics.conflicts.clone(),
         );
         registry.register(
+            "duplicate_replies",
+            "Replies that changed nothing: duplicates, or late for the step or the finished instance",
+            metrics.duplicate_replies.clone(),
+        );
+        registry.register(
             "timeouts",
             "Saga timers fired, or found stale when fired, by outcome",
             metrics.timeouts.clone(),
@@ -136,6 +144,20 @@ impl SagaMetrics {
             metrics.stuck.clone(),
         );
         metrics
+    }
+
+    pub(crate) fn duplicate_reply(&self, saga: &str) {
+        self.duplicate_replies
+            .get_or_create(&SagaLabels { saga: saga.into() })
+            .inc();
+    }
+
+    /// The count of duplicate or late replies of saga `saga` (recorded
+    /// no-ops).
+    pub fn duplicate_replies_count(&self, saga: &str) -> u64 {
+        self.duplicate_replies
+            .get_or_create(&SagaLabels { saga: saga.into() })
+            .get()
     }
 
     pub(crate) fn started(&self, saga: &str) {

@@ -6,7 +6,10 @@ use surety_core::{Classify, Envelope, ErrorClass};
 
 use crate::definition::{Input, Saga, Transition};
 use crate::metrics::SagaMetrics;
-use crate::store::{HistoryRecord, InstanceRecord, SagaStore, StoreError, TimerRecord, Write};
+use crate::store::{
+    HistoryRecord, InstanceRecord, NoopRecord, SagaStore, SentCommand, StoreError, TimerRecord,
+    Write,
+};
 
 /// How often [`Orchestrator::handle`] reloads and re-applies an input after
 /// a concurrent write to the same instance before giving up.
@@ -252,7 +255,9 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
 
     /// Starts instance `id` with the state and commands of `start`. A second
     /// start of the same id (a redelivered trigger) writes nothing and
-    /// returns [`Outcome::AlreadyStarted`]; so does an ignoring transition.
+    /// returns [`Outcome::AlreadyStarted`], also after the instance finished
+    /// and was purged (see [`SagaStore::purge_finished`]); so does an
+    /// ignoring transition.
     pub async fn start(&self, id: &str, start: Transition<S::State>) -> Result<Outcome, SagaError> {
         let outcome = self.start_inner(id, start).await;
         self.record(outcome)
@@ -267,7 +272,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             return Ok(Outcome::AlreadyStarted);
         }
         let now = Utc::now();
-        let Some(write) = self.prepare(id, 0, None, start, None, None, now)? else {
+        let Some(write) = self.prepare(id, 0, None, None, start, None, None, now)? else {
             return Ok(Outcome::AlreadyStarted);
         };
         let outcome = outcome_of(&write);
@@ -279,6 +284,14 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 Ok(outcome)
             }
             Err(StoreError::Conflict { .. }) => Ok(Outcome::AlreadyStarted),
+            Err(StoreError::Purged { .. }) => {
+                tracing::info!(
+                    saga = self.saga.name(),
+                    id,
+                    "a start of an instance that finished and was purged: not started again"
+                );
+                Ok(Outcome::AlreadyStarted)
+            }
             Err(error) => Err(error.into()),
         }
     }
@@ -416,6 +429,8 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 return Ok(Outcome::Unknown);
             };
             if record.finished {
+                self.noop(&record, &input, "finished", trace_id, now)
+                    .await?;
                 return Ok(Outcome::Finished);
             }
             let state = self.decode_state(&record)?;
@@ -423,6 +438,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             let Some(write) = self.prepare(
                 id,
                 record.version,
+                Some(&record.state_name),
                 Some(&input),
                 transition,
                 fired.clone(),
@@ -435,6 +451,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 if let Some(timer) = &fired {
                     self.store.delete_timer(timer).await?;
                 }
+                self.noop(&record, &input, "ignored", trace_id, now).await?;
                 return Ok(Outcome::Ignored);
             };
             let outcome = outcome_of(&write);
@@ -458,12 +475,39 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         }
     }
 
+    /// Records an input that changed nothing (bounded: one counted record
+    /// per version, input and outcome) and counts a duplicate or late reply.
+    async fn noop(
+        &self,
+        record: &InstanceRecord,
+        input: &Input<S::Message>,
+        outcome: &str,
+        trace_id: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<(), SagaError> {
+        if let (Some(metrics), Input::Message(_)) = (&self.metrics, input) {
+            metrics.duplicate_reply(self.saga.name());
+        }
+        let noop = NoopRecord::new(
+            record.version,
+            input_label(input),
+            outcome,
+            now,
+            trace_id.map(str::to_owned),
+        );
+        self.store
+            .record_noop(&record.saga, &record.id, noop)
+            .await?;
+        Ok(())
+    }
+
     // Private: the arguments are the parts of one write, named.
     #[allow(clippy::too_many_arguments)]
     fn prepare(
         &self,
         id: &str,
         loaded_version: u64,
+        from_state: Option<&str>,
         input: Option<&Input<S::Message>>,
         transition: Transition<S::State>,
         fired_timer: Option<TimerRecord>,
@@ -502,6 +546,9 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 .time(now)
                 .correlation_id(id)
                 .partition_key(id);
+            if let Some(key) = command.key {
+                builder = builder.header(crate::definition::COMMAND_KEY_HEADER, key);
+            }
             if let Some(reply_to) = &self.reply_to {
                 builder = builder.reply_to(reply_to.clone());
             }
@@ -511,6 +558,16 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 .build();
             envelopes.push((command.topic, envelope));
         }
+        let sent = envelopes
+            .iter()
+            .map(|(topic, envelope)| {
+                SentCommand::new(
+                    topic.clone(),
+                    envelope.event_type.clone(),
+                    envelope.id.clone(),
+                )
+            })
+            .collect();
         let set_timers = set_timers
             .into_iter()
             .map(|(name, after)| {
@@ -540,6 +597,9 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 state_name,
                 at: now,
                 trace_id: trace_id.map(str::to_owned),
+                from_state: from_state.map(str::to_owned),
+                commands: sent,
+                timer_due: fired_timer.as_ref().map(|timer| timer.due),
             },
             commands: envelopes,
             set_timers,
@@ -547,6 +607,34 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             fired_timer,
         }))
     }
+}
+
+/// How a no-op record names an input: a reply by its type (a
+/// [`StepReply`](crate::steps::StepReply)'s `message_type`, a unit enum
+/// variant, or the variant of an enum with data), else `message`; a timer
+/// or an operator action by its name. At most 200 bytes.
+fn input_label<M: serde::Serialize>(input: &Input<M>) -> String {
+    let mut label = match input {
+        Input::Message(message) => match serde_json::to_value(message) {
+            Ok(serde_json::Value::String(kind)) => kind,
+            Ok(serde_json::Value::Object(fields)) => match fields.get("message_type") {
+                Some(serde_json::Value::String(kind)) => kind.clone(),
+                _ if fields.len() == 1 => fields.keys().next().cloned().unwrap_or_default(),
+                _ => "message".to_owned(),
+            },
+            _ => "message".to_owned(),
+        },
+        Input::Timeout { name } => format!("timeout {name}"),
+        Input::Operator(action) => format!("operator {}", action.action),
+    };
+    if label.len() > 200 {
+        let mut end = 200;
+        while !label.is_char_boundary(end) {
+            end -= 1;
+        }
+        label.truncate(end);
+    }
+    label
 }
 
 fn outcome_of(write: &Write) -> Outcome {

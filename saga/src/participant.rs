@@ -18,6 +18,24 @@
 //! not stored: the broker redelivers the command and the handler runs
 //! again.
 //!
+//! # Late commands after their compensation
+//!
+//! A saga that gives up on a step (its deadline passed, every attempt
+//! spent) compensates it, and the compensation can reach the participant
+//! before the step's own command, still queued or redelivered. Give the
+//! handler [`Tombstones`] with [`Participant::tombstones`]: the
+//! compensation of a step (its command carries the
+//! [`COMMAND_KEY_HEADER`] `undo:<step>:..`)
+//! records a tombstone for (saga id, step) before your function runs, and
+//! a later command for that step (`do:<step>:..`) is answered as already
+//! compensated: your function does not run, no reply is sent (the saga
+//! has moved on) and, behind the idempotency layer, that no-op is what is
+//! stored for the command's id. Keep the tombstones in the participant's
+//! own database ([`SqliteSagaStore`](crate::sqlite::SqliteSagaStore) and
+//! [`PostgresSagaStore`](crate::postgres::PostgresSagaStore) implement the
+//! trait on the `surety_saga_tombstone` table); [`MemoryTombstones`] is
+//! for tests.
+//!
 //! ```
 //! use surety_core::consumer::Incoming;
 //! use surety_core::Permanent;
@@ -34,15 +52,146 @@
 //! # let _ = payments;
 //! ```
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
 use surety_core::consumer::{Incoming, Output, Response};
 use surety_core::tower::Service;
 use surety_core::{Classify, Envelope, HandlerError};
+
+use crate::definition::COMMAND_KEY_HEADER;
+use crate::store::StoreError;
+
+/// Where a participant records the steps it compensated, so a late command
+/// for one of them is not applied; see the [module docs](self).
+pub trait Tombstones: Clone + Send + Sync + 'static {
+    /// Records that the compensation of `step` of the saga instance `id`
+    /// (the correlation id) from `saga` (the command's source) was handled.
+    /// Recording twice is not an error.
+    fn record(
+        &self,
+        saga: &str,
+        id: &str,
+        step: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Whether [`record`](Self::record) was called for `step` of `id`.
+    fn contains(
+        &self,
+        saga: &str,
+        id: &str,
+        step: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+}
+
+/// No tombstones: every command runs (the default).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoTombstones;
+
+impl Tombstones for NoTombstones {
+    async fn record(&self, _: &str, _: &str, _: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn contains(&self, _: &str, _: &str, _: &str) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+}
+
+/// Tombstones in memory, for tests and examples. Clones share them.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryTombstones {
+    inner: Arc<Mutex<BTreeSet<(String, String, String)>>>,
+}
+
+impl MemoryTombstones {
+    /// No tombstones yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many tombstones are recorded.
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether none is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Tombstones for MemoryTombstones {
+    async fn record(&self, saga: &str, id: &str, step: &str) -> Result<(), StoreError> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((saga.to_owned(), id.to_owned(), step.to_owned()));
+        Ok(())
+    }
+
+    async fn contains(&self, saga: &str, id: &str, step: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&(saga.to_owned(), id.to_owned(), step.to_owned())))
+    }
+}
+
+/// What the tombstone check says about a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Gate {
+    /// Run the command (a tombstone was recorded first if it is a
+    /// compensation).
+    Run,
+    /// The step's compensation was handled first: do not apply it.
+    AlreadyCompensated,
+}
+
+/// The tombstone check [`Participant`] runs before your function: the
+/// compensation of a step records a tombstone for (saga id, step); the
+/// step's command after it is [`Gate::AlreadyCompensated`]. A command
+/// without a saga id or a step key runs.
+///
+/// # Errors
+///
+/// The tombstone store's.
+pub async fn check<T: Tombstones>(tombstones: &T, command: &Envelope) -> Result<Gate, StoreError> {
+    let (Some(id), Some(key)) = (
+        command.correlation_id.as_deref(),
+        command.headers.get(COMMAND_KEY_HEADER),
+    ) else {
+        return Ok(Gate::Run);
+    };
+    let mut parts = key.splitn(3, ':');
+    let (Some(kind), Some(step)) = (parts.next(), parts.next()) else {
+        return Ok(Gate::Run);
+    };
+    let saga = command.source.as_str();
+    match kind {
+        "undo" => {
+            tombstones.record(saga, id, step).await?;
+            Ok(Gate::Run)
+        }
+        "do" if tombstones.contains(saga, id, step).await? => {
+            tracing::info!(
+                saga,
+                id,
+                step,
+                command = %command.id,
+                "a command arrived after its step was compensated: not applied"
+            );
+            Ok(Gate::AlreadyCompensated)
+        }
+        _ => Ok(Gate::Run),
+    }
+}
 
 /// A participant's answer to a command.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,17 +273,32 @@ where
     Participant {
         source: source.into().into(),
         f,
+        tombstones: NoTombstones,
     }
 }
 
 /// The handler [`participant`] builds.
 #[derive(Clone)]
-pub struct Participant<F> {
+pub struct Participant<F, T = NoTombstones> {
     source: Arc<str>,
     f: F,
+    tombstones: T,
 }
 
-impl<F> fmt::Debug for Participant<F> {
+impl<F, T> Participant<F, T> {
+    /// Records compensations in `tombstones` and answers a step's command
+    /// that arrives after its compensation as already compensated; see the
+    /// [module docs](self).
+    pub fn tombstones<T2: Tombstones>(self, tombstones: T2) -> Participant<F, T2> {
+        Participant {
+            source: self.source,
+            f: self.f,
+            tombstones,
+        }
+    }
+}
+
+impl<F, T> fmt::Debug for Participant<F, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Participant")
             .field("source", &self.source)
@@ -142,11 +306,12 @@ impl<F> fmt::Debug for Participant<F> {
     }
 }
 
-impl<F, Fut, E> Service<Incoming> for Participant<F>
+impl<F, Fut, E, T> Service<Incoming> for Participant<F, T>
 where
     F: Fn(Incoming) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Result<Answer, E>> + Send + 'static,
     E: Classify + std::error::Error + Send + Sync + 'static,
+    T: Tombstones,
 {
     type Response = Response;
     type Error = HandlerError;
@@ -159,9 +324,17 @@ where
     fn call(&mut self, incoming: Incoming) -> Self::Future {
         let request = incoming.envelope.clone();
         let source = Arc::clone(&self.source);
-        let answer = (self.f)(incoming);
+        let f = self.f.clone();
+        let tombstones = self.tombstones.clone();
         Box::pin(async move {
-            let (message_type, payload) = match answer.await {
+            if check(&tombstones, &request)
+                .await
+                .map_err(HandlerError::new)?
+                == Gate::AlreadyCompensated
+            {
+                return Ok(Response::handled());
+            }
+            let (message_type, payload) = match f(incoming).await {
                 Ok(
                     Answer::Done {
                         message_type,

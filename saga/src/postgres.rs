@@ -28,6 +28,16 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "saga created_at, history trace id, audit",
         include_str!("../migrations/postgres/0002_created_at_and_trace.sql"),
     ),
+    (
+        3,
+        "saga tombstones",
+        include_str!("../migrations/postgres/0003_tombstones.sql"),
+    ),
+    (
+        4,
+        "saga history from-state, commands and timer due, no-op records",
+        include_str!("../migrations/postgres/0004_history_detail_and_noops.sql"),
+    ),
 ];
 
 /// Creates or upgrades the saga tables (and the outbox tables, through

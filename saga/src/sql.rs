@@ -84,6 +84,172 @@ pub(crate) fn count(value: u64) -> Result<i64, crate::store::StoreError> {
     i64::try_from(value).map_err(backend)
 }
 
+/// Every row the SQL saga stores read, decoded in one place for both
+/// backends: the queries name their columns, these functions turn a row
+/// into its record.
+pub(crate) mod rows {
+    use crate::store::{
+        AuditRecord, HistoryRecord, InstanceRecord, InstanceSummary, NoopRecord, StoreError,
+        TimerRecord,
+    };
+
+    use super::{backend, from_millis, json};
+
+    /// Typed column reads of a row of either backend, failing with the
+    /// store's error.
+    pub(crate) trait Columns {
+        fn text(&self, column: &str) -> Result<String, StoreError>;
+        fn maybe_text(&self, column: &str) -> Result<Option<String>, StoreError>;
+        fn int(&self, column: &str) -> Result<i64, StoreError>;
+        fn maybe_int(&self, column: &str) -> Result<Option<i64>, StoreError>;
+        fn flag(&self, column: &str) -> Result<bool, StoreError>;
+
+        fn count(&self, column: &str) -> Result<u64, StoreError> {
+            u64::try_from(self.int(column)?).map_err(backend)
+        }
+
+        fn time(&self, column: &str) -> Result<chrono::DateTime<chrono::Utc>, StoreError> {
+            self.int(column).map(from_millis)
+        }
+
+        fn json(&self, column: &str) -> Result<serde_json::Value, StoreError> {
+            json(&self.text(column)?)
+        }
+    }
+
+    macro_rules! columns {
+        ($row:ty) => {
+            impl Columns for $row {
+                fn text(&self, column: &str) -> Result<String, StoreError> {
+                    sqlx::Row::try_get(self, column).map_err(backend)
+                }
+
+                fn maybe_text(&self, column: &str) -> Result<Option<String>, StoreError> {
+                    sqlx::Row::try_get(self, column).map_err(backend)
+                }
+
+                fn int(&self, column: &str) -> Result<i64, StoreError> {
+                    sqlx::Row::try_get(self, column).map_err(backend)
+                }
+
+                fn maybe_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
+                    sqlx::Row::try_get(self, column).map_err(backend)
+                }
+
+                fn flag(&self, column: &str) -> Result<bool, StoreError> {
+                    sqlx::Row::try_get(self, column).map_err(backend)
+                }
+            }
+        };
+    }
+
+    #[cfg(feature = "sqlite")]
+    columns!(sqlx::sqlite::SqliteRow);
+    #[cfg(feature = "postgres")]
+    columns!(sqlx::postgres::PgRow);
+
+    /// `state, state_name, version, finished, updated_at, state_version`
+    /// of instance `id` of `saga`.
+    pub(crate) fn instance(
+        saga: &str,
+        id: &str,
+        row: &impl Columns,
+    ) -> Result<InstanceRecord, StoreError> {
+        Ok(InstanceRecord {
+            saga: saga.to_owned(),
+            id: id.to_owned(),
+            state: row.json("state")?,
+            state_name: row.text("state_name")?,
+            version: row.count("version")?,
+            finished: row.flag("finished")?,
+            updated_at: row.time("updated_at")?,
+            state_version: u32::try_from(row.int("state_version")?).map_err(backend)?,
+        })
+    }
+
+    /// `saga, id, state, state_name, version, finished, created_at,
+    /// updated_at`.
+    pub(crate) fn summary(row: &impl Columns) -> Result<InstanceSummary, StoreError> {
+        Ok(InstanceSummary {
+            saga: row.text("saga")?,
+            id: row.text("id")?,
+            state_name: row.text("state_name")?,
+            version: row.count("version")?,
+            finished: row.flag("finished")?,
+            created_at: row.time("created_at")?,
+            updated_at: row.time("updated_at")?,
+            state: row.json("state")?,
+        })
+    }
+
+    /// `version, input, state, state_name, at, trace_id, from_state,
+    /// commands, timer_due`.
+    pub(crate) fn history(row: &impl Columns) -> Result<HistoryRecord, StoreError> {
+        Ok(HistoryRecord {
+            version: row.count("version")?,
+            input: row.maybe_text("input")?.as_deref().map(json).transpose()?,
+            state: row.json("state")?,
+            state_name: row.text("state_name")?,
+            at: row.time("at")?,
+            trace_id: row.maybe_text("trace_id")?,
+            from_state: row.maybe_text("from_state")?,
+            commands: serde_json::from_str(&row.text("commands")?).map_err(backend)?,
+            timer_due: row.maybe_int("timer_due")?.map(from_millis),
+        })
+    }
+
+    /// `id, name, due` of a timer of `saga`.
+    pub(crate) fn timer(saga: &str, row: &impl Columns) -> Result<TimerRecord, StoreError> {
+        Ok(TimerRecord {
+            saga: saga.to_owned(),
+            id: row.text("id")?,
+            name: row.text("name")?,
+            due: row.time("due")?,
+        })
+    }
+
+    /// `version, input, outcome, count, first_at, last_at, trace_id`.
+    pub(crate) fn noop(row: &impl Columns) -> Result<NoopRecord, StoreError> {
+        let mut noop = NoopRecord::new(
+            row.count("version")?,
+            row.text("input")?,
+            row.text("outcome")?,
+            row.time("first_at")?,
+            row.maybe_text("trace_id")?,
+        );
+        noop.count = row.count("count")?;
+        noop.last_at = row.time("last_at")?;
+        Ok(noop)
+    }
+
+    /// `actor, action, reason, at` of an audit entry on instance `id` of
+    /// `saga`.
+    pub(crate) fn audit(
+        saga: &str,
+        id: &str,
+        row: &impl Columns,
+    ) -> Result<AuditRecord, StoreError> {
+        let mut entry = AuditRecord::new(
+            saga,
+            id,
+            row.text("actor")?,
+            row.text("action")?,
+            row.text("reason")?,
+        );
+        entry.at = row.time("at")?;
+        Ok(entry)
+    }
+
+    /// `state_name, all_count, idle_count`.
+    pub(crate) fn step_count(row: &impl Columns) -> Result<(String, u64, u64), StoreError> {
+        Ok((
+            row.text("state_name")?,
+            row.count("all_count")?,
+            row.count("idle_count")?,
+        ))
+    }
+}
+
 /// `impl SagaStore` for a SQL store: `$store` has a `pool: $pool` field,
 /// `$begin` opens a write transaction on it, `$outbox` enqueues commands.
 ///
@@ -100,8 +266,7 @@ macro_rules! sql_saga_store {
                 saga: &str,
                 id: &str,
             ) -> Result<Option<$crate::store::InstanceRecord>, $crate::store::StoreError> {
-                use sqlx::Row as _;
-                use $crate::sql::{backend, json};
+                use $crate::sql::backend;
                 let row = sqlx::query(
                     "SELECT state, state_name, version, finished, updated_at, state_version \
                      FROM surety_saga_instance \
@@ -112,24 +277,8 @@ macro_rules! sql_saga_store {
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(backend)?;
-                let Some(row) = row else { return Ok(None) };
-                let state: String = row.try_get("state").map_err(backend)?;
-                let version: i64 = row.try_get("version").map_err(backend)?;
-                Ok(Some($crate::store::InstanceRecord {
-                    saga: saga.to_owned(),
-                    id: id.to_owned(),
-                    state: json(&state)?,
-                    state_name: row.try_get("state_name").map_err(backend)?,
-                    version: u64::try_from(version).map_err(backend)?,
-                    finished: row.try_get("finished").map_err(backend)?,
-                    updated_at: $crate::sql::from_millis(
-                        row.try_get("updated_at").map_err(backend)?,
-                    ),
-                    state_version: u32::try_from(
-                        row.try_get::<i64, _>("state_version").map_err(backend)?,
-                    )
-                    .map_err(backend)?,
-                }))
+                row.map(|row| $crate::sql::rows::instance(saga, id, &row))
+                    .transpose()
             }
 
             async fn write(
@@ -172,6 +321,24 @@ macro_rules! sql_saga_store {
                             return Err(conflict());
                         }
                         Err(error) => return Err(backend(error)),
+                    }
+                    // Checked after the insert: an insert racing a purge of
+                    // the same id waits for the purge to commit, and this
+                    // read then sees its tombstone.
+                    let purged: Option<i64> = sqlx::query_scalar(
+                        "SELECT at FROM surety_saga_tombstone \
+                         WHERE saga = $1 AND id = $2 AND step = ''",
+                    )
+                    .bind(saga)
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(backend)?;
+                    if purged.is_some() {
+                        return Err(StoreError::Purged {
+                            saga: saga.to_owned(),
+                            id: id.to_owned(),
+                        });
                     }
                 } else {
                     let updated = sqlx::query(
@@ -251,8 +418,9 @@ macro_rules! sql_saga_store {
                 let history = &write.history;
                 sqlx::query(
                     "INSERT INTO surety_saga_history \
-                     (saga, id, version, input, state, state_name, at, trace_id) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                     (saga, id, version, input, state, state_name, at, trace_id, from_state, \
+                     commands, timer_due) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                 )
                 .bind(saga)
                 .bind(id)
@@ -262,6 +430,9 @@ macro_rules! sql_saga_store {
                 .bind(&history.state_name)
                 .bind(millis(history.at))
                 .bind(history.trace_id.as_deref())
+                .bind(history.from_state.as_deref())
+                .bind(serde_json::to_string(&history.commands).map_err(backend)?)
+                .bind(history.timer_due.map(millis))
                 .execute(&mut *tx)
                 .await
                 .map_err(backend)?;
@@ -280,8 +451,7 @@ macro_rules! sql_saga_store {
                 now: chrono::DateTime<chrono::Utc>,
                 limit: usize,
             ) -> Result<Vec<$crate::store::TimerRecord>, $crate::store::StoreError> {
-                use sqlx::Row as _;
-                use $crate::sql::{backend, from_millis, millis};
+                use $crate::sql::{backend, millis};
                 let rows = sqlx::query(
                     "SELECT id, name, due FROM surety_saga_timer WHERE saga = $1 AND due <= $2 \
                      ORDER BY due LIMIT $3",
@@ -292,15 +462,8 @@ macro_rules! sql_saga_store {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(backend)?;
-                rows.into_iter()
-                    .map(|row| {
-                        Ok($crate::store::TimerRecord {
-                            saga: saga.to_owned(),
-                            id: row.try_get("id").map_err(backend)?,
-                            name: row.try_get("name").map_err(backend)?,
-                            due: from_millis(row.try_get("due").map_err(backend)?),
-                        })
-                    })
+                rows.iter()
+                    .map(|row| $crate::sql::rows::timer(saga, row))
                     .collect()
             }
 
@@ -309,10 +472,10 @@ macro_rules! sql_saga_store {
                 saga: &str,
                 id: &str,
             ) -> Result<Vec<$crate::store::HistoryRecord>, $crate::store::StoreError> {
-                use sqlx::Row as _;
-                use $crate::sql::{backend, from_millis, json};
+                use $crate::sql::backend;
                 let rows = sqlx::query(
-                    "SELECT version, input, state, state_name, at, trace_id \
+                    "SELECT version, input, state, state_name, at, trace_id, from_state, commands, \
+                     timer_due \
                      FROM surety_saga_history WHERE saga = $1 AND id = $2 ORDER BY version",
                 )
                 .bind(saga)
@@ -320,21 +483,56 @@ macro_rules! sql_saga_store {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(backend)?;
-                rows.into_iter()
-                    .map(|row| {
-                        let version: i64 = row.try_get("version").map_err(backend)?;
-                        let input: Option<String> = row.try_get("input").map_err(backend)?;
-                        let state: String = row.try_get("state").map_err(backend)?;
-                        Ok($crate::store::HistoryRecord {
-                            version: u64::try_from(version).map_err(backend)?,
-                            input: input.as_deref().map(json).transpose()?,
-                            state: json(&state)?,
-                            state_name: row.try_get("state_name").map_err(backend)?,
-                            at: from_millis(row.try_get("at").map_err(backend)?),
-                            trace_id: row.try_get("trace_id").map_err(backend)?,
-                        })
-                    })
-                    .collect()
+                rows.iter().map($crate::sql::rows::history).collect()
+            }
+
+            async fn record_noop(
+                &self,
+                saga: &str,
+                id: &str,
+                noop: $crate::store::NoopRecord,
+            ) -> Result<(), $crate::store::StoreError> {
+                use $crate::sql::{backend, count, millis};
+                sqlx::query(
+                    "INSERT INTO surety_saga_noop \
+                     (saga, id, version, input, outcome, count, first_at, last_at, trace_id) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                     ON CONFLICT (saga, id, version, input, outcome) DO UPDATE SET \
+                     count = surety_saga_noop.count + excluded.count, \
+                     last_at = excluded.last_at, trace_id = excluded.trace_id",
+                )
+                .bind(saga)
+                .bind(id)
+                .bind(count(noop.version)?)
+                .bind(&noop.input)
+                .bind(&noop.outcome)
+                .bind(count(noop.count)?)
+                .bind(millis(noop.first_at))
+                .bind(millis(noop.last_at))
+                .bind(noop.trace_id.as_deref())
+                .execute(&self.pool)
+                .await
+                .map_err(backend)?;
+                Ok(())
+            }
+
+            async fn noops(
+                &self,
+                saga: &str,
+                id: &str,
+            ) -> Result<Vec<$crate::store::NoopRecord>, $crate::store::StoreError> {
+                use $crate::sql::backend;
+                let rows = sqlx::query(
+                    "SELECT version, input, outcome, count, first_at, last_at, trace_id \
+                     FROM surety_saga_noop WHERE saga = $1 AND id = $2 \
+                     ORDER BY version, input, outcome",
+                )
+                .bind(saga)
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(backend)?;
+                rows.iter().map($crate::sql::rows::noop).collect()
             }
 
             async fn unfinished_counts(
@@ -342,7 +540,6 @@ macro_rules! sql_saga_store {
                 saga: &str,
                 idle_since: chrono::DateTime<chrono::Utc>,
             ) -> Result<Vec<(String, u64, u64)>, $crate::store::StoreError> {
-                use sqlx::Row as _;
                 use $crate::sql::{backend, millis};
                 let rows = sqlx::query(
                     "SELECT state_name, COUNT(*) AS all_count, \
@@ -355,25 +552,14 @@ macro_rules! sql_saga_store {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(backend)?;
-                rows.into_iter()
-                    .map(|row| {
-                        let all: i64 = row.try_get("all_count").map_err(backend)?;
-                        let idle: i64 = row.try_get("idle_count").map_err(backend)?;
-                        Ok((
-                            row.try_get("state_name").map_err(backend)?,
-                            u64::try_from(all).map_err(backend)?,
-                            u64::try_from(idle).map_err(backend)?,
-                        ))
-                    })
-                    .collect()
+                rows.iter().map($crate::sql::rows::step_count).collect()
             }
 
             async fn list(
                 &self,
                 filter: &$crate::store::ListFilter,
             ) -> Result<Vec<$crate::store::InstanceSummary>, $crate::store::StoreError> {
-                use sqlx::Row as _;
-                use $crate::sql::{backend, from_millis, json, millis};
+                use $crate::sql::{backend, millis};
                 let rows = sqlx::query(
                     "SELECT saga, id, state, state_name, version, finished, created_at, updated_at \
                      FROM surety_saga_instance \
@@ -391,22 +577,7 @@ macro_rules! sql_saga_store {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(backend)?;
-                rows.into_iter()
-                    .map(|row| {
-                        let version: i64 = row.try_get("version").map_err(backend)?;
-                        let state: String = row.try_get("state").map_err(backend)?;
-                        Ok($crate::store::InstanceSummary {
-                            saga: row.try_get("saga").map_err(backend)?,
-                            id: row.try_get("id").map_err(backend)?,
-                            state_name: row.try_get("state_name").map_err(backend)?,
-                            version: u64::try_from(version).map_err(backend)?,
-                            finished: row.try_get("finished").map_err(backend)?,
-                            created_at: from_millis(row.try_get("created_at").map_err(backend)?),
-                            updated_at: from_millis(row.try_get("updated_at").map_err(backend)?),
-                            state: json(&state)?,
-                        })
-                    })
-                    .collect()
+                rows.iter().map($crate::sql::rows::summary).collect()
             }
 
             async fn delete_timer(
@@ -463,6 +634,7 @@ macro_rules! sql_saga_store {
                         continue;
                     }
                     for table in ["DELETE FROM surety_saga_history WHERE saga = $1 AND id = $2",
+                                  "DELETE FROM surety_saga_noop WHERE saga = $1 AND id = $2",
                                   "DELETE FROM surety_saga_timer WHERE saga = $1 AND id = $2"] {
                         sqlx::query(table)
                             .bind(saga)
@@ -471,6 +643,16 @@ macro_rules! sql_saga_store {
                             .await
                             .map_err(backend)?;
                     }
+                    sqlx::query(
+                        "INSERT INTO surety_saga_tombstone (saga, id, step, at) \
+                         VALUES ($1, $2, '', $3) ON CONFLICT (saga, id, step) DO NOTHING",
+                    )
+                    .bind(saga)
+                    .bind(&id)
+                    .bind(millis(chrono::Utc::now()))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(backend)?;
                     tx.commit().await.map_err(backend)?;
                     deleted += 1;
                 }
@@ -503,8 +685,7 @@ macro_rules! sql_saga_store {
                 saga: &str,
                 id: &str,
             ) -> Result<Vec<$crate::store::AuditRecord>, $crate::store::StoreError> {
-                use sqlx::Row as _;
-                use $crate::sql::{backend, from_millis};
+                use $crate::sql::backend;
                 let rows = sqlx::query(
                     "SELECT actor, action, reason, at FROM surety_saga_audit \
                      WHERE saga = $1 AND id = $2 ORDER BY seq",
@@ -514,19 +695,52 @@ macro_rules! sql_saga_store {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(backend)?;
-                rows.into_iter()
-                    .map(|row| {
-                        let mut entry = $crate::store::AuditRecord::new(
-                            saga,
-                            id,
-                            row.try_get::<String, _>("actor").map_err(backend)?,
-                            row.try_get::<String, _>("action").map_err(backend)?,
-                            row.try_get::<String, _>("reason").map_err(backend)?,
-                        );
-                        entry.at = from_millis(row.try_get("at").map_err(backend)?);
-                        Ok(entry)
-                    })
+                rows.iter()
+                    .map(|row| $crate::sql::rows::audit(saga, id, row))
                     .collect()
+            }
+        }
+
+        impl $crate::participant::Tombstones for $store {
+            async fn record(
+                &self,
+                saga: &str,
+                id: &str,
+                step: &str,
+            ) -> Result<(), $crate::store::StoreError> {
+                use $crate::sql::{backend, millis};
+                sqlx::query(
+                    "INSERT INTO surety_saga_tombstone (saga, id, step, at) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (saga, id, step) DO NOTHING",
+                )
+                .bind(saga)
+                .bind(id)
+                .bind(step)
+                .bind(millis(chrono::Utc::now()))
+                .execute(&self.pool)
+                .await
+                .map_err(backend)?;
+                Ok(())
+            }
+
+            async fn contains(
+                &self,
+                saga: &str,
+                id: &str,
+                step: &str,
+            ) -> Result<bool, $crate::store::StoreError> {
+                use $crate::sql::backend;
+                let found: Option<i64> = sqlx::query_scalar(
+                    "SELECT at FROM surety_saga_tombstone \
+                     WHERE saga = $1 AND id = $2 AND step = $3",
+                )
+                .bind(saga)
+                .bind(id)
+                .bind(step)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(backend)?;
+                Ok(found.is_some())
             }
         }
     };

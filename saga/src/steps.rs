@@ -3,7 +3,7 @@
 //! A [`Steps`] definition is a list of [`Step`]s. Each step sends one
 //! command to a participant's queue and waits for a reply, matched by its
 //! message type: a success reply moves on to the next step, a business
-//! failure (declined, out of stock) starts compensation, an error reply or
+//! failure (declined, out of stock) or an error reply starts compensation,
 //! the step's deadline retries the step per its [`RetryPolicy`] and, once
 //! the attempts are spent, starts compensation. Compensation sends the
 //! [`Compensation`] command of each step that took effect, in reverse
@@ -62,16 +62,18 @@ pub mod actions {
 }
 
 /// How often a step's command (or a compensation) is sent before the saga
-/// gives up on it: after an error reply or a missed deadline it is sent
-/// again, with the same message id, until `max_attempts` sends were made.
+/// gives up on it: after a missed deadline it is sent again, with the same
+/// message id, until `max_attempts` sends were made.
 ///
 /// The same id is what makes a re-send safe, and it also means that a
 /// participant behind `surety-idempotency` answers a re-sent command with
-/// the reply it stored: its error reply again. An error reply is the
-/// participant's permanent failure (transient ones are retried on the
-/// participant's side, without a reply); the attempts cover commands and
-/// replies that were lost. To try again after fixing the cause, use the
-/// operator's `retry`, which sends a new command.
+/// the reply it stored. So an error reply (the participant's permanent
+/// failure; transient ones are retried on the participant's side, without
+/// a reply) is final for the command and skips the attempts left: the
+/// step compensates what came before it, a compensation ends in
+/// `compensation-failed`. The attempts cover commands and replies that
+/// were lost. To try again after fixing the cause, use the operator's
+/// `retry`, which sends a new command.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RetryPolicy {
     /// Sends in all, the first included (at least 1).
@@ -505,13 +507,13 @@ impl Steps {
                 let why = format!("{}: {}", step.name, reply.message_type);
                 self.compensate(state, index, false, why)
             }
+            // An error reply is final for this command: the participant's
+            // idempotency layer stored it under the command's id, so a
+            // re-send (same id) would only get it again. The command did
+            // not take effect: compensate the steps before this one.
             Input::Message(reply) if reply.message_type == step.error => {
-                if attempt < step.retry.max_attempts {
-                    self.send_step(state.clone(), index, attempt + 1)
-                } else {
-                    let why = format!("{}: {} after {attempt} attempts", step.name, step.error);
-                    self.compensate(state, index, false, why)
-                }
+                let why = format!("{}: {} (final for this command)", step.name, step.error);
+                self.compensate(state, index, false, why)
             }
             Input::Timeout { name } if name == DEADLINE => {
                 if attempt < step.retry.max_attempts {
@@ -545,14 +547,10 @@ impl Steps {
         let Some(comp) = self.steps.get(index).and_then(|s| s.compensation.as_ref()) else {
             return Transition::ignore();
         };
-        let retry_or_fail = |state: &StepState| {
-            if attempt < comp.retry.max_attempts {
-                self.send_compensation(state.clone(), attempt + 1)
-            } else {
-                let mut next = state.clone();
-                next.status = Status::CompensationFailed { step: index };
-                Transition::to(next).cancel_timer(DEADLINE)
-            }
+        let fail = |state: &StepState| {
+            let mut next = state.clone();
+            next.status = Status::CompensationFailed { step: index };
+            Transition::to(next).cancel_timer(DEADLINE)
         };
         match input {
             Input::Message(reply) if comp.ok.contains(&reply.message_type) => {
@@ -560,8 +558,16 @@ impl Steps {
                 next.undo.pop();
                 self.send_compensation(next, 1)
             }
-            Input::Message(reply) if reply.message_type == comp.error => retry_or_fail(state),
-            Input::Timeout { name } if name == DEADLINE => retry_or_fail(state),
+            // Final for this command, as for a step: an operator's retry
+            // sends a new one.
+            Input::Message(reply) if reply.message_type == comp.error => fail(state),
+            Input::Timeout { name } if name == DEADLINE => {
+                if attempt < comp.retry.max_attempts {
+                    self.send_compensation(state.clone(), attempt + 1)
+                } else {
+                    fail(state)
+                }
+            }
             Input::Operator(action) => self.on_operator_compensating(state, action),
             _ => Transition::ignore(),
         }
@@ -634,12 +640,7 @@ impl Steps {
             }
             // Error replies say the command did not take effect: undo the
             // steps before. Silence may hide an effect: undo this one too.
-            let _ = writeln!(
-                out,
-                "    {here} --> {} : {} on every attempt",
-                undo_from(false),
-                step.error
-            );
+            let _ = writeln!(out, "    {here} --> {} : {}", undo_from(false), step.error);
             let _ = writeln!(
                 out,
                 "    {here} --> {} : no reply, attempts spent",
@@ -657,7 +658,11 @@ impl Steps {
                     );
                 let _ = writeln!(out, "    {undo} : {} to {}", comp.command, comp.topic);
                 let _ = writeln!(out, "    {undo} --> {before} : {}", comp.ok.join(" / "));
-                let _ = writeln!(out, "    {undo} --> compensation_failed : attempts spent");
+                let _ = writeln!(
+                    out,
+                    "    {undo} --> compensation_failed : {} / no reply, attempts spent",
+                    comp.error
+                );
             }
         }
         out.push_str("    compensation_failed --> resolved : operator resolve\n");

@@ -10,7 +10,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use surety_core::{Classify, Envelope, ErrorClass};
 
 /// A stored saga instance.
@@ -53,6 +53,87 @@ pub struct HistoryRecord {
     /// The trace of the input (the W3C trace id of its `traceparent`), when
     /// it came with one.
     pub trace_id: Option<String>,
+    /// The name of the step before the input; `None` for the start.
+    pub from_state: Option<String>,
+    /// The commands the transition sent, in order.
+    pub commands: Vec<SentCommand>,
+    /// For a fired timer, the due time it had been set to: a timer fires
+    /// once, so no two rows of an instance share a timer name and due time.
+    pub timer_due: Option<DateTime<Utc>>,
+}
+
+/// A command a transition sent, as its history row names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SentCommand {
+    /// Where it was sent.
+    pub topic: String,
+    /// Its message type.
+    pub message_type: String,
+    /// Its message id (the participant's deduplication key).
+    pub id: String,
+}
+
+impl SentCommand {
+    /// The command `message_type` with id `id`, sent to `topic`.
+    pub fn new(
+        topic: impl Into<String>,
+        message_type: impl Into<String>,
+        id: impl Into<String>,
+    ) -> Self {
+        Self {
+            topic: topic.into(),
+            message_type: message_type.into(),
+            id: id.into(),
+        }
+    }
+}
+
+/// Inputs that changed nothing (a duplicate or late reply, an ignored
+/// timer or operator action), counted per (instance version, input, outcome)
+/// instead of a row each, so a reply storm cannot grow an instance's
+/// history: at most one row per input kind per version the instance went
+/// through.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct NoopRecord {
+    /// The instance version the inputs found (they did not change it).
+    pub version: u64,
+    /// The input: the reply's type, `timeout <name>` or `operator <action>`.
+    pub input: String,
+    /// Why nothing happened: `ignored` (the definition ignored it) or
+    /// `finished` (the instance had finished).
+    pub outcome: String,
+    /// How many such inputs arrived.
+    pub count: u64,
+    /// When the first arrived.
+    pub first_at: DateTime<Utc>,
+    /// When the last arrived.
+    pub last_at: DateTime<Utc>,
+    /// The trace of the last one, when it came with one.
+    pub trace_id: Option<String>,
+}
+
+impl NoopRecord {
+    /// One input `input` that found the instance at `version` and did
+    /// nothing (`outcome`), at `at`.
+    pub fn new(
+        version: u64,
+        input: impl Into<String>,
+        outcome: impl Into<String>,
+        at: DateTime<Utc>,
+        trace_id: Option<String>,
+    ) -> Self {
+        Self {
+            version,
+            input: input.into(),
+            outcome: outcome.into(),
+            count: 1,
+            first_at: at,
+            last_at: at,
+            trace_id,
+        }
+    }
 }
 
 /// A pending timer.
@@ -214,6 +295,15 @@ pub enum StoreError {
         /// The timer's name.
         name: String,
     },
+    /// A start of an instance that finished and was purged (a start
+    /// delivered again after the retention period): nothing was written.
+    #[error("saga {saga} {id} finished and was purged; it is not started again")]
+    Purged {
+        /// The saga's name.
+        saga: String,
+        /// The saga id.
+        id: String,
+    },
     /// The database failed; its [kind](surety_core::store::StoreErrorKind)
     /// decides the class (a lost connection is transient, a constraint
     /// violation permanent).
@@ -227,6 +317,7 @@ impl Classify for StoreError {
             StoreError::Conflict { .. } | StoreError::TimerGone { .. } => {
                 ErrorClass::Transient { retry_after: None }
             }
+            StoreError::Purged { .. } => ErrorClass::Permanent,
             StoreError::Backend(error) => error.class(),
         }
     }
@@ -271,6 +362,23 @@ pub trait SagaStore: Send + Sync {
         id: &str,
     ) -> impl Future<Output = Result<Vec<HistoryRecord>, StoreError>> + Send;
 
+    /// Records an input that changed nothing on instance `id`: adds
+    /// `noop.count` to the record of the same (version, input, outcome),
+    /// or creates it; see [`NoopRecord`].
+    fn record_noop(
+        &self,
+        saga: &str,
+        id: &str,
+        noop: NoopRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// An instance's no-op records, by version then input.
+    fn noops(
+        &self,
+        saga: &str,
+        id: &str,
+    ) -> impl Future<Output = Result<Vec<NoopRecord>, StoreError>> + Send;
+
     /// Instances matching `filter`, least recently moved first.
     fn list(
         &self,
@@ -291,9 +399,11 @@ pub trait SagaStore: Send + Sync {
     /// audit trail stays). Unfinished instances are never deleted. Returns
     /// how many were deleted.
     ///
-    /// Choose `before` well past the time a start message can still be
-    /// delivered again: a start that arrives after its instance was purged
-    /// starts a new one.
+    /// Each purged instance leaves a tombstone of its id: a start written
+    /// for it later (a start message delivered again) fails with
+    /// [`StoreError::Purged`] and the orchestrator answers
+    /// [`Outcome::AlreadyStarted`](crate::Outcome::AlreadyStarted).
+    /// Tombstones are kept (a saga name and id each).
     fn purge_finished(
         &self,
         saga: &str,
@@ -318,6 +428,9 @@ type Key = (String, String);
 struct Inner {
     instances: BTreeMap<Key, InstanceRecord>,
     history: BTreeMap<Key, Vec<HistoryRecord>>,
+    noops: BTreeMap<Key, BTreeMap<(u64, String, String), NoopRecord>>,
+    /// The ids of purged instances.
+    purged: std::collections::BTreeSet<Key>,
     timers: BTreeMap<(String, String, String), DateTime<Utc>>,
     outbox: Vec<(String, Envelope)>,
     /// When each instance started and last moved.
@@ -384,6 +497,12 @@ impl SagaStore for MemorySagaStore {
         let key = (instance.saga.clone(), instance.id.clone());
         let expected = instance.version.saturating_sub(1);
         let current = inner.instances.get(&key).map_or(0, |i| i.version);
+        if expected == 0 && inner.purged.contains(&key) {
+            return Err(StoreError::Purged {
+                saga: instance.saga,
+                id: instance.id,
+            });
+        }
         if current != expected {
             return Err(StoreError::Conflict {
                 saga: instance.saga,
@@ -462,6 +581,32 @@ impl SagaStore for MemorySagaStore {
             .history
             .get(&(saga.to_owned(), id.to_owned()))
             .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn record_noop(&self, saga: &str, id: &str, noop: NoopRecord) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let key = (noop.version, noop.input.clone(), noop.outcome.clone());
+        inner
+            .noops
+            .entry((saga.to_owned(), id.to_owned()))
+            .or_default()
+            .entry(key)
+            .and_modify(|kept| {
+                kept.count = kept.count.saturating_add(noop.count);
+                kept.last_at = noop.last_at;
+                kept.trace_id.clone_from(&noop.trace_id);
+            })
+            .or_insert(noop);
+        Ok(())
+    }
+
+    async fn noops(&self, saga: &str, id: &str) -> Result<Vec<NoopRecord>, StoreError> {
+        Ok(self
+            .lock()
+            .noops
+            .get(&(saga.to_owned(), id.to_owned()))
+            .map(|n| n.values().cloned().collect())
             .unwrap_or_default())
     }
 
@@ -556,7 +701,9 @@ impl SagaStore for MemorySagaStore {
         for key in &gone {
             inner.instances.remove(key);
             inner.history.remove(key);
+            inner.noops.remove(key);
             inner.times.remove(key);
+            inner.purged.insert(key.clone());
         }
         Ok(u64::try_from(gone.len()).unwrap_or(u64::MAX))
     }

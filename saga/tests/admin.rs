@@ -69,6 +69,34 @@ async fn call(
     )
 }
 
+/// Duplicate and late replies show as counted no-ops, one record per
+/// (version, reply type), however many arrive.
+#[tokio::test]
+async fn duplicate_replies_show_as_counted_noops() {
+    let (router, orchestrator) = setup().await;
+    for _ in 0..50 {
+        let again = Input::Message(StepReply::new("payment.charged"));
+        orchestrator.handle("o-2", again).await.unwrap();
+        let late = Input::Message(StepReply::new("payment.declined"));
+        orchestrator.handle("o-3", late).await.unwrap();
+    }
+    let (_, body, _) = call(&router, "GET", "/instances/o-2", None, Some(TOKEN)).await;
+    assert_eq!(
+        body["history"].as_array().unwrap().len(),
+        2,
+        "no new history rows"
+    );
+    let noops = body["noops"].as_array().unwrap();
+    assert_eq!(noops.len(), 1, "{noops:?}");
+    assert_eq!(noops[0]["version"], 2);
+    assert_eq!(noops[0]["input"], "payment.charged");
+    assert_eq!(noops[0]["outcome"], "ignored");
+    assert_eq!(noops[0]["count"], 50);
+    let (_, body, _) = call(&router, "GET", "/instances/o-3", None, Some(TOKEN)).await;
+    assert_eq!(body["noops"][0]["outcome"], "finished");
+    assert_eq!(body["noops"][0]["count"], 50);
+}
+
 #[tokio::test]
 async fn every_endpoint_needs_a_valid_token() {
     let (router, _) = setup().await;
@@ -155,10 +183,23 @@ async fn lists_filter_by_state_and_stuck_and_show_the_history() {
     assert_eq!(body["instance"]["state_name"], "inventory");
     let history = body["history"].as_array().unwrap();
     assert_eq!(history.len(), 2);
+    assert_eq!(history[0]["from_state"], Value::Null, "the start");
+    assert_eq!(history[0]["commands"][0]["message_type"], "payment.charge");
     assert_eq!(
         history[1]["input"]["Message"]["message_type"],
         "payment.charged"
     );
+    assert_eq!(history[1]["from_state"], "payment");
+    assert_eq!(history[1]["state_name"], "inventory");
+    assert_eq!(
+        history[1]["commands"],
+        json!([{
+            "topic": "inventory",
+            "message_type": "inventory.reserve",
+            "id": "checkout:o-2:do:inventory:0",
+        }])
+    );
+    assert_eq!(body["noops"], json!([]));
 
     for bad in [
         "/instances?limit=0",

@@ -485,6 +485,23 @@ impl surety_saga::store::SagaStore for RacingStore {
         self.inner.history(saga, id).await
     }
 
+    async fn record_noop(
+        &self,
+        saga: &str,
+        id: &str,
+        noop: surety_saga::store::NoopRecord,
+    ) -> Result<(), surety_saga::store::StoreError> {
+        self.inner.record_noop(saga, id, noop).await
+    }
+
+    async fn noops(
+        &self,
+        saga: &str,
+        id: &str,
+    ) -> Result<Vec<surety_saga::store::NoopRecord>, surety_saga::store::StoreError> {
+        self.inner.noops(saga, id).await
+    }
+
     async fn list(
         &self,
         filter: &surety_saga::store::ListFilter,

@@ -216,7 +216,7 @@ async fn orchestrator_killed_ten_times_during_a_thousand_checkouts() {
     child.wait().await.unwrap();
     participants.stop().await;
 
-    let mut timeouts = 0;
+    let (mut timeouts, mut fired_once) = (0, 0);
     for i in 0..CHECKOUTS {
         let id = format!("o-{i}");
         let state = starter.state(&id).await.unwrap().unwrap();
@@ -257,8 +257,10 @@ async fn orchestrator_killed_ten_times_during_a_thousand_checkouts() {
                 );
             }
         }
-        // Every timer fired once: a deadline input never came sooner than
-        // the deadline after the transition that set it.
+        // Every timer fired once: no timer (name, due) fired twice, and a
+        // deadline input never came sooner than the deadline after the
+        // transition that set it.
+        fired_once += common::timers_fired_once(&store, &id).await;
         let history = store.history("checkout", &id).await.unwrap();
         for pair in history.windows(2) {
             let is_timeout = pair[1]
@@ -290,6 +292,10 @@ async fn orchestrator_killed_ten_times_during_a_thousand_checkouts() {
         .await
         .unwrap();
     assert_eq!(pending, 0, "no timer left behind");
+    assert_eq!(
+        fired_once, timeouts,
+        "every firing names its timer's due time"
+    );
     println!("{timeouts} deadlines fired over {CHECKOUTS} checkouts and {KILLS} kills");
     pool.close().await;
     std::fs::remove_dir_all(&dir).ok();

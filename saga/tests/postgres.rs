@@ -1,6 +1,7 @@
-//! The PostgreSQL store on the real server: transitions, history, timers
-//! and the commands in the outbox table, written together; concurrent
-//! writers to one instance.
+//! The PostgreSQL store on the real server under concurrency: writers
+//! racing on one instance, and a version conflict forced between two
+//! orchestrators. The behaviour every store shares is the suite in
+//! `stores.rs`.
 
 use std::time::Duration;
 
@@ -8,10 +9,8 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgPool;
 use surety_saga::postgres::{self, PostgresSagaStore};
-use surety_saga::store::SagaStore;
-use surety_saga::{
-    Command, Input, OperatorAction, Orchestrator, Outcome, Saga, Transition, replay,
-};
+use surety_saga::store::{SagaStore, StoreError};
+use surety_saga::{Command, Input, Orchestrator, Outcome, Saga, Transition, replay};
 use surety_testkit::db::TempSchema;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,63 +89,6 @@ async fn outbox(pool: &PgPool) -> Vec<(String, String)> {
 }
 
 #[tokio::test]
-async fn transitions_timers_and_commands_are_stored_together() {
-    let Some(db) = schema().await else { return };
-    let store = PostgresSagaStore::new(db.pool.clone());
-    let saga = Orchestrator::new(Pay, store.clone());
-    saga.start("slow", begin()).await.unwrap();
-    saga.start("paid", begin()).await.unwrap();
-    assert_eq!(
-        saga.start("paid", begin()).await.unwrap(),
-        Outcome::AlreadyStarted
-    );
-    let later = Utc::now() + chrono::Duration::seconds(31);
-    let polled = store.due_timers("pay", later, 10).await.unwrap();
-    assert_eq!(polled.len(), 2);
-
-    let paid = saga
-        .handle("paid", Input::Message(Reply::Paid))
-        .await
-        .unwrap();
-    assert!(
-        matches!(paid, Outcome::Applied { finished: true, .. }),
-        "{paid:?}"
-    );
-    for timer in polled {
-        saga.fire_timer(timer, later).await.unwrap();
-    }
-    assert_eq!(saga.state("slow").await.unwrap(), Some(Step::Refunding));
-    assert_eq!(saga.state("paid").await.unwrap(), Some(Step::Done));
-    let sent: Vec<_> = outbox(&db.pool)
-        .await
-        .into_iter()
-        .map(|(_, id)| id)
-        .collect();
-    assert_eq!(sent, ["pay:slow:1:0", "pay:paid:1:0", "pay:slow:2:0"]);
-    assert!(saga.fire_due_timers(later, 10).await.unwrap().is_empty());
-
-    let abort = OperatorAction::new("abort", "alice", "duplicate order");
-    saga.handle("slow", Input::Operator(abort.clone()))
-        .await
-        .unwrap();
-    let (initial, inputs) = saga.history("slow").await.unwrap().unwrap();
-    assert_eq!(
-        inputs,
-        vec![
-            Input::Timeout {
-                name: "payment".into()
-            },
-            Input::Operator(abort)
-        ]
-    );
-    assert_eq!(
-        Some(replay(&Pay, initial, inputs)),
-        saga.state("slow").await.unwrap()
-    );
-    db.drop_schema().await;
-}
-
-#[tokio::test]
 async fn concurrent_writers_to_one_instance_apply_one_input_at_a_time() {
     let Some(db) = schema().await else { return };
     let saga = std::sync::Arc::new(Orchestrator::new(
@@ -197,76 +139,192 @@ async fn concurrent_writers_to_one_instance_apply_one_input_at_a_time() {
     db.drop_schema().await;
 }
 
-#[tokio::test]
-async fn instances_list_by_state_age_and_stuck_and_audits_are_kept() {
-    use surety_saga::store::{AuditRecord, ListFilter, SagaStore};
-    let Some(db) = schema().await else { return };
-    let store = PostgresSagaStore::new(db.pool.clone());
-    let saga = Orchestrator::new(Pay, store.clone());
-    saga.start("a", begin()).await.unwrap();
-    saga.start("b", begin()).await.unwrap();
-    saga.handle("b", Input::Message(Reply::Paid)).await.unwrap();
-
-    let all = store.list(&ListFilter::new(10)).await.unwrap();
-    assert_eq!(all.len(), 2);
-    assert!(all.iter().all(|i| i.created_at <= i.updated_at));
-    let mut stuck = ListFilter::new(10);
-    stuck.idle_since = Some(Utc::now());
-    let stuck = store.list(&stuck).await.unwrap();
-    assert_eq!(stuck.len(), 1);
-    assert_eq!(stuck[0].id, "a");
-    let mut finished = ListFilter::new(10);
-    finished.finished = Some(true);
-    finished.saga = Some("pay".into());
-    assert_eq!(store.list(&finished).await.unwrap()[0].id, "b");
-    let mut old = ListFilter::new(10);
-    old.started_before = Some(Utc::now() - chrono::Duration::hours(1));
-    assert!(store.list(&old).await.unwrap().is_empty());
-
-    store
-        .audit(AuditRecord::new("pay", "a", "alice", "resolve", "by hand"))
-        .await
-        .unwrap();
-    let audit = store.audit_log("pay", "a").await.unwrap();
-    assert_eq!(audit.len(), 1);
-    assert_eq!(audit[0].reason, "by hand");
-
-    // Retention: finished instances go with their history; "a" runs on.
-    let later = Utc::now() + chrono::Duration::seconds(1);
-    assert_eq!(store.purge_finished("pay", later, 10).await.unwrap(), 1);
-    assert!(store.load("pay", "b").await.unwrap().is_none());
-    assert!(store.history("pay", "b").await.unwrap().is_empty());
-    assert!(store.load("pay", "a").await.unwrap().is_some());
-    assert_eq!(store.purge_finished("pay", later, 10).await.unwrap(), 0);
-    db.drop_schema().await;
+/// A store whose first write waits, after the orchestrator loaded and
+/// decided, until the test lets it go: another orchestrator writes in
+/// between, deterministically.
+struct PauseBeforeWrite {
+    inner: PostgresSagaStore,
+    gate: std::sync::Mutex<
+        Option<(
+            tokio::sync::oneshot::Sender<()>,
+            tokio::sync::oneshot::Receiver<()>,
+        )>,
+    >,
 }
 
+impl SagaStore for PauseBeforeWrite {
+    async fn load(
+        &self,
+        saga: &str,
+        id: &str,
+    ) -> Result<Option<surety_saga::store::InstanceRecord>, StoreError> {
+        self.inner.load(saga, id).await
+    }
+
+    async fn write(&self, write: surety_saga::store::Write) -> Result<(), StoreError> {
+        let gate = self.gate.lock().unwrap().take();
+        if let Some((paused, go)) = gate {
+            paused.send(()).unwrap();
+            go.await.unwrap();
+        }
+        self.inner.write(write).await
+    }
+
+    async fn due_timers(
+        &self,
+        saga: &str,
+        now: chrono::DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<surety_saga::store::TimerRecord>, StoreError> {
+        self.inner.due_timers(saga, now, limit).await
+    }
+
+    async fn delete_timer(
+        &self,
+        timer: &surety_saga::store::TimerRecord,
+    ) -> Result<bool, StoreError> {
+        self.inner.delete_timer(timer).await
+    }
+
+    async fn history(
+        &self,
+        saga: &str,
+        id: &str,
+    ) -> Result<Vec<surety_saga::store::HistoryRecord>, StoreError> {
+        self.inner.history(saga, id).await
+    }
+
+    async fn record_noop(
+        &self,
+        saga: &str,
+        id: &str,
+        noop: surety_saga::store::NoopRecord,
+    ) -> Result<(), StoreError> {
+        self.inner.record_noop(saga, id, noop).await
+    }
+
+    async fn noops(
+        &self,
+        saga: &str,
+        id: &str,
+    ) -> Result<Vec<surety_saga::store::NoopRecord>, StoreError> {
+        self.inner.noops(saga, id).await
+    }
+
+    async fn list(
+        &self,
+        filter: &surety_saga::store::ListFilter,
+    ) -> Result<Vec<surety_saga::store::InstanceSummary>, StoreError> {
+        self.inner.list(filter).await
+    }
+
+    async fn unfinished_counts(
+        &self,
+        saga: &str,
+        idle_since: chrono::DateTime<Utc>,
+    ) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        self.inner.unfinished_counts(saga, idle_since).await
+    }
+
+    async fn purge_finished(
+        &self,
+        saga: &str,
+        before: chrono::DateTime<Utc>,
+        limit: usize,
+    ) -> Result<u64, StoreError> {
+        self.inner.purge_finished(saga, before, limit).await
+    }
+
+    async fn audit(&self, entry: surety_saga::store::AuditRecord) -> Result<(), StoreError> {
+        self.inner.audit(entry).await
+    }
+
+    async fn audit_log(
+        &self,
+        saga: &str,
+        id: &str,
+    ) -> Result<Vec<surety_saga::store::AuditRecord>, StoreError> {
+        self.inner.audit_log(saga, id).await
+    }
+}
+
+/// Two orchestrators on one PostgreSQL instance row, forced to meet: the
+/// one that loaded first writes last, loses on the version, and decides
+/// the reply again on the fresh state at once, counted as a conflict; the
+/// reply's delivery is settled on its first attempt (no retry spent).
 #[tokio::test]
-async fn unfinished_instances_are_counted_by_step_however_many() {
+async fn a_version_conflict_is_decided_again_on_the_fresh_state_without_a_delivery_retry() {
+    use prometheus_client::registry::Registry;
+    use surety_core::Envelope;
+    use surety_core::consumer::{Incoming, Outcome as Settled};
+    use surety_saga::metrics::SagaMetrics;
+
     let Some(db) = schema().await else { return };
     let store = PostgresSagaStore::new(db.pool.clone());
-    let saga = Orchestrator::new(Pay, store.clone());
-    for id in ["a", "b", "c"] {
-        saga.start(id, begin()).await.unwrap();
-    }
-    saga.handle("c", Input::Message(Reply::Paid)).await.unwrap();
-    let before = Utc::now() - chrono::Duration::hours(1);
-    assert_eq!(
-        store.unfinished_counts("pay", before).await.unwrap(),
-        vec![("paying".to_owned(), 2, 0)]
+    let (paused_tx, paused) = tokio::sync::oneshot::channel();
+    let (go, go_rx) = tokio::sync::oneshot::channel();
+    let metrics = SagaMetrics::register(&mut Registry::default());
+    let slow = std::sync::Arc::new(
+        Orchestrator::new(
+            Pay,
+            PauseBeforeWrite {
+                inner: store.clone(),
+                gate: std::sync::Mutex::new(Some((paused_tx, go_rx))),
+            },
+        )
+        .metrics(metrics.clone()),
     );
-    let after = Utc::now() + chrono::Duration::seconds(1);
-    assert_eq!(
-        store.unfinished_counts("pay", after).await.unwrap(),
-        vec![("paying".to_owned(), 2, 2)],
-        "both have not moved since"
+    let fast = Orchestrator::new(Pay, store.clone());
+    fast.start("race", begin()).await.unwrap();
+
+    // The slow one takes the payment reply: loads version 1, decides
+    // paying -> done, and waits before its write.
+    let reply = Incoming::new(
+        Envelope::builder("/payments", "payment.charged")
+            .correlation_id("race")
+            .build(),
+        Default::default(),
     );
-    assert!(
-        store
-            .unfinished_counts("other", after)
-            .await
-            .unwrap()
-            .is_empty()
+    assert_eq!(reply.attempt, 1);
+    let handler = {
+        let slow = std::sync::Arc::clone(&slow);
+        tokio::spawn(
+            async move { surety_saga::consumer::apply_reply(&slow, &reply, Reply::Paid).await },
+        )
+    };
+    paused.await.unwrap();
+    // Meanwhile the fast one fires the payment deadline: refunding, v2.
+    let later = Utc::now() + chrono::Duration::seconds(31);
+    let fired = fast.fire_due_timers(later, 10).await.unwrap();
+    assert!(matches!(fired[..], [Outcome::Applied { version: 2, .. }]));
+    go.send(()).unwrap();
+
+    // Decided again on the fresh state: a payment reply while refunding is
+    // ignored, in this delivery, not in a retried one.
+    let settled = handler
+        .await
+        .unwrap()
+        .expect("no error: the delivery is not retried");
+    assert_eq!(settled.outcome, Settled::Duplicate);
+    assert_eq!(metrics.conflicts_count("pay"), 1);
+    assert_eq!(metrics.inputs_count("pay", "ignored"), 1);
+    assert_eq!(slow.state("race").await.unwrap(), Some(Step::Refunding));
+    let history = store.history("pay", "race").await.unwrap();
+    assert_eq!(
+        history.len(),
+        2,
+        "the start and the deadline, no lost update"
+    );
+    assert!(history[1].timer_due.is_some());
+    let sent: Vec<_> = outbox(&db.pool)
+        .await
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect();
+    assert_eq!(
+        sent,
+        ["pay:race:1:0", "pay:race:2:0"],
+        "the charge, then the refund"
     );
     db.drop_schema().await;
 }

@@ -1,5 +1,7 @@
-//! The SQLite store: transitions, history, timers and the commands in the
-//! outbox table, written together.
+//! What only the SQLite store has: the commands in its outbox table reach
+//! the broker through the outbox relay, its connection errors, states it
+//! cannot read, and participant tombstones in its database. The behaviour
+//! every store shares is the suite in `stores.rs`.
 
 use std::time::Duration;
 
@@ -8,9 +10,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
 use surety_saga::sqlite::{self, SqliteSagaStore};
 use surety_saga::store::{SagaStore, StoreError};
-use surety_saga::{
-    Command, Input, OperatorAction, Orchestrator, Outcome, Saga, Transition, replay,
-};
+use surety_saga::{Command, Input, Orchestrator, Saga, Transition};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum Step {
@@ -85,117 +85,11 @@ async fn pool() -> SqlitePool {
     pool
 }
 
-async fn outbox(pool: &SqlitePool) -> Vec<(String, String)> {
-    sqlx::query_as("SELECT topic, message_id FROM surety_outbox ORDER BY seq")
-        .fetch_all(pool)
-        .await
-        .unwrap()
-}
-
 async fn timers(pool: &SqlitePool) -> i64 {
     sqlx::query_scalar("SELECT COUNT(*) FROM surety_saga_timer")
         .fetch_one(pool)
         .await
         .unwrap()
-}
-
-#[tokio::test]
-async fn commands_land_in_the_outbox_with_the_transition() {
-    let pool = pool().await;
-    let saga = Orchestrator::new(Pay, SqliteSagaStore::new(pool.clone()));
-    saga.start("o-1", begin()).await.unwrap();
-    assert_eq!(
-        outbox(&pool).await,
-        vec![("payments".to_owned(), "pay:o-1:1:0".to_owned())]
-    );
-    assert_eq!(
-        saga.start("o-1", begin()).await.unwrap(),
-        Outcome::AlreadyStarted
-    );
-    assert_eq!(outbox(&pool).await.len(), 1);
-
-    let outcome = saga
-        .handle("o-1", Input::Message(Reply::Paid))
-        .await
-        .unwrap();
-    assert!(matches!(
-        outcome,
-        Outcome::Applied {
-            version: 2,
-            finished: true,
-            ..
-        }
-    ));
-    assert_eq!(saga.state("o-1").await.unwrap(), Some(Step::Done));
-    assert_eq!(timers(&pool).await, 0, "a finished saga holds no timers");
-}
-
-#[tokio::test]
-async fn a_due_timer_fires_once_and_a_stale_one_not_at_all() {
-    let pool = pool().await;
-    let store = SqliteSagaStore::new(pool.clone());
-    let saga = Orchestrator::new(Pay, store.clone());
-    saga.start("slow", begin()).await.unwrap();
-    saga.start("paid", begin()).await.unwrap();
-    let later = Utc::now() + chrono::Duration::seconds(31);
-    let polled = store.due_timers("pay", later, 10).await.unwrap();
-    assert_eq!(polled.len(), 2);
-
-    // "paid" answers after its timer was polled: its firing is stale.
-    saga.handle("paid", Input::Message(Reply::Paid))
-        .await
-        .unwrap();
-    let mut outcomes = Vec::new();
-    for timer in polled {
-        outcomes.push(saga.fire_timer(timer, later).await.unwrap());
-    }
-    let stale = outcomes
-        .iter()
-        .filter(|o| **o == Outcome::Finished || **o == Outcome::TimerStale)
-        .count();
-    assert_eq!(stale, 1, "{outcomes:?}");
-    assert_eq!(saga.state("slow").await.unwrap(), Some(Step::Refunding));
-    assert_eq!(saga.state("paid").await.unwrap(), Some(Step::Done));
-    let sent: Vec<_> = outbox(&pool).await.into_iter().map(|(_, id)| id).collect();
-    assert_eq!(sent, ["pay:slow:1:0", "pay:paid:1:0", "pay:slow:2:0"]);
-    assert!(saga.fire_due_timers(later, 10).await.unwrap().is_empty());
-}
-
-#[tokio::test]
-async fn a_timer_fired_twice_writes_once() {
-    let pool = pool().await;
-    let store = SqliteSagaStore::new(pool.clone());
-    let saga = Orchestrator::new(Pay, store.clone());
-    saga.start("o-2", begin()).await.unwrap();
-    let later = Utc::now() + chrono::Duration::seconds(31);
-    let timer = store.due_timers("pay", later, 1).await.unwrap().remove(0);
-    saga.fire_timer(timer.clone(), later).await.unwrap();
-    let before = outbox(&pool).await;
-
-    // The same firing again (another poller) writes and sends nothing.
-    let again = saga.fire_timer(timer, later).await.unwrap();
-    assert!(!matches!(again, Outcome::Applied { .. }), "{again:?}");
-    assert_eq!(outbox(&pool).await, before);
-    assert_eq!(store.history("pay", "o-2").await.unwrap().len(), 2);
-    assert_eq!(store.load("pay", "o-2").await.unwrap().unwrap().version, 2);
-}
-
-#[tokio::test]
-async fn the_history_replays_to_the_stored_state() {
-    let pool = pool().await;
-    let saga = Orchestrator::new(Pay, SqliteSagaStore::new(pool.clone()));
-    saga.start("o-3", begin()).await.unwrap();
-    let abort = OperatorAction::new("abort", "alice", "duplicate order");
-    saga.handle("o-3", Input::Operator(abort.clone()))
-        .await
-        .unwrap();
-    let (initial, inputs) = saga.history("o-3").await.unwrap().unwrap();
-    assert_eq!(initial, Step::Paying);
-    assert_eq!(inputs, vec![Input::Operator(abort)]);
-    assert_eq!(
-        Some(replay(&Pay, initial, inputs)),
-        saga.state("o-3").await.unwrap()
-    );
 }
 
 #[tokio::test]
@@ -246,49 +140,6 @@ async fn the_outbox_relay_sends_the_commands_to_the_broker() {
     let id = charge.correlation_id.unwrap();
     saga.handle(&id, Input::Message(Reply::Paid)).await.unwrap();
     assert_eq!(saga.state("o-4").await.unwrap(), Some(Step::Done));
-}
-
-#[tokio::test]
-async fn instances_list_by_state_age_and_stuck_and_audits_are_kept() {
-    use surety_saga::store::{AuditRecord, ListFilter, SagaStore};
-    let pool = pool().await;
-    let store = SqliteSagaStore::new(pool.clone());
-    let saga = Orchestrator::new(Pay, store.clone());
-    saga.start("a", begin()).await.unwrap();
-    saga.start("b", begin()).await.unwrap();
-    saga.handle("b", Input::Message(Reply::Paid)).await.unwrap();
-
-    let all = store.list(&ListFilter::new(10)).await.unwrap();
-    assert_eq!(all.len(), 2);
-    assert!(all.iter().all(|i| i.created_at <= i.updated_at));
-    let mut stuck = ListFilter::new(10);
-    stuck.idle_since = Some(Utc::now());
-    let stuck = store.list(&stuck).await.unwrap();
-    assert_eq!(stuck.len(), 1);
-    assert_eq!(stuck[0].id, "a");
-    let mut finished = ListFilter::new(10);
-    finished.finished = Some(true);
-    finished.saga = Some("pay".into());
-    assert_eq!(store.list(&finished).await.unwrap()[0].id, "b");
-    let mut old = ListFilter::new(10);
-    old.started_before = Some(Utc::now() - chrono::Duration::hours(1));
-    assert!(store.list(&old).await.unwrap().is_empty());
-
-    store
-        .audit(AuditRecord::new("pay", "a", "alice", "resolve", "by hand"))
-        .await
-        .unwrap();
-    let audit = store.audit_log("pay", "a").await.unwrap();
-    assert_eq!(audit.len(), 1);
-    assert_eq!(audit[0].reason, "by hand");
-
-    // Retention: finished instances go with their history; "a" runs on.
-    let later = Utc::now() + chrono::Duration::seconds(1);
-    assert_eq!(store.purge_finished("pay", later, 10).await.unwrap(), 1);
-    assert!(store.load("pay", "b").await.unwrap().is_none());
-    assert!(store.history("pay", "b").await.unwrap().is_empty());
-    assert!(store.load("pay", "a").await.unwrap().is_some());
-    assert_eq!(store.purge_finished("pay", later, 10).await.unwrap(), 0);
 }
 
 #[tokio::test]
@@ -344,23 +195,74 @@ async fn a_state_from_a_newer_schema_is_refused_not_overwritten() {
     assert_eq!(version, 2, "the row is left as the newer version wrote it");
 }
 
+/// A step's command that reaches the participant after the step's
+/// compensation is not applied: the compensation left a tombstone in the
+/// participant's database.
 #[tokio::test]
-async fn unfinished_instances_are_counted_by_step_however_many() {
+async fn a_command_after_its_compensation_is_not_applied_by_the_participant() {
+    use std::sync::{Arc, Mutex};
+    use surety_core::Envelope;
+    use surety_core::consumer::{Incoming, Response};
+    use surety_core::tower::Service as _;
+    use surety_saga::COMMAND_KEY_HEADER;
+    use surety_saga::participant::{Answer, participant};
+
     let pool = pool().await;
-    let store = SqliteSagaStore::new(pool.clone());
-    let saga = Orchestrator::new(Pay, store.clone());
-    for id in ["a", "b", "c"] {
-        saga.start(id, begin()).await.unwrap();
-    }
-    saga.handle("c", Input::Message(Reply::Paid)).await.unwrap();
-    let before = Utc::now() - chrono::Duration::hours(1);
+    let applied = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&applied);
+    let mut payments = participant("/payments", move |incoming: Incoming| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let kind = incoming.envelope.event_type.clone();
+            seen.lock().unwrap().push(kind.clone());
+            let reply = if kind == "payment.charge" {
+                "payment.charged"
+            } else {
+                "payment.refunded"
+            };
+            Ok::<_, surety_core::Permanent>(Answer::done(reply, serde_json::Value::Null))
+        }
+    })
+    .tombstones(SqliteSagaStore::new(pool.clone()));
+    let command = |kind: &str, key: &str| {
+        Incoming::new(
+            Envelope::builder("/saga/checkout", kind)
+                .id(format!("checkout:o-1:{key}"))
+                .correlation_id("o-1")
+                .reply_to("checkout.replies")
+                .header(COMMAND_KEY_HEADER, key)
+                .build(),
+            Default::default(),
+        )
+    };
+
+    // Another instance's command runs as usual.
+    let mut other = command("payment.charge", "do:payment:0");
+    other.envelope.correlation_id = Some("o-2".to_owned());
+    let response = payments.call(other).await.unwrap();
+    assert_eq!(response.outputs.len(), 1);
+
+    let refund = payments
+        .call(command("payment.refund", "undo:payment:0"))
+        .await
+        .unwrap();
+    assert_eq!(refund.outputs[0].envelope.event_type, "payment.refunded");
+    // The late charge, seen by a participant restarted on the same database.
+    let mut restarted = participant("/payments", |_: Incoming| async {
+        Err::<Answer, _>(surety_core::Permanent::new("must not run"))
+    })
+    .tombstones(SqliteSagaStore::new(pool.clone()));
+    let late = restarted
+        .call(command("payment.charge", "do:payment:1"))
+        .await
+        .unwrap();
     assert_eq!(
-        store.unfinished_counts("pay", before).await.unwrap(),
-        vec![("paying".to_owned(), 2, 0)]
+        late,
+        Response::handled(),
+        "answered as already compensated, no reply"
     );
-    let after = Utc::now() + chrono::Duration::seconds(1);
     assert_eq!(
-        store.unfinished_counts("pay", after).await.unwrap(),
-        vec![("paying".to_owned(), 2, 2)]
+        *applied.lock().unwrap(),
+        ["payment.charge", "payment.refund"]
     );
 }

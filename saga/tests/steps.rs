@@ -1,6 +1,8 @@
 //! The checkout step-list definition, given/when/then, and a property test
 //! over reply orders, duplicates, late replies, lost messages, timeouts and
 //! crashes, driven through the orchestrator on the in-memory store.
+//! Deadlines may pass while commands are still in flight, so a step's
+//! command can reach its participant after the step's compensation.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -8,6 +10,7 @@ use std::time::Duration;
 use chrono::Utc;
 use proptest::prelude::*;
 use surety_saga::checkout::{self, Deadlines};
+use surety_saga::participant::{self, Gate, MemoryTombstones};
 use surety_saga::steps::{DEADLINE, Status, StepReply, StepState, Steps, actions};
 use surety_saga::store::MemorySagaStore;
 use surety_saga::{Command, Input, OperatorAction, Orchestrator, Saga, Transition};
@@ -157,24 +160,33 @@ fn a_payment_that_times_out_is_refunded_to_be_sure() {
 }
 
 #[test]
-fn error_replies_retry_then_compensate_what_was_done() {
+fn an_error_reply_ends_the_step_at_once_and_compensates_what_was_done() {
+    // The participant's idempotency layer stored the error for this
+    // command id: sending the same id again would only get it again.
     let state = given(&[reply("payment.charged")]);
     let then = when(&state, reply("inventory.reserve.error"));
-    assert_eq!(sent(&then), [("inventory", "inventory.reserve")]);
-    let inputs = [
-        reply("payment.charged"),
-        reply("inventory.reserve.error"),
-        reply("inventory.reserve.error"),
-    ];
-    let then = when(&given(&inputs), reply("inventory.reserve.error"));
     // The reservation failed: only the payment is undone.
+    assert_eq!(sent(&then), [("payments", "payment.refund")]);
+    assert_eq!(
+        then.state().unwrap().failure.as_deref(),
+        Some("inventory: inventory.reserve.error (final for this command)")
+    );
+    // Also when it answers a re-send after a deadline.
+    let inputs = [reply("payment.charged"), timeout()];
+    let then = when(&given(&inputs), reply("inventory.reserve.error"));
     assert_eq!(sent(&then), [("payments", "payment.refund")]);
 }
 
 #[test]
-fn a_compensation_that_keeps_failing_waits_for_an_operator_whose_retry_completes_it() {
+fn a_compensation_that_fails_waits_for_an_operator_whose_retry_completes_it() {
     let mut inputs = vec![reply("payment.charged"), reply("inventory.out-of-stock")];
-    inputs.extend([reply("payment.refund.error"), timeout()]);
+    // No reply: the refund is sent again, same id.
+    assert_eq!(
+        sent(&when(&given(&inputs), timeout())),
+        [("payments", "payment.refund")]
+    );
+    inputs.push(timeout());
+    // An error reply is final for that command: no more automatic sends.
     let then = when(&given(&inputs), reply("payment.refund.error"));
     assert_eq!(status(&then), Status::CompensationFailed { step: 0 });
     assert!(then.commands().is_empty());
@@ -200,6 +212,28 @@ fn a_compensation_that_keeps_failing_waits_for_an_operator_whose_retry_completes
     assert_eq!(
         status(&when(&given(&inputs), reply("payment.refunded"))),
         Status::Compensated
+    );
+}
+
+#[test]
+fn a_compensation_without_replies_fails_when_its_attempts_are_spent() {
+    // Three attempts by default: two deadlines re-send, the third gives up.
+    let inputs = [
+        reply("payment.charged"),
+        reply("inventory.out-of-stock"),
+        timeout(),
+    ];
+    assert_eq!(
+        status(&when(&given(&inputs), timeout())),
+        Status::Compensating {
+            step: 0,
+            attempt: 3
+        }
+    );
+    let inputs = [inputs.as_slice(), &[timeout()]].concat();
+    assert_eq!(
+        status(&when(&given(&inputs), timeout())),
+        Status::CompensationFailed { step: 0 }
     );
 }
 
@@ -259,10 +293,10 @@ fn mermaid_shows_steps_failures_and_compensations() {
         "payment --> inventory : payment.charged",
         "inventory --> compensating_payment : inventory.out-of-stock",
         "shipping --> compensating_shipping : no reply, attempts spent",
-        "shipping --> compensating_inventory : shipping.book.error on every attempt",
+        "shipping --> compensating_inventory : shipping.book.error",
         "compensating_inventory --> compensating_payment : inventory.released",
         "compensating_payment --> compensated : payment.refunded",
-        "compensating_payment --> compensation_failed : attempts spent",
+        "compensating_payment --> compensation_failed : payment.refund.error / no reply, attempts spent",
         "completed --> [*]",
     ] {
         assert!(diagram.contains(line), "{line:?} in\n{diagram}");
@@ -314,6 +348,9 @@ enum Op {
     /// Deadlines pass: every due timer fires (with no command in flight:
     /// deadlines are longer than a command's delivery; replies may be late).
     Fire,
+    /// Deadlines pass while commands are still in flight (a slow queue):
+    /// a step's command may then arrive after its compensation.
+    FireEarly,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -323,6 +360,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(Op::Lose),
         1 => any::<usize>().prop_map(Op::Crash),
         1 => Just(Op::Fire),
+        1 => Just(Op::FireEarly),
     ]
 }
 
@@ -352,10 +390,16 @@ enum Msg {
 }
 
 /// The participants: each applies a message id once and replays its reply
-/// to a duplicate (an idempotent consumer); error replies are not kept.
+/// to a duplicate, error replies included (an idempotent consumer). A
+/// compensation records a tombstone first (the participant helper's
+/// [`participant::check`]), and a step's command after its compensation is
+/// a recorded no-op: no reply, nothing applied.
 #[derive(Debug, Default)]
 struct Participants {
-    replies: BTreeMap<String, StepReply>,
+    replies: BTreeMap<String, Option<StepReply>>,
+    tombstones: MemoryTombstones,
+    /// Commands answered as already compensated, by type.
+    tombstoned: Vec<String>,
     /// Effects applied, by command type, with the message ids.
     applied: BTreeMap<String, Vec<String>>,
     charged: bool,
@@ -364,11 +408,23 @@ struct Participants {
 }
 
 impl Participants {
-    fn handle(&mut self, scenario: &Scenario, envelope: &surety_core::Envelope) -> StepReply {
+    async fn handle(
+        &mut self,
+        scenario: &Scenario,
+        envelope: &surety_core::Envelope,
+    ) -> Option<StepReply> {
         if let Some(reply) = self.replies.get(&envelope.id) {
             return reply.clone();
         }
         let kind = envelope.event_type.as_str();
+        let gate = participant::check(&self.tombstones, envelope)
+            .await
+            .expect("in-memory tombstones do not fail");
+        if gate == Gate::AlreadyCompensated {
+            self.tombstoned.push(kind.to_owned());
+            self.replies.insert(envelope.id.clone(), None);
+            return None;
+        }
         let (answer, ok, declined) = match kind {
             "payment.charge" => (scenario.charge, "payment.charged", "payment.declined"),
             "inventory.reserve" => (
@@ -388,7 +444,12 @@ impl Participants {
             other => panic!("unexpected command {other}"),
         };
         let reply = match answer {
-            Answer::Error => return StepReply::new(format!("{kind}.error")),
+            Answer::Error => {
+                let error = StepReply::new(format!("{kind}.error"));
+                self.replies
+                    .insert(envelope.id.clone(), Some(error.clone()));
+                return Some(error);
+            }
             Answer::Decline => StepReply::new(declined),
             Answer::Success => {
                 match kind {
@@ -408,8 +469,9 @@ impl Participants {
             .entry(kind.to_owned())
             .or_default()
             .push(envelope.id.clone());
-        self.replies.insert(envelope.id.clone(), reply.clone());
-        reply
+        self.replies
+            .insert(envelope.id.clone(), Some(reply.clone()));
+        Some(reply)
     }
 }
 
@@ -436,8 +498,9 @@ impl World {
     async fn deliver(&mut self, msg: Msg, scenario: &Scenario) {
         match msg {
             Msg::Command(envelope) => {
-                let reply = self.participants.handle(scenario, &envelope);
-                self.in_flight.push(Msg::Reply(reply));
+                if let Some(reply) = self.participants.handle(scenario, &envelope).await {
+                    self.in_flight.push(Msg::Reply(reply));
+                }
             }
             Msg::Reply(reply) => {
                 self.orchestrator
@@ -502,6 +565,7 @@ async fn run(scenario: Scenario) -> (StepState, World) {
                     world.fire().await;
                 }
             }
+            Op::FireEarly => world.fire().await,
             _ if len == 0 => {}
             Op::Deliver(i) => {
                 let msg = world.in_flight.remove(i % len);
@@ -566,7 +630,9 @@ proptest! {
                 // Every send of a compensation failed or was lost; something
                 // taken is held until an operator acts.
                 prop_assert!(!state.undo.is_empty());
-                prop_assert!(!p.booked || state.undo.contains(&2));
+                prop_assert!(!p.charged || state.undo.contains(&0), "{:?}", p);
+                prop_assert!(!p.reserved || state.undo.contains(&1), "{:?}", p);
+                prop_assert!(!p.booked || state.undo.contains(&2), "{:?}", p);
             }
             other => prop_assert!(false, "ended {:?}", other),
         }
@@ -699,6 +765,13 @@ fn metrics_count_starts_ends_steps_and_observe_stuck_instances() {
             metrics.inputs_count("checkout", "ignored"),
             1,
             "the duplicate"
+        );
+        assert_eq!(metrics.duplicate_replies_count("checkout"), 1);
+        saga.handle("a", reply("payment.declined")).await.unwrap();
+        assert_eq!(
+            metrics.duplicate_replies_count("checkout"),
+            2,
+            "late, finished"
         );
 
         let counts = store

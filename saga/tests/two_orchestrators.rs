@@ -4,7 +4,8 @@
 //! to the other process are decided again on the fresh state and counted
 //! (`surety_saga_conflicts_total`); no transition conflicts: every
 //! instance's history replays to its stored state, every checkout ends as
-//! its scenario says, and no participant applies a command twice.
+//! its scenario says, each timer fires once (no two history rows record the
+//! same timer and due time) and no participant applies a command twice.
 //!
 //! The orchestrators are this test binary again, running only
 //! [`child_orchestrator`] when `SURETY_SAGA_TWO_SCHEMA` names the schema;
@@ -221,8 +222,11 @@ async fn two_orchestrator_processes_share_the_work_without_conflicting_transitio
     // below ended as its scenario says, with a history that replays.
     println!("{conflicts} version conflicts decided again, {stale} timers found already fired");
 
+    let mut fired = 0;
     for i in 0..CHECKOUTS {
         let id = format!("o-{i}");
+        // Both processes poll the same timers: each fired once.
+        fired += common::timers_fired_once(&store, &id).await;
         let state = starter.state(&id).await.unwrap().unwrap();
         let expected = if scenario(i) == "happy" {
             Status::Completed
@@ -236,6 +240,18 @@ async fn two_orchestrator_processes_share_the_work_without_conflicting_transitio
         assert_eq!(surety_saga::replay(&saga, initial, inputs), state, "{id}");
         assert!(saga.is_finished(&state));
     }
+    // A ship-timeout checkout ends only after its booking's deadline fired
+    // on every attempt.
+    let attempts = deadlines().step_attempts as usize;
+    assert!(
+        fired >= CHECKOUTS / 3 * attempts,
+        "{fired} timers fired over {CHECKOUTS} checkouts"
+    );
+    let pending: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM surety_saga_timer")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(pending, 0, "no timer left behind");
     assert!(
         world.applied_twice().is_empty(),
         "applied twice: {:?}",

@@ -61,6 +61,8 @@
 //! - `idempotency`: the `idempotency_store` module, the shared test suite for
 //!   `surety-idempotency` dedup stores.
 //! - `dlq`: the `dlq_store` module, the shared test suite for `surety-dlq` stores.
+//! - `saga`: the `saga_store` module, the shared test suite for `surety-saga`
+//!   stores.
 //! - `trace`: the `trace` module, which captures spans in memory and runs the
 //!   publish → consume round trip that checks a transport propagates trace
 //!   context.
@@ -80,6 +82,8 @@ pub mod process;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 pub mod rabbitmqctl;
+#[cfg(feature = "saga")]
+pub mod saga_store;
 pub mod services;
 #[cfg(feature = "trace")]
 pub mod trace;

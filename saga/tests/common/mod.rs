@@ -309,3 +309,31 @@ pub fn at_rest(saga: &Steps, state: &StepState) -> bool {
             surety_saga::steps::Status::CompensationFailed { .. }
         )
 }
+
+/// Every timer of instance `id` fired once: no two history rows record the
+/// firing of the same timer (its name and the due time it was set to).
+/// Returns how many timers fired.
+pub async fn timers_fired_once<St: SagaStore>(store: &St, id: &str) -> usize {
+    let history = store.history("checkout", id).await.expect("history loads");
+    let mut fired = std::collections::BTreeSet::new();
+    for row in &history {
+        let Some(due) = row.timer_due else { continue };
+        let name = row
+            .input
+            .as_ref()
+            .and_then(|input| input["Timeout"]["name"].as_str())
+            .unwrap_or_else(|| {
+                panic!(
+                    "{id}: version {} has a timer due but no timeout",
+                    row.version
+                )
+            })
+            .to_owned();
+        assert!(
+            fired.insert((name.clone(), due)),
+            "{id}: timer {name} due {due} fired twice (again at version {})",
+            row.version
+        );
+    }
+    fired.len()
+}
