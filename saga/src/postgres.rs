@@ -11,7 +11,7 @@ use sqlx::postgres::PgPool;
 use surety_outbox::PostgresOutbox;
 
 use crate::sql::{backend, migrator, sql_saga_store};
-use crate::store::StoreError;
+use crate::store::{StoreError, Write};
 
 pub use crate::sql::MIGRATIONS_TABLE;
 
@@ -73,4 +73,19 @@ impl PostgresSagaStore {
     }
 }
 
-sql_saga_store!(PostgresSagaStore, PgPool, PostgresOutbox, |p| p.begin());
+impl PostgresSagaStore {
+    /// Opens a write transaction. PostgreSQL commits concurrent
+    /// transactions together (its WAL flush is shared), so each write
+    /// commits on its own.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        self.pool.begin().await
+    }
+
+    async fn commit_write(&self, write: Write) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await.map_err(backend)?;
+        Self::write_in(&mut tx, &write).await?;
+        tx.commit().await.map_err(backend)
+    }
+}
+
+sql_saga_store!(PostgresSagaStore, sqlx::Postgres, PostgresOutbox);

@@ -250,8 +250,10 @@ pub(crate) mod rows {
     }
 }
 
-/// `impl SagaStore` for a SQL store: `$store` has a `pool: $pool` field,
-/// `$begin` opens a write transaction on it, `$outbox` enqueues commands.
+/// `impl SagaStore` for a SQL store on database `$db`: `$store` has a
+/// `pool` field and defines `begin_write` (opens a write transaction) and
+/// `commit_write` (commits one [`Write`](crate::store::Write), through the
+/// generated `write_in`); `$outbox` enqueues commands.
 ///
 /// A write is optimistic on both backends: the instance row is inserted (a
 /// new instance; a unique violation is a conflict) or updated `WHERE
@@ -259,7 +261,173 @@ pub(crate) mod rows {
 /// transaction, so a losing writer rolls back before it touches timers,
 /// history or the outbox.
 macro_rules! sql_saga_store {
-    ($store:ident, $pool:ty, $outbox:ty, |$p:ident| $begin:expr) => {
+    ($store:ident, $db:ty, $outbox:ty) => {
+        impl $store {
+            /// Applies `write` within `tx` (the caller commits): the
+            /// instance row first, so a losing writer fails before it
+            /// touches timers, history or the outbox.
+            pub(crate) async fn write_in(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                write: &$crate::store::Write,
+            ) -> Result<(), $crate::store::StoreError> {
+                use $crate::sql::{backend, count, millis};
+                use $crate::store::StoreError;
+                let instance = &write.instance;
+                let (saga, id) = (instance.saga.as_str(), instance.id.as_str());
+                let expected = instance.version.saturating_sub(1);
+                let conflict = || StoreError::Conflict {
+                    saga: saga.to_owned(),
+                    id: id.to_owned(),
+                    expected,
+                };
+                let state = instance.state.to_string();
+                let at = millis(write.history.at);
+                if expected == 0 {
+                    let inserted = sqlx::query(
+                        "INSERT INTO surety_saga_instance \
+                         (saga, id, state, state_name, version, finished, created_at, updated_at, \
+                         state_version) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8)",
+                    )
+                    .bind(saga)
+                    .bind(id)
+                    .bind(&state)
+                    .bind(&instance.state_name)
+                    .bind(count(instance.version)?)
+                    .bind(instance.finished)
+                    .bind(at)
+                    .bind(i64::from(instance.state_version))
+                    .execute(&mut **tx)
+                    .await;
+                    match inserted {
+                        Ok(_) => {}
+                        Err(sqlx::Error::Database(error)) if error.is_unique_violation() => {
+                            return Err(conflict());
+                        }
+                        Err(error) => return Err(backend(error)),
+                    }
+                    // Checked after the insert: an insert racing a purge of
+                    // the same id waits for the purge to commit, and this
+                    // read then sees its tombstone.
+                    let purged: Option<i64> = sqlx::query_scalar(
+                        "SELECT at FROM surety_saga_tombstone \
+                         WHERE saga = $1 AND id = $2 AND step = ''",
+                    )
+                    .bind(saga)
+                    .bind(id)
+                    .fetch_optional(&mut **tx)
+                    .await
+                    .map_err(backend)?;
+                    if purged.is_some() {
+                        return Err(StoreError::Purged {
+                            saga: saga.to_owned(),
+                            id: id.to_owned(),
+                        });
+                    }
+                } else {
+                    let updated = sqlx::query(
+                        "UPDATE surety_saga_instance SET state = $3, state_name = $4, \
+                         version = $5, finished = $6, updated_at = $7, state_version = $9 \
+                         WHERE saga = $1 AND id = $2 AND version = $8",
+                    )
+                    .bind(saga)
+                    .bind(id)
+                    .bind(&state)
+                    .bind(&instance.state_name)
+                    .bind(count(instance.version)?)
+                    .bind(instance.finished)
+                    .bind(at)
+                    .bind(count(expected)?)
+                    .bind(i64::from(instance.state_version))
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(backend)?;
+                    if updated.rows_affected() == 0 {
+                        return Err(conflict());
+                    }
+                }
+                if let Some(fired) = &write.fired_timer {
+                    let deleted = sqlx::query(
+                        "DELETE FROM surety_saga_timer \
+                         WHERE saga = $1 AND id = $2 AND name = $3 AND due = $4",
+                    )
+                    .bind(&fired.saga)
+                    .bind(&fired.id)
+                    .bind(&fired.name)
+                    .bind(millis(fired.due))
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(backend)?;
+                    if deleted.rows_affected() == 0 {
+                        return Err(StoreError::TimerGone {
+                            id: fired.id.clone(),
+                            name: fired.name.clone(),
+                        });
+                    }
+                }
+                for name in &write.cancel_timers {
+                    sqlx::query(
+                        "DELETE FROM surety_saga_timer WHERE saga = $1 AND id = $2 AND name = $3",
+                    )
+                    .bind(saga)
+                    .bind(id)
+                    .bind(name)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(backend)?;
+                }
+                if instance.finished {
+                    sqlx::query("DELETE FROM surety_saga_timer WHERE saga = $1 AND id = $2")
+                        .bind(saga)
+                        .bind(id)
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(backend)?;
+                } else {
+                    for (name, due) in &write.set_timers {
+                        sqlx::query(
+                            "INSERT INTO surety_saga_timer (saga, id, name, due) \
+                             VALUES ($1, $2, $3, $4) \
+                             ON CONFLICT (saga, id, name) DO UPDATE SET due = excluded.due",
+                        )
+                        .bind(saga)
+                        .bind(id)
+                        .bind(name)
+                        .bind(millis(*due))
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(backend)?;
+                    }
+                }
+                let history = &write.history;
+                sqlx::query(
+                    "INSERT INTO surety_saga_history \
+                     (saga, id, version, input, state, state_name, at, trace_id, from_state, \
+                     commands, timer_due) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                )
+                .bind(saga)
+                .bind(id)
+                .bind(count(history.version)?)
+                .bind(history.input.as_ref().map(serde_json::Value::to_string))
+                .bind(history.state.to_string())
+                .bind(&history.state_name)
+                .bind(millis(history.at))
+                .bind(history.trace_id.as_deref())
+                .bind(history.from_state.as_deref())
+                .bind(serde_json::to_string(&history.commands).map_err(backend)?)
+                .bind(history.timer_due.map(millis))
+                .execute(&mut **tx)
+                .await
+                .map_err(backend)?;
+                for (topic, envelope) in &write.commands {
+                    <$outbox>::enqueue(tx, topic, envelope)
+                        .await
+                        .map_err(backend)?;
+                }
+                Ok(())
+            }
+        }
+
         impl $crate::store::SagaStore for $store {
             async fn load(
                 &self,
@@ -285,164 +453,7 @@ macro_rules! sql_saga_store {
                 &self,
                 write: $crate::store::Write,
             ) -> Result<(), $crate::store::StoreError> {
-                use $crate::sql::{backend, count, millis};
-                use $crate::store::StoreError;
-                let instance = &write.instance;
-                let (saga, id) = (instance.saga.as_str(), instance.id.as_str());
-                let expected = instance.version.saturating_sub(1);
-                let $p = &self.pool;
-                let mut tx = $begin.await.map_err(backend)?;
-                let conflict = || StoreError::Conflict {
-                    saga: saga.to_owned(),
-                    id: id.to_owned(),
-                    expected,
-                };
-                let state = instance.state.to_string();
-                let at = millis(write.history.at);
-                if expected == 0 {
-                    let inserted = sqlx::query(
-                        "INSERT INTO surety_saga_instance \
-                         (saga, id, state, state_name, version, finished, created_at, updated_at, \
-                         state_version) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8)",
-                    )
-                    .bind(saga)
-                    .bind(id)
-                    .bind(&state)
-                    .bind(&instance.state_name)
-                    .bind(count(instance.version)?)
-                    .bind(instance.finished)
-                    .bind(at)
-                    .bind(i64::from(instance.state_version))
-                    .execute(&mut *tx)
-                    .await;
-                    match inserted {
-                        Ok(_) => {}
-                        Err(sqlx::Error::Database(error)) if error.is_unique_violation() => {
-                            return Err(conflict());
-                        }
-                        Err(error) => return Err(backend(error)),
-                    }
-                    // Checked after the insert: an insert racing a purge of
-                    // the same id waits for the purge to commit, and this
-                    // read then sees its tombstone.
-                    let purged: Option<i64> = sqlx::query_scalar(
-                        "SELECT at FROM surety_saga_tombstone \
-                         WHERE saga = $1 AND id = $2 AND step = ''",
-                    )
-                    .bind(saga)
-                    .bind(id)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(backend)?;
-                    if purged.is_some() {
-                        return Err(StoreError::Purged {
-                            saga: saga.to_owned(),
-                            id: id.to_owned(),
-                        });
-                    }
-                } else {
-                    let updated = sqlx::query(
-                        "UPDATE surety_saga_instance SET state = $3, state_name = $4, \
-                         version = $5, finished = $6, updated_at = $7, state_version = $9 \
-                         WHERE saga = $1 AND id = $2 AND version = $8",
-                    )
-                    .bind(saga)
-                    .bind(id)
-                    .bind(&state)
-                    .bind(&instance.state_name)
-                    .bind(count(instance.version)?)
-                    .bind(instance.finished)
-                    .bind(at)
-                    .bind(count(expected)?)
-                    .bind(i64::from(instance.state_version))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(backend)?;
-                    if updated.rows_affected() == 0 {
-                        return Err(conflict());
-                    }
-                }
-                if let Some(fired) = &write.fired_timer {
-                    let deleted = sqlx::query(
-                        "DELETE FROM surety_saga_timer \
-                         WHERE saga = $1 AND id = $2 AND name = $3 AND due = $4",
-                    )
-                    .bind(&fired.saga)
-                    .bind(&fired.id)
-                    .bind(&fired.name)
-                    .bind(millis(fired.due))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(backend)?;
-                    if deleted.rows_affected() == 0 {
-                        return Err(StoreError::TimerGone {
-                            id: fired.id.clone(),
-                            name: fired.name.clone(),
-                        });
-                    }
-                }
-                for name in &write.cancel_timers {
-                    sqlx::query(
-                        "DELETE FROM surety_saga_timer WHERE saga = $1 AND id = $2 AND name = $3",
-                    )
-                    .bind(saga)
-                    .bind(id)
-                    .bind(name)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(backend)?;
-                }
-                if instance.finished {
-                    sqlx::query("DELETE FROM surety_saga_timer WHERE saga = $1 AND id = $2")
-                        .bind(saga)
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(backend)?;
-                } else {
-                    for (name, due) in &write.set_timers {
-                        sqlx::query(
-                            "INSERT INTO surety_saga_timer (saga, id, name, due) \
-                             VALUES ($1, $2, $3, $4) \
-                             ON CONFLICT (saga, id, name) DO UPDATE SET due = excluded.due",
-                        )
-                        .bind(saga)
-                        .bind(id)
-                        .bind(name)
-                        .bind(millis(*due))
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(backend)?;
-                    }
-                }
-                let history = &write.history;
-                sqlx::query(
-                    "INSERT INTO surety_saga_history \
-                     (saga, id, version, input, state, state_name, at, trace_id, from_state, \
-                     commands, timer_due) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                )
-                .bind(saga)
-                .bind(id)
-                .bind(count(history.version)?)
-                .bind(history.input.as_ref().map(serde_json::Value::to_string))
-                .bind(history.state.to_string())
-                .bind(&history.state_name)
-                .bind(millis(history.at))
-                .bind(history.trace_id.as_deref())
-                .bind(history.from_state.as_deref())
-                .bind(serde_json::to_string(&history.commands).map_err(backend)?)
-                .bind(history.timer_due.map(millis))
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-                for (topic, envelope) in &write.commands {
-                    <$outbox>::enqueue(&mut tx, topic, envelope)
-                        .await
-                        .map_err(backend)?;
-                }
-                tx.commit().await.map_err(backend)?;
-                Ok(())
+                self.commit_write(write).await
             }
 
             async fn due_timers(
@@ -618,8 +629,7 @@ macro_rules! sql_saga_store {
                 .map_err(backend)?;
                 let mut deleted = 0;
                 for id in ids {
-                    let $p = &self.pool;
-                    let mut tx = $begin.await.map_err(backend)?;
+                    let mut tx = self.begin_write().await.map_err(backend)?;
                     // Only if still finished: a finished instance takes no input.
                     let gone = sqlx::query(
                         "DELETE FROM surety_saga_instance \
