@@ -13,7 +13,10 @@
 //!   Surety code). Throughput in steps; target saga/raw ≥ 0.7.
 //! - `rabbitmq_checkout` (when `SURETY_AMQP_URL` is set): whole checkouts
 //!   over RabbitMQ with the SQLite store, outbox relay, reply consumer and
-//!   three participants under one `Host`, against `raw`: the same three
+//!   three participants under one `Host`, the SQLite file opened as the
+//!   outbox guide opens it (WAL, four connections), checkouts started
+//!   `CONCURRENCY` at a time as a handler would start them, against
+//!   `raw`: checkouts started the same way, the same three
 //!   command/reply round trips on the same broker in plain lapin (durable
 //!   queues, persistent messages, publisher confirms, manual acks, 32
 //!   deliveries handled at once per consumer like the workers; a stateless
@@ -22,6 +25,11 @@
 //! The two ratio rows follow ADR 0018: every round measures raw, raw again
 //! (the control) and saga, the order reversed every other round; the
 //! control's ratios to raw, widened to include 1.00, are the noise band.
+//! Each row also gives the process's CPU time per unit on both sides
+//! (`surety_testkit::cpu`; in the RabbitMQ row the process runs the
+//! participants and the reply consumer of both sides, the broker runs in
+//! its own). Both sides count finished checkouts in their reply consumer;
+//! neither polls a store.
 //! `cargo bench -p surety-saga --bench saga` for the full run; under
 //! `cargo test --benches` each runs one small round.
 
@@ -51,14 +59,15 @@ fn transition(c: &mut Criterion) {
     group.finish();
 }
 
-async fn open(path: &std::path::Path) -> SqlitePool {
+/// The SQLite file at `path` in WAL mode, with `connections` connections.
+async fn open(path: &std::path::Path, connections: u32) -> SqlitePool {
     let options = SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .busy_timeout(Duration::from_secs(10));
     SqlitePoolOptions::new()
-        .max_connections(1)
+        .max_connections(connections)
         .connect_with(options)
         .await
         .expect("opens the SQLite file")
@@ -151,17 +160,54 @@ fn full_run() -> bool {
     std::env::args().any(|arg| arg == "--bench")
 }
 
-/// One round's rates (per second): raw, raw again (the control), saga.
+/// One measurement: units per second and process CPU per unit (µs).
+#[derive(Clone, Copy, Debug)]
+struct Measured {
+    rate: f64,
+    cpu: f64,
+}
+
+/// One round: raw, raw again (the control), saga.
 #[derive(Clone, Copy, Debug)]
 struct Round {
-    raw: f64,
-    control: f64,
-    saga: f64,
+    raw: Measured,
+    control: Measured,
+    saga: Measured,
+}
+
+/// Runs one measurement: `units` done in the wall time it took, with the
+/// process's CPU time over that window.
+async fn measure<F: std::future::Future<Output = u64>>(run: F) -> Measured {
+    let cpu = surety_testkit::cpu::process_cpu;
+    let (started, cpu_before) = (Instant::now(), cpu());
+    let units = run.await;
+    let wall = started.elapsed().as_secs_f64();
+    let used = match (cpu_before, cpu()) {
+        (Some(before), Some(after)) => after.saturating_sub(before).as_secs_f64(),
+        _ => f64::NAN,
+    };
+    Measured {
+        rate: units as f64 / wall,
+        cpu: used * 1e6 / units as f64,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 /// Runs `rounds` rounds of raw, control and saga (the order reversed every
 /// other round), each measurement returning how many units it did, and
-/// prints the rates, the ratio and the noise band (ADR 0018).
+/// prints the rates, the ratio, the noise band (ADR 0018) and the process
+/// CPU per unit of each side.
 async fn rounds<R, RF, S, SF>(name: &str, unit: &str, rounds: usize, mut raw: R, mut saga: S)
 where
     R: FnMut() -> RF,
@@ -169,25 +215,18 @@ where
     S: FnMut() -> SF,
     SF: std::future::Future<Output = u64>,
 {
-    let rate = |units: u64, started: Instant| units as f64 / started.elapsed().as_secs_f64();
     let mut results = Vec::new();
     // A warm-up round, not counted.
     for round in 0..=rounds {
         let (r, c, s);
         if round % 2 == 0 {
-            let t = Instant::now();
-            r = rate(raw().await, t);
-            let t = Instant::now();
-            c = rate(raw().await, t);
-            let t = Instant::now();
-            s = rate(saga().await, t);
+            r = measure(raw()).await;
+            c = measure(raw()).await;
+            s = measure(saga()).await;
         } else {
-            let t = Instant::now();
-            s = rate(saga().await, t);
-            let t = Instant::now();
-            c = rate(raw().await, t);
-            let t = Instant::now();
-            r = rate(raw().await, t);
+            s = measure(saga()).await;
+            c = measure(raw()).await;
+            r = measure(raw()).await;
         }
         if round > 0 {
             results.push(Round {
@@ -197,28 +236,24 @@ where
             });
         }
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        }
-    };
-    let ratios: Vec<f64> = results.iter().map(|r| r.saga / r.raw).collect();
-    let noise: Vec<f64> = results.iter().map(|r| r.control / r.raw).collect();
+    let ratios: Vec<f64> = results.iter().map(|r| r.saga.rate / r.raw.rate).collect();
+    let noise: Vec<f64> = results
+        .iter()
+        .map(|r| r.control.rate / r.raw.rate)
+        .collect();
     let low = noise.iter().copied().fold(1.0, f64::min);
     let high = noise.iter().copied().fold(1.0, f64::max);
     let ratio = median(ratios.clone());
     for (i, r) in results.iter().enumerate() {
         println!(
-            "{name} round {}: raw {:.0} {unit}/s, control {:.0}, saga {:.0}, saga/raw {:.2}",
+            "{name} round {}: raw {:.0} {unit}/s, control {:.0}, saga {:.0}, saga/raw {:.2}; CPU per {unit}: raw {:.0} µs, saga {:.0} µs",
             i + 1,
-            r.raw,
-            r.control,
-            r.saga,
-            r.saga / r.raw
+            r.raw.rate,
+            r.control.rate,
+            r.saga.rate,
+            r.saga.rate / r.raw.rate,
+            r.raw.cpu,
+            r.saga.cpu,
         );
     }
     let verdict = if (low..=high).contains(&ratio) {
@@ -226,11 +261,16 @@ where
     } else {
         ""
     };
+    let (raw_cpu, saga_cpu) = (
+        median(results.iter().map(|r| r.raw.cpu).collect()),
+        median(results.iter().map(|r| r.saga.cpu).collect()),
+    );
     println!(
-        "{name}: raw {:.0} {unit}/s, saga {:.0} {unit}/s, saga/raw {ratio:.2}{verdict}, noise band {low:.2}..{high:.2} over {} rounds",
-        median(results.iter().map(|r| r.raw).collect()),
-        median(results.iter().map(|r| r.saga).collect()),
-        results.len()
+        "{name}: raw {:.0} {unit}/s, saga {:.0} {unit}/s, saga/raw {ratio:.2}{verdict}, noise band {low:.2}..{high:.2} over {} rounds; process CPU per {unit}: raw {raw_cpu:.0} µs, saga {saga_cpu:.0} µs ({:.1}x)",
+        median(results.iter().map(|r| r.raw.rate).collect()),
+        median(results.iter().map(|r| r.saga.rate).collect()),
+        results.len(),
+        saga_cpu / raw_cpu,
     );
 }
 
@@ -243,7 +283,7 @@ fn durable_steps() {
     std::fs::create_dir_all(&dir).expect("a temporary directory");
     let path = dir.join("bench.db");
     let pool = runtime.block_on(async {
-        let pool = open(&path).await;
+        let pool = open(&path, 1).await;
         sqlite::migrate(&pool).await.expect("migrates");
         for ddl in [
             "CREATE TABLE IF NOT EXISTS raw_instance (id TEXT PRIMARY KEY, state TEXT NOT NULL, version INTEGER NOT NULL)",
@@ -481,6 +521,7 @@ mod raw {
 }
 
 fn rabbitmq_checkout() {
+    use futures::StreamExt;
     use std::sync::Arc;
     use std::sync::atomic::Ordering;
     use surety_core::Permanent;
@@ -512,7 +553,9 @@ fn rabbitmq_checkout() {
         )
         .await
         .expect("connects to RabbitMQ");
-        let pool = open(&dir.join("bench.db")).await;
+        // As the outbox's guide opens a file: WAL, four connections, so
+        // reads go on while one connection writes.
+        let pool = open(&dir.join("bench.db"), 4).await;
         sqlite::migrate(&pool).await.expect("migrates");
         let raw = raw::start(&url, &prefix).await;
         (transport, pool, raw)
@@ -531,6 +574,24 @@ fn rabbitmq_checkout() {
             Ok::<_, Permanent>(Answer::done(reply, serde_json::json!({})))
         })
     };
+    // Checkouts finished: shipping replies the orchestrator applied (it
+    // finishes the instance). Counted like the raw side's, so that
+    // neither side polls a store to find out.
+    let finished = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counting = |router: surety_core::consumer::Router,
+                    finished: Arc<std::sync::atomic::AtomicU64>| {
+        surety_core::consumer::handler_fn(move |incoming: Incoming| {
+            let (router, finished) = (router.clone(), Arc::clone(&finished));
+            async move {
+                let last = incoming.envelope.event_type == "shipping.booked";
+                let response = tower::ServiceExt::oneshot(router, incoming).await?;
+                if last {
+                    finished.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok::<_, surety_core::HandlerError>(response)
+            }
+        })
+    };
     let relay = Relay::new(SqliteOutbox::new(pool.clone()), transport.clone())
         .poll_interval(Duration::from_millis(2));
     let worker = |handler| Worker::new(handler).concurrency(CONCURRENCY);
@@ -539,8 +600,11 @@ fn rabbitmq_checkout() {
             transport.clone(),
             q("replies"),
             "checkout",
-            Worker::new(consumer::reply_handler(Arc::clone(&orchestrator)))
-                .concurrency(CONCURRENCY),
+            Worker::new(counting(
+                consumer::reply_handler(Arc::clone(&orchestrator)),
+                Arc::clone(&finished),
+            ))
+            .concurrency(CONCURRENCY),
         )
         .task("relay", move |shutdown| relay.run(shutdown.wait()))
         .consume(
@@ -580,7 +644,7 @@ fn rabbitmq_checkout() {
         next.set(from + n);
         from
     };
-    let (orchestrator, raw) = (&orchestrator, &raw);
+    let (orchestrator, raw, finished) = (&orchestrator, &raw, &finished);
     runtime.block_on(rounds(
         "rabbitmq_checkout",
         "checkouts",
@@ -589,17 +653,19 @@ fn rabbitmq_checkout() {
             let from = take();
             async move {
                 let target = raw.done.load(Ordering::SeqCst) + n;
-                for i in from..from + n {
-                    let id = format!("r-{i}");
-                    raw::publish(
-                        &raw.publisher,
-                        &raw.payments,
-                        "payment.charge",
-                        &id,
-                        Some(&raw.replies),
-                    )
+                futures::stream::iter(from..from + n)
+                    .for_each_concurrent(CONCURRENCY, |i| async move {
+                        let id = format!("r-{i}");
+                        raw::publish(
+                            &raw.publisher,
+                            &raw.payments,
+                            "payment.charge",
+                            &id,
+                            Some(&raw.replies),
+                        )
+                        .await;
+                    })
                     .await;
-                }
                 while raw.done.load(Ordering::SeqCst) < target {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
@@ -609,19 +675,16 @@ fn rabbitmq_checkout() {
         || {
             let from = take();
             async move {
+                let target = finished.load(Ordering::SeqCst) + n;
                 let ids: Vec<String> = (from..from + n).map(|i| format!("c-{i}")).collect();
-                for id in &ids {
-                    let start = orchestrator.saga().begin(serde_json::json!({"order": id}));
-                    orchestrator.start(id, start).await.expect("starts");
-                }
-                for id in &ids {
-                    loop {
-                        let state = orchestrator.state(id).await.expect("loads");
-                        if state.is_some_and(|s| orchestrator.saga().is_finished(&s)) {
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
+                futures::stream::iter(&ids)
+                    .for_each_concurrent(CONCURRENCY, |id| async move {
+                        let start = orchestrator.saga().begin(serde_json::json!({"order": id}));
+                        orchestrator.start(id, start).await.expect("starts");
+                    })
+                    .await;
+                while finished.load(Ordering::SeqCst) < target {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 n
             }

@@ -70,6 +70,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod conformance;
+pub mod cpu;
 #[cfg(feature = "db")]
 pub mod db;
 #[cfg(feature = "dlq")]
