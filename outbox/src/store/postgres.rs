@@ -47,6 +47,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "outbox lease epoch",
         include_str!("../../migrations/postgres/0002_lease_epoch.sql"),
     ),
+    (
+        3,
+        "outbox waiting index holds failed rows only",
+        include_str!("../../migrations/postgres/0003_waiting_index.sql"),
+    ),
 ];
 
 /// Creates or upgrades the outbox tables in the current schema. Safe to

@@ -13,14 +13,17 @@ RETURNING seq";
 
 /// Pending rows that are due and whose key has no earlier pending row
 /// waiting for its retry: rows stuck behind a failing row never fill a
-/// batch, so the rest of the outbox goes on.
+/// batch, so the rest of the outbox goes on. (`next_attempt_at > 0` names
+/// the partial index of rows that failed: the planner uses it only when the
+/// query states its condition.)
 pub(super) const PENDING: &str = "\
 SELECT o.seq, o.topic, o.partition_key, o.headers, o.payload, o.attempts, o.next_attempt_at
 FROM surety_outbox o
 WHERE o.status = 'pending' AND o.next_attempt_at <= $2
   AND NOT EXISTS (
     SELECT 1 FROM surety_outbox w
-    WHERE w.status = 'pending' AND w.partition_key = o.partition_key
+    WHERE w.status = 'pending' AND w.next_attempt_at > 0
+      AND w.partition_key = o.partition_key
       AND w.seq < o.seq AND w.next_attempt_at > $2)
 ORDER BY o.seq LIMIT $1";
 
