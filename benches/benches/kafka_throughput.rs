@@ -18,8 +18,11 @@
 //!   fresh topic, then consumed by fresh groups with per-message offset
 //!   storage, one after the other. Raw: a `StreamConsumer` with the
 //!   adapter's consumer settings (`enable.auto.commit=true`,
-//!   `enable.auto.offset.store=false`, `auto.offset.reset=earliest`) calling
-//!   `store_offset_from_message` per message. Adapter: the `Subscriber`
+//!   `enable.auto.offset.store=false`, `auto.offset.reset=earliest`)
+//!   reading each message's payload and every header's name and value
+//!   (borrowed: what any consumer reads to learn a message's id, type and
+//!   trace; librdkafka parses a message's headers when they are first read)
+//!   and calling `store_offset_from_message` per message. Adapter: the `Subscriber`
 //!   stream with its defaults (`consumer_buffer` 256, far below N),
 //!   `Delivery::ack` per message. Client CPU per message is the figure the
 //!   adapter owns here (tansu bounds the rate). Clock: first message received to the last
@@ -46,7 +49,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use surety_benches::load::{
     Clock, Comparison, Report, Sample, Settings, Trial, Window, adapter_consume, adapter_publish,
@@ -463,6 +466,13 @@ async fn raw_consume(brokers: &str, topic: &str, group: &str, n: usize) -> Sampl
                 .expect("Kafka streams do not end")
                 .expect("a raw Kafka message");
             bytes += message.payload().map_or(0, <[u8]>::len);
+            // A consumer learns a message's id, type and trace from its
+            // headers: read every name and value (borrowed, no copy).
+            if let Some(headers) = message.headers() {
+                for header in headers.iter() {
+                    bytes += header.key.len() + header.value.map_or(0, <[u8]>::len);
+                }
+            }
             consumer
                 .store_offset_from_message(&message)
                 .expect("the offset is stored");
