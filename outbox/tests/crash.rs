@@ -16,7 +16,6 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::process::Stdio;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -25,6 +24,7 @@ use surety_core::{Close, DeliveryStream, Envelope, Subscriber};
 use surety_kafka::{KafkaConfig, KafkaTransport};
 use surety_outbox::{OutboxStore, Relay, SqliteOutbox};
 use surety_rabbitmq::{RabbitConfig, RabbitTransport};
+use surety_testkit::process::{Child, Seeded, TestProcess};
 use surety_testkit::services;
 use surety_testkit::wait::eventually;
 
@@ -120,18 +120,6 @@ async fn child_relay() {
     }
 }
 
-/// A small seeded generator (xorshift64*), enough to pick kill times.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
 /// Writes the rows: key `k{i % KEYS}`, numbered in order per key, in
 /// transactions of 500. Returns their ids.
 async fn write_rows(pool: &SqlitePool, topic: &str) -> HashSet<String> {
@@ -150,16 +138,10 @@ async fn write_rows(pool: &SqlitePool, topic: &str) -> HashSet<String> {
     ids
 }
 
-fn spawn_child(broker: &str, path: &std::path::Path) -> tokio::process::Child {
-    let exe = std::env::current_exe().expect("the test binary");
-    tokio::process::Command::new(exe)
-        .args(["--exact", "child_relay", "--test-threads", "1"])
+fn spawn_child(broker: &str, path: &std::path::Path) -> Child {
+    TestProcess::new("child_relay")
         .env(DB, path)
         .env(BROKER, broker)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .expect("starts the relay process")
 }
@@ -192,17 +174,8 @@ where
     F: FnOnce(HashSet<String>) -> Fut,
     Fut: std::future::Future<Output = Vec<Envelope>>,
 {
-    let seed = std::env::var(SEED)
-        .ok()
-        .and_then(|seed| seed.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        })
-        | 1;
-    println!("{broker}: {SEED}={seed}");
-    let mut rng = Rng(seed);
+    let mut rng = Seeded::from_env(SEED);
+    println!("{broker}: {SEED}={}", rng.seed());
 
     let dir = std::env::temp_dir().join(format!("surety-crash-{}", uuid::Uuid::now_v7()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -215,10 +188,9 @@ where
     let mut left = Vec::new();
     for _ in 0..KILLS {
         let mut child = spawn_child(broker, &path);
-        let after = KILL_AFTER + Duration::from_millis(rng.next() % KILL_SPREAD);
+        let after = KILL_AFTER + Duration::from_millis(rng.below(KILL_SPREAD));
         tokio::time::sleep(after).await;
-        child.start_kill().expect("SIGKILL");
-        child.wait().await.unwrap();
+        child.kill().await.expect("SIGKILL");
         left.push(store.backlog().await.unwrap().pending);
     }
     println!("{broker}: rows pending after each kill: {left:?}");
@@ -230,8 +202,7 @@ where
         || async { store.backlog().await.unwrap().pending == 0 },
     )
     .await;
-    child.start_kill().expect("SIGKILL");
-    child.wait().await.unwrap();
+    child.kill().await.expect("SIGKILL");
 
     let seen = read(expected.clone()).await;
     let strangers = seen.iter().filter(|e| !expected.contains(&e.id)).count();

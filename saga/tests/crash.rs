@@ -14,7 +14,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +24,7 @@ use surety_saga::sqlite::{self, SqliteSagaStore};
 use surety_saga::steps::{Status, StepState};
 use surety_saga::store::SagaStore;
 use surety_saga::{Input, Orchestrator, Saga};
+use surety_testkit::process::{Child, Seeded, TestProcess};
 use surety_testkit::rabbitmq::Cleanup;
 use surety_testkit::services;
 use surety_testkit::wait::eventually;
@@ -101,28 +101,10 @@ async fn child_orchestrator() {
     host.run(std::future::pending::<()>()).await;
 }
 
-/// A small seeded generator (xorshift64*), enough to pick kill times.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
-fn spawn_child(path: &std::path::Path, prefix: &str) -> tokio::process::Child {
-    let exe = std::env::current_exe().expect("the test binary");
-    tokio::process::Command::new(exe)
-        .args(["--exact", "child_orchestrator", "--test-threads", "1"])
+fn spawn_child(path: &std::path::Path, prefix: &str) -> Child {
+    TestProcess::new("child_orchestrator")
         .env(DB, path)
         .env(PREFIX, prefix)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .expect("starts the orchestrator process")
 }
@@ -153,17 +135,8 @@ async fn orchestrator_killed_ten_times_during_a_thousand_checkouts() {
     let Some(url) = services::require(services::amqp_url()) else {
         return;
     };
-    let seed = std::env::var(SEED)
-        .ok()
-        .and_then(|seed| seed.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        })
-        | 1;
-    println!("{SEED}={seed}");
-    let mut rng = Rng(seed);
+    let mut rng = Seeded::from_env(SEED);
+    println!("{SEED}={}", rng.seed());
 
     let queues = Queues::unique();
     let _cleanup = Cleanup::new(&url).prefix(queues.prefix.clone());
@@ -198,10 +171,9 @@ async fn orchestrator_killed_ten_times_during_a_thousand_checkouts() {
     let mut progress = Vec::new();
     for _ in 0..KILLS {
         let mut child = spawn_child(&path, &queues.prefix);
-        let after = KILL_AFTER + Duration::from_millis(rng.next() % KILL_SPREAD);
+        let after = KILL_AFTER + Duration::from_millis(rng.below(KILL_SPREAD));
         tokio::time::sleep(after).await;
-        child.start_kill().expect("SIGKILL");
-        child.wait().await.unwrap();
+        child.kill().await.expect("SIGKILL");
         progress.push(resting(&store, &saga).await);
     }
     println!("checkouts at rest after each kill: {progress:?}");
@@ -212,8 +184,7 @@ async fn orchestrator_killed_ten_times_during_a_thousand_checkouts() {
         || async { resting(&store, &saga).await == CHECKOUTS },
     )
     .await;
-    child.start_kill().expect("SIGKILL");
-    child.wait().await.unwrap();
+    child.kill().await.expect("SIGKILL");
     participants.stop().await;
 
     let (mut timeouts, mut fired_once) = (0, 0);

@@ -13,7 +13,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +27,7 @@ use surety_saga::steps::{Status, StepReply, StepState};
 use surety_saga::store::{ListFilter, SagaStore};
 use surety_saga::{Input, Orchestrator, Saga};
 use surety_testkit::db::TempSchema;
+use surety_testkit::process::{Child, TestProcess};
 use surety_testkit::rabbitmq::Cleanup;
 use surety_testkit::services;
 use surety_testkit::wait::eventually;
@@ -113,17 +113,11 @@ async fn child_orchestrator() {
     host.run(std::future::pending::<()>()).await;
 }
 
-fn spawn_child(schema: &str, prefix: &str, metrics: &std::path::Path) -> tokio::process::Child {
-    let exe = std::env::current_exe().expect("the test binary");
-    tokio::process::Command::new(exe)
-        .args(["--exact", "child_orchestrator", "--test-threads", "1"])
+fn spawn_child(schema: &str, prefix: &str, metrics: &std::path::Path) -> Child {
+    TestProcess::new("child_orchestrator")
         .env(SCHEMA, schema)
         .env(PREFIX, prefix)
         .env(METRICS, metrics)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .expect("starts an orchestrator process")
 }
@@ -204,8 +198,7 @@ async fn two_orchestrator_processes_share_the_work_without_conflicting_transitio
     )
     .await;
     for child in &mut children {
-        child.start_kill().expect("SIGKILL");
-        child.wait().await.unwrap();
+        child.kill().await.expect("SIGKILL");
     }
     participants.stop().await;
 

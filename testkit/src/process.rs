@@ -154,3 +154,62 @@ impl Child {
         }
     }
 }
+
+/// A small seeded generator (xorshift64*) for picking kill times: enough
+/// randomness to vary where a child dies, and a seed to print so a failing
+/// run can be repeated.
+///
+/// ```
+/// use surety_testkit::process::Seeded;
+///
+/// let mut a = Seeded::new(42);
+/// let mut b = Seeded::new(42);
+/// assert_eq!(a.next_u64(), b.next_u64());
+/// assert!(a.below(10) < 10);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Seeded {
+    seed: u64,
+    state: u64,
+}
+
+impl Seeded {
+    /// A generator started from `seed` (made odd, so never zero).
+    pub fn new(seed: u64) -> Self {
+        let seed = seed | 1;
+        Self { seed, state: seed }
+    }
+
+    /// A generator seeded from the variable `name` when it holds a number
+    /// (to repeat a run), else from the clock. Print [`seed`](Self::seed)
+    /// so a failing run can be repeated with `name=<seed>`.
+    pub fn from_env(name: &str) -> Self {
+        let seed = std::env::var(name)
+            .ok()
+            .and_then(|seed| seed.trim().parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+        Self::new(seed)
+    }
+
+    /// The seed this generator started from.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The next number.
+    pub fn next_u64(&mut self) -> u64 {
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        self.state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// The next number below `bound` (0 when `bound` is 0).
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.next_u64().checked_rem(bound).unwrap_or(0)
+    }
+}
