@@ -3,76 +3,17 @@
 //! orchestrators. The behaviour every store shares is the suite in
 //! `stores.rs`.
 
-use std::time::Duration;
-
 use chrono::Utc;
-use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgPool;
 use surety_saga::postgres::{self, PostgresSagaStore};
-use surety_saga::store::{SagaStore, StoreError};
-use surety_saga::{Command, Input, Orchestrator, Outcome, Saga, Transition, replay};
+use surety_saga::store::SagaStore;
+use surety_saga::{Input, Orchestrator, Outcome, replay};
 use surety_testkit::db::TempSchema;
+use surety_testkit::saga_store::BeforeWrite;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-enum Step {
-    Paying,
-    Refunding,
-    Done,
-    Cancelled,
-}
+mod pay;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-enum Reply {
-    Paid,
-    Refunded,
-}
-
-struct Pay;
-
-impl Saga for Pay {
-    type State = Step;
-    type Message = Reply;
-    fn name(&self) -> &str {
-        "pay"
-    }
-
-    fn state_name<'a>(&'a self, state: &'a Step) -> &'a str {
-        match state {
-            Step::Paying => "paying",
-            Step::Refunding => "refunding",
-            Step::Done => "done",
-            Step::Cancelled => "cancelled",
-        }
-    }
-
-    fn is_finished(&self, state: &Step) -> bool {
-        matches!(state, Step::Done | Step::Cancelled)
-    }
-
-    fn apply(&self, state: &Step, input: &Input<Reply>) -> Transition<Step> {
-        match (state, input) {
-            (Step::Paying, Input::Message(Reply::Paid)) => Transition::to(Step::Done),
-            (Step::Paying, Input::Timeout { .. }) => Transition::to(Step::Refunding).command(
-                Command::new("payments", "payment.refund", serde_json::json!({})),
-            ),
-            (Step::Refunding, Input::Message(Reply::Refunded)) => Transition::to(Step::Cancelled),
-            (_, Input::Operator(action)) if action.action == "abort" => {
-                Transition::to(Step::Cancelled)
-            }
-            _ => Transition::ignore(),
-        }
-    }
-}
-
-fn begin() -> Transition<Step> {
-    Transition::to(Step::Paying)
-        .command(Command::new(
-            "payments",
-            "payment.charge",
-            serde_json::json!({ "cents": 4200 }),
-        ))
-        .set_timer("payment", Duration::from_secs(30))
-}
+use pay::{Pay, Reply, Step, begin};
 
 async fn schema() -> Option<TempSchema> {
     let db = TempSchema::new("surety_saga", 4).await?;
@@ -139,115 +80,6 @@ async fn concurrent_writers_to_one_instance_apply_one_input_at_a_time() {
     db.drop_schema().await;
 }
 
-/// A store whose first write waits, after the orchestrator loaded and
-/// decided, until the test lets it go: another orchestrator writes in
-/// between, deterministically.
-struct PauseBeforeWrite {
-    inner: PostgresSagaStore,
-    gate: std::sync::Mutex<
-        Option<(
-            tokio::sync::oneshot::Sender<()>,
-            tokio::sync::oneshot::Receiver<()>,
-        )>,
-    >,
-}
-
-impl SagaStore for PauseBeforeWrite {
-    async fn load(
-        &self,
-        saga: &str,
-        id: &str,
-    ) -> Result<Option<surety_saga::store::InstanceRecord>, StoreError> {
-        self.inner.load(saga, id).await
-    }
-
-    async fn write(&self, write: surety_saga::store::Write) -> Result<(), StoreError> {
-        let gate = self.gate.lock().unwrap().take();
-        if let Some((paused, go)) = gate {
-            paused.send(()).unwrap();
-            go.await.unwrap();
-        }
-        self.inner.write(write).await
-    }
-
-    async fn due_timers(
-        &self,
-        saga: &str,
-        now: chrono::DateTime<Utc>,
-        limit: usize,
-    ) -> Result<Vec<surety_saga::store::TimerRecord>, StoreError> {
-        self.inner.due_timers(saga, now, limit).await
-    }
-
-    async fn delete_timer(
-        &self,
-        timer: &surety_saga::store::TimerRecord,
-    ) -> Result<bool, StoreError> {
-        self.inner.delete_timer(timer).await
-    }
-
-    async fn history(
-        &self,
-        saga: &str,
-        id: &str,
-    ) -> Result<Vec<surety_saga::store::HistoryRecord>, StoreError> {
-        self.inner.history(saga, id).await
-    }
-
-    async fn record_noop(
-        &self,
-        saga: &str,
-        id: &str,
-        noop: surety_saga::store::NoopRecord,
-    ) -> Result<(), StoreError> {
-        self.inner.record_noop(saga, id, noop).await
-    }
-
-    async fn noops(
-        &self,
-        saga: &str,
-        id: &str,
-    ) -> Result<Vec<surety_saga::store::NoopRecord>, StoreError> {
-        self.inner.noops(saga, id).await
-    }
-
-    async fn list(
-        &self,
-        filter: &surety_saga::store::ListFilter,
-    ) -> Result<Vec<surety_saga::store::InstanceSummary>, StoreError> {
-        self.inner.list(filter).await
-    }
-
-    async fn unfinished_counts(
-        &self,
-        saga: &str,
-        idle_since: chrono::DateTime<Utc>,
-    ) -> Result<Vec<(String, u64, u64)>, StoreError> {
-        self.inner.unfinished_counts(saga, idle_since).await
-    }
-
-    async fn purge_finished(
-        &self,
-        saga: &str,
-        before: chrono::DateTime<Utc>,
-        limit: usize,
-    ) -> Result<u64, StoreError> {
-        self.inner.purge_finished(saga, before, limit).await
-    }
-
-    async fn audit(&self, entry: surety_saga::store::AuditRecord) -> Result<(), StoreError> {
-        self.inner.audit(entry).await
-    }
-
-    async fn audit_log(
-        &self,
-        saga: &str,
-        id: &str,
-    ) -> Result<Vec<surety_saga::store::AuditRecord>, StoreError> {
-        self.inner.audit_log(saga, id).await
-    }
-}
-
 /// Two orchestrators on one PostgreSQL instance row, forced to meet: the
 /// one that loaded first writes last, loses on the version, and decides
 /// the reply again on the fresh state at once, counted as a conflict; the
@@ -267,9 +99,19 @@ async fn a_version_conflict_is_decided_again_on_the_fresh_state_without_a_delive
     let slow = std::sync::Arc::new(
         Orchestrator::new(
             Pay,
-            PauseBeforeWrite {
-                inner: store.clone(),
-                gate: std::sync::Mutex::new(Some((paused_tx, go_rx))),
+            // Its first write waits, after it loaded and decided, until the
+            // test lets it go: the other orchestrator writes in between.
+            {
+                let gate = std::sync::Mutex::new(Some((paused_tx, go_rx)));
+                BeforeWrite::new(store.clone(), move |_write| {
+                    let gate = gate.lock().unwrap().take();
+                    Box::pin(async move {
+                        if let Some((paused, go)) = gate {
+                            paused.send(()).unwrap();
+                            go.await.unwrap();
+                        }
+                    })
+                })
             },
         )
         .metrics(metrics.clone()),

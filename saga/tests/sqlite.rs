@@ -6,72 +6,14 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
 use surety_saga::sqlite::{self, SqliteSagaStore};
 use surety_saga::store::{SagaStore, StoreError};
-use surety_saga::{Command, Input, Orchestrator, Saga, Transition};
+use surety_saga::{Input, Orchestrator};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-enum Step {
-    Paying,
-    Refunding,
-    Done,
-    Cancelled,
-}
+mod pay;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-enum Reply {
-    Paid,
-    Refunded,
-}
-
-struct Pay;
-
-impl Saga for Pay {
-    type State = Step;
-    type Message = Reply;
-    fn name(&self) -> &str {
-        "pay"
-    }
-
-    fn state_name<'a>(&'a self, state: &'a Step) -> &'a str {
-        match state {
-            Step::Paying => "paying",
-            Step::Refunding => "refunding",
-            Step::Done => "done",
-            Step::Cancelled => "cancelled",
-        }
-    }
-
-    fn is_finished(&self, state: &Step) -> bool {
-        matches!(state, Step::Done | Step::Cancelled)
-    }
-
-    fn apply(&self, state: &Step, input: &Input<Reply>) -> Transition<Step> {
-        match (state, input) {
-            (Step::Paying, Input::Message(Reply::Paid)) => Transition::to(Step::Done),
-            (Step::Paying, Input::Timeout { .. }) => Transition::to(Step::Refunding).command(
-                Command::new("payments", "payment.refund", serde_json::json!({})),
-            ),
-            (Step::Refunding, Input::Message(Reply::Refunded)) => Transition::to(Step::Cancelled),
-            (_, Input::Operator(action)) if action.action == "abort" => {
-                Transition::to(Step::Cancelled)
-            }
-            _ => Transition::ignore(),
-        }
-    }
-}
-
-fn begin() -> Transition<Step> {
-    Transition::to(Step::Paying)
-        .command(Command::new(
-            "payments",
-            "payment.charge",
-            serde_json::json!({ "cents": 4200 }),
-        ))
-        .set_timer("payment", Duration::from_secs(30))
-}
+use pay::{Pay, Reply, Step, begin};
 
 async fn pool() -> SqlitePool {
     let pool = SqlitePoolOptions::new()

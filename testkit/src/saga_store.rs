@@ -244,16 +244,21 @@ where
 {
     const CHECK: &str = "stale_writes_conflict";
     // A store that records each write so it can be written again.
-    let recorder = Recorder {
-        inner: store.clone(),
-        writes: Arc::default(),
+    let recorded: Arc<std::sync::Mutex<Vec<surety_saga::store::Write>>> = Arc::default();
+    let recorder = {
+        let recorded = Arc::clone(&recorded);
+        BeforeWrite::new(store.clone(), move |write| {
+            if let Ok(mut writes) = recorded.lock() {
+                writes.push(write.clone());
+            }
+            Box::pin(async {})
+        })
     };
-    let saga = Orchestrator::new(Pay, recorder.clone());
+    let saga = Orchestrator::new(Pay, recorder);
     ok(CHECK, "start", saga.start("o-1", begin()).await)?;
     ok(CHECK, "handle", saga.handle("o-1", paid()).await)?;
     sent(&store).await;
-    let writes = recorder
-        .writes
+    let writes = recorded
         .lock()
         .map_err(|_| fail(CHECK, "the recorded writes", "a poisoned lock"))?
         .clone();
@@ -794,20 +799,59 @@ where
     Ok(())
 }
 
-/// A store that keeps a copy of every write it passes on.
+/// What [`BeforeWrite`] runs before a write.
+type WriteHook = Arc<
+    dyn Fn(&surety_saga::store::Write) -> futures::future::BoxFuture<'static, ()> + Send + Sync,
+>;
+
+/// A store that runs a hook on every write before passing it on to the
+/// store it wraps (everything else goes straight through): record the
+/// writes, or hold one back until a test lets it go, so another writer
+/// gets in between deterministically.
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use surety_saga::store::MemorySagaStore;
+/// use surety_testkit::saga_store::BeforeWrite;
+///
+/// let seen = Arc::new(Mutex::new(0));
+/// let counted = Arc::clone(&seen);
+/// let store = BeforeWrite::new(MemorySagaStore::new(), move |_write| {
+///     *counted.lock().unwrap() += 1;
+///     Box::pin(async {})
+/// });
+/// # let _ = store;
+/// ```
 #[derive(Clone)]
-struct Recorder<S> {
+pub struct BeforeWrite<S> {
     inner: S,
-    writes: Arc<std::sync::Mutex<Vec<surety_saga::store::Write>>>,
+    hook: WriteHook,
 }
 
-impl<S> std::fmt::Debug for Recorder<S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Recorder").finish_non_exhaustive()
+impl<S> BeforeWrite<S> {
+    /// Wraps `inner`; `hook` sees each write first, and the write waits for
+    /// the future it returns.
+    pub fn new(
+        inner: S,
+        hook: impl Fn(&surety_saga::store::Write) -> futures::future::BoxFuture<'static, ()>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        Self {
+            inner,
+            hook: Arc::new(hook),
+        }
     }
 }
 
-impl<S: SagaStore> SagaStore for Recorder<S> {
+impl<S> std::fmt::Debug for BeforeWrite<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BeforeWrite").finish_non_exhaustive()
+    }
+}
+
+impl<S: SagaStore> SagaStore for BeforeWrite<S> {
     async fn load(
         &self,
         saga: &str,
@@ -817,9 +861,7 @@ impl<S: SagaStore> SagaStore for Recorder<S> {
     }
 
     async fn write(&self, write: surety_saga::store::Write) -> Result<(), StoreError> {
-        if let Ok(mut writes) = self.writes.lock() {
-            writes.push(write.clone());
-        }
+        (self.hook)(&write).await;
         self.inner.write(write).await
     }
 
