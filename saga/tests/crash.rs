@@ -29,7 +29,7 @@ use surety_testkit::rabbitmq::Cleanup;
 use surety_testkit::services;
 use surety_testkit::wait::eventually;
 
-use common::{Queues, Running, World, checkout_host, definition_with, participants_on, rabbit};
+use common::{Queues, World, checkout_host, definition_with, rabbit, running_participants};
 
 /// Checkouts started.
 const CHECKOUTS: usize = 1_000;
@@ -151,16 +151,7 @@ async fn orchestrator_killed_ten_times_during_a_thousand_checkouts() {
 
     // The participants live through every kill.
     let world = World::default();
-    let transport = rabbit(&url, "crash-participants").await;
-    let participants = participants_on(Host::new(), &transport, &queues, &world);
-    let health = participants.health();
-    let participants = Running::start(participants);
-    eventually(
-        Duration::from_secs(30),
-        "the participants are ready",
-        || async { health.is_ready() },
-    )
-    .await;
+    let participants = running_participants(&url, "crash-participants", &queues, &world).await;
 
     for i in 0..CHECKOUTS {
         let id = format!("o-{i}");

@@ -32,7 +32,7 @@ use surety_testkit::rabbitmq::Cleanup;
 use surety_testkit::services;
 use surety_testkit::wait::eventually;
 
-use common::{Queues, Running, World, checkout_host, definition_with, participants_on, rabbit};
+use common::{Queues, World, checkout_host, definition_with, rabbit, running_participants};
 
 const CHECKOUTS: usize = 300;
 const SCHEMA: &str = "SURETY_SAGA_TWO_SCHEMA";
@@ -145,16 +145,7 @@ async fn two_orchestrator_processes_share_the_work_without_conflicting_transitio
     let starter = Orchestrator::new(saga.clone(), store.clone()).reply_to(queues.replies.clone());
 
     let world = World::default();
-    let transport = rabbit(&url, "two-participants").await;
-    let participants = participants_on(Host::new(), &transport, &queues, &world);
-    let health = participants.health();
-    let participants = Running::start(participants);
-    eventually(
-        Duration::from_secs(30),
-        "the participants are ready",
-        || async { health.is_ready() },
-    )
-    .await;
+    let participants = running_participants(&url, "two-participants", &queues, &world).await;
 
     let dir = std::env::temp_dir().join(format!("surety-saga-two-{}", uuid::Uuid::now_v7()));
     std::fs::create_dir_all(&dir).unwrap();

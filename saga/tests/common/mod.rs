@@ -337,3 +337,24 @@ pub async fn timers_fired_once<St: SagaStore>(store: &St, id: &str) -> usize {
     }
     fired.len()
 }
+
+/// The three participants on their own connection (named `name`), running
+/// and ready: they live through whatever the test does to the orchestrator.
+pub async fn running_participants(
+    url: &str,
+    name: &str,
+    queues: &Queues,
+    world: &World,
+) -> Running {
+    let transport = rabbit(url, name).await;
+    let participants = participants_on(Host::new(), &transport, queues, world);
+    let health = participants.health();
+    let running = Running::start(participants);
+    surety_testkit::wait::eventually(
+        Duration::from_secs(30),
+        "the participants are ready",
+        || async { health.is_ready() },
+    )
+    .await;
+    running
+}
