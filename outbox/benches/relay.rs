@@ -27,6 +27,10 @@
 //!   empty: read a batch, publish it key-ordered with confirmation, mark
 //!   the confirmed rows sent.
 //!
+//! Each variant also reports this process's CPU time per message over its
+//! timed window (`surety_testkit::cpu`; the broker runs in its own
+//! process): the relay's own cost beside the publisher's.
+//!
 //! Per round direct, control, direct per key, relay, the order reversed every other round,
 //! after an unreported warm-up round. Printed: each round's rates and
 //! ratios, the median relay/direct ratio against the target (**≥ 0.8**,
@@ -116,9 +120,7 @@ async fn rabbitmq(url: &str, settings: &Settings) {
             .expect("connects to RabbitMQ");
     let channel = transport.channel().await.expect("a channel");
     let exchange = transport.config().exchange.clone();
-    let mut ratios = Vec::new();
-    let mut controls = Vec::new();
-    let mut keyed = Vec::new();
+    let mut rounds = Vec::new();
     for round in 0..settings.rounds + usize::from(settings.warmup) {
         // A fresh queue per variant: neither publishes into the other's backlog.
         let topics = [
@@ -134,12 +136,9 @@ async fn rabbitmq(url: &str, settings: &Settings) {
                 .await
                 .expect("declare a queue");
         }
-        let (ratio, control, to_keyed) =
-            run_round(&transport, &topics, settings.messages, round).await;
+        let measured = run_round(&transport, &topics, settings.messages, round).await;
         if !settings.warmup || round > 0 {
-            ratios.push(ratio);
-            controls.push(control);
-            keyed.push(to_keyed);
+            rounds.push(measured);
         }
         for topic in &topics {
             let queue = queue_name(topic, "bench");
@@ -149,7 +148,7 @@ async fn rabbitmq(url: &str, settings: &Settings) {
                 .ok();
         }
     }
-    report("rabbitmq", &mut ratios, &controls, &mut keyed);
+    report("rabbitmq", &rounds);
     transport.close().await.ok();
 }
 
@@ -161,9 +160,7 @@ async fn kafka_run(brokers: &str, settings: &Settings) {
     let transport = KafkaTransport::connect(config)
         .await
         .expect("connects to Kafka");
-    let mut ratios = Vec::new();
-    let mut controls = Vec::new();
-    let mut keyed = Vec::new();
+    let mut rounds = Vec::new();
     for round in 0..settings.rounds + usize::from(settings.warmup) {
         let topics = [
             unique("kafka"),
@@ -171,15 +168,12 @@ async fn kafka_run(brokers: &str, settings: &Settings) {
             unique("kafka"),
             unique("kafka"),
         ];
-        let (ratio, control, to_keyed) =
-            run_round(&transport, &topics, settings.messages, round).await;
+        let measured = run_round(&transport, &topics, settings.messages, round).await;
         if !settings.warmup || round > 0 {
-            ratios.push(ratio);
-            controls.push(control);
-            keyed.push(to_keyed);
+            rounds.push(measured);
         }
     }
-    report("kafka", &mut ratios, &controls, &mut keyed);
+    report("kafka", &rounds);
     transport.close().await.ok();
 }
 
@@ -194,7 +188,7 @@ async fn run_round<P: Publisher + Clone + 'static>(
     topics: &[String; 4],
     n: usize,
     round: usize,
-) -> (f64, f64, f64) {
+) -> Round {
     for topic in topics {
         for envelope in envelopes(8) {
             publisher
@@ -226,20 +220,37 @@ async fn run_round<P: Publisher + Clone + 'static>(
         )
     };
     let (direct_rate, control_rate, keyed_rate, relay_rate) = (
-        rate(n, direct),
-        rate(n, control),
-        rate(n, keyed),
-        rate(n, relay),
+        rate(n, direct.took),
+        rate(n, control.took),
+        rate(n, keyed.took),
+        rate(n, relay.took),
     );
+    let (direct_cpu, relay_cpu) = (cpu_per_message(n, direct), cpu_per_message(n, relay));
     let (ratio, noise) = (relay_rate / direct_rate, control_rate / direct_rate);
     println!(
         "round {round}: direct {direct_rate:.0} msg/s, control {control_rate:.0} msg/s ({noise:.2}), \
          direct per key {keyed_rate:.0} msg/s ({:.2}), relay {relay_rate:.0} msg/s, ratio {ratio:.2}, \
-         to direct per key {:.2} (window {window})",
+         to direct per key {:.2} (window {window}); CPU per message: direct {direct_cpu:.1} µs, \
+         relay {relay_cpu:.1} µs",
         keyed_rate / direct_rate,
         relay_rate / keyed_rate,
     );
-    (ratio, noise, relay_rate / keyed_rate)
+    Round {
+        ratio,
+        noise,
+        to_keyed: relay_rate / keyed_rate,
+        direct_cpu,
+        relay_cpu,
+    }
+}
+
+/// One round's ratios and CPU per message (µs).
+struct Round {
+    ratio: f64,
+    noise: f64,
+    to_keyed: f64,
+    direct_cpu: f64,
+    relay_cpu: f64,
 }
 
 /// The direct publisher under the relay's per-key rule: at most
@@ -247,10 +258,10 @@ async fn run_round<P: Publisher + Clone + 'static>(
 /// key sent when one of its own confirms (so at most 256 ×
 /// `in_flight_per_key` in flight, like the relay). It shows what the rule
 /// itself costs on the broker, apart from the relay's own work.
-async fn direct_per_key<P: Publisher>(publisher: &P, topic: &str, n: usize) -> Duration {
+async fn direct_per_key<P: Publisher>(publisher: &P, topic: &str, n: usize) -> Window {
     let messages = envelopes(n);
     let limit = per_key();
-    let started = Instant::now();
+    let started = Started::now();
     let work = async {
         let mut queues: Vec<std::collections::VecDeque<Envelope>> = (0..KEYS)
             .map(|_| std::collections::VecDeque::new())
@@ -281,7 +292,7 @@ async fn direct_per_key<P: Publisher>(publisher: &P, topic: &str, n: usize) -> D
     tokio::time::timeout(STEP_LIMIT, work)
         .await
         .expect("the per-key direct publishes finish in time");
-    started.elapsed()
+    started.stop()
 }
 
 /// The relay's rows in flight per key (`SURETY_BENCH_PER_KEY`, default 1).
@@ -297,13 +308,51 @@ fn env(name: &str) -> Option<usize> {
         .filter(|v| *v > 0)
 }
 
+/// A timed window: wall time and this process's CPU time over it.
+#[derive(Clone, Copy)]
+struct Window {
+    took: Duration,
+    cpu: Option<Duration>,
+}
+
+/// The start of a [`Window`].
+struct Started {
+    wall: Instant,
+    cpu: Option<Duration>,
+}
+
+impl Started {
+    fn now() -> Self {
+        Self {
+            wall: Instant::now(),
+            cpu: surety_testkit::cpu::process_cpu(),
+        }
+    }
+
+    fn stop(self) -> Window {
+        let took = self.wall.elapsed();
+        let cpu = match (self.cpu, surety_testkit::cpu::process_cpu()) {
+            (Some(before), Some(after)) => Some(after.saturating_sub(before)),
+            _ => None,
+        };
+        Window { took, cpu }
+    }
+}
+
+/// CPU per message in µs (NaN where the process's CPU time is unreadable).
+fn cpu_per_message(n: usize, window: Window) -> f64 {
+    window
+        .cpu
+        .map_or(f64::NAN, |cpu| cpu.as_secs_f64() * 1e6 / n as f64)
+}
+
 fn rate(n: usize, took: Duration) -> f64 {
     n as f64 / took.as_secs_f64().max(1e-9)
 }
 
-async fn direct<P: Publisher>(publisher: &P, topic: &str, n: usize, window: usize) -> Duration {
+async fn direct<P: Publisher>(publisher: &P, topic: &str, n: usize, window: usize) -> Window {
     let messages = envelopes(n);
-    let started = Instant::now();
+    let started = Started::now();
     let mut pending: FuturesUnordered<surety_core::Confirmation> = FuturesUnordered::new();
     let work = async {
         for envelope in messages {
@@ -321,10 +370,10 @@ async fn direct<P: Publisher>(publisher: &P, topic: &str, n: usize, window: usiz
     tokio::time::timeout(STEP_LIMIT, work)
         .await
         .expect("the direct publishes finish in time");
-    started.elapsed()
+    started.stop()
 }
 
-async fn relay<P: Publisher + Clone + 'static>(publisher: &P, topic: &str, n: usize) -> Duration {
+async fn relay<P: Publisher + Clone + 'static>(publisher: &P, topic: &str, n: usize) -> Window {
     let db = TempSqlite::new(4, Duration::from_secs(10)).await;
     surety_outbox::sqlite::migrate(&db.pool)
         .await
@@ -344,7 +393,7 @@ async fn relay<P: Publisher + Clone + 'static>(publisher: &P, topic: &str, n: us
         relay = relay.batch_size(rows);
     }
     relay = relay.in_flight_per_key(per_key());
-    let started = Instant::now();
+    let started = Started::now();
     let work = async {
         loop {
             let cycle = relay.run_once().await.expect("a relay cycle");
@@ -357,35 +406,43 @@ async fn relay<P: Publisher + Clone + 'static>(publisher: &P, topic: &str, n: us
     tokio::time::timeout(STEP_LIMIT, work)
         .await
         .expect("the relay finishes in time");
-    let took = started.elapsed();
+    let took = started.stop();
     let backlog = store.backlog().await.expect("the backlog");
     assert_eq!(backlog.pending, 0, "{backlog:?}");
     took
 }
 
-fn report(broker: &str, ratios: &mut [f64], controls: &[f64], keyed: &mut [f64]) {
-    ratios.sort_by(f64::total_cmp);
-    let Some(&median) = ratios.get(ratios.len() / 2) else {
+/// The median of `values` (NaN for none).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn report(broker: &str, rounds: &[Round]) {
+    if rounds.is_empty() {
         return;
-    };
-    let low = controls.iter().copied().fold(1.0, f64::min);
-    let high = controls.iter().copied().fold(1.0, f64::max);
-    let noise = if (low..=high).contains(&median) {
+    }
+    let median_of = |f: fn(&Round) -> f64| median(rounds.iter().map(f).collect());
+    let ratio = median_of(|r| r.ratio);
+    let low = rounds.iter().map(|r| r.noise).fold(1.0, f64::min);
+    let high = rounds.iter().map(|r| r.noise).fold(1.0, f64::max);
+    let noise = if (low..=high).contains(&ratio) {
         " (within noise)"
     } else {
         ""
     };
+    let (direct_cpu, relay_cpu) = (median_of(|r| r.direct_cpu), median_of(|r| r.relay_cpu));
     println!(
-        "{broker}: relay / direct publish (window {}), median of {} rounds: {median:.2} \
-         (control {low:.2}–{high:.2}; target ≥ {TARGET}: {}{noise})",
+        "{broker}: relay / direct publish (window {}), median of {} rounds: {ratio:.2} \
+         (control {low:.2}–{high:.2}; target ≥ {TARGET}: {}{noise}); \
+         CPU per message: direct {direct_cpu:.1} µs, relay {relay_cpu:.1} µs ({:.2}x)",
         KEYS * per_key(),
-        ratios.len(),
-        if median >= TARGET { "PASS" } else { "BELOW" },
+        rounds.len(),
+        if ratio >= TARGET { "PASS" } else { "BELOW" },
+        relay_cpu / direct_cpu,
     );
-    keyed.sort_by(f64::total_cmp);
-    if let Some(&to_keyed) = keyed.get(keyed.len() / 2) {
-        println!(
-            "{broker}: relay / direct publish under the same per-key rule, median: {to_keyed:.2}"
-        );
-    }
+    println!(
+        "{broker}: relay / direct publish under the same per-key rule, median: {:.2}",
+        median_of(|r| r.to_keyed)
+    );
 }
