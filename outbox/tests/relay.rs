@@ -516,10 +516,39 @@ async fn shutdown_stops_a_cycle_between_sends(fixture: impl Fixture) {
     );
 }
 
+/// Several rows written with one statement come out in order; a batch
+/// with an invalid message writes none of its rows.
+async fn enqueue_all_writes_every_row_in_order_or_none(fixture: impl Fixture) {
+    let transport = MemoryTransport::new();
+    let mut orders = transport.subscribe("orders", "billing").await.unwrap();
+    let written: Vec<(&str, Envelope)> = (1..=5).map(|n| ("orders", event("o-1", n))).collect();
+    fixture.write_all(&written).await.unwrap();
+    let refused = fixture
+        .write_all(&[("orders", event("o-2", 1)), ("", event("o-2", 2))])
+        .await;
+    assert!(
+        matches!(refused, Err(surety_outbox::OutboxError::InvalidMessage(_))),
+        "{refused:?}"
+    );
+    let relay = Relay::new(fixture.store(), transport.clone());
+    let cycle = relay.run_once().await.unwrap();
+    assert_eq!((cycle.fetched, cycle.sent), (5, 5), "{cycle:?}");
+    let seen = published_before_marker(&transport, "orders", &mut orders).await;
+    let ids: Vec<&str> = seen.iter().map(|e| e.id.as_str()).collect();
+    let expected: Vec<&str> = written.iter().map(|(_, e)| e.id.as_str()).collect();
+    assert_eq!(ids, expected);
+}
+
 macro_rules! suite {
     ($backend:ident, $fixture:expr) => {
         mod $backend {
             use super::*;
+
+            #[tokio::test]
+            async fn enqueue_all_writes_every_row_in_order_or_none() {
+                let Some(fixture) = $fixture else { return };
+                super::enqueue_all_writes_every_row_in_order_or_none(fixture).await;
+            }
 
             #[tokio::test]
             async fn commit_publishes_and_rollback_does_not() {

@@ -419,10 +419,13 @@ macro_rules! sql_saga_store {
                 .execute(&mut **tx)
                 .await
                 .map_err(backend)?;
-                for (topic, envelope) in &write.commands {
-                    <$outbox>::enqueue(tx, topic, envelope)
-                        .await
-                        .map_err(backend)?;
+                if !write.commands.is_empty() {
+                    let commands: Vec<(&str, &surety_core::Envelope)> = write
+                        .commands
+                        .iter()
+                        .map(|(topic, envelope)| (topic.as_str(), envelope))
+                        .collect();
+                    <$outbox>::enqueue_all(tx, &commands).await.map_err(backend)?;
                 }
                 Ok(())
             }

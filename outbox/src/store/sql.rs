@@ -11,6 +11,12 @@ INSERT INTO surety_outbox (message_id, topic, partition_key, headers, payload, c
 VALUES ($1, $2, $3, $4, $5, $6, 0)
 RETURNING seq";
 
+/// The start of an insert of several rows (`enqueue_all`): the values
+/// follow, as in [`INSERT`].
+pub(super) const INSERT_HEAD: &str = "\
+INSERT INTO surety_outbox (message_id, topic, partition_key, headers, payload, created_at, next_attempt_at)
+VALUES ";
+
 /// Pending rows that are due and whose key has no earlier pending row
 /// waiting for its retry: rows stuck behind a failing row never fill a
 /// batch, so the rest of the outbox goes on. (`next_attempt_at > 0` names
@@ -128,6 +134,59 @@ macro_rules! sql_outbox {
                 Ok(seq)
             }
 
+            #[doc = concat!("Writes `messages` (topic and envelope each) into the outbox within `tx`, the caller's ", $backend, " transaction, in order, with one statement.")]
+            ///
+            /// The same as [`enqueue`](Self::enqueue) for each message, in
+            /// one round trip to the database instead of one per message.
+            ///
+            /// # Errors
+            ///
+            /// [`OutboxError::InvalidMessage`] for an empty topic (nothing is
+            /// written); [`OutboxError::Store`] when the insert fails (roll
+            /// `tx` back).
+            pub async fn enqueue_all(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                messages: &[(&str, &surety_core::Envelope)],
+            ) -> Result<(), OutboxError> {
+                // Bound values per row; SQLite allows 32 766 per statement.
+                const CHUNK: usize = 1_000;
+                let now = super::to_millis(std::time::SystemTime::now());
+                for chunk in messages.chunks(CHUNK) {
+                    let rows = chunk
+                        .iter()
+                        .map(|(topic, envelope)| super::NewRow::new(topic, envelope))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let mut sql = String::from(super::sql::INSERT_HEAD);
+                    for i in 0..rows.len() {
+                        let b = i * 6;
+                        if i > 0 {
+                            sql.push_str(", ");
+                        }
+                        sql.push_str(&format!(
+                            "(${}, ${}, ${}, ${}, ${}, ${}, 0)",
+                            b + 1,
+                            b + 2,
+                            b + 3,
+                            b + 4,
+                            b + 5,
+                            b + 6
+                        ));
+                    }
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    for (row, (topic, _)) in rows.into_iter().zip(chunk) {
+                        query = query
+                            .bind(row.message_id)
+                            .bind(*topic)
+                            .bind(row.partition_key)
+                            .bind(row.headers)
+                            .bind(row.payload)
+                            .bind(now);
+                    }
+                    query.execute(&mut **tx).await?;
+                }
+                Ok(())
+            }
+
             #[doc = concat!("Writes a handler's outputs (replies, commands, events: a [`Response`](surety_core::consumer::Response)'s `outputs`) into the outbox within `tx`, the caller's ", $backend, " transaction, in order.")]
             ///
             /// The outbox way to emit from a handler: the outputs commit with
@@ -138,10 +197,11 @@ macro_rules! sql_outbox {
                 tx: &mut sqlx::Transaction<'_, $db>,
                 outputs: &[surety_core::consumer::Output],
             ) -> Result<(), OutboxError> {
-                for output in outputs {
-                    Self::enqueue(tx, &output.destination, &output.envelope).await?;
-                }
-                Ok(())
+                let messages: Vec<(&str, &surety_core::Envelope)> = outputs
+                    .iter()
+                    .map(|output| (output.destination.as_str(), &output.envelope))
+                    .collect();
+                Self::enqueue_all(tx, &messages).await
             }
         }
 

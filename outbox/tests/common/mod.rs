@@ -29,6 +29,13 @@ pub trait Fixture: Send + Sync {
     fn write(&self, messages: &[(&str, Envelope)], commit: bool)
     -> impl Future<Output = ()> + Send;
 
+    /// Enqueues `messages` with one `enqueue_all` in one transaction,
+    /// committed when that succeeds and rolled back when it fails.
+    fn write_all(
+        &self,
+        messages: &[(&str, Envelope)],
+    ) -> impl Future<Output = Result<(), surety_outbox::OutboxError>> + Send;
+
     /// Inserts a pending row whose stored headers are not JSON.
     fn write_corrupt(&self, topic: &str) -> impl Future<Output = ()> + Send;
 
@@ -60,6 +67,25 @@ macro_rules! fixture {
                     tx.commit().await.unwrap();
                 } else {
                     tx.rollback().await.unwrap();
+                }
+            }
+
+            async fn write_all(
+                &self,
+                messages: &[(&str, Envelope)],
+            ) -> Result<(), surety_outbox::OutboxError> {
+                let borrowed: Vec<(&str, &Envelope)> =
+                    messages.iter().map(|(topic, e)| (*topic, e)).collect();
+                let mut tx = self.0.pool.begin().await.unwrap();
+                match $store::enqueue_all(&mut tx, &borrowed).await {
+                    Ok(()) => {
+                        tx.commit().await.unwrap();
+                        Ok(())
+                    }
+                    Err(error) => {
+                        tx.rollback().await.unwrap();
+                        Err(error)
+                    }
                 }
             }
 
