@@ -334,17 +334,25 @@ mod tests {
             due: timer.due,
         });
         writes.push(fired);
-        let n = writes.len();
-        let tasks: Vec<_> = writes
-            .into_iter()
-            .map(|w| {
-                let store = store.clone();
-                tokio::spawn(async move { store.write(w).await })
-            })
-            .collect();
-        // One write waits for the lock to commit; the others queue.
+        let spawn = |w: Write| {
+            let store = store.clone();
+            tokio::spawn(async move { store.write(w).await })
+        };
+        // The first write takes the commit and waits for the lock alone...
+        let mut writes = writes.into_iter();
+        let mut tasks = vec![spawn(writes.next().expect("a first write"))];
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while store.group.queue().len() < n - 1 {
+        while store.group.committer.try_lock().is_ok() || !store.group.queue().is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the first write waits for the lock"
+            );
+            tokio::task::yield_now().await;
+        }
+        // ...and the others queue behind it.
+        let queued = writes.len();
+        tasks.extend(writes.map(spawn));
+        while store.group.queue().len() < queued {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "the writes queue behind the one waiting for the lock"
