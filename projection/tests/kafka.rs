@@ -14,9 +14,10 @@
 //! `SURETY_PROJECTION_KAFKA_EVENTS` sets the size of the log (default
 //! 100,000).
 //!
-//! On tansu 0.6 this test is not reliable yet: a restarted member that joins
-//! before the killed one expired can leave a partition assigned to the dead
-//! member for good (ADR 0017). `SURETY_PROJECTION_KAFKA_SHOW_CHILDREN=1`
+//! On tansu 0.6 the killed process is restarted only once the survivor has
+//! logged the rejoin that follows the dead member's expiry; restarted
+//! earlier, the new member can leave part of the log assigned to the dead
+//! one for good (ADR 0017). `SURETY_PROJECTION_KAFKA_SHOW_CHILDREN=1`
 //! shows the runner processes' logs (assignments, revocations).
 
 use std::collections::BTreeMap;
@@ -293,7 +294,6 @@ async fn await_fold(pool: &SqlitePool, version: u32, expected: &Model, what: &st
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "tansu 0.6 leaves a SIGKILLed member's partitions unassigned about half the time (ADR 0017); run with --ignored"]
 async fn runners_share_partitions_survive_a_kill_and_rebuild_a_large_log_on_kafka() {
     if role(CHILD_DB).is_some() {
         return;
@@ -345,7 +345,9 @@ async fn runners_share_partitions_survive_a_kill_and_rebuild_a_large_log_on_kafk
             .env(CHILD_DB, &path)
             .env(CHILD_TOPIC, &topic)
             .env(CHILD_NAME, name)
+            .env("RUST_LOG", "info")
             .show_output(std::env::var_os("SURETY_PROJECTION_KAFKA_SHOW_CHILDREN").is_some())
+            .capture_output(true)
             .spawn()
             .expect("starts a runner process")
     };
@@ -368,11 +370,26 @@ async fn runners_share_partitions_survive_a_kill_and_rebuild_a_large_log_on_kafk
     // The killed process is restarted, as its supervisor would: it joins
     // the group as a new member, the group rebalances, and the partitions
     // the killed one held resume from their checkpoints (what it applied
-    // without committing is applied again, once). Waiting for the session
-    // timeout alone is not enough on tansu 0.6: its coordinator drops the
-    // expired member but keeps the old assignment for the survivor, so the
-    // dead member's partitions stay unassigned until a member joins (see
-    // ADR 0017).
+    // without committing is applied again, once). On tansu 0.6 the restart
+    // waits until the group has dropped the killed member: its coordinator
+    // does that after the session timeout, on the survivor's heartbeat, and
+    // has the survivor rejoin (it revokes and gets its old partitions back)
+    // but assigns the dead member's partitions to no one until a member
+    // joins; a member that joins before the dead one expired gets a share
+    // of the partitions assigned to the dead one (ADR 0017).
+    let (revoked, assigned) = (
+        survivor.lines_containing("partitions revoked"),
+        survivor.lines_containing("partitions assigned"),
+    );
+    eventually(
+        DEADLINE,
+        "the survivor to rejoin once the killed member expired",
+        || async {
+            survivor.lines_containing("partitions revoked") > revoked
+                && survivor.lines_containing("partitions assigned") > assigned
+        },
+    )
+    .await;
     let mut restarted = child("restarted");
     await_fold(&db.pool, 1, &expected, "after the kill").await;
     assert!(

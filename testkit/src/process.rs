@@ -36,6 +36,7 @@
 
 use std::ffi::OsString;
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The value of the child-role variable `name`, when this process is a
@@ -50,6 +51,7 @@ pub struct TestProcess {
     test: String,
     envs: Vec<(OsString, OsString)>,
     output: bool,
+    capture: bool,
 }
 
 impl TestProcess {
@@ -60,6 +62,7 @@ impl TestProcess {
             test: test.into(),
             envs: Vec::new(),
             output: false,
+            capture: false,
         }
     }
 
@@ -77,6 +80,15 @@ impl TestProcess {
         self
     }
 
+    /// Keeps the child's stdout lines (with `--nocapture`) for the parent to
+    /// read with [`Child::lines_containing`]: a condition to wait on that
+    /// only the child's own log shows (a rebalance it went through, say).
+    /// Takes precedence over [`show_output`](Self::show_output) for stdout.
+    pub fn capture_output(mut self, capture: bool) -> Self {
+        self.capture = capture;
+        self
+    }
+
     /// Starts the child. It is killed when the returned [`Child`] is
     /// dropped.
     ///
@@ -91,18 +103,45 @@ impl TestProcess {
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .kill_on_drop(true);
-        if self.output {
-            command
-                .arg("--nocapture")
-                .stdout(Stdio::inherit())
-                .stderr(Stdio::inherit());
-        } else {
-            command.stdout(Stdio::null()).stderr(Stdio::null());
+        if self.output || self.capture {
+            command.arg("--nocapture");
         }
-        let child = command.spawn()?;
+        let stderr = if self.output {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        };
+        let stdout = if self.capture {
+            Stdio::piped()
+        } else if self.output {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        };
+        command.stdout(stdout).stderr(stderr);
+        let mut child = command.spawn()?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        if let Some(stdout) = child.stdout.take() {
+            let lines = Arc::clone(&lines);
+            let echo = self.output;
+            tokio::spawn(async move {
+                use tokio::io::AsyncBufReadExt as _;
+                let mut reader = tokio::io::BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    if echo {
+                        println!("{line}");
+                    }
+                    lines
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(line);
+                }
+            });
+        }
         Ok(Child {
             test: self.test.clone(),
             child,
+            lines,
         })
     }
 }
@@ -112,12 +151,24 @@ impl TestProcess {
 pub struct Child {
     test: String,
     child: tokio::process::Child,
+    lines: Arc<Mutex<Vec<String>>>,
 }
 
 impl Child {
     /// The operating-system process id, while it runs.
     pub fn id(&self) -> Option<u32> {
         self.child.id()
+    }
+
+    /// How many of the stdout lines kept so far contain `needle` (none
+    /// unless started with [`TestProcess::capture_output`]).
+    pub fn lines_containing(&self, needle: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|line| line.contains(needle))
+            .count()
     }
 
     /// Whether the child has exited (reaps it when it has).
