@@ -15,9 +15,11 @@
 //! | `POST /discard` | discard `{"ids": [...]}`, `{"filter": {...}}` (not empty) or `{"all": true}`, with `reason` (required), `dry_run`; answers 202 with the job | write |
 //! | `POST /jobs/{id}/resume` | run an unfinished job again (one whose run stopped on a store failure); answers 202 with it, or 409 if it has finished | write |
 //!
-//! Every endpoint needs `Authorization: Bearer <token>` (the scheme in any
-//! case) with a token given to [`AdminApi::token`]; the token's actor name
-//! goes into the audit trail. Without a valid token the answer is 401,
+//! Authentication, error answers and limits are those of every Surety
+//! admin API ([`surety_core::admin`]). Every endpoint needs
+//! `Authorization: Bearer <token>` (the scheme in any case) with a token
+//! given to [`AdminApi::token`]; the token's actor name goes into the
+//! audit trail. Without a valid token the answer is 401,
 //! before the body is read. Dead letters hold payloads, so reads are
 //! protected too unless [`AdminApi::open_reads`] says otherwise. Tokens are
 //! compared as SHA-256 digests in constant time (`subtle`), and must be at
@@ -53,17 +55,22 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use subtle::ConstantTimeEq as _;
+use surety_core::admin::{
+    Actor, ApiError, QueryParams, Tokens, concurrency_limit, params, require_token,
+};
+/// Refusals at start-up, longest accepted value and shortest token: the
+/// same for every Surety admin API.
+pub use surety_core::admin::{ConfigError, MAX_VALUE_LEN, MIN_TOKEN_LEN};
 
 use crate::letter::{DeadLetter, Status};
 use crate::replay::{
@@ -75,52 +82,22 @@ use crate::store::{Depth, DlqStore, Filter, PageRequest, StoreError};
 pub const DEFAULT_LIMIT: u32 = 50;
 /// Largest page size of listings.
 pub const MAX_LIMIT: u32 = 500;
-/// Longest accepted id, filter value or search text.
-pub const MAX_VALUE_LEN: usize = 200;
 /// Error classes accepted in filters.
 pub const CLASSES: [&str; 4] = ["transient", "permanent", "poison", "unknown"];
-/// Shortest accepted bearer token, in bytes.
-pub const MIN_TOKEN_LEN: usize = 16;
 /// Default largest request body, in bytes.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Default most requests served at once.
 pub const DEFAULT_CONCURRENCY_LIMIT: usize = 32;
-
-/// The API is configured in a way that would make it unsafe.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// A token is shorter than [`MIN_TOKEN_LEN`] bytes.
-    #[error("the admin token of {actor:?} is shorter than {MIN_TOKEN_LEN} bytes")]
-    TokenTooShort {
-        /// The token's actor.
-        actor: String,
-    },
-}
 
 /// The admin API's configuration; [`router`](Self::router) turns it into
 /// an axum [`Router`].
 #[derive(Clone)]
 pub struct AdminApi {
     replayer: Replayer,
-    tokens: Vec<Token>,
+    tokens: Tokens,
     protect_reads: bool,
     max_body_bytes: usize,
     concurrency_limit: usize,
-}
-
-/// An accepted token: its actor, its SHA-256 digest, and its length (only
-/// to refuse short ones at start-up).
-#[derive(Clone)]
-struct Token {
-    actor: String,
-    digest: [u8; 32],
-    len: usize,
-}
-
-fn digest(token: &[u8]) -> [u8; 32] {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(token).into()
 }
 
 impl fmt::Debug for AdminApi {
@@ -141,7 +118,7 @@ impl AdminApi {
     pub fn new(replayer: Replayer) -> Self {
         Self {
             replayer,
-            tokens: Vec::new(),
+            tokens: Tokens::new(),
             protect_reads: true,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             concurrency_limit: DEFAULT_CONCURRENCY_LIMIT,
@@ -152,12 +129,7 @@ impl AdminApi {
     /// trail records). Only its digest is kept. [`router`](Self::router)
     /// refuses tokens shorter than [`MIN_TOKEN_LEN`] bytes.
     pub fn token(mut self, actor: impl Into<String>, token: impl AsRef<[u8]>) -> Self {
-        let token = token.as_ref();
-        self.tokens.push(Token {
-            actor: actor.into(),
-            digest: digest(token),
-            len: token.len(),
-        });
+        self.tokens.add(actor, token);
         self
     }
 
@@ -191,16 +163,12 @@ impl AdminApi {
     /// The router, with paths relative to where you nest it. Fails if a
     /// token is too short.
     pub fn router(self) -> Result<Router, ConfigError> {
-        if let Some(short) = self.tokens.iter().find(|t| t.len < MIN_TOKEN_LEN) {
-            return Err(ConfigError::TokenTooShort {
-                actor: short.actor.clone(),
-            });
-        }
+        self.tokens.check()?;
         let protect_reads = self.protect_reads;
         let max_body_bytes = self.max_body_bytes;
         let limit = Arc::new(tokio::sync::Semaphore::new(self.concurrency_limit));
         let state = Arc::new(self);
-        let auth = middleware::from_fn_with_state(state.clone(), require_token);
+        let auth = middleware::from_fn_with_state(Arc::new(state.tokens.clone()), require_token);
         let mut reads = Router::new()
             .route("/messages", get(list))
             .route("/messages/{id}", get(get_one))
@@ -223,96 +191,9 @@ impl AdminApi {
             .layer(DefaultBodyLimit::max(max_body_bytes))
             .layer(middleware::from_fn_with_state(limit, concurrency_limit)))
     }
-
-    fn actor_for(&self, token: &[u8]) -> Option<String> {
-        // Digests have one length whatever the token's, and every token is
-        // compared, in constant time each.
-        let presented = digest(token);
-        let mut found = None;
-        for t in &self.tokens {
-            let equal: bool = t.digest.ct_eq(&presented).into();
-            if equal && found.is_none() {
-                found = Some(t.actor.clone());
-            }
-        }
-        found
-    }
-}
-
-/// Serves at most the semaphore's permits at once; answers 503 beyond.
-async fn concurrency_limit(
-    State(limit): State<Arc<tokio::sync::Semaphore>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    match limit.try_acquire() {
-        Ok(_permit) => next.run(request).await,
-        Err(_) => {
-            let mut response = ApiError {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                message: "too many concurrent requests; try again".into(),
-            }
-            .into_response();
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-            response
-        }
-    }
 }
 
 type Api = Arc<AdminApi>;
-
-/// The authenticated caller.
-#[derive(Debug, Clone)]
-struct Actor(String);
-
-/// An error answer: a status and `{"error": "..."}`.
-#[derive(Debug)]
-struct ApiError {
-    status: StatusCode,
-    message: String,
-}
-
-impl ApiError {
-    fn bad_request(message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::BAD_REQUEST,
-            message: message.into(),
-        }
-    }
-
-    fn unavailable() -> Self {
-        Self {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            message: "the DLQ store is unavailable; try again later".into(),
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'a str,
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = (
-            self.status,
-            Json(ErrorBody {
-                error: &self.message,
-            }),
-        )
-            .into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-        }
-        response
-    }
-}
 
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
@@ -321,7 +202,7 @@ impl From<StoreError> for ApiError {
             other => {
                 // The text may name tables, hosts or data: logged, not sent.
                 tracing::error!(error = %other, "DLQ admin API: store failed");
-                Self::unavailable()
+                Self::unavailable("the DLQ store")
             }
         }
     }
@@ -334,69 +215,10 @@ impl From<ReplayError> for ApiError {
             ReplayError::Store(e) => e.into(),
             other => {
                 tracing::error!(error = %other, "DLQ admin API: action failed");
-                Self::unavailable()
+                Self::unavailable("the DLQ store")
             }
         }
     }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(rejection: JsonRejection) -> Self {
-        let status = match rejection.status() {
-            s @ (StatusCode::UNSUPPORTED_MEDIA_TYPE | StatusCode::PAYLOAD_TOO_LARGE) => s,
-            _ => StatusCode::BAD_REQUEST,
-        };
-        Self {
-            status,
-            message: rejection.body_text(),
-        }
-    }
-}
-
-async fn require_token(State(api): State<Api>, mut request: Request, next: Next) -> Response {
-    let token = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(|v| v.as_bytes())
-        .and_then(|v| {
-            // `Bearer` in any case (RFC 9110: schemes are case-insensitive).
-            let (scheme, rest) = v.split_at_checked(7)?;
-            scheme.eq_ignore_ascii_case(b"bearer ").then_some(rest)
-        })
-        .map(<[u8]>::trim_ascii);
-    match token.and_then(|t| api.actor_for(t)) {
-        Some(actor) => {
-            request.extensions_mut().insert(Actor(actor));
-            next.run(request).await
-        }
-        None => ApiError {
-            status: StatusCode::UNAUTHORIZED,
-            message: "a valid bearer token is required".into(),
-        }
-        .into_response(),
-    }
-}
-
-type Params = Result<Query<Vec<(String, String)>>, QueryRejection>;
-
-/// Query parameters, each at most once, only from `allowed`.
-fn params(query: Params, allowed: &[&str]) -> Result<BTreeMap<String, String>, ApiError> {
-    let Query(pairs) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let mut out = BTreeMap::new();
-    for (key, value) in pairs {
-        if !allowed.contains(&key.as_str()) {
-            return Err(ApiError::bad_request(format!(
-                "unknown query parameter {key:?}; expected one of {}",
-                allowed.join(", ")
-            )));
-        }
-        if out.insert(key.clone(), value).is_some() {
-            return Err(ApiError::bad_request(format!(
-                "query parameter {key:?} is given twice"
-            )));
-        }
-    }
-    Ok(out)
 }
 
 const FILTER_PARAMS: [&str; 13] = [
@@ -540,7 +362,7 @@ struct ListBody {
     total: Option<u64>,
 }
 
-async fn list(State(api): State<Api>, query: Params) -> Result<Json<ListBody>, ApiError> {
+async fn list(State(api): State<Api>, query: QueryParams) -> Result<Json<ListBody>, ApiError> {
     let p = params(query, &FILTER_PARAMS)?;
     let filter = filter_from_params(&p)?;
     let page = page_from_params(&p)?;
@@ -574,10 +396,7 @@ async fn get_one(
 }
 
 fn not_found(id: &str) -> ApiError {
-    ApiError {
-        status: StatusCode::NOT_FOUND,
-        message: format!("no dead letter {id:?}"),
-    }
+    ApiError::not_found(format!("no dead letter {id:?}"))
 }
 
 /// 404 unless the dead letter exists (before any job or audit entry).
@@ -596,7 +415,7 @@ struct StatsBody {
     oldest_age_seconds: Option<f64>,
 }
 
-async fn stats(State(api): State<Api>, query: Params) -> Result<Json<StatsBody>, ApiError> {
+async fn stats(State(api): State<Api>, query: QueryParams) -> Result<Json<StatsBody>, ApiError> {
     params(query, &[])?;
     let depth = api.replayer.store().depth().await?;
     let now = Utc::now();
@@ -614,7 +433,7 @@ struct AuditBody {
     next_cursor: Option<String>,
 }
 
-async fn audit(State(api): State<Api>, query: Params) -> Result<Json<AuditBody>, ApiError> {
+async fn audit(State(api): State<Api>, query: QueryParams) -> Result<Json<AuditBody>, ApiError> {
     let p = params(query, &["limit", "cursor"])?;
     let page = page_from_params(&p)?;
     let result = api.replayer.store().audit_log(&page).await?;
@@ -694,7 +513,7 @@ async fn run_to_end(api: &AdminApi, started: Started) -> Result<ActionReport, Ap
             Ok(result) => Ok(result?.report()),
             Err(join) => {
                 tracing::error!(error = %join, "DLQ admin API: job task failed");
-                Err(ApiError::unavailable())
+                Err(ApiError::unavailable("the DLQ store"))
             }
         },
     }
@@ -734,16 +553,13 @@ impl JobBody {
 async fn resume_job(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, ApiError> {
     validate_id(&id)?;
     let Some(job) = api.replayer.job(&id).await? else {
-        return Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            message: format!("no job {id:?}"),
-        });
+        return Err(ApiError::not_found(format!("no job {id:?}")));
     };
     if job.finished {
-        return Err(ApiError {
-            status: StatusCode::CONFLICT,
-            message: format!("job {id:?} has finished"),
-        });
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("job {id:?} has finished"),
+        ));
     }
     // A job already running in this process ends its new run at once.
     Ok(accepted(&api, Started::Job(Box::new(job))))
@@ -756,10 +572,7 @@ async fn get_job(
     validate_id(&id)?;
     match api.replayer.job(&id).await? {
         Some(job) => Ok(Json(JobBody::of(&job))),
-        None => Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            message: format!("no job {id:?}"),
-        }),
+        None => Err(ApiError::not_found(format!("no job {id:?}"))),
     }
 }
 

@@ -18,14 +18,17 @@
 //! An action the instance does not take at its step answers 409, an
 //! unknown instance 404.
 //!
-//! Authentication is the DLQ admin API's: every endpoint needs
+//! Authentication, error answers and limits are those of every Surety admin
+//! API ([`surety_core::admin`]): every endpoint needs
 //! `Authorization: Bearer <token>` with a token given to
 //! [`AdminApi::token`] (at least [`MIN_TOKEN_LEN`] bytes; compared as
 //! SHA-256 digests in constant time), unless [`AdminApi::open_reads`]
 //! opens the read endpoints. Without a valid token the answer is 401.
 //! Invalid input answers 400 (413 for a body over
 //! [`AdminApi::max_body_bytes`], 415 for a body that is not JSON) with
-//! `{"error": "..."}`; a store failure 503 (the error is logged, not sent).
+//! `{"error": "..."}`; more than [`AdminApi::concurrency_limit`] requests
+//! at once 503 with `Retry-After`; a store failure 503 (the error is
+//! logged, not sent).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -48,16 +51,21 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
-use subtle::ConstantTimeEq as _;
+use surety_core::admin::{
+    Actor, ApiError, QueryParams, Tokens, concurrency_limit, params, require_token,
+};
+/// Refusals at start-up, longest accepted value and shortest token: the
+/// same for every Surety admin API.
+pub use surety_core::admin::{ConfigError, MAX_VALUE_LEN, MIN_TOKEN_LEN};
 
 use crate::definition::{Input, OperatorAction, Saga};
 use crate::orchestrator::{Orchestrator, Outcome, SagaError};
@@ -70,46 +78,21 @@ use crate::store::{
 pub const DEFAULT_LIMIT: usize = 50;
 /// Largest page size of listings.
 pub const MAX_LIMIT: usize = 500;
-/// Shortest accepted token, in bytes.
-pub const MIN_TOKEN_LEN: usize = 16;
 /// Longest accepted reason, in bytes.
 pub const MAX_REASON_LEN: usize = 1000;
-/// Longest accepted id or filter value, in bytes.
-pub const MAX_VALUE_LEN: usize = 200;
 /// Default largest request body, in bytes.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
-
-/// The API is configured in a way that would make it unsafe.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// A token is shorter than [`MIN_TOKEN_LEN`] bytes.
-    #[error("the admin token of {actor:?} is shorter than {MIN_TOKEN_LEN} bytes")]
-    TokenTooShort {
-        /// The token's actor.
-        actor: String,
-    },
-}
-
-#[derive(Clone)]
-struct Token {
-    actor: String,
-    digest: [u8; 32],
-    len: usize,
-}
-
-fn digest(token: &[u8]) -> [u8; 32] {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(token).into()
-}
+/// Default most requests served at once.
+pub const DEFAULT_CONCURRENCY_LIMIT: usize = 32;
 
 /// The operator API over one saga's orchestrator; [`router`](Self::router)
 /// turns it into an axum [`Router`].
 pub struct AdminApi<S, St> {
     orchestrator: Arc<Orchestrator<S, St>>,
-    tokens: Vec<Token>,
+    tokens: Tokens,
     protect_reads: bool,
     max_body_bytes: usize,
+    concurrency_limit: usize,
     diagram: Option<String>,
 }
 
@@ -119,6 +102,7 @@ impl<S, St> fmt::Debug for AdminApi<S, St> {
             .field("tokens", &self.tokens.len())
             .field("protect_reads", &self.protect_reads)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("concurrency_limit", &self.concurrency_limit)
             .finish_non_exhaustive()
     }
 }
@@ -133,9 +117,10 @@ where
     pub fn new(orchestrator: Arc<Orchestrator<S, St>>) -> Self {
         Self {
             orchestrator,
-            tokens: Vec::new(),
+            tokens: Tokens::new(),
             protect_reads: true,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            concurrency_limit: DEFAULT_CONCURRENCY_LIMIT,
             diagram: None,
         }
     }
@@ -143,12 +128,7 @@ where
     /// Accepts `token` as a bearer token for `actor` (the name the audit
     /// trail and the history record). Only its digest is kept.
     pub fn token(mut self, actor: impl Into<String>, token: impl AsRef<[u8]>) -> Self {
-        let token = token.as_ref();
-        self.tokens.push(Token {
-            actor: actor.into(),
-            digest: digest(token),
-            len: token.len(),
-        });
+        self.tokens.add(actor, token);
         self
     }
 
@@ -171,6 +151,13 @@ where
         self
     }
 
+    /// The most requests served at once (default
+    /// [`DEFAULT_CONCURRENCY_LIMIT`]); more answer 503 with `Retry-After`.
+    pub fn concurrency_limit(mut self, n: usize) -> Self {
+        self.concurrency_limit = n.max(1);
+        self
+    }
+
     /// Serves `mermaid` (a definition's diagram, such as
     /// [`Steps::mermaid`](crate::steps::Steps::mermaid)) at `GET /definition`.
     pub fn diagram(mut self, mermaid: impl Into<String>) -> Self {
@@ -181,15 +168,12 @@ where
     /// The router, with paths relative to where you nest it. Fails if a
     /// token is too short.
     pub fn router(self) -> Result<Router, ConfigError> {
-        if let Some(short) = self.tokens.iter().find(|t| t.len < MIN_TOKEN_LEN) {
-            return Err(ConfigError::TokenTooShort {
-                actor: short.actor.clone(),
-            });
-        }
+        self.tokens.check()?;
         let protect_reads = self.protect_reads;
         let max_body_bytes = self.max_body_bytes;
+        let limit = Arc::new(tokio::sync::Semaphore::new(self.concurrency_limit));
+        let auth = middleware::from_fn_with_state(Arc::new(self.tokens.clone()), require_token);
         let state = Arc::new(self);
-        let auth = middleware::from_fn_with_state(state.clone(), require_token::<S, St>);
         let mut reads = Router::new()
             .route("/instances", get(list::<S, St>))
             .route("/instances/{id}", get(show::<S, St>))
@@ -203,79 +187,18 @@ where
         Ok(reads
             .merge(writes)
             .with_state(state)
-            .layer(DefaultBodyLimit::max(max_body_bytes)))
-    }
-
-    fn actor_for(&self, token: &[u8]) -> Option<String> {
-        let presented = digest(token);
-        let mut found = None;
-        for t in &self.tokens {
-            let equal: bool = t.digest.ct_eq(&presented).into();
-            if equal && found.is_none() {
-                found = Some(t.actor.clone());
-            }
-        }
-        found
+            .layer(DefaultBodyLimit::max(max_body_bytes))
+            .layer(middleware::from_fn_with_state(limit, concurrency_limit)))
     }
 }
 
 type Api<S, St> = Arc<AdminApi<S, St>>;
 
-#[derive(Debug, Clone)]
-struct Actor(String);
-
-/// An error answer: a status and `{"error": "..."}`.
-#[derive(Debug)]
-struct ApiError {
-    status: StatusCode,
-    message: String,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-        }
-    }
-
-    fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, message)
-    }
-}
-
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'a str,
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = (
-            self.status,
-            Json(ErrorBody {
-                error: &self.message,
-            }),
-        )
-            .into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-        }
-        response
-    }
-}
-
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         // The text may name tables, hosts or data: logged, not sent.
         tracing::error!(error = %err, "saga admin API: store failed");
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the saga store is unavailable; try again later",
-        )
+        Self::unavailable("the saga store")
     }
 }
 
@@ -292,61 +215,6 @@ impl From<SagaError> for ApiError {
             }
         }
     }
-}
-
-async fn require_token<S, St>(
-    State(api): State<Api<S, St>>,
-    mut request: Request,
-    next: Next,
-) -> Response
-where
-    S: Saga + 'static,
-    St: SagaStore + 'static,
-{
-    let token = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(|v| v.as_bytes())
-        .and_then(|v| {
-            // `Bearer` in any case (RFC 9110: schemes are case-insensitive).
-            let (scheme, rest) = v.split_at_checked(7)?;
-            scheme.eq_ignore_ascii_case(b"bearer ").then_some(rest)
-        })
-        .map(<[u8]>::trim_ascii);
-    match token.and_then(|t| api.actor_for(t)) {
-        Some(actor) => {
-            request.extensions_mut().insert(Actor(actor));
-            next.run(request).await
-        }
-        None => ApiError::new(StatusCode::UNAUTHORIZED, "a valid bearer token is required")
-            .into_response(),
-    }
-}
-
-type Params = Result<Query<Vec<(String, String)>>, QueryRejection>;
-
-fn params(query: Params, allowed: &[&str]) -> Result<BTreeMap<String, String>, ApiError> {
-    let Query(pairs) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let mut out = BTreeMap::new();
-    for (key, value) in pairs {
-        if !allowed.contains(&key.as_str()) {
-            return Err(ApiError::bad_request(format!(
-                "unknown query parameter {key:?}; expected one of {}",
-                allowed.join(", ")
-            )));
-        }
-        if value.len() > MAX_VALUE_LEN {
-            return Err(ApiError::bad_request(format!(
-                "query parameter {key:?} is longer than {MAX_VALUE_LEN} bytes"
-            )));
-        }
-        if out.insert(key.clone(), value).is_some() {
-            return Err(ApiError::bad_request(format!(
-                "query parameter {key:?} is given twice"
-            )));
-        }
-    }
-    Ok(out)
 }
 
 fn seconds(params: &BTreeMap<String, String>, key: &str) -> Result<Option<Duration>, ApiError> {
@@ -372,7 +240,10 @@ struct Listing {
     instances: Vec<InstanceSummary>,
 }
 
-async fn list<S, St>(State(api): State<Api<S, St>>, query: Params) -> Result<Response, ApiError>
+async fn list<S, St>(
+    State(api): State<Api<S, St>>,
+    query: QueryParams,
+) -> Result<Response, ApiError>
 where
     S: Saga + 'static,
     St: SagaStore + 'static,
@@ -429,7 +300,7 @@ fn check_id(id: &str) -> Result<(), ApiError> {
 }
 
 fn not_found(id: &str) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, format!("no instance {id:?}"))
+    ApiError::not_found(format!("no instance {id:?}"))
 }
 
 async fn show<S, St>(
@@ -521,21 +392,14 @@ where
         actions::COMPENSATE => actions::COMPENSATE,
         actions::RESOLVE => actions::RESOLVE,
         other => {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("no action {other:?}; expected retry, compensate or resolve"),
-            ));
+            return Err(ApiError::not_found(format!(
+                "no action {other:?}; expected retry, compensate or resolve"
+            )));
         }
     };
     // A body that is not the expected JSON is a bad request (415 and 413
     // keep their meaning), as on the DLQ admin API.
-    let Json(body) = body.map_err(|e| {
-        let status = match e.status() {
-            s @ (StatusCode::UNSUPPORTED_MEDIA_TYPE | StatusCode::PAYLOAD_TOO_LARGE) => s,
-            _ => StatusCode::BAD_REQUEST,
-        };
-        ApiError::new(status, e.body_text())
-    })?;
+    let Json(body) = body?;
     let reason = body.reason.trim();
     if reason.is_empty() || reason.len() > MAX_REASON_LEN {
         return Err(ApiError::bad_request(format!(
