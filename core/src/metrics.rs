@@ -135,6 +135,55 @@ impl Metrics {
     }
 }
 
+/// What a worker settles a delivery as (`messages_consumed`).
+const CONSUMED_OUTCOMES: [&str; 8] = [
+    "handled",
+    "duplicate",
+    "ignored",
+    "retry_scheduled",
+    "dead_lettered",
+    "requeued",
+    "rejected",
+    "settle_failed",
+];
+
+/// How a handler run ends (`handler_duration_seconds`).
+const HANDLER_RESULTS: [&str; 4] = ["ok", "transient", "permanent", "poison"];
+
+/// The consumers whose series a worker has created, as
+/// [`Metrics::consumer_seen`] keeps them.
+pub(crate) type SeenConsumers = Vec<(&'static str, String, String)>;
+
+impl Metrics {
+    /// Creates every series of the consumer `(system, topic, group)` at
+    /// zero: a dashboard or an alert on `rejected` sees a 0, not a missing
+    /// series, from the consumer's start.
+    pub fn consumer(&self, system: &str, topic: &str, group: &str) {
+        for outcome in CONSUMED_OUTCOMES {
+            let _ = self
+                .consumed
+                .get_or_create(&consume_labels(system, topic, group, outcome));
+        }
+        for result in HANDLER_RESULTS {
+            let _ = self
+                .handler_duration
+                .get_or_create(&consume_labels(system, topic, group, result));
+        }
+    }
+
+    /// [`consumer`](Self::consumer) for the consumer a delivery came from,
+    /// once per consumer in `seen` (a worker's first delivery, in practice).
+    pub(crate) fn consumer_seen(&self, seen: &mut SeenConsumers, info: &crate::DeliveryInfo) {
+        let known = seen.iter().any(|(system, topic, group)| {
+            *system == info.system && *topic == info.topic && *group == info.group
+        });
+        if !known {
+            self.consumer(info.system, &info.topic, &info.group);
+            seen.push((info.system, info.topic.clone(), info.group.clone()));
+        }
+    }
+}
+
 fn consume_labels(system: &str, topic: &str, group: &str, outcome: &str) -> ConsumeLabels {
     ConsumeLabels {
         messaging_system: system.to_owned(),

@@ -488,3 +488,49 @@ async fn outputs_without_a_sink_are_a_configuration_error() {
     assert_eq!(report.rejected, 1);
     assert_eq!(*log.lock().unwrap(), [(request.id, "reject")]);
 }
+
+/// A consumer's series exist at zero from its first delivery: an alert on
+/// rejections sees a 0 before the first one, not a missing series.
+#[tokio::test]
+async fn a_consumers_series_exist_at_zero_from_its_first_delivery() {
+    use prometheus_client::registry::Registry;
+    use surety_core::metrics::Metrics;
+
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let transport = MemoryTransport::new();
+    transport.publish("orders", order("o-1")).await.unwrap();
+    let handler = typed(|_: Order, _: Incoming| async { Ok::<_, Transient>(()) });
+    let worker = Worker::new(handler).metrics(metrics);
+    run_until_drained(&transport, worker, "orders", "g").await;
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let labels = r#"messaging_system="memory",messaging_destination_name="orders",messaging_consumer_group_name="g""#;
+    for (series, value) in [
+        (
+            format!("surety_messages_consumed_total{{{labels},outcome=\"handled\"}}"),
+            1,
+        ),
+        (
+            format!("surety_messages_consumed_total{{{labels},outcome=\"rejected\"}}"),
+            0,
+        ),
+        (
+            format!("surety_messages_consumed_total{{{labels},outcome=\"settle_failed\"}}"),
+            0,
+        ),
+        (
+            format!("surety_handler_duration_seconds_count{{{labels},outcome=\"ok\"}}"),
+            1,
+        ),
+        (
+            format!("surety_handler_duration_seconds_count{{{labels},outcome=\"poison\"}}"),
+            0,
+        ),
+    ] {
+        assert!(
+            text.lines().any(|line| line == format!("{series} {value}")),
+            "{series} {value} in:\n{text}"
+        );
+    }
+}

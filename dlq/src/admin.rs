@@ -83,7 +83,7 @@ pub const DEFAULT_LIMIT: u32 = 50;
 /// Largest page size of listings.
 pub const MAX_LIMIT: u32 = 500;
 /// Error classes accepted in filters.
-pub const CLASSES: [&str; 4] = ["transient", "permanent", "poison", "unknown"];
+pub const CLASSES: [&str; 4] = crate::metrics::ERROR_CLASSES;
 /// Default largest request body, in bytes.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Default most requests served at once.

@@ -2,14 +2,14 @@
 //! dead-lettering around any handler.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use surety_core::consumer::{Handler, Incoming, Outcome, Response};
-use surety_core::{Classify, Envelope, HandlerError, Publisher};
+use surety_core::{Classify, DeliveryInfo, Envelope, HandlerError, Publisher};
 use tower::{Layer, Service, ServiceExt};
 
 use crate::classify::Classified;
@@ -71,6 +71,25 @@ struct Config {
     park_after_replays: u32,
     redeliver_after: Duration,
     metrics: DlqMetrics,
+    /// The sources whose counters exist (see [`DlqMetrics::source`]).
+    sources: Arc<Mutex<Sources>>,
+}
+
+/// Sources (system, topic, group) seen by a layer.
+type Sources = Vec<(&'static str, String, String)>;
+
+impl Config {
+    /// Creates the counters of `info`'s source on its first delivery.
+    fn source_seen(&self, info: &DeliveryInfo) {
+        let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        let known = sources.iter().any(|(system, topic, group)| {
+            *system == info.system && *topic == info.topic && *group == info.group
+        });
+        if !known {
+            self.metrics.source(info);
+            sources.push((info.system, info.topic.clone(), info.group.clone()));
+        }
+    }
 }
 
 /// A [`tower::Layer`] that makes a handler's failures safe: every failure is
@@ -169,6 +188,7 @@ impl DlqLayer {
                 park_after_replays: 3,
                 redeliver_after: Duration::from_secs(1),
                 metrics: DlqMetrics::default(),
+                sources: Arc::default(),
             },
         }
     }
@@ -248,6 +268,12 @@ impl<S> Layer<S> for DlqLayer {
     type Service = Dlq<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        let retry = self.config.retry.as_ref().map(|_| "retry");
+        self.config.metrics.sinks(
+            retry
+                .into_iter()
+                .chain(self.config.sinks.iter().map(|s| s.name())),
+        );
         Dlq {
             inner: crate::classify::ClassifyLayer.layer(inner),
             config: Arc::new(self.config.clone()),
@@ -297,6 +323,7 @@ async fn run<S: Handler>(
     if !surety_core::headers::addressed_to(&msg.envelope, &msg.info.group) {
         return Ok(Response::outcome(Outcome::Ignored));
     }
+    config.source_seen(&msg.info);
     let mut first_call = true;
     let mut first_failed_at: Option<DateTime<Utc>> = None;
     wait_until_due(&config, &msg.envelope).await;

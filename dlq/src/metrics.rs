@@ -94,6 +94,20 @@ pub struct DlqMetrics {
     seen: Arc<Mutex<Seen>>,
 }
 
+/// Every `error_class` of a dead letter: the handler's error classes, and
+/// `unknown` for what the broker dead-lettered itself.
+pub(crate) const ERROR_CLASSES: [&str; 4] = ["transient", "permanent", "poison", "unknown"];
+
+/// Every `outcome` of `dlq_replays`.
+const REPLAY_OUTCOMES: [&str; 6] = [
+    "published",
+    "failed",
+    "skipped",
+    "dry_run",
+    "resolved",
+    "parked",
+];
+
 #[derive(Debug, Default)]
 struct Seen {
     depth: HashSet<ClassLabels>,
@@ -136,7 +150,42 @@ impl DlqMetrics {
             "Failed writes to a dead-letter sink or retry destination (the original is redelivered)",
             metrics.sink_failures.clone(),
         );
+        for outcome in REPLAY_OUTCOMES {
+            let _ = metrics.replays.get_or_create(&OutcomeLabels {
+                outcome: outcome.to_owned(),
+            });
+        }
         metrics
+    }
+
+    /// Creates the failure series of `sinks` (sink names, and `retry` for a
+    /// retry destination) at zero; a [`DlqLayer`](crate::DlqLayer) does
+    /// this when it wraps a handler.
+    pub(crate) fn sinks<'a>(&self, sinks: impl IntoIterator<Item = &'a str>) {
+        for sink in sinks {
+            let _ = self.sink_failures.get_or_create(&SinkLabels {
+                sink: sink.to_owned(),
+            });
+        }
+    }
+
+    /// Creates the counters of the source `info` names at zero: dead
+    /// letters of every class, and retries of transient failures in both
+    /// modes. A [`DlqLayer`](crate::DlqLayer) does this on a source's first
+    /// delivery.
+    pub(crate) fn source(&self, info: &DeliveryInfo) {
+        for class in ERROR_CLASSES {
+            let _ = self.dead_lettered.get_or_create(&class_labels(info, class));
+        }
+        for mode in ["in_place", "delayed"] {
+            let _ = self.retries.get_or_create(&RetryLabels {
+                messaging_system: info.system.to_owned(),
+                messaging_destination_name: info.topic.clone(),
+                messaging_consumer_group_name: info.group.clone(),
+                error_class: "transient".to_owned(),
+                mode: mode.to_owned(),
+            });
+        }
     }
 
     /// Counts one dead-lettered message.

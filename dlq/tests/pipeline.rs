@@ -765,3 +765,48 @@ async fn without_a_sink_the_message_is_rejected_not_dropped() {
     stop.send(()).ok();
     assert_eq!(worker.await.unwrap().acked, 0);
 }
+
+/// The layer's counters exist at zero once it wraps a handler (sinks) and
+/// from a source's first delivery (dead letters by class, retries): an
+/// alert on poison messages or sink failures sees a 0, not a missing
+/// series. Replay outcomes exist from registration.
+#[tokio::test]
+async fn dlq_series_exist_at_zero_before_the_first_failure() {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = surety_dlq::DlqMetrics::register(&mut registry);
+    let handler = DlqLayer::new("billing")
+        .metrics(metrics)
+        .store(MemoryDlqStore::new())
+        .layer(handler_fn(|_msg: Incoming| async {
+            Ok::<(), HandlerError>(())
+        }));
+    let scrape = || {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
+    };
+    let before = scrape();
+    for series in [
+        r#"surety_dlq_replays_total{outcome="resolved"} 0"#,
+        r#"surety_dlq_sink_failures_total{sink="store"} 0"#,
+    ] {
+        assert!(
+            before.lines().any(|l| l == series),
+            "{series} in:\n{before}"
+        );
+    }
+    let mut test = HandlerTest::new(handler).topic("orders").group("billing");
+    let then = test.deliver(Envelope::builder("/t", "t").build()).await;
+    assert_eq!(then.outcome(), Some(Outcome::Handled));
+    let after = scrape();
+    let source = r#"messaging_system="test",messaging_destination_name="orders",messaging_consumer_group_name="billing""#;
+    for series in [
+        format!(r#"surety_dlq_dead_lettered_total{{{source},error_class="poison"}} 0"#),
+        format!(r#"surety_dlq_dead_lettered_total{{{source},error_class="transient"}} 0"#),
+        format!(
+            r#"surety_dlq_retries_scheduled_total{{{source},error_class="transient",mode="delayed"}} 0"#
+        ),
+    ] {
+        assert!(after.lines().any(|l| *l == series), "{series} in:\n{after}");
+    }
+}

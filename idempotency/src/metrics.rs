@@ -39,11 +39,36 @@ impl ConsumeLabels {
     }
 }
 
-/// Labels of the store latency histogram.
+/// Labels of the store latency histogram: the consumer the operation
+/// served (empty for the cleanup's and other operations outside a
+/// delivery), the operation and its outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StoreLabels {
+    messaging_system: String,
+    messaging_destination_name: String,
+    messaging_consumer_group_name: String,
     operation: &'static str,
     outcome: &'static str,
+}
+
+impl StoreLabels {
+    fn of(consumer: Option<&ConsumeLabels>, operation: &'static str, ok: bool) -> Self {
+        let (system, topic, group) =
+            consumer.map_or((String::new(), String::new(), String::new()), |c| {
+                (
+                    c.messaging_system.clone(),
+                    c.messaging_destination_name.clone(),
+                    c.messaging_consumer_group_name.clone(),
+                )
+            });
+        Self {
+            messaging_system: system,
+            messaging_destination_name: topic,
+            messaging_consumer_group_name: group,
+            operation,
+            outcome: outcome(ok),
+        }
+    }
 }
 
 /// Store latency buckets: 0.1 ms doubling to about 3.3 s.
@@ -143,6 +168,16 @@ impl Op {
         }
     }
 
+    /// The operations a delivery runs (the rest are the cleanup's).
+    const PER_MESSAGE: [Op; 6] = [
+        Op::Claim,
+        Op::Extend,
+        Op::Complete,
+        Op::Release,
+        Op::Begin,
+        Op::Commit,
+    ];
+
     fn named(name: &str) -> Option<Op> {
         Op::ALL.into_iter().find(|op| op.as_str() == name)
     }
@@ -152,12 +187,10 @@ impl Op {
 /// deliveries of further ones are counted through the label lookup.
 const CONSUMER_SLOTS: usize = 16;
 
-/// Pre-resolved handles into the metric families. A handle is resolved on
-/// first use, so the exposition is the same as without them: a series
-/// appears once something was recorded in it.
+/// Pre-resolved handles into the metric families.
 #[derive(Debug, Default)]
 struct Resolved {
-    /// `store_duration` per operation, `[ok, error]`.
+    /// `store_duration` outside a delivery, per operation, `[ok, error]`.
     store_duration: [[OnceLock<Histogram>; 2]; Op::ALL.len()],
     /// Counters per consumer, filled in order and never removed.
     consumers: [OnceLock<Arc<ConsumerSeries>>; CONSUMER_SLOTS],
@@ -165,7 +198,8 @@ struct Resolved {
     adding: Mutex<()>,
 }
 
-/// The per-delivery counters of one consumer.
+/// The per-delivery series of one consumer: its counters and its store
+/// latency per operation, each resolved once.
 #[derive(Debug)]
 pub(crate) struct ConsumerSeries {
     labels: ConsumeLabels,
@@ -173,6 +207,8 @@ pub(crate) struct ConsumerSeries {
     processed: OnceLock<Counter>,
     lease_takeovers: OnceLock<Counter>,
     busy: OnceLock<Counter>,
+    /// `store_duration` per operation, `[ok, error]`.
+    store: [[OnceLock<Histogram>; 2]; Op::ALL.len()],
 }
 
 impl ConsumerSeries {
@@ -183,12 +219,42 @@ impl ConsumerSeries {
             processed: OnceLock::new(),
             lease_takeovers: OnceLock::new(),
             busy: OnceLock::new(),
+            store: Default::default(),
+        }
+    }
+
+    /// Creates every series of the consumer at zero, so that a dashboard
+    /// or an alert on takeovers or store errors sees a 0, not a missing
+    /// series.
+    fn create_all(&self, metrics: &IdempotencyMetrics) {
+        for (slot, family) in [
+            (&self.duplicates, &metrics.duplicates),
+            (&self.processed, &metrics.processed),
+            (&self.lease_takeovers, &metrics.lease_takeovers),
+            (&self.busy, &metrics.busy),
+        ] {
+            let _ = slot.get_or_init(|| family.get_or_create(&self.labels).clone());
+        }
+        for op in Op::PER_MESSAGE {
+            for ok in [true, false] {
+                let _ = self.histogram(metrics, op, ok);
+            }
         }
     }
 
     fn inc(&self, slot: &OnceLock<Counter>, family: &Family<ConsumeLabels, Counter>) {
         slot.get_or_init(|| family.get_or_create(&self.labels).clone())
             .inc();
+    }
+
+    fn histogram(&self, metrics: &IdempotencyMetrics, op: Op, ok: bool) -> &Histogram {
+        // `Op::ALL` lists the variants in declaration order.
+        self.store[op as usize][usize::from(!ok)].get_or_init(|| {
+            metrics
+                .store_duration
+                .get_or_create(&StoreLabels::of(Some(&self.labels), op.as_str(), ok))
+                .clone()
+        })
     }
 }
 
@@ -202,14 +268,14 @@ pub(crate) struct Series<'a> {
 
 #[derive(Debug)]
 enum SeriesRef<'a> {
-    Resolved(&'a ConsumerSeries),
+    Resolved(&'a Arc<ConsumerSeries>),
     Own(Arc<ConsumerSeries>),
 }
 
 impl Deref for SeriesRef<'_> {
-    type Target = ConsumerSeries;
+    type Target = Arc<ConsumerSeries>;
 
-    fn deref(&self) -> &ConsumerSeries {
+    fn deref(&self) -> &Arc<ConsumerSeries> {
         match self {
             SeriesRef::Resolved(series) => series,
             SeriesRef::Own(series) => series,
@@ -220,7 +286,7 @@ impl Deref for SeriesRef<'_> {
 /// A consumer's counters as a delivery's future keeps them, without
 /// borrowing the metrics (see [`IdempotencyMetrics::attach`]): a resolved
 /// slot's, or, beyond [`CONSUMER_SLOTS`] consumers, its own.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct SeriesHandle(Arc<ConsumerSeries>);
 
 impl Series<'_> {
@@ -243,6 +309,35 @@ impl Series<'_> {
 
     pub(crate) fn busy(&self) {
         self.consumer.inc(&self.consumer.busy, &self.metrics.busy);
+    }
+
+    /// Records a store operation of this consumer's that ended `ok` after
+    /// `seconds`.
+    pub(crate) fn observe(&self, op: Op, ok: bool, seconds: f64) {
+        self.consumer
+            .histogram(self.metrics, op, ok)
+            .observe(seconds);
+    }
+
+    /// Runs a store operation of this consumer's and records its duration;
+    /// without `clock`, with a duration of zero (see
+    /// [`DedupStore::in_memory`](crate::DedupStore::in_memory)).
+    pub(crate) async fn timed<T, E>(
+        &self,
+        op: Op,
+        clock: bool,
+        fut: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let started = clock.then(Instant::now);
+        let result = fut.await;
+        let seconds = started.map_or(0.0, |started| started.elapsed().as_secs_f64());
+        self.observe(op, result.is_ok(), seconds);
+        result
+    }
+
+    /// These series as a handle that does not borrow the metrics.
+    pub(crate) fn handle(&self) -> SeriesHandle {
+        SeriesHandle(Arc::clone(&self.consumer))
     }
 }
 
@@ -279,14 +374,12 @@ impl IdempotencyMetrics {
             "Time spent in dedup store operations, by operation and outcome (ok, error)",
             metrics.store_duration.clone(),
         );
-        // Every operation and outcome is a series from the start, so a
-        // dashboard or an alert on errors sees a zero, not a missing series.
-        for op in Op::ALL {
+        // The cleanup's operations are series from the start, so a
+        // dashboard or an alert on errors sees a zero, not a missing series;
+        // a consumer's come with its first delivery.
+        for op in [Op::Purge, Op::Size] {
             for ok in [true, false] {
-                let _ = metrics.store_duration.get_or_create(&StoreLabels {
-                    operation: op.as_str(),
-                    outcome: outcome(ok),
-                });
+                let _ = metrics.resolved_store(op, ok);
             }
         }
         registry.register(
@@ -336,6 +429,9 @@ impl IdempotencyMetrics {
         }
         let series = Arc::new(ConsumerSeries::new(info));
         if let Some(free) = slots.iter().find(|slot| slot.get().is_none()) {
+            // Beyond the slots, a consumer's series appear as they are
+            // recorded, without a lookup per delivery to prime them.
+            series.create_all(self);
             let _ = free.set(Arc::clone(&series));
         }
         SeriesHandle(series)
@@ -395,18 +491,15 @@ impl IdempotencyMetrics {
             Some(known) => self.observe(known, result.is_ok(), seconds),
             None => self
                 .store_duration
-                .get_or_create(&StoreLabels {
-                    operation,
-                    outcome: outcome(result.is_ok()),
-                })
+                .get_or_create(&StoreLabels::of(None, operation, result.is_ok()))
                 .observe(seconds),
         }
         result
     }
 
-    /// [`time`](Self::time) for the crate's own operations, through
-    /// pre-resolved series. Without `clock`, the operation is recorded
-    /// with a duration of zero (see
+    /// [`time`](Self::time) for the crate's own operations outside a
+    /// delivery, through pre-resolved series. Without `clock`, the
+    /// operation is recorded with a duration of zero (see
     /// [`DedupStore::in_memory`](crate::DedupStore::in_memory)).
     pub(crate) async fn timed<T, E>(
         &self,
@@ -422,17 +515,16 @@ impl IdempotencyMetrics {
     }
 
     pub(crate) fn observe(&self, op: Op, ok: bool, seconds: f64) {
+        self.resolved_store(op, ok).observe(seconds);
+    }
+
+    fn resolved_store(&self, op: Op, ok: bool) -> &Histogram {
         // `Op::ALL` lists the variants in declaration order.
-        self.resolved.store_duration[op as usize][usize::from(!ok)]
-            .get_or_init(|| {
-                self.store_duration
-                    .get_or_create(&StoreLabels {
-                        operation: op.as_str(),
-                        outcome: outcome(ok),
-                    })
-                    .clone()
-            })
-            .observe(seconds);
+        self.resolved.store_duration[op as usize][usize::from(!ok)].get_or_init(|| {
+            self.store_duration
+                .get_or_create(&StoreLabels::of(None, op.as_str(), ok))
+                .clone()
+        })
     }
 }
 
@@ -469,33 +561,68 @@ mod tests {
             assert!(text.contains(&line), "{line} in\n{text}");
         }
         assert!(text.contains("surety_idempotency_lease_takeovers_total{messaging_system=\"memory\",messaging_destination_name=\"topic-0\",messaging_consumer_group_name=\"g\"} 1"));
+        // A consumer with a slot has every series from its first delivery,
+        // at zero; one beyond the slots gets them as they are recorded.
+        let consumer = |n: usize| {
+            format!(
+                "messaging_system=\"memory\",messaging_destination_name=\"topic-{n}\",messaging_consumer_group_name=\"g\""
+            )
+        };
+        for line in [
+            format!("surety_idempotency_duplicates_total{{{}}} 0", consumer(0)),
+            format!("surety_idempotency_busy_total{{{}}} 0", consumer(3)),
+            format!(
+                "surety_idempotency_store_duration_seconds_count{{{},operation=\"extend\",outcome=\"error\"}} 0",
+                consumer(0)
+            ),
+        ] {
+            assert!(text.contains(&line), "{line} in\n{text}");
+        }
+        let beyond = consumer(CONSUMER_SLOTS + 1);
         assert!(
-            !text.contains("surety_idempotency_duplicates_total{"),
-            "a series appears once something is recorded in it"
+            !text.contains(&format!("surety_idempotency_duplicates_total{{{beyond}}}")),
+            "{text}"
         );
 
-        metrics
-            .time("claim", async { Ok::<_, ()>(()) })
-            .await
-            .unwrap();
-        metrics
+        // Store operations of a delivery carry its consumer; the others
+        // (the cleanup's) carry empty consumer labels.
+        let series = metrics.series(&DeliveryInfo::new("memory", "topic-0", "g"));
+        series
             .timed(Op::Claim, false, async { Ok::<_, ()>(()) })
             .await
             .unwrap();
-        metrics
+        series
             .timed(Op::Complete, true, async { Err::<(), _>(()) })
             .await
             .unwrap_err();
+        metrics
+            .time("purge", async { Ok::<_, ()>(()) })
+            .await
+            .unwrap();
+        metrics
+            .timed(Op::Purge, false, async { Ok::<_, ()>(()) })
+            .await
+            .unwrap();
         let text = exposition(&registry);
-        assert!(text.contains(
-            "surety_idempotency_store_duration_seconds_count{operation=\"claim\",outcome=\"ok\"} 2"
-        ));
-        assert!(text.contains(
-            "surety_idempotency_store_duration_seconds_count{operation=\"complete\",outcome=\"error\"} 1"
-        ));
-        // Operations not run yet are there from registration, at zero.
-        assert!(text.contains(
-            "surety_idempotency_store_duration_seconds_count{operation=\"release\",outcome=\"error\"} 0"
-        ));
+        let nobody = "messaging_system=\"\",messaging_destination_name=\"\",messaging_consumer_group_name=\"\"";
+        for line in [
+            format!(
+                "surety_idempotency_store_duration_seconds_count{{{},operation=\"claim\",outcome=\"ok\"}} 1",
+                consumer(0)
+            ),
+            format!(
+                "surety_idempotency_store_duration_seconds_count{{{},operation=\"complete\",outcome=\"error\"}} 1",
+                consumer(0)
+            ),
+            format!(
+                "surety_idempotency_store_duration_seconds_count{{{nobody},operation=\"purge\",outcome=\"ok\"}} 2"
+            ),
+            // The cleanup's operations are there from registration.
+            format!(
+                "surety_idempotency_store_duration_seconds_count{{{nobody},operation=\"size\",outcome=\"error\"}} 0"
+            ),
+        ] {
+            assert!(text.contains(&line), "{line} in\n{text}");
+        }
     }
 }

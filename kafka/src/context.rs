@@ -93,6 +93,7 @@ pub(crate) struct DeliveryCounters {
 
 impl Shared {
     pub(crate) fn new(topic: &str, group: &str, metrics: KafkaMetrics) -> Self {
+        metrics.subscribed(topic, group);
         Self {
             topic: topic.to_owned(),
             group: group.to_owned(),

@@ -230,6 +230,20 @@ impl KafkaMetrics {
             .inc();
     }
 
+    /// Creates the subscription's counters at zero: deliveries, every
+    /// settlement outcome and pauses (stalls come per partition, as they
+    /// happen).
+    pub(crate) fn subscribed(&self, topic: &str, group: &str) {
+        let _ = self.received_counter(topic, group);
+        for outcome in ["acked", "rejected", "nacked", "dropped", "refused"] {
+            let _ = self.settled_counter(topic, group, outcome);
+        }
+        let _ = self.paused.get_or_create(&GroupLabels {
+            messaging_destination_name: topic.to_owned(),
+            messaging_consumer_group_name: group.to_owned(),
+        });
+    }
+
     pub(crate) fn pause(&self, topic: &str, group: &str) {
         self.paused
             .get_or_create(&GroupLabels {

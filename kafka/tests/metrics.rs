@@ -81,6 +81,14 @@ async fn lag_reflects_messages_not_yet_settled() {
     assert!(text.contains(&format!(
         "surety_kafka_messages_settled_total{{messaging_destination_name=\"{topic}\",messaging_consumer_group_name=\"{busy}\",outcome=\"acked\"}} 4"
     )));
+    // Outcomes that did not happen are series at zero from the
+    // subscription on.
+    assert!(text.contains(&format!(
+        "surety_kafka_messages_settled_total{{messaging_destination_name=\"{topic}\",messaging_consumer_group_name=\"{busy}\",outcome=\"refused\"}} 0"
+    )));
+    assert!(text.contains(&format!(
+        "surety_kafka_consumer_pauses_total{{messaging_destination_name=\"{topic}\",messaging_consumer_group_name=\"{idle}\"}} 0"
+    )));
 
     // Gauges describe only partitions assigned in this process.
     kafka.close().await.expect("close");

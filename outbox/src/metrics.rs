@@ -103,6 +103,43 @@ impl OutboxMetrics {
             .inc_by(n);
     }
 
+    /// Creates every series of relay `relay` at zero (its counters by
+    /// outcome and its gauges), so a dashboard or an alert on parked rows
+    /// sees a 0, not a missing series; [`Relay::metrics`](crate::Relay::metrics)
+    /// does this when it is given the metrics.
+    pub fn relay(&self, relay: &str) {
+        for outcome in ["sent", "retried", "parked"] {
+            self.relayed(relay, outcome, 0);
+        }
+        let labels = RelayLabels {
+            relay: relay.into(),
+        };
+        let _ = self.backlog.get_or_create(&labels);
+        let _ = self.parked.get_or_create(&labels);
+        let _ = self.oldest.get_or_create(&labels);
+        let _ = self.leader.get_or_create(&labels);
+        let _ = self.lease_wait.get_or_create(&labels);
+    }
+
+    /// Removes every series of relay `relay` (a relay renamed after it was
+    /// given the metrics).
+    pub(crate) fn forget(&self, relay: &str) {
+        for outcome in ["sent", "retried", "parked"] {
+            self.relayed.remove(&OutcomeLabels {
+                relay: relay.into(),
+                outcome: outcome.into(),
+            });
+        }
+        let labels = RelayLabels {
+            relay: relay.into(),
+        };
+        self.backlog.remove(&labels);
+        self.parked.remove(&labels);
+        self.oldest.remove(&labels);
+        self.leader.remove(&labels);
+        self.lease_wait.remove(&labels);
+    }
+
     /// Sets the backlog gauges of relay `relay`.
     pub fn set_backlog(&self, relay: &str, backlog: &Backlog) {
         let labels = RelayLabels {

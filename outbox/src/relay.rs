@@ -212,12 +212,15 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
 
     /// The relay's name: the instances sharing a name share one lease.
     pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.name = name.into();
+        let name = name.into();
+        if let Some(metrics) = &self.metrics {
+            // Series created under the old name move to the new one.
+            metrics.forget(&self.name);
+            metrics.relay(&name);
+        }
+        self.name = name;
         if self.default_holder {
             self.holder = default_holder(&self.name);
-        }
-        if let Some(metrics) = self.metrics.take() {
-            return self.metrics(metrics);
         }
         self
     }
@@ -294,12 +297,10 @@ impl<S: OutboxStore, P: Publisher + 'static> Relay<S, P> {
         self
     }
 
-    /// Records relay outcomes and the backlog in `metrics`. Every outcome
-    /// of this relay is a series from now on (at zero until it happens).
+    /// Records relay outcomes and the backlog in `metrics`. Every series
+    /// of this relay exists from now on (at zero until something happens).
     pub fn metrics(mut self, metrics: OutboxMetrics) -> Self {
-        for outcome in ["sent", "retried", "parked"] {
-            metrics.relayed(&self.name, outcome, 0);
-        }
+        metrics.relay(&self.name);
         self.metrics = Some(metrics);
         self
     }

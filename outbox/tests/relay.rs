@@ -64,10 +64,13 @@ async fn commit_publishes_and_rollback_does_not(fixture: impl Fixture) {
     // Every outcome is a series before anything happens.
     let mut text = String::new();
     surety_core::prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-    assert!(
-        text.contains(r#"surety_outbox_relayed_total{relay="default",outcome="parked"} 0"#),
-        "{text}"
-    );
+    for series in [
+        r#"surety_outbox_relayed_total{relay="default",outcome="parked"} 0"#,
+        r#"surety_outbox_parked{relay="default"} 0"#,
+        r#"surety_outbox_relay_leader{relay="default"} 0"#,
+    ] {
+        assert!(text.lines().any(|l| l == series), "{series} in:\n{text}");
+    }
     let cycle = relay.run_once().await.unwrap();
     assert!(cycle.leader);
     assert_eq!((cycle.fetched, cycle.sent), (2, 2), "{cycle:?}");

@@ -152,6 +152,17 @@ impl ProjectionMetrics {
         metrics
     }
 
+    /// Creates the series of `projection` at zero (its counters, batch
+    /// sizes and heartbeat; the per-partition gauges come with the
+    /// partitions); a runner does this when it starts.
+    pub fn projection(&self, projection: &str) {
+        let labels = labels(projection);
+        let _ = self.applied.get_or_create(&labels);
+        let _ = self.parked.get_or_create(&labels);
+        let _ = self.batch_size.get_or_create(&labels);
+        let _ = self.heartbeat.get_or_create(&labels);
+    }
+
     /// Counts `n` events of `projection` committed.
     pub fn applied(&self, projection: &str, n: u64) {
         self.applied.get_or_create(&labels(projection)).inc_by(n);
@@ -228,5 +239,26 @@ impl ProjectionMetrics {
     /// When the runner of `projection` last turned (Unix seconds, 0 never).
     pub fn last_heartbeat(&self, projection: &str) -> f64 {
         self.heartbeat.get_or_create(&labels(projection)).get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_projections_series_exist_at_zero_once_created() {
+        let mut registry = Registry::default();
+        let metrics = ProjectionMetrics::register(&mut registry);
+        metrics.projection("totals@v2");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
+        for series in [
+            r#"surety_projection_applied_total{projection="totals@v2"} 0"#,
+            r#"surety_projection_parked_total{projection="totals@v2"} 0"#,
+            r#"surety_projection_batch_size_count{projection="totals@v2"} 0"#,
+        ] {
+            assert!(text.lines().any(|l| l == series), "{series} in:\n{text}");
+        }
     }
 }

@@ -389,6 +389,9 @@ where
         self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ProjectionError> {
+        if let Some(metrics) = &self.metrics {
+            metrics.projection(self.checkpoint_name());
+        }
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             match self.session(shutdown.as_mut()).await {

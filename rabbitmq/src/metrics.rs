@@ -76,6 +76,14 @@ pub enum PublishOutcome {
 }
 
 impl PublishOutcome {
+    const ALL: [Self; 5] = [
+        Self::Confirmed,
+        Self::Nacked,
+        Self::Returned,
+        Self::TimedOut,
+        Self::Failed,
+    ];
+
     /// The `outcome` label value.
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -105,6 +113,14 @@ pub enum DeliveryOutcome {
 }
 
 impl DeliveryOutcome {
+    const ALL: [Self; 5] = [
+        Self::Consumed,
+        Self::Acked,
+        Self::Nacked,
+        Self::Rejected,
+        Self::SettleFailed,
+    ];
+
     /// The `outcome` label value.
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -223,6 +239,31 @@ impl RabbitMetrics {
     /// Whether the broker blocks the connection now.
     pub fn connection_blocked(&self) -> bool {
         self.blocked.get_or_create(&SYSTEM_LABELS).get() != 0
+    }
+
+    /// Creates every publish series of `topic` at zero (on its first
+    /// publish through a publisher channel).
+    pub(crate) fn publishing_to(&self, topic: &str) {
+        for outcome in PublishOutcome::ALL {
+            let _ = self.publishes.get_or_create(&PublishLabels {
+                messaging_system: SYSTEM,
+                messaging_destination_name: topic.to_owned(),
+                outcome: outcome.as_str(),
+            });
+        }
+    }
+
+    /// Creates every delivery series of `topic`/`group` at zero (when the
+    /// subscription opens).
+    pub(crate) fn subscribed(&self, topic: &str, group: &str) {
+        for outcome in DeliveryOutcome::ALL {
+            let _ = self.deliveries.get_or_create(&DeliveryLabels {
+                messaging_system: SYSTEM,
+                messaging_destination_name: topic.to_owned(),
+                messaging_consumer_group_name: group.to_owned(),
+                outcome: outcome.as_str(),
+            });
+        }
     }
 
     pub(crate) fn reconnected(&self) {

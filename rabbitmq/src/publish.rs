@@ -24,7 +24,7 @@
 //! publish (its publish was abandoned with a lost connection) is dropped
 //! after [`STRAY_RETURN_TTL`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -111,6 +111,9 @@ pub(crate) struct PublisherState {
     /// flight (the connection was replaced, its confirms will never come).
     _abandon: oneshot::Sender<()>,
     metrics: RabbitMetrics,
+    /// The topics published to through this channel, whose publish series
+    /// exist (see [`RabbitMetrics::publishing_to`]).
+    topics: HashSet<String>,
 }
 
 impl fmt::Debug for PublisherState {
@@ -132,6 +135,7 @@ impl PublisherState {
             driver,
             _abandon: abandon,
             metrics,
+            topics: HashSet::new(),
         }
     }
 
@@ -217,6 +221,10 @@ impl Publisher for RabbitTransport {
                 ),
             ));
         };
+        if !state.topics.contains(topic) {
+            config.metrics.publishing_to(topic);
+            state.topics.insert(topic.to_owned());
+        }
         let mut generations = self.inner.generation.subscribe();
         let mut reopened = false;
         let mut permit: Option<OwnedSemaphorePermit> = None;

@@ -203,6 +203,7 @@ impl Subscriber for RabbitTransport {
         require_name("topic", topic)?;
         require_name("group", group)?;
         let (consumer, shared, generation) = self.open_subscription(topic, group).await?;
+        self.inner.config.metrics.subscribed(topic, group);
         let state = StreamState {
             consumer: ReturnOnDrop(Some((consumer, shared.clone()))),
             shared,

@@ -306,3 +306,39 @@ async fn close_ends_streams_and_fails_later_settles() {
     again.ack().await.unwrap();
     other.close().await.unwrap();
 }
+
+/// A subscription's delivery series and a topic's publish series exist at
+/// zero from the subscription and the first publish: an alert on
+/// `settle_failed` or `returned` sees a 0, not a missing series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn series_exist_at_zero_from_the_subscription_and_first_publish() {
+    let Some(url) = url() else { return };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = RabbitMetrics::register(&mut registry);
+    let transport = connect(config(&url).metrics(metrics)).await;
+    let topic = unique("series");
+    let _cleanup = cleanup(&url, &topic, &["g"]);
+    let _stream = transport.subscribe(&topic, "g").await.unwrap();
+    let scrape = || {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
+    };
+    let delivery = format!(
+        r#"surety_rabbitmq_deliveries_total{{messaging_system="rabbitmq",messaging_destination_name="{topic}",messaging_consumer_group_name="g",outcome="settle_failed"}} 0"#
+    );
+    assert!(
+        scrape().lines().any(|l| l == delivery),
+        "{delivery} in:\n{}",
+        scrape()
+    );
+    transport.publish(&topic, envelope(1)).await.unwrap();
+    let text = scrape();
+    for (outcome, value) in [("confirmed", 1), ("returned", 0), ("timed_out", 0)] {
+        let series = format!(
+            r#"surety_rabbitmq_publishes_total{{messaging_system="rabbitmq",messaging_destination_name="{topic}",outcome="{outcome}"}} {value}"#
+        );
+        assert!(text.lines().any(|l| l == series), "{series} in:\n{text}");
+    }
+    transport.close().await.unwrap();
+}

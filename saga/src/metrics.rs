@@ -254,6 +254,37 @@ impl SagaMetrics {
             .inc();
     }
 
+    /// Creates the series of saga `saga` that do not depend on its steps
+    /// at zero: inputs by outcome, starts, conflicts, duplicate replies,
+    /// timeouts and the stuck gauge (the per-step series come as steps are
+    /// reached, and from the gauge task).
+    pub(crate) fn saga(&self, saga: &str) {
+        let labels = SagaLabels { saga: saga.into() };
+        let _ = self.started.get_or_create(&labels);
+        let _ = self.conflicts.get_or_create(&labels);
+        let _ = self.duplicate_replies.get_or_create(&labels);
+        let _ = self.stuck.get_or_create(&labels);
+        for outcome in [
+            "applied",
+            "ignored",
+            "finished",
+            "unknown",
+            "already_started",
+            "timer_stale",
+        ] {
+            let _ = self.inputs.get_or_create(&OutcomeLabels {
+                saga: saga.into(),
+                outcome: outcome.into(),
+            });
+        }
+        for outcome in ["fired", "stale"] {
+            let _ = self.timeouts.get_or_create(&OutcomeLabels {
+                saga: saga.into(),
+                outcome: outcome.into(),
+            });
+        }
+    }
+
     pub(crate) fn timeout(&self, saga: &str, outcome: &Outcome) {
         let outcome = if matches!(outcome, Outcome::Applied { .. } | Outcome::Ignored) {
             "fired"

@@ -143,6 +143,7 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
 
     /// Records inputs and transitions in `metrics`.
     pub fn metrics(mut self, metrics: SagaMetrics) -> Self {
+        metrics.saga(self.saga.name());
         self.metrics = Some(metrics);
         self
     }

@@ -751,6 +751,17 @@ fn metrics_count_starts_ends_steps_and_observe_stuck_instances() {
         let metrics = SagaMetrics::register(&mut registry);
         let store = MemorySagaStore::new();
         let saga = Orchestrator::new(self::saga(), store.clone()).metrics(metrics.clone());
+        // The saga's series exist at zero before its first input.
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for series in [
+            r#"surety_saga_inputs_total{saga="checkout",outcome="unknown"} 0"#,
+            r#"surety_saga_conflicts_total{saga="checkout"} 0"#,
+            r#"surety_saga_timeouts_total{saga="checkout",outcome="stale"} 0"#,
+            r#"surety_saga_stuck{saga="checkout"} 0"#,
+        ] {
+            assert!(text.lines().any(|l| l == series), "{series} in:\n{text}");
+        }
         for id in ["a", "b", "c"] {
             saga.start(id, saga.saga().begin(serde_json::json!({})))
                 .await

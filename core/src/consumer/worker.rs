@@ -293,6 +293,8 @@ impl<S: Handler> Worker<S> {
         // Whether the subscription may yield more. Once it ended, what was
         // received (in flight, or waiting behind a busy key) still runs.
         let mut open = true;
+        // The consumers (system, topic, group) whose series exist already.
+        let mut consumers = Vec::new();
         loop {
             if !open && tasks.is_empty() {
                 break;
@@ -311,6 +313,7 @@ impl<S: Handler> Worker<S> {
                 next = deliveries.next(), if has_room => match next {
                     None => open = false,
                     Some(Ok(delivery)) => {
+                        self.metrics.consumer_seen(&mut consumers, delivery.info());
                         let key = if keyed { keys.key_of(&delivery) } else { None };
                         let ready = match key {
                             Some(key) => keys.admit(key, delivery),

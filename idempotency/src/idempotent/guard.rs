@@ -91,7 +91,7 @@ where
             let claim = match first.take() {
                 Some(claimed) => claimed,
                 None => {
-                    self.metrics
+                    series
                         .timed(
                             Op::Claim,
                             self.store.immediate().is_none(),
@@ -204,7 +204,13 @@ where
     /// all; one that waits is raced against one boxed renewal future that
     /// sleeps a renewal period, extends, and sleeps again (no task, no
     /// `Interval`).
-    pub(crate) async fn hold<F: Future>(&self, key: &str, lease: &Lease, handler: F) -> F::Output {
+    pub(crate) async fn hold<F: Future>(
+        &self,
+        series: &Series<'_>,
+        key: &str,
+        lease: &Lease,
+        handler: F,
+    ) -> F::Output {
         let Some(every) = self.policy.renew_every() else {
             return handler.await;
         };
@@ -213,7 +219,7 @@ where
             return out;
         }
         // Boxed: only handlers that wait pay for the renewal's state.
-        let mut renew = Box::pin(self.renew(key, &lease.token, every));
+        let mut renew = Box::pin(self.renew(series, key, &lease.token, every));
         let mut renewing = true;
         loop {
             tokio::select! {
@@ -224,11 +230,16 @@ where
     }
 
     /// Extends the lease every `every`, until it is lost.
-    pub(crate) async fn renew(&self, key: &str, token: &LeaseToken, every: Duration) {
+    pub(crate) async fn renew(
+        &self,
+        series: &Series<'_>,
+        key: &str,
+        token: &LeaseToken,
+        every: Duration,
+    ) {
         loop {
             tokio::time::sleep(every).await;
-            let extended = self
-                .metrics
+            let extended = series
                 .timed(
                     Op::Extend,
                     self.store.immediate().is_none(),
@@ -266,7 +277,7 @@ where
         let finished = match result {
             Ok(finished) => finished,
             Err(err) => {
-                Box::pin(self.release(key, lease)).await;
+                Box::pin(self.release(series, key, lease)).await;
                 return Err(err);
             }
         };
@@ -274,11 +285,11 @@ where
             // Scheduled for a retry or dead-lettered by an inner layer: the
             // message was not handled, and a later delivery (a retry, a
             // replay from the dead-letter queue) must run it.
-            Box::pin(self.release(key, lease)).await;
+            Box::pin(self.release(series, key, lease)).await;
             return Ok(finished);
         }
         let stored = reply::encode(&finished.outputs).map_err(store_failure)?;
-        self.complete(key, lease, stored.as_deref(), completed)
+        self.complete(series, key, lease, stored.as_deref(), completed)
             .await?;
         series.processed();
         Ok(finished)
@@ -286,6 +297,7 @@ where
 
     async fn complete(
         &self,
+        series: &Series<'_>,
         key: &str,
         lease: &Lease,
         reply: Option<&[u8]>,
@@ -296,7 +308,7 @@ where
             let completed = match first.take() {
                 Some(completed) => completed,
                 None => {
-                    self.metrics
+                    series
                         .timed(
                             Op::Complete,
                             self.store.immediate().is_none(),
@@ -324,9 +336,8 @@ where
         }
     }
 
-    async fn release(&self, key: &str, lease: &Lease) {
-        let released = self
-            .metrics
+    async fn release(&self, series: &Series<'_>, key: &str, lease: &Lease) {
+        let released = series
             .timed(
                 Op::Release,
                 self.store.immediate().is_none(),

@@ -94,7 +94,10 @@ where
             .immediate()
             .map(|s| s.claim_now(&key, guard.policy.lease()));
         if let Some(claimed) = &claimed {
-            guard.metrics.observe(Op::Claim, claimed.is_ok(), 0.0);
+            guard
+                .metrics
+                .attach(&series)
+                .observe(Op::Claim, claimed.is_ok(), 0.0);
         }
         match claimed {
             Some(Ok(Claim::Acquired(lease))) => {
@@ -149,7 +152,7 @@ where
                     Step::Skip(response) => return Ok(response),
                     Step::Run { lease } => lease,
                 };
-                let result = guard.hold(&key, &lease, inner.call(msg)).await;
+                let result = guard.hold(&series, &key, &lease, inner.call(msg)).await;
                 guard.finish(&series, &key, &lease, result, None).await
             })),
         }
@@ -276,8 +279,10 @@ where
                 Some(every) => {
                     let (guard, key) = (Arc::clone(&self.guard), self.key.clone());
                     let token = self.lease.token.clone();
+                    let series = self.series.clone();
                     Renew::Renewing(Box::pin(async move {
-                        guard.renew(&key, &token, every).await;
+                        let series = guard.metrics.attach(&series);
+                        guard.renew(&series, &key, &token, every).await;
                     }))
                 }
                 None => Renew::Off,
@@ -314,7 +319,10 @@ where
             _ => None,
         };
         if let Some(completed) = &completed {
-            guard.metrics.observe(Op::Complete, completed.is_ok(), 0.0);
+            guard
+                .metrics
+                .attach(&series)
+                .observe(Op::Complete, completed.is_ok(), 0.0);
         }
         if let (Some(Ok(())), Ok(_)) = (&completed, &result) {
             guard.metrics.attach(&series).processed();

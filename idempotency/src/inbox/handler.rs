@@ -138,6 +138,7 @@ where
                 key,
                 lease.token,
                 guard.metrics.clone(),
+                series.handle(),
             );
             // On error the transaction was dropped with `f`'s future: the
             // claim, the mark and the business write roll back together.
@@ -171,8 +172,7 @@ where
 {
     let mut busy = None;
     loop {
-        let mut tx = guard
-            .metrics
+        let mut tx = series
             .timed(
                 Op::Begin,
                 guard.store.immediate().is_none(),
@@ -180,8 +180,7 @@ where
             )
             .await
             .map_err(HandlerError::new)?;
-        let claim = guard
-            .metrics
+        let claim = series
             .timed(
                 Op::Claim,
                 guard.store.immediate().is_none(),

@@ -169,6 +169,7 @@ where
                 key,
                 lease.token,
                 guard.metrics.clone(),
+                series.handle(),
             ))));
             msg.extensions.insert(InboxTransaction {
                 slot: Arc::clone(&slot),

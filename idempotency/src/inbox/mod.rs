@@ -41,7 +41,7 @@ pub use handler::InboxHandler;
 pub use layer::{Inbox, InboxGuard, InboxLayer, InboxTransaction};
 
 use crate::error::StoreError;
-use crate::metrics::{IdempotencyMetrics, Op};
+use crate::metrics::{IdempotencyMetrics, Op, SeriesHandle};
 use crate::reply;
 use crate::store::{Claim, DedupStore, LeaseToken};
 use surety_core::consumer::Output;
@@ -156,6 +156,7 @@ pub struct InboxTx<St: TransactionalStore> {
     key: String,
     token: LeaseToken,
     metrics: IdempotencyMetrics,
+    series: SeriesHandle,
 }
 
 impl<St: TransactionalStore> InboxTx<St> {
@@ -165,6 +166,7 @@ impl<St: TransactionalStore> InboxTx<St> {
         key: String,
         token: LeaseToken,
         metrics: IdempotencyMetrics,
+        series: SeriesHandle,
     ) -> Self {
         Self {
             tx,
@@ -172,6 +174,7 @@ impl<St: TransactionalStore> InboxTx<St> {
             key,
             token,
             metrics,
+            series,
         }
     }
 
@@ -206,11 +209,13 @@ impl<St: TransactionalStore> InboxTx<St> {
             key,
             token,
             metrics,
+            series,
         } = self;
+        let series = metrics.attach(&series);
         // The key was marked done by the claim in this transaction; only
         // outputs need another statement.
         if let Some(stored) = reply::encode(&outputs)? {
-            metrics
+            series
                 .timed(
                     Op::Complete,
                     store.immediate().is_none(),
@@ -218,7 +223,7 @@ impl<St: TransactionalStore> InboxTx<St> {
                 )
                 .await?;
         }
-        metrics
+        series
             .timed(Op::Commit, store.immediate().is_none(), async {
                 tx.commit().await.map_err(StoreError::from)
             })
