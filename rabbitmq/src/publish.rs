@@ -26,6 +26,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -196,18 +197,10 @@ impl Publisher for RabbitTransport {
     /// resolves `Ok` for a message the broker did not confirm.
     async fn send(&self, topic: &str, envelope: Envelope) -> Result<Confirmation> {
         self.ensure_open()?;
-        require_name("topic", topic)?;
-        let routing_key = ShortString::try_new(topic).map_err(|_| {
-            pending_error(
-                TransportErrorKind::Config,
-                "topic name is longer than the 255 bytes of an AMQP routing key",
-            )
-        })?;
-        let (properties, payload) = codec::encode(&envelope)?;
-        let identity = (topic.to_owned(), envelope.id.clone());
+        let message = Outgoing::encode(topic, envelope)?;
         let config = &self.inner.config;
         let deadline = deadline_after(config.outage_wait);
-
+        // One publisher at a time, so that sends keep their order.
         let Ok(mut state) = tokio::time::timeout_at(deadline, self.inner.publisher.lock()).await
         else {
             return Err(self.failed(
@@ -225,162 +218,286 @@ impl Publisher for RabbitTransport {
             config.metrics.publishing_to(topic);
             state.topics.insert(topic.to_owned());
         }
-        let mut generations = self.inner.generation.subscribe();
-        let mut reopened = false;
-        let mut permit: Option<OwnedSemaphorePermit> = None;
+        let mut attempt = Attempt {
+            generations: self.inner.generation.subscribe(),
+            reopened: false,
+            permit: None,
+            deadline,
+        };
         loop {
             self.ensure_open()?;
-            let (connection, generation) = self.current();
-            if state.generation != generation || !state.alive() {
-                let status = connection.status();
-                if status.connected() {
-                    if reopened {
-                        return Err(self.failed(
-                            topic,
-                            pending_error(
-                                TransportErrorKind::Connection,
-                                "the broker closed the publisher channel again",
-                            ),
-                        ));
-                    }
-                    if let Err(err) = self
-                        .reopen_publisher(&mut state, &connection, generation)
-                        .await
-                    {
-                        return Err(self.failed(topic, err));
-                    }
-                    reopened = true;
-                } else {
-                    // Recovering (by lapin, or by the supervisor replacing
-                    // the connection): wait for either.
-                    let waited = tokio::time::timeout_at(deadline, async {
-                        while !connection.status().connected() {
-                            tokio::select! {
-                                () = tokio::time::sleep(crate::transport::RECOVERY_POLL) => {}
-                                _ = generations.wait_for(|g| *g != generation) => break,
-                            }
-                        }
-                    })
-                    .await;
-                    if waited.is_err() {
-                        return Err(self.failed(topic, outage(config.outage_wait)));
-                    }
-                    continue;
-                }
-            }
-            if permit.is_none() {
-                // Room in the window. Taken under the lock (so that sends keep
-                // their order) and after the state is fresh: a replaced
-                // connection's confirms free their room only when the
-                // publisher moves to the new one.
-                let mine = state.generation;
-                let acquire = self.inner.window.clone().acquire_owned();
-                tokio::select! {
-                    acquired = tokio::time::timeout_at(deadline, acquire) => match acquired {
-                        Ok(Ok(acquired)) => permit = Some(acquired),
-                        Ok(Err(_)) => {
-                            return Err(TransportError::closed("the RabbitMQ transport is closed"));
-                        }
-                        Err(_) => {
-                            return Err(self.failed(
-                                topic,
-                                pending_error(
-                                    TransportErrorKind::Timeout,
-                                    format!(
-                                        "{} publishes stayed unconfirmed for {:?}",
-                                        config.max_in_flight, config.outage_wait
-                                    ),
-                                ),
-                            ));
-                        }
-                    },
-                    _ = generations.wait_for(|g| *g != mine) => continue,
-                }
-            }
-            let publish = state.channel.basic_publish(
-                self.inner.exchange.clone(),
-                routing_key.clone(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                &payload,
-                properties.clone(),
-            );
-            let mine = state.generation;
-            let written = tokio::select! {
-                written = tokio::time::timeout_at(deadline, publish) => written,
-                // The connection was replaced while this publish waited on
-                // the old one (whose IO had stalled): publish it again on the
-                // new one. At worst the broker gets it twice.
-                _ = generations.wait_for(|g| *g != mine) => continue,
+            let Some(connection) = self.usable_channel(&mut state, &mut attempt, topic).await?
+            else {
+                continue;
             };
-            let err = match written {
-                Ok(Ok(confirm)) => {
-                    let Some(permit) = permit.take() else {
-                        return Err(pending_error(
-                            TransportErrorKind::Other,
-                            "published without room in the window",
-                        ));
-                    };
-                    let (reply, replied) = oneshot::channel();
-                    let registration = Registration {
-                        pending: Pending {
-                            topic: topic.to_owned(),
-                            identity,
-                            reply,
-                            _permit: permit,
-                        },
-                        confirm,
-                    };
-                    if state.driver.send(registration).is_err() {
-                        return Err(self.failed(
-                            topic,
-                            pending_error(
-                                TransportErrorKind::Connection,
-                                "the publisher's confirm driver stopped",
-                            ),
-                        ));
-                    }
-                    config.metrics.in_flight_add(1);
-                    drop(state);
-                    return Ok(self.confirmation(topic, replied));
+            if !self.reserve_room(&state, &mut attempt, topic).await? {
+                continue;
+            }
+            let err = match self.write(&state, &mut attempt, &message).await? {
+                Written::Confirm(confirm) => {
+                    return self.register(state, &mut attempt, message, confirm);
                 }
-                Ok(Err(err)) => err,
-                Err(_) => {
-                    return Err(self.failed(
-                        topic,
-                        pending_error(
-                            TransportErrorKind::Timeout,
-                            format!(
-                                "the message was not written within {:?} (connection blocked or \
-                                 recovering); it may still be published",
-                                config.outage_wait
-                            ),
-                        ),
-                    ));
-                }
+                Written::Replaced => continue,
+                Written::Failed(err) => err,
             };
             self.ensure_open()?;
-            let channel = state.channel.clone();
-            let waited =
-                wait_for_recovery(&connection, &channel, err, Some(deadline), &mut generations)
-                    .await;
-            match waited {
-                // Recovered or replaced: the next round publishes again.
-                Ok(()) => continue,
-                Err(WaitError::TimedOut) => {
-                    return Err(self.failed(topic, outage(config.outage_wait)));
-                }
-                Err(WaitError::Gone(err)) => {
-                    if reopened {
-                        return Err(self.failed(topic, from_lapin("publishing", err)));
-                    }
-                    // The channel is gone: the next round reopens it, or
-                    // waits for the connection.
-                    continue;
+            self.recover(&state.channel, &connection, &mut attempt, topic, err)
+                .await?;
+        }
+    }
+}
+
+/// A message ready for the wire.
+struct Outgoing {
+    topic: String,
+    routing_key: ShortString,
+    properties: lapin::BasicProperties,
+    payload: bytes::Bytes,
+    identity: Identity,
+}
+
+impl Outgoing {
+    /// Checks the topic and encodes the envelope.
+    fn encode(topic: &str, envelope: Envelope) -> Result<Self> {
+        require_name("topic", topic)?;
+        let routing_key = ShortString::try_new(topic).map_err(|_| {
+            pending_error(
+                TransportErrorKind::Config,
+                "topic name is longer than the 255 bytes of an AMQP routing key",
+            )
+        })?;
+        let (properties, payload) = codec::encode(&envelope)?;
+        Ok(Self {
+            topic: topic.to_owned(),
+            routing_key,
+            properties,
+            payload,
+            identity: (topic.to_owned(), envelope.id),
+        })
+    }
+}
+
+/// What one `send` carries from round to round while the connection comes
+/// and goes.
+struct Attempt {
+    generations: tokio::sync::watch::Receiver<u64>,
+    /// Whether this send replaced a closed channel already (it does so
+    /// once).
+    reopened: bool,
+    /// Room in the window, taken once and kept across rounds.
+    permit: Option<OwnedSemaphorePermit>,
+    deadline: Instant,
+}
+
+/// How writing a message to the channel ended.
+enum Written {
+    Confirm(PublisherConfirm),
+    /// The connection was replaced while the write waited: write again.
+    Replaced,
+    Failed(lapin::Error),
+}
+
+impl RabbitTransport {
+    /// The current connection once the publisher's channel is on it and
+    /// usable: reopens a channel the broker closed (once per send), or waits
+    /// for a recovering connection. `None`: something changed, look again.
+    async fn usable_channel(
+        &self,
+        state: &mut PublisherState,
+        attempt: &mut Attempt,
+        topic: &str,
+    ) -> Result<Option<Arc<lapin::Connection>>> {
+        let (connection, generation) = self.current();
+        if state.generation == generation && state.alive() {
+            return Ok(Some(connection));
+        }
+        if connection.status().connected() {
+            if attempt.reopened {
+                return Err(self.failed(
+                    topic,
+                    pending_error(
+                        TransportErrorKind::Connection,
+                        "the broker closed the publisher channel again",
+                    ),
+                ));
+            }
+            if let Err(err) = self.reopen_publisher(state, &connection, generation).await {
+                return Err(self.failed(topic, err));
+            }
+            attempt.reopened = true;
+            return Ok(Some(connection));
+        }
+        // Recovering (by lapin, or by the supervisor replacing the
+        // connection): wait for either.
+        let generations = &mut attempt.generations;
+        let waited = tokio::time::timeout_at(attempt.deadline, async {
+            while !connection.status().connected() {
+                tokio::select! {
+                    () = tokio::time::sleep(crate::transport::RECOVERY_POLL) => {}
+                    _ = generations.wait_for(|g| *g != generation) => break,
                 }
             }
+        })
+        .await;
+        if waited.is_err() {
+            return Err(self.failed(topic, outage(self.inner.config.outage_wait)));
+        }
+        Ok(None)
+    }
+
+    /// Takes room in the window if this send has none yet. Taken under the
+    /// lock (so that sends keep their order) and after the state is fresh:
+    /// a replaced connection's confirms free their room only when the
+    /// publisher moves to the new one. `false`: the connection was replaced
+    /// meanwhile, look again.
+    async fn reserve_room(
+        &self,
+        state: &PublisherState,
+        attempt: &mut Attempt,
+        topic: &str,
+    ) -> Result<bool> {
+        if attempt.permit.is_some() {
+            return Ok(true);
+        }
+        let config = &self.inner.config;
+        let mine = state.generation;
+        let acquire = self.inner.window.clone().acquire_owned();
+        tokio::select! {
+            acquired = tokio::time::timeout_at(attempt.deadline, acquire) => match acquired {
+                Ok(Ok(acquired)) => {
+                    attempt.permit = Some(acquired);
+                    Ok(true)
+                }
+                Ok(Err(_)) => Err(TransportError::closed("the RabbitMQ transport is closed")),
+                Err(_) => Err(self.failed(
+                    topic,
+                    pending_error(
+                        TransportErrorKind::Timeout,
+                        format!(
+                            "{} publishes stayed unconfirmed for {:?}",
+                            config.max_in_flight, config.outage_wait
+                        ),
+                    ),
+                )),
+            },
+            _ = attempt.generations.wait_for(|g| *g != mine) => Ok(false),
+        }
+    }
+
+    /// Writes `message` on the publisher's channel (mandatory, persistent).
+    async fn write(
+        &self,
+        state: &PublisherState,
+        attempt: &mut Attempt,
+        message: &Outgoing,
+    ) -> Result<Written> {
+        let publish = state.channel.basic_publish(
+            self.inner.exchange.clone(),
+            message.routing_key.clone(),
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            &message.payload,
+            message.properties.clone(),
+        );
+        let mine = state.generation;
+        tokio::select! {
+            written = tokio::time::timeout_at(attempt.deadline, publish) => match written {
+                Ok(Ok(confirm)) => Ok(Written::Confirm(confirm)),
+                Ok(Err(err)) => Ok(Written::Failed(err)),
+                Err(_) => Err(self.failed(
+                    &message.topic,
+                    pending_error(
+                        TransportErrorKind::Timeout,
+                        format!(
+                            "the message was not written within {:?} (connection blocked or \
+                             recovering); it may still be published",
+                            self.inner.config.outage_wait
+                        ),
+                    ),
+                )),
+            },
+            // The connection was replaced while this publish waited on the
+            // old one (whose IO had stalled): publish it again on the new
+            // one. At worst the broker gets it twice.
+            _ = attempt.generations.wait_for(|g| *g != mine) => Ok(Written::Replaced),
+        }
+    }
+
+    /// Hands a written message's confirm to the driver and lets go of the
+    /// publisher.
+    fn register(
+        &self,
+        state: tokio::sync::MutexGuard<'_, PublisherState>,
+        attempt: &mut Attempt,
+        message: Outgoing,
+        confirm: PublisherConfirm,
+    ) -> Result<Confirmation> {
+        let Some(permit) = attempt.permit.take() else {
+            return Err(pending_error(
+                TransportErrorKind::Other,
+                "published without room in the window",
+            ));
+        };
+        let (reply, replied) = oneshot::channel();
+        let topic = message.topic;
+        let registration = Registration {
+            pending: Pending {
+                topic: topic.clone(),
+                identity: message.identity,
+                reply,
+                _permit: permit,
+            },
+            confirm,
+        };
+        if state.driver.send(registration).is_err() {
+            return Err(self.failed(
+                &topic,
+                pending_error(
+                    TransportErrorKind::Connection,
+                    "the publisher's confirm driver stopped",
+                ),
+            ));
+        }
+        self.inner.config.metrics.in_flight_add(1);
+        drop(state);
+        Ok(self.confirmation(&topic, replied))
+    }
+
+    /// Waits until a write that failed with `err` can be tried again on a
+    /// recovered or replaced connection; fails when the connection does not
+    /// come back in time, or the channel is gone for good after this send
+    /// reopened it already.
+    async fn recover(
+        &self,
+        channel: &Channel,
+        connection: &lapin::Connection,
+        attempt: &mut Attempt,
+        topic: &str,
+        err: lapin::Error,
+    ) -> Result<()> {
+        let channel = channel.clone();
+        let waited = wait_for_recovery(
+            connection,
+            &channel,
+            err,
+            Some(attempt.deadline),
+            &mut attempt.generations,
+        )
+        .await;
+        match waited {
+            // Recovered or replaced: the next round publishes again.
+            Ok(()) => Ok(()),
+            Err(WaitError::TimedOut) => {
+                Err(self.failed(topic, outage(self.inner.config.outage_wait)))
+            }
+            Err(WaitError::Gone(err)) if attempt.reopened => {
+                Err(self.failed(topic, from_lapin("publishing", err)))
+            }
+            // The channel is gone: the next round reopens it, or waits for
+            // the connection.
+            Err(WaitError::Gone(_)) => Ok(()),
         }
     }
 }
