@@ -393,22 +393,7 @@ pub(crate) fn from_millis(ms: i64) -> Duration {
 pub(crate) fn migrator(
     migrations: &[(i64, &'static str, &'static str)],
 ) -> sqlx::migrate::Migrator {
-    use sqlx::migrate::{Migration, MigrationType, Migrator};
-    let migrations = migrations
-        .iter()
-        .map(|&(version, description, sql)| {
-            Migration::new(
-                version,
-                description.into(),
-                MigrationType::Simple,
-                sqlx::SqlStr::from_static(sql),
-                false,
-            )
-        })
-        .collect();
-    let mut migrator = Migrator::with_migrations(migrations);
-    migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
-    migrator
+    surety_core::store::migrator(MIGRATIONS_TABLE, migrations)
 }
 
 /// The table that records which migrations of this crate ran: its own, so

@@ -12,10 +12,10 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnection, PgPool, PgQueryResult, PgRow};
+use sqlx::postgres::{PgConnection, PgPool, PgRow};
 use sqlx::{Postgres, Row};
 
-use super::sql::{Dialect, SqlQuery, sql_store};
+use super::sql::{SqlQuery, sql_store};
 use super::{DedupStore, millis};
 use crate::error::StoreError;
 use crate::inbox::TransactionalStore;
@@ -70,8 +70,12 @@ impl PostgresDedupStore {
     }
 }
 
-impl Dialect for Postgres {
-    const CLAIM: &'static str = "\
+/// What differs on Postgres: the statements on the `surety_idempotency` table
+/// and their time parameters (see [`sql_store!`](super::sql::sql_store)).
+mod dialect {
+    use super::*;
+
+    pub(super) const CLAIM: &str = "\
 INSERT INTO surety_idempotency AS t (key, status, token, lease_until, claims, created_at)
 VALUES ($1, 'in_progress', $2, clock_timestamp() + $3::float8 * interval '1 millisecond', 1, clock_timestamp())
 ON CONFLICT (key) DO UPDATE
@@ -79,25 +83,25 @@ ON CONFLICT (key) DO UPDATE
     WHERE t.status = 'in_progress' AND t.lease_until <= clock_timestamp()
 RETURNING claims";
 
-    const LOOK: &'static str = "\
+    pub(super) const LOOK: &str = "\
 SELECT status, reply,
     GREATEST(0, ceil(EXTRACT(EPOCH FROM (lease_until - clock_timestamp())) * 1000))::int8 AS remaining_ms
 FROM surety_idempotency WHERE key = $1";
 
-    const EXTEND: &'static str = "\
+    pub(super) const EXTEND: &str = "\
 UPDATE surety_idempotency
 SET lease_until = clock_timestamp() + $3::float8 * interval '1 millisecond'
 WHERE key = $1 AND token = $2 AND status = 'in_progress'";
 
-    const COMPLETE: &'static str = "\
+    pub(super) const COMPLETE: &str = "\
 UPDATE surety_idempotency
 SET status = 'done', reply = $3, lease_until = NULL, completed_at = clock_timestamp()
 WHERE key = $1 AND token = $2";
 
-    const RELEASE: &'static str =
+    pub(super) const RELEASE: &str =
         "DELETE FROM surety_idempotency WHERE key = $1 AND token = $2 AND status = 'in_progress'";
 
-    const MARK: &'static str = "\
+    pub(super) const MARK: &str = "\
 INSERT INTO surety_idempotency AS t (key, status, token, lease_until, claims, created_at, completed_at)
 VALUES ($1, 'done', $2, NULL, 1, clock_timestamp(), clock_timestamp())
 ON CONFLICT (key) DO UPDATE
@@ -106,7 +110,7 @@ ON CONFLICT (key) DO UPDATE
     WHERE t.status = 'in_progress' AND t.lease_until <= clock_timestamp()
 RETURNING claims";
 
-    const PURGE_DONE: &'static str = "\
+    pub(super) const PURGE_DONE: &str = "\
 DELETE FROM surety_idempotency t USING (
     SELECT key FROM surety_idempotency
     WHERE status = 'done' AND completed_at < clock_timestamp() - $1::float8 * interval '1 millisecond'
@@ -116,7 +120,7 @@ DELETE FROM surety_idempotency t USING (
 ) doomed
 WHERE t.key = doomed.key";
 
-    const PURGE_ABANDONED: &'static str = "\
+    pub(super) const PURGE_ABANDONED: &str = "\
 DELETE FROM surety_idempotency t USING (
     SELECT key FROM surety_idempotency
     WHERE status = 'in_progress' AND lease_until < clock_timestamp() - $1::float8 * interval '1 millisecond'
@@ -126,39 +130,39 @@ DELETE FROM surety_idempotency t USING (
 ) doomed
 WHERE t.key = doomed.key";
 
-    const BEGIN: Option<&'static str> = None;
+    pub(super) const BEGIN: Option<&str> = None;
 
-    type Claims = i32;
-    /// The age, in milliseconds.
-    type Cutoff = f64;
+    pub(super) type Claims = i32;
 
-    fn bind_claim(query: SqlQuery<'_, Self>, lease: Duration) -> SqlQuery<'_, Self> {
+    pub(super) fn bind_claim(
+        query: SqlQuery<'_, Postgres>,
+        lease: Duration,
+    ) -> SqlQuery<'_, Postgres> {
         query.bind(millis(lease) as f64)
     }
 
-    fn bind_mark(query: SqlQuery<'_, Self>) -> SqlQuery<'_, Self> {
+    pub(super) fn bind_mark(query: SqlQuery<'_, Postgres>) -> SqlQuery<'_, Postgres> {
         query
     }
 
-    fn bind_extend(query: SqlQuery<'_, Self>, lease: Duration) -> SqlQuery<'_, Self> {
+    pub(super) fn bind_extend(
+        query: SqlQuery<'_, Postgres>,
+        lease: Duration,
+    ) -> SqlQuery<'_, Postgres> {
         query.bind(millis(lease) as f64)
     }
 
-    fn bind_complete(query: SqlQuery<'_, Self>) -> SqlQuery<'_, Self> {
+    pub(super) fn bind_complete(query: SqlQuery<'_, Postgres>) -> SqlQuery<'_, Postgres> {
         query
     }
 
-    fn cutoff(older_than: Duration) -> f64 {
+    pub(super) fn cutoff(older_than: Duration) -> f64 {
         millis(older_than) as f64
     }
 
-    fn remaining_ms(row: &PgRow) -> Result<Option<i64>, sqlx::Error> {
+    pub(super) fn remaining_ms(row: &PgRow) -> Result<Option<i64>, sqlx::Error> {
         row.try_get("remaining_ms")
-    }
-
-    fn rows_affected(done: &PgQueryResult) -> u64 {
-        done.rows_affected()
     }
 }
 
-sql_store!(DedupStore, TransactionalStore for PostgresDedupStore on Postgres, PgConnection);
+sql_store!(DedupStore, TransactionalStore for PostgresDedupStore on Postgres, PgConnection, dialect);

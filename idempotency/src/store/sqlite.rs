@@ -32,10 +32,10 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteQueryResult, SqliteRow};
+use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteRow};
 use sqlx::{Row, Sqlite};
 
-use super::sql::{Dialect, SqlQuery, sql_store};
+use super::sql::{SqlQuery, sql_store};
 use super::{DedupStore, millis};
 use crate::error::StoreError;
 use crate::inbox::TransactionalStore;
@@ -89,8 +89,12 @@ fn now_ms() -> i64 {
         .map_or(0, millis)
 }
 
-impl Dialect for Sqlite {
-    const CLAIM: &'static str = "\
+/// What differs on Sqlite: the statements on the `surety_idempotency` table
+/// and their time parameters (see [`sql_store!`](super::sql::sql_store)).
+mod dialect {
+    use super::*;
+
+    pub(super) const CLAIM: &str = "\
 INSERT INTO surety_idempotency (key, status, token, lease_until, claims, created_at)
 VALUES (?1, 'in_progress', ?2, ?3 + ?4, 1, ?3)
 ON CONFLICT (key) DO UPDATE
@@ -99,22 +103,22 @@ ON CONFLICT (key) DO UPDATE
     WHERE surety_idempotency.status = 'in_progress' AND surety_idempotency.lease_until <= ?3
 RETURNING claims";
 
-    const LOOK: &'static str =
+    pub(super) const LOOK: &str =
         "SELECT status, reply, lease_until FROM surety_idempotency WHERE key = ?1";
 
-    const EXTEND: &'static str = "\
+    pub(super) const EXTEND: &str = "\
 UPDATE surety_idempotency SET lease_until = ?3
 WHERE key = ?1 AND token = ?2 AND status = 'in_progress'";
 
-    const COMPLETE: &'static str = "\
+    pub(super) const COMPLETE: &str = "\
 UPDATE surety_idempotency
 SET status = 'done', reply = ?3, lease_until = NULL, completed_at = ?4
 WHERE key = ?1 AND token = ?2";
 
-    const RELEASE: &'static str =
+    pub(super) const RELEASE: &str =
         "DELETE FROM surety_idempotency WHERE key = ?1 AND token = ?2 AND status = 'in_progress'";
 
-    const MARK: &'static str = "\
+    pub(super) const MARK: &str = "\
 INSERT INTO surety_idempotency (key, status, token, lease_until, claims, created_at, completed_at)
 VALUES (?1, 'done', ?2, NULL, 1, ?3, ?3)
 ON CONFLICT (key) DO UPDATE
@@ -123,52 +127,49 @@ ON CONFLICT (key) DO UPDATE
     WHERE surety_idempotency.status = 'in_progress' AND surety_idempotency.lease_until <= ?3
 RETURNING claims";
 
-    const PURGE_DONE: &'static str = "\
+    pub(super) const PURGE_DONE: &str = "\
 DELETE FROM surety_idempotency WHERE key IN (
     SELECT key FROM surety_idempotency
     WHERE status = 'done' AND completed_at < ?1
     ORDER BY completed_at LIMIT ?2)";
 
-    const PURGE_ABANDONED: &'static str = "\
+    pub(super) const PURGE_ABANDONED: &str = "\
 DELETE FROM surety_idempotency WHERE key IN (
     SELECT key FROM surety_idempotency
     WHERE status = 'in_progress' AND lease_until < ?1
     ORDER BY lease_until LIMIT ?2)";
 
-    const BEGIN: Option<&'static str> = Some("BEGIN IMMEDIATE");
+    pub(super) const BEGIN: Option<&str> = Some("BEGIN IMMEDIATE");
 
-    type Claims = i64;
-    /// The Unix milliseconds before which keys are purged.
-    type Cutoff = i64;
+    pub(super) type Claims = i64;
 
-    fn bind_claim(query: SqlQuery<'_, Self>, lease: Duration) -> SqlQuery<'_, Self> {
+    pub(super) fn bind_claim(query: SqlQuery<'_, Sqlite>, lease: Duration) -> SqlQuery<'_, Sqlite> {
         query.bind(now_ms()).bind(millis(lease))
     }
 
-    fn bind_mark(query: SqlQuery<'_, Self>) -> SqlQuery<'_, Self> {
+    pub(super) fn bind_mark(query: SqlQuery<'_, Sqlite>) -> SqlQuery<'_, Sqlite> {
         query.bind(now_ms())
     }
 
-    fn bind_extend(query: SqlQuery<'_, Self>, lease: Duration) -> SqlQuery<'_, Self> {
+    pub(super) fn bind_extend(
+        query: SqlQuery<'_, Sqlite>,
+        lease: Duration,
+    ) -> SqlQuery<'_, Sqlite> {
         query.bind(now_ms().saturating_add(millis(lease)))
     }
 
-    fn bind_complete(query: SqlQuery<'_, Self>) -> SqlQuery<'_, Self> {
+    pub(super) fn bind_complete(query: SqlQuery<'_, Sqlite>) -> SqlQuery<'_, Sqlite> {
         query.bind(now_ms())
     }
 
-    fn cutoff(older_than: Duration) -> i64 {
+    pub(super) fn cutoff(older_than: Duration) -> i64 {
         now_ms().saturating_sub(millis(older_than))
     }
 
-    fn remaining_ms(row: &SqliteRow) -> Result<Option<i64>, sqlx::Error> {
+    pub(super) fn remaining_ms(row: &SqliteRow) -> Result<Option<i64>, sqlx::Error> {
         let lease_until: Option<i64> = row.try_get("lease_until")?;
         Ok(lease_until.map(|until| until.saturating_sub(now_ms())))
     }
-
-    fn rows_affected(done: &SqliteQueryResult) -> u64 {
-        done.rows_affected()
-    }
 }
 
-sql_store!(DedupStore, TransactionalStore for SqliteDedupStore on Sqlite, SqliteConnection);
+sql_store!(DedupStore, TransactionalStore for SqliteDedupStore on Sqlite, SqliteConnection, dialect);
