@@ -328,11 +328,7 @@ impl Series<'_> {
         clock: bool,
         fut: impl Future<Output = Result<T, E>>,
     ) -> Result<T, E> {
-        let started = clock.then(Instant::now);
-        let result = fut.await;
-        let seconds = started.map_or(0.0, |started| started.elapsed().as_secs_f64());
-        self.observe(op, result.is_ok(), seconds);
-        result
+        clocked(clock, fut, |ok, seconds| self.observe(op, ok, seconds)).await
     }
 
     /// These series as a handle that does not borrow the metrics.
@@ -507,11 +503,7 @@ impl IdempotencyMetrics {
         clock: bool,
         fut: impl Future<Output = Result<T, E>>,
     ) -> Result<T, E> {
-        let started = clock.then(Instant::now);
-        let result = fut.await;
-        let seconds = started.map_or(0.0, |started| started.elapsed().as_secs_f64());
-        self.observe(op, result.is_ok(), seconds);
-        result
+        clocked(clock, fut, |ok, seconds| self.observe(op, ok, seconds)).await
     }
 
     pub(crate) fn observe(&self, op: Op, ok: bool, seconds: f64) {
@@ -526,6 +518,22 @@ impl IdempotencyMetrics {
                 .clone()
         })
     }
+}
+
+/// Runs `fut`, timed when `clock` says so (else recorded as taking no
+/// time), and hands `record` whether it succeeded and how long it took.
+async fn clocked<T, E>(
+    clock: bool,
+    fut: impl Future<Output = Result<T, E>>,
+    record: impl FnOnce(bool, f64),
+) -> Result<T, E> {
+    let started = clock.then(Instant::now);
+    let result = fut.await;
+    record(
+        result.is_ok(),
+        started.map_or(0.0, |started| started.elapsed().as_secs_f64()),
+    );
+    result
 }
 
 fn outcome(ok: bool) -> &'static str {
