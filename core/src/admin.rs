@@ -19,6 +19,9 @@
 //! - More requests at once than the limit answer 503 with `Retry-After`
 //!   ([`concurrency_limit`]).
 //!
+//! [`Access`] holds all of it for one API and assembles its router from
+//! the read and write routes.
+//!
 //! ```
 //! use std::sync::Arc;
 //! use axum::extract::Extension;
@@ -150,6 +153,83 @@ impl Tokens {
             }
         }
         found
+    }
+}
+
+/// Who may call an admin router and how much it takes: the tokens, whether
+/// reads need one, the body limit and the concurrency limit. An admin API
+/// keeps one and builds its router with [`serve`](Self::serve).
+#[derive(Clone, Debug)]
+pub struct Access {
+    tokens: Tokens,
+    protect_reads: bool,
+    max_body_bytes: usize,
+    concurrency_limit: usize,
+}
+
+/// Default most requests an admin router serves at once.
+pub const DEFAULT_CONCURRENCY_LIMIT: usize = 32;
+
+impl Access {
+    /// No tokens yet (every protected request answers 401), reads
+    /// protected, bodies up to `max_body_bytes`, at most
+    /// [`DEFAULT_CONCURRENCY_LIMIT`] requests at once.
+    pub fn new(max_body_bytes: usize) -> Self {
+        Self {
+            tokens: Tokens::new(),
+            protect_reads: true,
+            max_body_bytes,
+            concurrency_limit: DEFAULT_CONCURRENCY_LIMIT,
+        }
+    }
+
+    /// Accepts `token` for `actor` (see [`Tokens::add`]).
+    pub fn token(&mut self, actor: impl Into<String>, token: impl AsRef<[u8]>) {
+        self.tokens.add(actor, token);
+    }
+
+    /// Whether read endpoints need a token too.
+    pub fn protect_reads(&mut self, protect: bool) {
+        self.protect_reads = protect;
+    }
+
+    /// The largest request body accepted; larger ones answer 413.
+    pub fn max_body_bytes(&mut self, bytes: usize) {
+        self.max_body_bytes = bytes;
+    }
+
+    /// The most requests served at once (at least 1); more answer 503 with
+    /// `Retry-After`.
+    pub fn concurrency_limit(&mut self, n: usize) {
+        self.concurrency_limit = n.max(1);
+    }
+
+    /// `reads` (token-protected unless opened) and `writes` (always
+    /// protected) as one router over `state`, with the body and
+    /// concurrency limits. Fails if a token is too short.
+    pub fn serve<S>(
+        &self,
+        reads: axum::Router<S>,
+        writes: axum::Router<S>,
+        state: S,
+    ) -> Result<axum::Router, ConfigError>
+    where
+        S: Clone + Send + Sync + 'static,
+    {
+        use axum::middleware::from_fn_with_state;
+        self.tokens.check()?;
+        let auth = from_fn_with_state(Arc::new(self.tokens.clone()), require_token);
+        let reads = if self.protect_reads {
+            reads.route_layer(auth.clone())
+        } else {
+            reads
+        };
+        let limit = Arc::new(tokio::sync::Semaphore::new(self.concurrency_limit));
+        Ok(reads
+            .merge(writes.route_layer(auth))
+            .with_state(state)
+            .layer(axum::extract::DefaultBodyLimit::max(self.max_body_bytes))
+            .layer(from_fn_with_state(limit, concurrency_limit)))
     }
 }
 

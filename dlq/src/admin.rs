@@ -56,21 +56,20 @@ use std::fmt;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use surety_core::admin::{
-    Actor, ApiError, QueryParams, Tokens, concurrency_limit, params, require_token,
-};
+use surety_core::admin::{Access, Actor, ApiError, QueryParams, params};
 /// Refusals at start-up, longest accepted value and shortest token: the
 /// same for every Surety admin API.
-pub use surety_core::admin::{ConfigError, MAX_VALUE_LEN, MIN_TOKEN_LEN};
+pub use surety_core::admin::{
+    ConfigError, DEFAULT_CONCURRENCY_LIMIT, MAX_VALUE_LEN, MIN_TOKEN_LEN,
+};
 
 use crate::letter::{DeadLetter, Status};
 use crate::replay::{
@@ -86,28 +85,20 @@ pub const MAX_LIMIT: u32 = 500;
 pub const CLASSES: [&str; 4] = crate::metrics::ERROR_CLASSES;
 /// Default largest request body, in bytes.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
-/// Default most requests served at once.
-pub const DEFAULT_CONCURRENCY_LIMIT: usize = 32;
 
 /// The admin API's configuration; [`router`](Self::router) turns it into
 /// an axum [`Router`].
 #[derive(Clone)]
 pub struct AdminApi {
     replayer: Replayer,
-    tokens: Tokens,
-    protect_reads: bool,
-    max_body_bytes: usize,
-    concurrency_limit: usize,
+    access: Access,
 }
 
 impl fmt::Debug for AdminApi {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AdminApi")
             .field("replayer", &self.replayer)
-            .field("tokens", &self.tokens.len())
-            .field("protect_reads", &self.protect_reads)
-            .field("max_body_bytes", &self.max_body_bytes)
-            .field("concurrency_limit", &self.concurrency_limit)
+            .field("access", &self.access)
             .finish()
     }
 }
@@ -118,10 +109,7 @@ impl AdminApi {
     pub fn new(replayer: Replayer) -> Self {
         Self {
             replayer,
-            tokens: Tokens::new(),
-            protect_reads: true,
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-            concurrency_limit: DEFAULT_CONCURRENCY_LIMIT,
+            access: Access::new(DEFAULT_MAX_BODY_BYTES),
         }
     }
 
@@ -129,7 +117,7 @@ impl AdminApi {
     /// trail records). Only its digest is kept. [`router`](Self::router)
     /// refuses tokens shorter than [`MIN_TOKEN_LEN`] bytes.
     pub fn token(mut self, actor: impl Into<String>, token: impl AsRef<[u8]>) -> Self {
-        self.tokens.add(actor, token);
+        self.access.token(actor, token);
         self
     }
 
@@ -137,7 +125,7 @@ impl AdminApi {
     /// exposes payloads to anyone who reaches the router: only do it behind
     /// your own authentication.
     pub fn protect_reads(mut self, protect: bool) -> Self {
-        self.protect_reads = protect;
+        self.access.protect_reads(protect);
         self
     }
 
@@ -149,47 +137,34 @@ impl AdminApi {
     /// The largest request body accepted (default
     /// [`DEFAULT_MAX_BODY_BYTES`]); larger ones answer 413.
     pub fn max_body_bytes(mut self, bytes: usize) -> Self {
-        self.max_body_bytes = bytes;
+        self.access.max_body_bytes(bytes);
         self
     }
 
     /// The most requests served at once (default
     /// [`DEFAULT_CONCURRENCY_LIMIT`]); more answer 503 with `Retry-After`.
     pub fn concurrency_limit(mut self, n: usize) -> Self {
-        self.concurrency_limit = n.max(1);
+        self.access.concurrency_limit(n);
         self
     }
 
     /// The router, with paths relative to where you nest it. Fails if a
     /// token is too short.
     pub fn router(self) -> Result<Router, ConfigError> {
-        self.tokens.check()?;
-        let protect_reads = self.protect_reads;
-        let max_body_bytes = self.max_body_bytes;
-        let limit = Arc::new(tokio::sync::Semaphore::new(self.concurrency_limit));
-        let state = Arc::new(self);
-        let auth = middleware::from_fn_with_state(Arc::new(state.tokens.clone()), require_token);
-        let mut reads = Router::new()
+        let reads = Router::new()
             .route("/messages", get(list))
             .route("/messages/{id}", get(get_one))
             .route("/stats", get(stats))
             .route("/audit", get(audit))
             .route("/jobs/{id}", get(get_job));
-        if protect_reads {
-            reads = reads.route_layer(auth.clone());
-        }
         let writes = Router::new()
             .route("/messages/{id}/replay", post(replay_one))
             .route("/messages/{id}/discard", post(discard_one))
             .route("/replay", post(replay_many))
             .route("/discard", post(discard_many))
-            .route("/jobs/{id}/resume", post(resume_job))
-            .route_layer(auth);
-        Ok(reads
-            .merge(writes)
-            .with_state(state)
-            .layer(DefaultBodyLimit::max(max_body_bytes))
-            .layer(middleware::from_fn_with_state(limit, concurrency_limit)))
+            .route("/jobs/{id}/resume", post(resume_job));
+        let access = self.access.clone();
+        access.serve(reads, writes, Arc::new(self))
     }
 }
 

@@ -52,20 +52,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
-use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
-use surety_core::admin::{
-    Actor, ApiError, QueryParams, Tokens, concurrency_limit, params, require_token,
-};
+use surety_core::admin::{Access, Actor, ApiError, QueryParams, params};
 /// Refusals at start-up, longest accepted value and shortest token: the
 /// same for every Surety admin API.
-pub use surety_core::admin::{ConfigError, MAX_VALUE_LEN, MIN_TOKEN_LEN};
+pub use surety_core::admin::{
+    ConfigError, DEFAULT_CONCURRENCY_LIMIT, MAX_VALUE_LEN, MIN_TOKEN_LEN,
+};
 
 use crate::definition::{Input, OperatorAction, Saga};
 use crate::orchestrator::{Orchestrator, Outcome, SagaError};
@@ -82,27 +81,19 @@ pub const MAX_LIMIT: usize = 500;
 pub const MAX_REASON_LEN: usize = 1000;
 /// Default largest request body, in bytes.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
-/// Default most requests served at once.
-pub const DEFAULT_CONCURRENCY_LIMIT: usize = 32;
 
 /// The operator API over one saga's orchestrator; [`router`](Self::router)
 /// turns it into an axum [`Router`].
 pub struct AdminApi<S, St> {
     orchestrator: Arc<Orchestrator<S, St>>,
-    tokens: Tokens,
-    protect_reads: bool,
-    max_body_bytes: usize,
-    concurrency_limit: usize,
+    access: Access,
     diagram: Option<String>,
 }
 
 impl<S, St> fmt::Debug for AdminApi<S, St> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AdminApi")
-            .field("tokens", &self.tokens.len())
-            .field("protect_reads", &self.protect_reads)
-            .field("max_body_bytes", &self.max_body_bytes)
-            .field("concurrency_limit", &self.concurrency_limit)
+            .field("access", &self.access)
             .finish_non_exhaustive()
     }
 }
@@ -117,10 +108,7 @@ where
     pub fn new(orchestrator: Arc<Orchestrator<S, St>>) -> Self {
         Self {
             orchestrator,
-            tokens: Tokens::new(),
-            protect_reads: true,
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-            concurrency_limit: DEFAULT_CONCURRENCY_LIMIT,
+            access: Access::new(DEFAULT_MAX_BODY_BYTES),
             diagram: None,
         }
     }
@@ -128,14 +116,14 @@ where
     /// Accepts `token` as a bearer token for `actor` (the name the audit
     /// trail and the history record). Only its digest is kept.
     pub fn token(mut self, actor: impl Into<String>, token: impl AsRef<[u8]>) -> Self {
-        self.tokens.add(actor, token);
+        self.access.token(actor, token);
         self
     }
 
     /// Whether read endpoints need a token too (the default): instance
     /// state holds business data.
     pub fn protect_reads(mut self, protect: bool) -> Self {
-        self.protect_reads = protect;
+        self.access.protect_reads(protect);
         self
     }
 
@@ -147,14 +135,14 @@ where
     /// The largest request body accepted (default
     /// [`DEFAULT_MAX_BODY_BYTES`]); larger ones answer 413.
     pub fn max_body_bytes(mut self, bytes: usize) -> Self {
-        self.max_body_bytes = bytes;
+        self.access.max_body_bytes(bytes);
         self
     }
 
     /// The most requests served at once (default
     /// [`DEFAULT_CONCURRENCY_LIMIT`]); more answer 503 with `Retry-After`.
     pub fn concurrency_limit(mut self, n: usize) -> Self {
-        self.concurrency_limit = n.max(1);
+        self.access.concurrency_limit(n);
         self
     }
 
@@ -168,27 +156,13 @@ where
     /// The router, with paths relative to where you nest it. Fails if a
     /// token is too short.
     pub fn router(self) -> Result<Router, ConfigError> {
-        self.tokens.check()?;
-        let protect_reads = self.protect_reads;
-        let max_body_bytes = self.max_body_bytes;
-        let limit = Arc::new(tokio::sync::Semaphore::new(self.concurrency_limit));
-        let auth = middleware::from_fn_with_state(Arc::new(self.tokens.clone()), require_token);
-        let state = Arc::new(self);
-        let mut reads = Router::new()
+        let reads = Router::new()
             .route("/instances", get(list::<S, St>))
             .route("/instances/{id}", get(show::<S, St>))
             .route("/definition", get(definition::<S, St>));
-        if protect_reads {
-            reads = reads.route_layer(auth.clone());
-        }
-        let writes = Router::new()
-            .route("/instances/{id}/{action}", post(act::<S, St>))
-            .route_layer(auth);
-        Ok(reads
-            .merge(writes)
-            .with_state(state)
-            .layer(DefaultBodyLimit::max(max_body_bytes))
-            .layer(middleware::from_fn_with_state(limit, concurrency_limit)))
+        let writes = Router::new().route("/instances/{id}/{action}", post(act::<S, St>));
+        let access = self.access.clone();
+        access.serve(reads, writes, Arc::new(self))
     }
 }
 
