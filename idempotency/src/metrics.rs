@@ -331,7 +331,9 @@ impl Series<'_> {
         clocked(clock, fut, |ok, seconds| self.observe(op, ok, seconds)).await
     }
 
-    /// These series as a handle that does not borrow the metrics.
+    /// These series as a handle that does not borrow the metrics (for an
+    /// inbox transaction).
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     pub(crate) fn handle(&self) -> SeriesHandle {
         SeriesHandle(Arc::clone(&self.consumer))
     }

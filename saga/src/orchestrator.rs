@@ -269,9 +269,8 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         id: &str,
         start: Transition<S::State>,
     ) -> Result<Outcome, SagaError> {
-        if self.store.load(self.saga.name(), id).await?.is_some() {
-            return Ok(Outcome::AlreadyStarted);
-        }
+        // No read first: the store refuses a second instance of the id (a
+        // conflict on version 0), so a start costs one transaction.
         let now = Utc::now();
         let Some(write) = self.prepare(id, 0, None, None, start, None, None, now)? else {
             return Ok(Outcome::AlreadyStarted);
