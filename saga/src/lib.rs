@@ -117,7 +117,7 @@ pub mod store;
 pub use definition::{
     COMMAND_KEY_HEADER, Command, Input, OperatorAction, Saga, Transition, replay,
 };
-pub use orchestrator::{Orchestrator, Outcome, SagaError};
+pub use orchestrator::{DEFAULT_REMEMBERED, Orchestrator, Outcome, SagaError};
 
 /// The guide chapter's program, compiled and run as a doctest.
 #[cfg(all(doctest, feature = "sqlite"))]

@@ -11,6 +11,10 @@ use crate::store::{
     Write,
 };
 
+/// Instances an orchestrator remembers by default (see
+/// [`Orchestrator::remember`]).
+pub const DEFAULT_REMEMBERED: usize = 10_000;
+
 /// How often [`Orchestrator::handle`] reloads and re-applies an input after
 /// a concurrent write to the same instance before giving up.
 const MAX_CONFLICT_RETRIES: usize = 8;
@@ -125,6 +129,76 @@ pub struct Orchestrator<S, St> {
     reply_to: Option<String>,
     metrics: Option<SagaMetrics>,
     upcasters: Option<std::sync::Arc<surety_core::upcast::Upcasters>>,
+    recent: Recent,
+}
+
+/// The unfinished instances this orchestrator wrote last, as it wrote them:
+/// the next input to one of them is decided without reading it back. The
+/// store's version check keeps this safe: a record another writer moved on
+/// since makes the write conflict, and the input is decided again on a
+/// fresh read. A decision that writes nothing is never taken on a
+/// remembered record (nothing would check it).
+#[derive(Debug)]
+struct Recent {
+    records: std::sync::Mutex<std::collections::HashMap<String, InstanceRecord>>,
+    capacity: usize,
+}
+
+impl Recent {
+    fn new(capacity: usize) -> Self {
+        Self {
+            records: std::sync::Mutex::default(),
+            capacity,
+        }
+    }
+
+    fn records(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, InstanceRecord>> {
+        // A panic while the lock is held leaves the map consistent (one
+        // insert or remove): keep using it.
+        self.records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, id: &str) -> Option<InstanceRecord> {
+        if self.capacity == 0 {
+            return None;
+        }
+        self.records().get(id).cloned()
+    }
+
+    /// Remembers `record` as stored, unless it is final or older than what
+    /// is remembered already.
+    fn wrote(&self, record: InstanceRecord) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut records = self.records();
+        if record.finished {
+            records.remove(&record.id);
+            return;
+        }
+        if let Some(known) = records.get(&record.id)
+            && known.version >= record.version
+        {
+            return;
+        }
+        if records.len() >= self.capacity
+            && !records.contains_key(&record.id)
+            && let Some(any) = records.keys().next().cloned()
+        {
+            records.remove(&any);
+        }
+        records.insert(record.id.clone(), record);
+    }
+
+    fn forget(&self, id: &str) {
+        if self.capacity > 0 {
+            self.records().remove(id);
+        }
+    }
 }
 
 impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
@@ -138,7 +212,19 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             reply_to: None,
             metrics: None,
             upcasters: None,
+            recent: Recent::new(DEFAULT_REMEMBERED),
         }
+    }
+
+    /// How many unfinished instances this orchestrator remembers as it last
+    /// wrote them (default [`DEFAULT_REMEMBERED`]; 0 turns it off), so that
+    /// the next input to one of them is decided without a read: one store
+    /// transaction per step. Safe with any number of orchestrators on one
+    /// store: the write of a decision taken on a record another writer has
+    /// moved on conflicts, and the input is decided again on a fresh read.
+    pub fn remember(mut self, instances: usize) -> Self {
+        self.recent = Recent::new(instances);
+        self
     }
 
     /// Records inputs and transitions in `metrics`.
@@ -276,8 +362,10 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
             return Ok(Outcome::AlreadyStarted);
         };
         let outcome = outcome_of(&write);
+        let written = write.instance.clone();
         match self.store.write(write).await {
             Ok(()) => {
+                self.recent.wrote(written);
                 if let Some(metrics) = &self.metrics {
                     metrics.started(self.saga.name());
                 }
@@ -424,10 +512,21 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         now: DateTime<Utc>,
     ) -> Result<Outcome, SagaError> {
         let mut conflicts = 0;
+        let mut remembered = self.recent.get(id);
         loop {
-            let Some(record) = self.store.load(self.saga.name(), id).await? else {
-                return Ok(Outcome::Unknown);
+            // A remembered record is only ever used for a decision that
+            // writes (the write checks its version).
+            let (record, from_memory) = match remembered.take() {
+                Some(record) => (record, true),
+                None => match self.store.load(self.saga.name(), id).await? {
+                    Some(record) => (record, false),
+                    None => return Ok(Outcome::Unknown),
+                },
             };
+            if record.finished && from_memory {
+                self.recent.forget(id);
+                continue;
+            }
             if record.finished {
                 self.noop(&record, &input, "finished", trace_id, now)
                     .await?;
@@ -446,6 +545,10 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 now,
             )?
             else {
+                if from_memory {
+                    self.recent.forget(id);
+                    continue;
+                }
                 // A timer the definition ignores would fall due again on
                 // every poll: it is dropped (if it is still the one fired).
                 if let Some(timer) = &fired {
@@ -455,8 +558,14 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                 return Ok(Outcome::Ignored);
             };
             let outcome = outcome_of(&write);
-            match self.store.write(write).await {
+            let written = write.instance.clone();
+            let result = self.store.write(write).await;
+            if result.is_err() {
+                self.recent.forget(id);
+            }
+            match result {
                 Ok(()) => {
+                    self.recent.wrote(written);
                     if let Some(metrics) = &self.metrics {
                         let waited = (now - record.updated_at).to_std().unwrap_or_default();
                         metrics.step(self.saga.name(), &record.state_name, waited);

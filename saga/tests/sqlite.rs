@@ -90,11 +90,15 @@ async fn an_instance_that_cannot_be_read_does_not_hold_up_the_other_timers() {
     let saga = Orchestrator::new(Pay, SqliteSagaStore::new(pool.clone()));
     saga.start("broken", begin()).await.unwrap();
     saga.start("fine", begin()).await.unwrap();
-    // A state written by some other code: it no longer decodes.
-    sqlx::query("UPDATE surety_saga_instance SET state = '\"Shipped\"' WHERE id = 'broken'")
-        .execute(&pool)
-        .await
-        .unwrap();
+    // A state written by some other code (moving the version on, as every
+    // writer does): it no longer decodes.
+    sqlx::query(
+        "UPDATE surety_saga_instance SET state = '\"Shipped\"', version = version + 1 \
+         WHERE id = 'broken'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
     let later = Utc::now() + chrono::Duration::seconds(31);
     let fired = saga.fire_due_timers(later, 10).await.unwrap();
     assert_eq!(fired.len(), 1, "{fired:?}");
@@ -109,11 +113,15 @@ async fn a_state_from_a_newer_schema_is_refused_not_overwritten() {
     let pool = pool().await;
     let saga = Orchestrator::new(Pay, SqliteSagaStore::new(pool.clone()));
     saga.start("o-1", begin()).await.unwrap();
-    // A newer orchestrator, deployed alongside, wrote schema version 2.
-    sqlx::query("UPDATE surety_saga_instance SET state_version = 2 WHERE id = 'o-1'")
-        .execute(&pool)
-        .await
-        .unwrap();
+    // A newer orchestrator, deployed alongside, wrote schema version 2 (and
+    // moved the version on, as every writer does).
+    sqlx::query(
+        "UPDATE surety_saga_instance SET state_version = 2, version = version + 1 \
+         WHERE id = 'o-1'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
     let err = saga
         .handle("o-1", Input::Message(Reply::Paid))
         .await

@@ -866,3 +866,64 @@ fn stored_states_of_an_older_schema_are_upcast_before_they_decode() {
         );
     });
 }
+
+/// An orchestrator decides the next input to an instance it wrote last
+/// without reading it back; when another orchestrator has moved the
+/// instance on since, the write conflicts and the input is decided again
+/// on the stored record, also when the remembered step would have ignored
+/// it.
+#[test]
+fn a_remembered_instance_moved_on_elsewhere_is_read_again() {
+    use surety_saga::Outcome;
+    use surety_saga::store::SagaStore;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let store = MemorySagaStore::new();
+        let here = Orchestrator::new(self::saga(), store.clone());
+        let there = Orchestrator::new(self::saga(), store.clone());
+        here.start("o-1", here.saga().begin(serde_json::json!({})))
+            .await
+            .unwrap();
+        // `there` moves the instance on: payment done, inventory next.
+        assert!(matches!(
+            there.handle("o-1", reply("payment.charged")).await.unwrap(),
+            Outcome::Applied { .. }
+        ));
+        // `here` remembers the payment step, where this reply is ignored;
+        // it is applied on the stored record instead.
+        assert!(matches!(
+            here.handle("o-1", reply("inventory.reserved"))
+                .await
+                .unwrap(),
+            Outcome::Applied { .. }
+        ));
+        let stored = store.load("checkout", "o-1").await.unwrap().unwrap();
+        assert_eq!(
+            (stored.version, stored.state_name.as_str()),
+            (3, "shipping")
+        );
+        // `there` still remembers the inventory step, which takes a
+        // duplicate of the inventory reply: the write conflicts, and on the
+        // stored record the duplicate is late and changes nothing.
+        assert!(matches!(
+            there
+                .handle("o-1", reply("inventory.reserved"))
+                .await
+                .unwrap(),
+            Outcome::Ignored
+        ));
+        assert!(matches!(
+            there.handle("o-1", reply("shipping.booked")).await.unwrap(),
+            Outcome::Applied { finished: true, .. }
+        ));
+        let stored = store.load("checkout", "o-1").await.unwrap().unwrap();
+        assert_eq!(
+            (stored.version, stored.state_name.as_str()),
+            (4, "completed")
+        );
+        // Nothing was applied twice: one history row per input.
+        assert_eq!(store.history("checkout", "o-1").await.unwrap().len(), 4);
+    });
+}
