@@ -150,9 +150,24 @@ const CONSUMED_OUTCOMES: [&str; 8] = [
 /// How a handler run ends (`handler_duration_seconds`).
 const HANDLER_RESULTS: [&str; 4] = ["ok", "transient", "permanent", "poison"];
 
-/// The consumers whose series a worker has created, as
-/// [`Metrics::consumer_seen`] keeps them.
-pub(crate) type SeenConsumers = Vec<(&'static str, String, String)>;
+/// The consumers (system, topic, group) a worker or a layer has seen, so
+/// that it creates a consumer's series on its first delivery only.
+#[derive(Debug, Default)]
+pub struct SeenConsumers(Vec<(&'static str, String, String)>);
+
+impl SeenConsumers {
+    /// Whether `info`'s consumer is new here (and remembers it).
+    pub fn first_sight(&mut self, info: &crate::DeliveryInfo) -> bool {
+        let known = self.0.iter().any(|(system, topic, group)| {
+            *system == info.system && *topic == info.topic && *group == info.group
+        });
+        if !known {
+            self.0
+                .push((info.system, info.topic.clone(), info.group.clone()));
+        }
+        !known
+    }
+}
 
 impl Metrics {
     /// Creates every series of the consumer `(system, topic, group)` at
@@ -174,12 +189,8 @@ impl Metrics {
     /// [`consumer`](Self::consumer) for the consumer a delivery came from,
     /// once per consumer in `seen` (a worker's first delivery, in practice).
     pub(crate) fn consumer_seen(&self, seen: &mut SeenConsumers, info: &crate::DeliveryInfo) {
-        let known = seen.iter().any(|(system, topic, group)| {
-            *system == info.system && *topic == info.topic && *group == info.group
-        });
-        if !known {
+        if seen.first_sight(info) {
             self.consumer(info.system, &info.topic, &info.group);
-            seen.push((info.system, info.topic.clone(), info.group.clone()));
         }
     }
 }

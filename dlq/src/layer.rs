@@ -9,6 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use surety_core::consumer::{Handler, Incoming, Outcome, Response};
+use surety_core::metrics::SeenConsumers;
 use surety_core::{Classify, DeliveryInfo, Envelope, HandlerError, Publisher};
 use tower::{Layer, Service, ServiceExt};
 
@@ -72,22 +73,19 @@ struct Config {
     redeliver_after: Duration,
     metrics: DlqMetrics,
     /// The sources whose counters exist (see [`DlqMetrics::source`]).
-    sources: Arc<Mutex<Sources>>,
+    sources: Arc<Mutex<SeenConsumers>>,
 }
-
-/// Sources (system, topic, group) seen by a layer.
-type Sources = Vec<(&'static str, String, String)>;
 
 impl Config {
     /// Creates the counters of `info`'s source on its first delivery.
     fn source_seen(&self, info: &DeliveryInfo) {
-        let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
-        let known = sources.iter().any(|(system, topic, group)| {
-            *system == info.system && *topic == info.topic && *group == info.group
-        });
-        if !known {
+        let first = self
+            .sources
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .first_sight(info);
+        if first {
             self.metrics.source(info);
-            sources.push((info.system, info.topic.clone(), info.group.clone()));
         }
     }
 }

@@ -58,6 +58,9 @@ pub struct OutboxMetrics {
     lease_wait: Family<RelayLabels, Gauge<f64, AtomicU64>>,
 }
 
+/// Every `outcome` of `surety_outbox_relayed_total`.
+const RELAYED_OUTCOMES: [&str; 3] = ["sent", "retried", "parked"];
+
 impl OutboxMetrics {
     /// Creates the metrics and registers them under `surety_outbox_`.
     pub fn register(registry: &mut Registry) -> Self {
@@ -108,7 +111,7 @@ impl OutboxMetrics {
     /// sees a 0, not a missing series; [`Relay::metrics`](crate::Relay::metrics)
     /// does this when it is given the metrics.
     pub fn relay(&self, relay: &str) {
-        for outcome in ["sent", "retried", "parked"] {
+        for outcome in RELAYED_OUTCOMES {
             self.relayed(relay, outcome, 0);
         }
         let labels = RelayLabels {
@@ -124,7 +127,7 @@ impl OutboxMetrics {
     /// Removes every series of relay `relay` (a relay renamed after it was
     /// given the metrics).
     pub(crate) fn forget(&self, relay: &str) {
-        for outcome in ["sent", "retried", "parked"] {
+        for outcome in RELAYED_OUTCOMES {
             self.relayed.remove(&OutcomeLabels {
                 relay: relay.into(),
                 outcome: outcome.into(),

@@ -60,8 +60,7 @@ use axum::{Extension, Json, Router};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use surety_core::admin::{Access, Actor, ApiError, QueryParams, params};
-/// Refusals at start-up, longest accepted value and shortest token: the
-/// same for every Surety admin API.
+/// The start-up refusal and the limits every Surety admin API shares.
 pub use surety_core::admin::{
     ConfigError, DEFAULT_CONCURRENCY_LIMIT, MAX_VALUE_LEN, MIN_TOKEN_LEN,
 };

@@ -294,7 +294,7 @@ impl<S: Handler> Worker<S> {
         // received (in flight, or waiting behind a busy key) still runs.
         let mut open = true;
         // The consumers (system, topic, group) whose series exist already.
-        let mut consumers = Vec::new();
+        let mut consumers = crate::metrics::SeenConsumers::default();
         loop {
             if !open && tasks.is_empty() {
                 break;
