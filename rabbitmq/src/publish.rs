@@ -249,10 +249,10 @@ impl Publisher for RabbitTransport {
 
 /// A message ready for the wire.
 struct Outgoing {
-    topic: String,
     routing_key: ShortString,
     properties: lapin::BasicProperties,
     payload: bytes::Bytes,
+    /// The topic and the envelope's id.
     identity: Identity,
 }
 
@@ -268,7 +268,6 @@ impl Outgoing {
         })?;
         let (properties, payload) = codec::encode(&envelope)?;
         Ok(Self {
-            topic: topic.to_owned(),
             routing_key,
             properties,
             payload,
@@ -407,7 +406,7 @@ impl RabbitTransport {
                 Ok(Ok(confirm)) => Ok(Written::Confirm(confirm)),
                 Ok(Err(err)) => Ok(Written::Failed(err)),
                 Err(_) => Err(self.failed(
-                    &message.topic,
+                    &message.identity.0,
                     pending_error(
                         TransportErrorKind::Timeout,
                         format!(
@@ -441,7 +440,7 @@ impl RabbitTransport {
             ));
         };
         let (reply, replied) = oneshot::channel();
-        let topic = message.topic;
+        let topic = message.identity.0.clone();
         let registration = Registration {
             pending: Pending {
                 topic: topic.clone(),
