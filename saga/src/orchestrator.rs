@@ -514,8 +514,9 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
         let mut conflicts = 0;
         let mut remembered = self.recent.get(id);
         loop {
-            // A remembered record is only ever used for a decision that
-            // writes (the write checks its version).
+            // A remembered record is never finished (`Recent::wrote` drops
+            // those) and only ever used for a decision that writes (the
+            // write checks its version).
             let (record, from_memory) = match remembered.take() {
                 Some(record) => (record, true),
                 None => match self.store.load(self.saga.name(), id).await? {
@@ -523,10 +524,6 @@ impl<S: Saga, St: SagaStore> Orchestrator<S, St> {
                     None => return Ok(Outcome::Unknown),
                 },
             };
-            if record.finished && from_memory {
-                self.recent.forget(id);
-                continue;
-            }
             if record.finished {
                 self.noop(&record, &input, "finished", trace_id, now)
                     .await?;
